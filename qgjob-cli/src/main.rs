@@ -1,0 +1,5 @@
+//! The `qgjob` command line.
+
+fn main() {
+    println!("qgjob");
+}

@@ -1,0 +1,1279 @@
+//! [`GroupedScheduler`]: the in-memory scheduler, a deterministic state machine whose
+//! indexes make a dispatch decision cost O(log n) in queued jobs.
+//!
+//! Jobs are kept in groups (target × build × requirements). Each group orders its ready jobs
+//! by urgency key; each target pool indexes its groups by whether some device serves them
+//! (has the build installed). The [`crate::policy`] module decides from those indexes.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use crate::error::{CancelError, DeviceError, ReportError, RestoreError, SubmitError};
+use crate::model::{
+    BuildRef, DeviceId, DeviceInfo, GroupSummary, HeartbeatAck, InfraErrorKind, InfraFailure, Job,
+    JobEvent, JobFilter, JobId, JobSpec, JobState, Lease, LeaseId, LeasedJob, OrgId, Outcome,
+    Requirements, RunReport, StateCounts, Target, TestCounts, TestStatus, Time,
+};
+use crate::policy::{self, Choice, GroupIdx, GroupView, PoolView, UrgencyKey};
+use crate::rng::Rng;
+use crate::scheduler::{CancelOutcome, DeviceStatus, Scheduler, SchedulerConfig, Submitted};
+
+/// Default number of jobs a listing returns.
+const DEFAULT_LIST_LIMIT: usize = 100;
+/// Weight of the newest sample in the run-time and install-time moving averages.
+const EWMA_WEIGHT: f64 = 0.2;
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct GroupKey {
+    target: Target,
+    build: BuildRef,
+    requires: Requirements,
+}
+
+/// A ready job's place in its group: (urgency, seq).
+type ReadyKey = (UrgencyKey, u64);
+
+#[derive(Debug, Clone)]
+struct Group {
+    key: GroupKey,
+    /// Submission seq of the group's first job: arrival order for the per-group baseline.
+    first_seq: u64,
+    ready: BTreeMap<ReadyKey, JobId>,
+    running: u64,
+    /// Non-lost devices of this pool with the build installed and matching capabilities.
+    serving: u32,
+    /// Measured run time of this group's jobs (moving average), ms.
+    job_ms: Option<f64>,
+    /// Where the group currently sits in its pool's indexes (to remove it again).
+    indexed: Option<Indexed>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Indexed {
+    head: ReadyKey,
+    served: bool,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Pool {
+    /// Every group with ready jobs, by its most urgent job.
+    by_urgency: BTreeSet<(ReadyKey, GroupIdx)>,
+    /// Unserved ready groups per org, by urgency.
+    unserved_by_org: BTreeMap<OrgId, BTreeSet<(ReadyKey, GroupIdx)>>,
+    /// Unserved ready groups by arrival.
+    unserved_by_arrival: BTreeSet<(u64, GroupIdx)>,
+    /// Served ready groups.
+    served_ready: BTreeSet<GroupIdx>,
+    /// Devices currently leased, per org (fair share).
+    busy_by_org: BTreeMap<OrgId, u32>,
+    /// Install time estimate, ms (moving average of what devices report).
+    install_ms: Option<f64>,
+    /// Run time estimate of any job in the pool, ms.
+    job_ms: Option<f64>,
+    counts: StateCounts,
+}
+
+#[derive(Debug, Clone)]
+struct Dev {
+    info: DeviceInfo,
+    lease: Option<LeaseId>,
+    lost: bool,
+    installs: u64,
+}
+
+#[derive(Debug, Clone)]
+struct LeaseRec {
+    device: DeviceId,
+    org: OrgId,
+    target: Target,
+    /// Jobs not yet reported, in lease order.
+    pending: Vec<JobId>,
+    deadline: Time,
+    /// Backstop: the lease fails its remaining jobs as timed out after this.
+    hard_deadline: Time,
+}
+
+/// The in-memory scheduler. See the [crate docs](crate) for the contract.
+///
+/// ```
+/// use qgjob_core::*;
+///
+/// let mut s = GroupedScheduler::new(SchedulerConfig::default());
+/// let spec = JobSpec::new(
+///     OrgId::new("qualgent").unwrap(),
+///     AppVersionId::new("xyz123").unwrap(),
+///     vec!["tests/onboarding.spec.js".into()],
+/// );
+/// let job = s.submit(Time(0), spec).unwrap().job_id;
+/// let dev = DeviceInfo {
+///     id: DeviceId::new("emu-1").unwrap(),
+///     target: Target::Emulator,
+///     capabilities: Capabilities::default(),
+///     installed: None,
+///     install_estimate_ms: None,
+/// };
+/// s.register_device(Time(0), dev.clone()).unwrap();
+/// let lease = s.lease(Time(1), &dev.id, 1).unwrap().expect("work");
+/// assert!(lease.install);
+/// let report = RunReport { passed: true, tests: vec![], duration_ms: 5, error: None };
+/// assert_eq!(s.complete(Time(9), lease.id, job, report).unwrap(), JobState::Passed);
+/// ```
+#[derive(Debug, Clone)]
+pub struct GroupedScheduler {
+    cfg: SchedulerConfig,
+    rng: Rng,
+    next_seq: u64,
+    next_lease: u64,
+    jobs: HashMap<JobId, Job>,
+    by_seq: BTreeMap<u64, JobId>,
+    idempotency: HashMap<(OrgId, String), JobId>,
+    groups: Vec<Group>,
+    group_index: HashMap<GroupKey, GroupIdx>,
+    /// Groups of one build on one target (several when requirements differ).
+    build_groups: HashMap<(Target, BuildRef), Vec<GroupIdx>>,
+    pools: BTreeMap<Target, Pool>,
+    devices: BTreeMap<DeviceId, Dev>,
+    leases: BTreeMap<LeaseId, LeaseRec>,
+    lease_deadlines: BTreeSet<(Time, LeaseId)>,
+    hard_deadlines: BTreeSet<(Time, LeaseId)>,
+    backoff: BTreeSet<(Time, u64, JobId)>,
+    events: Vec<JobEvent>,
+}
+
+impl GroupedScheduler {
+    /// An empty scheduler.
+    pub fn new(cfg: SchedulerConfig) -> Self {
+        let rng = Rng::new(cfg.seed);
+        GroupedScheduler {
+            cfg,
+            rng,
+            next_seq: 1,
+            next_lease: 1,
+            jobs: HashMap::new(),
+            by_seq: BTreeMap::new(),
+            idempotency: HashMap::new(),
+            groups: Vec::new(),
+            group_index: HashMap::new(),
+            build_groups: HashMap::new(),
+            pools: BTreeMap::new(),
+            devices: BTreeMap::new(),
+            leases: BTreeMap::new(),
+            lease_deadlines: BTreeSet::new(),
+            hard_deadlines: BTreeSet::new(),
+            backoff: BTreeSet::new(),
+            events: Vec::new(),
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &SchedulerConfig {
+        &self.cfg
+    }
+
+    /// Rebuilds a scheduler from persisted jobs (any order). Queued jobs queue again in their
+    /// original order; running jobs keep their leases until those expire or their devices
+    /// register again and report. Devices are not restored: agents register again.
+    pub fn restore(
+        cfg: SchedulerConfig,
+        jobs: impl IntoIterator<Item = Job>,
+    ) -> Result<Self, RestoreError> {
+        let mut s = GroupedScheduler::new(cfg);
+        let mut all: Vec<Job> = jobs.into_iter().collect();
+        all.sort_by_key(|j| j.seq);
+        // Advance the RNG past restored history, so new ids differ from restored ones.
+        let salt = all.len() as u64 ^ all.last().map_or(0, |j| j.seq);
+        s.rng = Rng::new(s.cfg.seed ^ salt.rotate_left(17));
+        for job in all {
+            if s.jobs.contains_key(&job.id) {
+                return Err(RestoreError::Duplicate(job.id));
+            }
+            s.next_seq = s.next_seq.max(job.seq + 1);
+            if let Some(k) = &job.spec.idempotency_key {
+                s.idempotency
+                    .insert((job.spec.org_id.clone(), k.clone()), job.id);
+            }
+            let gi = s.group_of(&job.spec, job.seq);
+            s.pool_mut(&job.spec.target).counts.add(job.state);
+            match job.state {
+                JobState::Queued => {
+                    let id = job.id;
+                    let (seq, nb) = (job.seq, job.not_before);
+                    s.by_seq.insert(seq, id);
+                    s.jobs.insert(id, job);
+                    match nb {
+                        Some(t) => {
+                            s.backoff.insert((t, seq, id));
+                        }
+                        None => s.make_ready(id),
+                    }
+                }
+                JobState::Running => {
+                    let (Some(lease), Some(deadline), Some(device)) =
+                        (job.lease, job.lease_deadline, job.device.clone())
+                    else {
+                        return Err(RestoreError::Inconsistent {
+                            id: job.id,
+                            reason: "running without lease, deadline or device".into(),
+                        });
+                    };
+                    s.next_lease = s.next_lease.max(lease.0 + 1);
+                    s.groups[gi].running += 1;
+                    let started = job.started_at.unwrap_or(deadline);
+                    let hard = started
+                        .plus_ms(job.spec.timeout_ms)
+                        .plus_ms(s.cfg.lease_ttl_ms);
+                    let rec = s.leases.entry(lease).or_insert_with(|| LeaseRec {
+                        device,
+                        org: job.spec.org_id.clone(),
+                        target: job.spec.target.clone(),
+                        pending: Vec::new(),
+                        deadline,
+                        hard_deadline: hard,
+                    });
+                    rec.pending.push(job.id);
+                    rec.deadline = rec.deadline.max(deadline);
+                    rec.hard_deadline = rec.hard_deadline.max(hard);
+                    s.by_seq.insert(job.seq, job.id);
+                    s.jobs.insert(job.id, job);
+                }
+                _ => {
+                    s.by_seq.insert(job.seq, job.id);
+                    s.jobs.insert(job.id, job);
+                }
+            }
+        }
+        let recs: Vec<(LeaseId, Time, Time, Target, OrgId)> = s
+            .leases
+            .iter()
+            .map(|(id, r)| {
+                (
+                    *id,
+                    r.deadline,
+                    r.hard_deadline,
+                    r.target.clone(),
+                    r.org.clone(),
+                )
+            })
+            .collect();
+        for (id, deadline, hard, target, org) in recs {
+            s.lease_deadlines.insert((deadline, id));
+            s.hard_deadlines.insert((hard, id));
+            *s.pool_mut(&target).busy_by_org.entry(org).or_default() += 1;
+        }
+        Ok(s)
+    }
+
+    /// Number of jobs the scheduler holds (all states).
+    pub fn len(&self) -> usize {
+        self.jobs.len()
+    }
+
+    /// True when it holds no job.
+    pub fn is_empty(&self) -> bool {
+        self.jobs.is_empty()
+    }
+
+    /// Jobs queued and ready to run now (not backing off), over all pools.
+    pub fn ready_len(&self) -> usize {
+        self.groups.iter().map(|g| g.ready.len()).sum()
+    }
+
+    /// Forgets final jobs that finished before `before`, returning how many went. Keeps
+    /// memory bounded in a long-running server once the store holds them.
+    pub fn forget_finished(&mut self, before: Time) -> usize {
+        let old: Vec<(u64, JobId)> = self
+            .by_seq
+            .iter()
+            .filter_map(|(seq, id)| {
+                let j = self.jobs.get(id)?;
+                (j.state.is_final() && j.finished_at.is_some_and(|t| t < before))
+                    .then_some((*seq, *id))
+            })
+            .collect();
+        for (seq, id) in &old {
+            self.by_seq.remove(seq);
+            if let Some(j) = self.jobs.remove(id) {
+                if let Some(k) = j.spec.idempotency_key {
+                    self.idempotency.remove(&(j.spec.org_id.clone(), k));
+                }
+                self.pool_mut(&j.spec.target).counts.remove(j.state);
+            }
+        }
+        old.len()
+    }
+
+    // ----- internals -----
+
+    fn pool_mut(&mut self, target: &Target) -> &mut Pool {
+        if !self.pools.contains_key(target) {
+            self.pools.insert(target.clone(), Pool::default());
+        }
+        self.pools.get_mut(target).expect("inserted above")
+    }
+
+    fn urgency(&self, job: &Job) -> UrgencyKey {
+        job.created_at.as_millis() as i64
+            - i64::from(job.spec.priority.0) * self.cfg.aging_ms_per_level as i64
+    }
+
+    /// The group for a spec, created on first sight.
+    fn group_of(&mut self, spec: &JobSpec, seq: u64) -> GroupIdx {
+        let key = GroupKey {
+            target: spec.target.clone(),
+            build: spec.build(),
+            requires: spec.requires.clone(),
+        };
+        if let Some(&gi) = self.group_index.get(&key) {
+            return gi;
+        }
+        let gi = self.groups.len();
+        let serving = self
+            .devices
+            .values()
+            .filter(|d| Self::serves(d, &key))
+            .count() as u32;
+        self.groups.push(Group {
+            key: key.clone(),
+            first_seq: seq,
+            ready: BTreeMap::new(),
+            running: 0,
+            serving,
+            job_ms: None,
+            indexed: None,
+        });
+        self.build_groups
+            .entry((key.target.clone(), key.build.clone()))
+            .or_default()
+            .push(gi);
+        self.group_index.insert(key, gi);
+        gi
+    }
+
+    fn serves(d: &Dev, key: &GroupKey) -> bool {
+        !d.lost
+            && d.info.target == key.target
+            && d.info.installed.as_ref() == Some(&key.build)
+            && key.requires.matches(&d.info.capabilities)
+    }
+
+    fn group_idx(&self, spec: &JobSpec) -> Option<GroupIdx> {
+        self.group_index
+            .get(&GroupKey {
+                target: spec.target.clone(),
+                build: spec.build(),
+                requires: spec.requires.clone(),
+            })
+            .copied()
+    }
+
+    /// Puts a queued job into its group's ready set.
+    fn make_ready(&mut self, id: JobId) {
+        let Some(job) = self.jobs.get(&id) else {
+            return;
+        };
+        let key = (self.urgency(job), job.seq);
+        let Some(gi) = self.group_idx(&job.spec) else {
+            return;
+        };
+        self.groups[gi].ready.insert(key, id);
+        self.reindex(gi);
+    }
+
+    /// Re-files a group in its pool's indexes after its ready set or serving count changed.
+    fn reindex(&mut self, gi: GroupIdx) {
+        let g = &self.groups[gi];
+        let now_idx = g.ready.keys().next().map(|&head| Indexed {
+            head,
+            served: g.serving > 0,
+        });
+        if now_idx == g.indexed {
+            return;
+        }
+        let old = g.indexed;
+        let org = g.key.build.org_id.clone();
+        let first_seq = g.first_seq;
+        let target = g.key.target.clone();
+        let pool = self.pool_mut(&target);
+        if let Some(o) = old {
+            pool.by_urgency.remove(&(o.head, gi));
+            if o.served {
+                pool.served_ready.remove(&gi);
+            } else {
+                if let Some(set) = pool.unserved_by_org.get_mut(&org) {
+                    set.remove(&(o.head, gi));
+                    if set.is_empty() {
+                        pool.unserved_by_org.remove(&org);
+                    }
+                }
+                pool.unserved_by_arrival.remove(&(first_seq, gi));
+            }
+        }
+        if let Some(n) = now_idx {
+            pool.by_urgency.insert((n.head, gi));
+            if n.served {
+                pool.served_ready.insert(gi);
+            } else {
+                pool.unserved_by_org
+                    .entry(org)
+                    .or_default()
+                    .insert((n.head, gi));
+                pool.unserved_by_arrival.insert((first_seq, gi));
+            }
+        }
+        self.groups[gi].indexed = now_idx;
+    }
+
+    /// Adjusts `serving` of every group of the device's installed build by `delta`.
+    fn adjust_serving(&mut self, dev: &DeviceInfo, delta: i32) {
+        let Some(build) = dev.installed.clone() else {
+            return;
+        };
+        let Some(gis) = self.build_groups.get(&(dev.target.clone(), build)).cloned() else {
+            return;
+        };
+        for gi in gis {
+            if self.groups[gi].key.requires.matches(&dev.capabilities) {
+                let s = &mut self.groups[gi].serving;
+                *s = s.saturating_add_signed(delta);
+                self.reindex(gi);
+            }
+        }
+    }
+
+    fn emit(&mut self, id: JobId, at: Time) {
+        if let Some(j) = self.jobs.get(&id) {
+            self.events.push(JobEvent {
+                job_id: id,
+                run_id: j.spec.run_id,
+                org_id: j.spec.org_id.clone(),
+                state: j.state,
+                attempt: j.attempt,
+                at,
+            });
+        }
+    }
+
+    fn set_state(&mut self, id: JobId, state: JobState) {
+        let Some(j) = self.jobs.get_mut(&id) else {
+            return;
+        };
+        let old = j.state;
+        j.state = state;
+        let target = j.spec.target.clone();
+        let counts = &mut self.pool_mut(&target).counts;
+        counts.remove(old);
+        counts.add(state);
+    }
+
+    fn insert_job(&mut self, now: Time, spec: JobSpec) -> JobId {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let id = JobId::from_parts(now.as_millis(), self.rng.bytes10());
+        if let Some(k) = &spec.idempotency_key {
+            self.idempotency
+                .insert((spec.org_id.clone(), k.clone()), id);
+        }
+        self.group_of(&spec, seq);
+        let target = spec.target.clone();
+        let job = Job {
+            id,
+            seq,
+            spec,
+            state: JobState::Queued,
+            attempt: 1,
+            created_at: now,
+            released_at: now,
+            started_at: None,
+            finished_at: None,
+            not_before: None,
+            device: None,
+            lease: None,
+            lease_deadline: None,
+            installed: false,
+            cancel_requested: false,
+            had_failure: false,
+            last_error: None,
+            outcome: None,
+        };
+        self.jobs.insert(id, job);
+        self.by_seq.insert(seq, id);
+        self.pool_mut(&target).counts.add(JobState::Queued);
+        self.make_ready(id);
+        self.emit(id, now);
+        id
+    }
+
+    /// Existing job for the spec's idempotency key, or a conflict.
+    fn idempotent_match(&self, spec: &JobSpec) -> Result<Option<JobId>, SubmitError> {
+        let Some(k) = &spec.idempotency_key else {
+            return Ok(None);
+        };
+        let Some(&existing) = self.idempotency.get(&(spec.org_id.clone(), k.clone())) else {
+            return Ok(None);
+        };
+        let same = self.jobs.get(&existing).is_some_and(|j| {
+            let mut a = j.spec.clone();
+            let mut b = spec.clone();
+            a.run_id = None;
+            b.run_id = None;
+            a == b
+        });
+        if same {
+            Ok(Some(existing))
+        } else {
+            Err(SubmitError::IdempotencyConflict {
+                key: k.clone(),
+                existing,
+            })
+        }
+    }
+
+    fn submitted(&self, id: JobId, created: bool) -> Submitted {
+        Submitted {
+            job_id: id,
+            created,
+            state: self.jobs.get(&id).map_or(JobState::Queued, |j| j.state),
+        }
+    }
+
+    fn check_lease(&self, lease: LeaseId, job: JobId) -> Result<(), ReportError> {
+        let rec = self
+            .leases
+            .get(&lease)
+            .ok_or(ReportError::StaleLease(lease))?;
+        if rec.pending.contains(&job) {
+            return Ok(());
+        }
+        match self.jobs.get(&job) {
+            Some(j) if j.lease == Some(lease) => Err(ReportError::AlreadyReported(job)),
+            _ => Err(ReportError::NotInLease { lease, job }),
+        }
+    }
+
+    /// Takes `job` off its lease; ends the lease when it was the last one.
+    fn detach(&mut self, lease: LeaseId, job: JobId) {
+        let Some(rec) = self.leases.get_mut(&lease) else {
+            return;
+        };
+        rec.pending.retain(|j| *j != job);
+        let done = rec.pending.is_empty();
+        if let Some(j) = self.jobs.get(&job) {
+            if let Some(gi) = self.group_idx(&j.spec) {
+                let g = &mut self.groups[gi];
+                g.running = g.running.saturating_sub(1);
+            }
+        }
+        if let Some(j) = self.jobs.get_mut(&job) {
+            j.lease = None;
+            j.lease_deadline = None;
+        }
+        if done {
+            self.end_lease(lease);
+        }
+    }
+
+    fn end_lease(&mut self, lease: LeaseId) {
+        let Some(rec) = self.leases.remove(&lease) else {
+            return;
+        };
+        self.lease_deadlines.remove(&(rec.deadline, lease));
+        self.hard_deadlines.remove(&(rec.hard_deadline, lease));
+        let pool = self.pool_mut(&rec.target);
+        if let Some(n) = pool.busy_by_org.get_mut(&rec.org) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                pool.busy_by_org.remove(&rec.org);
+            }
+        }
+        if let Some(d) = self.devices.get_mut(&rec.device) {
+            if d.lease == Some(lease) {
+                d.lease = None;
+            }
+        }
+    }
+
+    fn finish(&mut self, now: Time, id: JobId, outcome: Outcome) {
+        let state = outcome.state;
+        self.set_state(id, state);
+        if let Some(j) = self.jobs.get_mut(&id) {
+            j.finished_at = Some(now);
+            j.not_before = None;
+            j.outcome = Some(outcome);
+        }
+        self.emit(id, now);
+    }
+
+    /// Requeues a job for another attempt after a backoff.
+    fn retry(&mut self, now: Time, id: JobId, error: Option<String>) {
+        let Some(attempt) = self.jobs.get(&id).map(|j| j.attempt) else {
+            return;
+        };
+        let delay = self.backoff_ms(attempt);
+        self.set_state(id, JobState::Queued);
+        let Some(j) = self.jobs.get_mut(&id) else {
+            return;
+        };
+        j.attempt += 1;
+        j.had_failure = true;
+        j.released_at = now.plus_ms(delay);
+        j.last_error = error;
+        j.device = None;
+        if delay == 0 {
+            j.not_before = None;
+            self.make_ready(id);
+        } else {
+            let t = now.plus_ms(delay);
+            j.not_before = Some(t);
+            let seq = j.seq;
+            self.backoff.insert((t, seq, id));
+        }
+        self.emit(id, now);
+    }
+
+    fn backoff_ms(&mut self, attempt: u32) -> u64 {
+        if self.cfg.backoff_base_ms == 0 {
+            return 0;
+        }
+        let exp = self
+            .cfg
+            .backoff_base_ms
+            .saturating_mul(1u64 << attempt.saturating_sub(1).min(20))
+            .min(self.cfg.backoff_max_ms);
+        let jitter = (self.rng.next_f64() * 2.0 - 1.0) * self.cfg.backoff_jitter;
+        ((exp as f64) * (1.0 + jitter)).max(0.0) as u64
+    }
+
+    /// Ends a job after an infrastructure failure: retry, error, or canceled if asked.
+    fn on_infra_failure(&mut self, now: Time, id: JobId, failure: &InfraFailure) -> JobState {
+        let Some(j) = self.jobs.get(&id) else {
+            return JobState::Error;
+        };
+        if j.cancel_requested {
+            self.finish(now, id, canceled_outcome("canceled while running"));
+            return JobState::Canceled;
+        }
+        let msg = format!("{:?}: {}", failure.kind, failure.message);
+        if j.attempt < j.spec.max_attempts {
+            self.retry(now, id, Some(msg));
+            JobState::Queued
+        } else {
+            let outcome = Outcome {
+                state: JobState::Error,
+                flaky: false,
+                counts: TestCounts::default(),
+                tests: Vec::new(),
+                error: Some(msg),
+            };
+            self.finish(now, id, outcome);
+            JobState::Error
+        }
+    }
+
+    fn expire_lease(&mut self, now: Time, lease: LeaseId, kind: InfraErrorKind) {
+        let Some(rec) = self.leases.get(&lease).cloned() else {
+            return;
+        };
+        let failure = InfraFailure {
+            kind,
+            message: match kind {
+                InfraErrorKind::Timeout => "job ran past its timeout".into(),
+                _ => format!("lease expired: device {} stopped heartbeating", rec.device),
+            },
+        };
+        for job in rec.pending.clone() {
+            self.detach(lease, job);
+            self.on_infra_failure(now, job, &failure);
+        }
+        self.end_lease(lease);
+        if kind == InfraErrorKind::LeaseExpired {
+            self.mark_lost(&rec.device);
+        }
+    }
+
+    fn mark_lost(&mut self, id: &DeviceId) {
+        let Some(d) = self.devices.get(id) else {
+            return;
+        };
+        if d.lost {
+            return;
+        }
+        let info = d.info.clone();
+        self.adjust_serving(&info, -1);
+        if let Some(d) = self.devices.get_mut(id) {
+            d.lost = true;
+        }
+    }
+
+    fn estimate_job_ms(&self, gi: GroupIdx) -> u64 {
+        let g = &self.groups[gi];
+        g.job_ms
+            .or_else(|| self.pools.get(&g.key.target).and_then(|p| p.job_ms))
+            .map_or(self.cfg.default_job_ms, |v| v as u64)
+    }
+
+    fn group_view(&self, gi: GroupIdx) -> Option<GroupView> {
+        let g = &self.groups[gi];
+        let (&head, _) = g.ready.iter().next()?;
+        Some(GroupView {
+            idx: gi,
+            urgency: head.0,
+            ready: g.ready.len() as u64,
+            ready_work_ms: g.ready.len() as u64 * self.estimate_job_ms(gi),
+            serving: g.serving,
+        })
+    }
+
+    fn observe_run(&mut self, id: JobId, ms: u64) {
+        let Some(j) = self.jobs.get(&id) else { return };
+        let target = j.spec.target.clone();
+        if let Some(gi) = self.group_idx(&j.spec) {
+            let g = &mut self.groups[gi];
+            g.job_ms = Some(ewma(g.job_ms, ms as f64));
+        }
+        let p = self.pool_mut(&target);
+        p.job_ms = Some(ewma(p.job_ms, ms as f64));
+    }
+}
+
+fn ewma(old: Option<f64>, sample: f64) -> f64 {
+    match old {
+        None => sample,
+        Some(o) => o + EWMA_WEIGHT * (sample - o),
+    }
+}
+
+fn canceled_outcome(why: &str) -> Outcome {
+    Outcome {
+        state: JobState::Canceled,
+        flaky: false,
+        counts: TestCounts::default(),
+        tests: Vec::new(),
+        error: Some(why.to_string()),
+    }
+}
+
+/// The policy's window onto one pool, for one asking device.
+struct View<'a> {
+    s: &'a GroupedScheduler,
+    pool: Option<&'a Pool>,
+    dev: &'a Dev,
+}
+
+impl View<'_> {
+    fn fits(&self, gi: GroupIdx) -> bool {
+        self.s.groups[gi]
+            .key
+            .requires
+            .matches(&self.dev.info.capabilities)
+    }
+}
+
+impl PoolView for View<'_> {
+    fn own_group(&self) -> Option<GroupView> {
+        let build = self.dev.info.installed.clone()?;
+        let gis = self
+            .s
+            .build_groups
+            .get(&(self.dev.info.target.clone(), build))?;
+        gis.iter()
+            .filter(|&&gi| self.fits(gi))
+            .filter_map(|&gi| self.s.group_view(gi))
+            .min_by_key(|g| (g.urgency, g.idx))
+    }
+
+    fn best_unserved_fair(&self) -> Option<GroupView> {
+        let pool = self.pool?;
+        // Orgs take turns: an org's best group competes with its urgency pushed back by a
+        // quarter priority level for every device the org already holds.
+        let per_device = (self.s.cfg.aging_ms_per_level / 4) as i64;
+        pool.unserved_by_org
+            .iter()
+            .filter_map(|(org, set)| {
+                let (_, gi) = set.iter().find(|(_, gi)| self.fits(*gi))?;
+                let busy = i64::from(pool.busy_by_org.get(org).copied().unwrap_or(0));
+                let g = self.s.group_view(*gi)?;
+                Some((g.urgency + busy * per_device, g))
+            })
+            .min_by_key(|(score, g)| (*score, g.urgency, g.idx))
+            .map(|(_, g)| g)
+    }
+
+    fn oldest_unserved(&self) -> Option<GroupView> {
+        let pool = self.pool?;
+        pool.unserved_by_arrival
+            .iter()
+            .find(|(_, gi)| self.fits(*gi))
+            .and_then(|(_, gi)| self.s.group_view(*gi))
+    }
+
+    fn most_urgent(&self) -> Option<GroupView> {
+        let pool = self.pool?;
+        pool.by_urgency
+            .iter()
+            .find(|(_, gi)| self.fits(*gi))
+            .and_then(|(_, gi)| self.s.group_view(*gi))
+    }
+
+    fn served_ready(&self) -> Vec<GroupView> {
+        let Some(pool) = self.pool else {
+            return Vec::new();
+        };
+        pool.served_ready
+            .iter()
+            .filter(|gi| self.fits(**gi))
+            .filter_map(|gi| self.s.group_view(*gi))
+            .collect()
+    }
+
+    fn install_ms(&self) -> u64 {
+        self.pool
+            .and_then(|p| p.install_ms)
+            .map_or(self.s.cfg.default_install_ms, |v| v as u64)
+    }
+
+    fn level_ms(&self) -> u64 {
+        self.s.cfg.aging_ms_per_level
+    }
+}
+
+impl Scheduler for GroupedScheduler {
+    fn submit(&mut self, now: Time, spec: JobSpec) -> Result<Submitted, SubmitError> {
+        spec.validate()
+            .map_err(|source| SubmitError::Invalid { index: 0, source })?;
+        if let Some(existing) = self.idempotent_match(&spec)? {
+            return Ok(self.submitted(existing, false));
+        }
+        let id = self.insert_job(now, spec);
+        Ok(self.submitted(id, true))
+    }
+
+    fn submit_many(
+        &mut self,
+        now: Time,
+        specs: Vec<JobSpec>,
+    ) -> Result<Vec<Submitted>, SubmitError> {
+        // Validate everything first so a bad spec queues nothing.
+        let mut seen_keys: HashMap<(OrgId, String), usize> = HashMap::new();
+        let mut existing = Vec::with_capacity(specs.len());
+        for (index, spec) in specs.iter().enumerate() {
+            spec.validate()
+                .map_err(|source| SubmitError::Invalid { index, source })?;
+            existing.push(self.idempotent_match(spec)?);
+            if let Some(k) = &spec.idempotency_key {
+                if let Some(prev) = seen_keys.insert((spec.org_id.clone(), k.clone()), index) {
+                    if specs[prev] != *spec {
+                        return Err(SubmitError::Invalid {
+                            index,
+                            source: crate::error::InvalidSpec::new(
+                                "idempotency_key",
+                                "used twice in one batch for different jobs",
+                            ),
+                        });
+                    }
+                }
+            }
+        }
+        let mut out = Vec::with_capacity(specs.len());
+        for (spec, found) in specs.into_iter().zip(existing) {
+            let found = found.or_else(|| {
+                let k = spec.idempotency_key.clone()?;
+                self.idempotency.get(&(spec.org_id.clone(), k)).copied()
+            });
+            match found {
+                Some(id) => out.push(self.submitted(id, false)),
+                None => {
+                    let id = self.insert_job(now, spec);
+                    out.push(self.submitted(id, true));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn register_device(&mut self, now: Time, device: DeviceInfo) -> Result<(), DeviceError> {
+        let _ = now;
+        if let Some(old) = self.devices.get(&device.id) {
+            let (old_info, was_lost) = (old.info.clone(), old.lost);
+            if !was_lost {
+                self.adjust_serving(&old_info, -1);
+            }
+            if let Some(d) = self.devices.get_mut(&device.id) {
+                d.info = device.clone();
+                d.lost = false;
+            }
+        } else {
+            // A device that held a lease before a restart gets it back.
+            let lease = self
+                .leases
+                .iter()
+                .find(|(_, r)| r.device == device.id)
+                .map(|(id, _)| *id);
+            self.devices.insert(
+                device.id.clone(),
+                Dev {
+                    info: device.clone(),
+                    lease,
+                    lost: false,
+                    installs: 0,
+                },
+            );
+        }
+        if let Some(ms) = device.install_estimate_ms {
+            let p = self.pool_mut(&device.target);
+            p.install_ms = Some(ewma(p.install_ms, ms as f64));
+        }
+        self.adjust_serving(&device, 1);
+        Ok(())
+    }
+
+    fn unregister_device(&mut self, now: Time, id: &DeviceId) -> Result<(), DeviceError> {
+        let d = self
+            .devices
+            .get(id)
+            .ok_or_else(|| DeviceError::UnknownDevice(id.clone()))?;
+        let (info, lost, lease) = (d.info.clone(), d.lost, d.lease);
+        if let Some(lease) = lease {
+            if let Some(rec) = self.leases.get(&lease).cloned() {
+                let failure = InfraFailure {
+                    kind: InfraErrorKind::DeviceLost,
+                    message: format!("device {id} was unregistered"),
+                };
+                for job in rec.pending {
+                    self.detach(lease, job);
+                    self.on_infra_failure(now, job, &failure);
+                }
+                self.end_lease(lease);
+            }
+        }
+        if !lost {
+            self.adjust_serving(&info, -1);
+        }
+        self.devices.remove(id);
+        Ok(())
+    }
+
+    fn lease(
+        &mut self,
+        now: Time,
+        device: &DeviceId,
+        max_batch: usize,
+    ) -> Result<Option<Lease>, DeviceError> {
+        let dev = self
+            .devices
+            .get(device)
+            .ok_or_else(|| DeviceError::UnknownDevice(device.clone()))?;
+        if dev.lost {
+            return Err(DeviceError::Lost(device.clone()));
+        }
+        if let Some(lease) = dev.lease {
+            return Err(DeviceError::Busy {
+                device: device.clone(),
+                lease,
+            });
+        }
+        let view = View {
+            s: self,
+            pool: self.pools.get(&dev.info.target),
+            dev,
+        };
+        let gi = match policy::choose(self.cfg.policy, &view) {
+            Choice::Idle => return Ok(None),
+            Choice::Group(gi) => gi,
+        };
+        let dev_info = dev.info.clone();
+        let build = self.groups[gi].key.build.clone();
+        let install = dev_info.installed.as_ref() != Some(&build);
+        // Don't let one device swallow jobs other serving devices could share.
+        let g = &self.groups[gi];
+        let sharers = u64::from(g.serving.max(1)) + u64::from(install);
+        let fair = (g.ready.len() as u64).div_ceil(sharers).max(1) as usize;
+        let n = max_batch.clamp(1, self.cfg.max_batch_limit).min(fair);
+        let picked: Vec<(ReadyKey, JobId)> = self.groups[gi]
+            .ready
+            .iter()
+            .take(n)
+            .map(|(k, v)| (*k, *v))
+            .collect();
+        if picked.is_empty() {
+            return Ok(None);
+        }
+        for (k, _) in &picked {
+            self.groups[gi].ready.remove(k);
+        }
+        self.groups[gi].running += picked.len() as u64;
+        self.reindex(gi);
+
+        if install {
+            self.adjust_serving(&dev_info, -1);
+            let mut new_info = dev_info.clone();
+            new_info.installed = Some(build.clone());
+            self.adjust_serving(&new_info, 1);
+            if let Some(d) = self.devices.get_mut(device) {
+                d.info.installed = Some(build.clone());
+                d.installs += 1;
+            }
+        }
+        let id = LeaseId(self.next_lease);
+        self.next_lease += 1;
+        let deadline = now.plus_ms(self.cfg.lease_ttl_ms);
+        let mut total_timeout = self.cfg.lease_ttl_ms;
+        let mut jobs = Vec::with_capacity(picked.len());
+        for (_, jid) in &picked {
+            self.set_state(*jid, JobState::Running);
+            if let Some(j) = self.jobs.get_mut(jid) {
+                j.started_at = Some(now);
+                j.device = Some(device.clone());
+                j.lease = Some(id);
+                j.lease_deadline = Some(deadline);
+                j.installed = install;
+                total_timeout = total_timeout.saturating_add(j.spec.timeout_ms);
+                jobs.push(LeasedJob {
+                    id: *jid,
+                    attempt: j.attempt,
+                    spec: j.spec.clone(),
+                });
+            }
+            self.emit(*jid, now);
+        }
+        let hard_deadline = now.plus_ms(total_timeout);
+        let org = build.org_id.clone();
+        *self
+            .pool_mut(&dev_info.target)
+            .busy_by_org
+            .entry(org.clone())
+            .or_default() += 1;
+        self.leases.insert(
+            id,
+            LeaseRec {
+                device: device.clone(),
+                org,
+                target: dev_info.target.clone(),
+                pending: picked.iter().map(|(_, j)| *j).collect(),
+                deadline,
+                hard_deadline,
+            },
+        );
+        self.lease_deadlines.insert((deadline, id));
+        self.hard_deadlines.insert((hard_deadline, id));
+        if let Some(d) = self.devices.get_mut(device) {
+            d.lease = Some(id);
+        }
+        Ok(Some(Lease {
+            id,
+            device: device.clone(),
+            build,
+            install,
+            jobs,
+            deadline,
+        }))
+    }
+
+    fn heartbeat(&mut self, now: Time, lease: LeaseId) -> Result<HeartbeatAck, ReportError> {
+        let ttl = self.cfg.lease_ttl_ms;
+        let rec = self
+            .leases
+            .get_mut(&lease)
+            .ok_or(ReportError::StaleLease(lease))?;
+        let old = rec.deadline;
+        rec.deadline = rec.deadline.max(now.plus_ms(ttl));
+        let deadline = rec.deadline;
+        let pending = rec.pending.clone();
+        self.lease_deadlines.remove(&(old, lease));
+        self.lease_deadlines.insert((deadline, lease));
+        let mut cancel = Vec::new();
+        for j in pending {
+            if let Some(job) = self.jobs.get_mut(&j) {
+                job.lease_deadline = Some(deadline);
+                if job.cancel_requested {
+                    cancel.push(j);
+                }
+            }
+        }
+        Ok(HeartbeatAck { deadline, cancel })
+    }
+
+    fn complete(
+        &mut self,
+        now: Time,
+        lease: LeaseId,
+        job: JobId,
+        report: RunReport,
+    ) -> Result<JobState, ReportError> {
+        self.check_lease(lease, job)?;
+        self.detach(lease, job);
+        let Some(j) = self.jobs.get(&job) else {
+            return Err(ReportError::NotInLease { lease, job });
+        };
+        let started = j.started_at.unwrap_or(now);
+        let (cancel_requested, had_failure) = (j.cancel_requested, j.had_failure);
+        let can_retry = j.spec.retry_failed_tests && j.attempt < j.spec.max_attempts;
+        let ran = if report.duration_ms > 0 {
+            report.duration_ms
+        } else {
+            now.since(started)
+        };
+        self.observe_run(job, ran);
+        if cancel_requested {
+            self.finish(now, job, canceled_outcome("canceled while running"));
+            return Ok(JobState::Canceled);
+        }
+        let counts = TestCounts::of(&report.tests);
+        if report.passed {
+            let flaky = had_failure || report.tests.iter().any(|t| t.status == TestStatus::Flaky);
+            self.finish(
+                now,
+                job,
+                Outcome {
+                    state: JobState::Passed,
+                    flaky,
+                    counts,
+                    tests: report.tests,
+                    error: None,
+                },
+            );
+            return Ok(JobState::Passed);
+        }
+        if can_retry {
+            self.retry(now, job, report.error);
+            return Ok(JobState::Queued);
+        }
+        self.finish(
+            now,
+            job,
+            Outcome {
+                state: JobState::Failed,
+                flaky: false,
+                counts,
+                tests: report.tests,
+                error: report.error,
+            },
+        );
+        Ok(JobState::Failed)
+    }
+
+    fn fail(
+        &mut self,
+        now: Time,
+        lease: LeaseId,
+        job: JobId,
+        failure: InfraFailure,
+    ) -> Result<JobState, ReportError> {
+        self.check_lease(lease, job)?;
+        self.detach(lease, job);
+        Ok(self.on_infra_failure(now, job, &failure))
+    }
+
+    fn cancel(&mut self, now: Time, job: JobId) -> Result<CancelOutcome, CancelError> {
+        let j = self.jobs.get(&job).ok_or(CancelError::NotFound(job))?;
+        match j.state {
+            JobState::Queued => {
+                let (seq, nb, urgency) = (j.seq, j.not_before, self.urgency(j));
+                if let Some(t) = nb {
+                    self.backoff.remove(&(t, seq, job));
+                } else if let Some(gi) = self.group_idx(&j.spec) {
+                    self.groups[gi].ready.remove(&(urgency, seq));
+                    self.reindex(gi);
+                }
+                self.finish(now, job, canceled_outcome("canceled while queued"));
+                Ok(CancelOutcome::Canceled)
+            }
+            JobState::Running => {
+                if let Some(j) = self.jobs.get_mut(&job) {
+                    j.cancel_requested = true;
+                }
+                Ok(CancelOutcome::Requested)
+            }
+            state => Err(CancelError::AlreadyFinal { id: job, state }),
+        }
+    }
+
+    fn tick(&mut self, now: Time) {
+        while let Some(&(t, seq, id)) = self.backoff.first() {
+            if t > now {
+                break;
+            }
+            self.backoff.remove(&(t, seq, id));
+            if let Some(j) = self.jobs.get_mut(&id) {
+                j.not_before = None;
+            }
+            self.make_ready(id);
+        }
+        while let Some(&(t, lease)) = self.hard_deadlines.first() {
+            if t > now {
+                break;
+            }
+            self.expire_lease(now, lease, InfraErrorKind::Timeout);
+        }
+        while let Some(&(t, lease)) = self.lease_deadlines.first() {
+            if t > now {
+                break;
+            }
+            self.expire_lease(now, lease, InfraErrorKind::LeaseExpired);
+        }
+    }
+
+    fn next_wakeup(&self) -> Option<Time> {
+        [
+            self.backoff.first().map(|x| x.0),
+            self.lease_deadlines.first().map(|x| x.0),
+            self.hard_deadlines.first().map(|x| x.0),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    fn take_events(&mut self) -> Vec<crate::model::JobEvent> {
+        std::mem::take(&mut self.events)
+    }
+
+    fn get(&self, id: JobId) -> Option<&Job> {
+        self.jobs.get(&id)
+    }
+
+    fn list(&self, filter: &JobFilter) -> Vec<&Job> {
+        let limit = filter.limit.unwrap_or(DEFAULT_LIST_LIMIT);
+        let start = filter.after_seq.map_or(0, |s| s.saturating_add(1));
+        self.by_seq
+            .range(start..)
+            .filter_map(|(_, id)| self.jobs.get(id))
+            .filter(|j| filter.matches(j))
+            .take(limit)
+            .collect()
+    }
+
+    fn groups(&self) -> Vec<GroupSummary> {
+        let mut out: Vec<GroupSummary> = self
+            .groups
+            .iter()
+            .filter(|g| !g.ready.is_empty() || g.running > 0)
+            .map(|g| GroupSummary {
+                build: g.key.build.clone(),
+                target: g.key.target.clone(),
+                ready: g.ready.len() as u64,
+                running: g.running,
+                devices: u64::from(g.serving),
+            })
+            .collect();
+        out.sort_by(|a, b| (&a.target, &a.build).cmp(&(&b.target, &b.build)));
+        out
+    }
+
+    fn queue_depth(&self) -> Vec<(Target, StateCounts)> {
+        self.pools
+            .iter()
+            .map(|(t, p)| (t.clone(), p.counts))
+            .collect()
+    }
+
+    fn devices(&self) -> Vec<DeviceStatus> {
+        self.devices
+            .values()
+            .map(|d| DeviceStatus {
+                info: d.info.clone(),
+                lease: d.lease,
+                lost: d.lost,
+                installs: d.installs,
+            })
+            .collect()
+    }
+}

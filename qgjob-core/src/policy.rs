@@ -1,0 +1,281 @@
+//! Dispatch policies: the pure decision of which group of jobs a free device gets.
+//!
+//! A policy sees the scheduler's indexes through [`PoolView`] (one target pool) and answers
+//! with a [`Choice`]. It never mutates anything, so it can be tested with a hand-made view.
+//!
+//! * [`PolicyKind::Grouped`] (the default): install-aware. A device keeps running jobs of the
+//!   build it has installed (affinity) unless a group nobody serves is waiting and either its
+//!   current group has other devices or the waiting group is clearly more urgent. A device
+//!   with nothing of its own takes the most urgent unserved group (orgs take turns), else
+//!   joins the served group whose backlog per device is largest, but only when that backlog
+//!   exceeds an install (otherwise the extra install would not shorten the run).
+//! * [`PolicyKind::Fifo`] baseline: the most urgent job in the pool, ignoring what is installed.
+//! * [`PolicyKind::PerGroup`] baseline (the original tool's): one device per build group,
+//!   groups in arrival order, a device stays with its group until it is empty.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::str::FromStr;
+
+use crate::error::InvalidSpec;
+
+/// Which policy a scheduler uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PolicyKind {
+    /// Install-aware grouping with affinity, spreading, priority aging and org fairness.
+    #[default]
+    Grouped,
+    /// Baseline: priority then age, no affinity.
+    Fifo,
+    /// Baseline: one device per app-version group, groups in arrival order.
+    PerGroup,
+}
+
+impl PolicyKind {
+    /// All policies, baselines last.
+    pub const ALL: [PolicyKind; 3] = [PolicyKind::Grouped, PolicyKind::Fifo, PolicyKind::PerGroup];
+
+    /// The policy's name on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PolicyKind::Grouped => "grouped",
+            PolicyKind::Fifo => "fifo",
+            PolicyKind::PerGroup => "per-group",
+        }
+    }
+}
+
+impl fmt::Display for PolicyKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for PolicyKind {
+    type Err = InvalidSpec;
+    fn from_str(s: &str) -> Result<Self, InvalidSpec> {
+        PolicyKind::ALL
+            .into_iter()
+            .find(|p| p.as_str() == s)
+            .ok_or_else(|| InvalidSpec::new("policy", "must be grouped, fifo or per-group"))
+    }
+}
+
+/// A group's index inside the scheduler (opaque to callers).
+pub type GroupIdx = usize;
+
+/// Urgency of a group's most urgent ready job: smaller is more urgent. It is
+/// `created_ms - priority * aging_ms_per_level`, so aging never reorders two waiting jobs
+/// over time and the key can be indexed once.
+pub type UrgencyKey = i64;
+
+/// What a policy decided for a free device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Choice {
+    /// Run jobs of this group (installing its build if the device has another).
+    Group(GroupIdx),
+    /// Nothing worth doing now; ask again when something changes.
+    Idle,
+}
+
+/// A group as a policy sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GroupView {
+    /// The group.
+    pub idx: GroupIdx,
+    /// Its most urgent ready job's key.
+    pub urgency: UrgencyKey,
+    /// Ready jobs.
+    pub ready: u64,
+    /// Estimated work of its ready jobs, ms.
+    pub ready_work_ms: u64,
+    /// Devices that have its build installed (busy or idle).
+    pub serving: u32,
+}
+
+/// The scheduler's indexes for one target pool, as seen by the device asking for work.
+/// Every method already filters by the device's capabilities.
+pub trait PoolView {
+    /// The group of the build installed on the device, if it has ready jobs.
+    fn own_group(&self) -> Option<GroupView>;
+    /// The most urgent ready group no device serves, orgs taking turns.
+    fn best_unserved_fair(&self) -> Option<GroupView>;
+    /// The oldest (first submitted) ready group no device serves.
+    fn oldest_unserved(&self) -> Option<GroupView>;
+    /// The ready group holding the pool's most urgent job.
+    fn most_urgent(&self) -> Option<GroupView>;
+    /// Every ready group that some device serves.
+    fn served_ready(&self) -> Vec<GroupView>;
+    /// Estimated install time on this pool, ms.
+    fn install_ms(&self) -> u64;
+    /// One priority level in urgency units (ms of aging).
+    fn level_ms(&self) -> u64;
+}
+
+/// Decides what a free device runs next.
+pub fn choose(kind: PolicyKind, view: &impl PoolView) -> Choice {
+    match kind {
+        PolicyKind::Fifo => view
+            .most_urgent()
+            .map_or(Choice::Idle, |g| Choice::Group(g.idx)),
+        PolicyKind::PerGroup => {
+            if let Some(own) = view.own_group() {
+                return Choice::Group(own.idx);
+            }
+            view.oldest_unserved()
+                .map_or(Choice::Idle, |g| Choice::Group(g.idx))
+        }
+        PolicyKind::Grouped => choose_grouped(view),
+    }
+}
+
+fn choose_grouped(view: &impl PoolView) -> Choice {
+    let unserved = view.best_unserved_fair();
+    if let Some(own) = view.own_group() {
+        if let Some(u) = unserved {
+            // Leave our group for a waiting one when our group keeps another device, or when
+            // the waiting group is more urgent by more than a priority level.
+            let much_more_urgent = u.urgency + (view.level_ms() as i64) < own.urgency;
+            if own.serving >= 2 || much_more_urgent {
+                return Choice::Group(u.idx);
+            }
+        }
+        return Choice::Group(own.idx);
+    }
+    if let Some(u) = unserved {
+        return Choice::Group(u.idx);
+    }
+    // Spread: join the served group that would take longest to drain, if one more device
+    // finishes it sooner despite the install it costs.
+    let install = view.install_ms();
+    view.served_ready()
+        .into_iter()
+        .filter(|g| g.ready >= 2 && g.ready_work_ms / u64::from(g.serving.max(1)) > install)
+        .max_by(|a, b| {
+            let wa = a.ready_work_ms / u64::from(a.serving.max(1));
+            let wb = b.ready_work_ms / u64::from(b.serving.max(1));
+            wa.cmp(&wb)
+                .then(b.urgency.cmp(&a.urgency))
+                .then(b.idx.cmp(&a.idx))
+        })
+        .map_or(Choice::Idle, |g| Choice::Group(g.idx))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Default)]
+    struct FakeView {
+        own: Option<GroupView>,
+        unserved: Option<GroupView>,
+        oldest: Option<GroupView>,
+        urgent: Option<GroupView>,
+        served: Vec<GroupView>,
+    }
+
+    impl PoolView for FakeView {
+        fn own_group(&self) -> Option<GroupView> {
+            self.own
+        }
+        fn best_unserved_fair(&self) -> Option<GroupView> {
+            self.unserved
+        }
+        fn oldest_unserved(&self) -> Option<GroupView> {
+            self.oldest
+        }
+        fn most_urgent(&self) -> Option<GroupView> {
+            self.urgent
+        }
+        fn served_ready(&self) -> Vec<GroupView> {
+            self.served.clone()
+        }
+        fn install_ms(&self) -> u64 {
+            45_000
+        }
+        fn level_ms(&self) -> u64 {
+            60_000
+        }
+    }
+
+    fn g(idx: GroupIdx, urgency: i64, ready: u64, job_ms: u64, serving: u32) -> GroupView {
+        GroupView {
+            idx,
+            urgency,
+            ready,
+            ready_work_ms: ready * job_ms,
+            serving,
+        }
+    }
+
+    #[test]
+    fn affinity_keeps_a_sole_server_on_its_group() {
+        let v = FakeView {
+            own: Some(g(1, 0, 10, 30_000, 1)),
+            unserved: Some(g(2, -10, 1, 30_000, 0)),
+            ..Default::default()
+        };
+        assert_eq!(choose(PolicyKind::Grouped, &v), Choice::Group(1));
+    }
+
+    #[test]
+    fn a_shared_group_releases_a_device_to_a_waiting_group() {
+        let v = FakeView {
+            own: Some(g(1, 0, 10, 30_000, 3)),
+            unserved: Some(g(2, 50, 1, 30_000, 0)),
+            ..Default::default()
+        };
+        assert_eq!(choose(PolicyKind::Grouped, &v), Choice::Group(2));
+    }
+
+    #[test]
+    fn a_much_more_urgent_group_preempts_at_a_job_boundary() {
+        let v = FakeView {
+            own: Some(g(1, 0, 10, 30_000, 1)),
+            unserved: Some(g(2, -200_000, 1, 30_000, 0)),
+            ..Default::default()
+        };
+        assert_eq!(choose(PolicyKind::Grouped, &v), Choice::Group(2));
+    }
+
+    #[test]
+    fn spreads_only_when_backlog_exceeds_an_install() {
+        let small = FakeView {
+            served: vec![g(1, 0, 2, 20_000, 1)],
+            ..Default::default()
+        };
+        assert_eq!(choose(PolicyKind::Grouped, &small), Choice::Idle);
+        let big = FakeView {
+            served: vec![g(1, 0, 2, 20_000, 1), g(3, 5, 100, 30_000, 4)],
+            ..Default::default()
+        };
+        assert_eq!(choose(PolicyKind::Grouped, &big), Choice::Group(3));
+    }
+
+    #[test]
+    fn baselines_follow_their_rules() {
+        let v = FakeView {
+            own: Some(g(1, 0, 10, 30_000, 5)),
+            unserved: Some(g(2, -1, 1, 30_000, 0)),
+            oldest: Some(g(4, 9, 1, 30_000, 0)),
+            urgent: Some(g(7, -5, 1, 30_000, 2)),
+            ..Default::default()
+        };
+        assert_eq!(choose(PolicyKind::Fifo, &v), Choice::Group(7));
+        assert_eq!(choose(PolicyKind::PerGroup, &v), Choice::Group(1));
+        let idle_own = FakeView {
+            oldest: Some(g(4, 9, 1, 30_000, 0)),
+            ..Default::default()
+        };
+        assert_eq!(choose(PolicyKind::PerGroup, &idle_own), Choice::Group(4));
+    }
+
+    #[test]
+    fn policy_names_round_trip() {
+        for p in PolicyKind::ALL {
+            assert_eq!(p.as_str().parse::<PolicyKind>(), Ok(p));
+        }
+        assert!("random".parse::<PolicyKind>().is_err());
+    }
+}
