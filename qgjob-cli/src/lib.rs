@@ -1,0 +1,3 @@
+//! qgjob-cli: the `qgjob` command's implementation (commands, HTTP client, agents).
+
+pub mod real;
