@@ -13,7 +13,7 @@ use crate::model::{
     JobEvent, JobFilter, JobId, JobSpec, JobState, Lease, LeaseId, LeasedJob, OrgId, Outcome,
     Requirements, RunReport, StateCounts, Target, TestCounts, TestStatus, Time,
 };
-use crate::policy::{self, Choice, GroupIdx, GroupView, PoolView, UrgencyKey};
+use crate::policy::{self, Choice, GroupIdx, GroupView, OrgCandidate, PoolView, UrgencyKey};
 use crate::rng::Rng;
 use crate::scheduler::{CancelOutcome, DeviceStatus, Scheduler, SchedulerConfig, Submitted};
 
@@ -712,13 +712,16 @@ impl GroupedScheduler {
 
     fn group_view(&self, gi: GroupIdx) -> Option<GroupView> {
         let g = &self.groups[gi];
-        let (&head, _) = g.ready.iter().next()?;
+        let (&head, id) = g.ready.iter().next()?;
+        let job = self.jobs.get(id)?;
         Some(GroupView {
             idx: gi,
             urgency: head.0,
             ready: g.ready.len() as u64,
             ready_work_ms: g.ready.len() as u64 * self.estimate_job_ms(gi),
             serving: g.serving,
+            priority: job.spec.priority.0,
+            created_ms: job.created_at.as_millis(),
         })
     }
 
@@ -754,6 +757,7 @@ fn canceled_outcome(why: &str) -> Outcome {
 /// The policy's window onto one pool, for one asking device.
 struct View<'a> {
     s: &'a GroupedScheduler,
+    now: Time,
     pool: Option<&'a Pool>,
     dev: &'a Dev,
 }
@@ -780,21 +784,20 @@ impl PoolView for View<'_> {
             .min_by_key(|g| (g.urgency, g.idx))
     }
 
-    fn best_unserved_fair(&self) -> Option<GroupView> {
-        let pool = self.pool?;
-        // Orgs take turns: an org's best group competes with its urgency pushed back by a
-        // quarter priority level for every device the org already holds.
-        let per_device = (self.s.cfg.aging_ms_per_level / 4) as i64;
+    fn unserved_by_org(&self) -> Vec<OrgCandidate> {
+        let Some(pool) = self.pool else {
+            return Vec::new();
+        };
         pool.unserved_by_org
             .iter()
             .filter_map(|(org, set)| {
                 let (_, gi) = set.iter().find(|(_, gi)| self.fits(*gi))?;
-                let busy = i64::from(pool.busy_by_org.get(org).copied().unwrap_or(0));
-                let g = self.s.group_view(*gi)?;
-                Some((g.urgency + busy * per_device, g))
+                Some(OrgCandidate {
+                    busy: pool.busy_by_org.get(org).copied().unwrap_or(0),
+                    group: self.s.group_view(*gi)?,
+                })
             })
-            .min_by_key(|(score, g)| (*score, g.urgency, g.idx))
-            .map(|(_, g)| g)
+            .collect()
     }
 
     fn oldest_unserved(&self) -> Option<GroupView> {
@@ -832,6 +835,10 @@ impl PoolView for View<'_> {
 
     fn level_ms(&self) -> u64 {
         self.s.cfg.aging_ms_per_level
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.now.as_millis()
     }
 }
 
@@ -972,6 +979,7 @@ impl Scheduler for GroupedScheduler {
         }
         let view = View {
             s: self,
+            now,
             pool: self.pools.get(&dev.info.target),
             dev,
         };
@@ -1201,12 +1209,14 @@ impl Scheduler for GroupedScheduler {
             if t > now {
                 break;
             }
+            self.hard_deadlines.remove(&(t, lease));
             self.expire_lease(now, lease, InfraErrorKind::Timeout);
         }
         while let Some(&(t, lease)) = self.lease_deadlines.first() {
             if t > now {
                 break;
             }
+            self.lease_deadlines.remove(&(t, lease));
             self.expire_lease(now, lease, InfraErrorKind::LeaseExpired);
         }
     }

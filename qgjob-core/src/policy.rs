@@ -6,7 +6,8 @@
 //! * [`PolicyKind::Grouped`] (the default): install-aware. A device keeps running jobs of the
 //!   build it has installed (affinity) unless a group nobody serves is waiting and either its
 //!   current group has other devices or the waiting group is clearly more urgent. A device
-//!   with nothing of its own takes the most urgent unserved group (orgs take turns), else
+//!   with nothing of its own takes an unserved group, choosing the org first (fair share:
+//!   fewest devices held, offset by the aged priority of the org's most urgent group), else
 //!   joins the served group whose backlog per device is largest, but only when that backlog
 //!   exceeds an install (otherwise the extra install would not shorten the run).
 //! * [`PolicyKind::Fifo`] baseline: the most urgent job in the pool, ignoring what is installed.
@@ -92,6 +93,19 @@ pub struct GroupView {
     pub ready_work_ms: u64,
     /// Devices that have its build installed (busy or idle).
     pub serving: u32,
+    /// Priority of its most urgent ready job.
+    pub priority: i32,
+    /// Submission time of that job, ms.
+    pub created_ms: u64,
+}
+
+/// An org's best unserved group, with the devices the org holds in the pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OrgCandidate {
+    /// Devices of the pool currently leased to the org.
+    pub busy: u32,
+    /// The org's most urgent unserved ready group.
+    pub group: GroupView,
 }
 
 /// The scheduler's indexes for one target pool, as seen by the device asking for work.
@@ -99,8 +113,8 @@ pub struct GroupView {
 pub trait PoolView {
     /// The group of the build installed on the device, if it has ready jobs.
     fn own_group(&self) -> Option<GroupView>;
-    /// The most urgent ready group no device serves, orgs taking turns.
-    fn best_unserved_fair(&self) -> Option<GroupView>;
+    /// For each org with ready groups no device serves: its most urgent such group.
+    fn unserved_by_org(&self) -> Vec<OrgCandidate>;
     /// The oldest (first submitted) ready group no device serves.
     fn oldest_unserved(&self) -> Option<GroupView>;
     /// The ready group holding the pool's most urgent job.
@@ -111,6 +125,31 @@ pub trait PoolView {
     fn install_ms(&self) -> u64;
     /// One priority level in urgency units (ms of aging).
     fn level_ms(&self) -> u64;
+    /// The time of the decision, ms.
+    fn now_ms(&self) -> u64;
+}
+
+/// A group's priority now: its base priority plus one level per `level_ms` waited.
+pub fn aged_priority(g: &GroupView, now_ms: u64, level_ms: u64) -> f64 {
+    f64::from(g.priority) + now_ms.saturating_sub(g.created_ms) as f64 / level_ms.max(1) as f64
+}
+
+/// Fair share between orgs: the org holding the fewest devices goes first, but each level of
+/// (aged) priority its best group has outweighs one device held. Ties go to the most urgent
+/// group. Returns the chosen org's group.
+pub fn fair_pick(cands: &[OrgCandidate], now_ms: u64, level_ms: u64) -> Option<GroupView> {
+    cands
+        .iter()
+        .map(|c| {
+            let score = f64::from(c.busy) - aged_priority(&c.group, now_ms, level_ms);
+            (score, c.group)
+        })
+        .min_by(|(sa, ga), (sb, gb)| {
+            sa.total_cmp(sb)
+                .then(ga.urgency.cmp(&gb.urgency))
+                .then(ga.idx.cmp(&gb.idx))
+        })
+        .map(|(_, g)| g)
 }
 
 /// Decides what a free device runs next.
@@ -131,7 +170,7 @@ pub fn choose(kind: PolicyKind, view: &impl PoolView) -> Choice {
 }
 
 fn choose_grouped(view: &impl PoolView) -> Choice {
-    let unserved = view.best_unserved_fair();
+    let unserved = fair_pick(&view.unserved_by_org(), view.now_ms(), view.level_ms());
     if let Some(own) = view.own_group() {
         if let Some(u) = unserved {
             // Leave our group for a waiting one when our group keeps another device, or when
@@ -169,7 +208,7 @@ mod tests {
     #[derive(Default)]
     struct FakeView {
         own: Option<GroupView>,
-        unserved: Option<GroupView>,
+        unserved: Vec<OrgCandidate>,
         oldest: Option<GroupView>,
         urgent: Option<GroupView>,
         served: Vec<GroupView>,
@@ -179,8 +218,8 @@ mod tests {
         fn own_group(&self) -> Option<GroupView> {
             self.own
         }
-        fn best_unserved_fair(&self) -> Option<GroupView> {
-            self.unserved
+        fn unserved_by_org(&self) -> Vec<OrgCandidate> {
+            self.unserved.clone()
         }
         fn oldest_unserved(&self) -> Option<GroupView> {
             self.oldest
@@ -197,6 +236,13 @@ mod tests {
         fn level_ms(&self) -> u64 {
             60_000
         }
+        fn now_ms(&self) -> u64 {
+            0
+        }
+    }
+
+    fn one(busy: u32, group: GroupView) -> Vec<OrgCandidate> {
+        vec![OrgCandidate { busy, group }]
     }
 
     fn g(idx: GroupIdx, urgency: i64, ready: u64, job_ms: u64, serving: u32) -> GroupView {
@@ -206,6 +252,8 @@ mod tests {
             ready,
             ready_work_ms: ready * job_ms,
             serving,
+            priority: (-urgency / 60_000) as i32,
+            created_ms: 0,
         }
     }
 
@@ -213,7 +261,7 @@ mod tests {
     fn affinity_keeps_a_sole_server_on_its_group() {
         let v = FakeView {
             own: Some(g(1, 0, 10, 30_000, 1)),
-            unserved: Some(g(2, -10, 1, 30_000, 0)),
+            unserved: one(0, g(2, -10, 1, 30_000, 0)),
             ..Default::default()
         };
         assert_eq!(choose(PolicyKind::Grouped, &v), Choice::Group(1));
@@ -223,7 +271,7 @@ mod tests {
     fn a_shared_group_releases_a_device_to_a_waiting_group() {
         let v = FakeView {
             own: Some(g(1, 0, 10, 30_000, 3)),
-            unserved: Some(g(2, 50, 1, 30_000, 0)),
+            unserved: one(0, g(2, 50, 1, 30_000, 0)),
             ..Default::default()
         };
         assert_eq!(choose(PolicyKind::Grouped, &v), Choice::Group(2));
@@ -233,7 +281,7 @@ mod tests {
     fn a_much_more_urgent_group_preempts_at_a_job_boundary() {
         let v = FakeView {
             own: Some(g(1, 0, 10, 30_000, 1)),
-            unserved: Some(g(2, -200_000, 1, 30_000, 0)),
+            unserved: one(0, g(2, -200_000, 1, 30_000, 0)),
             ..Default::default()
         };
         assert_eq!(choose(PolicyKind::Grouped, &v), Choice::Group(2));
@@ -257,7 +305,7 @@ mod tests {
     fn baselines_follow_their_rules() {
         let v = FakeView {
             own: Some(g(1, 0, 10, 30_000, 5)),
-            unserved: Some(g(2, -1, 1, 30_000, 0)),
+            unserved: one(0, g(2, -1, 1, 30_000, 0)),
             oldest: Some(g(4, 9, 1, 30_000, 0)),
             urgent: Some(g(7, -5, 1, 30_000, 2)),
             ..Default::default()
@@ -269,6 +317,45 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(choose(PolicyKind::PerGroup, &idle_own), Choice::Group(4));
+    }
+
+    #[test]
+    fn fair_pick_prefers_the_org_holding_fewer_devices() {
+        let mut big = g(1, 0, 500, 30_000, 0);
+        big.created_ms = 0;
+        let mut small = g(2, 0, 1, 30_000, 0);
+        small.created_ms = 1_200_000;
+        let cands = [
+            OrgCandidate {
+                busy: 8,
+                group: big,
+            },
+            OrgCandidate {
+                busy: 0,
+                group: small,
+            },
+        ];
+        // The big org's batch is 20 minutes older (2 aged levels at 10 min per level) but
+        // holds 8 devices: the small org goes first.
+        let got = fair_pick(&cands, 1_200_000, 600_000);
+        assert_eq!(got.map(|g| g.idx), Some(2));
+        // Ten priority levels outweigh the 8 devices held.
+        let mut urgent = big;
+        urgent.priority = 10;
+        let cands = [
+            OrgCandidate {
+                busy: 8,
+                group: urgent,
+            },
+            OrgCandidate {
+                busy: 0,
+                group: small,
+            },
+        ];
+        assert_eq!(
+            fair_pick(&cands, 1_200_000, 600_000).map(|g| g.idx),
+            Some(1)
+        );
     }
 
     #[test]

@@ -79,7 +79,7 @@ impl Default for SchedulerConfig {
             backoff_base_ms: 2_000,
             backoff_max_ms: 120_000,
             backoff_jitter: 0.2,
-            aging_ms_per_level: 60_000,
+            aging_ms_per_level: 600_000,
             default_install_ms: 30_000,
             default_job_ms: 60_000,
             max_batch_limit: 64,
