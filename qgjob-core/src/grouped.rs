@@ -772,16 +772,22 @@ impl View<'_> {
 }
 
 impl PoolView for View<'_> {
-    fn own_group(&self) -> Option<GroupView> {
+    fn own_group(&self) -> Option<OrgCandidate> {
         let build = self.dev.info.installed.clone()?;
+        let busy = self
+            .pool
+            .and_then(|p| p.busy_by_org.get(&build.org_id).copied())
+            .unwrap_or(0);
         let gis = self
             .s
             .build_groups
             .get(&(self.dev.info.target.clone(), build))?;
-        gis.iter()
+        let group = gis
+            .iter()
             .filter(|&&gi| self.fits(gi))
             .filter_map(|&gi| self.s.group_view(gi))
-            .min_by_key(|g| (g.urgency, g.idx))
+            .min_by_key(|g| (g.urgency, g.idx))?;
+        Some(OrgCandidate { busy, group })
     }
 
     fn unserved_by_org(&self) -> Vec<OrgCandidate> {
@@ -992,7 +998,7 @@ impl Scheduler for GroupedScheduler {
         let install = dev_info.installed.as_ref() != Some(&build);
         // Don't let one device swallow jobs other serving devices could share.
         let g = &self.groups[gi];
-        let sharers = u64::from(g.serving.max(1)) + u64::from(install);
+        let sharers = (u64::from(g.serving) + u64::from(install)).max(1);
         let fair = (g.ready.len() as u64).div_ceil(sharers).max(1) as usize;
         let n = max_batch.clamp(1, self.cfg.max_batch_limit).min(fair);
         let picked: Vec<(ReadyKey, JobId)> = self.groups[gi]
@@ -1285,5 +1291,357 @@ impl Scheduler for GroupedScheduler {
                 installs: d.installs,
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{AppVersionId, Capabilities, Platform, Priority};
+
+    fn spec(org: &str, app: &str, target: Target) -> JobSpec {
+        let mut s = JobSpec::new(
+            OrgId::new(org).expect("org"),
+            AppVersionId::new(app).expect("app"),
+            vec!["tests/a.spec.js".into()],
+        );
+        s.target = target;
+        s
+    }
+
+    fn device(id: &str, target: Target) -> DeviceInfo {
+        DeviceInfo {
+            id: DeviceId::new(id).expect("id"),
+            target,
+            capabilities: Capabilities::default(),
+            installed: None,
+            install_estimate_ms: Some(30_000),
+        }
+    }
+
+    fn pass() -> RunReport {
+        RunReport {
+            passed: true,
+            tests: vec![],
+            duration_ms: 1000,
+            error: None,
+        }
+    }
+
+    fn sched() -> GroupedScheduler {
+        GroupedScheduler::new(SchedulerConfig::default())
+    }
+
+    #[test]
+    fn affinity_runs_a_group_on_one_install() {
+        let mut s = sched();
+        for _ in 0..5 {
+            s.submit(Time(0), spec("acme", "v1", Target::Emulator))
+                .expect("submit");
+        }
+        let d = device("d1", Target::Emulator);
+        s.register_device(Time(0), d.clone()).expect("register");
+        let mut installs = 0;
+        let mut t = 1;
+        while let Some(l) = s.lease(Time(t), &d.id, 1).expect("lease") {
+            installs += u32::from(l.install);
+            s.complete(Time(t + 1), l.id, l.jobs[0].id, pass())
+                .expect("complete");
+            t += 2;
+        }
+        assert_eq!(installs, 1);
+        assert_eq!(s.list(&JobFilter::default()).len(), 5);
+        assert!(s
+            .list(&JobFilter::default())
+            .iter()
+            .all(|j| j.state == JobState::Passed));
+    }
+
+    #[test]
+    fn a_small_org_is_not_held_back_by_a_big_one() {
+        let mut s = sched();
+        let devs: Vec<DeviceInfo> = (0..4)
+            .map(|i| device(&format!("d{i}"), Target::Emulator))
+            .collect();
+        for d in &devs {
+            s.register_device(Time(0), d.clone()).expect("register");
+        }
+        // A big org: 5000 jobs over 50 builds.
+        let specs: Vec<JobSpec> = (0..5000)
+            .map(|i| spec("big", &format!("v{}", i % 50), Target::Emulator))
+            .collect();
+        s.submit_many(Time(0), specs).expect("batch");
+        let mut leases: Vec<Lease> = devs
+            .iter()
+            .map(|d| s.lease(Time(1), &d.id, 1).expect("ok").expect("work"))
+            .collect();
+        let small = s
+            .submit(Time(60_000), spec("small", "s1", Target::Emulator))
+            .expect("submit")
+            .job_id;
+        // The next device to free up takes the small org's job.
+        let l = leases.remove(0);
+        s.complete(Time(61_000), l.id, l.jobs[0].id, pass())
+            .expect("complete");
+        let next = s
+            .lease(Time(61_000), &l.device, 1)
+            .expect("ok")
+            .expect("work");
+        assert_eq!(next.jobs[0].id, small);
+        assert!(next.install);
+    }
+
+    #[test]
+    fn targets_and_capabilities_are_respected() {
+        let mut s = sched();
+        let mut ios = spec("acme", "v1", Target::Browserstack);
+        ios.requires.platform = Some(Platform::Ios);
+        let ios_id = s.submit(Time(0), ios).expect("submit").job_id;
+        s.submit(Time(0), spec("acme", "v1", Target::Emulator))
+            .expect("submit");
+        let mut android = device("bs-android", Target::Browserstack);
+        android.capabilities.platform = Some(Platform::Android);
+        s.register_device(Time(0), android.clone()).expect("reg");
+        assert_eq!(s.lease(Time(1), &android.id, 4).expect("ok"), None);
+        let mut iphone = device("bs-ios", Target::Browserstack);
+        iphone.capabilities.platform = Some(Platform::Ios);
+        s.register_device(Time(0), iphone.clone()).expect("reg");
+        let l = s.lease(Time(1), &iphone.id, 4).expect("ok").expect("work");
+        assert_eq!(l.jobs.len(), 1);
+        assert_eq!(l.jobs[0].id, ios_id);
+    }
+
+    #[test]
+    fn expired_lease_requeues_and_refuses_the_stale_report() {
+        let mut s = sched();
+        let job = s
+            .submit(Time(0), spec("acme", "v1", Target::Emulator))
+            .expect("submit")
+            .job_id;
+        let d = device("d1", Target::Emulator);
+        s.register_device(Time(0), d.clone()).expect("reg");
+        let l = s.lease(Time(0), &d.id, 1).expect("ok").expect("work");
+        let ttl = s.config().lease_ttl_ms;
+        s.tick(Time(ttl + 1));
+        let j = s.get(job).expect("job");
+        assert_eq!((j.state, j.attempt), (JobState::Queued, 2));
+        let before = j.clone();
+        assert_eq!(
+            s.complete(Time(ttl + 2), l.id, job, pass()),
+            Err(ReportError::StaleLease(l.id))
+        );
+        assert_eq!(s.get(job), Some(&before));
+        // The device is lost until it registers again.
+        assert_eq!(
+            s.lease(Time(ttl + 2), &d.id, 1),
+            Err(DeviceError::Lost(d.id.clone()))
+        );
+        s.register_device(Time(ttl + 3), d.clone()).expect("reg");
+        s.tick(Time(ttl + 100_000));
+        let l2 = s
+            .lease(Time(ttl + 100_000), &d.id, 1)
+            .expect("ok")
+            .expect("work");
+        assert_eq!(l2.jobs[0].attempt, 2);
+        assert!(l2.id > l.id);
+    }
+
+    #[test]
+    fn heartbeats_keep_a_lease_and_carry_cancel() {
+        let mut s = sched();
+        let job = s
+            .submit(Time(0), spec("acme", "v1", Target::Emulator))
+            .expect("submit")
+            .job_id;
+        let d = device("d1", Target::Emulator);
+        s.register_device(Time(0), d.clone()).expect("reg");
+        let l = s.lease(Time(0), &d.id, 1).expect("ok").expect("work");
+        let ttl = s.config().lease_ttl_ms;
+        let ack = s.heartbeat(Time(ttl - 1), l.id).expect("hb");
+        assert!(ack.cancel.is_empty());
+        s.tick(Time(ttl + 1));
+        assert_eq!(s.get(job).map(|j| j.state), Some(JobState::Running));
+        assert_eq!(s.cancel(Time(ttl + 2), job), Ok(CancelOutcome::Requested));
+        let ack = s.heartbeat(Time(ttl + 3), l.id).expect("hb");
+        assert_eq!(ack.cancel, vec![job]);
+        let failure = InfraFailure {
+            kind: InfraErrorKind::Other,
+            message: "canceled".into(),
+        };
+        assert_eq!(
+            s.fail(Time(ttl + 4), l.id, job, failure),
+            Ok(JobState::Canceled)
+        );
+        assert!(matches!(
+            s.cancel(Time(ttl + 5), job),
+            Err(CancelError::AlreadyFinal { .. })
+        ));
+    }
+
+    #[test]
+    fn infra_failures_retry_with_backoff_then_error() {
+        let mut s = sched();
+        let mut sp = spec("acme", "v1", Target::Emulator);
+        sp.max_attempts = 2;
+        let job = s.submit(Time(0), sp).expect("submit").job_id;
+        let d = device("d1", Target::Emulator);
+        s.register_device(Time(0), d.clone()).expect("reg");
+        let failure = InfraFailure {
+            kind: InfraErrorKind::InstallFailed,
+            message: "adb: device offline".into(),
+        };
+        let l = s.lease(Time(0), &d.id, 1).expect("ok").expect("work");
+        assert_eq!(
+            s.fail(Time(10), l.id, job, failure.clone()),
+            Ok(JobState::Queued)
+        );
+        let nb = s.get(job).and_then(|j| j.not_before).expect("backoff");
+        assert!(nb > Time(10));
+        assert_eq!(s.lease(Time(11), &d.id, 1).expect("ok"), None);
+        s.tick(nb);
+        let l = s.lease(nb, &d.id, 1).expect("ok").expect("work");
+        assert_eq!(l.jobs[0].attempt, 2);
+        assert_eq!(s.fail(nb, l.id, job, failure), Ok(JobState::Error));
+        let out = s.get(job).and_then(|j| j.outcome.clone()).expect("outcome");
+        assert!(out.error.unwrap_or_default().contains("adb"));
+    }
+
+    #[test]
+    fn failed_tests_retry_only_on_request_and_mark_flaky() {
+        let mut s = sched();
+        let mut sp = spec("acme", "v1", Target::Emulator);
+        sp.retry_failed_tests = true;
+        let job = s.submit(Time(0), sp).expect("submit").job_id;
+        let d = device("d1", Target::Emulator);
+        s.register_device(Time(0), d.clone()).expect("reg");
+        let l = s.lease(Time(0), &d.id, 1).expect("ok").expect("work");
+        let failed = RunReport {
+            passed: false,
+            tests: vec![],
+            duration_ms: 5,
+            error: Some("expect(received).toBe(expected)".into()),
+        };
+        assert_eq!(s.complete(Time(5), l.id, job, failed), Ok(JobState::Queued));
+        s.tick(Time(10_000_000));
+        let l = s
+            .lease(Time(10_000_000), &d.id, 1)
+            .expect("ok")
+            .expect("work");
+        assert!(!l.install);
+        assert_eq!(
+            s.complete(Time(10_000_001), l.id, job, pass()),
+            Ok(JobState::Passed)
+        );
+        assert_eq!(
+            s.get(job).and_then(|j| j.outcome.as_ref()).map(|o| o.flaky),
+            Some(true)
+        );
+    }
+
+    #[test]
+    fn idempotency_key_returns_the_existing_job() {
+        let mut s = sched();
+        let mut sp = spec("acme", "v1", Target::Emulator);
+        sp.idempotency_key = Some("ci-123".into());
+        let a = s.submit(Time(0), sp.clone()).expect("submit");
+        let b = s.submit(Time(1), sp.clone()).expect("submit");
+        assert_eq!((a.job_id, a.created, b.created), (b.job_id, true, false));
+        sp.priority = Priority(5);
+        assert!(matches!(
+            s.submit(Time(2), sp),
+            Err(SubmitError::IdempotencyConflict { .. })
+        ));
+        assert_eq!(s.len(), 1);
+    }
+
+    #[test]
+    fn a_bad_spec_in_a_batch_queues_nothing() {
+        let mut s = sched();
+        let mut bad = spec("acme", "v1", Target::Emulator);
+        bad.priority = Priority(5000);
+        let err = s
+            .submit_many(Time(0), vec![spec("acme", "v1", Target::Emulator), bad])
+            .expect_err("invalid");
+        assert!(matches!(err, SubmitError::Invalid { index: 1, .. }));
+        assert!(s.is_empty());
+    }
+
+    #[test]
+    fn batches_hold_one_build_and_priority_orders_within_a_group() {
+        let mut s = sched();
+        let low = s
+            .submit(Time(0), spec("acme", "v1", Target::Emulator))
+            .expect("submit")
+            .job_id;
+        let mut hi = spec("acme", "v1", Target::Emulator);
+        hi.priority = Priority(3);
+        let hi = s.submit(Time(1), hi).expect("submit").job_id;
+        s.submit(Time(2), spec("acme", "v2", Target::Emulator))
+            .expect("submit");
+        let d = device("d1", Target::Emulator);
+        s.register_device(Time(0), d.clone()).expect("reg");
+        let l = s.lease(Time(3), &d.id, 8).expect("ok").expect("work");
+        let ids: Vec<JobId> = l.jobs.iter().map(|j| j.id).collect();
+        assert_eq!(ids, vec![hi, low]);
+    }
+
+    #[test]
+    fn restore_keeps_queue_order_and_running_leases() {
+        let mut s = sched();
+        let ids: Vec<JobId> = (0..4)
+            .map(|i| {
+                s.submit(Time(i), spec("acme", "v1", Target::Emulator))
+                    .expect("submit")
+                    .job_id
+            })
+            .collect();
+        let d = device("d1", Target::Emulator);
+        s.register_device(Time(0), d.clone()).expect("reg");
+        let l = s.lease(Time(10), &d.id, 1).expect("ok").expect("work");
+        assert_eq!(l.jobs[0].id, ids[0]);
+        let saved: Vec<Job> = s.list(&JobFilter::default()).into_iter().cloned().collect();
+        let mut r = GroupedScheduler::restore(SchedulerConfig::default(), saved).expect("restore");
+        // The running job's lease survives: heartbeat and complete work after the restart.
+        r.heartbeat(Time(20), l.id).expect("heartbeat");
+        r.register_device(Time(20), d.clone()).expect("reg");
+        assert!(matches!(
+            r.lease(Time(21), &d.id, 1),
+            Err(DeviceError::Busy { .. })
+        ));
+        assert_eq!(
+            r.complete(Time(30), l.id, ids[0], pass()),
+            Ok(JobState::Passed)
+        );
+        let next = r.lease(Time(31), &d.id, 1).expect("ok").expect("work");
+        assert_eq!(next.jobs[0].id, ids[1]);
+        assert!(next.id > l.id);
+        let fresh = r
+            .submit(Time(40), spec("acme", "v1", Target::Emulator))
+            .expect("submit")
+            .job_id;
+        assert!(!ids.contains(&fresh));
+    }
+
+    #[test]
+    fn same_calls_same_decisions() {
+        let run = || {
+            let mut s = sched();
+            let mut out = Vec::new();
+            for i in 0..20u64 {
+                let sp = spec("acme", &format!("v{}", i % 3), Target::Emulator);
+                out.push(format!("{:?}", s.submit(Time(i), sp)));
+            }
+            for i in 0..3 {
+                s.register_device(Time(0), device(&format!("d{i}"), Target::Emulator))
+                    .expect("reg");
+            }
+            for i in 0..3 {
+                let id = DeviceId::new(format!("d{i}")).expect("id");
+                out.push(format!("{:?}", s.lease(Time(100), &id, 2)));
+            }
+            out.push(format!("{:?}", s.take_events()));
+            out
+        };
+        assert_eq!(run(), run());
     }
 }

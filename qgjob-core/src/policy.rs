@@ -111,8 +111,9 @@ pub struct OrgCandidate {
 /// The scheduler's indexes for one target pool, as seen by the device asking for work.
 /// Every method already filters by the device's capabilities.
 pub trait PoolView {
-    /// The group of the build installed on the device, if it has ready jobs.
-    fn own_group(&self) -> Option<GroupView>;
+    /// The group of the build installed on the device, if it has ready jobs, with the
+    /// devices its org holds (not counting the asking one).
+    fn own_group(&self) -> Option<OrgCandidate>;
     /// For each org with ready groups no device serves: its most urgent such group.
     fn unserved_by_org(&self) -> Vec<OrgCandidate>;
     /// The oldest (first submitted) ready group no device serves.
@@ -160,7 +161,7 @@ pub fn choose(kind: PolicyKind, view: &impl PoolView) -> Choice {
             .map_or(Choice::Idle, |g| Choice::Group(g.idx)),
         PolicyKind::PerGroup => {
             if let Some(own) = view.own_group() {
-                return Choice::Group(own.idx);
+                return Choice::Group(own.group.idx);
             }
             view.oldest_unserved()
                 .map_or(Choice::Idle, |g| Choice::Group(g.idx))
@@ -170,17 +171,27 @@ pub fn choose(kind: PolicyKind, view: &impl PoolView) -> Choice {
 }
 
 fn choose_grouped(view: &impl PoolView) -> Choice {
-    let unserved = fair_pick(&view.unserved_by_org(), view.now_ms(), view.level_ms());
+    let (now, level) = (view.now_ms(), view.level_ms());
+    let cands = view.unserved_by_org();
+    let unserved = fair_pick(&cands, now, level);
     if let Some(own) = view.own_group() {
         if let Some(u) = unserved {
-            // Leave our group for a waiting one when our group keeps another device, or when
-            // the waiting group is more urgent by more than a priority level.
-            let much_more_urgent = u.urgency + (view.level_ms() as i64) < own.urgency;
-            if own.serving >= 2 || much_more_urgent {
+            // Leave our group for a waiting one when our group keeps another device, when the
+            // waiting group is more urgent by more than a priority level, or when our org
+            // holds clearly more devices than the waiting group's (fair share).
+            let much_more_urgent = u.urgency + (level as i64) < own.group.urgency;
+            let u_busy = cands
+                .iter()
+                .find(|c| c.group.idx == u.idx)
+                .map_or(0, |c| c.busy);
+            let fair_score =
+                |busy: u32, g: &GroupView| f64::from(busy) - aged_priority(g, now, level);
+            let unfair = fair_score(u_busy, &u) < fair_score(own.busy, &own.group) - 1.0;
+            if own.group.serving >= 2 || much_more_urgent || unfair {
                 return Choice::Group(u.idx);
             }
         }
-        return Choice::Group(own.idx);
+        return Choice::Group(own.group.idx);
     }
     if let Some(u) = unserved {
         return Choice::Group(u.idx);
@@ -207,7 +218,7 @@ mod tests {
 
     #[derive(Default)]
     struct FakeView {
-        own: Option<GroupView>,
+        own: Option<OrgCandidate>,
         unserved: Vec<OrgCandidate>,
         oldest: Option<GroupView>,
         urgent: Option<GroupView>,
@@ -215,7 +226,7 @@ mod tests {
     }
 
     impl PoolView for FakeView {
-        fn own_group(&self) -> Option<GroupView> {
+        fn own_group(&self) -> Option<OrgCandidate> {
             self.own
         }
         fn unserved_by_org(&self) -> Vec<OrgCandidate> {
@@ -260,7 +271,10 @@ mod tests {
     #[test]
     fn affinity_keeps_a_sole_server_on_its_group() {
         let v = FakeView {
-            own: Some(g(1, 0, 10, 30_000, 1)),
+            own: Some(OrgCandidate {
+                busy: 0,
+                group: g(1, 0, 10, 30_000, 1),
+            }),
             unserved: one(0, g(2, -10, 1, 30_000, 0)),
             ..Default::default()
         };
@@ -270,7 +284,10 @@ mod tests {
     #[test]
     fn a_shared_group_releases_a_device_to_a_waiting_group() {
         let v = FakeView {
-            own: Some(g(1, 0, 10, 30_000, 3)),
+            own: Some(OrgCandidate {
+                busy: 0,
+                group: g(1, 0, 10, 30_000, 3),
+            }),
             unserved: one(0, g(2, 50, 1, 30_000, 0)),
             ..Default::default()
         };
@@ -280,7 +297,10 @@ mod tests {
     #[test]
     fn a_much_more_urgent_group_preempts_at_a_job_boundary() {
         let v = FakeView {
-            own: Some(g(1, 0, 10, 30_000, 1)),
+            own: Some(OrgCandidate {
+                busy: 0,
+                group: g(1, 0, 10, 30_000, 1),
+            }),
             unserved: one(0, g(2, -200_000, 1, 30_000, 0)),
             ..Default::default()
         };
@@ -304,7 +324,10 @@ mod tests {
     #[test]
     fn baselines_follow_their_rules() {
         let v = FakeView {
-            own: Some(g(1, 0, 10, 30_000, 5)),
+            own: Some(OrgCandidate {
+                busy: 0,
+                group: g(1, 0, 10, 30_000, 5),
+            }),
             unserved: one(0, g(2, -1, 1, 30_000, 0)),
             oldest: Some(g(4, 9, 1, 30_000, 0)),
             urgent: Some(g(7, -5, 1, 30_000, 2)),
