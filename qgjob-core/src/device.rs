@@ -42,6 +42,14 @@ impl CancelWatch {
             std::future::pending::<()>().await;
         }
     }
+
+    /// Resolves once `job` is canceled (never, if it is not canceled before the sender goes).
+    /// Race it against the job's work with `tokio::select!` to stop promptly.
+    pub async fn canceled(&mut self, job: JobId) {
+        while !self.is_canceled(job) {
+            self.changed().await;
+        }
+    }
 }
 
 impl CancelSender {

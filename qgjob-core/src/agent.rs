@@ -1,0 +1,967 @@
+//! The agent runtime: the async edge that drives [`Device`]s through an [`AgentLink`].
+//!
+//! * [`AgentLink`] is the small protocol between an agent and a scheduler (register, long-poll
+//!   for a lease, heartbeat, report). [`LocalLink`] speaks it to an in-process scheduler; an
+//!   HTTP client can speak it to `qgjob server` with the same loop.
+//! * [`SharedScheduler`] puts any [`Scheduler`] behind a mutex with a [`Clock`] and a
+//!   [`Notify`], so long-polling agents wake the moment work arrives, and
+//!   [`SharedScheduler::spawn_ticker`] expires leases and releases retries on time.
+//! * [`Agent`] runs one loop per device: lease, install if asked, run the batch while
+//!   heartbeating (cancels from the heartbeat reach the device), report every job, repeat;
+//!   shutdown stops leasing, lets in-flight batches finish and report, then unregisters.
+//!
+//! The scheduler itself stays free of tokio and clocks: only this module reads time.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use tokio::sync::{watch, Notify};
+use tokio::task::{JoinHandle, JoinSet};
+
+use crate::device::{CancelSender, CancelWatch, Device, JobRun};
+use crate::error::{CancelError, DeviceError, ReportError, SubmitError};
+use crate::model::{
+    DeviceId, DeviceInfo, HeartbeatAck, InfraErrorKind, InfraFailure, Job, JobEvent, JobId,
+    JobSpec, JobState, Lease, LeaseId, RunReport, Time,
+};
+use crate::scheduler::{CancelOutcome, Scheduler, Submitted};
+
+// ----- the link -----
+
+/// Why an [`AgentLink`] call failed, and so what the agent does about it.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum LinkError {
+    /// The lease is no longer current (expired, superseded or unknown): abandon it without
+    /// reporting; the scheduler has already moved its jobs on.
+    #[error("the lease is no longer current")]
+    Stale,
+    /// The scheduler could not be reached or answered with a server error: retry with backoff.
+    #[error("transport error: {0}")]
+    Transport(String),
+    /// The request was refused as invalid (unknown or lost device, job not in the lease...):
+    /// log it and move on.
+    #[error("rejected: {0}")]
+    Rejected(String),
+}
+
+/// The interface between an agent and a scheduler: [`LocalLink`] in process, an HTTP client
+/// against `qgjob server` (see `docs/http-api.md`, agent protocol).
+#[async_trait]
+pub trait AgentLink: Send + Sync {
+    /// Adds or refreshes a device (also how a device marked lost comes back).
+    async fn register(&self, device: DeviceInfo) -> Result<(), LinkError>;
+
+    /// Removes a device; jobs it still held are requeued by the scheduler.
+    async fn unregister(&self, device: &DeviceId) -> Result<(), LinkError>;
+
+    /// Long-polls for work: returns as soon as the scheduler has a lease for the device, or
+    /// `None` once `wait` has passed without one.
+    async fn lease(
+        &self,
+        device: &DeviceId,
+        max_batch: usize,
+        wait: Duration,
+    ) -> Result<Option<Lease>, LinkError>;
+
+    /// Extends a lease; the answer lists jobs to stop.
+    async fn heartbeat(&self, lease: LeaseId) -> Result<HeartbeatAck, LinkError>;
+
+    /// Reports a job whose tests ran to the end.
+    async fn complete(
+        &self,
+        lease: LeaseId,
+        job: JobId,
+        report: RunReport,
+    ) -> Result<JobState, LinkError>;
+
+    /// Reports a job that hit an infrastructure failure.
+    async fn fail(
+        &self,
+        lease: LeaseId,
+        job: JobId,
+        failure: InfraFailure,
+    ) -> Result<JobState, LinkError>;
+
+    /// Appends log text to a job. The default drops it (an in-process link has no log store).
+    async fn log(&self, lease: LeaseId, job: JobId, text: &str) -> Result<(), LinkError> {
+        let _ = (lease, job, text);
+        Ok(())
+    }
+}
+
+// ----- clocks -----
+
+/// Where the shared scheduler gets `now` from.
+pub trait Clock: Send + Sync {
+    /// The current time in milliseconds.
+    fn now(&self) -> Time;
+}
+
+/// Wall-clock time: milliseconds since the Unix epoch (what the server persists).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> Time {
+        // A clock set before 1970 reads as the epoch rather than failing.
+        let ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis());
+        Time(u64::try_from(ms).unwrap_or(u64::MAX))
+    }
+}
+
+/// Time as tokio sees it, counted from when the clock was made (plus `base`). Under
+/// `tokio::time::pause()` it is virtual, so tests and simulations run instantly and exactly.
+#[derive(Debug, Clone, Copy)]
+pub struct TokioClock {
+    origin: tokio::time::Instant,
+    base: Time,
+}
+
+impl TokioClock {
+    /// A clock reading `base` now.
+    pub fn starting_at(base: Time) -> Self {
+        TokioClock {
+            origin: tokio::time::Instant::now(),
+            base,
+        }
+    }
+}
+
+impl Default for TokioClock {
+    fn default() -> Self {
+        TokioClock::starting_at(Time::ZERO)
+    }
+}
+
+impl Clock for TokioClock {
+    fn now(&self) -> Time {
+        let ms = u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.base.plus_ms(ms)
+    }
+}
+
+/// A clock that only moves when told to (for code that drives time by hand).
+#[derive(Debug, Default)]
+pub struct ManualClock(AtomicU64);
+
+impl ManualClock {
+    /// A clock reading `t`.
+    pub fn new(t: Time) -> Self {
+        ManualClock(AtomicU64::new(t.0))
+    }
+
+    /// Moves the clock forward by `ms`.
+    pub fn advance(&self, ms: u64) {
+        self.0.fetch_add(ms, Ordering::SeqCst);
+    }
+
+    /// Sets the clock (never backwards: the scheduler expects `now` to grow).
+    pub fn set(&self, t: Time) {
+        self.0.fetch_max(t.0, Ordering::SeqCst);
+    }
+}
+
+impl Clock for ManualClock {
+    fn now(&self) -> Time {
+        Time(self.0.load(Ordering::SeqCst))
+    }
+}
+
+// ----- the shared scheduler -----
+
+struct Shared<S> {
+    sched: Mutex<S>,
+    clock: Arc<dyn Clock>,
+    /// Wakes long-polling leases, waiters and the ticker after every state change.
+    changed: Notify,
+}
+
+/// A [`Scheduler`] shared between tasks: a mutex (never held across an `.await`), a clock for
+/// `now`, and a notification so long polls and waiters react to changes at once.
+///
+/// Events accumulate inside the scheduler until someone calls
+/// [`SharedScheduler::take_events`]; a long-running embedder should drain them.
+pub struct SharedScheduler<S> {
+    inner: Arc<Shared<S>>,
+}
+
+impl<S> Clone for SharedScheduler<S> {
+    fn clone(&self) -> Self {
+        SharedScheduler {
+            inner: Arc::clone(&self.inner),
+        }
+    }
+}
+
+impl<S: Scheduler + Send + 'static> SharedScheduler<S> {
+    /// Shares `sched`, reading time from `clock`.
+    pub fn new(sched: S, clock: Arc<dyn Clock>) -> Self {
+        SharedScheduler {
+            inner: Arc::new(Shared {
+                sched: Mutex::new(sched),
+                clock,
+                changed: Notify::new(),
+            }),
+        }
+    }
+
+    /// The clock's current time.
+    pub fn now(&self) -> Time {
+        self.inner.clock.now()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, S> {
+        // A panic while holding the lock cannot leave the state machine half-updated in a
+        // way later calls trip over (every call validates first), so carry on.
+        self.inner
+            .sched
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Reads the scheduler.
+    pub fn read<R>(&self, f: impl FnOnce(&S) -> R) -> R {
+        f(&self.lock())
+    }
+
+    /// Changes the scheduler at the clock's `now`, then wakes everyone waiting for a change.
+    pub fn update<R>(&self, f: impl FnOnce(&mut S, Time) -> R) -> R {
+        let r = {
+            let mut s = self.lock();
+            let now = self.now();
+            f(&mut s, now)
+        };
+        self.inner.changed.notify_waiters();
+        r
+    }
+
+    /// Wakes long polls and waiters (after a change made some other way).
+    pub fn notify(&self) {
+        self.inner.changed.notify_waiters();
+    }
+
+    /// Queues one job.
+    pub fn submit(&self, spec: JobSpec) -> Result<Submitted, SubmitError> {
+        self.update(|s, now| s.submit(now, spec))
+    }
+
+    /// Queues many jobs atomically.
+    pub fn submit_many(&self, specs: Vec<JobSpec>) -> Result<Vec<Submitted>, SubmitError> {
+        self.update(|s, now| s.submit_many(now, specs))
+    }
+
+    /// Cancels a job (at once when queued, at its device's next heartbeat when running).
+    pub fn cancel(&self, job: JobId) -> Result<CancelOutcome, CancelError> {
+        self.update(|s, now| s.cancel(now, job))
+    }
+
+    /// A copy of one job.
+    pub fn get(&self, job: JobId) -> Option<Job> {
+        self.read(|s| s.get(job).cloned())
+    }
+
+    /// Runs the scheduler's timers at the clock's `now` (expired leases, ended backoffs).
+    /// Wakes waiters only when something was due, so a ticker does not wake itself forever.
+    pub fn tick(&self) {
+        let due = {
+            let mut s = self.lock();
+            let now = self.now();
+            let due = s.next_wakeup().is_some_and(|t| t <= now);
+            if due {
+                s.tick(now);
+            }
+            due
+        };
+        if due {
+            self.inner.changed.notify_waiters();
+        }
+    }
+
+    /// When the scheduler next has timer work.
+    pub fn next_wakeup(&self) -> Option<Time> {
+        self.read(|s| s.next_wakeup())
+    }
+
+    /// Takes the state changes recorded since the last call.
+    pub fn take_events(&self) -> Vec<JobEvent> {
+        self.lock().take_events()
+    }
+
+    /// Waits until `pred` holds (checked now and after every change).
+    pub async fn wait_until(&self, mut pred: impl FnMut(&S) -> bool) {
+        loop {
+            let notified = self.inner.changed.notified();
+            tokio::pin!(notified);
+            // Register before checking, so a change between check and wait is not missed.
+            notified.as_mut().enable();
+            if self.read(&mut pred) {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// An [`AgentLink`] to this scheduler.
+    pub fn link(&self) -> LocalLink<S> {
+        LocalLink {
+            shared: self.clone(),
+        }
+    }
+
+    /// Drives [`Scheduler::tick`] from [`Scheduler::next_wakeup`] forever: sleeps until the
+    /// next deadline or until a change (which may bring an earlier one), then ticks.
+    pub async fn run_ticker(self) {
+        loop {
+            let notified = self.inner.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            self.tick();
+            let Some(wake) = self.next_wakeup() else {
+                notified.await;
+                continue;
+            };
+            let ms = wake.since(self.now());
+            if ms == 0 {
+                // Due already (the tick above ran before the clock reached it): yield, retry.
+                tokio::task::yield_now().await;
+                continue;
+            }
+            tokio::select! {
+                _ = &mut notified => {}
+                _ = tokio::time::sleep(Duration::from_millis(ms)) => {}
+            }
+        }
+    }
+
+    /// Spawns [`SharedScheduler::run_ticker`] on the current tokio runtime. Abort the handle
+    /// to stop it.
+    pub fn spawn_ticker(&self) -> JoinHandle<()> {
+        tokio::spawn(self.clone().run_ticker())
+    }
+}
+
+/// An [`AgentLink`] to a [`SharedScheduler`] in the same process.
+pub struct LocalLink<S> {
+    shared: SharedScheduler<S>,
+}
+
+impl<S> Clone for LocalLink<S> {
+    fn clone(&self) -> Self {
+        LocalLink {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+fn device_err(e: DeviceError) -> LinkError {
+    LinkError::Rejected(e.to_string())
+}
+
+fn report_err(e: ReportError) -> LinkError {
+    match e {
+        ReportError::StaleLease(_) => LinkError::Stale,
+        other => LinkError::Rejected(other.to_string()),
+    }
+}
+
+#[async_trait]
+impl<S: Scheduler + Send + 'static> AgentLink for LocalLink<S> {
+    async fn register(&self, device: DeviceInfo) -> Result<(), LinkError> {
+        self.shared
+            .update(|s, now| s.register_device(now, device))
+            .map_err(device_err)
+    }
+
+    async fn unregister(&self, device: &DeviceId) -> Result<(), LinkError> {
+        self.shared
+            .update(|s, now| s.unregister_device(now, device))
+            .map_err(device_err)
+    }
+
+    async fn lease(
+        &self,
+        device: &DeviceId,
+        max_batch: usize,
+        wait: Duration,
+    ) -> Result<Option<Lease>, LinkError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let notified = self.shared.inner.changed.notified();
+            tokio::pin!(notified);
+            // Register interest before asking, so a submit right after the ask still wakes us.
+            notified.as_mut().enable();
+            let got = {
+                let mut s = self.shared.lock();
+                let now = self.shared.now();
+                s.lease(now, device, max_batch).map_err(device_err)?
+            };
+            if let Some(lease) = got {
+                self.shared.notify();
+                return Ok(Some(lease));
+            }
+            tokio::select! {
+                _ = &mut notified => {}
+                _ = tokio::time::sleep_until(deadline) => return Ok(None),
+            }
+        }
+    }
+
+    async fn heartbeat(&self, lease: LeaseId) -> Result<HeartbeatAck, LinkError> {
+        // A heartbeat changes only a deadline, which the ticker re-reads when it wakes.
+        let r = {
+            let mut s = self.shared.lock();
+            let now = self.shared.now();
+            s.heartbeat(now, lease)
+        };
+        r.map_err(report_err)
+    }
+
+    async fn complete(
+        &self,
+        lease: LeaseId,
+        job: JobId,
+        report: RunReport,
+    ) -> Result<JobState, LinkError> {
+        self.shared
+            .update(|s, now| s.complete(now, lease, job, report))
+            .map_err(report_err)
+    }
+
+    async fn fail(
+        &self,
+        lease: LeaseId,
+        job: JobId,
+        failure: InfraFailure,
+    ) -> Result<JobState, LinkError> {
+        self.shared
+            .update(|s, now| s.fail(now, lease, job, failure))
+            .map_err(report_err)
+    }
+}
+
+// ----- shutdown -----
+
+/// Tells agents to stop: no new leases; in-flight batches finish and report; devices
+/// unregister. Dropping it without triggering never stops anything.
+#[derive(Debug)]
+pub struct Shutdown {
+    tx: watch::Sender<bool>,
+}
+
+/// The receiving side of a [`Shutdown`], cheap to clone.
+#[derive(Debug, Clone)]
+pub struct ShutdownSignal {
+    rx: watch::Receiver<bool>,
+}
+
+impl Shutdown {
+    /// A shutdown switch, not yet triggered.
+    pub fn new() -> Self {
+        Shutdown {
+            tx: watch::channel(false).0,
+        }
+    }
+
+    /// A signal to hand to an agent.
+    pub fn signal(&self) -> ShutdownSignal {
+        ShutdownSignal {
+            rx: self.tx.subscribe(),
+        }
+    }
+
+    /// Triggers the shutdown (idempotent).
+    pub fn trigger(&self) {
+        self.tx.send_replace(true);
+    }
+}
+
+impl Default for Shutdown {
+    fn default() -> Self {
+        Shutdown::new()
+    }
+}
+
+impl ShutdownSignal {
+    /// A signal that never fires.
+    pub fn never() -> Self {
+        ShutdownSignal {
+            rx: watch::channel(false).1,
+        }
+    }
+
+    /// Whether shutdown was triggered.
+    pub fn is_triggered(&self) -> bool {
+        *self.rx.borrow()
+    }
+
+    /// Resolves once shutdown is triggered (never, if the [`Shutdown`] was dropped untriggered).
+    pub async fn triggered(&mut self) {
+        if self.rx.wait_for(|v| *v).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+impl From<watch::Receiver<bool>> for ShutdownSignal {
+    fn from(rx: watch::Receiver<bool>) -> Self {
+        ShutdownSignal { rx }
+    }
+}
+
+// ----- the agent -----
+
+/// How an [`Agent`] behaves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentConfig {
+    /// Most jobs asked for per lease (run in one runner process).
+    pub max_batch: usize,
+    /// How often a running lease is heartbeated; keep it well under the scheduler's lease TTL.
+    pub heartbeat_interval: Duration,
+    /// How long one lease long-poll waits.
+    pub lease_wait: Duration,
+    /// First delay after a transport error (doubles up to `retry_max`).
+    pub retry_min: Duration,
+    /// Longest delay between retries.
+    pub retry_max: Duration,
+    /// Attempts at delivering one report before giving up (the lease then expires and the
+    /// scheduler requeues the job).
+    pub report_attempts: u32,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            max_batch: 1,
+            heartbeat_interval: Duration::from_secs(5),
+            lease_wait: Duration::from_secs(30),
+            retry_min: Duration::from_millis(200),
+            retry_max: Duration::from_secs(10),
+            report_attempts: 10,
+        }
+    }
+}
+
+/// Why an agent stopped early.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum AgentError {
+    /// A device could not register (the scheduler refused its description).
+    #[error("device {device} could not register: {message}")]
+    Register {
+        /// The device.
+        device: DeviceId,
+        /// The scheduler's answer.
+        message: String,
+    },
+    /// A device task panicked (a bug in a `Device` implementation).
+    #[error("a device task panicked: {0}")]
+    Panicked(String),
+}
+
+/// Live counters of an agent (shared with whoever watches it).
+#[derive(Debug, Default)]
+pub struct AgentStats {
+    leases: AtomicU64,
+    installs: AtomicU64,
+    jobs_run: AtomicU64,
+    passed: AtomicU64,
+    failed: AtomicU64,
+    infra_failures: AtomicU64,
+    stale_leases: AtomicU64,
+    transport_errors: AtomicU64,
+    rejected: AtomicU64,
+    last_error: Mutex<Option<String>>,
+}
+
+/// A snapshot of [`AgentStats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentCounters {
+    /// Leases received.
+    pub leases: u64,
+    /// Builds installed (successfully).
+    pub installs: u64,
+    /// Jobs run and reported (accepted by the scheduler).
+    pub jobs_run: u64,
+    /// Of those, reports that ended the job passed.
+    pub passed: u64,
+    /// Of those, reports that ended the job failed.
+    pub failed: u64,
+    /// Infrastructure failures reported (the scheduler may have retried them).
+    pub infra_failures: u64,
+    /// Leases abandoned because the scheduler no longer knew them.
+    pub stale_leases: u64,
+    /// Transport errors seen (each one retried).
+    pub transport_errors: u64,
+    /// Requests the scheduler rejected.
+    pub rejected: u64,
+}
+
+impl AgentStats {
+    /// The counters now.
+    pub fn snapshot(&self) -> AgentCounters {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        AgentCounters {
+            leases: g(&self.leases),
+            installs: g(&self.installs),
+            jobs_run: g(&self.jobs_run),
+            passed: g(&self.passed),
+            failed: g(&self.failed),
+            infra_failures: g(&self.infra_failures),
+            stale_leases: g(&self.stale_leases),
+            transport_errors: g(&self.transport_errors),
+            rejected: g(&self.rejected),
+        }
+    }
+
+    /// The last transport error or rejection, for logs and status pages.
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn bump(a: &AtomicU64) {
+        a.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn note(&self, e: &LinkError) {
+        match e {
+            LinkError::Transport(_) => Self::bump(&self.transport_errors),
+            LinkError::Rejected(_) => Self::bump(&self.rejected),
+            LinkError::Stale => Self::bump(&self.stale_leases),
+        }
+        *self
+            .last_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(e.to_string());
+    }
+}
+
+/// Capped exponential backoff for transport retries.
+struct Backoff {
+    next: Duration,
+    min: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    fn new(cfg: &AgentConfig) -> Self {
+        let min = cfg.retry_min.max(Duration::from_millis(1));
+        Backoff {
+            next: min,
+            min,
+            max: cfg.retry_max.max(min),
+        }
+    }
+
+    fn next(&mut self) -> Duration {
+        let d = self.next;
+        self.next = (self.next * 2).min(self.max);
+        d
+    }
+
+    fn reset(&mut self) {
+        self.next = self.min;
+    }
+}
+
+/// Runs devices against a scheduler through an [`AgentLink`]; see the [module docs](self).
+pub struct Agent {
+    link: Arc<dyn AgentLink>,
+    devices: Vec<Arc<dyn Device>>,
+    cfg: AgentConfig,
+    stats: Arc<AgentStats>,
+}
+
+/// Everything one device loop needs, cheap to clone into its task.
+#[derive(Clone)]
+struct Ctx {
+    link: Arc<dyn AgentLink>,
+    device: Arc<dyn Device>,
+    cfg: AgentConfig,
+    stats: Arc<AgentStats>,
+}
+
+impl Agent {
+    /// An agent with no devices yet.
+    pub fn new(link: Arc<dyn AgentLink>, cfg: AgentConfig) -> Self {
+        Agent {
+            link,
+            devices: Vec::new(),
+            cfg,
+            stats: Arc::new(AgentStats::default()),
+        }
+    }
+
+    /// Adds a device (builder style).
+    pub fn with_device(mut self, device: Arc<dyn Device>) -> Self {
+        self.devices.push(device);
+        self
+    }
+
+    /// Adds a device.
+    pub fn add_device(&mut self, device: Arc<dyn Device>) {
+        self.devices.push(device);
+    }
+
+    /// The agent's counters (keep the `Arc` to watch them while it runs).
+    pub fn stats(&self) -> Arc<AgentStats> {
+        Arc::clone(&self.stats)
+    }
+
+    /// Runs every device until `shutdown` fires, then lets in-flight batches finish and
+    /// report, unregisters the devices and returns the final counters. Dropping (or aborting)
+    /// the future stops every device at once, without reporting: the scheduler then expires
+    /// their leases and requeues the jobs.
+    pub async fn run(self, shutdown: ShutdownSignal) -> Result<AgentCounters, AgentError> {
+        let mut tasks = JoinSet::new();
+        for device in self.devices {
+            let ctx = Ctx {
+                link: Arc::clone(&self.link),
+                device,
+                cfg: self.cfg.clone(),
+                stats: Arc::clone(&self.stats),
+            };
+            tasks.spawn(device_loop(ctx, shutdown.clone()));
+        }
+        let mut first_err = None;
+        while let Some(done) = tasks.join_next().await {
+            let err = match done {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(e),
+                Err(e) => Some(AgentError::Panicked(e.to_string())),
+            };
+            if first_err.is_none() {
+                first_err = err;
+            }
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(self.stats.snapshot()),
+        }
+    }
+}
+
+/// Sleeps `d` unless shutdown comes first; returns false on shutdown.
+async fn pause(d: Duration, shutdown: &mut ShutdownSignal) -> bool {
+    tokio::select! {
+        _ = shutdown.triggered() => false,
+        _ = tokio::time::sleep(d) => true,
+    }
+}
+
+/// Registers the device, retrying transport errors. Ok(false) when shutdown came first.
+async fn register(ctx: &Ctx, shutdown: &mut ShutdownSignal) -> Result<bool, AgentError> {
+    let mut backoff = Backoff::new(&ctx.cfg);
+    loop {
+        let info = ctx.device.info();
+        match ctx.link.register(info.clone()).await {
+            Ok(()) => return Ok(true),
+            Err(LinkError::Transport(m)) => {
+                ctx.stats.note(&LinkError::Transport(m));
+                if !pause(backoff.next(), shutdown).await {
+                    return Ok(false);
+                }
+            }
+            Err(e) => {
+                ctx.stats.note(&e);
+                return Err(AgentError::Register {
+                    device: info.id,
+                    message: e.to_string(),
+                });
+            }
+        }
+    }
+}
+
+async fn device_loop(ctx: Ctx, mut shutdown: ShutdownSignal) -> Result<(), AgentError> {
+    let id = ctx.device.info().id;
+    if !register(&ctx, &mut shutdown).await? {
+        return Ok(());
+    }
+    let mut backoff = Backoff::new(&ctx.cfg);
+    while !shutdown.is_triggered() {
+        // A lease granted at the very instant of shutdown is dropped here; the scheduler
+        // expires it and requeues its jobs, so nothing is lost.
+        let polled = tokio::select! {
+            biased;
+            _ = shutdown.triggered() => break,
+            r = ctx.link.lease(&id, ctx.cfg.max_batch, ctx.cfg.lease_wait) => r,
+        };
+        match polled {
+            Ok(None) => backoff.reset(),
+            Ok(Some(lease)) => {
+                backoff.reset();
+                run_lease(&ctx, lease).await;
+            }
+            Err(e @ LinkError::Transport(_)) => {
+                ctx.stats.note(&e);
+                if !pause(backoff.next(), &mut shutdown).await {
+                    break;
+                }
+            }
+            Err(e) => {
+                // Most likely the device was marked lost (a missed heartbeat) or forgotten
+                // (a server restart): register again and carry on.
+                ctx.stats.note(&e);
+                if !pause(backoff.next(), &mut shutdown).await {
+                    break;
+                }
+                if !register(&ctx, &mut shutdown).await? {
+                    break;
+                }
+            }
+        }
+    }
+    // Best effort: if this fails the scheduler still expires the device's leases.
+    let mut backoff = Backoff::new(&ctx.cfg);
+    for _ in 0..3 {
+        match ctx.link.unregister(&id).await {
+            Err(e @ LinkError::Transport(_)) => {
+                ctx.stats.note(&e);
+                tokio::time::sleep(backoff.next()).await;
+            }
+            Err(e) => {
+                ctx.stats.note(&e);
+                break;
+            }
+            Ok(()) => break,
+        }
+    }
+    Ok(())
+}
+
+/// Heartbeats `lease` every interval, passing cancels to the device; returns when the lease
+/// is stale. Transport errors are retried at the next interval (the TTL spans several).
+async fn heartbeat_loop(ctx: &Ctx, lease: LeaseId, cancel: &CancelSender) {
+    let every = ctx.cfg.heartbeat_interval.max(Duration::from_millis(1));
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        match ctx.link.heartbeat(lease).await {
+            Ok(ack) => {
+                if !ack.cancel.is_empty() {
+                    cancel.cancel(&ack.cancel);
+                }
+            }
+            Err(LinkError::Stale) => return,
+            Err(e) => ctx.stats.note(&e),
+        }
+    }
+}
+
+/// Installs if asked, runs the batch while heartbeating, reports every job.
+async fn run_lease(ctx: &Ctx, lease: Lease) {
+    AgentStats::bump(&ctx.stats.leases);
+    let (cancel_tx, cancel_rx) = CancelWatch::channel();
+    let job_ids: Vec<JobId> = lease.jobs.iter().map(|j| j.id).collect();
+    let work = async {
+        if lease.install {
+            ctx.device.install(&lease.build).await?;
+            AgentStats::bump(&ctx.stats.installs);
+        }
+        Ok::<Vec<JobRun>, InfraFailure>(ctx.device.run(&lease.build, &lease.jobs, cancel_rx).await)
+    };
+    let heartbeat = heartbeat_loop(ctx, lease.id, &cancel_tx);
+    tokio::pin!(work, heartbeat);
+
+    let outcome = tokio::select! {
+        r = &mut work => Some(r),
+        () = &mut heartbeat => None,
+    };
+    let Some(outcome) = outcome else {
+        // The scheduler gave these jobs up (lease expired or device removed): stop them and
+        // report nothing; another attempt may already be running elsewhere.
+        ctx.stats.note(&LinkError::Stale);
+        cancel_tx.cancel(&job_ids);
+        let _ = work.await;
+        return;
+    };
+    let results: Vec<(JobId, JobRun)> = match outcome {
+        Err(install_failure) => job_ids
+            .iter()
+            .map(|id| (*id, Err(install_failure.clone())))
+            .collect(),
+        Ok(runs) => {
+            let mut runs = runs.into_iter();
+            job_ids
+                .iter()
+                .map(|id| {
+                    let run = runs.next().unwrap_or_else(|| {
+                        Err(InfraFailure {
+                            kind: InfraErrorKind::RunnerCrashed,
+                            message: "the device returned no result for this job".into(),
+                        })
+                    });
+                    (*id, run)
+                })
+                .collect()
+        }
+    };
+    let reports = report_all(ctx, lease.id, results);
+    tokio::pin!(reports);
+    tokio::select! {
+        () = &mut reports => {}
+        () = &mut heartbeat => ctx.stats.note(&LinkError::Stale),
+    }
+}
+
+/// Reports each job, retrying transport errors; stops at a stale lease.
+async fn report_all(ctx: &Ctx, lease: LeaseId, results: Vec<(JobId, JobRun)>) {
+    for (job, run) in results {
+        let mut backoff = Backoff::new(&ctx.cfg);
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let sent = match &run {
+                Ok(report) => ctx.link.complete(lease, job, report.clone()).await,
+                Err(failure) => ctx.link.fail(lease, job, failure.clone()).await,
+            };
+            match sent {
+                Ok(state) => {
+                    AgentStats::bump(&ctx.stats.jobs_run);
+                    match (&run, state) {
+                        (Err(_), _) => AgentStats::bump(&ctx.stats.infra_failures),
+                        (Ok(_), JobState::Passed) => AgentStats::bump(&ctx.stats.passed),
+                        (Ok(_), JobState::Failed) => AgentStats::bump(&ctx.stats.failed),
+                        _ => {}
+                    }
+                    break;
+                }
+                Err(LinkError::Stale) => {
+                    ctx.stats.note(&LinkError::Stale);
+                    return;
+                }
+                Err(e @ LinkError::Transport(_)) if attempts < ctx.cfg.report_attempts => {
+                    ctx.stats.note(&e);
+                    tokio::time::sleep(backoff.next()).await;
+                }
+                Err(e) => {
+                    ctx.stats.note(&e);
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Runs `fut` with the scheduler's timers driven in the background, stopping the ticker
+/// afterwards. Convenience for demos and tests.
+pub async fn with_ticker<S, F>(shared: &SharedScheduler<S>, fut: F) -> F::Output
+where
+    S: Scheduler + Send + 'static,
+    F: Future,
+{
+    let ticker = shared.spawn_ticker();
+    let out = fut.await;
+    ticker.abort();
+    out
+}
