@@ -1,0 +1,583 @@
+//! The agent runtime end to end in one process: `Agent` + `LocalLink` + `GroupedScheduler`
+//! with simulated devices, under paused tokio time (so minutes of device work take no wall
+//! time and every instant is exact).
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use qgjob_core::agent::{
+    Agent, AgentConfig, AgentCounters, AgentLink, LinkError, LocalLink, SharedScheduler, Shutdown,
+    TokioClock,
+};
+use qgjob_core::device::{CancelWatch, Device};
+use qgjob_core::simdevice::{SimDevice, SimDeviceConfig, SimOutcome};
+use qgjob_core::*;
+
+type Shared = SharedScheduler<GroupedScheduler>;
+
+fn build(org: &str, v: &str) -> BuildRef {
+    BuildRef {
+        org_id: OrgId::new(org).unwrap(),
+        app_version_id: AppVersionId::new(v).unwrap(),
+    }
+}
+
+fn spec(org: &str, v: &str, test: &str) -> JobSpec {
+    JobSpec::new(
+        OrgId::new(org).unwrap(),
+        AppVersionId::new(v).unwrap(),
+        vec![test.to_string()],
+    )
+}
+
+fn shared(cfg: SchedulerConfig) -> Shared {
+    SharedScheduler::new(GroupedScheduler::new(cfg), Arc::new(TokioClock::default()))
+}
+
+fn sim(id: &str, install_ms: u64, run_ms: u64) -> SimDeviceConfig {
+    let mut c = SimDeviceConfig::new(DeviceId::new(id).unwrap(), Target::Emulator);
+    c.install_ms = install_ms;
+    c.run_ms = run_ms;
+    c
+}
+
+fn agent_cfg() -> AgentConfig {
+    AgentConfig {
+        max_batch: 2,
+        heartbeat_interval: Duration::from_secs(5),
+        lease_wait: Duration::from_secs(60),
+        ..AgentConfig::default()
+    }
+}
+
+/// Waits (in virtual time) until `pred` holds; a generous virtual deadline turns a hang
+/// into a failure instead of a stuck test.
+async fn wait(s: &Shared, what: &str, pred: impl FnMut(&GroupedScheduler) -> bool) {
+    if tokio::time::timeout(Duration::from_secs(24 * 3600), s.wait_until(pred))
+        .await
+        .is_err()
+    {
+        panic!("never happened: {what}");
+    }
+}
+
+fn all_final(ids: &[JobId]) -> impl FnMut(&GroupedScheduler) -> bool + '_ {
+    move |s| {
+        ids.iter()
+            .all(|j| s.get(*j).is_some_and(|j| j.state.is_final()))
+    }
+}
+
+fn spawn_agent(
+    link: Arc<dyn AgentLink>,
+    devices: &[Arc<SimDevice>],
+    cfg: AgentConfig,
+) -> (
+    Shutdown,
+    tokio::task::JoinHandle<Result<AgentCounters, qgjob_core::agent::AgentError>>,
+) {
+    let mut agent = Agent::new(link, cfg);
+    for d in devices {
+        agent.add_device(Arc::clone(d) as Arc<dyn Device>);
+    }
+    let shutdown = Shutdown::new();
+    let handle = tokio::spawn(agent.run(shutdown.signal()));
+    (shutdown, handle)
+}
+
+#[tokio::test(start_paused = true)]
+async fn two_builds_on_two_devices_finish_with_the_right_outcomes() {
+    let s = shared(SchedulerConfig::default());
+    let ticker = s.spawn_ticker();
+    let scripted = vec![
+        ("fail_".to_string(), SimOutcome::Fail),
+        ("flaky_".to_string(), SimOutcome::Flaky),
+        ("crash_".to_string(), SimOutcome::InfraError),
+    ];
+    let devices: Vec<Arc<SimDevice>> = ["emu-1", "emu-2"]
+        .iter()
+        .enumerate()
+        .map(|(i, id)| {
+            let mut c = sim(id, 45_000, 20_000);
+            c.run_jitter = 0.2;
+            c.seed = i as u64 + 1;
+            c.scripted = scripted.clone();
+            Arc::new(SimDevice::new(c))
+        })
+        .collect();
+
+    let mut expect: Vec<(JobId, JobState, bool)> = Vec::new();
+    for (v, test, state, flaky) in [
+        ("v1", "tests/login.spec.js", JobState::Passed, false),
+        ("v1", "tests/fail_checkout.spec.js", JobState::Failed, false),
+        ("v1", "tests/flaky_search.spec.js", JobState::Passed, true),
+        ("v1", "tests/profile.spec.js", JobState::Passed, false),
+        ("v2", "tests/onboarding.spec.js", JobState::Passed, false),
+        ("v2", "tests/settings.spec.js", JobState::Passed, false),
+        ("v2", "tests/crash_upload.spec.js", JobState::Error, false),
+        ("v2", "tests/logout.spec.js", JobState::Passed, false),
+    ] {
+        let mut sp = spec("acme", v, test);
+        sp.max_attempts = 2;
+        expect.push((s.submit(sp).unwrap().job_id, state, flaky));
+    }
+    let ids: Vec<JobId> = expect.iter().map(|e| e.0).collect();
+
+    let (shutdown, handle) = spawn_agent(Arc::new(s.link()), &devices, agent_cfg());
+    wait(&s, "all jobs final", all_final(&ids)).await;
+
+    for (id, state, flaky) in &expect {
+        let job = s.get(*id).unwrap();
+        assert_eq!(job.state, *state, "{}", job.spec.tests[0]);
+        let outcome = job.outcome.clone().unwrap();
+        assert_eq!(outcome.flaky, *flaky, "{}", job.spec.tests[0]);
+        match state {
+            JobState::Failed => {
+                assert_eq!(outcome.counts.failed, 1);
+                assert_eq!(outcome.tests[0].title, "fail_checkout");
+                assert!(outcome.error.unwrap().contains("simulated failure"));
+            }
+            JobState::Error => {
+                assert_eq!(
+                    job.attempt, 2,
+                    "an infra error is retried up to max_attempts"
+                );
+                assert!(outcome.error.unwrap().contains("simulated runner crash"));
+            }
+            _ => assert_eq!(outcome.counts.passed, 1),
+        }
+    }
+
+    // Installs: what the devices did, what the agent counted and what the leases asked for.
+    let sched_installs: u64 = s.read(|s| s.devices().iter().map(|d| d.installs).sum());
+    let device_installs: u64 = devices.iter().map(|d| d.stats().installs).sum();
+    shutdown.trigger();
+    let counters = handle.await.unwrap().unwrap();
+    ticker.abort();
+    assert_eq!(counters.installs, sched_installs);
+    assert_eq!(device_installs, sched_installs);
+    assert!(sched_installs >= 2, "two builds need at least two installs");
+    // Eight jobs, one of them reported twice (its retried infrastructure error).
+    assert_eq!(counters.jobs_run, 9);
+    assert_eq!(counters.infra_failures, 2);
+    assert_eq!(counters.failed, 1);
+    assert_eq!(counters.passed, 6);
+    assert_eq!(counters.stale_leases, 0);
+    // Graceful shutdown unregistered both devices.
+    assert!(s.read(|s| s.devices().is_empty()));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_long_polling_agent_gets_a_job_submitted_while_it_waits() {
+    let s = shared(SchedulerConfig::default());
+    let ticker = s.spawn_ticker();
+    let dev = Arc::new(SimDevice::new(sim("emu-1", 1_000, 2_000)));
+    let mut cfg = agent_cfg();
+    cfg.lease_wait = Duration::from_secs(600);
+    let (shutdown, handle) = spawn_agent(Arc::new(s.link()), &[Arc::clone(&dev)], cfg);
+
+    wait(&s, "device registered", |s| s.devices().len() == 1).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let id = s
+        .submit(spec("acme", "v1", "tests/a.spec.js"))
+        .unwrap()
+        .job_id;
+    wait(&s, "job final", all_final(&[id])).await;
+
+    let job = s.get(id).unwrap();
+    assert_eq!(job.state, JobState::Passed);
+    // Virtual time is exact: the waiting poll was woken by the submit itself, not by its
+    // 600 s timeout running out.
+    assert_eq!(job.created_at, Time(5_000));
+    assert_eq!(job.started_at, Some(job.created_at));
+    shutdown.trigger();
+    let c = handle.await.unwrap().unwrap();
+    ticker.abort();
+    assert_eq!(c.leases, 1);
+    assert_eq!(c.installs, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn canceling_a_running_job_stops_it_on_the_device() {
+    let s = shared(SchedulerConfig::default());
+    let ticker = s.spawn_ticker();
+    let dev = Arc::new(SimDevice::new(sim("emu-1", 1_000, 600_000)));
+    let mut cfg = agent_cfg();
+    cfg.heartbeat_interval = Duration::from_secs(1);
+    let (shutdown, handle) = spawn_agent(Arc::new(s.link()), &[Arc::clone(&dev)], cfg);
+
+    let id = s
+        .submit(spec("acme", "v1", "tests/long.spec.js"))
+        .unwrap()
+        .job_id;
+    wait(&s, "job running", |s| {
+        s.get(id).is_some_and(|j| j.state == JobState::Running)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let asked = s.now();
+    assert_eq!(s.cancel(id).unwrap(), CancelOutcome::Requested);
+    wait(&s, "job final", all_final(&[id])).await;
+
+    let job = s.get(id).unwrap();
+    assert_eq!(job.state, JobState::Canceled);
+    // The device stopped at the next heartbeat, long before the job's 600 s would end.
+    assert!(job.finished_at.unwrap() <= asked.plus_ms(1_000));
+    let st = dev.stats();
+    assert_eq!((st.canceled, st.passed, st.failed), (1, 0, 0));
+    shutdown.trigger();
+    handle.await.unwrap().unwrap();
+    ticker.abort();
+    assert!(s.read(|s| s.devices().is_empty()));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_silent_device_loses_its_lease_and_another_finishes_the_job() {
+    let cfg = SchedulerConfig {
+        lease_ttl_ms: 10_000,
+        ..SchedulerConfig::default()
+    };
+    let s = shared(cfg);
+    let ticker = s.spawn_ticker();
+    let a = Arc::new(SimDevice::new(sim("emu-a", 1_000, 300_000)));
+    let b = Arc::new(SimDevice::new(sim("emu-b", 1_000, 5_000)));
+    let id = s
+        .submit(spec("acme", "v1", "tests/a.spec.js"))
+        .unwrap()
+        .job_id;
+
+    let (_sa, agent_a) = spawn_agent(Arc::new(s.link()), &[Arc::clone(&a)], agent_cfg());
+    wait(&s, "running on a", |s| {
+        s.get(id).is_some_and(|j| j.state == JobState::Running)
+    })
+    .await;
+    assert_eq!(s.get(id).unwrap().device.unwrap().as_str(), "emu-a");
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    // The agent dies without a word: no report, no unregister, no more heartbeats.
+    agent_a.abort();
+    assert!(agent_a.await.unwrap_err().is_cancelled());
+    let _ = s.take_events();
+
+    let (sb, agent_b) = spawn_agent(Arc::new(s.link()), &[Arc::clone(&b)], agent_cfg());
+    wait(&s, "job final", all_final(&[id])).await;
+    let job = s.get(id).unwrap();
+    assert_eq!(job.state, JobState::Passed);
+    assert_eq!(job.attempt, 2);
+    assert_eq!(job.device.as_ref().unwrap().as_str(), "emu-b");
+    let events = s.take_events();
+    assert!(events
+        .iter()
+        .any(|e| e.job_id == id && e.state == JobState::Queued && e.attempt == 2));
+    let lost: Vec<bool> = s.read(|s| {
+        s.devices()
+            .into_iter()
+            .filter(|d| d.info.id.as_str() == "emu-a")
+            .map(|d| d.lost)
+            .collect()
+    });
+    assert_eq!(lost, vec![true]);
+    assert_eq!(a.stats().passed, 0);
+    assert_eq!(b.stats().passed, 1);
+    sb.trigger();
+    agent_b.await.unwrap().unwrap();
+    ticker.abort();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_report_under_a_stale_lease_is_refused_and_changes_nothing() {
+    let cfg = SchedulerConfig {
+        lease_ttl_ms: 10_000,
+        backoff_base_ms: 0,
+        ..SchedulerConfig::default()
+    };
+    let s = shared(cfg);
+    let link = s.link();
+    let dev = DeviceInfo {
+        id: DeviceId::new("emu-1").unwrap(),
+        target: Target::Emulator,
+        capabilities: Capabilities::default(),
+        installed: None,
+        install_estimate_ms: None,
+    };
+    let id = s
+        .submit(spec("acme", "v1", "tests/a.spec.js"))
+        .unwrap()
+        .job_id;
+    link.register(dev.clone()).await.unwrap();
+    let first = link
+        .lease(&dev.id, 1, Duration::ZERO)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.jobs[0].id, id);
+
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    s.tick();
+    let after_expiry = s.get(id).unwrap();
+    assert_eq!(after_expiry.state, JobState::Queued);
+    assert_eq!(after_expiry.attempt, 2);
+
+    let pass = RunReport {
+        passed: true,
+        tests: vec![],
+        duration_ms: 1,
+        error: None,
+    };
+    assert_eq!(
+        link.complete(first.id, id, pass.clone()).await,
+        Err(LinkError::Stale)
+    );
+    assert_eq!(link.heartbeat(first.id).await, Err(LinkError::Stale));
+    assert_eq!(s.get(id).unwrap(), after_expiry);
+
+    // The device was marked lost: it registers again and gets the second attempt.
+    assert!(matches!(
+        link.lease(&dev.id, 1, Duration::ZERO).await,
+        Err(LinkError::Rejected(_))
+    ));
+    link.register(dev.clone()).await.unwrap();
+    let second = link
+        .lease(&dev.id, 1, Duration::ZERO)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(second.jobs[0].attempt, 2);
+    let failure = InfraFailure {
+        kind: InfraErrorKind::DeviceLost,
+        message: "late".into(),
+    };
+    let before = s.get(id).unwrap();
+    assert_eq!(
+        link.fail(first.id, id, failure).await,
+        Err(LinkError::Stale)
+    );
+    assert_eq!(s.get(id).unwrap(), before);
+    assert_eq!(
+        link.complete(second.id, id, pass).await,
+        Ok(JobState::Passed)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_agent_abandons_a_stale_lease_and_recovers() {
+    let s = shared(SchedulerConfig::default());
+    let ticker = s.spawn_ticker();
+    let dev = Arc::new(SimDevice::new(sim("emu-1", 1_000, 60_000)));
+    let (shutdown, handle) = spawn_agent(Arc::new(s.link()), &[Arc::clone(&dev)], agent_cfg());
+    let id = s
+        .submit(spec("acme", "v1", "tests/a.spec.js"))
+        .unwrap()
+        .job_id;
+    wait(&s, "running", |s| {
+        s.get(id).is_some_and(|j| j.state == JobState::Running)
+    })
+    .await;
+    // The operator removes the device behind the agent's back: its lease goes stale.
+    let dev_id = DeviceId::new("emu-1").unwrap();
+    s.update(|s, now| s.unregister_device(now, &dev_id))
+        .unwrap();
+    assert_eq!(s.get(id).unwrap().state, JobState::Queued);
+
+    wait(&s, "job final", all_final(&[id])).await;
+    let job = s.get(id).unwrap();
+    assert_eq!(job.state, JobState::Passed);
+    assert_eq!(job.attempt, 2);
+    shutdown.trigger();
+    let c = handle.await.unwrap().unwrap();
+    ticker.abort();
+    // First attempt: stopped on the device and never reported; second: run and reported.
+    assert_eq!(c.stale_leases, 1);
+    assert_eq!(c.jobs_run, 1);
+    assert!(
+        c.rejected >= 1,
+        "the unknown device was refused, then re-registered"
+    );
+    let st = dev.stats();
+    assert_eq!((st.canceled, st.passed), (1, 1));
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_lets_the_running_batch_finish_and_report() {
+    let s = shared(SchedulerConfig::default());
+    let ticker = s.spawn_ticker();
+    let dev = Arc::new(SimDevice::new(sim("emu-1", 10_000, 30_000)));
+    let ids: Vec<JobId> = (0..2)
+        .map(|i| {
+            s.submit(spec("acme", "v1", &format!("tests/t{i}.spec.js")))
+                .unwrap()
+                .job_id
+        })
+        .collect();
+    let (shutdown, handle) = spawn_agent(Arc::new(s.link()), &[Arc::clone(&dev)], agent_cfg());
+    wait(&s, "running", |s| {
+        ids.iter()
+            .all(|j| s.get(*j).is_some_and(|j| j.state == JobState::Running))
+    })
+    .await;
+    shutdown.trigger();
+    let c = handle.await.unwrap().unwrap();
+    ticker.abort();
+    for id in &ids {
+        assert_eq!(s.get(*id).unwrap().state, JobState::Passed);
+    }
+    assert_eq!(c.jobs_run, 2);
+    assert!(s.read(|s| s.devices().is_empty()));
+}
+
+/// A link that loses some requests (a flaky network), to exercise the agent's retries.
+struct LossyLink {
+    inner: LocalLink<GroupedScheduler>,
+    calls: AtomicU64,
+    failed_once: Mutex<BTreeSet<JobId>>,
+}
+
+impl LossyLink {
+    fn drop_this_one(&self) -> bool {
+        self.calls.fetch_add(1, Ordering::SeqCst) % 3 == 1
+    }
+}
+
+#[async_trait]
+impl AgentLink for LossyLink {
+    async fn register(&self, device: DeviceInfo) -> Result<(), LinkError> {
+        self.inner.register(device).await
+    }
+    async fn unregister(&self, device: &DeviceId) -> Result<(), LinkError> {
+        self.inner.unregister(device).await
+    }
+    async fn lease(
+        &self,
+        device: &DeviceId,
+        max_batch: usize,
+        wait: Duration,
+    ) -> Result<Option<Lease>, LinkError> {
+        if self.drop_this_one() {
+            return Err(LinkError::Transport("connection reset".into()));
+        }
+        self.inner.lease(device, max_batch, wait).await
+    }
+    async fn heartbeat(&self, lease: LeaseId) -> Result<HeartbeatAck, LinkError> {
+        if self.drop_this_one() {
+            return Err(LinkError::Transport("timed out".into()));
+        }
+        self.inner.heartbeat(lease).await
+    }
+    async fn complete(
+        &self,
+        lease: LeaseId,
+        job: JobId,
+        report: RunReport,
+    ) -> Result<JobState, LinkError> {
+        // Every first report is lost on the way.
+        if self.failed_once.lock().unwrap().insert(job) {
+            return Err(LinkError::Transport("502 bad gateway".into()));
+        }
+        self.inner.complete(lease, job, report).await
+    }
+    async fn fail(
+        &self,
+        lease: LeaseId,
+        job: JobId,
+        failure: InfraFailure,
+    ) -> Result<JobState, LinkError> {
+        self.inner.fail(lease, job, failure).await
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn transport_errors_are_retried_until_every_job_is_reported() {
+    let s = shared(SchedulerConfig::default());
+    let ticker = s.spawn_ticker();
+    let link = Arc::new(LossyLink {
+        inner: s.link(),
+        calls: AtomicU64::new(0),
+        failed_once: Mutex::new(BTreeSet::new()),
+    });
+    let dev = Arc::new(SimDevice::new(sim("emu-1", 5_000, 10_000)));
+    let ids: Vec<JobId> = (0..5)
+        .map(|i| {
+            s.submit(spec("acme", "v1", &format!("tests/t{i}.spec.js")))
+                .unwrap()
+                .job_id
+        })
+        .collect();
+    let mut cfg = agent_cfg();
+    cfg.max_batch = 1;
+    let (shutdown, handle) = spawn_agent(link, &[Arc::clone(&dev)], cfg);
+    wait(&s, "all final", all_final(&ids)).await;
+    for id in &ids {
+        let job = s.get(*id).unwrap();
+        assert_eq!((job.state, job.attempt), (JobState::Passed, 1));
+    }
+    shutdown.trigger();
+    let c = handle.await.unwrap().unwrap();
+    ticker.abort();
+    assert_eq!(c.jobs_run, 5);
+    assert!(c.transport_errors >= 5, "{c:?}");
+    assert_eq!(dev.stats().installs, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn sim_device_rates_are_seeded_and_roughly_right() {
+    let run = |seed: u64| async move {
+        let mut c = sim("emu-1", 0, 1_000);
+        c.seed = seed;
+        c.fail_rate = 0.2;
+        c.flaky_rate = 0.1;
+        c.infra_error_rate = 0.1;
+        c.run_jitter = 0.5;
+        let d = SimDevice::new(c);
+        let b = build("acme", "v1");
+        d.install(&b).await.unwrap();
+        let jobs: Vec<LeasedJob> = (0..400)
+            .map(|i| LeasedJob {
+                id: JobId::from_parts(i, [i as u8; 10]),
+                attempt: 1,
+                spec: {
+                    let mut sp = spec("acme", "v1", "tests/a.spec.js");
+                    sp.tests.push("tests/b.spec.js".into());
+                    sp
+                },
+            })
+            .collect();
+        let (_tx, watch) = CancelWatch::channel();
+        let out = d.run(&b, &jobs, watch).await;
+        (out, d.stats())
+    };
+    let (out, st) = run(7).await;
+    let (again, _) = run(7).await;
+    assert_eq!(out, again, "same seed, same results");
+    assert_eq!(out.len(), 400);
+    assert_eq!(st.jobs, 400);
+    assert_eq!(st.passed + st.failed + st.infra_errors, 400);
+    // Binomial(400, p) stays well within these bounds for any reasonable seed.
+    assert!((40..=120).contains(&st.failed), "{st:?}");
+    assert!((15..=70).contains(&st.flaky), "{st:?}");
+    assert!((15..=70).contains(&st.infra_errors), "{st:?}");
+    for r in out.iter().flatten() {
+        assert_eq!(r.tests.len(), 2);
+        assert_eq!(r.tests[0].title, "a");
+        assert_eq!(r.tests[1].title, "b");
+        assert!((500..=1_500).contains(&r.duration_ms));
+        let failed = r
+            .tests
+            .iter()
+            .filter(|t| t.status == TestStatus::Failed)
+            .count();
+        assert_eq!(r.passed, failed == 0);
+        assert_eq!(r.error.is_some(), failed == 1);
+    }
+    // A device asked to run a build it does not have refuses every job.
+    let d = SimDevice::new(sim("emu-2", 0, 1_000));
+    let (_tx, watch) = CancelWatch::channel();
+    let job = LeasedJob {
+        id: JobId::from_parts(1, [1; 10]),
+        attempt: 1,
+        spec: spec("acme", "v1", "tests/a.spec.js"),
+    };
+    let out = d.run(&build("acme", "v1"), &[job], watch).await;
+    assert!(matches!(&out[0], Err(f) if f.kind == InfraErrorKind::InstallFailed));
+}
