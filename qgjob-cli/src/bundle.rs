@@ -1,0 +1,262 @@
+//! Test bundles: the spec files of a submission (plus the project's AppWright config and
+//! package manifest) packed into a deterministic `.tar.gz`, so equal content gives an equal
+//! sha256 and agents can cache bundles by hash.
+
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::path::{Component, Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+use crate::error::{CliError, Result};
+
+/// Project files packed beside the specs when present at the project root.
+const PROJECT_FILES: &[&str] = &[
+    "appwright.config.ts",
+    "appwright.config.js",
+    "appwright.config.mjs",
+    "appwright.config.cjs",
+    "playwright.config.ts",
+    "playwright.config.js",
+    "package.json",
+    "package-lock.json",
+];
+
+/// A packed bundle.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bundle {
+    /// The `.tar.gz` bytes.
+    pub bytes: Vec<u8>,
+    /// sha256 of `bytes`, lower-case hex.
+    pub sha256: String,
+    /// The spec files, as paths relative to the project root with `/` separators, in the
+    /// order the user gave them (each once).
+    pub tests: Vec<String>,
+    /// Every file in the archive, sorted.
+    pub files: Vec<String>,
+}
+
+fn has_glob(s: &str) -> bool {
+    s.contains(['*', '?', '['])
+}
+
+/// Turns `path` (absolute or relative to `root`) into a clean relative path with `/`
+/// separators; refuses anything outside `root`.
+pub fn relative_to_root(root: &Path, path: &Path) -> Result<String> {
+    let rel: PathBuf = if path.is_absolute() {
+        let canon_root = root
+            .canonicalize()
+            .map_err(|e| CliError::io(format!("resolving {}", root.display()), e))?;
+        let canon = path
+            .canonicalize()
+            .map_err(|e| CliError::io(format!("resolving {}", path.display()), e))?;
+        canon
+            .strip_prefix(&canon_root)
+            .map_err(|_| {
+                CliError::Usage(format!(
+                    "test {} is outside the project directory {}",
+                    path.display(),
+                    root.display()
+                ))
+            })?
+            .to_path_buf()
+    } else {
+        path.to_path_buf()
+    };
+    let mut parts: Vec<String> = Vec::new();
+    for c in rel.components() {
+        match c {
+            Component::Normal(p) => parts.push(p.to_string_lossy().into_owned()),
+            Component::CurDir => {}
+            _ => {
+                return Err(CliError::Usage(format!(
+                    "test {} must be inside the project directory (no `..`)",
+                    path.display()
+                )))
+            }
+        }
+    }
+    if parts.is_empty() {
+        return Err(CliError::Usage(format!("{} is not a file", path.display())));
+    }
+    Ok(parts.join("/"))
+}
+
+/// Expands the `--test` arguments (paths or globs, relative to `root`) into relative file
+/// paths, keeping the given order and dropping duplicates.
+pub fn expand_tests(root: &Path, args: &[String]) -> Result<Vec<String>> {
+    let mut seen = BTreeSet::new();
+    let mut out = Vec::new();
+    for arg in args {
+        let mut found: Vec<String> = Vec::new();
+        if has_glob(arg) {
+            let pattern = if Path::new(arg).is_absolute() {
+                arg.clone()
+            } else {
+                root.join(arg).to_string_lossy().into_owned()
+            };
+            let paths = glob::glob(&pattern)
+                .map_err(|e| CliError::Usage(format!("invalid glob {arg:?}: {e}")))?;
+            for p in paths {
+                let p = p.map_err(|e| CliError::Usage(format!("reading {arg:?}: {e}")))?;
+                if p.is_file() {
+                    let abs = if p.is_absolute() { p } else { root.join(p) };
+                    found.push(relative_to_root(root, &abs)?);
+                }
+            }
+            if found.is_empty() {
+                return Err(CliError::Usage(format!("no test file matches {arg:?}")));
+            }
+            found.sort();
+        } else {
+            let p = Path::new(arg);
+            let full = if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                root.join(p)
+            };
+            if !full.is_file() {
+                return Err(CliError::Usage(format!(
+                    "test file {arg} not found (paths are relative to {}; use --no-bundle to \
+                     submit paths the agents already have)",
+                    root.display()
+                )));
+            }
+            found.push(relative_to_root(root, p)?);
+        }
+        for f in found {
+            if seen.insert(f.clone()) {
+                out.push(f);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Packs `tests` (relative to `root`) and the project files found at `root`.
+pub fn pack(root: &Path, tests: &[String]) -> Result<Bundle> {
+    let mut files: BTreeSet<String> = tests.iter().cloned().collect();
+    for f in PROJECT_FILES {
+        if root.join(f).is_file() {
+            files.insert((*f).to_string());
+        }
+    }
+    let gz = flate2::GzBuilder::new()
+        .mtime(0)
+        .operating_system(255)
+        .write(Vec::new(), flate2::Compression::default());
+    let mut tar = tar::Builder::new(gz);
+    tar.mode(tar::HeaderMode::Deterministic);
+    for f in &files {
+        let path = root.join(f);
+        let data = std::fs::read(&path).map_err(|e| CliError::io(format!("reading {f}"), e))?;
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_mtime(0);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_entry_type(tar::EntryType::Regular);
+        tar.append_data(&mut h, f, data.as_slice())
+            .map_err(|e| CliError::io(format!("packing {f}"), e))?;
+    }
+    let gz = tar
+        .into_inner()
+        .map_err(|e| CliError::io("packing the test bundle", e))?;
+    let mut bytes = gz
+        .finish()
+        .map_err(|e| CliError::io("compressing the test bundle", e))?;
+    bytes.flush().ok();
+    let sha256 = hex::encode(Sha256::digest(&bytes));
+    Ok(Bundle {
+        bytes,
+        sha256,
+        tests: tests.to_vec(),
+        files: files.into_iter().collect(),
+    })
+}
+
+/// sha256 of a byte slice as lower-case hex.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    fn project() -> tempfile::TempDir {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("tests/auth")).unwrap();
+        std::fs::write(
+            d.path().join("tests/onboarding.spec.js"),
+            "test('a', () => {});\n",
+        )
+        .unwrap();
+        std::fs::write(
+            d.path().join("tests/auth/login.spec.js"),
+            "test('b', () => {});\n",
+        )
+        .unwrap();
+        std::fs::write(d.path().join("tests/helper.js"), "// not a spec\n").unwrap();
+        std::fs::write(d.path().join("package.json"), "{}\n").unwrap();
+        d
+    }
+
+    #[test]
+    fn expands_globs_and_paths_in_order_without_duplicates() {
+        let d = project();
+        let got = expand_tests(
+            d.path(),
+            &[
+                "tests/onboarding.spec.js".into(),
+                "tests/**/*.spec.js".into(),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            got,
+            vec!["tests/onboarding.spec.js", "tests/auth/login.spec.js"]
+        );
+        assert!(expand_tests(d.path(), &["nope/*.spec.js".into()]).is_err());
+        assert!(expand_tests(d.path(), &["missing.spec.js".into()]).is_err());
+        assert!(expand_tests(d.path(), &["../x.spec.js".into()]).is_err());
+    }
+
+    #[test]
+    fn bundles_are_deterministic_and_hold_the_project_files() {
+        let d = project();
+        let tests = vec!["tests/onboarding.spec.js".to_string()];
+        let a = pack(d.path(), &tests).unwrap();
+        // Touch the file (new mtime, same content): the hash must not change.
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        std::fs::write(
+            d.path().join("tests/onboarding.spec.js"),
+            "test('a', () => {});\n",
+        )
+        .unwrap();
+        let b = pack(d.path(), &tests).unwrap();
+        assert_eq!(a.sha256, b.sha256);
+        assert_eq!(a.sha256, sha256_hex(&a.bytes));
+        assert_eq!(a.files, vec!["package.json", "tests/onboarding.spec.js"]);
+
+        let mut names = Vec::new();
+        let mut ar = tar::Archive::new(flate2::read::GzDecoder::new(a.bytes.as_slice()));
+        for e in ar.entries().unwrap() {
+            let mut e = e.unwrap();
+            let name = e.path().unwrap().to_string_lossy().into_owned();
+            let mut s = String::new();
+            e.read_to_string(&mut s).unwrap();
+            if name.ends_with(".spec.js") {
+                assert_eq!(s, "test('a', () => {});\n");
+            }
+            names.push(name);
+        }
+        assert_eq!(names, vec!["package.json", "tests/onboarding.spec.js"]);
+
+        std::fs::write(d.path().join("tests/onboarding.spec.js"), "changed\n").unwrap();
+        let c = pack(d.path(), &tests).unwrap();
+        assert_ne!(a.sha256, c.sha256);
+    }
+}

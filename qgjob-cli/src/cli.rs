@@ -1,0 +1,466 @@
+//! The command-line grammar (clap derive). Flags here are a public contract: extend, don't
+//! change.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::util::parse_duration;
+
+fn duration(s: &str) -> Result<Duration, String> {
+    parse_duration(s)
+}
+
+fn target(s: &str) -> Result<String, String> {
+    s.parse::<qgjob_core::Target>()
+        .map(|t| t.to_string())
+        .map_err(|e| e.message)
+}
+
+fn fraction(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
+    if (0.0..=1.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err("must be between 0 and 1".into())
+    }
+}
+
+fn label(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| "labels are KEY=VALUE".to_string())
+}
+
+/// qgjob: queue, group and run mobile end-to-end tests (AppWright) on emulators, devices and
+/// BrowserStack.
+#[derive(Debug, Parser)]
+#[command(
+    name = "qgjob",
+    version,
+    about,
+    long_about = None,
+    after_help = "Server address: --server, then QGJOB_SERVER, then the config file \
+($QGJOB_CONFIG or ~/.config/qgjob/config.toml, keys `server` and `token`), then \
+http://127.0.0.1:7878.\nExit codes: 0 all passed, 1 a test failed, 2 usage or input error, \
+3 server or infrastructure error (also error/canceled jobs and timeouts).\nTry it all locally: qgjob demo"
+)]
+pub struct Cli {
+    /// Connection options.
+    #[command(flatten)]
+    pub conn: Conn,
+    /// The command.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Where the server is and how to authenticate.
+#[derive(Debug, Clone, Args)]
+pub struct Conn {
+    /// Server URL (default http://127.0.0.1:7878).
+    #[arg(long, global = true, env = "QGJOB_SERVER", value_name = "URL")]
+    pub server: Option<String>,
+    /// Bearer token.
+    #[arg(
+        long,
+        global = true,
+        env = "QGJOB_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    pub token: Option<String>,
+}
+
+/// Every command.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Submit test files: one test makes a job, several make a run.
+    Submit(SubmitArgs),
+    /// Show a job's or run's state (--watch follows it live).
+    Status(StatusArgs),
+    /// Wait until a job or run is final; print a summary; exit 0/1/3.
+    Wait(WaitArgs),
+    /// List jobs.
+    List(ListArgs),
+    /// Cancel a job or every unfinished job of a run.
+    Cancel(CancelArgs),
+    /// Print a job's logs (--follow to stream them).
+    Logs(LogsArgs),
+    /// Manage app builds.
+    #[command(subcommand)]
+    App(AppCommand),
+    /// Run the qgjob server.
+    Server(ServerArgs),
+    /// Run an agent that executes jobs on devices (simulated with --simulate).
+    Agent(AgentArgs),
+    /// Run a workload through the scheduler in virtual time, or generate one.
+    Simulate(SimulateArgs),
+    /// Start a server and simulated agents for every target in one process.
+    Up(UpArgs),
+    /// Start everything locally, run a sample run, print results and figures, exit.
+    Demo(DemoArgs),
+    /// Print shell completions.
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+}
+
+/// `qgjob submit`.
+#[derive(Debug, Args)]
+pub struct SubmitArgs {
+    /// The submitting organisation.
+    #[arg(long, value_name = "ORG")]
+    pub org_id: String,
+    /// The app build's version id (jobs are grouped by it).
+    #[arg(long, value_name = "V")]
+    pub app_version_id: String,
+    /// A spec file or glob (repeatable), relative to the current directory.
+    #[arg(long = "test", value_name = "PATH|GLOB", required = true)]
+    pub tests: Vec<String>,
+    /// Priority, -1000..1000 (higher runs sooner).
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+    pub priority: i32,
+    /// Device pool: emulator, device or browserstack.
+    #[arg(long, default_value = "emulator", value_parser = target)]
+    pub target: String,
+    /// Attempts allowed for infrastructure failures.
+    #[arg(long, value_name = "N")]
+    pub max_attempts: Option<u32>,
+    /// Per-attempt timeout (e.g. 90s, 10m).
+    #[arg(long, value_parser = duration, value_name = "DURATION")]
+    pub timeout: Option<Duration>,
+    /// Submitting the same key again returns the same job.
+    #[arg(long, value_name = "K")]
+    pub idempotency_key: Option<String>,
+    /// Retry failing tests too (a later pass marks the job flaky).
+    #[arg(long)]
+    pub retry_failed_tests: bool,
+    /// A label KEY=VALUE (repeatable).
+    #[arg(long = "label", value_parser = label, value_name = "KEY=VALUE")]
+    pub labels: Vec<(String, String)>,
+    /// Don't pack and upload the spec files: submit the paths as they are (the agents
+    /// already have the project).
+    #[arg(long)]
+    pub no_bundle: bool,
+    /// Wait for the result afterwards, like `qgjob wait`.
+    #[arg(long)]
+    pub wait: bool,
+    /// With --wait: give up after this long (exit 3).
+    #[arg(long, value_parser = duration, value_name = "DURATION", requires = "wait")]
+    pub wait_timeout: Option<Duration>,
+    /// With --wait: write JUnit XML here.
+    #[arg(long, value_name = "FILE", requires = "wait")]
+    pub junit: Option<PathBuf>,
+    /// With --wait: write a GitHub Actions job summary and annotations (on by default when
+    /// GITHUB_ACTIONS=true).
+    #[arg(long, requires = "wait")]
+    pub github: bool,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// A job or a run.
+#[derive(Debug, Clone, Args)]
+#[group(required = true, multiple = false)]
+pub struct Which {
+    /// A job id.
+    #[arg(long, value_name = "ID")]
+    pub job_id: Option<String>,
+    /// A run id.
+    #[arg(long, value_name = "ID")]
+    pub run_id: Option<String>,
+}
+
+/// `qgjob status`.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// The job or run.
+    #[command(flatten)]
+    pub which: Which,
+    /// Print each state change as it happens, until the final state.
+    #[arg(long)]
+    pub watch: bool,
+    /// Print JSON (with --watch: one event per line).
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `qgjob wait`.
+#[derive(Debug, Args)]
+pub struct WaitArgs {
+    /// The job or run.
+    #[command(flatten)]
+    pub which: Which,
+    /// Give up after this long (exit 3).
+    #[arg(long, value_parser = duration, value_name = "DURATION")]
+    pub timeout: Option<Duration>,
+    /// Write JUnit XML here.
+    #[arg(long, value_name = "FILE")]
+    pub junit: Option<PathBuf>,
+    /// Write a GitHub Actions job summary and annotations (on by default when
+    /// GITHUB_ACTIONS=true).
+    #[arg(long)]
+    pub github: bool,
+    /// Print the final jobs as JSON instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `qgjob list`.
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// Only this org.
+    #[arg(long, value_name = "ORG")]
+    pub org_id: Option<String>,
+    /// Only this state (queued, running, passed, failed, error, canceled).
+    #[arg(long)]
+    pub state: Option<String>,
+    /// Only this app version.
+    #[arg(long, value_name = "V")]
+    pub app_version_id: Option<String>,
+    /// Only this target.
+    #[arg(long, value_parser = target)]
+    pub target: Option<String>,
+    /// Only this run.
+    #[arg(long, value_name = "ID")]
+    pub run_id: Option<String>,
+    /// At most this many jobs (1..1000).
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    pub limit: u16,
+    /// Print JSON (the server's page: {"jobs": [...], "next_cursor": ...}).
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `qgjob cancel`.
+#[derive(Debug, Args)]
+pub struct CancelArgs {
+    /// The job or run.
+    #[command(flatten)]
+    pub which: Which,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `qgjob logs`.
+#[derive(Debug, Args)]
+pub struct LogsArgs {
+    /// The job.
+    #[arg(long, value_name = "ID")]
+    pub job_id: String,
+    /// Keep printing new output until the job is final.
+    #[arg(long, short)]
+    pub follow: bool,
+}
+
+/// `qgjob app …`.
+#[derive(Debug, Subcommand)]
+pub enum AppCommand {
+    /// Upload an app build (content-addressed; prints its sha256).
+    Upload(AppUploadArgs),
+}
+
+/// `qgjob app upload`.
+#[derive(Debug, Args)]
+pub struct AppUploadArgs {
+    /// The org.
+    #[arg(long, value_name = "ORG")]
+    pub org_id: String,
+    /// The version id jobs will name.
+    #[arg(long, value_name = "V")]
+    pub app_version_id: String,
+    /// The build (.apk, .ipa, .zip).
+    #[arg(value_name = "FILE")]
+    pub file: PathBuf,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Where the server keeps its state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum StoreKind {
+    /// The embedded durable store in --data-dir (default).
+    Embedded,
+    /// Memory only: everything is lost at exit (tests, demos).
+    Memory,
+}
+
+/// `qgjob server`.
+#[derive(Debug, Args)]
+pub struct ServerArgs {
+    /// Address to listen on (port 0 picks a free port).
+    #[arg(long, default_value = "127.0.0.1:7878")]
+    pub addr: String,
+    /// Where the embedded store and uploads live.
+    #[arg(long, default_value = "qgjob-data", value_name = "DIR")]
+    pub data_dir: PathBuf,
+    /// Store kind.
+    #[arg(long, value_enum, default_value_t = StoreKind::Embedded)]
+    pub store: StoreKind,
+    /// PostgreSQL URL (instead of the embedded store).
+    #[arg(
+        long,
+        env = "QGJOB_DATABASE_URL",
+        value_name = "URL",
+        hide_env_values = true
+    )]
+    pub database_url: Option<String>,
+}
+
+/// `qgjob agent`.
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// Device pool this agent serves.
+    #[arg(long, value_parser = target)]
+    pub target: String,
+    /// Drive simulated devices (no real device needed).
+    #[arg(long)]
+    pub simulate: bool,
+    /// Simulated devices to run.
+    #[arg(long, default_value_t = 2, requires = "simulate")]
+    pub devices: u32,
+    /// Simulated install time in seconds.
+    #[arg(long, default_value_t = 2.0, requires = "simulate")]
+    pub install_s: f64,
+    /// Simulated run time per job in seconds.
+    #[arg(long, default_value_t = 1.0, requires = "simulate")]
+    pub run_s: f64,
+    /// Fraction of simulated jobs whose test fails (0..1).
+    #[arg(long, default_value_t = 0.0, value_parser = fraction, requires = "simulate")]
+    pub fail_rate: f64,
+    /// Fraction of simulated attempts that hit an infrastructure error (0..1).
+    #[arg(long, default_value_t = 0.0, value_parser = fraction, requires = "simulate")]
+    pub infra_fail_rate: f64,
+    /// Seed of the simulated devices' randomness.
+    #[arg(long, default_value_t = 1, requires = "simulate")]
+    pub seed: u64,
+    /// Agent name (prefix of its device ids); default: the host name.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Most jobs of one build a device takes per lease.
+    #[arg(long, default_value_t = 1)]
+    pub max_batch: usize,
+}
+
+/// Policies for the simulator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PolicyArg {
+    /// Install-aware grouping (the default).
+    Grouped,
+    /// Plain FIFO, no affinity.
+    Fifo,
+    /// One device per group, groups in FIFO order.
+    PerGroup,
+}
+
+/// `qgjob simulate`.
+#[derive(Debug, Args)]
+#[group(id = "input", required = true, multiple = false, args = ["workload", "generate"])]
+pub struct SimulateArgs {
+    /// The workload (JSON, format v1).
+    #[arg(long, value_name = "FILE")]
+    pub workload: Option<PathBuf>,
+    /// Print a generated workload of this shape instead.
+    #[arg(long, value_name = "SHAPE")]
+    pub generate: Option<String>,
+    /// Seed for --generate.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Dispatch policy.
+    #[arg(long, value_enum, default_value_t = PolicyArg::Grouped)]
+    pub policy: PolicyArg,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `qgjob up`.
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:7878")]
+    pub addr: String,
+    /// Where the embedded store lives.
+    #[arg(long, default_value = "qgjob-data", value_name = "DIR")]
+    pub data_dir: PathBuf,
+    /// Simulated devices per target.
+    #[arg(long, default_value_t = 2)]
+    pub devices: u32,
+    /// Simulated install time in seconds.
+    #[arg(long, default_value_t = 2.0)]
+    pub install_s: f64,
+    /// Simulated run time per job in seconds.
+    #[arg(long, default_value_t = 1.0)]
+    pub run_s: f64,
+}
+
+/// `qgjob demo`.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Simulated devices per target.
+    #[arg(long, default_value_t = 2)]
+    pub devices: u32,
+    /// Print the result (jobs and figures) as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn grammar_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn readme_submit_line_parses() {
+        let c = Cli::try_parse_from([
+            "qgjob",
+            "submit",
+            "--org-id=qualgent",
+            "--app-version-id=xyz123",
+            "--test=tests/onboarding.spec.js",
+            "--priority=-5",
+        ])
+        .unwrap();
+        match c.command {
+            Command::Submit(s) => {
+                assert_eq!(s.tests, vec!["tests/onboarding.spec.js"]);
+                assert_eq!(s.target, "emulator");
+                assert_eq!(s.priority, -5);
+            }
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        for args in [
+            vec!["qgjob", "submit", "--org-id=a", "--app-version-id=b"],
+            vec![
+                "qgjob",
+                "submit",
+                "--org-id=a",
+                "--app-version-id=b",
+                "--test=x",
+                "--target=Nope!",
+            ],
+            vec!["qgjob", "status"],
+            vec!["qgjob", "status", "--job-id=a", "--run-id=b"],
+            vec!["qgjob", "wait", "--job-id=a", "--timeout=soon"],
+            vec!["qgjob", "simulate"],
+        ] {
+            let e = Cli::try_parse_from(&args).unwrap_err();
+            assert_eq!(e.exit_code(), 2, "{args:?}");
+        }
+    }
+}

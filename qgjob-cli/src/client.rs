@@ -1,0 +1,666 @@
+//! A blocking HTTP client for the qgjob API (user API and agent protocol), on ureq.
+//!
+//! Blocking keeps `qgjob status` cheap: no async runtime is built for user commands. Every
+//! failure becomes one [`CliError`] line with the right exit code.
+
+use std::io::{BufRead, BufReader, Read};
+use std::time::Duration;
+
+use qgjob_core::{
+    DeviceId, DeviceInfo, HeartbeatAck, InfraFailure, Job, JobEvent, JobId, JobSpec, JobState,
+    Lease, LeaseId, RunId, RunReport, StateCounts, TestResult, Time,
+};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{CliError, Result};
+
+/// Ceiling for ordinary calls; long polls and streams get their own.
+const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Answer to `POST /v1/jobs`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobSubmitted {
+    /// The job's id.
+    pub job_id: JobId,
+    /// Always `queued` for a new job.
+    pub status: String,
+    /// False when an idempotency key returned an existing job.
+    #[serde(default = "yes")]
+    pub created: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Answer to `POST /v1/runs`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunSubmitted {
+    /// The run's id.
+    pub run_id: RunId,
+    /// Its jobs, in the order given.
+    pub job_ids: Vec<JobId>,
+    /// `queued`.
+    pub status: String,
+}
+
+/// A run as `GET /v1/runs/{id}` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunView {
+    /// The run's id.
+    pub run_id: RunId,
+    /// Its org.
+    pub org_id: String,
+    /// `queued`/`running` until every job is final, then `passed`/`failed`/`error`/`canceled`.
+    pub status: String,
+    /// Jobs per state.
+    pub counts: StateCounts,
+    /// When it was submitted.
+    pub created_at: Time,
+    /// Its jobs.
+    pub jobs: Vec<Job>,
+}
+
+/// A page of `GET /v1/jobs`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobPage {
+    /// The jobs, in submission order.
+    pub jobs: Vec<Job>,
+    /// Cursor of the next page, if any.
+    #[serde(default)]
+    pub next_cursor: Option<String>,
+}
+
+/// Answer to a job cancel.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobCanceled {
+    /// The job.
+    pub job_id: JobId,
+    /// `canceled` (it was queued) or `requested` (it is running).
+    pub result: String,
+}
+
+/// Answer to a run cancel.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunCanceled {
+    /// The run.
+    pub run_id: RunId,
+    /// Queued jobs canceled at once.
+    pub canceled: u64,
+    /// Running jobs told to stop.
+    pub requested: u64,
+}
+
+/// Answer to an app or bundle upload.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Uploaded {
+    /// Content hash (sha256 hex).
+    pub sha256: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// False when the same content was already stored.
+    #[serde(default)]
+    pub created: bool,
+}
+
+/// Answer to `GET /v1/jobs/{id}/results`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobResults {
+    /// The job.
+    pub job_id: JobId,
+    /// Its state.
+    pub state: JobState,
+    /// Per-test results.
+    pub tests: Vec<TestResult>,
+}
+
+#[derive(Deserialize)]
+struct DeviceRegistered {
+    device_id: DeviceId,
+}
+
+#[derive(Deserialize)]
+struct ReportAnswer {
+    state: JobState,
+}
+
+#[derive(Deserialize)]
+struct ErrorDoc {
+    error: ErrorBody,
+}
+
+#[derive(Deserialize)]
+struct ErrorBody {
+    code: String,
+    message: String,
+    #[serde(default)]
+    field: Option<String>,
+}
+
+/// Filters for `GET /v1/jobs`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ListQuery {
+    /// Only this org.
+    pub org_id: Option<String>,
+    /// Only this state.
+    pub state: Option<String>,
+    /// Only this app version.
+    pub app_version_id: Option<String>,
+    /// Only this target.
+    pub target: Option<String>,
+    /// Only this run.
+    pub run_id: Option<String>,
+    /// Page cursor.
+    pub cursor: Option<String>,
+    /// Page size.
+    pub limit: Option<usize>,
+}
+
+/// A connection to one qgjob server. Cheap to clone (the connection pool is shared).
+#[derive(Clone)]
+pub struct Client {
+    base: String,
+    token: Option<String>,
+    agent: ureq::Agent,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The token stays out of debug output (it may end up in logs).
+        f.debug_struct("Client").field("base", &self.base).finish()
+    }
+}
+
+impl Client {
+    /// A client for the server at `base` (e.g. `http://127.0.0.1:7878`).
+    pub fn new(base: impl Into<String>, token: Option<String>) -> Self {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_connect(Some(Duration::from_secs(5)))
+            .user_agent(concat!("qgjob/", env!("CARGO_PKG_VERSION")))
+            .max_idle_connections_per_host(16)
+            .build()
+            .into();
+        Client {
+            base: base.into().trim_end_matches('/').to_string(),
+            token,
+            agent,
+        }
+    }
+
+    /// The server's base URL.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    fn auth<B>(&self, req: ureq::RequestBuilder<B>) -> ureq::RequestBuilder<B> {
+        match &self.token {
+            Some(t) => req.header("authorization", format!("Bearer {t}")),
+            None => req,
+        }
+    }
+
+    fn transport(&self, e: ureq::Error) -> CliError {
+        let reason = match &e {
+            ureq::Error::Io(io) => match io.kind() {
+                std::io::ErrorKind::ConnectionRefused => "connection refused".to_string(),
+                std::io::ErrorKind::ConnectionReset => "connection reset".to_string(),
+                std::io::ErrorKind::TimedOut => "timed out".to_string(),
+                _ => io.to_string(),
+            },
+            ureq::Error::Timeout(_) => "timed out".to_string(),
+            ureq::Error::HostNotFound => "host not found".to_string(),
+            ureq::Error::ConnectionFailed => "connection failed".to_string(),
+            ureq::Error::BadUri(u) => {
+                return CliError::Usage(format!("invalid server address {}: {u}", self.base))
+            }
+            other => other.to_string(),
+        };
+        CliError::Unreachable {
+            url: self.base.clone(),
+            reason,
+        }
+    }
+
+    /// Turns a response into `Ok(response)` for 2xx and a [`CliError::Api`] otherwise.
+    fn check(
+        &self,
+        res: std::result::Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+    ) -> Result<ureq::http::Response<ureq::Body>> {
+        let mut res = res.map_err(|e| self.transport(e))?;
+        let status = res.status().as_u16();
+        if status < 400 {
+            return Ok(res);
+        }
+        let text = res
+            .body_mut()
+            .with_config()
+            .limit(64 * 1024)
+            .read_to_string()
+            .unwrap_or_default();
+        Err(match serde_json::from_str::<ErrorDoc>(&text) {
+            Ok(doc) => CliError::Api {
+                status,
+                code: doc.error.code,
+                message: match doc.error.field {
+                    Some(f) if !doc.error.message.contains(&f) => {
+                        format!("{} ({f})", doc.error.message)
+                    }
+                    _ => doc.error.message,
+                },
+            },
+            Err(_) => CliError::Api {
+                status,
+                code: "http".into(),
+                message: format!(
+                    "server answered {status}{}",
+                    if text.trim().is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {}", text.trim().lines().next().unwrap_or(""))
+                    }
+                ),
+            },
+        })
+    }
+
+    fn json<T: DeserializeOwned>(&self, mut res: ureq::http::Response<ureq::Body>) -> Result<T> {
+        res.body_mut()
+            .with_config()
+            .limit(256 * 1024 * 1024)
+            .read_json()
+            .map_err(|e| CliError::Protocol(format!("unexpected answer from the server: {e}")))
+    }
+
+    fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
+        let req = self
+            .auth(self.agent.get(self.url(path)))
+            .config()
+            .timeout_global(Some(CALL_TIMEOUT))
+            .build();
+        let res = self.check(req.call())?;
+        self.json(res)
+    }
+
+    fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T> {
+        let req = self
+            .auth(self.agent.post(self.url(path)))
+            .config()
+            .timeout_global(Some(CALL_TIMEOUT))
+            .build();
+        let res = self.check(req.send_json(body))?;
+        self.json(res)
+    }
+
+    fn post_empty<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
+        let req = self
+            .auth(self.agent.post(self.url(path)))
+            .config()
+            .timeout_global(Some(CALL_TIMEOUT))
+            .build();
+        let res = self.check(req.send_empty())?;
+        self.json(res)
+    }
+
+    fn put_bytes<T: DeserializeOwned>(&self, path: &str, bytes: &[u8]) -> Result<T> {
+        let req = self
+            .auth(self.agent.put(self.url(path)))
+            .header("content-type", "application/octet-stream")
+            .config()
+            .timeout_global(Some(Duration::from_secs(600)))
+            .build();
+        let res = self.check(req.send(bytes))?;
+        self.json(res)
+    }
+
+    // ---- user API ----
+
+    /// `GET /healthz`.
+    pub fn health(&self) -> Result<serde_json::Value> {
+        self.get("/healthz")
+    }
+
+    /// Submits one job.
+    pub fn submit_job(&self, spec: &JobSpec) -> Result<JobSubmitted> {
+        self.post("/v1/jobs", spec)
+    }
+
+    /// Submits several jobs as one run.
+    pub fn submit_run(&self, jobs: &[JobSpec]) -> Result<RunSubmitted> {
+        self.post("/v1/runs", &serde_json::json!({ "jobs": jobs }))
+    }
+
+    /// One job.
+    pub fn job(&self, id: &str) -> Result<Job> {
+        self.get(&format!("/v1/jobs/{}", enc(id)))
+    }
+
+    /// One run with its jobs.
+    pub fn run(&self, id: &str) -> Result<RunView> {
+        self.get(&format!("/v1/runs/{}", enc(id)))
+    }
+
+    /// A page of jobs.
+    pub fn list(&self, q: &ListQuery) -> Result<JobPage> {
+        let mut req = self.auth(self.agent.get(self.url("/v1/jobs")));
+        let pairs = [
+            ("org_id", q.org_id.clone()),
+            ("state", q.state.clone()),
+            ("app_version_id", q.app_version_id.clone()),
+            ("target", q.target.clone()),
+            ("run_id", q.run_id.clone()),
+            ("cursor", q.cursor.clone()),
+            ("limit", q.limit.map(|l| l.to_string())),
+        ];
+        for (k, v) in pairs {
+            if let Some(v) = v {
+                req = req.query(k, v);
+            }
+        }
+        let req = req.config().timeout_global(Some(CALL_TIMEOUT)).build();
+        let res = self.check(req.call())?;
+        self.json(res)
+    }
+
+    /// Cancels a job.
+    pub fn cancel_job(&self, id: &str) -> Result<JobCanceled> {
+        self.post_empty(&format!("/v1/jobs/{}/cancel", enc(id)))
+    }
+
+    /// Cancels every unfinished job of a run.
+    pub fn cancel_run(&self, id: &str) -> Result<RunCanceled> {
+        self.post_empty(&format!("/v1/runs/{}/cancel", enc(id)))
+    }
+
+    /// A job's per-test results.
+    pub fn results(&self, id: &str) -> Result<JobResults> {
+        self.get(&format!("/v1/jobs/{}/results", enc(id)))
+    }
+
+    /// A job's log bytes from `offset`; returns them and the log's total size.
+    pub fn logs(&self, id: &str, offset: u64) -> Result<(Vec<u8>, u64)> {
+        let req = self
+            .auth(
+                self.agent
+                    .get(self.url(&format!("/v1/jobs/{}/logs", enc(id))))
+                    .query("offset", offset.to_string()),
+            )
+            .config()
+            .timeout_global(Some(CALL_TIMEOUT))
+            .build();
+        let mut res = self.check(req.call())?;
+        let size_header = res
+            .headers()
+            .get("x-qgjob-log-size")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        let bytes = res
+            .body_mut()
+            .with_config()
+            .limit(256 * 1024 * 1024)
+            .read_to_vec()
+            .map_err(|e| CliError::Protocol(format!("reading logs: {e}")))?;
+        let size = size_header.unwrap_or(offset + bytes.len() as u64);
+        Ok((bytes, size))
+    }
+
+    /// Uploads an app build for `org`/`version`.
+    pub fn upload_app(&self, org: &str, version: &str, bytes: &[u8]) -> Result<Uploaded> {
+        self.put_bytes(&format!("/v1/apps/{}/{}", enc(org), enc(version)), bytes)
+    }
+
+    /// Uploads a test bundle (`.tar.gz`).
+    pub fn upload_bundle(&self, bytes: &[u8]) -> Result<Uploaded> {
+        self.put_bytes("/v1/bundles", bytes)
+    }
+
+    /// Opens the live event stream of a job (`run = false`) or a run. `timeout` bounds the
+    /// whole stream (None: until it ends).
+    pub fn events(&self, id: &str, run: bool, timeout: Option<Duration>) -> Result<EventStream> {
+        let path = if run {
+            format!("/v1/runs/{}/events", enc(id))
+        } else {
+            format!("/v1/jobs/{}/events", enc(id))
+        };
+        let req = self
+            .auth(self.agent.get(self.url(&path)))
+            .header("accept", "text/event-stream")
+            .config()
+            .timeout_global(timeout)
+            .build();
+        let res = self.check(req.call())?;
+        Ok(EventStream {
+            reader: Box::new(BufReader::new(res.into_body().into_reader())),
+            base: self.base.clone(),
+        })
+    }
+
+    // ---- agent protocol ----
+
+    /// Registers (or refreshes) a device.
+    pub fn register_device(&self, info: &DeviceInfo) -> Result<DeviceId> {
+        let r: DeviceRegistered = self.post("/v1/agent/devices", info)?;
+        Ok(r.device_id)
+    }
+
+    /// Removes a device.
+    pub fn unregister_device(&self, id: &DeviceId) -> Result<()> {
+        let req = self
+            .auth(
+                self.agent
+                    .delete(self.url(&format!("/v1/agent/devices/{}", enc(id.as_str())))),
+            )
+            .config()
+            .timeout_global(Some(CALL_TIMEOUT))
+            .build();
+        self.check(req.call())?;
+        Ok(())
+    }
+
+    /// Long-polls for work: `None` when nothing came within `wait`.
+    pub fn lease(
+        &self,
+        device: &DeviceId,
+        max_batch: usize,
+        wait: Duration,
+    ) -> Result<Option<Lease>> {
+        let body = serde_json::json!({
+            "device_id": device,
+            "max_batch": max_batch,
+            "wait_ms": wait.as_millis() as u64,
+        });
+        let req = self
+            .auth(self.agent.post(self.url("/v1/agent/lease")))
+            .config()
+            .timeout_global(Some(wait + Duration::from_secs(15)))
+            .build();
+        let res = self.check(req.send_json(&body))?;
+        if res.status().as_u16() == 204 {
+            return Ok(None);
+        }
+        self.json(res).map(Some)
+    }
+
+    /// Extends a lease.
+    pub fn heartbeat(&self, lease: LeaseId) -> Result<HeartbeatAck> {
+        self.post_empty(&format!("/v1/agent/leases/{lease}/heartbeat"))
+    }
+
+    /// Reports a job whose tests ran to the end.
+    pub fn complete(&self, lease: LeaseId, job: JobId, report: &RunReport) -> Result<JobState> {
+        let r: ReportAnswer = self.post(
+            &format!("/v1/agent/leases/{lease}/jobs/{job}/complete"),
+            report,
+        )?;
+        Ok(r.state)
+    }
+
+    /// Reports an infrastructure failure.
+    pub fn fail(&self, lease: LeaseId, job: JobId, failure: &InfraFailure) -> Result<JobState> {
+        let r: ReportAnswer = self.post(
+            &format!("/v1/agent/leases/{lease}/jobs/{job}/fail"),
+            failure,
+        )?;
+        Ok(r.state)
+    }
+
+    /// Appends log text to a job.
+    pub fn append_log(&self, lease: LeaseId, job: JobId, text: &str) -> Result<()> {
+        let req = self
+            .auth(
+                self.agent
+                    .post(self.url(&format!("/v1/agent/leases/{lease}/jobs/{job}/logs"))),
+            )
+            .header("content-type", "text/plain; charset=utf-8")
+            .config()
+            .timeout_global(Some(CALL_TIMEOUT))
+            .build();
+        self.check(req.send(text.as_bytes()))?;
+        Ok(())
+    }
+
+    /// Downloads a build or bundle by hash (`kind` is `builds` or `bundles`).
+    pub fn download(&self, kind: &str, sha256: &str) -> Result<Vec<u8>> {
+        let req = self
+            .auth(
+                self.agent
+                    .get(self.url(&format!("/v1/agent/{kind}/{}", enc(sha256)))),
+            )
+            .config()
+            .timeout_global(Some(Duration::from_secs(600)))
+            .build();
+        let mut res = self.check(req.call())?;
+        res.body_mut()
+            .with_config()
+            .limit(4 * 1024 * 1024 * 1024)
+            .read_to_vec()
+            .map_err(|e| self.transport(e))
+    }
+}
+
+/// Percent-encodes a path segment (ids are usually safe already; this guards odd input).
+fn enc(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~' | b':' | b'@') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// A Server-Sent Events stream of [`JobEvent`]s, read line by line.
+pub struct EventStream {
+    reader: Box<dyn BufRead + Send>,
+    base: String,
+}
+
+impl EventStream {
+    /// Builds a stream over any reader (used by tests).
+    pub fn from_reader(r: impl Read + Send + 'static) -> Self {
+        EventStream {
+            reader: Box::new(BufReader::new(r)),
+            base: String::new(),
+        }
+    }
+
+    /// The next `job` event, or `None` when the server ended the stream.
+    pub fn next_event(&mut self) -> Result<Option<JobEvent>> {
+        let mut event = String::new();
+        let mut data = String::new();
+        let mut line = String::new();
+        loop {
+            line.clear();
+            let n = self.reader.read_line(&mut line).map_err(|e| {
+                if e.kind() == std::io::ErrorKind::TimedOut
+                    || e.to_string().to_lowercase().contains("timeout")
+                {
+                    CliError::Timeout("waiting for events".into())
+                } else {
+                    CliError::Unreachable {
+                        url: self.base.clone(),
+                        reason: format!("event stream broke: {e}"),
+                    }
+                }
+            })?;
+            if n == 0 {
+                return Ok(None);
+            }
+            let l = line.trim_end_matches(['\r', '\n']);
+            if l.is_empty() {
+                // End of one event: dispatch it if it is a job event.
+                if !data.is_empty() && (event.is_empty() || event == "job") {
+                    let ev = serde_json::from_str::<JobEvent>(&data).map_err(|e| {
+                        CliError::Protocol(format!("unexpected event from the server: {e}"))
+                    })?;
+                    return Ok(Some(ev));
+                }
+                event.clear();
+                data.clear();
+                continue;
+            }
+            if l.starts_with(':') {
+                continue; // comment / keep-alive
+            }
+            let (field, value) = match l.split_once(':') {
+                Some((f, v)) => (f, v.strip_prefix(' ').unwrap_or(v)),
+                None => (l, ""),
+            };
+            match field {
+                "event" => event = value.to_string(),
+                "data" => {
+                    if !data.is_empty() {
+                        data.push('\n');
+                    }
+                    data.push_str(value);
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_sse_job_events_and_skips_others() {
+        let id = "0193a000-0000-7000-8000-000000000001";
+        let text = format!(
+            ": hello\n\nevent: ping\ndata: {{}}\n\nevent: job\ndata: {{\"job_id\":\"{id}\",\"org_id\":\"acme\",\"state\":\"queued\",\"attempt\":1,\"at\":5}}\n\nevent: job\r\ndata: {{\"job_id\":\"{id}\",\"org_id\":\"acme\",\"state\":\"passed\",\"attempt\":1,\"at\":9}}\r\n\r\n"
+        );
+        let mut s = EventStream::from_reader(std::io::Cursor::new(text.into_bytes()));
+        let a = s.next_event().unwrap().unwrap();
+        assert_eq!(a.state, JobState::Queued);
+        assert_eq!(a.at, Time(5));
+        let b = s.next_event().unwrap().unwrap();
+        assert_eq!(b.state, JobState::Passed);
+        assert!(s.next_event().unwrap().is_none());
+    }
+
+    #[test]
+    fn encodes_path_segments() {
+        assert_eq!(enc("abc-1.2"), "abc-1.2");
+        assert_eq!(enc("a/b c"), "a%2Fb%20c");
+    }
+
+    #[test]
+    fn unreachable_server_is_one_clean_line() {
+        // Port 1 on loopback is essentially never listening: a refused connection.
+        let c = Client::new("http://127.0.0.1:1", None);
+        let e = c.health().unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "cannot reach qgjob server at http://127.0.0.1:1: connection refused"
+        );
+        assert_eq!(e.exit_code(), 3);
+    }
+}

@@ -1,0 +1,595 @@
+//! The user commands (submit, status, wait, list, cancel, logs, app upload): blocking, no
+//! async runtime, so they start in a few milliseconds.
+
+use std::io::Write;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use qgjob_core::{AppVersionId, Job, JobSpec, JobState, OrgId, Priority};
+
+use crate::bundle;
+use crate::cli::{
+    AppUploadArgs, CancelArgs, ListArgs, LogsArgs, StatusArgs, SubmitArgs, WaitArgs, Which,
+};
+use crate::client::{Client, ListQuery};
+use crate::error::{CliError, Result, EXIT_OK};
+use crate::report;
+use crate::util::{fmt_ms, paint, use_color, use_progress};
+
+/// Prints a line to stdout, ignoring a closed pipe (`qgjob list | head` must not fail).
+macro_rules! out {
+    ($($t:tt)*) => {{
+        let mut o = std::io::stdout().lock();
+        let _ = writeln!(o, $($t)*);
+    }};
+}
+
+fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
+    let s = serde_json::to_string(v).map_err(|e| CliError::Other(format!("encoding JSON: {e}")))?;
+    out!("{s}");
+    Ok(())
+}
+
+fn invalid(e: qgjob_core::InvalidSpec) -> CliError {
+    CliError::Usage(format!(
+        "invalid {}: {}",
+        e.field.replace('_', "-"),
+        e.message
+    ))
+}
+
+/// Builds the job specs of a submission (one per test file), validated locally so bad input
+/// fails before anything is uploaded.
+pub fn build_specs(
+    a: &SubmitArgs,
+    tests: &[String],
+    bundle: Option<String>,
+) -> Result<Vec<JobSpec>> {
+    let org = OrgId::new(a.org_id.clone()).map_err(invalid)?;
+    let app = AppVersionId::new(a.app_version_id.clone()).map_err(invalid)?;
+    let mut specs = Vec::with_capacity(tests.len());
+    for t in tests {
+        let mut s = JobSpec::new(org.clone(), app.clone(), vec![t.clone()]);
+        s.target = a.target.parse().map_err(invalid)?;
+        s.priority = Priority(a.priority);
+        if let Some(m) = a.max_attempts {
+            s.max_attempts = m;
+        }
+        if let Some(t) = a.timeout {
+            s.timeout_ms = t.as_millis() as u64;
+        }
+        s.retry_failed_tests = a.retry_failed_tests;
+        s.labels = a.labels.iter().cloned().collect();
+        s.bundle = bundle.clone();
+        s.idempotency_key = match (&a.idempotency_key, tests.len()) {
+            (None, _) => None,
+            (Some(k), 1) => Some(k.clone()),
+            // Each job of a run needs its own key; derive them so a resubmission matches.
+            (Some(k), _) => Some(format!("{k}:{t}")),
+        };
+        s.validate().map_err(invalid)?;
+        specs.push(s);
+    }
+    Ok(specs)
+}
+
+/// `qgjob submit`.
+pub fn submit(client: &Client, a: &SubmitArgs) -> Result<u8> {
+    let root =
+        std::env::current_dir().map_err(|e| CliError::io("reading the current directory", e))?;
+    let (tests, bundle_hash) = if a.no_bundle {
+        (a.tests.clone(), None)
+    } else {
+        let tests = bundle::expand_tests(&root, &a.tests)?;
+        // Validate before uploading anything.
+        build_specs(a, &tests, None)?;
+        let b = bundle::pack(&root, &tests)?;
+        let up = client.upload_bundle(&b.bytes)?;
+        if up.sha256 != b.sha256 {
+            return Err(CliError::Protocol(format!(
+                "the server stored the bundle as {} but it hashes to {}",
+                up.sha256, b.sha256
+            )));
+        }
+        (tests, Some(b.sha256))
+    };
+    let specs = build_specs(a, &tests, bundle_hash)?;
+    let which = if specs.len() == 1 {
+        let r = client.submit_job(&specs[0])?;
+        if a.json {
+            print_json(&serde_json::json!({"job_id": r.job_id, "status": r.status}))?;
+        } else {
+            out!("job {} {}", r.job_id, r.status);
+        }
+        Which {
+            job_id: Some(r.job_id.to_string()),
+            run_id: None,
+        }
+    } else {
+        let r = client.submit_run(&specs)?;
+        if a.json {
+            print_json(&r)?;
+        } else {
+            out!("run {} {} ({} jobs)", r.run_id, r.status, r.job_ids.len());
+            for (id, t) in r.job_ids.iter().zip(&tests) {
+                out!("  job {id} {t}");
+            }
+        }
+        Which {
+            job_id: None,
+            run_id: Some(r.run_id.to_string()),
+        }
+    };
+    if !a.wait {
+        return Ok(EXIT_OK);
+    }
+    wait(
+        client,
+        &WaitArgs {
+            which,
+            timeout: a.wait_timeout,
+            junit: a.junit.clone(),
+            github: a.github,
+            json: a.json,
+        },
+    )
+}
+
+/// The jobs of a job or run, and its overall status word.
+fn fetch(client: &Client, which: &Which) -> Result<(String, Vec<Job>)> {
+    if let Some(id) = &which.job_id {
+        let j = client.job(id)?;
+        Ok((j.state.to_string(), vec![j]))
+    } else if let Some(id) = &which.run_id {
+        let r = client.run(id)?;
+        Ok((r.status, r.jobs))
+    } else {
+        Err(CliError::Usage("give --job-id or --run-id".into()))
+    }
+}
+
+fn all_final(jobs: &[Job]) -> bool {
+    jobs.iter().all(|j| j.state.is_final())
+}
+
+/// Blocks until every job of `which` is final (or `timeout`), following the server's event
+/// stream so it wakes as soon as the last job ends. Returns the status word and the jobs.
+pub fn wait_final(
+    client: &Client,
+    which: &Which,
+    timeout: Option<Duration>,
+) -> Result<(String, Vec<Job>)> {
+    let deadline = timeout.map(|t| Instant::now() + t);
+    let is_run = which.run_id.is_some();
+    let id = which
+        .job_id
+        .as_deref()
+        .or(which.run_id.as_deref())
+        .unwrap_or_default()
+        .to_string();
+    let timed_out = || {
+        CliError::Timeout(
+            timeout
+                .map(|t| fmt_ms(t.as_millis() as u64))
+                .unwrap_or_default(),
+        )
+    };
+    loop {
+        let (status, jobs) = fetch(client, which)?;
+        if all_final(&jobs) {
+            return Ok((status, jobs));
+        }
+        let remaining = match deadline {
+            Some(d) => match d.checked_duration_since(Instant::now()) {
+                Some(r) if !r.is_zero() => Some(r),
+                _ => return Err(timed_out()),
+            },
+            None => None,
+        };
+        match client.events(&id, is_run, remaining) {
+            Ok(mut stream) => loop {
+                match stream.next_event() {
+                    Ok(Some(ev)) if !is_run && ev.state.is_final() => break,
+                    Ok(Some(_)) => {}
+                    Ok(None) => break,
+                    Err(e @ CliError::Unreachable { .. }) if deadline.is_none() => return Err(e),
+                    Err(_) => break,
+                }
+            },
+            Err(e @ (CliError::Unreachable { .. } | CliError::Api { .. })) => {
+                if deadline.is_some_and(|d| Instant::now() >= d) {
+                    return Err(timed_out());
+                }
+                return Err(e);
+            }
+            Err(_) => {}
+        }
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            let (status, jobs) = fetch(client, which)?;
+            if all_final(&jobs) {
+                return Ok((status, jobs));
+            }
+            return Err(timed_out());
+        }
+        // The stream ended without the final state (server restart, proxy): re-check soon.
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn github_enabled(flag: bool) -> bool {
+    flag || std::env::var("GITHUB_ACTIONS").is_ok_and(|v| v == "true")
+}
+
+/// Writes the GitHub job summary (to `$GITHUB_STEP_SUMMARY`, appended) and prints
+/// annotations.
+fn write_github(title: &str, jobs: &[Job]) -> Result<()> {
+    for a in report::github_annotations(jobs) {
+        out!("{a}");
+    }
+    if let Some(path) = std::env::var_os("GITHUB_STEP_SUMMARY").filter(|p| !p.is_empty()) {
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| CliError::io(format!("opening {}", Path::new(&path).display()), e))?;
+        f.write_all(report::github_summary(title, jobs).as_bytes())
+            .map_err(|e| CliError::io("writing the GitHub job summary", e))?;
+    }
+    Ok(())
+}
+
+/// `qgjob wait`.
+pub fn wait(client: &Client, a: &WaitArgs) -> Result<u8> {
+    let (status, jobs) = wait_final(client, &a.which, a.timeout)?;
+    let title = match (&a.which.job_id, &a.which.run_id) {
+        (Some(j), _) => format!("job {j}"),
+        (_, Some(r)) => format!("run {r}"),
+        _ => String::new(),
+    };
+    if let Some(path) = &a.junit {
+        std::fs::write(path, report::junit_xml(&title, &jobs))
+            .map_err(|e| CliError::io(format!("writing {}", path.display()), e))?;
+    }
+    let code = report::exit_code(&jobs);
+    if a.json {
+        let mut v = serde_json::json!({
+            "status": status,
+            "exit_code": code,
+            "jobs": jobs,
+        });
+        if let Some(j) = &a.which.job_id {
+            v["job_id"] = serde_json::json!(j);
+        }
+        if let Some(r) = &a.which.run_id {
+            v["run_id"] = serde_json::json!(r);
+        }
+        print_json(&v)?;
+    } else {
+        let mut o = std::io::stdout().lock();
+        let _ = o.write_all(report::summary_table(&jobs, use_color()).as_bytes());
+    }
+    if github_enabled(a.github) {
+        write_github(&title, &jobs)?;
+    }
+    Ok(code)
+}
+
+fn state_text(j: &Job, colour: bool) -> String {
+    let s = paint(
+        j.state.as_str(),
+        match j.state {
+            JobState::Passed => "32",
+            JobState::Failed | JobState::Error => "31",
+            JobState::Canceled => "33",
+            _ => "36",
+        },
+        colour,
+    );
+    if j.attempt > 1 || (j.state == JobState::Running) {
+        format!("{s} (attempt {})", j.attempt)
+    } else {
+        s
+    }
+}
+
+/// `qgjob status`.
+pub fn status(client: &Client, a: &StatusArgs) -> Result<u8> {
+    if a.watch {
+        return watch(client, a);
+    }
+    let colour = use_color();
+    if let Some(id) = &a.which.job_id {
+        let j = client.job(id)?;
+        if a.json {
+            print_json(&j)?;
+            return Ok(EXIT_OK);
+        }
+        out!("job       {}", j.id);
+        out!("state     {}", state_text(&j, colour));
+        out!("org       {}", j.spec.org_id);
+        out!("app       {}", j.spec.app_version_id);
+        out!("target    {}", j.spec.target);
+        out!("priority  {}", j.spec.priority.0);
+        out!("tests     {}", j.spec.tests.join(", "));
+        if let Some(d) = &j.device {
+            out!("device    {d}");
+        }
+        if let Some(ms) = report::job_duration_ms(&j) {
+            out!("duration  {}", fmt_ms(ms));
+        }
+        if let Some(r) = j.spec.run_id {
+            out!("run       {r}");
+        }
+        let err = j
+            .outcome
+            .as_ref()
+            .and_then(|o| o.error.clone())
+            .or(j.last_error.clone());
+        if let Some(e) = err {
+            out!("error     {}", e.lines().next().unwrap_or(""));
+        }
+    } else if let Some(id) = &a.which.run_id {
+        let r = client.run(id)?;
+        if a.json {
+            print_json(&r)?;
+            return Ok(EXIT_OK);
+        }
+        let c = r.counts;
+        out!(
+            "run {} {} ({} jobs: {} queued, {} running, {} passed, {} failed, {} error, {} canceled)",
+            r.run_id,
+            r.status,
+            c.total(),
+            c.queued,
+            c.running,
+            c.passed,
+            c.failed,
+            c.error,
+            c.canceled
+        );
+        let mut o = std::io::stdout().lock();
+        let _ = o.write_all(report::summary_table(&r.jobs, colour).as_bytes());
+    }
+    Ok(EXIT_OK)
+}
+
+/// `qgjob status --watch`: prints each state change pushed by the server until final.
+fn watch(client: &Client, a: &StatusArgs) -> Result<u8> {
+    let colour = use_color();
+    let is_run = a.which.run_id.is_some();
+    let id = a
+        .which
+        .job_id
+        .as_deref()
+        .or(a.which.run_id.as_deref())
+        .unwrap_or_default()
+        .to_string();
+    // A run on a terminal gets a live bar; everything else gets plain lines.
+    let bar = if is_run && !a.json && use_progress() {
+        let r = client.run(&id)?;
+        let pb = indicatif::ProgressBar::new(r.jobs.len() as u64);
+        pb.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {bar:40.cyan/blue} {pos}/{len} {msg}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        pb.enable_steady_tick(Duration::from_millis(120));
+        Some(pb)
+    } else {
+        None
+    };
+    let mut last: std::collections::HashMap<qgjob_core::JobId, (JobState, u32)> =
+        std::collections::HashMap::new();
+    loop {
+        let mut stream = client.events(&id, is_run, None)?;
+        let mut ended = false;
+        while let Some(ev) = stream.next_event()? {
+            if last.get(&ev.job_id) == Some(&(ev.state, ev.attempt)) {
+                continue;
+            }
+            last.insert(ev.job_id, (ev.state, ev.attempt));
+            if a.json {
+                print_json(&ev)?;
+            } else if let Some(pb) = &bar {
+                let done = last.values().filter(|(s, _)| s.is_final()).count();
+                let count = |st: JobState| last.values().filter(|(s, _)| *s == st).count();
+                pb.set_position(done as u64);
+                pb.set_message(format!(
+                    "{} running, {} passed, {} failed, {} error",
+                    count(JobState::Running),
+                    count(JobState::Passed),
+                    count(JobState::Failed),
+                    count(JobState::Error)
+                ));
+            } else {
+                let st = paint(
+                    ev.state.as_str(),
+                    match ev.state {
+                        JobState::Passed => "32",
+                        JobState::Failed | JobState::Error => "31",
+                        JobState::Canceled => "33",
+                        _ => "36",
+                    },
+                    colour,
+                );
+                let attempt = if ev.attempt > 1 {
+                    format!(" (attempt {})", ev.attempt)
+                } else {
+                    String::new()
+                };
+                if is_run {
+                    out!("{} {st}{attempt}", ev.job_id);
+                } else {
+                    out!("{st}{attempt}");
+                }
+            }
+            if !is_run && ev.state.is_final() {
+                ended = true;
+                break;
+            }
+        }
+        // The stream ended: make sure everything is final (reconnect if not).
+        let (status, jobs) = fetch(client, &a.which)?;
+        if ended || all_final(&jobs) {
+            if let Some(pb) = &bar {
+                pb.finish_and_clear();
+            }
+            if is_run && !a.json {
+                out!("run {id} {status}");
+                if bar.is_some() {
+                    let mut o = std::io::stdout().lock();
+                    let _ = o.write_all(report::summary_table(&jobs, colour).as_bytes());
+                }
+            } else if !is_run && !ended && !a.json {
+                // The final event came before we connected: print the final state.
+                out!("{status}");
+            }
+            return Ok(EXIT_OK);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `qgjob list`.
+pub fn list(client: &Client, a: &ListArgs) -> Result<u8> {
+    if let Some(s) = &a.state {
+        s.parse::<JobState>().map_err(invalid)?;
+    }
+    let page = client.list(&ListQuery {
+        org_id: a.org_id.clone(),
+        state: a.state.clone(),
+        app_version_id: a.app_version_id.clone(),
+        target: a.target.clone(),
+        run_id: a.run_id.clone(),
+        cursor: None,
+        limit: Some(a.limit as usize),
+    })?;
+    if a.json {
+        print_json(&page)?;
+        return Ok(EXIT_OK);
+    }
+    let colour = use_color();
+    let rows: Vec<[String; 7]> = page
+        .jobs
+        .iter()
+        .map(|j| {
+            [
+                j.id.to_string(),
+                j.state.to_string(),
+                j.spec.org_id.to_string(),
+                j.spec.app_version_id.to_string(),
+                j.spec.target.to_string(),
+                j.spec.priority.0.to_string(),
+                j.spec.tests.join(", "),
+            ]
+        })
+        .collect();
+    let header = ["JOB", "STATE", "ORG", "APP", "TARGET", "PRIO", "TESTS"].map(String::from);
+    let mut w = header.clone().map(|h| h.len());
+    for r in &rows {
+        for (i, c) in r.iter().enumerate() {
+            w[i] = w[i].max(c.len());
+        }
+    }
+    let fmt = |r: &[String; 7], paint_state: bool| {
+        let mut s = String::new();
+        for (i, c) in r.iter().enumerate() {
+            let cell = if i == 1 && paint_state {
+                let st = c.parse::<JobState>().unwrap_or(JobState::Queued);
+                paint(
+                    c,
+                    match st {
+                        JobState::Passed => "32",
+                        JobState::Failed | JobState::Error => "31",
+                        JobState::Canceled => "33",
+                        _ => "36",
+                    },
+                    colour,
+                )
+            } else {
+                c.clone()
+            };
+            s.push_str(&cell);
+            if i < 6 {
+                s.push_str(&" ".repeat(w[i] - c.len() + 2));
+            }
+        }
+        s
+    };
+    out!("{}", fmt(&header, false));
+    for r in &rows {
+        out!("{}", fmt(r, true));
+    }
+    if page.next_cursor.is_some() {
+        out!("(more jobs: raise --limit or filter)");
+    }
+    Ok(EXIT_OK)
+}
+
+/// `qgjob cancel`.
+pub fn cancel(client: &Client, a: &CancelArgs) -> Result<u8> {
+    if let Some(id) = &a.which.job_id {
+        let r = client.cancel_job(id)?;
+        if a.json {
+            print_json(&r)?;
+        } else {
+            out!("job {} {}", r.job_id, r.result);
+        }
+    } else if let Some(id) = &a.which.run_id {
+        let r = client.cancel_run(id)?;
+        if a.json {
+            print_json(&r)?;
+        } else {
+            out!(
+                "run {}: {} canceled, {} asked to stop",
+                r.run_id,
+                r.canceled,
+                r.requested
+            );
+        }
+    }
+    Ok(EXIT_OK)
+}
+
+/// `qgjob logs`.
+pub fn logs(client: &Client, a: &LogsArgs) -> Result<u8> {
+    let mut offset = 0u64;
+    loop {
+        let (bytes, size) = client.logs(&a.job_id, offset)?;
+        if !bytes.is_empty() {
+            let mut o = std::io::stdout().lock();
+            let _ = o.write_all(&bytes);
+            let _ = o.flush();
+        }
+        offset = size.max(offset + bytes.len() as u64);
+        if !a.follow {
+            return Ok(EXIT_OK);
+        }
+        if bytes.is_empty() && client.job(&a.job_id)?.state.is_final() {
+            // One last read: output may have landed between the two calls.
+            let (rest, _) = client.logs(&a.job_id, offset)?;
+            let mut o = std::io::stdout().lock();
+            let _ = o.write_all(&rest);
+            return Ok(EXIT_OK);
+        }
+        if bytes.is_empty() {
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+}
+
+/// `qgjob app upload`.
+pub fn app_upload(client: &Client, a: &AppUploadArgs) -> Result<u8> {
+    OrgId::new(a.org_id.clone()).map_err(invalid)?;
+    AppVersionId::new(a.app_version_id.clone()).map_err(invalid)?;
+    let bytes = std::fs::read(&a.file)
+        .map_err(|e| CliError::io(format!("reading {}", a.file.display()), e))?;
+    let r = client.upload_app(&a.org_id, &a.app_version_id, &bytes)?;
+    if a.json {
+        print_json(&r)?;
+    } else {
+        out!("{}", r.sha256);
+    }
+    Ok(EXIT_OK)
+}

@@ -1,0 +1,82 @@
+//! The CLI's error type: one readable line per error, and the exit code it maps to.
+
+use thiserror::Error;
+
+/// Exit code: every job passed (or the command simply worked).
+pub const EXIT_OK: u8 = 0;
+/// Exit code: a test failed.
+pub const EXIT_TEST_FAILED: u8 = 1;
+/// Exit code: bad usage or invalid input (clap uses it for bad flags too).
+pub const EXIT_USAGE: u8 = 2;
+/// Exit code: server or infrastructure error, a job in error/canceled, or a timeout.
+pub const EXIT_INFRA: u8 = 3;
+
+/// Everything that can go wrong in a command. `Display` is the one line shown after `error: `.
+#[derive(Debug, Error)]
+pub enum CliError {
+    /// The user gave something we cannot use (a missing file, a bad duration, …).
+    #[error("{0}")]
+    Usage(String),
+    /// The server could not be reached at all.
+    #[error("cannot reach qgjob server at {url}: {reason}")]
+    Unreachable {
+        /// The server's base URL.
+        url: String,
+        /// Why, in a few words (e.g. `connection refused`).
+        reason: String,
+    },
+    /// The server answered with an error document.
+    #[error("{message}")]
+    Api {
+        /// The HTTP status.
+        status: u16,
+        /// The server's error code (e.g. `not_found`).
+        code: String,
+        /// The server's message.
+        message: String,
+    },
+    /// The server answered something we did not understand, or the transfer broke.
+    #[error("{0}")]
+    Protocol(String),
+    /// A local file or terminal operation failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What we were doing.
+        context: String,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Waiting for a job or run ran out of time.
+    #[error("timed out after {0}")]
+    Timeout(String),
+    /// Something else on our side or the infrastructure's failed.
+    #[error("{0}")]
+    Other(String),
+}
+
+impl CliError {
+    /// The process exit code for this error (BRIEF §10: 2 usage/input, 3 server/infra).
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            CliError::Usage(_) => EXIT_USAGE,
+            // 4xx are input errors of the caller, except a refused/unauthorised one which is
+            // still something the user must fix: both are 2. 5xx and 409s from races are 3.
+            CliError::Api { status, .. } if (400..500).contains(status) && *status != 409 => {
+                EXIT_USAGE
+            }
+            _ => EXIT_INFRA,
+        }
+    }
+
+    /// Wraps an I/O error with what we were doing.
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        CliError::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}
+
+/// Result alias for the CLI.
+pub type Result<T, E = CliError> = std::result::Result<T, E>;
