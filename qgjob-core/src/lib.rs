@@ -15,6 +15,7 @@ pub mod model;
 pub mod policy;
 pub mod rng;
 pub mod scheduler;
+pub mod sim;
 
 pub use error::{CancelError, DeviceError, InvalidSpec, ReportError, RestoreError, SubmitError};
 pub use grouped::GroupedScheduler;

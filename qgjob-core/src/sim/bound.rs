@@ -1,0 +1,150 @@
+//! The makespan lower bound of one target pool: no schedule of its jobs on its devices can
+//! finish earlier, whatever the policy.
+
+use std::collections::BTreeMap;
+
+use super::SimError;
+use crate::model::{BuildRef, Time};
+
+/// One job as the lower bound sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BoundJob {
+    /// When it was submitted (from the same origin as the makespan it is compared with).
+    pub submit: Time,
+    /// Its work: the run time of every attempt, ms (install excluded).
+    pub work_ms: u64,
+    /// Its build: the first job of a build seen at or after a time costs one install after it.
+    pub build: BuildRef,
+}
+
+/// The makespan lower bound, in seconds, of `jobs` on a pool of `devices` devices where an
+/// install takes `install_ms`:
+///
+/// `max( max_j(submit_j + I + work_j),
+///       max over submit times t of t + (W(t) + I × G(t)) / m )`
+///
+/// where `W(t)` is the work of the jobs submitted at or after `t` and `G(t)` the number of
+/// builds whose first job is submitted at or after `t`. The first term holds because every
+/// job needs its build installed before it runs; the second because from `t` on, the `m`
+/// devices must still do that work and at least one install of each of those builds.
+/// 0 without jobs. Time and work are taken in ms; the answer is `ms / 1000`.
+///
+/// ```
+/// use qgjob_core::sim::{lower_bound, BoundJob};
+/// use qgjob_core::{AppVersionId, BuildRef, OrgId, Time};
+///
+/// let build = BuildRef { org_id: OrgId::new("acme")?, app_version_id: AppVersionId::new("v1")? };
+/// let jobs: Vec<BoundJob> = (0..4)
+///     .map(|_| BoundJob { submit: Time(0), work_ms: 10_000, build: build.clone() })
+///     .collect();
+/// // Two devices: 40 s of work plus one 5 s install, shared by two devices.
+/// assert_eq!(lower_bound(2, 5_000, &jobs)?, 22.5);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub fn lower_bound(devices: u32, install_ms: u64, jobs: &[BoundJob]) -> Result<f64, SimError> {
+    Ok(lower_bound_ms(devices, install_ms, jobs)? / 1000.0)
+}
+
+/// [`lower_bound`] in milliseconds.
+pub(crate) fn lower_bound_ms(
+    devices: u32,
+    install_ms: u64,
+    jobs: &[BoundJob],
+) -> Result<f64, SimError> {
+    if jobs.is_empty() {
+        return Ok(0.0);
+    }
+    if devices == 0 {
+        return Err(SimError::NoDevices);
+    }
+    // u128 sums: a million jobs of a million seconds each still fit.
+    let install = u128::from(install_ms);
+    let single = jobs
+        .iter()
+        .map(|j| u128::from(j.submit.as_millis()) + install + u128::from(j.work_ms))
+        .max()
+        .unwrap_or(0);
+
+    // Work submitted at each instant, and builds first seen at each instant.
+    let mut work_at: BTreeMap<u64, u128> = BTreeMap::new();
+    let mut first_seen: BTreeMap<&BuildRef, u64> = BTreeMap::new();
+    for j in jobs {
+        let t = j.submit.as_millis();
+        *work_at.entry(t).or_default() += u128::from(j.work_ms);
+        first_seen
+            .entry(&j.build)
+            .and_modify(|f| *f = (*f).min(t))
+            .or_insert(t);
+    }
+    let mut groups_at: BTreeMap<u64, u128> = BTreeMap::new();
+    for t in first_seen.values() {
+        *groups_at.entry(*t).or_default() += 1;
+    }
+
+    // Walk the submit times from the last: suffix sums give W(t) and G(t).
+    let m = f64::from(devices);
+    let mut best = single as f64;
+    let (mut work, mut groups) = (0u128, 0u128);
+    for (&t, &w) in work_at.iter().rev() {
+        work += w;
+        groups += groups_at.get(&t).copied().unwrap_or(0);
+        let bound = t as f64 + (work + install * groups) as f64 / m;
+        best = best.max(bound);
+    }
+    Ok(best)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{AppVersionId, OrgId};
+
+    fn build(v: &str) -> BuildRef {
+        BuildRef {
+            org_id: OrgId::new("acme").unwrap(),
+            app_version_id: AppVersionId::new(v).unwrap(),
+        }
+    }
+
+    fn job(t: u64, w: u64, v: &str) -> BoundJob {
+        BoundJob {
+            submit: Time(t),
+            work_ms: w,
+            build: build(v),
+        }
+    }
+
+    #[test]
+    fn one_long_job_dominates() {
+        // 3 devices; the long job alone needs 1 s install + 100 s.
+        let jobs = [job(0, 100_000, "a"), job(0, 1_000, "b"), job(0, 1_000, "a")];
+        assert_eq!(lower_bound_ms(3, 1_000, &jobs).unwrap(), 101_000.0);
+    }
+
+    #[test]
+    fn late_work_counts_from_its_submit_time() {
+        // At t=0: total work 40 s + 2 installs of 10 s on 2 devices = 30 s.
+        // At t=50 s: 30 s of work of build c (first seen then) + 10 s install on 2 devices:
+        // 50 + 20 = 70 s. Single job: 50 + 10 + 10 = 70 s too; a build seen before t does
+        // not count again.
+        let jobs = [
+            job(0, 5_000, "a"),
+            job(0, 5_000, "b"),
+            job(50_000, 10_000, "c"),
+            job(50_000, 10_000, "c"),
+            job(50_000, 10_000, "a"),
+        ];
+        // t=0: (40_000 + 3 × 10_000) / 2 = 35_000.
+        // t=50_000: 50_000 + (30_000 + 1 × 10_000) / 2 = 70_000.
+        assert_eq!(lower_bound_ms(2, 10_000, &jobs).unwrap(), 70_000.0);
+    }
+
+    #[test]
+    fn empty_and_deviceless() {
+        assert_eq!(lower_bound_ms(0, 5, &[]).unwrap(), 0.0);
+        assert_eq!(
+            lower_bound_ms(0, 5, &[job(0, 1, "a")]),
+            Err(SimError::NoDevices)
+        );
+    }
+}
