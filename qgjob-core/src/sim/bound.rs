@@ -20,14 +20,21 @@ pub struct BoundJob {
 /// The makespan lower bound, in seconds, of `jobs` on a pool of `devices` devices where an
 /// install takes `install_ms`:
 ///
-/// `max( max_j(submit_j + I + work_j),
+/// `max( max_j(max(submit_j, first_b(j) + I) + work_j),
 ///       max over submit times t of t + (W(t) + I × G(t)) / m )`
 ///
-/// where `W(t)` is the work of the jobs submitted at or after `t` and `G(t)` the number of
-/// builds whose first job is submitted at or after `t`. The first term holds because every
-/// job needs its build installed before it runs; the second because from `t` on, the `m`
-/// devices must still do that work and at least one install of each of those builds.
-/// 0 without jobs. Time and work are taken in ms; the answer is `ms / 1000`.
+/// where `first_b(j)` is the submit time of the first job of `j`'s build, `W(t)` the work
+/// of the jobs submitted at or after `t` and `G(t)` the number of builds whose first job is
+/// submitted at or after `t`. The first term holds because a job runs after its submit and
+/// on a device where its build is installed, which cannot happen before the build's first
+/// job arrived plus one install; the second because from `t` on, the `m` devices must still
+/// do that work and at least one install of each of those builds. 0 without jobs. Time and
+/// work are taken in ms; the answer is `ms / 1000`.
+///
+/// The first term is not `submit_j + I + work_j`: a job submitted after its build was
+/// installed somewhere may start at once without an install, so that sum can exceed a
+/// makespan that a real schedule achieves. The two agree whenever every job is submitted
+/// together with the first job of its build.
 ///
 /// ```
 /// use qgjob_core::sim::{lower_bound, BoundJob};
@@ -59,13 +66,8 @@ pub(crate) fn lower_bound_ms(
     }
     // u128 sums: a million jobs of a million seconds each still fit.
     let install = u128::from(install_ms);
-    let single = jobs
-        .iter()
-        .map(|j| u128::from(j.submit.as_millis()) + install + u128::from(j.work_ms))
-        .max()
-        .unwrap_or(0);
 
-    // Work submitted at each instant, and builds first seen at each instant.
+    // Work submitted at each instant, and when each build was first seen.
     let mut work_at: BTreeMap<u64, u128> = BTreeMap::new();
     let mut first_seen: BTreeMap<&BuildRef, u64> = BTreeMap::new();
     for j in jobs {
@@ -76,6 +78,15 @@ pub(crate) fn lower_bound_ms(
             .and_modify(|f| *f = (*f).min(t))
             .or_insert(t);
     }
+    let single = jobs
+        .iter()
+        .map(|j| {
+            let submit = u128::from(j.submit.as_millis());
+            let first = first_seen.get(&j.build).map_or(submit, |&f| u128::from(f));
+            submit.max(first + install) + u128::from(j.work_ms)
+        })
+        .max()
+        .unwrap_or(0);
     let mut groups_at: BTreeMap<u64, u128> = BTreeMap::new();
     for t in first_seen.values() {
         *groups_at.entry(*t).or_default() += 1;
@@ -137,6 +148,17 @@ mod tests {
         // t=0: (40_000 + 3 × 10_000) / 2 = 35_000.
         // t=50_000: 50_000 + (30_000 + 1 × 10_000) / 2 = 70_000.
         assert_eq!(lower_bound_ms(2, 10_000, &jobs).unwrap(), 70_000.0);
+    }
+
+    #[test]
+    fn a_late_job_of_an_installed_build_needs_no_install() {
+        // Build a first seen at 0: installed by 10 s at the earliest. A job of it submitted
+        // at 100 s can start at once: 100 + 5 = 105 s, not 100 + 10 + 5.
+        let jobs = [job(0, 1_000, "a"), job(100_000, 5_000, "a")];
+        assert_eq!(lower_bound_ms(4, 10_000, &jobs).unwrap(), 105_000.0);
+        // Submitted 2 s after the first, it still waits for that first install to end.
+        let jobs = [job(0, 1_000, "a"), job(2_000, 5_000, "a")];
+        assert_eq!(lower_bound_ms(4, 10_000, &jobs).unwrap(), 15_000.0);
     }
 
     #[test]
