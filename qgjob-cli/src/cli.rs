@@ -285,7 +285,8 @@ pub struct AppUploadArgs {
 /// Where the server keeps its state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum StoreKind {
-    /// The embedded durable store in --data-dir (default).
+    /// The embedded durable store (SQLite) in --data-dir (default).
+    #[value(alias = "sqlite")]
     Embedded,
     /// Memory only: everything is lost at exit (tests, demos).
     Memory,
@@ -303,14 +304,10 @@ pub struct ServerArgs {
     /// Store kind.
     #[arg(long, value_enum, default_value_t = StoreKind::Embedded)]
     pub store: StoreKind,
-    /// PostgreSQL URL (instead of the embedded store).
-    #[arg(
-        long,
-        env = "QGJOB_DATABASE_URL",
-        value_name = "URL",
-        hide_env_values = true
-    )]
-    pub database_url: Option<String>,
+    /// A file of tokens (`admin TOKEN`, `agent TOKEN`, `org ORG_ID TOKEN` per line);
+    /// without tokens the server only runs on a loopback address.
+    #[arg(long, value_name = "FILE")]
+    pub tokens_file: Option<PathBuf>,
 }
 
 /// `qgjob agent`.

@@ -8,7 +8,7 @@ use qgjob_cli::cli::{AppCommand, Cli, Command};
 use qgjob_cli::client::Client;
 use qgjob_cli::commands;
 use qgjob_cli::config;
-use qgjob_cli::error::{CliError, Result};
+use qgjob_cli::error::Result;
 
 fn client(conn: &qgjob_cli::cli::Conn) -> Result<Client> {
     let s = config::resolve(conn.server.clone(), conn.token.clone())?;
@@ -28,11 +28,11 @@ fn run(cli: Cli) -> Result<u8> {
             clap_complete::generate(*shell, &mut Cli::command(), "qgjob", &mut std::io::stdout());
             Ok(0)
         }
-        Command::Server(_)
-        | Command::Agent(_)
-        | Command::Simulate(_)
-        | Command::Up(_)
-        | Command::Demo(_) => Err(CliError::Other("not available in this build yet".into())),
+        Command::Agent(a) => qgjob_cli::agent::agent(client(&cli.conn)?, a),
+        Command::Simulate(a) => qgjob_cli::simulate::simulate(a),
+        Command::Server(a) => qgjob_cli::local::server(a),
+        Command::Up(a) => qgjob_cli::local::up(a),
+        Command::Demo(a) => qgjob_cli::local::demo(a),
     }
 }
 

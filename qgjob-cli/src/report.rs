@@ -13,6 +13,8 @@ use crate::util::{fmt_ms, paint};
 pub struct Row {
     /// The job's test files.
     pub test: String,
+    /// The app version it tested.
+    pub app: String,
     /// Its target pool.
     pub target: String,
     /// The device that ran its last attempt, or `-`.
@@ -40,6 +42,7 @@ pub fn row(job: &Job) -> Row {
     let flaky = job.outcome.as_ref().is_some_and(|o| o.flaky);
     Row {
         test: job.spec.tests.join(", "),
+        app: job.spec.app_version_id.to_string(),
         target: job.spec.target.to_string(),
         device: job
             .device
@@ -66,16 +69,20 @@ fn state_colour(s: JobState) -> &'static str {
     }
 }
 
-/// The summary table (test, target, device, attempts, duration, result) with a totals line.
+/// The summary table (test, app, target, device, attempts, duration, result) with a totals
+/// line.
 /// `colour` paints results; widths are computed from the plain text so columns line up.
 pub fn summary_table(jobs: &[Job], colour: bool) -> String {
     let rows: Vec<Row> = jobs.iter().map(row).collect();
-    let header = ["TEST", "TARGET", "DEVICE", "ATTEMPTS", "DURATION", "RESULT"];
-    let cells: Vec<[String; 6]> = rows
+    let header = [
+        "TEST", "APP", "TARGET", "DEVICE", "ATTEMPTS", "DURATION", "RESULT",
+    ];
+    let cells: Vec<[String; 7]> = rows
         .iter()
         .map(|r| {
             [
                 r.test.clone(),
+                r.app.clone(),
                 r.target.clone(),
                 r.device.clone(),
                 r.attempts.to_string(),
@@ -91,10 +98,10 @@ pub fn summary_table(jobs: &[Job], colour: bool) -> String {
         }
     }
     let mut out = String::new();
-    let line = |out: &mut String, c: &[String; 6], paint_last: Option<JobState>| {
+    let line = |out: &mut String, c: &[String; 7], paint_last: Option<JobState>| {
         for (i, s) in c.iter().enumerate() {
             let pad = w[i].saturating_sub(s.chars().count());
-            if i == 5 {
+            if i == 6 {
                 match paint_last {
                     Some(st) => out.push_str(&paint(s, state_colour(st), colour)),
                     None => out.push_str(s),
@@ -403,14 +410,15 @@ pub fn github_summary(title: &str, jobs: &[Job]) -> String {
     };
     let _ = writeln!(s, "### {icon} qgjob {}\n", md(title));
     let _ = writeln!(s, "{}\n", totals_line(jobs));
-    s.push_str("| Test | Target | Device | Attempts | Duration | Result |\n");
-    s.push_str("|---|---|---|---:|---:|---|\n");
+    s.push_str("| Test | App | Target | Device | Attempts | Duration | Result |\n");
+    s.push_str("|---|---|---|---|---:|---:|---|\n");
     for j in jobs {
         let r = row(j);
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} |",
             md(&r.test),
+            md(&r.app),
             md(&r.target),
             md(&r.device),
             r.attempts,

@@ -1,0 +1,148 @@
+//! [`HttpLink`]: the agent protocol of `docs/http-api.md` spoken over HTTP, so the core
+//! [`Agent`](qgjob_core::agent::Agent) drives devices against a remote `qgjob server`.
+//!
+//! The HTTP client is blocking (ureq); each call runs on tokio's blocking pool so a
+//! long-polling lease never stalls the runtime.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use qgjob_core::agent::{AgentLink, LinkError};
+use qgjob_core::{
+    DeviceId, DeviceInfo, HeartbeatAck, InfraFailure, JobId, JobState, Lease, LeaseId, RunReport,
+};
+
+use crate::client::Client;
+use crate::error::CliError;
+
+/// An [`AgentLink`] over HTTP.
+#[derive(Debug, Clone)]
+pub struct HttpLink {
+    client: Client,
+}
+
+impl HttpLink {
+    /// A link through `client` (which carries the server URL and the agent token).
+    pub fn new(client: Client) -> Self {
+        HttpLink { client }
+    }
+}
+
+/// Maps a client error to what the agent should do about it.
+pub fn link_error(e: CliError) -> LinkError {
+    match e {
+        CliError::Api {
+            status: 409,
+            code,
+            message,
+        } if code == "stale_lease" => {
+            let _ = message;
+            LinkError::Stale
+        }
+        CliError::Api {
+            status, message, ..
+        } if (400..500).contains(&status) => LinkError::Rejected(message),
+        other => LinkError::Transport(other.to_string()),
+    }
+}
+
+impl HttpLink {
+    async fn call<T, F>(&self, f: F) -> Result<T, LinkError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Client) -> Result<T, CliError> + Send + 'static,
+    {
+        let c = self.client.clone();
+        match tokio::task::spawn_blocking(move || f(&c)).await {
+            Ok(r) => r.map_err(link_error),
+            Err(e) => Err(LinkError::Transport(format!("request task failed: {e}"))),
+        }
+    }
+}
+
+#[async_trait]
+impl AgentLink for HttpLink {
+    async fn register(&self, device: DeviceInfo) -> Result<(), LinkError> {
+        self.call(move |c| c.register_device(&device).map(|_| ()))
+            .await
+    }
+
+    async fn unregister(&self, device: &DeviceId) -> Result<(), LinkError> {
+        let d = device.clone();
+        self.call(move |c| c.unregister_device(&d)).await
+    }
+
+    async fn lease(
+        &self,
+        device: &DeviceId,
+        max_batch: usize,
+        wait: Duration,
+    ) -> Result<Option<Lease>, LinkError> {
+        let d = device.clone();
+        self.call(move |c| c.lease(&d, max_batch, wait)).await
+    }
+
+    async fn heartbeat(&self, lease: LeaseId) -> Result<HeartbeatAck, LinkError> {
+        self.call(move |c| c.heartbeat(lease)).await
+    }
+
+    async fn complete(
+        &self,
+        lease: LeaseId,
+        job: JobId,
+        report: RunReport,
+    ) -> Result<JobState, LinkError> {
+        self.call(move |c| c.complete(lease, job, &report)).await
+    }
+
+    async fn fail(
+        &self,
+        lease: LeaseId,
+        job: JobId,
+        failure: InfraFailure,
+    ) -> Result<JobState, LinkError> {
+        self.call(move |c| c.fail(lease, job, &failure)).await
+    }
+
+    async fn log(&self, lease: LeaseId, job: JobId, text: &str) -> Result<(), LinkError> {
+        let t = text.to_string();
+        self.call(move |c| c.append_log(lease, job, &t)).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_map_to_agent_actions() {
+        let api = |status, code: &str| CliError::Api {
+            status,
+            code: code.into(),
+            message: "m".into(),
+        };
+        assert_eq!(link_error(api(409, "stale_lease")), LinkError::Stale);
+        assert_eq!(
+            link_error(api(404, "not_found")),
+            LinkError::Rejected("m".into())
+        );
+        assert!(matches!(
+            link_error(api(503, "unavailable")),
+            LinkError::Transport(_)
+        ));
+        assert!(matches!(
+            link_error(CliError::Unreachable {
+                url: "u".into(),
+                reason: "connection refused".into()
+            }),
+            LinkError::Transport(_)
+        ));
+    }
+
+    #[tokio::test]
+    async fn unreachable_server_is_a_transport_error() {
+        let link = HttpLink::new(Client::new("http://127.0.0.1:1", None));
+        let e = link.heartbeat(LeaseId(1)).await.unwrap_err();
+        assert!(matches!(e, LinkError::Transport(m) if m.contains("connection refused")));
+    }
+}

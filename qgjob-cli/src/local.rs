@@ -1,0 +1,494 @@
+//! The long-running local commands: `qgjob server`, `qgjob up` (server + simulated agents
+//! for every target in one process) and `qgjob demo` (the same, plus a sample run, its
+//! results and the schedule's figures against the lower bound).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use qgjob_core::agent::{Agent, AgentConfig, Shutdown};
+use qgjob_core::device::Device;
+use qgjob_core::sim::{lower_bound, BoundJob};
+use qgjob_core::simdevice::{SimDevice, SimDeviceConfig, SimOutcome};
+use qgjob_core::{
+    AppVersionId, DeviceId, Job, JobSpec, JobState, OrgId, Priority, SchedulerConfig, Target,
+};
+use qgjob_http::{ServerOptions, StoreKind as HttpStore};
+use serde::Serialize;
+
+use crate::agent::{runtime, stop_signal};
+use crate::cli::{DemoArgs, ServerArgs, StoreKind, UpArgs};
+use crate::client::Client;
+use crate::error::{CliError, Result, EXIT_OK};
+use crate::link::HttpLink;
+use crate::report;
+use crate::util::{use_color, use_progress};
+
+/// The three built-in targets, in display order.
+pub const TARGETS: [Target; 3] = [Target::Emulator, Target::Device, Target::Browserstack];
+
+fn parse_addr(s: &str) -> Result<SocketAddr> {
+    s.parse().map_err(|_| {
+        CliError::Usage(format!(
+            "invalid address {s:?} (expected IP:PORT, e.g. 127.0.0.1:7878)"
+        ))
+    })
+}
+
+fn init_logs(default: &str) {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default)),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// `qgjob server`.
+pub fn server(a: &ServerArgs) -> Result<u8> {
+    let opts = ServerOptions {
+        addr: parse_addr(&a.addr)?,
+        data_dir: Some(a.data_dir.clone()),
+        store: match a.store {
+            StoreKind::Embedded => HttpStore::Sqlite,
+            StoreKind::Memory => HttpStore::Memory,
+        },
+        tokens_file: a.tokens_file.clone(),
+        ..ServerOptions::default()
+    };
+    let rt = runtime()?;
+    rt.block_on(qgjob_http::run_server(opts))
+        .map_err(|e| CliError::Other(format!("server: {e}")))?;
+    Ok(EXIT_OK)
+}
+
+/// A server and simulated agents running inside this process.
+struct Lab {
+    rt: tokio::runtime::Runtime,
+    base: String,
+    server_stop: Option<tokio::sync::oneshot::Sender<()>>,
+    server: Option<tokio::task::JoinHandle<std::result::Result<(), qgjob_http::ServerError>>>,
+    agents_stop: Shutdown,
+    agents: Vec<tokio::task::JoinHandle<()>>,
+    devices: Vec<(Target, Arc<SimDevice>)>,
+}
+
+/// How the lab's simulated devices behave.
+struct LabDevices {
+    per_target: u32,
+    install_ms: u64,
+    run_ms: u64,
+    run_jitter: f64,
+    scripted: Vec<(String, SimOutcome)>,
+}
+
+impl Lab {
+    fn start(addr: SocketAddr, opts: ServerOptions, devs: &LabDevices) -> Result<Lab> {
+        let rt = runtime()?;
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind(addr))
+            .map_err(|e| CliError::io(format!("cannot listen on {addr}"), e))?;
+        let local = listener
+            .local_addr()
+            .map_err(|e| CliError::io("reading the bound address", e))?;
+        let base = format!("http://{local}");
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let server = rt.spawn(qgjob_http::serve(listener, opts, async move {
+            let _ = rx.await;
+        }));
+        // Agents talk to the server over loopback HTTP, exactly like remote ones.
+        let client = Client::new(base.clone(), None);
+        wait_healthy(&client, &server)?;
+        let agents_stop = Shutdown::new();
+        let mut agents = Vec::new();
+        let mut devices = Vec::new();
+        for (ti, target) in TARGETS.iter().enumerate() {
+            let link = Arc::new(HttpLink::new(client.clone()));
+            let cfg = AgentConfig {
+                max_batch: 1,
+                lease_wait: Duration::from_secs(5),
+                heartbeat_interval: Duration::from_secs(2),
+                ..AgentConfig::default()
+            };
+            let mut agent = Agent::new(link, cfg);
+            for i in 1..=devs.per_target {
+                let id = DeviceId::new(format!("local/{target}-{i}"))
+                    .map_err(|e| CliError::Other(e.to_string()))?;
+                let mut c = SimDeviceConfig::new(id, target.clone());
+                c.install_ms = devs.install_ms;
+                c.run_ms = devs.run_ms;
+                c.run_jitter = devs.run_jitter;
+                c.seed = 7 + 100 * ti as u64 + i as u64;
+                c.scripted = devs.scripted.clone();
+                let d = Arc::new(SimDevice::new(c));
+                devices.push((target.clone(), Arc::clone(&d)));
+                agent.add_device(d as Arc<dyn Device>);
+            }
+            let signal = agents_stop.signal();
+            agents.push(rt.spawn(async move {
+                if let Err(e) = agent.run(signal).await {
+                    eprintln!("error: simulated agent stopped: {e}");
+                }
+            }));
+        }
+        Ok(Lab {
+            rt,
+            base,
+            server_stop: Some(tx),
+            server: Some(server),
+            agents_stop,
+            agents,
+            devices,
+        })
+    }
+
+    /// Stops agents (they finish and unregister), then the server, with a bounded wait.
+    fn stop(mut self) -> Result<()> {
+        self.agents_stop.trigger();
+        let agents = std::mem::take(&mut self.agents);
+        let server = self.server.take();
+        let stop = self.server_stop.take();
+        self.rt.block_on(async move {
+            let all = futures_join(agents);
+            let _ = tokio::time::timeout(Duration::from_secs(10), all).await;
+            if let Some(s) = stop {
+                let _ = s.send(());
+            }
+            if let Some(h) = server {
+                match tokio::time::timeout(Duration::from_secs(10), h).await {
+                    Ok(Ok(Err(e))) => Err(CliError::Other(format!("server: {e}"))),
+                    _ => Ok(()),
+                }
+            } else {
+                Ok(())
+            }
+        })?;
+        // Abandoned long polls run on blocking threads; don't wait for them.
+        self.rt.shutdown_timeout(Duration::from_millis(200));
+        Ok(())
+    }
+}
+
+async fn futures_join(hs: Vec<tokio::task::JoinHandle<()>>) {
+    for h in hs {
+        let _ = h.await;
+    }
+}
+
+/// Waits (bounded) until the in-process server answers `/healthz`.
+fn wait_healthy(
+    client: &Client,
+    server: &tokio::task::JoinHandle<std::result::Result<(), qgjob_http::ServerError>>,
+) -> Result<()> {
+    let start = Instant::now();
+    loop {
+        if server.is_finished() {
+            return Err(CliError::Other("the server stopped during start-up".into()));
+        }
+        match client.health() {
+            Ok(_) => return Ok(()),
+            Err(e) if start.elapsed() > Duration::from_secs(20) => return Err(e),
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+/// `qgjob up`.
+pub fn up(a: &UpArgs) -> Result<u8> {
+    init_logs("warn");
+    let opts = ServerOptions {
+        addr: parse_addr(&a.addr)?,
+        data_dir: Some(a.data_dir.clone()),
+        store: HttpStore::Sqlite,
+        ..ServerOptions::default()
+    };
+    let devs = LabDevices {
+        per_target: a.devices.clamp(1, 64),
+        install_ms: (a.install_s.clamp(0.0, 3600.0) * 1000.0) as u64,
+        run_ms: (a.run_s.clamp(0.0, 3600.0) * 1000.0) as u64,
+        run_jitter: 0.3,
+        scripted: Vec::new(),
+    };
+    let lab = Lab::start(opts.addr, opts, &devs)?;
+    let mut o = std::io::stdout().lock();
+    let _ = writeln!(
+        o,
+        "qgjob up: server on {} (API, /metrics, /openapi.json), data in {}",
+        lab.base,
+        a.data_dir.display()
+    );
+    let _ = writeln!(
+        o,
+        "simulated agents: {n} emulator, {n} device, {n} browserstack (install {:.1} s, run {:.1} s)",
+        a.install_s,
+        a.run_s,
+        n = devs.per_target
+    );
+    let _ = writeln!(o, "try, in another terminal:");
+    let _ = writeln!(
+        o,
+        "  export QGJOB_SERVER={}\n  qgjob submit --org-id=qualgent --app-version-id=xyz123 --test=tests/onboarding.spec.js --wait",
+        lab.base
+    );
+    let _ = writeln!(o, "ctrl-c stops everything");
+    let _ = o.flush();
+    drop(o);
+    lab.rt.block_on(stop_signal());
+    eprintln!("qgjob up: stopping");
+    lab.stop()?;
+    Ok(EXIT_OK)
+}
+
+/// The demo's run: several app versions, every target, one failing and one flaky test.
+pub fn demo_specs() -> Result<Vec<JobSpec>> {
+    let org = OrgId::new("qualgent").map_err(|e| CliError::Other(e.to_string()))?;
+    let tests = [
+        "tests/onboarding.spec.js",
+        "tests/login.spec.js",
+        "tests/search.spec.js",
+        "tests/cart.spec.js",
+        "tests/checkout.spec.js",
+        "tests/profile.spec.js",
+    ];
+    // (version, target, priority, which tests)
+    let plan: [(&str, Target, i32, &[usize]); 6] = [
+        ("v2.4.0", Target::Emulator, 0, &[0, 1, 2, 3, 4, 5]),
+        ("v2.5.0-rc1", Target::Emulator, 5, &[0, 1, 2, 3]),
+        ("v2.4.0", Target::Device, 0, &[0, 1, 3, 5]),
+        ("v2.5.0-rc1", Target::Device, 5, &[0, 2, 4]),
+        ("v2.5.0-rc1", Target::Browserstack, 5, &[0, 1, 2, 3, 4, 5]),
+        ("v2.3.9", Target::Browserstack, -5, &[0, 1, 5]),
+    ];
+    let mut specs = Vec::new();
+    for (version, target, prio, which) in plan {
+        let app = AppVersionId::new(version).map_err(|e| CliError::Other(e.to_string()))?;
+        for &i in which {
+            let mut s = JobSpec::new(org.clone(), app.clone(), vec![tests[i].to_string()]);
+            s.target = target.clone();
+            s.priority = Priority(prio);
+            s.labels.insert("source".into(), "demo".into());
+            specs.push(s);
+        }
+    }
+    Ok(specs)
+}
+
+/// The demo's figures.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Figures {
+    /// From the first submission to the last job's end, seconds.
+    pub makespan_s: f64,
+    /// No schedule could finish earlier (largest per-pool bound), seconds.
+    pub lower_bound_s: f64,
+    /// makespan / lower bound.
+    pub ratio: f64,
+    /// Installs the devices did.
+    pub installs: u64,
+    /// Distinct (target, build) pairs: the fewest installs possible.
+    pub min_installs: u64,
+}
+
+/// Computes the figures of finished `jobs` on pools of `devices_per_target` devices with the
+/// given install time, and the `installs` the devices actually did. Work per job is the
+/// measured attempt time minus the install it paid for (leases here carry one job each).
+pub fn figures(
+    jobs: &[Job],
+    devices_per_target: &BTreeMap<Target, u32>,
+    install_ms: u64,
+    installs: u64,
+) -> Result<Figures> {
+    let t0 = jobs.iter().map(|j| j.created_at).min().unwrap_or_default();
+    let end = jobs
+        .iter()
+        .filter_map(|j| j.finished_at)
+        .max()
+        .unwrap_or(t0);
+    let mut by_target: BTreeMap<Target, Vec<BoundJob>> = BTreeMap::new();
+    let mut builds = BTreeSet::new();
+    for j in jobs {
+        builds.insert((j.spec.target.clone(), j.spec.build()));
+        let span = report::job_duration_ms(j).unwrap_or(0);
+        let work = if j.installed {
+            span.saturating_sub(install_ms)
+        } else {
+            span
+        };
+        by_target
+            .entry(j.spec.target.clone())
+            .or_default()
+            .push(BoundJob {
+                submit: qgjob_core::Time(j.created_at.since(t0)),
+                work_ms: work,
+                build: j.spec.build(),
+            });
+    }
+    let mut bound = 0f64;
+    for (t, js) in &by_target {
+        let m = devices_per_target.get(t).copied().unwrap_or(1).max(1);
+        let b = lower_bound(m, install_ms, js).map_err(|e| CliError::Other(e.to_string()))?;
+        bound = bound.max(b);
+    }
+    let makespan_s = end.since(t0) as f64 / 1000.0;
+    Ok(Figures {
+        makespan_s,
+        lower_bound_s: bound,
+        ratio: if bound > 0.0 { makespan_s / bound } else { 0.0 },
+        installs,
+        min_installs: builds.len() as u64,
+    })
+}
+
+/// `qgjob demo`.
+pub fn demo(a: &DemoArgs) -> Result<u8> {
+    let data =
+        tempfile::tempdir().map_err(|e| CliError::io("creating a temporary directory", e))?;
+    let install_ms = 1_500;
+    let opts = ServerOptions {
+        addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+        data_dir: Some(data.path().to_path_buf()),
+        store: HttpStore::Memory,
+        scheduler: SchedulerConfig {
+            // Short backoff keeps a retried job inside the demo's few seconds.
+            backoff_base_ms: 200,
+            backoff_max_ms: 1_000,
+            default_install_ms: install_ms,
+            default_job_ms: 800,
+            ..SchedulerConfig::default()
+        },
+        ..ServerOptions::default()
+    };
+    let devs = LabDevices {
+        per_target: a.devices.clamp(1, 16),
+        install_ms,
+        run_ms: 800,
+        run_jitter: 0.6,
+        scripted: vec![
+            ("checkout".to_string(), SimOutcome::Fail),
+            ("search".to_string(), SimOutcome::Flaky),
+        ],
+    };
+    let human = !a.json;
+    let lab = Lab::start(opts.addr, opts, &devs)?;
+    let result = run_demo(&lab, &devs, human);
+    let stopped = lab.stop();
+    let (jobs, figs, status, run_id) = result?;
+    stopped?;
+    if a.json {
+        let v = serde_json::json!({
+            "run_id": run_id,
+            "status": status,
+            "jobs": jobs.len(),
+            "counts": count_states(&jobs),
+            "makespan_s": figs.makespan_s,
+            "lower_bound_s": figs.lower_bound_s,
+            "ratio": figs.ratio,
+            "installs": figs.installs,
+            "min_installs": figs.min_installs,
+        });
+        println!("{v}");
+    } else {
+        let mut o = std::io::stdout().lock();
+        let _ = o.write_all(report::summary_table(&jobs, use_color()).as_bytes());
+        let _ = writeln!(
+            o,
+            "makespan {:.1} s (lower bound {:.1} s, ratio {:.2}); installs {} (minimum {})",
+            figs.makespan_s, figs.lower_bound_s, figs.ratio, figs.installs, figs.min_installs
+        );
+        let _ = writeln!(
+            o,
+            "(one failing and one flaky test are part of the demo; `qgjob up` keeps a lab running)"
+        );
+    }
+    Ok(EXIT_OK)
+}
+
+fn count_states(jobs: &[Job]) -> BTreeMap<&'static str, usize> {
+    let mut m = BTreeMap::new();
+    for s in JobState::ALL {
+        m.insert(s.as_str(), jobs.iter().filter(|j| j.state == s).count());
+    }
+    m
+}
+
+type DemoResult = (Vec<Job>, Figures, String, String);
+
+fn run_demo(lab: &Lab, devs: &LabDevices, human: bool) -> Result<DemoResult> {
+    let client = Client::new(lab.base.clone(), None);
+    let specs = demo_specs()?;
+    let total = specs.len();
+    if human {
+        eprintln!(
+            "qgjob demo: server on {}, {} simulated devices per target; submitting {total} jobs \
+             (3 app versions, emulator/device/browserstack)",
+            lab.base, devs.per_target
+        );
+    }
+    let run = client.submit_run(&specs)?;
+    let run_id = run.run_id.to_string();
+    let bar = (human && use_progress()).then(|| {
+        let pb = indicatif::ProgressBar::new(total as u64);
+        pb.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {bar:40.cyan/blue} {pos}/{len} {msg}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        pb.enable_steady_tick(Duration::from_millis(120));
+        pb
+    });
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut state: BTreeMap<qgjob_core::JobId, JobState> = BTreeMap::new();
+    'outer: loop {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        if remaining.is_zero() {
+            return Err(CliError::Timeout(
+                "2 minutes (the demo's jobs did not finish)".into(),
+            ));
+        }
+        let mut stream = client.events(&run_id, true, Some(remaining))?;
+        loop {
+            let ev = match stream.next_event() {
+                Ok(Some(ev)) => ev,
+                Ok(None) => break,
+                Err(CliError::Timeout(_)) => continue 'outer,
+                Err(e) => return Err(e),
+            };
+            if state.get(&ev.job_id) == Some(&ev.state) {
+                continue;
+            }
+            state.insert(ev.job_id, ev.state);
+            let done = state.values().filter(|s| s.is_final()).count();
+            if let Some(pb) = &bar {
+                pb.set_position(done as u64);
+                let n = |s: JobState| state.values().filter(|x| **x == s).count();
+                pb.set_message(format!(
+                    "{} running, {} passed, {} failed",
+                    n(JobState::Running),
+                    n(JobState::Passed),
+                    n(JobState::Failed)
+                ));
+            } else if human && ev.state.is_final() {
+                eprintln!("[{done:>2}/{total}] job {} {}", ev.job_id, ev.state);
+            }
+        }
+        let view = client.run(&run_id)?;
+        if view.jobs.iter().all(|j| j.state.is_final()) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    if let Some(pb) = &bar {
+        pb.finish_and_clear();
+    }
+    let view = client.run(&run_id)?;
+    let installs: u64 = lab.devices.iter().map(|(_, d)| d.stats().installs).sum();
+    let mut per_target = BTreeMap::new();
+    for (t, _) in &lab.devices {
+        *per_target.entry(t.clone()).or_insert(0u32) += 1;
+    }
+    let figs = figures(&view.jobs, &per_target, devs.install_ms, installs)?;
+    Ok((view.jobs, figs, view.status, run_id))
+}
