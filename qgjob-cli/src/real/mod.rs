@@ -1,2 +1,288 @@
 //! Real devices for `qgjob agent`: the AppWright command runner, Android (adb) devices and
 //! BrowserStack sessions.
+//!
+//! Every real device runs each job the same way ([`exec::JobRunner`]): the job's test
+//! bundle is fetched by hash from the server, verified, cached ([`cache`]) and unpacked
+//! safely ([`bundle`]), its npm dependencies installed once per bundle hash; a fresh work
+//! dir gets a copy; the test command (default [`runner::DEFAULT_COMMAND`], i.e.
+//! `npx appwright test {tests} --project {project} --reporter=json`) runs there in its own
+//! process group, its output streamed to the server as the job's log; timeout and cancel
+//! kill the whole group; Playwright's JSON report ([`playwright`]) gives per-test results.
+//!
+//! Environment of the test command (besides the agent's own):
+//!
+//! | variable | value |
+//! |---|---|
+//! | `QGJOB_JOB_ID`, `QGJOB_ATTEMPT` | the job and its attempt (1-based) |
+//! | `QGJOB_TARGET` | `emulator`, `device` or `browserstack` |
+//! | `QGJOB_PROJECT` | the AppWright project (`--project`, default: the target's name) |
+//! | `QGJOB_ORG_ID`, `QGJOB_APP_VERSION_ID` | the build under test |
+//! | `QGJOB_DEVICE_SERIAL` | adb serial (`ANDROID_SERIAL` too), or the BrowserStack slot id |
+//! | `QGJOB_BUILD_PATH` | the local APK (adb), or the `bs://` app URL (BrowserStack) |
+//! | `QGJOB_APP_URL` | the `bs://` app URL (BrowserStack only) |
+//! | `PLAYWRIGHT_JSON_OUTPUT_NAME` | where the JSON report is written |
+//! | `CI=1`, `FORCE_COLOR=0` | plain, non-interactive output |
+//!
+//! Targets: `emulator` and `device` ([`adb`]; iOS is not implemented), `browserstack`
+//! ([`browserstack`]). [`run_real_agent`] is what `qgjob agent` calls without `--simulate`.
+
+pub mod adb;
+pub mod browserstack;
+pub mod bundle;
+pub mod cache;
+pub mod exec;
+pub mod link;
+pub mod playwright;
+pub mod runner;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use qgjob_core::agent::{Agent, AgentConfig, AgentCounters, AgentLink, ShutdownSignal};
+use qgjob_core::device::Device;
+use qgjob_core::Target;
+use thiserror::Error;
+
+use cache::{ArtifactCache, ArtifactSource, NpmConfig};
+use exec::{JobRunner, LogSink};
+use runner::{CommandTemplate, TemplateError};
+
+/// Flags of `qgjob agent` for real devices (flatten them into the agent's arguments).
+#[derive(Debug, Clone, clap::Args)]
+pub struct RealArgs {
+    /// adb serial of a device to drive (repeatable); default: every device `adb devices`
+    /// lists for the target (emulator-* for emulator, the others for device).
+    #[arg(long = "serial", value_name = "SERIAL")]
+    pub serials: Vec<String>,
+    /// The adb program.
+    #[arg(long, env = "QGJOB_ADB", default_value = "adb", value_name = "PATH")]
+    pub adb: PathBuf,
+    /// Test command; {tests} becomes the job's spec files, {project} the project name.
+    #[arg(long, value_name = "TEMPLATE", default_value = runner::DEFAULT_COMMAND)]
+    pub command: String,
+    /// AppWright project to run (default: the target's name).
+    #[arg(long, value_name = "NAME")]
+    pub project: Option<String>,
+    /// Where jobs without a test bundle run (a checkout of the tests on this machine).
+    #[arg(long, value_name = "DIR")]
+    pub project_dir: Option<PathBuf>,
+    /// BrowserStack: sessions run at once (one device slot each).
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub parallel: usize,
+    /// BrowserStack API base URL.
+    #[arg(
+        long,
+        env = "QGJOB_BROWSERSTACK_URL",
+        default_value = browserstack::DEFAULT_BASE_URL,
+        value_name = "URL"
+    )]
+    pub browserstack_url: String,
+    /// BrowserStack: re-upload an app once its URL is older than this many hours.
+    #[arg(long, default_value_t = 29 * 24, value_name = "HOURS")]
+    pub app_ttl_hours: u64,
+    /// Where builds, bundles and work dirs are kept.
+    #[arg(
+        long,
+        env = "QGJOB_CACHE_DIR",
+        default_value = "qgjob-agent-cache",
+        value_name = "DIR"
+    )]
+    pub cache_dir: PathBuf,
+    /// Most megabytes of builds and bundles kept (least recently used go first).
+    #[arg(long, default_value_t = 10_240, value_name = "MB")]
+    pub cache_max_mb: u64,
+    /// Seconds between SIGTERM and SIGKILL when a job times out or is canceled.
+    #[arg(long, default_value_t = 10.0, value_name = "SECONDS")]
+    pub kill_grace_s: f64,
+    /// Don't run `npm ci`/`npm install` in test bundles.
+    #[arg(long)]
+    pub no_npm: bool,
+}
+
+impl Default for RealArgs {
+    fn default() -> Self {
+        RealArgs {
+            serials: Vec::new(),
+            adb: PathBuf::from("adb"),
+            command: runner::DEFAULT_COMMAND.to_string(),
+            project: None,
+            project_dir: None,
+            parallel: 1,
+            browserstack_url: browserstack::DEFAULT_BASE_URL.to_string(),
+            app_ttl_hours: 29 * 24,
+            cache_dir: PathBuf::from("qgjob-agent-cache"),
+            cache_max_mb: 10_240,
+            kill_grace_s: 10.0,
+            no_npm: false,
+        }
+    }
+}
+
+/// Why real devices could not be set up.
+#[derive(Debug, Error)]
+pub enum RealError {
+    /// The test command is malformed.
+    #[error("--command: {0}")]
+    Command(#[from] TemplateError),
+    /// adb failed.
+    #[error(transparent)]
+    Adb(#[from] adb::AdbError),
+    /// No device to drive.
+    #[error("no {0} found: pass --serial or start one (adb devices lists none)")]
+    NoDevices(Target),
+    /// BrowserStack credentials are missing.
+    #[error("set BROWSERSTACK_USERNAME and BROWSERSTACK_ACCESS_KEY for --target browserstack")]
+    Credentials,
+    /// The cache dir cannot be used.
+    #[error(transparent)]
+    Cache(#[from] cache::ArtifactError),
+    /// The target has no real device implementation.
+    #[error("no real devices for target {0} (use --simulate)")]
+    Unsupported(Target),
+    /// A bad option value.
+    #[error("{0}")]
+    Invalid(String),
+    /// The agent stopped with an error.
+    #[error(transparent)]
+    Agent(#[from] qgjob_core::agent::AgentError),
+}
+
+/// The devices built for an agent, with the shared state worth watching.
+pub struct RealDevices {
+    /// The devices, to add to an [`Agent`].
+    pub devices: Vec<Arc<dyn Device>>,
+    /// The artifact cache.
+    pub cache: Arc<ArtifactCache>,
+    /// adb install counters.
+    pub installs: Arc<adb::InstallStats>,
+    /// BrowserStack uploads and sessions (for `--target browserstack`).
+    pub browserstack: Option<Arc<browserstack::Shared>>,
+}
+
+/// Builds the real devices of `target` for agent `agent_name`.
+pub async fn build_devices(
+    target: &Target,
+    agent_name: &str,
+    args: &RealArgs,
+    source: Arc<dyn ArtifactSource>,
+    logs: Arc<dyn LogSink>,
+) -> Result<RealDevices, RealError> {
+    let command = CommandTemplate::parse(&args.command)?;
+    if !(args.kill_grace_s.is_finite() && args.kill_grace_s >= 0.0) {
+        return Err(RealError::Invalid("--kill-grace-s must be >= 0".into()));
+    }
+    let cache = ArtifactCache::open(
+        &args.cache_dir,
+        args.cache_max_mb.saturating_mul(1 << 20),
+        source,
+        NpmConfig {
+            enabled: !args.no_npm,
+            ..NpmConfig::default()
+        },
+    )?;
+    let runner = Arc::new(JobRunner {
+        cache: Arc::clone(&cache),
+        command,
+        project: args.project.clone(),
+        project_dir: args.project_dir.clone(),
+        logs,
+        kill_grace: Duration::from_secs_f64(args.kill_grace_s),
+    });
+    let installs = Arc::new(adb::InstallStats::default());
+    let mut devices: Vec<Arc<dyn Device>> = Vec::new();
+    let mut bs = None;
+    match target {
+        Target::Emulator | Target::Device => {
+            let serials = if args.serials.is_empty() {
+                adb::discover(&args.adb, target).await?
+            } else {
+                args.serials.clone()
+            };
+            if serials.is_empty() {
+                return Err(RealError::NoDevices(target.clone()));
+            }
+            for s in serials {
+                devices.push(Arc::new(adb::AdbDevice::new(
+                    agent_name,
+                    &s,
+                    target.clone(),
+                    args.adb.clone(),
+                    Arc::clone(&runner),
+                    Arc::clone(&installs),
+                )?));
+            }
+        }
+        Target::Browserstack => {
+            let username = std::env::var("BROWSERSTACK_USERNAME").unwrap_or_default();
+            let access_key = std::env::var("BROWSERSTACK_ACCESS_KEY").unwrap_or_default();
+            if username.is_empty() || access_key.is_empty() {
+                return Err(RealError::Credentials);
+            }
+            if args.parallel == 0 || args.parallel > 1000 {
+                return Err(RealError::Invalid("--parallel must be 1 to 1000".into()));
+            }
+            let apps = browserstack::Apps::new(
+                browserstack::Credentials {
+                    username,
+                    access_key,
+                    base_url: args.browserstack_url.clone(),
+                },
+                Duration::from_secs(args.app_ttl_hours.saturating_mul(3600)),
+                cache.dir(),
+            );
+            let shared = browserstack::Shared::new(apps, args.parallel);
+            for n in 1..=args.parallel {
+                devices.push(Arc::new(
+                    browserstack::BrowserStackDevice::new(
+                        agent_name,
+                        n,
+                        Arc::clone(&runner),
+                        Arc::clone(&shared),
+                    )
+                    .map_err(RealError::Invalid)?,
+                ));
+            }
+            bs = Some(shared);
+        }
+        other => return Err(RealError::Unsupported(other.clone())),
+    }
+    Ok(RealDevices {
+        devices,
+        cache,
+        installs,
+        browserstack: bs,
+    })
+}
+
+/// Everything `qgjob agent` needs without `--simulate`: wraps `link` so device logs reach
+/// the server, downloads artifacts from `server` (with `token`), builds the devices of
+/// `target` and runs them until `shutdown`.
+#[allow(clippy::too_many_arguments)]
+pub async fn run_real_agent(
+    link: Arc<dyn AgentLink>,
+    server: &str,
+    token: Option<String>,
+    target: &Target,
+    agent_name: &str,
+    args: &RealArgs,
+    cfg: AgentConfig,
+    shutdown: ShutdownSignal,
+) -> Result<AgentCounters, RealError> {
+    let logging = link::LoggingLink::new(link);
+    let source: Arc<dyn ArtifactSource> =
+        Arc::new(Arc::new(link::HttpArtifacts::new(server, token)));
+    let built = build_devices(
+        target,
+        agent_name,
+        args,
+        source,
+        Arc::clone(&logging) as Arc<dyn LogSink>,
+    )
+    .await?;
+    let mut agent = Agent::new(logging as Arc<dyn AgentLink>, cfg);
+    for d in built.devices {
+        agent.add_device(d);
+    }
+    Ok(agent.run(shutdown).await?)
+}

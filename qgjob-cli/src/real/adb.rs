@@ -1,0 +1,369 @@
+//! Android emulators and USB devices driven through `adb`.
+//!
+//! Each device installs a build once (`adb -s SERIAL install -r APK`) and remembers which
+//! build (by content hash) it holds, in memory and in `installed/<serial>.json` under the
+//! cache dir, so a job whose build is already on the device skips the install, also after
+//! an agent restart. Devices are named on the command line (`--serial`) or discovered with
+//! `adb devices` (serials starting with `emulator-` are emulators, the rest USB devices).
+//! When the test command crashes, `adb -s SERIAL get-state` tells a lost device (the job
+//! fails with `device_lost`) from a runner crash.
+//!
+//! iOS: simulators (`xcrun simctl install`) and USB devices (`ideviceinstaller -i`) fit the
+//! same shape (install once, pass the UDID) but are not implemented here.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use qgjob_core::device::{CancelWatch, Device, JobRun};
+use qgjob_core::{
+    BuildRef, Capabilities, DeviceId, DeviceInfo, InfraErrorKind, InfraFailure, LeasedJob,
+    Platform, Target,
+};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use tokio::process::Command;
+
+use super::exec::JobRunner;
+
+/// `adb` could not be run or answered nonsense.
+#[derive(Debug, Error)]
+#[error("adb: {0}")]
+pub struct AdbError(pub String);
+
+/// Counters shared by an agent's adb devices.
+#[derive(Debug, Default)]
+pub struct InstallStats {
+    /// Builds installed with `adb install`.
+    pub installs: AtomicU64,
+    /// Installs skipped because the device already had the build.
+    pub skipped: AtomicU64,
+    /// Installs that failed.
+    pub failures: AtomicU64,
+}
+
+/// A device listed by `adb devices`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listed {
+    /// The serial.
+    pub serial: String,
+    /// Its state (`device` when usable; `offline`, `unauthorized`...).
+    pub state: String,
+}
+
+impl Listed {
+    /// Whether this is an emulator (by adb's naming).
+    pub fn is_emulator(&self) -> bool {
+        self.serial.starts_with("emulator-")
+    }
+}
+
+/// Parses the output of `adb devices`.
+pub fn parse_devices(out: &str) -> Vec<Listed> {
+    out.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with("List of devices") && !l.starts_with('*'))
+        .filter_map(|l| {
+            let mut parts = l.split_whitespace();
+            let serial = parts.next()?.to_string();
+            let state = parts.next()?.to_string();
+            Some(Listed { serial, state })
+        })
+        .collect()
+}
+
+/// Runs `adb devices` and returns the usable devices of `target` (emulators for
+/// `emulator`, the others for `device`).
+pub async fn discover(adb: &Path, target: &Target) -> Result<Vec<String>, AdbError> {
+    let out = Command::new(adb)
+        .arg("devices")
+        .kill_on_drop(true)
+        .output()
+        .await
+        .map_err(|e| AdbError(format!("cannot run {}: {e}", adb.display())))?;
+    if !out.status.success() {
+        return Err(AdbError(format!(
+            "`adb devices` failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    let want_emulator = *target == Target::Emulator;
+    Ok(parse_devices(&String::from_utf8_lossy(&out.stdout))
+        .into_iter()
+        .filter(|d| d.state == "device" && d.is_emulator() == want_emulator)
+        .map(|d| d.serial)
+        .collect())
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Installed {
+    build: BuildRef,
+    sha256: String,
+}
+
+/// One Android emulator or USB device.
+pub struct AdbDevice {
+    id: DeviceId,
+    serial: String,
+    target: Target,
+    adb: PathBuf,
+    runner: Arc<JobRunner>,
+    installed: Mutex<Option<Installed>>,
+    state_file: PathBuf,
+    install_ms: AtomicU64,
+    install_timeout: Duration,
+    stats: Arc<InstallStats>,
+}
+
+impl AdbDevice {
+    /// A device `serial` of `target` (emulator or device), named `{agent}/{serial}`.
+    pub fn new(
+        agent: &str,
+        serial: &str,
+        target: Target,
+        adb: PathBuf,
+        runner: Arc<JobRunner>,
+        stats: Arc<InstallStats>,
+    ) -> Result<Self, AdbError> {
+        let id = DeviceId::new(format!("{agent}/{serial}"))
+            .map_err(|e| AdbError(format!("device id for serial {serial:?}: {e}")))?;
+        let safe: String = serial
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        let dir = runner.cache.dir().join("installed");
+        let _ = std::fs::create_dir_all(&dir);
+        let state_file = dir.join(format!("{safe}.json"));
+        // What an earlier agent run installed; a stale record only costs one skipped
+        // install (the app is then reinstalled on the next build change).
+        let installed = std::fs::read(&state_file)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Installed>(&b).ok());
+        Ok(AdbDevice {
+            id,
+            serial: serial.to_string(),
+            target,
+            adb,
+            runner,
+            installed: Mutex::new(installed),
+            state_file,
+            install_ms: AtomicU64::new(0),
+            install_timeout: Duration::from_secs(600),
+            stats,
+        })
+    }
+
+    /// The device's serial.
+    pub fn serial(&self) -> &str {
+        &self.serial
+    }
+
+    fn installed(&self) -> Option<Installed> {
+        self.installed.lock().ok().and_then(|g| g.clone())
+    }
+
+    fn set_installed(&self, v: Installed) {
+        if let Ok(text) = serde_json::to_vec(&v) {
+            let _ = std::fs::write(&self.state_file, text);
+        }
+        if let Ok(mut g) = self.installed.lock() {
+            *g = Some(v);
+        }
+    }
+
+    async fn adb(&self, args: &[&str], timeout: Duration) -> Result<(bool, String), AdbError> {
+        let cmd = Command::new(&self.adb)
+            .arg("-s")
+            .arg(&self.serial)
+            .args(args)
+            .kill_on_drop(true)
+            .output();
+        let out = tokio::time::timeout(timeout, cmd)
+            .await
+            .map_err(|_| AdbError(format!("adb {} timed out", args.join(" "))))?
+            .map_err(|e| AdbError(format!("cannot run {}: {e}", self.adb.display())))?;
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok((out.status.success(), text))
+    }
+
+    /// Whether adb still sees the device as usable.
+    pub async fn online(&self) -> bool {
+        matches!(
+            self.adb(&["get-state"], Duration::from_secs(10)).await,
+            Ok((true, s)) if s.trim() == "device"
+        )
+    }
+
+    /// Installs `build` unless the device already holds the same content. `note` receives
+    /// progress lines for the job logs.
+    async fn ensure(
+        &self,
+        build: &BuildRef,
+        note: &(dyn Fn(&str) + Send + Sync),
+    ) -> Result<PathBuf, InfraFailure> {
+        let (sha, pinned) = self
+            .runner
+            .cache
+            .build(build)
+            .await
+            .map_err(|e| InfraFailure {
+                kind: InfraErrorKind::InstallFailed,
+                message: e.to_string(),
+            })?;
+        let path = pinned.path().to_path_buf();
+        if self
+            .installed()
+            .is_some_and(|i| i.build == *build && i.sha256 == sha)
+        {
+            self.stats.skipped.fetch_add(1, Ordering::Relaxed);
+            note(&format!(
+                "qgjob: {build} is already installed on {}\n",
+                self.serial
+            ));
+            return Ok(path);
+        }
+        let started = Instant::now();
+        let apk = path.display().to_string();
+        let res = self
+            .adb(&["install", "-r", &apk], self.install_timeout)
+            .await;
+        let failed = |msg: String| {
+            self.stats.failures.fetch_add(1, Ordering::Relaxed);
+            InfraFailure {
+                kind: InfraErrorKind::InstallFailed,
+                message: msg,
+            }
+        };
+        match res {
+            // adb prints "Failure [REASON]" and, on old versions, still exits 0.
+            Ok((true, out)) if !out.contains("Failure") => {
+                self.stats.installs.fetch_add(1, Ordering::Relaxed);
+                let ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+                self.install_ms.store(ms.max(1), Ordering::Relaxed);
+                self.set_installed(Installed {
+                    build: build.clone(),
+                    sha256: sha,
+                });
+                note(&format!(
+                    "qgjob: installed {build} on {} in {ms} ms\n",
+                    self.serial
+                ));
+                Ok(path)
+            }
+            Ok((_, out)) => {
+                let lost = !self.online().await;
+                let mut f = failed(format!(
+                    "adb install on {} failed: {}",
+                    self.serial,
+                    out.trim()
+                ));
+                if lost {
+                    f.kind = InfraErrorKind::DeviceLost;
+                }
+                Err(f)
+            }
+            Err(e) => Err(failed(e.to_string())),
+        }
+    }
+}
+
+#[async_trait]
+impl Device for AdbDevice {
+    fn info(&self) -> DeviceInfo {
+        let ms = self.install_ms.load(Ordering::Relaxed);
+        DeviceInfo {
+            id: self.id.clone(),
+            target: self.target.clone(),
+            capabilities: Capabilities {
+                platform: Some(Platform::Android),
+                model: None,
+                os_version: None,
+            },
+            installed: self.installed().map(|i| i.build),
+            install_estimate_ms: (ms > 0).then_some(ms),
+        }
+    }
+
+    async fn install(&self, build: &BuildRef) -> Result<(), InfraFailure> {
+        self.ensure(build, &|_: &str| {}).await.map(|_| ())
+    }
+
+    async fn run(&self, build: &BuildRef, jobs: &[LeasedJob], cancel: CancelWatch) -> Vec<JobRun> {
+        let mut out = Vec::with_capacity(jobs.len());
+        // One app runs on a device at a time: the batch's jobs go one after the other.
+        for job in jobs {
+            let note = |t: &str| self.runner.logs.log(job.id, job.attempt, t);
+            // The scheduler may not know what is on the device (an agent restart, another
+            // tool installing): make sure before running.
+            let apk = match self.ensure(build, &note).await {
+                Ok(p) => p,
+                Err(f) => {
+                    note(&format!("qgjob: {}\n", f.message));
+                    out.push(Err(f));
+                    continue;
+                }
+            };
+            let env = vec![
+                ("QGJOB_DEVICE_SERIAL".to_string(), self.serial.clone()),
+                ("ANDROID_SERIAL".to_string(), self.serial.clone()),
+                ("QGJOB_BUILD_PATH".to_string(), apk.display().to_string()),
+            ];
+            let attempt = self
+                .runner
+                .run_job(&self.target, &env, job, cancel.clone())
+                .await;
+            let run = match attempt.run {
+                Err(f) if f.kind == InfraErrorKind::RunnerCrashed && !self.online().await => {
+                    Err(InfraFailure {
+                        kind: InfraErrorKind::DeviceLost,
+                        message: format!("device {} went away: {}", self.serial, f.message),
+                    })
+                }
+                other => other,
+            };
+            out.push(run);
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_adb_devices() {
+        let out = "* daemon started successfully\nList of devices attached\nemulator-5554\tdevice\nR58M123\tdevice product:x model:Pixel_8\n0123\tunauthorized\n\n";
+        let l = parse_devices(out);
+        assert_eq!(
+            l,
+            vec![
+                Listed {
+                    serial: "emulator-5554".into(),
+                    state: "device".into()
+                },
+                Listed {
+                    serial: "R58M123".into(),
+                    state: "device".into()
+                },
+                Listed {
+                    serial: "0123".into(),
+                    state: "unauthorized".into()
+                },
+            ]
+        );
+        assert!(l[0].is_emulator() && !l[1].is_emulator());
+    }
+}

@@ -1,0 +1,463 @@
+//! Safe unpacking of test bundles (`.tar.gz` archives of spec files and project config).
+//!
+//! A bundle comes from a user, so nothing in it may write outside the target directory:
+//! absolute paths, `..` components, links of any kind pointing out of the tree, device
+//! files and FIFOs are refused, as are archives whose entries or total size exceed a bound
+//! (a gzip bomb stops at the bound, not at the disk's end).
+
+use std::fs;
+use std::io::Read;
+use std::path::{Component, Path, PathBuf};
+
+use flate2::read::GzDecoder;
+use thiserror::Error;
+
+/// Size bounds for unpacking.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Largest single file.
+    pub max_entry_bytes: u64,
+    /// Largest total of all files.
+    pub max_total_bytes: u64,
+    /// Most entries.
+    pub max_entries: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_entry_bytes: 64 << 20,
+            max_total_bytes: 256 << 20,
+            max_entries: 20_000,
+        }
+    }
+}
+
+/// Why a bundle was refused or could not be unpacked.
+#[derive(Debug, Error)]
+pub enum BundleError {
+    /// Reading the archive or writing a file failed.
+    #[error("cannot unpack the test bundle: {0}")]
+    Io(#[from] std::io::Error),
+    /// An entry's path is absolute or climbs out with `..`.
+    #[error("the test bundle has an unsafe path: {0}")]
+    UnsafePath(String),
+    /// A link points outside the bundle.
+    #[error("the test bundle has a link out of the bundle: {0}")]
+    UnsafeLink(String),
+    /// A device file, FIFO or other special entry.
+    #[error("the test bundle has a special file: {0}")]
+    SpecialFile(String),
+    /// Too big or too many entries.
+    #[error("the test bundle is too large: {0}")]
+    TooLarge(String),
+}
+
+/// Checks that `p` is relative and never climbs above its root; returns it normalised
+/// (without `.` components).
+fn safe_relative(p: &Path) -> Option<PathBuf> {
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::Normal(n) => out.push(n),
+            Component::CurDir => {}
+            Component::ParentDir | Component::RootDir | Component::Prefix(_) => return None,
+        }
+    }
+    Some(out)
+}
+
+/// Whether a link placed at `at` (relative to the root) with target `target` stays inside
+/// the root.
+fn link_stays_inside(at: &Path, target: &Path) -> bool {
+    if target.is_absolute() {
+        return false;
+    }
+    let mut depth: i64 = at.components().count() as i64 - 1;
+    for c in target.components() {
+        match c {
+            Component::Normal(_) => depth += 1,
+            Component::CurDir => {}
+            Component::ParentDir => {
+                depth -= 1;
+                if depth < 0 {
+                    return false;
+                }
+            }
+            Component::RootDir | Component::Prefix(_) => return false,
+        }
+    }
+    true
+}
+
+/// Unpacks the gzip-compressed tar `archive` into `dest` (created if missing), enforcing
+/// `limits`. Returns the number of bytes written. On error `dest` may hold a partial tree;
+/// callers unpack into a temporary directory and rename it on success.
+pub fn unpack(archive: &Path, dest: &Path, limits: Limits) -> Result<u64, BundleError> {
+    let file = fs::File::open(archive)?;
+    unpack_reader(file, dest, limits)
+}
+
+/// [`unpack`] from any reader of `.tar.gz` bytes.
+pub fn unpack_reader<R: Read>(r: R, dest: &Path, limits: Limits) -> Result<u64, BundleError> {
+    fs::create_dir_all(dest)?;
+    let mut ar = tar::Archive::new(GzDecoder::new(r));
+    let mut total: u64 = 0;
+    let mut count = 0usize;
+    for entry in ar.entries()? {
+        let mut entry = entry?;
+        count += 1;
+        if count > limits.max_entries {
+            return Err(BundleError::TooLarge(format!(
+                "more than {} entries",
+                limits.max_entries
+            )));
+        }
+        let raw = entry.path()?.into_owned();
+        let shown = raw.display().to_string();
+        let rel = safe_relative(&raw).ok_or_else(|| BundleError::UnsafePath(shown.clone()))?;
+        if rel.as_os_str().is_empty() {
+            continue; // the archive's "./" root
+        }
+        let target = dest.join(&rel);
+        let kind = entry.header().entry_type();
+        use tar::EntryType as T;
+        match kind {
+            T::Directory => {
+                fs::create_dir_all(&target)?;
+            }
+            T::Regular | T::Continuous | T::GNUSparse => {
+                let size = entry.header().size()?;
+                if size > limits.max_entry_bytes {
+                    return Err(BundleError::TooLarge(format!(
+                        "{shown} is {size} bytes (limit {})",
+                        limits.max_entry_bytes
+                    )));
+                }
+                if let Some(parent) = target.parent() {
+                    fs::create_dir_all(parent)?;
+                    ensure_inside(dest, parent, &shown)?;
+                }
+                // Never write through an existing link (a previous entry could have
+                // planted one).
+                if fs::symlink_metadata(&target).is_ok() {
+                    fs::remove_file(&target)?;
+                }
+                let mut out = fs::File::create(&target)?;
+                // The header's size can lie about what the gzip stream holds: bound the copy.
+                let budget = limits
+                    .max_entry_bytes
+                    .min(limits.max_total_bytes.saturating_sub(total));
+                let n = std::io::copy(&mut (&mut entry).take(budget + 1), &mut out)?;
+                if n > budget {
+                    return Err(BundleError::TooLarge(format!(
+                        "more than {} bytes in total",
+                        limits.max_total_bytes
+                    )));
+                }
+                total += n;
+                if let Ok(mode) = entry.header().mode() {
+                    use std::os::unix::fs::PermissionsExt;
+                    // Keep the executable bit, drop setuid/setgid/sticky and world-write.
+                    let mode = (mode & 0o755) | 0o600;
+                    fs::set_permissions(&target, fs::Permissions::from_mode(mode))?;
+                }
+            }
+            T::Symlink => {
+                let link = entry
+                    .link_name()?
+                    .ok_or_else(|| BundleError::UnsafeLink(shown.clone()))?
+                    .into_owned();
+                if !link_stays_inside(&rel, &link) {
+                    return Err(BundleError::UnsafeLink(format!(
+                        "{shown} -> {}",
+                        link.display()
+                    )));
+                }
+                if let Some(parent) = target.parent() {
+                    fs::create_dir_all(parent)?;
+                    ensure_inside(dest, parent, &shown)?;
+                }
+                if fs::symlink_metadata(&target).is_ok() {
+                    return Err(BundleError::UnsafePath(format!("{shown} appears twice")));
+                }
+                std::os::unix::fs::symlink(&link, &target)?;
+            }
+            T::Link => {
+                let link = entry
+                    .link_name()?
+                    .ok_or_else(|| BundleError::UnsafeLink(shown.clone()))?
+                    .into_owned();
+                let src_rel = safe_relative(&link).ok_or_else(|| {
+                    BundleError::UnsafeLink(format!("{shown} -> {}", link.display()))
+                })?;
+                let src = dest.join(&src_rel);
+                // A hard link is a copy of a file unpacked before it, inside the tree (its
+                // path may pass through links unpacked earlier: resolve and check).
+                let real_src = src.canonicalize().map_err(|_| {
+                    BundleError::UnsafeLink(format!("{shown} -> {}", link.display()))
+                })?;
+                if !real_src.starts_with(dest.canonicalize()?) {
+                    return Err(BundleError::UnsafeLink(format!(
+                        "{shown} -> {}",
+                        link.display()
+                    )));
+                }
+                let meta = fs::symlink_metadata(&real_src).map_err(|_| {
+                    BundleError::UnsafeLink(format!("{shown} -> {}", link.display()))
+                })?;
+                if !meta.is_file() {
+                    return Err(BundleError::UnsafeLink(format!(
+                        "{shown} -> {}",
+                        link.display()
+                    )));
+                }
+                if let Some(parent) = target.parent() {
+                    fs::create_dir_all(parent)?;
+                    ensure_inside(dest, parent, &shown)?;
+                }
+                total += meta.len();
+                if total > limits.max_total_bytes {
+                    return Err(BundleError::TooLarge(format!(
+                        "more than {} bytes in total",
+                        limits.max_total_bytes
+                    )));
+                }
+                fs::copy(&real_src, &target)?;
+            }
+            T::XGlobalHeader | T::XHeader | T::GNULongName | T::GNULongLink => {}
+            _ => return Err(BundleError::SpecialFile(shown)),
+        }
+    }
+    verify_links(&dest.canonicalize()?, dest)?;
+    Ok(total)
+}
+
+/// Every link must resolve inside `root`: each was checked on its own, but a chain of
+/// links (`a -> ..`, `b -> a/..`) can still climb out, and a dangling one could be filled
+/// in later.
+fn verify_links(root: &Path, dir: &Path) -> Result<(), BundleError> {
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        let path = entry.path();
+        let ft = entry.file_type()?;
+        if ft.is_symlink() {
+            let shown = path
+                .strip_prefix(root)
+                .unwrap_or(&path)
+                .display()
+                .to_string();
+            match path.canonicalize() {
+                Ok(real) if real.starts_with(root) => {}
+                _ => return Err(BundleError::UnsafeLink(shown)),
+            }
+        } else if ft.is_dir() {
+            verify_links(root, &path)?;
+        }
+    }
+    Ok(())
+}
+
+/// Refuses a parent directory that resolves (through a symlink unpacked earlier) outside
+/// `root`.
+fn ensure_inside(root: &Path, dir: &Path, shown: &str) -> Result<(), BundleError> {
+    let root = root.canonicalize()?;
+    let real = dir.canonicalize()?;
+    if real.starts_with(&root) {
+        Ok(())
+    } else {
+        Err(BundleError::UnsafeLink(shown.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flate2::write::GzEncoder;
+
+    /// Builds a tar.gz with raw headers, so malicious names can be written (the `tar`
+    /// builder refuses some of them itself).
+    fn archive(entries: &[(&str, tar::EntryType, &[u8], Option<&str>)]) -> Vec<u8> {
+        let mut b = tar::Builder::new(GzEncoder::new(Vec::new(), flate2::Compression::fast()));
+        for (name, kind, data, link) in entries {
+            let mut h = tar::Header::new_gnu();
+            {
+                // Write the name bytes directly: set_path refuses `..` and absolute paths.
+                let gnu = h.as_gnu_mut().expect("gnu header");
+                gnu.name[..name.len()].copy_from_slice(name.as_bytes());
+            }
+            h.set_entry_type(*kind);
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            if let Some(l) = link {
+                h.set_link_name(l).expect("link name");
+            }
+            h.set_cksum();
+            b.append(&h, *data).expect("append");
+        }
+        b.into_inner().expect("tar").finish().expect("gz")
+    }
+
+    fn unpack_bytes(bytes: &[u8], limits: Limits) -> (tempfile::TempDir, Result<u64, BundleError>) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let dest = dir.path().join("out");
+        let r = unpack_reader(bytes, &dest, limits);
+        (dir, r)
+    }
+
+    use tar::EntryType as T;
+
+    #[test]
+    fn unpacks_files_dirs_and_inner_links() {
+        let bytes = archive(&[
+            ("tests/", T::Directory, b"", None),
+            ("tests/a.spec.js", T::Regular, b"test('a')", None),
+            ("package.json", T::Regular, b"{}", None),
+            ("tests/link.js", T::Symlink, b"", Some("a.spec.js")),
+            ("copy.js", T::Link, b"", Some("tests/a.spec.js")),
+        ]);
+        let (dir, r) = unpack_bytes(&bytes, Limits::default());
+        let n = r.expect("unpacks");
+        let out = dir.path().join("out");
+        assert_eq!(
+            fs::read(out.join("tests/a.spec.js")).expect("file"),
+            b"test('a')"
+        );
+        assert_eq!(
+            fs::read(out.join("tests/link.js")).expect("via link"),
+            b"test('a')"
+        );
+        assert_eq!(
+            fs::read(out.join("copy.js")).expect("hard link copy"),
+            b"test('a')"
+        );
+        assert_eq!(n, 9 + 2 + 9);
+    }
+
+    #[test]
+    fn refuses_paths_out_of_the_tree() {
+        for name in ["../evil.js", "tests/../../evil.js", "/etc/evil.js"] {
+            let bytes = archive(&[(name, T::Regular, b"x", None)]);
+            let (dir, r) = unpack_bytes(&bytes, Limits::default());
+            assert!(
+                matches!(r, Err(BundleError::UnsafePath(_))),
+                "{name}: {r:?}"
+            );
+            assert!(!dir.path().join("evil.js").exists());
+        }
+    }
+
+    #[test]
+    fn refuses_links_out_of_the_tree() {
+        for (at, to) in [
+            ("escape", "../outside"),
+            ("a/b/escape", "../../../outside"),
+            ("abs", "/etc/passwd"),
+        ] {
+            let bytes = archive(&[(at, T::Symlink, b"", Some(to))]);
+            let (_d, r) = unpack_bytes(&bytes, Limits::default());
+            assert!(
+                matches!(r, Err(BundleError::UnsafeLink(_))),
+                "{at} -> {to}: {r:?}"
+            );
+        }
+        let bytes = archive(&[("h", T::Link, b"", Some("/etc/passwd"))]);
+        let (_d, r) = unpack_bytes(&bytes, Limits::default());
+        assert!(matches!(r, Err(BundleError::UnsafeLink(_))), "{r:?}");
+        // An inner link that stays inside is fine even when it goes up a level.
+        let bytes = archive(&[
+            ("a/x.js", T::Regular, b"1", None),
+            ("a/b/up", T::Symlink, b"", Some("../x.js")),
+        ]);
+        let (_d, r) = unpack_bytes(&bytes, Limits::default());
+        assert!(r.is_ok(), "{r:?}");
+    }
+
+    #[test]
+    fn refuses_writing_through_a_planted_directory_link() {
+        let outside = tempfile::tempdir().expect("tempdir");
+        // `dir` -> `.` stays inside, so a write through it lands inside too; but a link to
+        // an absolute directory is refused before anything is written through it.
+        let bytes = archive(&[
+            (
+                "d",
+                T::Symlink,
+                b"",
+                Some(outside.path().to_str().expect("utf8")),
+            ),
+            ("d/evil.js", T::Regular, b"x", None),
+        ]);
+        let (_d, r) = unpack_bytes(&bytes, Limits::default());
+        assert!(matches!(r, Err(BundleError::UnsafeLink(_))), "{r:?}");
+        assert!(!outside.path().join("evil.js").exists());
+    }
+
+    #[test]
+    fn refuses_link_chains_and_dangling_links() {
+        let bytes = archive(&[
+            ("a/", T::Directory, b"", None),
+            ("a/y", T::Symlink, b"", Some("..")),
+            ("a/z", T::Symlink, b"", Some("y/../..")),
+        ]);
+        let (_d, r) = unpack_bytes(&bytes, Limits::default());
+        assert!(matches!(r, Err(BundleError::UnsafeLink(_))), "{r:?}");
+        let bytes = archive(&[("dangling", T::Symlink, b"", Some("later/x"))]);
+        let (_d, r) = unpack_bytes(&bytes, Limits::default());
+        assert!(matches!(r, Err(BundleError::UnsafeLink(_))), "{r:?}");
+    }
+
+    #[test]
+    fn refuses_special_files() {
+        for kind in [T::Char, T::Block, T::Fifo] {
+            let bytes = archive(&[("dev", kind, b"", None)]);
+            let (_d, r) = unpack_bytes(&bytes, Limits::default());
+            assert!(
+                matches!(r, Err(BundleError::SpecialFile(_))),
+                "{kind:?}: {r:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn enforces_size_and_count_limits() {
+        let big = vec![b'x'; 1000];
+        let limits = Limits {
+            max_entry_bytes: 999,
+            max_total_bytes: 10_000,
+            max_entries: 10,
+        };
+        let (_d, r) = unpack_bytes(&archive(&[("big", T::Regular, &big, None)]), limits);
+        assert!(matches!(r, Err(BundleError::TooLarge(_))), "{r:?}");
+
+        let limits = Limits {
+            max_entry_bytes: 1000,
+            max_total_bytes: 1500,
+            max_entries: 10,
+        };
+        let (_d, r) = unpack_bytes(
+            &archive(&[("a", T::Regular, &big, None), ("b", T::Regular, &big, None)]),
+            limits,
+        );
+        assert!(matches!(r, Err(BundleError::TooLarge(_))), "{r:?}");
+
+        let many: Vec<(String, T, &[u8], Option<&str>)> = (0..5)
+            .map(|i| (format!("f{i}"), T::Regular, &b"x"[..], None))
+            .collect();
+        let many: Vec<_> = many
+            .iter()
+            .map(|(n, k, d, l)| (n.as_str(), *k, *d, *l))
+            .collect();
+        let limits = Limits {
+            max_entries: 4,
+            ..Limits::default()
+        };
+        let (_d, r) = unpack_bytes(&archive(&many), limits);
+        assert!(matches!(r, Err(BundleError::TooLarge(_))), "{r:?}");
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        let (_d, r) = unpack_bytes(b"not a gzip stream", Limits::default());
+        assert!(matches!(r, Err(BundleError::Io(_))), "{r:?}");
+    }
+}

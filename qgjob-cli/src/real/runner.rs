@@ -1,0 +1,789 @@
+//! The command runner every real device shares: runs the test command (AppWright by
+//! default) for one job in its own process group, streams its output as job logs, enforces
+//! the job's timeout and cancel by killing the whole group, and turns Playwright's JSON
+//! report into the job's result.
+//!
+//! Outcome rules (what the scheduler is told):
+//! - a report with tests → `Ok(RunReport)`; `passed` only when every test passed (flaky and
+//!   skipped count as passing), nothing failed outside a test and the command exited 0;
+//! - a report with no tests but errors (a spec that does not load, "No tests found") →
+//!   `Ok(RunReport { passed: false })`: retrying would fail the same way;
+//! - timeout → `Err(Timeout)`; cancel → `Err(Other, "canceled")`;
+//! - no report, an unreadable one, or a command killed by a signal → `Err(RunnerCrashed)`
+//!   (retried by the scheduler).
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+use qgjob_core::{InfraErrorKind, InfraFailure, RunReport};
+use thiserror::Error;
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::process::Command;
+use tokio::sync::mpsc;
+
+use super::playwright::parse_report;
+
+/// The default test command: AppWright with Playwright's JSON reporter.
+pub const DEFAULT_COMMAND: &str = "npx appwright test {tests} --project {project} --reporter=json";
+
+/// Most stdout kept to look for a JSON report printed there (when no report file appears).
+const MAX_CAPTURE: usize = 64 * 1024 * 1024;
+/// Longest single log line forwarded; longer lines are cut (the report has its own path).
+const MAX_LINE: usize = 64 * 1024;
+/// Logs are sent in chunks of at most this size...
+const LOG_CHUNK: usize = 32 * 1024;
+/// ...or at least this often while output flows.
+const LOG_FLUSH: Duration = Duration::from_millis(250);
+/// How long to wait for output pipes after the process group is gone (a process that left
+/// the group may still hold them).
+const PIPE_DRAIN: Duration = Duration::from_secs(2);
+
+/// A command template could not be parsed.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum TemplateError {
+    /// The template has no words.
+    #[error("the test command is empty")]
+    Empty,
+    /// A quote was opened and never closed.
+    #[error("unterminated {0} quote in the test command")]
+    Unterminated(char),
+    /// The template never mentions `{tests}`, so the job's tests would not be passed.
+    #[error("the test command must contain {{tests}}")]
+    NoTests,
+}
+
+/// A test command with `{tests}` and `{project}` placeholders, split into words without a
+/// shell (single and double quotes and backslash escapes group words, nothing else is
+/// interpreted). A word that is exactly `{tests}` becomes one word per test file; inside a
+/// longer word `{tests}` becomes the files joined by spaces.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommandTemplate {
+    words: Vec<String>,
+}
+
+impl Default for CommandTemplate {
+    fn default() -> Self {
+        CommandTemplate {
+            words: DEFAULT_COMMAND.split(' ').map(str::to_string).collect(),
+        }
+    }
+}
+
+impl std::str::FromStr for CommandTemplate {
+    type Err = TemplateError;
+    fn from_str(s: &str) -> Result<Self, TemplateError> {
+        CommandTemplate::parse(s)
+    }
+}
+
+impl CommandTemplate {
+    /// Parses a template such as `npx playwright test {tests} --reporter=json`.
+    pub fn parse(s: &str) -> Result<Self, TemplateError> {
+        let words = split_words(s)?;
+        if words.is_empty() {
+            return Err(TemplateError::Empty);
+        }
+        if !words.iter().any(|w| w.contains("{tests}")) {
+            return Err(TemplateError::NoTests);
+        }
+        Ok(CommandTemplate { words })
+    }
+
+    /// The argv for one job.
+    pub fn expand(&self, tests: &[String], project: &str) -> Vec<String> {
+        let mut argv = Vec::with_capacity(self.words.len() + tests.len());
+        for w in &self.words {
+            if w == "{tests}" {
+                argv.extend(tests.iter().cloned());
+            } else {
+                argv.push(
+                    w.replace("{project}", project)
+                        .replace("{tests}", &tests.join(" ")),
+                );
+            }
+        }
+        argv
+    }
+}
+
+fn split_words(s: &str) -> Result<Vec<String>, TemplateError> {
+    let mut words = Vec::new();
+    let mut cur = String::new();
+    let mut in_word = false;
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            c if c.is_whitespace() => {
+                if in_word {
+                    words.push(std::mem::take(&mut cur));
+                    in_word = false;
+                }
+            }
+            '\'' => {
+                in_word = true;
+                loop {
+                    match chars.next() {
+                        Some('\'') => break,
+                        Some(c) => cur.push(c),
+                        None => return Err(TemplateError::Unterminated('\'')),
+                    }
+                }
+            }
+            '"' => {
+                in_word = true;
+                loop {
+                    match chars.next() {
+                        Some('"') => break,
+                        Some('\\') => match chars.next() {
+                            Some(c) => cur.push(c),
+                            None => return Err(TemplateError::Unterminated('"')),
+                        },
+                        Some(c) => cur.push(c),
+                        None => return Err(TemplateError::Unterminated('"')),
+                    }
+                }
+            }
+            '\\' => {
+                in_word = true;
+                if let Some(c) = chars.next() {
+                    cur.push(c);
+                }
+            }
+            c => {
+                in_word = true;
+                cur.push(c);
+            }
+        }
+    }
+    if in_word {
+        words.push(cur);
+    }
+    Ok(words)
+}
+
+/// One run of the test command.
+#[derive(Debug, Clone)]
+pub struct Invocation {
+    /// The program and its arguments (from [`CommandTemplate::expand`]).
+    pub argv: Vec<String>,
+    /// The work dir holding the unpacked test bundle.
+    pub cwd: PathBuf,
+    /// Extra environment (device, build, job); the agent's own environment is inherited.
+    pub env: Vec<(String, String)>,
+    /// The job's timeout.
+    pub timeout: Duration,
+    /// After SIGTERM, how long the group gets before SIGKILL.
+    pub kill_grace: Duration,
+    /// Where Playwright is told to write its JSON report (`PLAYWRIGHT_JSON_OUTPUT_NAME`).
+    pub report_path: PathBuf,
+}
+
+/// How the command ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// It exited with this code.
+    Exited(i32),
+    /// A signal it did not get from us killed it.
+    Signaled(i32),
+    /// It ran past the timeout; its group was killed.
+    TimedOut,
+    /// It was canceled; its group was killed.
+    Canceled,
+}
+
+/// What a run produced.
+#[derive(Debug, Clone)]
+pub struct RunOutcome {
+    /// How the command ended.
+    pub ended: Ended,
+    /// The JSON report's text: the report file, else a JSON object printed on stdout.
+    pub report: Option<String>,
+    /// The last lines of output, for error messages.
+    pub tail: String,
+    /// Wall time from spawn to exit.
+    pub elapsed: Duration,
+}
+
+/// The command could not be started.
+#[derive(Debug, Error)]
+#[error("cannot start {program}: {source}")]
+pub struct SpawnError {
+    /// The program.
+    pub program: String,
+    /// Why.
+    #[source]
+    pub source: std::io::Error,
+}
+
+/// Kills a process group when dropped, so an abandoned run (its future dropped) leaves no
+/// processes behind.
+struct GroupGuard(Pid);
+
+impl GroupGuard {
+    fn signal(&self, sig: Signal) {
+        // ESRCH (the group is already gone) is the normal case at the end of a run.
+        let _ = killpg(self.0, sig);
+    }
+}
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        self.signal(Signal::SIGKILL);
+    }
+}
+
+/// Runs `inv`, sending its output to `log` in chunks (stdout and stderr interleaved as they
+/// arrive), until it exits, times out or `cancel` resolves.
+pub async fn run_command<C>(
+    inv: &Invocation,
+    log: &(dyn Fn(&str) + Send + Sync),
+    cancel: C,
+) -> Result<RunOutcome, SpawnError>
+where
+    C: Future<Output = ()>,
+{
+    let program = inv.argv.first().cloned().unwrap_or_default();
+    let _ = std::fs::remove_file(&inv.report_path);
+    let mut cmd = Command::new(&program);
+    cmd.args(inv.argv.iter().skip(1))
+        .current_dir(&inv.cwd)
+        .env("PLAYWRIGHT_JSON_OUTPUT_NAME", &inv.report_path)
+        // Readable logs: Playwright and most Node tools honour this.
+        .env("FORCE_COLOR", "0")
+        .envs(inv.env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        // Its own group, so timeout/cancel can kill everything it started.
+        .process_group(0)
+        .kill_on_drop(true);
+    let started = Instant::now();
+    let mut child = cmd.spawn().map_err(|source| SpawnError {
+        program: program.clone(),
+        source,
+    })?;
+    let guard = child.id().map(|id| GroupGuard(Pid::from_raw(id as i32)));
+
+    let (tx, mut rx) = mpsc::unbounded_channel::<(bool, String)>();
+    if let Some(out) = child.stdout.take() {
+        tokio::spawn(read_lines(out, true, tx.clone()));
+    }
+    if let Some(err) = child.stderr.take() {
+        tokio::spawn(read_lines(err, false, tx.clone()));
+    }
+    drop(tx);
+
+    let mut logs = LogBuffer::new(log);
+    let mut stdout = String::new();
+    let deadline = tokio::time::sleep(inv.timeout);
+    tokio::pin!(deadline);
+    tokio::pin!(cancel);
+    let mut flush = tokio::time::interval(LOG_FLUSH);
+    let mut killed: Option<Ended> = None;
+    let mut pipes_open = true;
+
+    let status = loop {
+        tokio::select! {
+            st = child.wait() => break st,
+            line = rx.recv(), if pipes_open => match line {
+                Some((is_out, l)) => {
+                    if is_out && stdout.len() + l.len() < MAX_CAPTURE {
+                        stdout.push_str(&l);
+                    }
+                    logs.push(&l);
+                }
+                None => pipes_open = false,
+            },
+            _ = flush.tick() => logs.flush(),
+            _ = &mut deadline, if killed.is_none() => {
+                logs.push(&format!("qgjob: timed out after {} s; killing the process group\n", inv.timeout.as_secs_f64()));
+                killed = Some(Ended::TimedOut);
+                if let Some(g) = &guard { g.signal(Signal::SIGTERM); }
+                break terminate(&mut child, guard.as_ref(), inv.kill_grace).await;
+            }
+            _ = &mut cancel, if killed.is_none() => {
+                logs.push("qgjob: canceled; killing the process group\n");
+                killed = Some(Ended::Canceled);
+                if let Some(g) = &guard { g.signal(Signal::SIGTERM); }
+                break terminate(&mut child, guard.as_ref(), inv.kill_grace).await;
+            }
+        }
+    };
+    let elapsed = started.elapsed();
+    // Whatever the command left running in its group (an Appium server, a device log
+    // reader) goes with it.
+    if let Some(g) = &guard {
+        g.signal(Signal::SIGKILL);
+    }
+    // Drain what is left in the pipes, but do not wait forever on a process that escaped.
+    let drain_until = tokio::time::Instant::now() + PIPE_DRAIN;
+    while pipes_open {
+        match tokio::time::timeout_at(drain_until, rx.recv()).await {
+            Ok(Some((is_out, l))) => {
+                if is_out && stdout.len() + l.len() < MAX_CAPTURE {
+                    stdout.push_str(&l);
+                }
+                logs.push(&l);
+            }
+            _ => pipes_open = false,
+        }
+    }
+
+    let ended = match killed {
+        Some(k) => k,
+        None => match status {
+            Ok(st) => {
+                use std::os::unix::process::ExitStatusExt;
+                match (st.code(), st.signal()) {
+                    (Some(c), _) => Ended::Exited(c),
+                    (None, Some(s)) => Ended::Signaled(s),
+                    (None, None) => Ended::Signaled(0),
+                }
+            }
+            Err(_) => Ended::Signaled(0),
+        },
+    };
+    let status_line = match ended {
+        Ended::Exited(c) => format!("qgjob: test command exited with code {c}\n"),
+        Ended::Signaled(s) => format!("qgjob: test command killed by signal {s}\n"),
+        Ended::TimedOut => "qgjob: test command timed out\n".to_string(),
+        Ended::Canceled => "qgjob: test command canceled\n".to_string(),
+    };
+    logs.push(&status_line);
+    let tail = logs.tail();
+    logs.flush();
+
+    let report = match tokio::fs::read_to_string(&inv.report_path).await {
+        Ok(s) if !s.trim().is_empty() => Some(s),
+        _ => json_on_stdout(&stdout),
+    };
+    Ok(RunOutcome {
+        ended,
+        report,
+        tail,
+        elapsed,
+    })
+}
+
+/// After SIGTERM was sent: waits up to `grace` for the child, then SIGKILLs the group.
+async fn terminate(
+    child: &mut tokio::process::Child,
+    guard: Option<&GroupGuard>,
+    grace: Duration,
+) -> std::io::Result<std::process::ExitStatus> {
+    match tokio::time::timeout(grace, child.wait()).await {
+        Ok(st) => st,
+        Err(_) => {
+            if let Some(g) = guard {
+                g.signal(Signal::SIGKILL);
+            }
+            child.wait().await
+        }
+    }
+}
+
+/// A JSON report printed on stdout: from the first line that starts with `{` to the end.
+fn json_on_stdout(stdout: &str) -> Option<String> {
+    let mut offset = 0;
+    for line in stdout.split_inclusive('\n') {
+        if line.starts_with('{') {
+            let rest = stdout[offset..].trim();
+            return (rest.ends_with('}')).then(|| rest.to_string());
+        }
+        offset += line.len();
+    }
+    None
+}
+
+async fn read_lines<R: AsyncRead + Unpin>(
+    r: R,
+    is_out: bool,
+    tx: mpsc::UnboundedSender<(bool, String)>,
+) {
+    let mut r = BufReader::new(r);
+    let mut buf = Vec::new();
+    loop {
+        buf.clear();
+        match r.read_until(b'\n', &mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {
+                let mut line = String::from_utf8_lossy(&buf).into_owned();
+                if line.len() > MAX_LINE && !is_out {
+                    let mut cut = MAX_LINE;
+                    while !line.is_char_boundary(cut) {
+                        cut -= 1;
+                    }
+                    line.truncate(cut);
+                    line.push_str("…\n");
+                }
+                if tx.send((is_out, line)).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Batches log lines into chunks for the sink and keeps the last lines for error messages.
+struct LogBuffer<'a> {
+    sink: &'a (dyn Fn(&str) + Send + Sync),
+    pending: String,
+    tail: std::collections::VecDeque<String>,
+}
+
+impl<'a> LogBuffer<'a> {
+    const TAIL_LINES: usize = 20;
+
+    fn new(sink: &'a (dyn Fn(&str) + Send + Sync)) -> Self {
+        LogBuffer {
+            sink,
+            pending: String::new(),
+            tail: Default::default(),
+        }
+    }
+
+    fn push(&mut self, line: &str) {
+        // Very long stdout lines (a report printed on stdout) are cut in the logs only.
+        let shown = if line.len() > MAX_LINE {
+            let mut cut = MAX_LINE;
+            while !line.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            format!("{}…\n", &line[..cut])
+        } else {
+            line.to_string()
+        };
+        if !shown.trim().is_empty() {
+            if self.tail.len() == Self::TAIL_LINES {
+                self.tail.pop_front();
+            }
+            self.tail.push_back(shown.trim_end().to_string());
+        }
+        self.pending.push_str(&shown);
+        if !self.pending.ends_with('\n') {
+            self.pending.push('\n');
+        }
+        if self.pending.len() >= LOG_CHUNK {
+            self.flush();
+        }
+    }
+
+    fn flush(&mut self) {
+        if !self.pending.is_empty() {
+            (self.sink)(&self.pending);
+            self.pending.clear();
+        }
+    }
+
+    fn tail(&self) -> String {
+        self.tail.iter().cloned().collect::<Vec<_>>().join("\n")
+    }
+}
+
+/// Turns a run into the job's result (see the module docs for the rules).
+pub fn judge(out: &RunOutcome, timeout: Duration) -> Result<RunReport, InfraFailure> {
+    let crashed = |why: String| InfraFailure {
+        kind: InfraErrorKind::RunnerCrashed,
+        message: format!("{why}; last output:\n{}", out.tail),
+    };
+    match out.ended {
+        Ended::TimedOut => {
+            return Err(InfraFailure {
+                kind: InfraErrorKind::Timeout,
+                message: format!(
+                    "the tests ran past the job's timeout of {} s; the process group was killed",
+                    timeout.as_secs_f64()
+                ),
+            })
+        }
+        Ended::Canceled => {
+            return Err(InfraFailure {
+                kind: InfraErrorKind::Other,
+                message: "canceled".to_string(),
+            })
+        }
+        Ended::Signaled(s) => {
+            return Err(crashed(format!(
+                "the test command was killed by signal {s}"
+            )))
+        }
+        Ended::Exited(_) => {}
+    }
+    let code = match out.ended {
+        Ended::Exited(c) => c,
+        _ => -1,
+    };
+    let Some(text) = &out.report else {
+        return Err(crashed(format!(
+            "the test command exited with code {code} without a JSON report"
+        )));
+    };
+    let report = match parse_report(text) {
+        Ok(r) => r,
+        Err(e) => return Err(crashed(format!("exit code {code}: {e}"))),
+    };
+    if report.tests.is_empty() && report.errors.is_empty() {
+        return Err(crashed(format!(
+            "exit code {code}: the report lists neither tests nor errors"
+        )));
+    }
+    let passed = report.passed() && code == 0;
+    let error = if passed {
+        None
+    } else {
+        Some(
+            report
+                .failure_summary()
+                .unwrap_or_else(|| format!("the test command exited with code {code}")),
+        )
+    };
+    Ok(RunReport {
+        passed,
+        tests: report.tests,
+        duration_ms: u64::try_from(out.elapsed.as_millis()).unwrap_or(u64::MAX),
+        error,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    #[test]
+    fn templates_split_without_a_shell() {
+        let t = CommandTemplate::parse(r#"node "my dir/cli.js" test {tests} --grep 'a b' x\ y"#)
+            .expect("parses");
+        assert_eq!(
+            t.expand(&["a.spec.ts".into(), "b c.spec.ts".into()], "android"),
+            vec![
+                "node",
+                "my dir/cli.js",
+                "test",
+                "a.spec.ts",
+                "b c.spec.ts",
+                "--grep",
+                "a b",
+                "x y"
+            ]
+        );
+        let d = CommandTemplate::default();
+        assert_eq!(
+            d.expand(&["t.spec.js".into()], "emulator"),
+            vec![
+                "npx",
+                "appwright",
+                "test",
+                "t.spec.js",
+                "--project",
+                "emulator",
+                "--reporter=json"
+            ]
+        );
+        assert_eq!(
+            CommandTemplate::parse("sh -c 'run {tests} on {project}'")
+                .expect("parses")
+                .expand(&["a".into(), "b".into()], "p")[2],
+            "run a b on p"
+        );
+        assert_eq!(CommandTemplate::parse("  "), Err(TemplateError::Empty));
+        assert_eq!(
+            CommandTemplate::parse("npx 'x {tests}"),
+            Err(TemplateError::Unterminated('\''))
+        );
+        assert_eq!(
+            CommandTemplate::parse("npx playwright test"),
+            Err(TemplateError::NoTests)
+        );
+    }
+
+    #[test]
+    fn finds_a_report_printed_on_stdout() {
+        assert_eq!(
+            json_on_stdout("npm notice\n{\n \"suites\": []\n}\n").as_deref(),
+            Some("{\n \"suites\": []\n}")
+        );
+        assert_eq!(json_on_stdout("no report here\n"), None);
+        assert_eq!(json_on_stdout("{ cut off"), None);
+    }
+
+    fn inv(dir: &std::path::Path, script: &str, timeout: Duration) -> Invocation {
+        Invocation {
+            argv: vec!["sh".into(), "-c".into(), script.into()],
+            cwd: dir.to_path_buf(),
+            env: vec![("QGJOB_JOB_ID".into(), "job-1".into())],
+            timeout,
+            kill_grace: Duration::from_millis(500),
+            report_path: dir.join("report.json"),
+        }
+    }
+
+    #[tokio::test]
+    async fn streams_output_and_reads_the_report_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let logs = Mutex::new(String::new());
+        let sink = |s: &str| logs.lock().expect("lock").push_str(s);
+        let script = r#"echo "job $QGJOB_JOB_ID"; echo oops >&2;
+            printf '{"suites":[{"title":"a","file":"a","specs":[{"title":"t","tests":[{"status":"expected","results":[{"status":"passed","duration":3}]}]}]}],"errors":[]}' > "$PLAYWRIGHT_JSON_OUTPUT_NAME""#;
+        let out = run_command(
+            &inv(dir.path(), script, Duration::from_secs(30)),
+            &sink,
+            std::future::pending(),
+        )
+        .await
+        .expect("runs");
+        assert_eq!(out.ended, Ended::Exited(0));
+        let logs = logs.lock().expect("lock").clone();
+        assert!(logs.contains("job job-1\n"), "{logs}");
+        assert!(logs.contains("oops\n"), "{logs}");
+        assert!(logs.contains("exited with code 0"), "{logs}");
+        let r = judge(&out, Duration::from_secs(30)).expect("a report");
+        assert!(r.passed);
+        assert_eq!(r.tests.len(), 1);
+        assert_eq!(r.tests[0].title, "t");
+    }
+
+    #[tokio::test]
+    async fn no_report_is_a_runner_crash() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let out = run_command(
+            &inv(
+                dir.path(),
+                "echo 'cannot find module appwright' >&2; exit 1",
+                Duration::from_secs(30),
+            ),
+            &|_: &str| {},
+            std::future::pending(),
+        )
+        .await
+        .expect("runs");
+        assert_eq!(out.ended, Ended::Exited(1));
+        let e = judge(&out, Duration::from_secs(30)).expect_err("infra failure");
+        assert_eq!(e.kind, InfraErrorKind::RunnerCrashed);
+        assert!(
+            e.message.contains("cannot find module appwright"),
+            "{}",
+            e.message
+        );
+    }
+
+    #[tokio::test]
+    async fn a_missing_program_does_not_start() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut i = inv(dir.path(), "", Duration::from_secs(1));
+        i.argv = vec!["/nonexistent/qgjob-test-program".into()];
+        let e = run_command(&i, &|_: &str| {}, std::future::pending())
+            .await
+            .expect_err("spawn fails");
+        assert!(e.to_string().contains("/nonexistent/qgjob-test-program"));
+    }
+
+    fn alive(pid: i32) -> bool {
+        // Signal 0 probes; a zombie still answers, so also look at its state.
+        if nix::sys::signal::kill(Pid::from_raw(pid), None).is_err() {
+            return false;
+        }
+        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            Ok(s) => !s
+                .rsplit(')')
+                .next()
+                .is_some_and(|r| r.trim_start().starts_with('Z')),
+            Err(_) => false,
+        }
+    }
+
+    async fn gone_soon(pid: i32) -> bool {
+        // Killed grandchildren can linger briefly until reaped: poll instead of asserting
+        // at once.
+        for _ in 0..100 {
+            if !alive(pid) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        false
+    }
+
+    #[tokio::test]
+    async fn timeout_kills_the_whole_group() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pidfile = dir.path().join("grandchild.pid");
+        // The grandchild ignores SIGTERM, so only the SIGKILL after the grace period ends it.
+        let script = format!(
+            "sh -c 'trap \"\" TERM; echo $$ > {}; exec sleep 300' & wait",
+            pidfile.display()
+        );
+        let out = run_command(
+            &inv(dir.path(), &script, Duration::from_millis(700)),
+            &|_: &str| {},
+            std::future::pending(),
+        )
+        .await
+        .expect("runs");
+        assert_eq!(out.ended, Ended::TimedOut);
+        let e = judge(&out, Duration::from_millis(700)).expect_err("timeout");
+        assert_eq!(e.kind, InfraErrorKind::Timeout);
+        let pid: i32 = std::fs::read_to_string(&pidfile)
+            .expect("grandchild wrote its pid")
+            .trim()
+            .parse()
+            .expect("a pid");
+        assert!(gone_soon(pid).await, "grandchild {pid} survived");
+    }
+
+    #[tokio::test]
+    async fn cancel_kills_the_group_and_reports_canceled() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pidfile = dir.path().join("child.pid");
+        let script = format!("echo $$ > {}; sleep 300", pidfile.display());
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let pf = pidfile.clone();
+        tokio::spawn(async move {
+            while !pf.exists() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let _ = tx.send(());
+        });
+        let out = run_command(
+            &inv(dir.path(), &script, Duration::from_secs(60)),
+            &|_: &str| {},
+            async {
+                let _ = rx.await;
+            },
+        )
+        .await
+        .expect("runs");
+        assert_eq!(out.ended, Ended::Canceled);
+        let e = judge(&out, Duration::from_secs(60)).expect_err("canceled");
+        assert_eq!(e.kind, InfraErrorKind::Other);
+        assert_eq!(e.message, "canceled");
+        let pid: i32 = std::fs::read_to_string(&pidfile)
+            .expect("pid")
+            .trim()
+            .parse()
+            .expect("a pid");
+        assert!(gone_soon(pid).await, "process {pid} survived cancel");
+    }
+
+    #[tokio::test]
+    async fn failing_report_with_exit_code_one_is_a_failed_run() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let script = r#"cat <<'EOF'
+{"suites":[{"title":"a","file":"a","specs":[{"title":"bad","tests":[{"status":"unexpected","results":[{"status":"failed","duration":3,"error":{"message":"Error: nope"}}]}]}]}],"errors":[]}
+EOF
+exit 1"#;
+        let mut i = inv(dir.path(), script, Duration::from_secs(30));
+        // No report file: the JSON printed on stdout is used.
+        i.report_path = dir.path().join("never-written.json");
+        let out = run_command(&i, &|_: &str| {}, std::future::pending())
+            .await
+            .expect("runs");
+        let r = judge(&out, Duration::from_secs(30)).expect("a report");
+        assert!(!r.passed);
+        assert_eq!(r.error.as_deref(), Some("bad: Error: nope"));
+    }
+}
