@@ -1,0 +1,250 @@
+//! Compares the grouped policy with the FIFO and per-group baselines on generated workloads
+//! of every shape, and checks the acceptance rules per pool.
+//!
+//! ```text
+//! cargo run --release -p qgjob-core --example compare -- [--seeds N] [--shape NAME] [--quiet]
+//! ```
+//!
+//! For each shape and seed it prints one row per target pool: makespan / lower bound,
+//! installs / minimum installs and the p95 wait of the pool's highest priority, for each
+//! policy, then PASS or the rules grouped broke:
+//! 1. grouped makespan ≤ 1.20 × lower bound;
+//! 2. grouped makespan ≤ 1.05 × the better baseline's;
+//! 3. grouped installs ≤ 0.5 × FIFO's;
+//! 4. grouped's p95 wait of the highest priority ≤ per-group's.
+//!
+//! It ends with a summary per shape and the count of passing rows. The exit code is 0 even
+//! when rows fail: this is a measuring tool, not a gate.
+
+use std::collections::BTreeMap;
+use std::process::ExitCode;
+
+use qgjob_core::sim::{self, PoolReport, Shape};
+use qgjob_core::PolicyKind;
+
+/// Rule thresholds (see the file docs).
+const MAX_OVER_BOUND: f64 = 1.20;
+const MAX_OVER_BASELINE: f64 = 1.05;
+const MAX_INSTALLS_VS_FIFO: f64 = 0.5;
+
+struct Args {
+    seeds: u64,
+    shapes: Vec<Shape>,
+    quiet: bool,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut args = Args {
+        seeds: 10,
+        shapes: Shape::ALL.to_vec(),
+        quiet: false,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--seeds" => {
+                let v = it.next().ok_or("--seeds needs a number")?;
+                args.seeds = v
+                    .parse()
+                    .map_err(|_| format!("--seeds: not a number: {v}"))?;
+            }
+            "--shape" => {
+                let v = it.next().ok_or("--shape needs a name")?;
+                args.shapes = vec![v.parse().map_err(|e| format!("--shape: {e}"))?];
+            }
+            "--quiet" => args.quiet = true,
+            "-h" | "--help" => {
+                return Err(
+                    "usage: compare [--seeds N] [--shape few-big-groups|many-small-groups|uniform|bursty] [--quiet]"
+                        .into(),
+                )
+            }
+            other => return Err(format!("unknown argument {other}")),
+        }
+    }
+    Ok(args)
+}
+
+/// One policy's figures for one pool.
+#[derive(Clone, Copy)]
+struct Fig {
+    mk_over_lb: f64,
+    makespan: f64,
+    installs: u64,
+    inst_over_min: f64,
+    p95_top: f64,
+}
+
+fn fig(p: &PoolReport) -> Fig {
+    let top = p
+        .wait_s_by_priority
+        .iter()
+        .next_back()
+        .map_or(0.0, |(_, w)| w.p95);
+    Fig {
+        mk_over_lb: ratio(p.makespan_s, p.lower_bound_s),
+        makespan: p.makespan_s,
+        installs: p.installs,
+        inst_over_min: ratio(p.installs as f64, p.min_installs as f64),
+        p95_top: top,
+    }
+}
+
+fn ratio(a: f64, b: f64) -> f64 {
+    if b > 0.0 {
+        a / b
+    } else {
+        1.0
+    }
+}
+
+/// Which rules grouped broke on a row (empty: PASS).
+fn broken(g: Fig, f: Fig, pg: Fig) -> Vec<&'static str> {
+    let mut out = Vec::new();
+    if g.mk_over_lb > MAX_OVER_BOUND {
+        out.push("bound");
+    }
+    if g.makespan > MAX_OVER_BASELINE * f.makespan.min(pg.makespan) {
+        out.push("baseline");
+    }
+    if g.installs as f64 > MAX_INSTALLS_VS_FIFO * f.installs as f64 {
+        out.push("installs");
+    }
+    if g.p95_top > pg.p95_top {
+        out.push("urgent-wait");
+    }
+    out
+}
+
+/// Per-shape tallies for the summary.
+#[derive(Default)]
+struct Tally {
+    rows: u64,
+    pass: u64,
+    broken: BTreeMap<&'static str, u64>,
+    mk_over_lb: [f64; 3],
+    inst_over_min: [f64; 3],
+    worst_grouped_mk_over_lb: f64,
+}
+
+fn main() -> ExitCode {
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    let mut tallies: BTreeMap<Shape, Tally> = BTreeMap::new();
+    for &shape in &args.shapes {
+        let tally = tallies.entry(shape).or_default();
+        for seed in 0..args.seeds {
+            let w = sim::generate(shape, seed);
+            let mut reports = Vec::new();
+            for p in PolicyKind::ALL {
+                match sim::run(&w, p) {
+                    Ok(r) => reports.push(r),
+                    Err(e) => {
+                        eprintln!("{}: {p}: {e}", w.name);
+                        return ExitCode::from(3);
+                    }
+                }
+            }
+            if !args.quiet {
+                println!(
+                    "\n{} ({} jobs)\n  {:<13}{:>4}{:>7} | {:^23} | {:^23} | {:^23} |",
+                    w.name,
+                    w.jobs.len(),
+                    "pool",
+                    "dev",
+                    "inst",
+                    "grouped",
+                    "fifo",
+                    "per-group"
+                );
+                println!(
+                    "  {:<24} |{}|{}|{}| check",
+                    "",
+                    "  mk/lb inst/min p95top ",
+                    "  mk/lb inst/min p95top ",
+                    "  mk/lb inst/min p95top "
+                );
+            }
+            for (pi, pool) in w.pools.iter().enumerate() {
+                if reports[0].pools[pi].jobs == 0 {
+                    continue;
+                }
+                let figs: Vec<Fig> = reports.iter().map(|r| fig(&r.pools[pi])).collect();
+                let bad = broken(figs[0], figs[1], figs[2]);
+                tally.rows += 1;
+                if bad.is_empty() {
+                    tally.pass += 1;
+                }
+                for b in &bad {
+                    *tally.broken.entry(b).or_default() += 1;
+                }
+                for (k, f) in figs.iter().enumerate() {
+                    tally.mk_over_lb[k] += f.mk_over_lb;
+                    tally.inst_over_min[k] += f.inst_over_min;
+                }
+                tally.worst_grouped_mk_over_lb =
+                    tally.worst_grouped_mk_over_lb.max(figs[0].mk_over_lb);
+                if !args.quiet {
+                    let cells: Vec<String> = figs
+                        .iter()
+                        .map(|f| {
+                            format!(
+                                " {:>5.3} {:>8.2} {:>6.0}s",
+                                f.mk_over_lb, f.inst_over_min, f.p95_top
+                            )
+                        })
+                        .collect();
+                    let verdict = if bad.is_empty() {
+                        "PASS".to_string()
+                    } else {
+                        format!("FAIL ({})", bad.join(", "))
+                    };
+                    println!(
+                        "  {:<13}{:>4}{:>6}s |{}|{}|{}| {}",
+                        pool.target.as_str(),
+                        pool.devices,
+                        pool.install_s,
+                        cells[0],
+                        cells[1],
+                        cells[2],
+                        verdict
+                    );
+                }
+            }
+        }
+    }
+
+    println!("\nSummary ({} seeds per shape; means over pool rows)", args.seeds);
+    println!(
+        "  {:<18} {:>5} {:>5} | {:^26} | {:^26} | {:>7} | broken rules",
+        "shape", "rows", "pass", "mk/lb grp / fifo / pergrp", "inst/min grp / fifo / pergrp", "worst"
+    );
+    let (mut rows, mut pass) = (0, 0);
+    for (shape, t) in &tallies {
+        rows += t.rows;
+        pass += t.pass;
+        let n = t.rows.max(1) as f64;
+        let broken: Vec<String> = t.broken.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+        println!(
+            "  {:<18} {:>5} {:>5} | {:>7.3} {:>8.3} {:>8.3} | {:>7.2} {:>8.2} {:>8.2} | {:>7.3} | {}",
+            shape.as_str(),
+            t.rows,
+            t.pass,
+            t.mk_over_lb[0] / n,
+            t.mk_over_lb[1] / n,
+            t.mk_over_lb[2] / n,
+            t.inst_over_min[0] / n,
+            t.inst_over_min[1] / n,
+            t.inst_over_min[2] / n,
+            t.worst_grouped_mk_over_lb,
+            broken.join(", ")
+        );
+    }
+    println!("\n{pass} of {rows} pool rows PASS, {} FAIL", rows - pass);
+    ExitCode::SUCCESS
+}
