@@ -329,8 +329,9 @@ impl<S: Scheduler + Send + 'static> SharedScheduler<S> {
             };
             let ms = wake.since(self.now());
             if ms == 0 {
-                // Due already (the tick above ran before the clock reached it): yield, retry.
-                tokio::task::yield_now().await;
+                // Due already (the clock moved on since the tick above): tick again after a
+                // millisecond, which also keeps a misbehaving scheduler from spinning a core.
+                tokio::time::sleep(Duration::from_millis(1)).await;
                 continue;
             }
             tokio::select! {

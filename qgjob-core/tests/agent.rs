@@ -581,3 +581,61 @@ async fn sim_device_rates_are_seeded_and_roughly_right() {
     let out = d.run(&build("acme", "v1"), &[job], watch).await;
     assert!(matches!(&out[0], Err(f) if f.kind == InfraErrorKind::InstallFailed));
 }
+
+/// A test device whose installs always fail (no real hardware involved).
+struct BrokenInstaller;
+
+#[async_trait]
+impl Device for BrokenInstaller {
+    fn info(&self) -> DeviceInfo {
+        DeviceInfo {
+            id: DeviceId::new("broken-1").unwrap(),
+            target: Target::Emulator,
+            capabilities: Capabilities::default(),
+            installed: None,
+            install_estimate_ms: Some(1_000),
+        }
+    }
+    async fn install(&self, _build: &BuildRef) -> Result<(), InfraFailure> {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        Err(InfraFailure {
+            kind: InfraErrorKind::InstallFailed,
+            message: "adb: INSTALL_FAILED_INSUFFICIENT_STORAGE".into(),
+        })
+    }
+    async fn run(
+        &self,
+        _build: &BuildRef,
+        _jobs: &[LeasedJob],
+        _cancel: CancelWatch,
+    ) -> Vec<qgjob_core::device::JobRun> {
+        panic!("run must not be called after a failed install");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_install_fails_every_job_of_the_lease() {
+    let s = shared(SchedulerConfig::default());
+    let ticker = s.spawn_ticker();
+    let ids: Vec<JobId> = (0..2)
+        .map(|i| {
+            let mut sp = spec("acme", "v1", &format!("tests/t{i}.spec.js"));
+            sp.max_attempts = 1;
+            s.submit(sp).unwrap().job_id
+        })
+        .collect();
+    let shutdown = Shutdown::new();
+    let agent = Agent::new(Arc::new(s.link()), agent_cfg()).with_device(Arc::new(BrokenInstaller));
+    let handle = tokio::spawn(agent.run(shutdown.signal()));
+    wait(&s, "all final", all_final(&ids)).await;
+    for id in &ids {
+        let job = s.get(*id).unwrap();
+        assert_eq!(job.state, JobState::Error);
+        let err = job.outcome.unwrap().error.unwrap();
+        assert!(err.contains("INSTALL_FAILED_INSUFFICIENT_STORAGE"), "{err}");
+    }
+    shutdown.trigger();
+    let c = handle.await.unwrap().unwrap();
+    ticker.abort();
+    assert_eq!((c.leases, c.installs, c.infra_failures), (1, 0, 2));
+}

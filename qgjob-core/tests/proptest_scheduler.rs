@@ -1003,7 +1003,7 @@ proptest! {
     // Failures are kept in qgjob-core/proptest-regressions/ (cargo runs tests from the
     // package root) and replayed first on every run.
     #![proptest_config(ProptestConfig {
-        cases: 192,
+        cases: 256,
         failure_persistence: Some(Box::new(FileFailurePersistence::Direct(
             "proptest-regressions/proptest_scheduler.txt",
         ))),
