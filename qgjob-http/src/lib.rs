@@ -1,1 +1,345 @@
-//! qgjob-http: the axum server around the qgjob scheduler (user API, agent protocol, store).
+//! qgjob-http: the axum server around the qgjob scheduler — user API, agent protocol, live
+//! events, artifacts, auth, metrics — and its durable store.
+//!
+//! Entry points: [`run_server`] (binds, prints `qgjob server listening on http://ADDR`,
+//! stops on SIGTERM/ctrl-c; what `qgjob server` calls), [`serve`] (runs on an already-bound
+//! listener until a shutdown future resolves; what tests use with `127.0.0.1:0`) and
+//! [`app`] (the router for given state).
+//!
+//! # Design
+//!
+//! - **Scheduler**: one [`qgjob_core::GroupedScheduler`] behind a `std::sync::Mutex`, never
+//!   held across `.await`; every mutating call gets `now` = Unix milliseconds.
+//! - **Persist before answering**: after each change the handler drains the scheduler's
+//!   events and queues the changed jobs (full serde JSON plus indexed columns) to a single
+//!   writer task while still holding the lock, then awaits its own acknowledgement. The
+//!   writer group-commits every pending request in one SQLite transaction, then publishes the
+//!   events (SSE) in commit order. That is what makes durable submissions fast.
+//! - **Durability level**: SQLite in WAL mode with `synchronous=NORMAL` by default: a
+//!   committed write survives `kill -9` of the server, but not necessarily a power cut.
+//!   [`Synchronous::Full`] (`ServerOptions::synchronous`) fsyncs every commit.
+//! - **Restart**: the scheduler is rebuilt with `GroupedScheduler::restore` from every
+//!   unfinished job, jobs finished within the retention window (so idempotency keys and fresh
+//!   reads keep working), and the job with the highest seq (so seqs never repeat). Queued
+//!   jobs keep their order. Running jobs keep their leases, with the deadline pushed to at
+//!   least one lease TTL after the restart: agents could not heartbeat while the server was
+//!   down. Heartbeats are therefore not persisted. Devices are not persisted: agents
+//!   register again (a device that held a lease gets it back).
+//! - **Reads**: a job is read from the scheduler when it holds it, else from the store;
+//!   listings and runs come from the store (everything acknowledged is there).
+//! - **Logs** are stored in the database, appended per job, size-limited.
+//! - **Artifacts** are files under `DATA_DIR/artifacts/sha256/<hex>` (in memory with
+//!   `--store memory`); the build registry maps (org, app version) to a digest.
+//! - **Store trait**: [`store::Store`], implemented by [`store::SqliteStore`] and
+//!   [`store::MemoryStore`]; a PostgreSQL implementation only has to implement it.
+#![warn(missing_docs)]
+
+pub mod agent;
+pub mod api;
+pub mod auth;
+pub mod blobs;
+pub mod error;
+pub mod metrics;
+pub mod ops;
+pub mod state;
+pub mod store;
+
+use std::future::Future;
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{delete, get, post, put};
+use axum::Router;
+use qgjob_core::{GroupedScheduler, SchedulerConfig, Time};
+use tokio::net::TcpListener;
+use tower_http::trace::TraceLayer;
+
+pub use auth::TokenSpec;
+pub use error::{ApiError, ServerError};
+pub use state::{App, AppState, Limits};
+pub use store::{Synchronous, TokenKind};
+
+use crate::auth::Auth;
+use crate::blobs::Blobs;
+use crate::store::{MemoryStore, SqliteStore, Store};
+
+/// Which store the server keeps its state in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StoreKind {
+    /// The embedded SQLite database under the data dir (durable).
+    #[default]
+    Sqlite,
+    /// Memory only: everything is lost when the server stops.
+    Memory,
+}
+
+/// How to run the server.
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    /// Where [`run_server`] binds (ignored by [`serve`], which gets a listener).
+    pub addr: SocketAddr,
+    /// Where the SQLite store and artifacts live (default `./qgjob-data`).
+    pub data_dir: Option<PathBuf>,
+    /// Which store.
+    pub store: StoreKind,
+    /// Tokens accepted, besides those in `tokens_file` and those created via the admin API.
+    pub tokens: Vec<TokenSpec>,
+    /// A file of tokens (`admin TOKEN`, `agent TOKEN`, `org ORG_ID TOKEN` per line).
+    pub tokens_file: Option<PathBuf>,
+    /// Scheduler tunables.
+    pub scheduler: SchedulerConfig,
+    /// SQLite durability level.
+    pub synchronous: Synchronous,
+    /// Size limits and the retention of finished jobs in memory.
+    pub limits: Limits,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        ServerOptions {
+            addr: SocketAddr::from(([127, 0, 0, 1], 7878)),
+            data_dir: Some(PathBuf::from("./qgjob-data")),
+            store: StoreKind::Sqlite,
+            tokens: Vec::new(),
+            tokens_file: None,
+            scheduler: SchedulerConfig::default(),
+            synchronous: Synchronous::Normal,
+            limits: Limits::default(),
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            body_bytes: 1024 * 1024,
+            run_body_bytes: 64 * 1024 * 1024,
+            artifact_bytes: 2 * 1024 * 1024 * 1024,
+            log_bytes: 16 * 1024 * 1024,
+            retention_ms: 3600 * 1000,
+        }
+    }
+}
+
+/// The router for a running state.
+pub fn app(state: AppState) -> Router {
+    let limits = state.limits;
+    let user = Router::new()
+        .route("/v1/jobs", post(api::submit_job).get(api::list_jobs))
+        .route("/v1/jobs/{job_id}", get(api::get_job))
+        .route("/v1/jobs/{job_id}/cancel", post(api::cancel_job))
+        .route("/v1/jobs/{job_id}/logs", get(api::job_logs))
+        .route("/v1/jobs/{job_id}/results", get(api::job_results))
+        .route("/v1/jobs/{job_id}/events", get(api::job_events))
+        .route("/v1/runs/{run_id}", get(api::get_run))
+        .route("/v1/runs/{run_id}/cancel", post(api::cancel_run))
+        .route("/v1/runs/{run_id}/events", get(api::run_events))
+        .route(
+            "/v1/apps/{org_id}/{app_version_id}",
+            put(api::put_app).get(api::get_app),
+        )
+        .route(
+            "/v1/apps/{org_id}/{app_version_id}/build",
+            get(api::download_app),
+        )
+        .route("/v1/bundles", put(api::put_bundle))
+        .route("/v1/admin/tokens", post(api::create_token))
+        .route("/v1/agent/devices", post(agent::register_device))
+        .route(
+            "/v1/agent/devices/{device_id}",
+            delete(agent::unregister_device),
+        )
+        .route("/v1/agent/lease", post(agent::lease))
+        .route(
+            "/v1/agent/leases/{lease_id}/heartbeat",
+            post(agent::heartbeat),
+        )
+        .route(
+            "/v1/agent/leases/{lease_id}/jobs/{job_id}/complete",
+            post(agent::complete),
+        )
+        .route(
+            "/v1/agent/leases/{lease_id}/jobs/{job_id}/fail",
+            post(agent::fail),
+        )
+        .route(
+            "/v1/agent/leases/{lease_id}/jobs/{job_id}/logs",
+            post(agent::upload_logs),
+        )
+        .route("/v1/agent/builds/{sha256}", get(agent::download_build))
+        .route("/v1/agent/bundles/{sha256}", get(agent::download_bundle))
+        .route(
+            "/v1/agent/apps/{org_id}/{app_version_id}",
+            get(agent::app_build),
+        )
+        .route("/healthz", get(ops::healthz))
+        .route("/metrics", get(ops::metrics))
+        .route("/openapi.json", get(ops::openapi))
+        .layer(DefaultBodyLimit::max(limits.body_bytes));
+    // Batches are bigger than single requests; uploads stream and count their own bytes.
+    let runs = Router::new()
+        .route("/v1/runs", post(api::submit_run))
+        .layer(DefaultBodyLimit::max(limits.run_body_bytes));
+    user.merge(runs)
+        .fallback(|| async { ApiError::not_found("no such endpoint") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                axum::http::StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "method not allowed on this endpoint",
+            )
+        })
+        .layer(TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+async fn open_store(
+    opts: &ServerOptions,
+) -> Result<(Arc<dyn Store>, Blobs, Option<SqliteStore>), ServerError> {
+    match opts.store {
+        StoreKind::Memory => Ok((Arc::new(MemoryStore::new()), Blobs::memory(), None)),
+        StoreKind::Sqlite => {
+            let dir = opts
+                .data_dir
+                .clone()
+                .unwrap_or_else(|| PathBuf::from("./qgjob-data"));
+            std::fs::create_dir_all(&dir)?;
+            let db = SqliteStore::open(&dir.join("qgjob.sqlite3"), opts.synchronous).await?;
+            let blobs = Blobs::dir(dir.join("artifacts"))?;
+            Ok((Arc::new(db.clone()), blobs, Some(db)))
+        }
+    }
+}
+
+/// Whether the server runs open (no auth): only with no tokens at all, and only on a
+/// loopback address; anywhere else having no tokens is a configuration error.
+pub fn open_mode(local: SocketAddr, tokens: usize) -> Result<bool, ServerError> {
+    if tokens > 0 {
+        return Ok(false);
+    }
+    if local.ip().is_loopback() {
+        Ok(true)
+    } else {
+        Err(ServerError::Config(format!(
+            "refusing to listen on {local} without tokens: configure tokens or bind a loopback address"
+        )))
+    }
+}
+
+/// Runs the server on `listener` until `shutdown` resolves, then stops gracefully: new
+/// connections are refused, long polls and event streams end, in-flight requests finish
+/// and every acknowledged change is on disk before this returns.
+pub async fn serve(
+    listener: TcpListener,
+    opts: ServerOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    let local = listener.local_addr()?;
+    let (store, blobs, sqlite) = open_store(&opts).await?;
+
+    // Tokens: configured ones plus those created through the admin API earlier.
+    let mut records = Vec::new();
+    let mut specs = opts.tokens.clone();
+    if let Some(f) = &opts.tokens_file {
+        specs.extend(TokenSpec::load_file(f)?);
+    }
+    for t in &specs {
+        records.push(t.record()?);
+    }
+    records.extend(store.tokens().await?);
+    let open = open_mode(local, records.len())?;
+    if open {
+        tracing::warn!(
+            addr = %local,
+            "no tokens configured: the server is open to anyone who can reach this loopback address"
+        );
+    }
+
+    // Rebuild the scheduler from the store.
+    let now = state::wall_ms();
+    let mut jobs = store
+        .load_for_restore(Time(now.saturating_sub(opts.limits.retention_ms)))
+        .await?;
+    let grace = Time(now).plus_ms(opts.scheduler.lease_ttl_ms);
+    for j in jobs.iter_mut() {
+        if let Some(d) = j.lease_deadline {
+            // Agents could not heartbeat while the server was down.
+            j.lease_deadline = Some(d.max(grace));
+        }
+    }
+    let restored = jobs.len();
+    let sched = GroupedScheduler::restore(opts.scheduler.clone(), jobs)?;
+    tracing::info!(jobs = restored, addr = %local, "scheduler restored from the store");
+
+    let (sd_tx, sd_rx) = tokio::sync::watch::channel(false);
+    let (state, bg) = App::start(
+        sched,
+        store,
+        blobs,
+        Auth::new(records, open),
+        opts.limits,
+        sd_rx,
+    );
+    let router = app(state.clone());
+    let res = axum::serve(listener, router)
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            tracing::info!("shutting down: finishing in-flight requests");
+            let _ = sd_tx.send(true);
+        })
+        .await;
+    bg.finish(&state).await;
+    if let Some(db) = sqlite {
+        db.close().await;
+    }
+    tracing::info!("server stopped");
+    res.map_err(ServerError::Io)
+}
+
+/// Binds `opts.addr`, prints `qgjob server listening on http://ADDR` (the bound address)
+/// as the first line on stdout, logs to stderr, and serves until SIGTERM or ctrl-c.
+pub async fn run_server(opts: ServerOptions) -> Result<(), ServerError> {
+    // The CLI may have installed a subscriber already; then this does nothing.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
+    let listener = TcpListener::bind(opts.addr).await?;
+    let addr = listener.local_addr()?;
+    {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "qgjob server listening on http://{addr}")?;
+        out.flush()?;
+    }
+    serve(listener, opts, shutdown_signal()).await
+}
+
+/// Resolves on ctrl-c or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}

@@ -1,0 +1,283 @@
+//! The agent protocol under `/v1/agent`: device registration, long-poll leasing, heartbeats,
+//! complete/fail reports fenced by lease id, log upload, and artifact download.
+//!
+//! Long poll: an agent's lease request waits on a `Notify` that every change making work
+//! available wakes, so an idle agent gets a new job as soon as it is queued — there is no
+//! fixed polling interval.
+
+use std::str::FromStr;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use qgjob_core::{
+    DeviceId, DeviceInfo, HeartbeatAck, InfraFailure, JobId, LeaseId, RunReport, Scheduler,
+};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::api::{blob_response, parse_job_id};
+use crate::auth::Caller;
+use crate::error::{ApiError, ApiJson};
+use crate::state::AppState;
+use crate::store::BuildRecord;
+
+/// Longest a lease request may wait for work.
+pub const MAX_WAIT_MS: u64 = 60_000;
+
+/// `POST /v1/agent/devices`.
+pub async fn register_device(
+    State(app): State<AppState>,
+    caller: Caller,
+    ApiJson(info): ApiJson<DeviceInfo>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require_agent()?;
+    let id = info.id.clone();
+    app.mutate(Vec::new(), false, |s, now, _| {
+        s.register_device(now, info).map_err(ApiError::from)
+    })
+    .await?;
+    tracing::info!(device = %id, "device registered");
+    Ok(Json(json!({"device_id": id})))
+}
+
+fn parse_device(s: &str) -> Result<DeviceId, ApiError> {
+    DeviceId::new(s).map_err(|e| ApiError::invalid("device_id", e.to_string()))
+}
+
+/// `DELETE /v1/agent/devices/{device_id}`.
+pub async fn unregister_device(
+    State(app): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    caller.require_agent()?;
+    let id = parse_device(&id)?;
+    app.mutate(Vec::new(), true, |s, now, _| {
+        s.unregister_device(now, &id).map_err(ApiError::from)
+    })
+    .await?;
+    app.timer.notify_one();
+    Ok(StatusCode::NO_CONTENT)
+}
+
+fn default_batch() -> usize {
+    1
+}
+fn default_wait() -> u64 {
+    30_000
+}
+
+/// Body of `POST /v1/agent/lease`.
+#[derive(Debug, Deserialize)]
+pub struct LeaseRequest {
+    /// The device asking.
+    pub device_id: DeviceId,
+    /// Most jobs wanted in one lease.
+    #[serde(default = "default_batch")]
+    pub max_batch: usize,
+    /// How long to wait for work (ms, at most 60000).
+    #[serde(default = "default_wait")]
+    pub wait_ms: u64,
+}
+
+/// `POST /v1/agent/lease`: answers with a lease as soon as there is work, or 204 when
+/// `wait_ms` passes (or the server shuts down) without any.
+pub async fn lease(
+    State(app): State<AppState>,
+    caller: Caller,
+    ApiJson(req): ApiJson<LeaseRequest>,
+) -> Result<Response, ApiError> {
+    caller.require_agent()?;
+    if req.max_batch == 0 {
+        return Err(ApiError::invalid("max_batch", "must be at least 1"));
+    }
+    let deadline =
+        tokio::time::Instant::now() + Duration::from_millis(req.wait_ms.min(MAX_WAIT_MS));
+    let mut shutdown = app.shutdown.clone();
+    loop {
+        // Register interest before looking, so a submit between the look and the wait
+        // still wakes us.
+        let notified = app.work.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let metrics = app.metrics.clone();
+        let got = app
+            .mutate(Vec::new(), false, |s, now, _| {
+                let lease = s.lease(now, &req.device_id, req.max_batch)?;
+                if let Some(l) = &lease {
+                    for j in &l.jobs {
+                        if let Some(job) = s.get(j.id) {
+                            metrics.observe_dispatch(now.since(job.released_at));
+                        }
+                    }
+                }
+                Ok(lease)
+            })
+            .await?;
+        if let Some(l) = got {
+            app.metrics.leases.fetch_add(1, Ordering::Relaxed);
+            if l.install {
+                app.metrics.installs.fetch_add(1, Ordering::Relaxed);
+            }
+            // The new lease's deadline may come before the timer's next wake-up.
+            app.timer.notify_one();
+            return Ok(Json(l).into_response());
+        }
+        if *shutdown.borrow() || tokio::time::Instant::now() >= deadline {
+            return Ok(StatusCode::NO_CONTENT.into_response());
+        }
+        tokio::select! {
+            _ = &mut notified => {}
+            _ = tokio::time::sleep_until(deadline) => {}
+            _ = shutdown.changed() => {}
+        }
+    }
+}
+
+fn parse_lease(s: &str) -> Result<LeaseId, ApiError> {
+    u64::from_str(s)
+        .map(LeaseId)
+        .map_err(|_| ApiError::conflict("stale_lease", format!("lease {s} is stale or unknown")))
+}
+
+/// Counts stale-lease refusals on the way out.
+fn count_stale(app: &AppState, e: ApiError) -> ApiError {
+    if e.code == "stale_lease" {
+        app.metrics.stale_rejections.fetch_add(1, Ordering::Relaxed);
+    }
+    e
+}
+
+/// `POST /v1/agent/leases/{lease_id}/heartbeat`.
+pub async fn heartbeat(
+    State(app): State<AppState>,
+    caller: Caller,
+    Path(lease): Path<String>,
+) -> Result<Json<HeartbeatAck>, ApiError> {
+    caller.require_agent()?;
+    let lease = parse_lease(&lease).map_err(|e| count_stale(&app, e))?;
+    // Deadlines are not persisted: after a restart every running lease gets a fresh TTL.
+    let ack = app
+        .mutate(Vec::new(), false, |s, now, _| {
+            s.heartbeat(now, lease).map_err(ApiError::from)
+        })
+        .await
+        .map_err(|e| count_stale(&app, e))?;
+    Ok(Json(ack))
+}
+
+/// `POST /v1/agent/leases/{lease_id}/jobs/{job_id}/complete`.
+pub async fn complete(
+    State(app): State<AppState>,
+    caller: Caller,
+    Path((lease, job)): Path<(String, String)>,
+    ApiJson(report): ApiJson<RunReport>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require_agent()?;
+    let lease = parse_lease(&lease).map_err(|e| count_stale(&app, e))?;
+    let job = parse_job_id(&job)?;
+    let state = app
+        .mutate(Vec::new(), true, |s, now, _| {
+            s.complete(now, lease, job, report).map_err(ApiError::from)
+        })
+        .await
+        .map_err(|e| count_stale(&app, e))?;
+    app.timer.notify_one();
+    Ok(Json(json!({"state": state})))
+}
+
+/// `POST /v1/agent/leases/{lease_id}/jobs/{job_id}/fail`.
+pub async fn fail(
+    State(app): State<AppState>,
+    caller: Caller,
+    Path((lease, job)): Path<(String, String)>,
+    ApiJson(failure): ApiJson<InfraFailure>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require_agent()?;
+    let lease = parse_lease(&lease).map_err(|e| count_stale(&app, e))?;
+    let job = parse_job_id(&job)?;
+    let state = app
+        .mutate(Vec::new(), true, |s, now, _| {
+            s.fail(now, lease, job, failure).map_err(ApiError::from)
+        })
+        .await
+        .map_err(|e| count_stale(&app, e))?;
+    // A retry's backoff is a new deadline for the timer.
+    app.timer.notify_one();
+    Ok(Json(json!({"state": state})))
+}
+
+/// `POST /v1/agent/leases/{lease_id}/jobs/{job_id}/logs`: appends raw text to the log.
+pub async fn upload_logs(
+    State(app): State<AppState>,
+    caller: Caller,
+    Path((lease, job)): Path<(String, String)>,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<StatusCode, ApiError> {
+    caller.require_agent()?;
+    let lease = parse_lease(&lease)?;
+    let job: JobId = parse_job_id(&job)?;
+    let body = body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::too_large("log chunk is too large")
+        } else {
+            ApiError::bad_request(e.body_text())
+        }
+    })?;
+    // Only the job's current lease may write its log; a late writer is fenced off.
+    let current = app.lock().get(job).and_then(|j| j.lease);
+    if current != Some(lease) {
+        return Err(count_stale(
+            &app,
+            ApiError::conflict(
+                "stale_lease",
+                format!("lease {lease} does not hold job {job}"),
+            ),
+        ));
+    }
+    app.store
+        .append_log(job, &body, app.limits.log_bytes)
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `GET /v1/agent/builds/{sha256}`.
+pub async fn download_build(
+    State(app): State<AppState>,
+    caller: Caller,
+    Path(sha): Path<String>,
+) -> Result<Response, ApiError> {
+    caller.require_agent()?;
+    blob_response(&app, &sha).await
+}
+
+/// `GET /v1/agent/bundles/{sha256}`.
+pub async fn download_bundle(
+    State(app): State<AppState>,
+    caller: Caller,
+    Path(sha): Path<String>,
+) -> Result<Response, ApiError> {
+    caller.require_agent()?;
+    blob_response(&app, &sha).await
+}
+
+/// `GET /v1/agent/apps/{org_id}/{app_version_id}`.
+pub async fn app_build(
+    State(app): State<AppState>,
+    caller: Caller,
+    Path((org, ver)): Path<(String, String)>,
+) -> Result<Json<BuildRecord>, ApiError> {
+    caller.require_agent()?;
+    let org = qgjob_core::OrgId::new(org).map_err(ApiError::from)?;
+    let ver = qgjob_core::AppVersionId::new(ver).map_err(ApiError::from)?;
+    app.store
+        .get_build(&org, &ver)
+        .await?
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found("no build for that version"))
+}

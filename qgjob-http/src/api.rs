@@ -1,0 +1,706 @@
+//! The user API under `/v1`: jobs, runs, listing, cancel, logs, results, live events
+//! (Server-Sent Events), app builds and test bundles; plus the admin token endpoint.
+
+use std::collections::{BTreeMap, HashMap};
+use std::convert::Infallible;
+use std::str::FromStr;
+
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures_util::stream::{self, Stream, StreamExt};
+use qgjob_core::{
+    AppVersionId, Job, JobEvent, JobFilter, JobId, JobSpec, JobState, OrgId, RunId, Scheduler,
+    StateCounts, SubmitError, Target, Time,
+};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::sync::broadcast;
+
+use crate::auth::{new_token, Caller};
+use crate::blobs::Stored;
+use crate::error::{ApiError, ApiJson};
+use crate::state::{wall_ms, AppState};
+use crate::store::{BuildRecord, RunRecord, TokenKind, TokenRecord};
+
+/// Most jobs a listing returns.
+pub const MAX_LIST_LIMIT: usize = 1000;
+
+/// Parses a job id from a path; an unparsable id names no job (404, like an unknown one).
+pub(crate) fn parse_job_id(s: &str) -> Result<JobId, ApiError> {
+    JobId::from_str(s).map_err(|_| ApiError::not_found(format!("job {s} not found")))
+}
+
+fn parse_run_id(s: &str) -> Result<RunId, ApiError> {
+    RunId::from_str(s).map_err(|_| ApiError::not_found(format!("run {s} not found")))
+}
+
+/// The job, if it exists and the caller may see it; 404 otherwise (no existence leak).
+async fn visible_job(app: &AppState, caller: &Caller, id: &str) -> Result<Job, ApiError> {
+    caller.user_scope()?;
+    let id = parse_job_id(id)?;
+    match app.job(id).await? {
+        Some(j) if caller.sees(&j.spec.org_id) => Ok(j),
+        _ => Err(ApiError::not_found(format!("job {id} not found"))),
+    }
+}
+
+async fn visible_run(app: &AppState, caller: &Caller, id: &str) -> Result<RunRecord, ApiError> {
+    caller.user_scope()?;
+    let id = parse_run_id(id)?;
+    match app.store.get_run(id).await? {
+        Some(r) if caller.sees(&r.org_id) => Ok(r),
+        _ => Err(ApiError::not_found(format!("run {id} not found"))),
+    }
+}
+
+/// `POST /v1/jobs`.
+pub async fn submit_job(
+    State(app): State<AppState>,
+    caller: Caller,
+    ApiJson(spec): ApiJson<JobSpec>,
+) -> Result<Response, ApiError> {
+    caller.require_org(&spec.org_id)?;
+    if spec.run_id.is_some() {
+        return Err(ApiError::invalid(
+            "run_id",
+            "jobs join a run only through POST /v1/runs",
+        ));
+    }
+    let sub = app
+        .mutate(Vec::new(), true, |s, now, _| {
+            s.submit(now, spec).map_err(ApiError::from)
+        })
+        .await?;
+    if sub.created {
+        app.metrics
+            .submitted
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    let status = if sub.created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((
+        status,
+        Json(json!({"job_id": sub.job_id, "status": sub.state, "created": sub.created})),
+    )
+        .into_response())
+}
+
+/// Body of `POST /v1/runs`.
+#[derive(Debug, Deserialize)]
+pub struct RunSubmit {
+    /// The jobs (all of one org).
+    pub jobs: Vec<JobSpec>,
+    /// Labels of the run.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+fn batch_error(e: SubmitError) -> ApiError {
+    match e {
+        SubmitError::Invalid { index, source } => ApiError::invalid(
+            format!("jobs[{index}].{}", source.field),
+            source.to_string(),
+        ),
+        other => other.into(),
+    }
+}
+
+/// `POST /v1/runs`.
+pub async fn submit_run(
+    State(app): State<AppState>,
+    caller: Caller,
+    ApiJson(body): ApiJson<RunSubmit>,
+) -> Result<Response, ApiError> {
+    let Some(first) = body.jobs.first() else {
+        return Err(ApiError::invalid("jobs", "a run needs at least one job"));
+    };
+    let org = first.org_id.clone();
+    caller.require_org(&org)?;
+    for (i, j) in body.jobs.iter().enumerate() {
+        if j.org_id != org {
+            return Err(ApiError::invalid(
+                format!("jobs[{i}].org_id"),
+                "every job of a run must belong to the same org",
+            ));
+        }
+    }
+    if body.labels.len() > 64 {
+        return Err(ApiError::invalid("labels", "at most 64 labels"));
+    }
+    let now = wall_ms();
+    let mut rnd = [0u8; 10];
+    getrandom::fill(&mut rnd).map_err(ApiError::internal)?;
+    let run_id = RunId::from_parts(now, rnd);
+    let mut specs = body.jobs;
+    for s in specs.iter_mut() {
+        s.run_id = Some(run_id);
+    }
+    let record = RunRecord {
+        id: run_id,
+        org_id: org,
+        created_at: Time(now),
+        labels: body.labels,
+        job_count: specs.len() as u64,
+    };
+    let subs = app
+        .mutate(vec![record], true, |s, now, _| {
+            s.submit_many(now, specs).map_err(batch_error)
+        })
+        .await?;
+    let created = subs.iter().filter(|s| s.created).count() as u64;
+    app.metrics
+        .submitted
+        .fetch_add(created, std::sync::atomic::Ordering::Relaxed);
+    let ids: Vec<JobId> = subs.iter().map(|s| s.job_id).collect();
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({"run_id": run_id, "job_ids": ids, "status": "queued"})),
+    )
+        .into_response())
+}
+
+/// `GET /v1/jobs/{job_id}`.
+pub async fn get_job(
+    State(app): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Job>, ApiError> {
+    Ok(Json(visible_job(&app, &caller, &id).await?))
+}
+
+/// A run's aggregate status from its jobs' states.
+pub fn run_status(counts: &StateCounts) -> &'static str {
+    if counts.queued + counts.running > 0 {
+        return if counts.running > 0 || counts.total() > counts.queued {
+            "running"
+        } else {
+            "queued"
+        };
+    }
+    if counts.total() == 0 {
+        "queued"
+    } else if counts.failed > 0 {
+        "failed"
+    } else if counts.error > 0 {
+        "error"
+    } else if counts.passed == counts.total() {
+        "passed"
+    } else {
+        "canceled"
+    }
+}
+
+async fn run_jobs(app: &AppState, id: RunId) -> Result<Vec<Job>, ApiError> {
+    let mut jobs = app.store.run_jobs(id).await?;
+    app.overlay(&mut jobs);
+    Ok(jobs)
+}
+
+/// `GET /v1/runs/{run_id}`.
+pub async fn get_run(
+    State(app): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let run = visible_run(&app, &caller, &id).await?;
+    let jobs = run_jobs(&app, run.id).await?;
+    let mut counts = StateCounts::default();
+    for j in &jobs {
+        counts.add(j.state);
+    }
+    Ok(Json(json!({
+        "run_id": run.id,
+        "org_id": run.org_id,
+        "status": run_status(&counts),
+        "counts": counts,
+        "created_at": run.created_at,
+        "labels": run.labels,
+        "jobs": jobs,
+    })))
+}
+
+/// Query of `GET /v1/jobs`.
+#[derive(Debug, Default, Deserialize)]
+pub struct ListQuery {
+    org_id: Option<String>,
+    state: Option<String>,
+    app_version_id: Option<String>,
+    target: Option<String>,
+    run_id: Option<String>,
+    cursor: Option<String>,
+    limit: Option<String>,
+}
+
+fn opt_parse<T: FromStr>(v: &Option<String>, field: &str) -> Result<Option<T>, ApiError>
+where
+    T::Err: std::fmt::Display,
+{
+    match v.as_deref() {
+        None | Some("") => Ok(None),
+        Some(s) => s
+            .parse()
+            .map(Some)
+            .map_err(|e| ApiError::invalid(field, format!("invalid {field}: {e}"))),
+    }
+}
+
+/// `GET /v1/jobs`.
+pub async fn list_jobs(
+    State(app): State<AppState>,
+    caller: Caller,
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let scope = caller.user_scope()?.cloned();
+    let org: Option<OrgId> = opt_parse(&q.org_id, "org_id")?;
+    let org = match (scope, org) {
+        (Some(mine), Some(asked)) if mine != asked => {
+            return Err(ApiError::forbidden(format!(
+                "this token may not list org {asked}"
+            )))
+        }
+        (Some(mine), _) => Some(mine),
+        (None, asked) => asked,
+    };
+    let limit: usize = opt_parse(&q.limit, "limit")?.unwrap_or(100);
+    if limit == 0 || limit > MAX_LIST_LIMIT {
+        return Err(ApiError::invalid(
+            "limit",
+            "limit must be between 1 and 1000",
+        ));
+    }
+    let filter = JobFilter {
+        org_id: org,
+        state: opt_parse::<JobState>(&q.state, "state")?,
+        app_version_id: opt_parse::<AppVersionId>(&q.app_version_id, "app_version_id")?,
+        target: opt_parse::<Target>(&q.target, "target")?,
+        run_id: opt_parse::<RunId>(&q.run_id, "run_id")?,
+        after_seq: opt_parse::<u64>(&q.cursor, "cursor")?,
+        limit: Some(limit),
+    };
+    let jobs = app.store.list_jobs(&filter).await?;
+    let next = (jobs.len() == limit)
+        .then(|| jobs.last().map(|j| j.seq.to_string()))
+        .flatten();
+    Ok(Json(json!({"jobs": jobs, "next_cursor": next})))
+}
+
+/// `POST /v1/jobs/{job_id}/cancel`.
+pub async fn cancel_job(
+    State(app): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let job = visible_job(&app, &caller, &id).await?;
+    if job.state.is_final() {
+        return Err(ApiError::conflict(
+            "already_final",
+            format!("job {} is already {}", job.id, job.state),
+        ));
+    }
+    let id = job.id;
+    let outcome = app
+        .mutate(Vec::new(), true, |s, now, touched| {
+            let o = s.cancel(now, id)?;
+            touched.push(id);
+            Ok(o)
+        })
+        .await?;
+    Ok(Json(json!({"job_id": id, "result": outcome})))
+}
+
+/// `POST /v1/runs/{run_id}/cancel`.
+pub async fn cancel_run(
+    State(app): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let run = visible_run(&app, &caller, &id).await?;
+    let ids: Vec<JobId> = run_jobs(&app, run.id)
+        .await?
+        .into_iter()
+        .filter(|j| !j.state.is_final())
+        .map(|j| j.id)
+        .collect();
+    let (canceled, requested) = app
+        .mutate(Vec::new(), true, |s, now, touched| {
+            let (mut c, mut r) = (0u64, 0u64);
+            for id in ids {
+                match s.cancel(now, id) {
+                    Ok(qgjob_core::CancelOutcome::Canceled) => c += 1,
+                    Ok(qgjob_core::CancelOutcome::Requested) => {
+                        r += 1;
+                        touched.push(id);
+                    }
+                    // Finished meanwhile: nothing to cancel.
+                    Err(_) => {}
+                }
+            }
+            Ok((c, r))
+        })
+        .await?;
+    Ok(Json(
+        json!({"run_id": run.id, "canceled": canceled, "requested": requested}),
+    ))
+}
+
+/// Query of `GET /v1/jobs/{job_id}/logs`.
+#[derive(Debug, Default, Deserialize)]
+pub struct LogQuery {
+    offset: Option<u64>,
+}
+
+/// `GET /v1/jobs/{job_id}/logs`.
+pub async fn job_logs(
+    State(app): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    query: Result<Query<LogQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let job = visible_job(&app, &caller, &id).await?;
+    let (bytes, size) = app.store.read_log(job.id, q.offset.unwrap_or(0)).await?;
+    let mut resp = Response::new(Body::from(bytes));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp.headers_mut()
+        .insert("x-qgjob-log-size", HeaderValue::from(size));
+    Ok(resp)
+}
+
+/// `GET /v1/jobs/{job_id}/results`.
+pub async fn job_results(
+    State(app): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let job = visible_job(&app, &caller, &id).await?;
+    let (tests, counts, flaky, error) = match &job.outcome {
+        Some(o) => (json!(o.tests), json!(o.counts), o.flaky, json!(o.error)),
+        None => (json!([]), Value::Null, false, Value::Null),
+    };
+    Ok(Json(json!({
+        "job_id": job.id,
+        "state": job.state,
+        "tests": tests,
+        "counts": counts,
+        "flaky": flaky,
+        "error": error,
+    })))
+}
+
+fn event_of(job: &Job) -> JobEvent {
+    JobEvent {
+        job_id: job.id,
+        run_id: job.spec.run_id,
+        org_id: job.spec.org_id.clone(),
+        state: job.state,
+        attempt: job.attempt,
+        at: job
+            .finished_at
+            .or(job.started_at)
+            .unwrap_or(job.released_at),
+    }
+}
+
+fn sse_event(e: &JobEvent) -> Event {
+    Event::default()
+        .event("job")
+        .json_data(e)
+        .unwrap_or_else(|_| Event::default().event("job").data("{}"))
+}
+
+/// Ends a stream when the server begins shutting down, so graceful shutdown never waits
+/// on a watcher.
+fn until_shutdown<S>(app: &AppState, s: S) -> impl Stream<Item = Result<Event, Infallible>>
+where
+    S: Stream<Item = Result<Event, Infallible>>,
+{
+    let mut sd = app.shutdown.clone();
+    s.take_until(async move {
+        let _ = sd.wait_for(|v| *v).await;
+    })
+}
+
+/// `GET /v1/jobs/{job_id}/events`.
+pub async fn job_events(
+    State(app): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    // Subscribe before reading the state, so no change falls between the two.
+    let rx = app.events.subscribe();
+    let job = visible_job(&app, &caller, &id).await?;
+    let first = event_of(&job);
+    struct St {
+        app: AppState,
+        rx: broadcast::Receiver<JobEvent>,
+        id: JobId,
+        last: (JobState, u32),
+        done: bool,
+    }
+    let done = first.state.is_final();
+    let st = St {
+        app: app.clone(),
+        rx,
+        id: job.id,
+        last: (first.state, first.attempt),
+        done,
+    };
+    let rest = stream::unfold(st, |mut st| async move {
+        loop {
+            if st.done {
+                return None;
+            }
+            let e = match st.rx.recv().await {
+                Ok(e) if e.job_id == st.id => e,
+                Ok(_) => continue,
+                Err(broadcast::error::RecvError::Lagged(_)) => {
+                    // Missed some: re-read the job and report where it is now.
+                    match st.app.job(st.id).await {
+                        Ok(Some(j)) => event_of(&j),
+                        _ => return None,
+                    }
+                }
+                Err(broadcast::error::RecvError::Closed) => return None,
+            };
+            if (e.state, e.attempt) == st.last {
+                continue;
+            }
+            st.last = (e.state, e.attempt);
+            st.done = e.state.is_final();
+            return Some((Ok::<_, Infallible>(sse_event(&e)), st));
+        }
+    });
+    let s = stream::once(async move { Ok::<_, Infallible>(sse_event(&first)) }).chain(rest);
+    Ok(Sse::new(until_shutdown(&app, s))
+        .keep_alive(KeepAlive::default())
+        .into_response())
+}
+
+/// `GET /v1/runs/{run_id}/events`.
+pub async fn run_events(
+    State(app): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let rx = app.events.subscribe();
+    let run = visible_run(&app, &caller, &id).await?;
+    let jobs = run_jobs(&app, run.id).await?;
+    let firsts: Vec<JobEvent> = jobs.iter().map(event_of).collect();
+    let states: HashMap<JobId, (JobState, u32)> = firsts
+        .iter()
+        .map(|e| (e.job_id, (e.state, e.attempt)))
+        .collect();
+    struct St {
+        app: AppState,
+        rx: broadcast::Receiver<JobEvent>,
+        run: RunId,
+        states: HashMap<JobId, (JobState, u32)>,
+    }
+    fn all_final(states: &HashMap<JobId, (JobState, u32)>) -> bool {
+        states.values().all(|(s, _)| s.is_final())
+    }
+    let st = St {
+        app: app.clone(),
+        rx,
+        run: run.id,
+        states,
+    };
+    let rest = stream::unfold(st, |mut st| async move {
+        loop {
+            if all_final(&st.states) {
+                return None;
+            }
+            let evs: Vec<JobEvent> = match st.rx.recv().await {
+                Ok(e) if e.run_id == Some(st.run) => vec![e],
+                Ok(_) => continue,
+                Err(broadcast::error::RecvError::Lagged(_)) => {
+                    match run_jobs(&st.app, st.run).await {
+                        Ok(jobs) => jobs.iter().map(event_of).collect(),
+                        Err(_) => return None,
+                    }
+                }
+                Err(broadcast::error::RecvError::Closed) => return None,
+            };
+            let mut out = Vec::new();
+            for e in evs {
+                let prev = st.states.get(&e.job_id).copied();
+                if prev == Some((e.state, e.attempt)) || prev.is_none() {
+                    continue;
+                }
+                st.states.insert(e.job_id, (e.state, e.attempt));
+                out.push(Ok::<_, Infallible>(sse_event(&e)));
+            }
+            if !out.is_empty() {
+                return Some((stream::iter(out), st));
+            }
+        }
+    })
+    .flatten();
+    let s = stream::iter(firsts.iter().map(|e| Ok(sse_event(e))).collect::<Vec<_>>()).chain(rest);
+    Ok(Sse::new(until_shutdown(&app, s))
+        .keep_alive(KeepAlive::default())
+        .into_response())
+}
+
+fn expected_sha(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get("x-qgjob-sha256")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+}
+
+fn parse_build_path(org: &str, app: &str) -> Result<(OrgId, AppVersionId), ApiError> {
+    let org = OrgId::new(org).map_err(|e| ApiError::invalid("org_id", e.to_string()))?;
+    let app =
+        AppVersionId::new(app).map_err(|e| ApiError::invalid("app_version_id", e.to_string()))?;
+    Ok((org, app))
+}
+
+/// `PUT /v1/apps/{org_id}/{app_version_id}`: uploads an app build.
+pub async fn put_app(
+    State(app): State<AppState>,
+    caller: Caller,
+    Path((org, ver)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<Stored>, ApiError> {
+    let (org, ver) = parse_build_path(&org, &ver)?;
+    caller.require_org(&org)?;
+    let expect = expected_sha(&headers);
+    let stored = app
+        .blobs
+        .put(body, app.limits.artifact_bytes, expect.as_deref(), |_| {
+            Ok(())
+        })
+        .await?;
+    app.store
+        .put_build(
+            &org,
+            &ver,
+            &BuildRecord {
+                sha256: stored.sha256.clone(),
+                size: stored.size,
+            },
+        )
+        .await?;
+    tracing::info!(org = %org, app_version_id = %ver, sha256 = %stored.sha256, size = stored.size, "build uploaded");
+    Ok(Json(stored))
+}
+
+/// `GET /v1/apps/{org_id}/{app_version_id}`: the build registered for a version.
+pub async fn get_app(
+    State(app): State<AppState>,
+    caller: Caller,
+    Path((org, ver)): Path<(String, String)>,
+) -> Result<Json<BuildRecord>, ApiError> {
+    let (org, ver) = parse_build_path(&org, &ver)?;
+    if caller.user_scope()?.is_some_and(|o| *o != org) {
+        return Err(ApiError::not_found("no build for that version"));
+    }
+    app.store
+        .get_build(&org, &ver)
+        .await?
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found("no build for that version"))
+}
+
+/// `GET /v1/apps/{org_id}/{app_version_id}/build`: downloads the build's bytes.
+pub async fn download_app(
+    State(app): State<AppState>,
+    caller: Caller,
+    Path((org, ver)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let Json(rec) = get_app(State(app.clone()), caller, Path((org, ver))).await?;
+    blob_response(&app, &rec.sha256).await
+}
+
+/// Streams a stored artifact.
+pub async fn blob_response(app: &AppState, sha256: &str) -> Result<Response, ApiError> {
+    let (body, size) = app
+        .blobs
+        .get(sha256)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no artifact {sha256}")))?;
+    let mut resp = Response::new(body);
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(size));
+    if let Ok(v) = HeaderValue::from_str(sha256) {
+        h.insert("x-qgjob-sha256", v);
+    }
+    Ok(resp)
+}
+
+/// `PUT /v1/bundles`: uploads a test bundle (`.tar.gz`).
+pub async fn put_bundle(
+    State(app): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<Stored>, ApiError> {
+    caller.user_scope()?;
+    let expect = expected_sha(&headers);
+    let stored = app
+        .blobs
+        .put(body, app.limits.artifact_bytes, expect.as_deref(), |head| {
+            // Only the gzip magic is checked: the server unpacks nothing.
+            if head.len() >= 2 && head[0] == 0x1f && head[1] == 0x8b {
+                Ok(())
+            } else {
+                Err(ApiError::invalid(
+                    "body",
+                    "a test bundle must be a gzip-compressed tar archive",
+                ))
+            }
+        })
+        .await?;
+    Ok(Json(stored))
+}
+
+/// Body of `POST /v1/admin/tokens`.
+#[derive(Debug, Deserialize)]
+pub struct NewToken {
+    kind: TokenKind,
+    #[serde(default)]
+    org_id: Option<OrgId>,
+}
+
+/// `POST /v1/admin/tokens`: creates a token (admin only). The token is shown once.
+pub async fn create_token(
+    State(app): State<AppState>,
+    caller: Caller,
+    ApiJson(req): ApiJson<NewToken>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    caller.require_admin()?;
+    if req.kind == TokenKind::Org && req.org_id.is_none() {
+        return Err(ApiError::invalid("org_id", "an org token needs org_id"));
+    }
+    let token = new_token()?;
+    let spec = crate::auth::TokenSpec {
+        token: token.clone(),
+        kind: req.kind,
+        org_id: req.org_id.clone(),
+    };
+    let rec: TokenRecord = spec.record().map_err(ApiError::internal)?;
+    app.store.add_token(&rec).await?;
+    app.auth.add(rec);
+    tracing::info!(kind = ?req.kind, org_id = ?req.org_id, "token created");
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({"token": token, "kind": req.kind, "org_id": req.org_id})),
+    ))
+}

@@ -1,0 +1,232 @@
+//! Errors: [`ApiError`] (every HTTP error answer, always `{"error": {"code", "message"}}`),
+//! the [`ApiJson`] extractor that gives malformed bodies that same shape, and
+//! [`ServerError`] for starting and running the server.
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, Request};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use qgjob_core::{CancelError, DeviceError, InvalidSpec, ReportError, SubmitError};
+use serde::de::DeserializeOwned;
+use serde_json::json;
+
+use crate::store::StoreError;
+
+/// An error answer: status, machine-readable code, message, and for 422 the field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// Stable code, e.g. `stale_lease`.
+    pub code: &'static str,
+    /// Human-readable explanation.
+    pub message: String,
+    /// The invalid field (422 only), e.g. `priority` or `jobs[2].org_id`.
+    pub field: Option<String>,
+}
+
+impl ApiError {
+    /// An error with no field.
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+            field: None,
+        }
+    }
+
+    /// 400 `bad_request`.
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+
+    /// 401 `unauthorized`.
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
+    }
+
+    /// 403 `forbidden`.
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "forbidden", message)
+    }
+
+    /// 404 `not_found`.
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+
+    /// 409 with `code`.
+    pub fn conflict(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, code, message)
+    }
+
+    /// 413 `too_large`.
+    pub fn too_large(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", message)
+    }
+
+    /// 422 `invalid_field` naming `field`.
+    pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
+        ApiError {
+            status: StatusCode::UNPROCESSABLE_ENTITY,
+            code: "invalid_field",
+            message: message.into(),
+            field: Some(field.into()),
+        }
+    }
+
+    /// 500 `internal`. The detail is logged, not sent: it may name server internals.
+    pub fn internal(detail: impl std::fmt::Display) -> Self {
+        tracing::error!(error = %detail, "internal error");
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "internal server error",
+        )
+    }
+
+    /// 503 `unavailable`.
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut err = json!({"code": self.code, "message": self.message});
+        if let Some(f) = self.field {
+            err["field"] = json!(f);
+        }
+        (self.status, axum::Json(json!({ "error": err }))).into_response()
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::LogFull { .. } => ApiError::too_large(e.to_string()),
+            other => ApiError::internal(other),
+        }
+    }
+}
+
+impl From<InvalidSpec> for ApiError {
+    fn from(e: InvalidSpec) -> Self {
+        ApiError::invalid(e.field, e.to_string())
+    }
+}
+
+impl From<SubmitError> for ApiError {
+    fn from(e: SubmitError) -> Self {
+        match e {
+            SubmitError::Invalid { source, .. } => source.into(),
+            SubmitError::IdempotencyConflict { .. } => {
+                ApiError::conflict("conflict", e.to_string())
+            }
+            SubmitError::Duplicate(_) => ApiError::conflict("conflict", e.to_string()),
+        }
+    }
+}
+
+impl From<ReportError> for ApiError {
+    fn from(e: ReportError) -> Self {
+        match e {
+            ReportError::StaleLease(_) | ReportError::NotInLease { .. } => {
+                ApiError::conflict("stale_lease", e.to_string())
+            }
+            ReportError::AlreadyReported(_) => ApiError::conflict("already_final", e.to_string()),
+        }
+    }
+}
+
+impl From<CancelError> for ApiError {
+    fn from(e: CancelError) -> Self {
+        match e {
+            CancelError::NotFound(_) => ApiError::not_found(e.to_string()),
+            CancelError::AlreadyFinal { .. } => ApiError::conflict("already_final", e.to_string()),
+        }
+    }
+}
+
+impl From<DeviceError> for ApiError {
+    fn from(e: DeviceError) -> Self {
+        match e {
+            DeviceError::UnknownDevice(_) => {
+                ApiError::new(StatusCode::NOT_FOUND, "unknown_device", e.to_string())
+            }
+            DeviceError::Lost(_) => ApiError::conflict("device_lost", e.to_string()),
+            DeviceError::Busy { .. } => ApiError::conflict("conflict", e.to_string()),
+            DeviceError::Invalid(i) => i.into(),
+        }
+    }
+}
+
+/// A JSON body extractor whose every failure is an [`ApiError`]: 400 `malformed_json` for
+/// bytes that are not JSON, 415-free (any content type is read as JSON), 413 for bodies over
+/// the limit, 422 naming the field for a missing or invalid field, 400 `bad_request` for a
+/// value of the wrong type.
+#[derive(Debug, Clone)]
+pub struct ApiJson<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let bytes = Bytes::from_request(req, state).await.map_err(|rej| {
+            if rej.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::too_large("request body is too large")
+            } else {
+                ApiError::bad_request(rej.body_text())
+            }
+        })?;
+        parse_json(&bytes).map(ApiJson)
+    }
+}
+
+/// Parses a JSON body with the same error mapping as [`ApiJson`].
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    // Syntax first, so "not JSON at all" is told apart from "JSON of the wrong shape".
+    let value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "malformed_json",
+            format!("body is not valid JSON: {e}"),
+        )
+    })?;
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let msg = e.inner().to_string();
+        if let Some(rest) = msg.strip_prefix("missing field `") {
+            let name = rest.split('`').next().unwrap_or_default();
+            let field = if path == "." || path.is_empty() {
+                name.to_string()
+            } else {
+                format!("{path}.{name}")
+            };
+            return ApiError::invalid(field, msg);
+        }
+        if msg.starts_with("invalid type") || msg.starts_with("invalid length") {
+            return ApiError::bad_request(format!("{path}: {msg}"));
+        }
+        // Validation inside a type (names, targets, states) or unknown variants.
+        ApiError::invalid(path, msg)
+    })
+}
+
+/// Starting or running the server failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// Binding or serving failed.
+    #[error("i/o error: {0}")]
+    Io(#[from] std::io::Error),
+    /// The store could not be opened or read.
+    #[error("store error: {0}")]
+    Store(#[from] StoreError),
+    /// The stored jobs could not rebuild the scheduler.
+    #[error("cannot restore the scheduler: {0}")]
+    Restore(#[from] qgjob_core::RestoreError),
+    /// The configuration is not usable.
+    #[error("configuration error: {0}")]
+    Config(String),
+}

@@ -1,0 +1,325 @@
+//! The server's shared state and its two background tasks.
+//!
+//! - The scheduler ([`GroupedScheduler`]) sits behind a `std::sync::Mutex` that is never
+//!   held across an `.await`. [`App::mutate`] runs one change at the current Unix time,
+//!   drains the scheduler's events, and — still under the lock, so the writer sees changes
+//!   in the order they happened — queues the changed jobs for the writer. The request then
+//!   waits for its own acknowledgement: nothing is answered before it is on disk.
+//! - The writer task group-commits: it takes every pending request at once, writes them in
+//!   one store transaction, then publishes their events (SSE) in order and acknowledges.
+//! - The timer task sleeps until the scheduler's next deadline (or a kick), then ticks it:
+//!   that expires leases, times jobs out and releases retries. It also makes the scheduler
+//!   forget jobs finished longer ago than the retention window (the store keeps them).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use qgjob_core::{GroupedScheduler, Job, JobEvent, JobId, JobState, Scheduler, Time};
+use tokio::sync::{broadcast, mpsc, oneshot, watch, Notify};
+
+use crate::auth::Auth;
+use crate::blobs::Blobs;
+use crate::error::ApiError;
+use crate::metrics::Metrics;
+use crate::store::{RunRecord, Store, WriteBatch};
+
+/// The shared state handlers get.
+pub type AppState = Arc<App>;
+
+/// Size limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest JSON request body.
+    pub body_bytes: usize,
+    /// Largest batch (`POST /v1/runs`) body.
+    pub run_body_bytes: usize,
+    /// Largest app build or test bundle.
+    pub artifact_bytes: u64,
+    /// Largest log of one job.
+    pub log_bytes: u64,
+    /// How long finished jobs stay in the scheduler's memory (ms).
+    pub retention_ms: u64,
+}
+
+struct WriteReq {
+    batch: WriteBatch,
+    events: Vec<JobEvent>,
+    ack: Option<oneshot::Sender<Result<(), String>>>,
+}
+
+/// Everything the handlers share.
+pub struct App {
+    sched: Mutex<GroupedScheduler>,
+    /// The durable store.
+    pub store: Arc<dyn Store>,
+    /// Artifact storage.
+    pub blobs: Blobs,
+    /// Tokens.
+    pub auth: Auth,
+    /// Counters.
+    pub metrics: Arc<Metrics>,
+    /// Job state changes, published after they are committed.
+    pub events: broadcast::Sender<JobEvent>,
+    /// Woken when work may be available (long-polling agents wait on it).
+    pub work: Notify,
+    /// Woken when the timer should look at the deadlines again.
+    pub timer: Notify,
+    /// Flips to true when the server begins shutting down.
+    pub shutdown: watch::Receiver<bool>,
+    /// Limits.
+    pub limits: Limits,
+    writer: mpsc::UnboundedSender<WriteReq>,
+    last_now: AtomicU64,
+}
+
+/// Handles to the background tasks, to stop them in order on shutdown.
+pub struct Background {
+    writer: tokio::task::JoinHandle<()>,
+    timer: tokio::task::JoinHandle<()>,
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn wall_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl App {
+    /// Builds the state and starts the writer and timer tasks.
+    pub fn start(
+        sched: GroupedScheduler,
+        store: Arc<dyn Store>,
+        blobs: Blobs,
+        auth: Auth,
+        limits: Limits,
+        shutdown: watch::Receiver<bool>,
+    ) -> (AppState, Background) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (events, _) = broadcast::channel(16 * 1024);
+        let metrics = Arc::new(Metrics::default());
+        let app = Arc::new(App {
+            sched: Mutex::new(sched),
+            store: store.clone(),
+            blobs,
+            auth,
+            metrics: metrics.clone(),
+            events: events.clone(),
+            work: Notify::new(),
+            timer: Notify::new(),
+            shutdown,
+            limits,
+            writer: tx,
+            last_now: AtomicU64::new(wall_ms()),
+        });
+        let writer = tokio::spawn(writer_task(rx, store, events, metrics));
+        let timer = tokio::spawn(timer_task(Arc::downgrade(&app), app.shutdown.clone()));
+        (app, Background { writer, timer })
+    }
+
+    /// Locks the scheduler. A panic while it was held leaves a consistent-enough state for
+    /// reads, so a poisoned lock is used rather than turned into more panics.
+    pub fn lock(&self) -> MutexGuard<'_, GroupedScheduler> {
+        self.sched.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The current time for the scheduler: wall clock, never going backwards.
+    fn now(&self) -> Time {
+        let w = wall_ms();
+        let prev = self.last_now.fetch_max(w, Ordering::Relaxed);
+        Time(prev.max(w))
+    }
+
+    /// Runs one change on the scheduler and waits until it is durable.
+    ///
+    /// `f` gets the scheduler, `now`, and a list to which it adds jobs it changed without
+    /// an event (e.g. a cancel request on a running job). On `Err` the scheduler promises
+    /// it changed nothing, so nothing is written. With `barrier`, the call also waits for
+    /// everything queued before it (e.g. an idempotent repeat of a not-yet-committed submit).
+    pub async fn mutate<R>(
+        &self,
+        runs: Vec<RunRecord>,
+        barrier: bool,
+        f: impl FnOnce(&mut GroupedScheduler, Time, &mut Vec<JobId>) -> Result<R, ApiError>,
+    ) -> Result<R, ApiError> {
+        let (r, ack) = {
+            let mut s = self.lock();
+            let now = self.now();
+            let mut touched = Vec::new();
+            let r = f(&mut s, now, &mut touched)?;
+            let events = s.take_events();
+            if events.is_empty() && touched.is_empty() && runs.is_empty() && !barrier {
+                return Ok(r);
+            }
+            let mut jobs: Vec<Job> = Vec::with_capacity(events.len() + touched.len());
+            for id in events.iter().map(|e| &e.job_id).chain(touched.iter()) {
+                if let Some(j) = s.get(*id) {
+                    jobs.push(j.clone());
+                }
+            }
+            let mut wake = false;
+            for e in &events {
+                if e.state == JobState::Queued {
+                    wake = true;
+                    if e.attempt > 1 {
+                        self.metrics.retries.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            let (tx, rx) = oneshot::channel();
+            let req = WriteReq {
+                batch: WriteBatch { jobs, runs },
+                events,
+                ack: Some(tx),
+            };
+            if self.writer.send(req).is_err() {
+                return Err(ApiError::unavailable("the server is shutting down"));
+            }
+            drop(s);
+            if wake {
+                // Agents may lease the new work now: their lease commits after this write.
+                self.work.notify_waiters();
+            }
+            (r, rx)
+        };
+        match ack.await {
+            Ok(Ok(())) => Ok(r),
+            Ok(Err(e)) => Err(ApiError::internal(format!("store write failed: {e}"))),
+            Err(_) => Err(ApiError::unavailable("the server is shutting down")),
+        }
+    }
+
+    /// A job by id: the scheduler's copy if it still holds the job, else the store's.
+    pub async fn job(&self, id: JobId) -> Result<Option<Job>, ApiError> {
+        if let Some(j) = self.lock().get(id).cloned() {
+            return Ok(Some(j));
+        }
+        Ok(self.store.get_job(id).await?)
+    }
+
+    /// Replaces jobs read from the store by the scheduler's fresher copies.
+    pub fn overlay(&self, jobs: &mut [Job]) {
+        let s = self.lock();
+        for j in jobs.iter_mut() {
+            if let Some(fresh) = s.get(j.id) {
+                if fresh != j {
+                    *j = fresh.clone();
+                }
+            }
+        }
+    }
+}
+
+impl Background {
+    /// Stops the timer, waits until every queued write is committed, then stops the writer.
+    pub async fn finish(self, app: &AppState) {
+        self.timer.abort();
+        let _ = self.timer.await;
+        // A barrier: once it is acknowledged, every earlier write is on disk.
+        let _ = app.mutate(Vec::new(), true, |_, _, _| Ok(())).await;
+        self.writer.abort();
+        let _ = self.writer.await;
+    }
+}
+
+async fn writer_task(
+    mut rx: mpsc::UnboundedReceiver<WriteReq>,
+    store: Arc<dyn Store>,
+    events: broadcast::Sender<JobEvent>,
+    metrics: Arc<Metrics>,
+) {
+    let mut reqs = Vec::with_capacity(1024);
+    loop {
+        reqs.clear();
+        if rx.recv_many(&mut reqs, 8192).await == 0 {
+            return;
+        }
+        let mut batch = WriteBatch::default();
+        for r in reqs.iter_mut() {
+            batch.jobs.append(&mut r.batch.jobs);
+            batch.runs.append(&mut r.batch.runs);
+        }
+        let res = if batch.jobs.is_empty() && batch.runs.is_empty() {
+            Ok(())
+        } else {
+            store.write(&batch).await
+        };
+        match res {
+            Ok(()) => {
+                metrics.commits.fetch_add(1, Ordering::Relaxed);
+                metrics
+                    .committed_jobs
+                    .fetch_add(batch.jobs.len() as u64, Ordering::Relaxed);
+                for r in reqs.drain(..) {
+                    for e in r.events {
+                        // No subscriber is fine: nobody is watching.
+                        let _ = events.send(e);
+                    }
+                    if let Some(ack) = r.ack {
+                        let _ = ack.send(Ok(()));
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, jobs = batch.jobs.len(), "store write failed");
+                let msg = e.to_string();
+                for r in reqs.drain(..) {
+                    if let Some(ack) = r.ack {
+                        let _ = ack.send(Err(msg.clone()));
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn timer_task(app: std::sync::Weak<App>, mut shutdown: watch::Receiver<bool>) {
+    let mut last_forget = wall_ms();
+    loop {
+        let Some(a) = app.upgrade() else { return };
+        let now = wall_ms();
+        let next = a.lock().next_wakeup();
+        let due = next.is_some_and(|t| t.0 <= now);
+        if due {
+            let res = a
+                .mutate(Vec::new(), false, |s, now, _| {
+                    // A tick never starts a job, so every running job it removes was a
+                    // lease expiry or a timeout.
+                    let running = |s: &GroupedScheduler| -> u64 {
+                        s.queue_depth().iter().map(|(_, c)| c.running).sum()
+                    };
+                    let before = running(s);
+                    s.tick(now);
+                    let gone = before.saturating_sub(running(s));
+                    a.metrics.expirations.fetch_add(gone, Ordering::Relaxed);
+                    Ok(())
+                })
+                .await;
+            if let Err(e) = res {
+                tracing::warn!(error = %e.message, "timer tick failed to persist");
+            }
+            a.work.notify_waiters();
+            continue;
+        }
+        if now.saturating_sub(last_forget) > 10_000 {
+            last_forget = now;
+            let before = Time(now.saturating_sub(a.limits.retention_ms));
+            let n = a.lock().forget_finished(before);
+            if n > 0 {
+                tracing::debug!(jobs = n, "forgot finished jobs (the store keeps them)");
+            }
+        }
+        let wait = next
+            .map_or(1000, |t| t.0.saturating_sub(now))
+            .clamp(1, 1000);
+        let timer = a.timer.notified();
+
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(wait)) => {}
+            _ = timer => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}

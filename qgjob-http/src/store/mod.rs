@@ -1,0 +1,172 @@
+//! The durable store behind the server: the [`Store`] trait and its implementations
+//! ([`SqliteStore`], embedded and durable; [`MemoryStore`], for `--store memory` and tests).
+//!
+//! The store keeps what the scheduler cannot lose: every job (as its serde JSON plus the
+//! columns listings filter on), runs, job logs, the build registry and admin-created tokens.
+//! The scheduler in memory is the source of truth while the server runs; the store is what
+//! it is rebuilt from after a restart, and what answers for jobs the scheduler forgot.
+//!
+//! A second SQL implementation (PostgreSQL) only has to implement [`Store`]; the generic
+//! store tests in `tests/store.rs` then run against it unchanged.
+
+mod memory;
+mod sqlite;
+
+use std::collections::BTreeMap;
+
+use async_trait::async_trait;
+use qgjob_core::{AppVersionId, Job, JobFilter, JobId, OrgId, RunId, Time};
+use serde::{Deserialize, Serialize};
+
+pub use memory::MemoryStore;
+pub use sqlite::{SqliteStore, Synchronous};
+
+/// A store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database refused or failed.
+    #[error("database error: {0}")]
+    Db(#[from] sqlx::Error),
+    /// A stored record could not be decoded (corruption or an incompatible version).
+    #[error("corrupt record: {0}")]
+    Corrupt(String),
+    /// The log of a job would grow past its size limit.
+    #[error("log of job {job} would exceed {limit} bytes")]
+    LogFull {
+        /// The job.
+        job: JobId,
+        /// The limit in bytes.
+        limit: u64,
+    },
+    /// A file-system operation failed.
+    #[error("i/o error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A run: the jobs one CI build submitted together.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunRecord {
+    /// The run's id.
+    pub id: RunId,
+    /// The org that submitted it (every job of a run belongs to it).
+    pub org_id: OrgId,
+    /// When it was submitted.
+    pub created_at: Time,
+    /// Free-form labels given at submission.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// How many jobs it holds.
+    pub job_count: u64,
+}
+
+/// What a bearer token may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TokenKind {
+    /// Manages tokens, and may do everything.
+    Admin,
+    /// Sees and changes one org's jobs, runs, builds and bundles.
+    Org,
+    /// Uses the agent protocol only.
+    Agent,
+}
+
+/// A stored token: only its sha256 is kept, so a leaked database leaks no usable token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenRecord {
+    /// Hex sha256 of the token.
+    pub hash: String,
+    /// What it may do.
+    pub kind: TokenKind,
+    /// Its org, for `org` tokens.
+    pub org_id: Option<OrgId>,
+}
+
+/// One group-committed write: jobs to upsert and runs to insert, applied atomically.
+#[derive(Debug, Clone, Default)]
+pub struct WriteBatch {
+    /// Jobs in their newest state (a job may appear once; later copies win).
+    pub jobs: Vec<Job>,
+    /// New runs.
+    pub runs: Vec<RunRecord>,
+}
+
+/// A build registered for an org's app version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BuildRecord {
+    /// Hex sha256 of the build's bytes.
+    pub sha256: String,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+/// Persistence for the server. Implementations must make a successful [`Store::write`]
+/// survive a crash of the process (the server acknowledges clients only after it).
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Applies one batch atomically: every job is upserted by id, every run inserted.
+    async fn write(&self, batch: &WriteBatch) -> Result<(), StoreError>;
+
+    /// Jobs to rebuild the scheduler from: every unfinished job, jobs finished at or after
+    /// `finished_since`, and the job with the highest `seq` (so new jobs never reuse a seq).
+    async fn load_for_restore(&self, finished_since: Time) -> Result<Vec<Job>, StoreError>;
+
+    /// One job.
+    async fn get_job(&self, id: JobId) -> Result<Option<Job>, StoreError>;
+
+    /// Jobs passing `filter` in `seq` order (cursor `after_seq`), at most `filter.limit`
+    /// (100 when unset).
+    async fn list_jobs(&self, filter: &JobFilter) -> Result<Vec<Job>, StoreError>;
+
+    /// One run.
+    async fn get_run(&self, id: RunId) -> Result<Option<RunRecord>, StoreError>;
+
+    /// Every job of a run, in `seq` order.
+    async fn run_jobs(&self, id: RunId) -> Result<Vec<Job>, StoreError>;
+
+    /// Appends to a job's log, refusing (and appending nothing) past `limit` bytes in all.
+    /// Returns the log's new size.
+    async fn append_log(&self, job: JobId, data: &[u8], limit: u64) -> Result<u64, StoreError>;
+
+    /// A job's log from byte `offset`, and the log's total size.
+    async fn read_log(&self, job: JobId, offset: u64) -> Result<(Vec<u8>, u64), StoreError>;
+
+    /// Registers (or replaces) the build of an org's app version.
+    async fn put_build(
+        &self,
+        org: &OrgId,
+        app: &AppVersionId,
+        build: &BuildRecord,
+    ) -> Result<(), StoreError>;
+
+    /// The build registered for an org's app version.
+    async fn get_build(
+        &self,
+        org: &OrgId,
+        app: &AppVersionId,
+    ) -> Result<Option<BuildRecord>, StoreError>;
+
+    /// Stores a token created through the admin API.
+    async fn add_token(&self, token: &TokenRecord) -> Result<(), StoreError>;
+
+    /// Every stored token.
+    async fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError>;
+}
+
+/// The limit a listing uses when the filter names none.
+pub const DEFAULT_LIST_LIMIT: usize = 100;
+
+/// Keeps only the last copy of each job in a batch, in first-seen order: the writer may
+/// merge several requests that touched the same job.
+pub(crate) fn dedup_jobs(jobs: &[Job]) -> Vec<&Job> {
+    let mut last: std::collections::HashMap<JobId, usize> =
+        std::collections::HashMap::with_capacity(jobs.len());
+    for (i, j) in jobs.iter().enumerate() {
+        last.insert(j.id, i);
+    }
+    jobs.iter()
+        .enumerate()
+        .filter(|(i, j)| last.get(&j.id) == Some(i))
+        .map(|(_, j)| j)
+        .collect()
+}

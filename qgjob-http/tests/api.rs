@@ -1,0 +1,915 @@
+//! HTTP tests of the user API and agent protocol, each against a real server on
+//! 127.0.0.1:0 (in-memory store unless the test is about durability).
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::io::Write as _;
+
+use common::{device, eventually, memory_opts, spec, sqlite_opts, Client, TestServer};
+use qgjob_core::SchedulerConfig;
+use qgjob_http::{ServerOptions, TokenKind, TokenSpec};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+fn submit(c: &Client, org: &str, app: &str, test: &str) -> String {
+    let (st, v) = c.post("/v1/jobs", &spec(org, app, test));
+    assert_eq!(st, 201, "{v}");
+    assert_eq!(v["status"], "queued");
+    assert_eq!(v["created"], true);
+    v["job_id"].as_str().expect("job id").to_string()
+}
+
+fn lease(c: &Client, dev: &str, wait_ms: u64) -> (u16, Value) {
+    c.post(
+        "/v1/agent/lease",
+        &json!({"device_id": dev, "max_batch": 1, "wait_ms": wait_ms}),
+    )
+}
+
+fn job_state(c: &Client, id: &str) -> Value {
+    let (st, v) = c.get(&format!("/v1/jobs/{id}"));
+    assert_eq!(st, 200, "{v}");
+    v
+}
+
+#[test]
+fn submit_lease_heartbeat_complete() {
+    let s = TestServer::start(memory_opts());
+    let c = s.client(None);
+    let id = submit(&c, "qualgent", "xyz123", "tests/onboarding.spec.js");
+    assert_eq!(job_state(&c, &id)["state"], "queued");
+
+    assert_eq!(c.post("/v1/agent/devices", &device("emu-1")).0, 200);
+    let (st, l) = lease(&c, "emu-1", 1000);
+    assert_eq!(st, 200, "{l}");
+    assert_eq!(l["jobs"][0]["id"], id.as_str());
+    assert_eq!(l["install"], true);
+    let lid = l["id"].as_u64().expect("lease id");
+    assert_eq!(job_state(&c, &id)["state"], "running");
+
+    let (st, hb) = c.post_empty(&format!("/v1/agent/leases/{lid}/heartbeat"));
+    assert_eq!(st, 200, "{hb}");
+    assert!(hb["deadline"].as_u64().unwrap() >= l["deadline"].as_u64().unwrap());
+    assert_eq!(hb["cancel"], json!([]));
+
+    let (st, _) = c.post_raw(
+        &format!("/v1/agent/leases/{lid}/jobs/{id}/logs"),
+        b"installing\nrunning 1 test\n",
+    );
+    assert_eq!(st, 204);
+    let report = json!({"passed": true, "duration_ms": 1234, "tests": [
+        {"title": "onboarding › signs up", "file": "tests/onboarding.spec.js",
+         "status": "passed", "duration_ms": 1200}]});
+    let (st, v) = c.post(
+        &format!("/v1/agent/leases/{lid}/jobs/{id}/complete"),
+        &report,
+    );
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["state"], "passed");
+
+    let j = job_state(&c, &id);
+    assert_eq!(j["state"], "passed");
+    assert_eq!(j["attempt"], 1);
+    let (st, r) = c.get(&format!("/v1/jobs/{id}/results"));
+    assert_eq!(st, 200);
+    assert_eq!(r["state"], "passed");
+    assert_eq!(r["tests"][0]["title"], "onboarding › signs up");
+    assert_eq!(r["counts"]["passed"], 1);
+
+    let (st, h, body) = c.get_raw(&format!("/v1/jobs/{id}/logs"));
+    assert_eq!(st, 200);
+    assert_eq!(body, b"installing\nrunning 1 test\n");
+    assert_eq!(h.get("x-qgjob-log-size").unwrap(), "26");
+    let (_, _, tail) = c.get_raw(&format!("/v1/jobs/{id}/logs?offset=11"));
+    assert_eq!(tail, b"running 1 test\n");
+
+    // After the job ended the device is free again and there is no more work.
+    let (st, _) = lease(&c, "emu-1", 0);
+    assert_eq!(st, 204);
+}
+
+#[test]
+fn long_poll_wakes_on_submit() {
+    let s = TestServer::start(memory_opts());
+    let c = s.client(None);
+    assert_eq!(c.post("/v1/agent/devices", &device("emu-1")).0, 200);
+    let agent = c.clone();
+    // The agent waits up to 20 s; a server that only answered at the end of the wait
+    // would make this a 204.
+    let waiter = std::thread::spawn(move || lease(&agent, "emu-1", 20_000));
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let id = submit(&c, "qualgent", "v1", "tests/a.spec.js");
+    let (st, l) = waiter.join().unwrap();
+    assert_eq!(st, 200, "{l}");
+    assert_eq!(l["jobs"][0]["id"], id.as_str());
+}
+
+#[test]
+fn long_poll_times_out_with_204() {
+    let s = TestServer::start(memory_opts());
+    let c = s.client(None);
+    assert_eq!(c.post("/v1/agent/devices", &device("emu-1")).0, 200);
+    let (st, v) = lease(&c, "emu-1", 50);
+    assert_eq!(st, 204, "{v}");
+}
+
+fn short_ttl_opts() -> ServerOptions {
+    ServerOptions {
+        scheduler: SchedulerConfig {
+            lease_ttl_ms: 300,
+            backoff_base_ms: 0,
+            backoff_max_ms: 0,
+            ..SchedulerConfig::default()
+        },
+        ..memory_opts()
+    }
+}
+
+#[test]
+fn lease_expiry_requeues_and_old_lease_is_stale() {
+    let s = TestServer::start(short_ttl_opts());
+    let c = s.client(None);
+    let id = submit(&c, "qualgent", "v1", "tests/a.spec.js");
+    assert_eq!(c.post("/v1/agent/devices", &device("emu-1")).0, 200);
+    let (_, l) = lease(&c, "emu-1", 1000);
+    let old = l["id"].as_u64().unwrap();
+    // No heartbeat: the timer task expires the lease and the job comes back.
+    let j = eventually(20, || {
+        let j = job_state(&c, &id);
+        (j["state"] == "queued").then_some(j)
+    });
+    assert_eq!(j["attempt"], 2);
+
+    // The old lease's report is refused and changes nothing.
+    let report = json!({"passed": true});
+    let (st, v) = c.post(
+        &format!("/v1/agent/leases/{old}/jobs/{id}/complete"),
+        &report,
+    );
+    assert_eq!(st, 409, "{v}");
+    assert_eq!(v["error"]["code"], "stale_lease");
+    let (st, _) = c.post_empty(&format!("/v1/agent/leases/{old}/heartbeat"));
+    assert_eq!(st, 409);
+    assert_eq!(job_state(&c, &id)["state"], "queued");
+
+    // The device was marked lost; once it registers again it gets the job's attempt 2.
+    let (st, v) = lease(&c, "emu-1", 0);
+    assert_eq!(
+        (st, v["error"]["code"].clone()),
+        (409, json!("device_lost"))
+    );
+    assert_eq!(c.post("/v1/agent/devices", &device("emu-1")).0, 200);
+    let (st, l2) = lease(&c, "emu-1", 1000);
+    assert_eq!(st, 200);
+    assert_eq!(l2["jobs"][0]["attempt"], 2);
+    assert!(l2["id"].as_u64().unwrap() > old);
+
+    let (_, m) = c.get("/metrics");
+    let m = m.as_str().unwrap().to_string();
+    assert!(m.contains("qgjob_lease_expirations_total 1"), "{m}");
+    assert!(m.contains("qgjob_stale_reports_total 2"), "{m}");
+    assert!(m.contains("qgjob_retries_total 1"), "{m}");
+}
+
+#[test]
+fn stale_and_duplicate_reports_get_409() {
+    let s = TestServer::start(memory_opts());
+    let c = s.client(None);
+    let id = submit(&c, "qualgent", "v1", "tests/a.spec.js");
+    c.post("/v1/agent/devices", &device("emu-1"));
+    let (_, l) = lease(&c, "emu-1", 1000);
+    let lid = l["id"].as_u64().unwrap();
+    let ok = json!({"passed": true});
+    // A lease id that was never handed out.
+    let (st, v) = c.post(
+        &format!("/v1/agent/leases/{}/jobs/{id}/complete", lid + 7),
+        &ok,
+    );
+    assert_eq!(
+        (st, v["error"]["code"].clone()),
+        (409, json!("stale_lease"))
+    );
+    let (st, v) = c.post(
+        &format!("/v1/agent/leases/{lid}/jobs/{id}/fail"),
+        &json!({"kind": "device_lost", "message": "usb unplugged"}),
+    );
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["state"], "queued");
+    // The same lease reporting again after it failed the job is stale.
+    let (st, v) = c.post(&format!("/v1/agent/leases/{lid}/jobs/{id}/complete"), &ok);
+    assert_eq!(
+        (st, v["error"]["code"].clone()),
+        (409, json!("stale_lease"))
+    );
+    assert_eq!(job_state(&c, &id)["state"], "queued");
+    assert_eq!(job_state(&c, &id)["attempt"], 2);
+}
+
+#[test]
+fn cancel_queued_and_running() {
+    let s = TestServer::start(memory_opts());
+    let c = s.client(None);
+    let queued = submit(&c, "qualgent", "v1", "tests/a.spec.js");
+    let (st, v) = c.post_empty(&format!("/v1/jobs/{queued}/cancel"));
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["result"], "canceled");
+    assert_eq!(job_state(&c, &queued)["state"], "canceled");
+    let (st, v) = c.post_empty(&format!("/v1/jobs/{queued}/cancel"));
+    assert_eq!(
+        (st, v["error"]["code"].clone()),
+        (409, json!("already_final"))
+    );
+
+    let running = submit(&c, "qualgent", "v1", "tests/b.spec.js");
+    c.post("/v1/agent/devices", &device("emu-1"));
+    let (_, l) = lease(&c, "emu-1", 1000);
+    let lid = l["id"].as_u64().unwrap();
+    let (st, v) = c.post_empty(&format!("/v1/jobs/{running}/cancel"));
+    assert_eq!(st, 200);
+    assert_eq!(v["result"], "requested");
+    assert_eq!(job_state(&c, &running)["cancel_requested"], true);
+    let (_, hb) = c.post_empty(&format!("/v1/agent/leases/{lid}/heartbeat"));
+    assert_eq!(hb["cancel"], json!([running]));
+    let (_, v) = c.post(
+        &format!("/v1/agent/leases/{lid}/jobs/{running}/complete"),
+        &json!({"passed": false, "error": "killed"}),
+    );
+    assert_eq!(v["state"], "canceled");
+    assert_eq!(job_state(&c, &running)["state"], "canceled");
+}
+
+#[test]
+fn idempotent_submit() {
+    let s = TestServer::start(memory_opts());
+    let c = s.client(None);
+    let mut sp = spec("qualgent", "v1", "tests/a.spec.js");
+    sp["idempotency_key"] = json!("ci-build-42/a");
+    let (st1, v1) = c.post("/v1/jobs", &sp);
+    let (st2, v2) = c.post("/v1/jobs", &sp);
+    assert_eq!((st1, st2), (201, 200));
+    assert_eq!(v1["job_id"], v2["job_id"]);
+    assert_eq!(v2["created"], false);
+    // Same key, different spec: a conflict, not a silent second job.
+    sp["tests"] = json!(["tests/other.spec.js"]);
+    let (st, v) = c.post("/v1/jobs", &sp);
+    assert_eq!((st, v["error"]["code"].clone()), (409, json!("conflict")));
+    let (_, list) = c.get("/v1/jobs?org_id=qualgent");
+    assert_eq!(list["jobs"].as_array().unwrap().len(), 1);
+}
+
+#[test]
+fn run_aggregation_and_run_cancel() {
+    let s = TestServer::start(memory_opts());
+    let c = s.client(None);
+    let jobs: Vec<Value> = (0..3)
+        .map(|i| spec("qualgent", "v7", &format!("tests/t{i}.spec.js")))
+        .collect();
+    let (st, r) = c.post(
+        "/v1/runs",
+        &json!({"jobs": jobs, "labels": {"branch": "main"}}),
+    );
+    assert_eq!(st, 201, "{r}");
+    let run = r["run_id"].as_str().unwrap().to_string();
+    let ids: Vec<String> = r["job_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids.len(), 3);
+    let (_, v) = c.get(&format!("/v1/runs/{run}"));
+    assert_eq!(v["status"], "queued");
+    assert_eq!(v["counts"]["queued"], 3);
+    assert_eq!(v["labels"]["branch"], "main");
+    assert_eq!(job_state(&c, &ids[0])["spec"]["run_id"], run.as_str());
+
+    c.post("/v1/agent/devices", &device("emu-1"));
+    let mut outcomes = vec![true, false];
+    for _ in 0..2 {
+        let (_, l) = lease(&c, "emu-1", 1000);
+        let lid = l["id"].as_u64().unwrap();
+        let jid = l["jobs"][0]["id"].as_str().unwrap().to_string();
+        let passed = outcomes.remove(0);
+        let (st, _) = c.post(
+            &format!("/v1/agent/leases/{lid}/jobs/{jid}/complete"),
+            &json!({"passed": passed}),
+        );
+        assert_eq!(st, 200);
+    }
+    let (_, v) = c.get(&format!("/v1/runs/{run}"));
+    assert_eq!(v["status"], "running");
+    assert_eq!(v["counts"]["passed"], 1);
+    assert_eq!(v["counts"]["failed"], 1);
+    assert_eq!(v["counts"]["queued"], 1);
+
+    let (st, v) = c.post_empty(&format!("/v1/runs/{run}/cancel"));
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(
+        (v["canceled"].clone(), v["requested"].clone()),
+        (json!(1), json!(0))
+    );
+    let (_, v) = c.get(&format!("/v1/runs/{run}"));
+    assert_eq!(v["status"], "failed");
+    assert_eq!(v["jobs"].as_array().unwrap().len(), 3);
+
+    let (_, list) = c.get(&format!("/v1/jobs?run_id={run}&state=canceled"));
+    assert_eq!(list["jobs"].as_array().unwrap().len(), 1);
+}
+
+#[test]
+fn run_of_all_passed_jobs_passes() {
+    let s = TestServer::start(memory_opts());
+    let c = s.client(None);
+    let jobs: Vec<Value> = (0..2)
+        .map(|i| spec("qualgent", "v8", &format!("tests/t{i}.spec.js")))
+        .collect();
+    let (_, r) = c.post("/v1/runs", &json!({"jobs": jobs}));
+    let run = r["run_id"].as_str().unwrap().to_string();
+    c.post("/v1/agent/devices", &device("emu-1"));
+    // One lease holding both jobs (batching within one build).
+    let (_, l) = c.post(
+        "/v1/agent/lease",
+        &json!({"device_id": "emu-1", "max_batch": 8, "wait_ms": 1000}),
+    );
+    let lid = l["id"].as_u64().unwrap();
+    assert_eq!(l["jobs"].as_array().unwrap().len(), 2);
+    for j in l["jobs"].as_array().unwrap() {
+        let jid = j["id"].as_str().unwrap();
+        c.post(
+            &format!("/v1/agent/leases/{lid}/jobs/{jid}/complete"),
+            &json!({"passed": true}),
+        );
+    }
+    let (_, v) = c.get(&format!("/v1/runs/{run}"));
+    assert_eq!(v["status"], "passed");
+}
+
+#[test]
+fn list_filters_and_cursor_pagination() {
+    let s = TestServer::start(memory_opts());
+    let c = s.client(None);
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        ids.push(submit(&c, "qualgent", "v1", &format!("tests/{i}.spec.js")));
+    }
+    let mut b = spec("qualgent", "v2", "tests/x.spec.js");
+    b["target"] = json!("browserstack");
+    let (_, other) = c.post("/v1/jobs", &b);
+    submit(&c, "acme", "v1", "tests/a.spec.js");
+
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    for _ in 0..10 {
+        let path = match &cursor {
+            Some(cur) => format!("/v1/jobs?org_id=qualgent&app_version_id=v1&limit=2&cursor={cur}"),
+            None => "/v1/jobs?org_id=qualgent&app_version_id=v1&limit=2".to_string(),
+        };
+        let (st, page) = c.get(&path);
+        assert_eq!(st, 200, "{page}");
+        for j in page["jobs"].as_array().unwrap() {
+            seen.push(j["id"].as_str().unwrap().to_string());
+        }
+        match page["next_cursor"].as_str() {
+            Some(cur) => cursor = Some(cur.to_string()),
+            None => break,
+        }
+    }
+    assert_eq!(seen, ids, "every job once, in submission order");
+
+    let (_, page) = c.get("/v1/jobs?target=browserstack");
+    let got: Vec<&str> = page["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(got, vec![other["job_id"].as_str().unwrap()]);
+    let (_, page) = c.get("/v1/jobs?org_id=acme&state=queued");
+    assert_eq!(page["jobs"].as_array().unwrap().len(), 1);
+    let (_, page) = c.get("/v1/jobs?state=passed");
+    assert_eq!(page["jobs"].as_array().unwrap().len(), 0);
+}
+
+fn tok(kind: TokenKind, org: Option<&str>, token: &str) -> TokenSpec {
+    TokenSpec {
+        token: token.to_string(),
+        kind,
+        org_id: org.map(|o| o.parse().unwrap()),
+    }
+}
+
+const ADMIN: &str = "admin-token-0123456789";
+const AGENT: &str = "agent-token-0123456789";
+const ACME: &str = "acme-token-0123456789ab";
+const GLOBEX: &str = "globex-token-0123456789";
+
+fn authed_server() -> TestServer {
+    TestServer::start(ServerOptions {
+        tokens: vec![
+            tok(TokenKind::Admin, None, ADMIN),
+            tok(TokenKind::Agent, None, AGENT),
+            tok(TokenKind::Org, Some("acme"), ACME),
+            tok(TokenKind::Org, Some("globex"), GLOBEX),
+        ],
+        ..memory_opts()
+    })
+}
+
+#[test]
+fn org_isolation() {
+    let s = authed_server();
+    let acme = s.client(Some(ACME));
+    let globex = s.client(Some(GLOBEX));
+    let job = submit(&acme, "acme", "v1", "tests/a.spec.js");
+    let (_, r) = acme.post(
+        "/v1/runs",
+        &json!({"jobs": [spec("acme", "v1", "tests/b.spec.js")]}),
+    );
+    let run = r["run_id"].as_str().unwrap().to_string();
+    submit(&globex, "globex", "v1", "tests/g.spec.js");
+
+    // Read, list, cancel, watch, logs, results: all as if the job did not exist.
+    for path in [
+        format!("/v1/jobs/{job}"),
+        format!("/v1/jobs/{job}/results"),
+        format!("/v1/jobs/{job}/logs"),
+        format!("/v1/runs/{run}"),
+    ] {
+        let (st, v) = globex.get(&path);
+        assert_eq!(
+            (st, v["error"]["code"].clone()),
+            (404, json!("not_found")),
+            "{path}"
+        );
+    }
+    let (st, _) = globex.sse_events(&format!("/v1/jobs/{job}/events"), 1);
+    assert_eq!(st, 404);
+    let (st, _) = globex.sse_events(&format!("/v1/runs/{run}/events"), 1);
+    assert_eq!(st, 404);
+    assert_eq!(globex.post_empty(&format!("/v1/jobs/{job}/cancel")).0, 404);
+    assert_eq!(globex.post_empty(&format!("/v1/runs/{run}/cancel")).0, 404);
+    assert_eq!(job_state(&acme, &job)["state"], "queued");
+    let (st, v) = globex.get("/v1/jobs?org_id=acme");
+    assert_eq!((st, v["error"]["code"].clone()), (403, json!("forbidden")));
+    let (_, v) = globex.get("/v1/jobs");
+    let orgs: BTreeSet<String> = v["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["spec"]["org_id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(orgs, BTreeSet::from(["globex".to_string()]));
+    // Submitting for another org is refused.
+    let (st, _) = globex.post("/v1/jobs", &spec("acme", "v1", "tests/x.spec.js"));
+    assert_eq!(st, 403);
+    // Builds are per org too.
+    assert_eq!(globex.put_raw("/v1/apps/acme/v1", b"apk", &[]).0, 403);
+
+    // Token kinds: agents only speak the agent protocol; orgs cannot use it; admin does all.
+    let agent = s.client(Some(AGENT));
+    assert_eq!(agent.get(&format!("/v1/jobs/{job}")).0, 403);
+    assert_eq!(acme.post("/v1/agent/devices", &device("emu-1")).0, 403);
+    assert_eq!(agent.post("/v1/agent/devices", &device("emu-1")).0, 200);
+    let admin = s.client(Some(ADMIN));
+    assert_eq!(admin.get(&format!("/v1/jobs/{job}")).0, 200);
+    assert_eq!(
+        acme.post(
+            "/v1/admin/tokens",
+            &json!({"kind": "org", "org_id": "acme"})
+        )
+        .0,
+        403
+    );
+    let (st, t) = admin.post(
+        "/v1/admin/tokens",
+        &json!({"kind": "org", "org_id": "initech"}),
+    );
+    assert_eq!(st, 201, "{t}");
+    let initech = s.client(Some(t["token"].as_str().unwrap()));
+    submit(&initech, "initech", "v1", "tests/i.spec.js");
+    assert_eq!(initech.get(&format!("/v1/jobs/{job}")).0, 404);
+
+    // No token, unknown token.
+    assert_eq!(s.client(None).get("/v1/jobs").0, 401);
+    let (st, v) = s.client(Some("not-a-real-token-at-all")).get("/v1/jobs");
+    assert_eq!(
+        (st, v["error"]["code"].clone()),
+        (401, json!("unauthorized"))
+    );
+}
+
+#[test]
+fn error_statuses_have_the_json_shape() {
+    let s = TestServer::start(ServerOptions {
+        limits: qgjob_http::Limits {
+            body_bytes: 4096,
+            ..qgjob_http::Limits::default()
+        },
+        ..memory_opts()
+    });
+    let c = s.client(None);
+    let check = |(st, v): (u16, Value), want: u16, code: &str| {
+        assert_eq!(st, want, "{v}");
+        assert_eq!(v["error"]["code"], code, "{v}");
+        assert!(v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()));
+    };
+    // 400: not JSON, and JSON of the wrong type.
+    check(c.post_raw("/v1/jobs", b"{not json"), 400, "malformed_json");
+    let mut bad = spec("qualgent", "v1", "tests/a.spec.js");
+    bad["priority"] = json!("high");
+    check(c.post("/v1/jobs", &bad), 400, "bad_request");
+    // 404: unknown job, unknown run, malformed id, unknown route.
+    check(
+        c.get("/v1/jobs/0190b2a4-1c1f-7a31-9b5e-3c1d2e4f5a6b"),
+        404,
+        "not_found",
+    );
+    check(
+        c.get("/v1/runs/0190b2a4-1c1f-7a31-9b5e-3c1d2e4f5a6b"),
+        404,
+        "not_found",
+    );
+    check(c.get("/v1/jobs/not-a-uuid"), 404, "not_found");
+    check(c.get("/v1/nothing-here"), 404, "not_found");
+    // 413: body over the limit.
+    let mut big = spec("qualgent", "v1", "tests/a.spec.js");
+    big["labels"] = json!({"x": "y".repeat(8000)});
+    check(c.post("/v1/jobs", &big), 413, "too_large");
+    // 422 naming the field: validation in the type, in the spec, a missing field, a batch.
+    let (st, v) = c.post("/v1/jobs", &spec("bad org!", "v1", "tests/a.spec.js"));
+    assert_eq!(
+        (st, v["error"]["field"].clone()),
+        (422, json!("org_id")),
+        "{v}"
+    );
+    let mut p = spec("qualgent", "v1", "tests/a.spec.js");
+    p["priority"] = json!(5000);
+    let (st, v) = c.post("/v1/jobs", &p);
+    assert_eq!(
+        (st, v["error"]["field"].clone()),
+        (422, json!("priority")),
+        "{v}"
+    );
+    assert_eq!(v["error"]["code"], "invalid_field");
+    let (st, v) = c.post(
+        "/v1/jobs",
+        &json!({"org_id": "qualgent", "app_version_id": "v1"}),
+    );
+    assert_eq!(
+        (st, v["error"]["field"].clone()),
+        (422, json!("tests")),
+        "{v}"
+    );
+    let (st, v) = c.post(
+        "/v1/runs",
+        &json!({"jobs": [spec("qualgent", "v1", "a"), {"org_id": "qualgent", "app_version_id": "v1", "tests": []}]}),
+    );
+    assert_eq!(
+        (st, v["error"]["field"].clone()),
+        (422, json!("jobs[1].tests")),
+        "{v}"
+    );
+    let (st, v) = c.get("/v1/jobs?state=exploded");
+    assert_eq!(
+        (st, v["error"]["field"].clone()),
+        (422, json!("state")),
+        "{v}"
+    );
+    let (st, v) = c.get("/v1/jobs?limit=5000");
+    assert_eq!(
+        (st, v["error"]["field"].clone()),
+        (422, json!("limit")),
+        "{v}"
+    );
+    // 409: covered by stale lease / idempotency / already final tests; one more here.
+    c.post("/v1/agent/devices", &device("emu-1"));
+    let id = submit(&c, "qualgent", "v1", "tests/a.spec.js");
+    let (_, l) = lease(&c, "emu-1", 1000);
+    check(lease(&c, "emu-1", 0), 409, "conflict");
+    let lid = l["id"].as_u64().unwrap();
+    check(
+        c.post(
+            &format!("/v1/agent/leases/{lid}/jobs/{id}/complete"),
+            &json!({"tests": 3}),
+        ),
+        400,
+        "bad_request",
+    );
+    // Nothing above changed the job.
+    assert_eq!(job_state(&c, &id)["state"], "running");
+}
+
+#[test]
+fn open_only_on_loopback_without_tokens() {
+    use std::net::SocketAddr;
+    let lo: SocketAddr = "127.0.0.1:7878".parse().unwrap();
+    let lo6: SocketAddr = "[::1]:7878".parse().unwrap();
+    let any: SocketAddr = "0.0.0.0:7878".parse().unwrap();
+    let lan: SocketAddr = "192.168.1.20:7878".parse().unwrap();
+    assert!(qgjob_http::open_mode(lo, 0).unwrap());
+    assert!(qgjob_http::open_mode(lo6, 0).unwrap());
+    assert!(!qgjob_http::open_mode(lo, 2).unwrap());
+    assert!(!qgjob_http::open_mode(any, 1).unwrap());
+    let err = qgjob_http::open_mode(any, 0).expect_err("must refuse");
+    assert!(err.to_string().contains("without tokens"), "{err}");
+    assert!(qgjob_http::open_mode(lan, 0).is_err());
+}
+
+fn tar_gz(files: &[(&str, &[u8])]) -> Vec<u8> {
+    let enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    let mut t = tar::Builder::new(enc);
+    for (name, data) in files {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        t.append_data(&mut h, name, *data).unwrap();
+    }
+    t.into_inner().unwrap().finish().unwrap()
+}
+
+#[test]
+fn artifact_round_trip_with_hash_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = TestServer::start(sqlite_opts(dir.path()));
+    let c = s.client(None);
+    let build: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let digest = hex::encode(Sha256::digest(&build));
+    let (st, v) = c.put_raw("/v1/apps/qualgent/xyz123", &build, &[]);
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["sha256"], digest.as_str());
+    assert_eq!(v["size"], build.len());
+    assert_eq!(v["created"], true);
+    // Same bytes for another version: stored once.
+    let (_, v) = c.put_raw("/v1/apps/qualgent/xyz124", &build, &[]);
+    assert_eq!(v["created"], false);
+    assert!(dir.path().join("artifacts/sha256").join(&digest).is_file());
+    let (_, meta) = c.get("/v1/apps/qualgent/xyz123");
+    assert_eq!(meta["sha256"], digest.as_str());
+    let (_, meta) = c.get("/v1/agent/apps/qualgent/xyz124");
+    assert_eq!(meta["sha256"], digest.as_str());
+    let (st, h, got) = c.get_raw(&format!("/v1/agent/builds/{digest}"));
+    assert_eq!(st, 200);
+    assert_eq!(hex::encode(Sha256::digest(&got)), digest);
+    assert_eq!(h.get("content-length").unwrap(), &build.len().to_string());
+    let (_, _, got) = c.get_raw("/v1/apps/qualgent/xyz123/build");
+    assert_eq!(got, build);
+
+    // A declared digest that does not match the bytes is refused, and nothing is stored.
+    let wrong = "0".repeat(64);
+    let (st, v) = c.put_raw(
+        "/v1/apps/qualgent/bad",
+        b"other",
+        &[("x-qgjob-sha256", &wrong)],
+    );
+    assert_eq!(
+        (st, v["error"]["field"].clone()),
+        (422, json!("sha256")),
+        "{v}"
+    );
+    assert_eq!(c.get("/v1/apps/qualgent/bad").0, 404);
+    let tmp: Vec<_> = std::fs::read_dir(dir.path().join("artifacts/tmp"))
+        .unwrap()
+        .collect();
+    assert!(tmp.is_empty(), "no temp file is left behind");
+
+    // Bundles: gzip only, content-addressed.
+    let bundle = tar_gz(&[("tests/onboarding.spec.js", b"test('x', async () => {});")]);
+    let bd = hex::encode(Sha256::digest(&bundle));
+    let (st, v) = c.put_raw("/v1/bundles", &bundle, &[("x-qgjob-sha256", &bd)]);
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["sha256"], bd.as_str());
+    let (_, _, got) = c.get_raw(&format!("/v1/agent/bundles/{bd}"));
+    assert_eq!(got, bundle);
+    let (st, v) = c.put_raw("/v1/bundles", b"plain text is no bundle", &[]);
+    assert_eq!(
+        (st, v["error"]["field"].clone()),
+        (422, json!("body")),
+        "{v}"
+    );
+    assert_eq!(
+        c.get_raw(&format!("/v1/agent/bundles/{}", "a".repeat(64)))
+            .0,
+        404
+    );
+    assert_eq!(c.get_raw("/v1/agent/bundles/..%2F..%2Fetc%2Fpasswd").0, 404);
+
+    // The artifacts survive a restart.
+    s.stop().unwrap();
+    let s = TestServer::start(sqlite_opts(dir.path()));
+    let c = s.client(None);
+    let (_, meta) = c.get("/v1/apps/qualgent/xyz123");
+    assert_eq!(meta["sha256"], digest.as_str());
+    let (_, _, got) = c.get_raw(&format!("/v1/agent/builds/{digest}"));
+    assert_eq!(got, build);
+}
+
+#[test]
+fn job_events_are_pushed_until_final() {
+    let s = TestServer::start(memory_opts());
+    let c = s.client(None);
+    let id = submit(&c, "qualgent", "v1", "tests/a.spec.js");
+    let watcher = c.clone();
+    let path = format!("/v1/jobs/{id}/events");
+    let w = std::thread::spawn(move || watcher.sse_events(&path, 10));
+    // Wait until the watcher has its first event, so later changes are pushed to it.
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    c.post("/v1/agent/devices", &device("emu-1"));
+    let (_, l) = lease(&c, "emu-1", 1000);
+    let lid = l["id"].as_u64().unwrap();
+    c.post(
+        &format!("/v1/agent/leases/{lid}/jobs/{id}/complete"),
+        &json!({"passed": false, "error": "assertion failed"}),
+    );
+    let (st, events) = w.join().unwrap();
+    assert_eq!(st, 200);
+    let states: Vec<&str> = events
+        .iter()
+        .map(|e| e["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(states, vec!["queued", "running", "failed"]);
+    assert!(events.iter().all(|e| e["job_id"] == id.as_str()));
+
+    // A watcher arriving after the end gets the final state and the stream ends.
+    let (_, events) = c.sse_events(&format!("/v1/jobs/{id}/events"), 10);
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0]["state"], "failed");
+}
+
+#[test]
+fn run_events_end_when_every_job_is_final() {
+    let s = TestServer::start(memory_opts());
+    let c = s.client(None);
+    let (_, r) = c.post(
+        "/v1/runs",
+        &json!({"jobs": [spec("qualgent", "v1", "a.spec.js"), spec("qualgent", "v1", "b.spec.js")]}),
+    );
+    let run = r["run_id"].as_str().unwrap().to_string();
+    let watcher = c.clone();
+    let path = format!("/v1/runs/{run}/events");
+    let w = std::thread::spawn(move || watcher.sse_events(&path, 50));
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let (st, v) = c.post_empty(&format!("/v1/runs/{run}/cancel"));
+    assert_eq!(st, 200, "{v}");
+    let (_, events) = w.join().unwrap();
+    let states: Vec<&str> = events
+        .iter()
+        .map(|e| e["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(states, vec!["queued", "queued", "canceled", "canceled"]);
+}
+
+#[test]
+fn restart_restores_queue_order_and_running_leases() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = TestServer::start(sqlite_opts(dir.path()));
+    let c = s.client(None);
+    let ids: Vec<String> = (0..4)
+        .map(|i| submit(&c, "qualgent", "v1", &format!("tests/{i}.spec.js")))
+        .collect();
+    c.post("/v1/agent/devices", &device("emu-1"));
+    let (_, l) = lease(&c, "emu-1", 1000);
+    let lid = l["id"].as_u64().unwrap();
+    assert_eq!(l["jobs"][0]["id"], ids[0].as_str());
+    let (st, _) = c.post_raw(
+        &format!("/v1/agent/leases/{lid}/jobs/{}/logs", ids[0]),
+        b"hello\n",
+    );
+    assert_eq!(st, 204);
+    s.stop().unwrap();
+
+    let s = TestServer::start(sqlite_opts(dir.path()));
+    let c = s.client(None);
+    assert_eq!(job_state(&c, &ids[0])["state"], "running");
+    for id in &ids[1..] {
+        assert_eq!(job_state(&c, id)["state"], "queued");
+    }
+    let (_, _, log) = c.get_raw(&format!("/v1/jobs/{}/logs", ids[0]));
+    assert_eq!(log, b"hello\n");
+    // The agent comes back: its device registers again and reports under the old lease.
+    c.post("/v1/agent/devices", &device("emu-1"));
+    let (st, v) = c.post(
+        &format!("/v1/agent/leases/{lid}/jobs/{}/complete", ids[0]),
+        &json!({"passed": true}),
+    );
+    assert_eq!(st, 200, "{v}");
+    // Queued jobs come out in their original order; new jobs get new, later seqs.
+    let newer = submit(&c, "qualgent", "v1", "tests/new.spec.js");
+    let mut order = Vec::new();
+    for _ in 0..4 {
+        let (_, l) = lease(&c, "emu-1", 1000);
+        let lid = l["id"].as_u64().unwrap();
+        let jid = l["jobs"][0]["id"].as_str().unwrap().to_string();
+        c.post(
+            &format!("/v1/agent/leases/{lid}/jobs/{jid}/complete"),
+            &json!({"passed": true}),
+        );
+        order.push(jid);
+    }
+    let mut want: Vec<String> = ids[1..].to_vec();
+    want.push(newer);
+    assert_eq!(order, want);
+    let (_, page) = c.get("/v1/jobs?limit=1000");
+    let seqs: Vec<u64> = page["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs.len(), 5);
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]));
+}
+
+#[test]
+fn tokens_file_and_admin_tokens_survive_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let tf = dir.path().join("tokens");
+    let mut f = std::fs::File::create(&tf).unwrap();
+    writeln!(f, "# operators\nadmin {ADMIN}\nagent {AGENT}").unwrap();
+    drop(f);
+    let opts = ServerOptions {
+        tokens_file: Some(tf.clone()),
+        ..sqlite_opts(&dir.path().join("data"))
+    };
+    let s = TestServer::start(opts.clone());
+    let admin = s.client(Some(ADMIN));
+    let (st, t) = admin.post(
+        "/v1/admin/tokens",
+        &json!({"kind": "org", "org_id": "acme"}),
+    );
+    assert_eq!(st, 201);
+    let token = t["token"].as_str().unwrap().to_string();
+    s.stop().unwrap();
+    // The database holds only the digest of the token.
+    let db = std::fs::read(dir.path().join("data/qgjob.sqlite3")).unwrap();
+    let wal = std::fs::read(dir.path().join("data/qgjob.sqlite3-wal")).unwrap_or_default();
+    let needle = token.as_bytes();
+    assert!(!db.windows(needle.len()).any(|w| w == needle));
+    assert!(!wal.windows(needle.len()).any(|w| w == needle));
+
+    let s = TestServer::start(opts);
+    let acme = s.client(Some(&token));
+    submit(&acme, "acme", "v1", "tests/a.spec.js");
+}
+
+#[test]
+fn openapi_lists_every_endpoint_and_metrics_render() {
+    let s = TestServer::start(memory_opts());
+    let c = s.client(None);
+    let (st, doc) = c.get("/openapi.json");
+    assert_eq!(st, 200);
+    assert_eq!(doc["openapi"], "3.1.0");
+    for (method, path) in [
+        ("post", "/v1/jobs"),
+        ("get", "/v1/jobs"),
+        ("post", "/v1/runs"),
+        ("get", "/v1/jobs/{job_id}/events"),
+        ("post", "/v1/agent/lease"),
+        ("post", "/v1/agent/leases/{lease_id}/jobs/{job_id}/complete"),
+        ("put", "/v1/bundles"),
+        ("get", "/metrics"),
+    ] {
+        assert!(doc["paths"][path][method].is_object(), "{method} {path}");
+    }
+    // Every documented route is really served: no fallback 404 or 405 for any of them.
+    let uuid = "0190b2a4-1c1f-7a31-9b5e-3c1d2e4f5a6b";
+    for (method, path, ..) in qgjob_http::ops::ROUTES {
+        let p = path
+            .replace("{job_id}", uuid)
+            .replace("{run_id}", uuid)
+            .replace("{lease_id}", "1")
+            .replace("{org_id}", "qualgent")
+            .replace("{app_version_id}", "v1")
+            .replace("{device_id}", "emu-9")
+            .replace("{sha256}", &"a".repeat(64));
+        let (st, v) = match *method {
+            "get" if p.ends_with("/events") => (c.sse_events(&p, 1).0, Value::Null),
+            "get" => c.get(&p),
+            "post" => c.post_raw(&p, b"{}"),
+            "put" => c.put_raw(&p, b"x", &[]),
+            "delete" => c.delete(&p),
+            other => panic!("unexpected method {other}"),
+        };
+        assert_ne!(st, 405, "{method} {path}: {v}");
+        assert_ne!(v["error"]["message"], "no such endpoint", "{method} {path}");
+    }
+    assert_eq!(c.get("/healthz").1["status"], "ok");
+
+    submit(&c, "qualgent", "v1", "tests/a.spec.js");
+    c.post("/v1/agent/devices", &device("emu-1"));
+    lease(&c, "emu-1", 1000);
+    let (st, m) = c.get("/metrics");
+    assert_eq!(st, 200);
+    let m = m.as_str().unwrap();
+    assert!(
+        m.contains("qgjob_jobs{target=\"emulator\",state=\"running\"} 1"),
+        "{m}"
+    );
+    assert!(m.contains("qgjob_jobs_submitted_total 1"));
+    assert!(m.contains("qgjob_installs_total 1"));
+    assert!(m.contains("qgjob_active_leases 1"));
+    assert!(m.contains("qgjob_dispatch_latency_seconds_count 1"));
+}

@@ -1,0 +1,341 @@
+//! The store contract, run against every [`Store`] implementation (SQLite and memory; a
+//! PostgreSQL store would add one line per test). Jobs come from a real scheduler so the
+//! records are the ones the server writes.
+
+use std::sync::Arc;
+
+use qgjob_core::{
+    AppVersionId, DeviceId, DeviceInfo, GroupedScheduler, Job, JobFilter, JobSpec, JobState, OrgId,
+    RunId, RunReport, Scheduler, SchedulerConfig, Target, Time,
+};
+use qgjob_http::store::{
+    BuildRecord, MemoryStore, RunRecord, SqliteStore, Store, StoreError, Synchronous, TokenKind,
+    TokenRecord, WriteBatch,
+};
+
+fn spec(org: &str, app: &str, test: &str) -> JobSpec {
+    JobSpec::new(
+        OrgId::new(org).unwrap(),
+        AppVersionId::new(app).unwrap(),
+        vec![test.to_string()],
+    )
+}
+
+/// Every store under test, each fresh. The temp dir lives as long as the store.
+async fn stores() -> Vec<(&'static str, Arc<dyn Store>, Option<tempfile::TempDir>)> {
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite = SqliteStore::open(&dir.path().join("t.sqlite3"), Synchronous::Normal)
+        .await
+        .unwrap();
+    vec![
+        ("sqlite", Arc::new(sqlite), Some(dir)),
+        ("memory", Arc::new(MemoryStore::new()), None),
+    ]
+}
+
+/// A scheduler with `n` jobs: orgs alternate acme/globex, app versions v0/v1/v2.
+fn scheduler_with(n: usize, run: Option<RunId>) -> (GroupedScheduler, Vec<Job>) {
+    let mut s = GroupedScheduler::new(SchedulerConfig::default());
+    for i in 0..n {
+        let org = if i % 2 == 0 { "acme" } else { "globex" };
+        let mut sp = spec(org, &format!("v{}", i % 3), &format!("t{i}.spec.js"));
+        sp.run_id = run;
+        if i % 4 == 3 {
+            sp.target = Target::Browserstack;
+        }
+        s.submit(Time(1000 + i as u64), sp).unwrap();
+    }
+    let jobs: Vec<Job> = s
+        .list(&JobFilter {
+            limit: Some(usize::MAX),
+            ..Default::default()
+        })
+        .into_iter()
+        .cloned()
+        .collect();
+    s.take_events();
+    (s, jobs)
+}
+
+#[tokio::test]
+async fn write_get_and_upsert() {
+    for (name, st, _dir) in stores().await {
+        let (mut s, jobs) = scheduler_with(3, None);
+        st.write(&WriteBatch {
+            jobs: jobs.clone(),
+            runs: vec![],
+        })
+        .await
+        .unwrap();
+        for j in &jobs {
+            assert_eq!(st.get_job(j.id).await.unwrap().as_ref(), Some(j), "{name}");
+        }
+        // A later state of the same job replaces the earlier one (even within one batch).
+        let dev = DeviceInfo {
+            id: DeviceId::new("emu-1").unwrap(),
+            target: Target::Emulator,
+            capabilities: Default::default(),
+            installed: None,
+            install_estimate_ms: None,
+        };
+        s.register_device(Time(2000), dev.clone()).unwrap();
+        let lease = s.lease(Time(2001), &dev.id, 1).unwrap().unwrap();
+        let jid = lease.jobs[0].id;
+        let running = s.get(jid).unwrap().clone();
+        s.complete(
+            Time(2002),
+            lease.id,
+            jid,
+            RunReport {
+                passed: true,
+                tests: vec![],
+                duration_ms: 1,
+                error: None,
+            },
+        )
+        .unwrap();
+        let passed = s.get(jid).unwrap().clone();
+        st.write(&WriteBatch {
+            jobs: vec![running, passed.clone()],
+            runs: vec![],
+        })
+        .await
+        .unwrap();
+        let got = st.get_job(jid).await.unwrap().unwrap();
+        assert_eq!(got.state, JobState::Passed, "{name}");
+        assert_eq!(got, passed, "{name}");
+        let all = st.list_jobs(&JobFilter::default()).await.unwrap();
+        assert_eq!(all.len(), 3, "{name}: upsert must not duplicate");
+    }
+}
+
+#[tokio::test]
+async fn list_filters_and_cursor() {
+    for (name, st, _dir) in stores().await {
+        let (_, jobs) = scheduler_with(12, None);
+        st.write(&WriteBatch {
+            jobs: jobs.clone(),
+            runs: vec![],
+        })
+        .await
+        .unwrap();
+        let acme = OrgId::new("acme").unwrap();
+        let f = JobFilter {
+            org_id: Some(acme.clone()),
+            ..Default::default()
+        };
+        let got = st.list_jobs(&f).await.unwrap();
+        let want: Vec<&Job> = jobs.iter().filter(|j| f.matches(j)).collect();
+        assert_eq!(got.iter().collect::<Vec<_>>(), want, "{name}");
+        assert_eq!(got.len(), 6);
+
+        let f = JobFilter {
+            app_version_id: Some(AppVersionId::new("v1").unwrap()),
+            target: Some(Target::Emulator),
+            ..Default::default()
+        };
+        let got = st.list_jobs(&f).await.unwrap();
+        assert!(!got.is_empty());
+        assert!(got.iter().all(|j| f.matches(j)), "{name}");
+        assert_eq!(
+            got.len(),
+            jobs.iter().filter(|j| f.matches(j)).count(),
+            "{name}"
+        );
+
+        // Pages of 5 by cursor cover everything once, in seq order.
+        let mut seen = Vec::new();
+        let mut after = None;
+        loop {
+            let page = st
+                .list_jobs(&JobFilter {
+                    after_seq: after,
+                    limit: Some(5),
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+            if page.is_empty() {
+                break;
+            }
+            after = page.last().map(|j| j.seq);
+            seen.extend(page.into_iter().map(|j| j.id));
+        }
+        assert_eq!(
+            seen,
+            jobs.iter().map(|j| j.id).collect::<Vec<_>>(),
+            "{name}"
+        );
+        let f = JobFilter {
+            state: Some(JobState::Passed),
+            ..Default::default()
+        };
+        assert!(st.list_jobs(&f).await.unwrap().is_empty(), "{name}");
+    }
+}
+
+#[tokio::test]
+async fn runs_and_their_jobs() {
+    for (name, st, _dir) in stores().await {
+        let run = RunId::from_parts(5000, [7; 10]);
+        let (_, jobs) = scheduler_with(4, Some(run));
+        let (_, others) = scheduler_with(2, None);
+        let rec = RunRecord {
+            id: run,
+            org_id: OrgId::new("acme").unwrap(),
+            created_at: Time(5000),
+            labels: [("branch".to_string(), "main".to_string())].into(),
+            job_count: 4,
+        };
+        // Different schedulers reuse seqs; shift the others past ours.
+        let others: Vec<Job> = others
+            .into_iter()
+            .map(|mut j| {
+                // Same seed, same ids: give them their own.
+                j.seq += 100;
+                j.id = qgjob_core::JobId::from_parts(9000 + j.seq, [9; 10]);
+                j
+            })
+            .collect();
+        st.write(&WriteBatch {
+            jobs: jobs.iter().chain(&others).cloned().collect(),
+            runs: vec![rec.clone()],
+        })
+        .await
+        .unwrap();
+        assert_eq!(st.get_run(run).await.unwrap(), Some(rec), "{name}");
+        assert_eq!(
+            st.get_run(RunId::from_parts(1, [0; 10])).await.unwrap(),
+            None
+        );
+        assert_eq!(st.run_jobs(run).await.unwrap(), jobs, "{name}");
+        assert_eq!(st.list_jobs(&JobFilter::default()).await.unwrap().len(), 6, "{name}");
+        let f = JobFilter {
+            run_id: Some(run),
+            limit: Some(2),
+            ..Default::default()
+        };
+        assert_eq!(
+            st.list_jobs(&f).await.unwrap(),
+            jobs[..2].to_vec(),
+            "{name}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn restore_set_is_unfinished_recent_and_last() {
+    for (name, st, _dir) in stores().await {
+        let (_, jobs) = scheduler_with(5, None);
+        let mut jobs = jobs;
+        // 0: finished long ago, 1: finished recently, 4 (the last seq): finished long ago.
+        for (i, t) in [(0usize, 10u64), (1, 9_000), (4, 20)] {
+            jobs[i].state = JobState::Passed;
+            jobs[i].finished_at = Some(Time(t));
+        }
+        st.write(&WriteBatch {
+            jobs: jobs.clone(),
+            runs: vec![],
+        })
+        .await
+        .unwrap();
+        let got = st.load_for_restore(Time(5_000)).await.unwrap();
+        let mut ids: Vec<u64> = got.iter().map(|j| j.seq).collect();
+        ids.sort();
+        let want: Vec<u64> = [1usize, 2, 3, 4].iter().map(|i| jobs[*i].seq).collect();
+        assert_eq!(ids, want, "{name}");
+        // And a scheduler restored from it keeps the queued jobs queued.
+        let s = GroupedScheduler::restore(SchedulerConfig::default(), got).unwrap();
+        assert_eq!(s.get(jobs[2].id).unwrap().state, JobState::Queued);
+    }
+}
+
+#[tokio::test]
+async fn logs_append_read_and_limit() {
+    for (name, st, _dir) in stores().await {
+        let (_, jobs) = scheduler_with(2, None);
+        let (a, b) = (jobs[0].id, jobs[1].id);
+        assert_eq!(st.append_log(a, b"hello ", 16).await.unwrap(), 6, "{name}");
+        assert_eq!(st.append_log(a, b"world\n", 16).await.unwrap(), 12);
+        assert_eq!(st.append_log(b, b"other", 16).await.unwrap(), 5);
+        match st.append_log(a, b"too much", 16).await {
+            Err(StoreError::LogFull { limit: 16, .. }) => {}
+            other => panic!("{name}: expected LogFull, got {other:?}"),
+        }
+        assert_eq!(
+            st.read_log(a, 0).await.unwrap(),
+            (b"hello world\n".to_vec(), 12),
+            "{name}"
+        );
+        assert_eq!(st.read_log(a, 6).await.unwrap(), (b"world\n".to_vec(), 12));
+        assert_eq!(st.read_log(a, 99).await.unwrap(), (Vec::new(), 12));
+        assert_eq!(
+            st.read_log(jobs[1].id, 0).await.unwrap().0,
+            b"other".to_vec()
+        );
+    }
+}
+
+#[tokio::test]
+async fn builds_and_tokens() {
+    for (name, st, _dir) in stores().await {
+        let org = OrgId::new("acme").unwrap();
+        let v1 = AppVersionId::new("v1").unwrap();
+        assert_eq!(st.get_build(&org, &v1).await.unwrap(), None);
+        let b1 = BuildRecord {
+            sha256: "a".repeat(64),
+            size: 10,
+        };
+        let b2 = BuildRecord {
+            sha256: "b".repeat(64),
+            size: 20,
+        };
+        st.put_build(&org, &v1, &b1).await.unwrap();
+        assert_eq!(st.get_build(&org, &v1).await.unwrap(), Some(b1), "{name}");
+        st.put_build(&org, &v1, &b2).await.unwrap();
+        assert_eq!(
+            st.get_build(&org, &v1).await.unwrap(),
+            Some(b2.clone()),
+            "{name}"
+        );
+        let other = OrgId::new("globex").unwrap();
+        assert_eq!(st.get_build(&other, &v1).await.unwrap(), None, "{name}");
+
+        let t = TokenRecord {
+            hash: "c".repeat(64),
+            kind: TokenKind::Org,
+            org_id: Some(org.clone()),
+        };
+        let a = TokenRecord {
+            hash: "d".repeat(64),
+            kind: TokenKind::Agent,
+            org_id: None,
+        };
+        st.add_token(&t).await.unwrap();
+        st.add_token(&a).await.unwrap();
+        let mut got = st.tokens().await.unwrap();
+        got.sort_by(|x, y| x.hash.cmp(&y.hash));
+        assert_eq!(got, vec![t, a], "{name}");
+    }
+}
+
+#[tokio::test]
+async fn sqlite_data_survives_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("t.sqlite3");
+    let (_, jobs) = scheduler_with(3, None);
+    {
+        let st = SqliteStore::open(&path, Synchronous::Full).await.unwrap();
+        st.write(&WriteBatch {
+            jobs: jobs.clone(),
+            runs: vec![],
+        })
+        .await
+        .unwrap();
+        st.append_log(jobs[0].id, b"x", 10).await.unwrap();
+        // No close: as after a crash, the WAL holds the commits.
+    }
+    let st = SqliteStore::open(&path, Synchronous::Normal).await.unwrap();
+    assert_eq!(st.list_jobs(&JobFilter::default()).await.unwrap(), jobs);
+    assert_eq!(st.read_log(jobs[0].id, 0).await.unwrap().1, 1);
+}
