@@ -1,1 +1,742 @@
-//! End-to-end tests (cli) through the real `qgjob` binary; filled in by its feature.
+//! End-to-end tests of the `qgjob` binary: a real `qgjob server` (memory store, 127.0.0.1
+//! port 0) and `qgjob agent --simulate` children (simulated devices, named as such), driven
+//! through the same commands a user types.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_qgjob");
+
+/// A child process killed (and reaped) when dropped, so a failing test leaves nothing behind.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A `qgjob` command with a clean environment: no inherited server, token, config or colour.
+fn qgjob_cmd(server: Option<&str>, cwd: &Path) -> Command {
+    let mut c = Command::new(BIN);
+    c.current_dir(cwd)
+        .env_remove("QGJOB_SERVER")
+        .env_remove("QGJOB_TOKEN")
+        .env_remove("QGJOB_CONFIG")
+        .env_remove("GITHUB_ACTIONS")
+        .env("HOME", cwd)
+        .env("XDG_CONFIG_HOME", cwd.join(".config"))
+        .env("NO_COLOR", "1");
+    if let Some(s) = server {
+        c.env("QGJOB_SERVER", s);
+    }
+    c
+}
+
+fn run(server: Option<&str>, cwd: &Path, args: &[&str]) -> Output {
+    qgjob_cmd(server, cwd)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("qgjob runs")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn code(o: &Output) -> i32 {
+    o.status.code().expect("exited normally")
+}
+
+/// A server on a free loopback port; returns it with its base URL, read from the first line
+/// it prints.
+fn start_server(dir: &Path) -> (Proc, String) {
+    let mut child = qgjob_cmd(None, dir)
+        .args([
+            "server",
+            "--addr",
+            "127.0.0.1:0",
+            "--store",
+            "memory",
+            "--data-dir",
+        ])
+        .arg(dir.join("data"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("server starts");
+    let out = child.stdout.take().expect("stdout");
+    let proc = Proc(child);
+    let mut line = String::new();
+    BufReader::new(out)
+        .read_line(&mut line)
+        .expect("first line");
+    let url = line
+        .trim()
+        .strip_prefix("qgjob server listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .to_string();
+    assert!(url.starts_with("http://127.0.0.1:"), "{url}");
+    (proc, url)
+}
+
+/// A simulated agent for `target` (short install and run times).
+fn start_agent(url: &str, dir: &Path, target: &str, extra: &[&str]) -> Proc {
+    let child = qgjob_cmd(Some(url), dir)
+        .args([
+            "agent",
+            "--target",
+            target,
+            "--simulate",
+            "--devices",
+            "2",
+            "--install-s",
+            "0.2",
+            "--run-s",
+            "0.2",
+            "--name",
+            &format!("test-{target}"),
+        ])
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("agent starts");
+    Proc(child)
+}
+
+/// A project directory holding AppWright-style spec files.
+fn project() -> tempfile::TempDir {
+    let d = tempfile::tempdir().expect("tempdir");
+    for f in [
+        "tests/onboarding.spec.js",
+        "tests/auth/login.spec.js",
+        "tests/auth/logout.spec.js",
+        "tests/cart.spec.js",
+    ] {
+        let p = d.path().join(f);
+        std::fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
+        std::fs::write(&p, format!("// {f}\ntest('works', async () => {{}});\n")).expect("write");
+    }
+    std::fs::write(d.path().join("package.json"), "{\"name\": \"app-tests\"}\n").expect("write");
+    d
+}
+
+fn json(o: &Output) -> Value {
+    serde_json::from_str(stdout(o).trim())
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {:?} / {:?}", stdout(o), stderr(o)))
+}
+
+fn keys(v: &Value) -> Vec<String> {
+    let mut k: Vec<String> = v.as_object().expect("object").keys().cloned().collect();
+    k.sort();
+    k
+}
+
+/// Reads lines from a child's stdout until `done` says so (bounded by time and count).
+fn read_lines_until(out: ChildStdout, done: impl Fn(&str) -> bool) -> Vec<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines() {
+            let Ok(l) = line else { break };
+            if tx.send(l).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut lines = Vec::new();
+    while lines.len() < 100 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(l) => {
+                let stop = done(&l);
+                lines.push(l);
+                if stop {
+                    break;
+                }
+            }
+            Err(_) => break,
+        }
+    }
+    lines
+}
+
+#[test]
+fn original_readme_flow_submit_then_watch_queued_running_passed() {
+    let dir = project();
+    let (_server, url) = start_server(dir.path());
+
+    // The original README's commands, verbatim (the server comes from QGJOB_SERVER).
+    let o = run(
+        Some(&url),
+        dir.path(),
+        &[
+            "submit",
+            "--org-id=qualgent",
+            "--app-version-id=xyz123",
+            "--test=tests/onboarding.spec.js",
+        ],
+    );
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let out = stdout(&o);
+    let words: Vec<&str> = out.split_whitespace().collect();
+    assert_eq!(words.len(), 3, "{out}");
+    assert_eq!(words[0], "job");
+    assert_eq!(words[2], "queued");
+    let id = words[1].to_string();
+
+    // Watch before any agent exists, so the first state is `queued`.
+    let mut watch = qgjob_cmd(Some(&url), dir.path())
+        .args(["status", &format!("--job-id={id}"), "--watch"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("watch starts");
+    let out = watch.stdout.take().expect("stdout");
+    let watch = Proc(watch);
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let reader = std::thread::spawn(move || {
+        read_lines_until(out, |l| {
+            let _ = tx.send(l.to_string());
+            ["passed", "failed", "error", "canceled"]
+                .iter()
+                .any(|s| l.starts_with(s))
+        })
+    });
+    // Start the agent once the watcher has shown the queued state.
+    let first = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("first watch line");
+    assert_eq!(first, "queued");
+    let _agent = start_agent(&url, dir.path(), "emulator", &[]);
+    let lines = reader.join().expect("reader");
+    assert_eq!(lines, vec!["queued", "running", "passed"]);
+    drop(watch);
+
+    // status (not watching) shows the final state; --json is the server's Job.
+    let o = run(
+        Some(&url),
+        dir.path(),
+        &["status", &format!("--job-id={id}")],
+    );
+    assert_eq!(code(&o), 0);
+    assert!(stdout(&o).contains("state     passed"), "{}", stdout(&o));
+    let o = run(
+        Some(&url),
+        dir.path(),
+        &["status", &format!("--job-id={id}"), "--json"],
+    );
+    let v = json(&o);
+    assert_eq!(v["id"], id.as_str());
+    assert_eq!(v["state"], "passed");
+    assert_eq!(v["spec"]["tests"][0], "tests/onboarding.spec.js");
+    assert_eq!(v["spec"]["target"], "emulator");
+    // The spec file was packed into a bundle whose hash the job carries.
+    assert_eq!(v["spec"]["bundle"].as_str().map(str::len), Some(64));
+}
+
+#[test]
+fn wait_exit_codes_and_junit() {
+    let dir = project();
+    let (_server, url) = start_server(dir.path());
+    // Simulated devices: emulators pass everything, browserstack fails every test.
+    let _emu = start_agent(&url, dir.path(), "emulator", &[]);
+    let _bs = start_agent(&url, dir.path(), "browserstack", &["--fail-rate", "1"]);
+    let submit = |extra: &[&str]| {
+        let mut args = vec![
+            "submit",
+            "--org-id=acme",
+            "--app-version-id=v1",
+            "--test=tests/onboarding.spec.js",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        let o = run(Some(&url), dir.path(), &args);
+        assert_eq!(code(&o), 0, "{}", stderr(&o));
+        let v = json(&o);
+        assert_eq!(keys(&v), vec!["job_id", "status"]);
+        assert_eq!(v["status"], "queued");
+        v["job_id"].as_str().expect("id").to_string()
+    };
+
+    // 0: passed.
+    let ok = submit(&[]);
+    let o = run(
+        Some(&url),
+        dir.path(),
+        &["wait", &format!("--job-id={ok}"), "--timeout=60s"],
+    );
+    assert_eq!(code(&o), 0, "{}{}", stdout(&o), stderr(&o));
+    let table = stdout(&o);
+    let header = table.lines().next().expect("header");
+    for col in [
+        "TEST", "APP", "TARGET", "DEVICE", "ATTEMPTS", "DURATION", "RESULT",
+    ] {
+        assert!(header.contains(col), "{header}");
+    }
+    assert!(
+        table.lines().nth(1).expect("row").ends_with("passed"),
+        "{table}"
+    );
+    assert!(table.contains("test-emulator/emulator-"), "{table}");
+
+    // 1: a test failed.
+    let bad = submit(&["--target=browserstack"]);
+    let o = run(
+        Some(&url),
+        dir.path(),
+        &["wait", &format!("--job-id={bad}")],
+    );
+    assert_eq!(code(&o), 1, "{}{}", stdout(&o), stderr(&o));
+    assert!(stdout(&o).contains("failed"));
+
+    // 3: no device serves `device`, so waiting times out...
+    let stuck = submit(&["--target=device"]);
+    let o = run(
+        Some(&url),
+        dir.path(),
+        &["wait", &format!("--job-id={stuck}"), "--timeout=1s"],
+    );
+    assert_eq!(code(&o), 3, "{}{}", stdout(&o), stderr(&o));
+    assert!(stderr(&o).starts_with("error: timed out"), "{}", stderr(&o));
+    // ...and once canceled it is final, and canceled is exit 3 too.
+    let o = run(
+        Some(&url),
+        dir.path(),
+        &["cancel", &format!("--job-id={stuck}"), "--json"],
+    );
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert_eq!(json(&o)["result"], "canceled");
+    let o = run(
+        Some(&url),
+        dir.path(),
+        &["wait", &format!("--job-id={stuck}")],
+    );
+    assert_eq!(code(&o), 3);
+    assert!(stdout(&o).contains("canceled"));
+
+    // A run mixing a pass and a failure: exit 1 and a JUnit file that parses.
+    let o = run(
+        Some(&url),
+        dir.path(),
+        &[
+            "submit",
+            "--org-id=acme",
+            "--app-version-id=v2",
+            "--test=tests/auth/*.spec.js",
+            "--target=browserstack",
+            "--json",
+        ],
+    );
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let failing_run = json(&o)["run_id"].as_str().expect("run id").to_string();
+    let junit = dir.path().join("report.xml");
+    let o = run(
+        Some(&url),
+        dir.path(),
+        &[
+            "wait",
+            &format!("--run-id={failing_run}"),
+            "--junit",
+            junit.to_str().expect("utf-8"),
+        ],
+    );
+    assert_eq!(code(&o), 1, "{}{}", stdout(&o), stderr(&o));
+    let (suites, cases, failures) = parse_junit(&junit);
+    assert_eq!(suites, 2);
+    assert!(cases >= 2);
+    assert!(failures >= 2, "every browserstack job failed a test");
+}
+
+/// Counts testsuite, testcase and failure elements; panics on malformed XML.
+fn parse_junit(path: &PathBuf) -> (usize, usize, usize) {
+    let xml = std::fs::read_to_string(path).expect("junit written");
+    let mut r = quick_xml::Reader::from_str(&xml);
+    let (mut suites, mut cases, mut failures) = (0, 0, 0);
+    let mut root = None;
+    loop {
+        match r.read_event().expect("well-formed JUnit XML") {
+            quick_xml::events::Event::Eof => break,
+            quick_xml::events::Event::Start(e) | quick_xml::events::Event::Empty(e) => {
+                let name = String::from_utf8_lossy(e.name().as_ref()).into_owned();
+                if root.is_none() {
+                    root = Some(name.clone());
+                }
+                match name.as_str() {
+                    "testsuite" => suites += 1,
+                    "testcase" => cases += 1,
+                    "failure" => failures += 1,
+                    _ => {}
+                }
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(root.as_deref(), Some("testsuites"));
+    (suites, cases, failures)
+}
+
+#[test]
+fn glob_submits_a_run_and_json_shapes_are_stable() {
+    let dir = project();
+    let (_server, url) = start_server(dir.path());
+    let _agent = start_agent(&url, dir.path(), "emulator", &[]);
+
+    // Human output: the run line, then one line per job.
+    let o = run(
+        Some(&url),
+        dir.path(),
+        &[
+            "submit",
+            "--org-id=acme",
+            "--app-version-id=v7",
+            "--test=tests/**/*.spec.js",
+            "--priority=5",
+        ],
+    );
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let out = stdout(&o);
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(
+        lines[0].starts_with("run ") && lines[0].ends_with("queued (4 jobs)"),
+        "{out}"
+    );
+    assert_eq!(lines.len(), 5, "{out}");
+    let mut tests: Vec<&str> = lines[1..]
+        .iter()
+        .map(|l| l.split_whitespace().last().expect("test"))
+        .collect();
+    tests.sort();
+    assert_eq!(
+        tests,
+        vec![
+            "tests/auth/login.spec.js",
+            "tests/auth/logout.spec.js",
+            "tests/cart.spec.js",
+            "tests/onboarding.spec.js"
+        ]
+    );
+    let run_id = lines[0]
+        .split_whitespace()
+        .nth(1)
+        .expect("run id")
+        .to_string();
+
+    // --wait --json: the submit document, then the wait document.
+    let o = run(
+        Some(&url),
+        dir.path(),
+        &[
+            "submit",
+            "--org-id=acme",
+            "--app-version-id=v8",
+            "--test=tests/auth/*.spec.js",
+            "--json",
+            "--wait",
+            "--wait-timeout=60s",
+        ],
+    );
+    assert_eq!(code(&o), 0, "{}{}", stdout(&o), stderr(&o));
+    let docs: Vec<Value> = stdout(&o)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .collect();
+    assert_eq!(docs.len(), 2);
+    assert_eq!(keys(&docs[0]), vec!["job_ids", "run_id", "status"]);
+    assert_eq!(docs[0]["job_ids"].as_array().map(Vec::len), Some(2));
+    assert_eq!(
+        keys(&docs[1]),
+        vec!["exit_code", "jobs", "run_id", "status"]
+    );
+    assert_eq!(docs[1]["status"], "passed");
+    assert_eq!(docs[1]["exit_code"], 0);
+
+    // Run status and the list.
+    let o = run(
+        Some(&url),
+        dir.path(),
+        &["wait", &format!("--run-id={run_id}"), "--json"],
+    );
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let o = run(
+        Some(&url),
+        dir.path(),
+        &["status", &format!("--run-id={run_id}"), "--json"],
+    );
+    let v = json(&o);
+    for k in ["run_id", "org_id", "status", "counts", "created_at", "jobs"] {
+        assert!(v.get(k).is_some(), "missing {k}: {v}");
+    }
+    assert_eq!(v["counts"]["passed"], 4);
+    let o = run(
+        Some(&url),
+        dir.path(),
+        &["list", "--org-id=acme", "--app-version-id=v7", "--json"],
+    );
+    let v = json(&o);
+    assert_eq!(keys(&v), vec!["jobs", "next_cursor"]);
+    assert_eq!(v["jobs"].as_array().map(Vec::len), Some(4));
+    let o = run(
+        Some(&url),
+        dir.path(),
+        &["list", "--state=passed", "--limit=3"],
+    );
+    assert_eq!(code(&o), 0);
+    let out = stdout(&o);
+    assert!(out.starts_with("JOB "), "{out}");
+    assert_eq!(
+        out.lines().filter(|l| l.contains(" passed ")).count(),
+        3,
+        "{out}"
+    );
+}
+
+#[test]
+fn unreachable_server_and_bad_input_give_clean_errors() {
+    let dir = project();
+    // Nothing listens on port 1: one line, exit 3, no backtrace.
+    let o = run(
+        Some("http://127.0.0.1:1"),
+        dir.path(),
+        &["status", "--job-id=0193a000-0000-7000-8000-000000000001"],
+    );
+    assert_eq!(code(&o), 3);
+    assert_eq!(
+        stderr(&o),
+        "error: cannot reach qgjob server at http://127.0.0.1:1: connection refused\n"
+    );
+    assert!(stdout(&o).is_empty());
+
+    // Bad flags: clap's message, exit 2.
+    for args in [
+        vec!["submit", "--org-id=acme"],
+        vec![
+            "submit",
+            "--org-id=a",
+            "--app-version-id=b",
+            "--test=x",
+            "--target=moon base",
+        ],
+        vec!["wait", "--job-id=x", "--timeout=soon"],
+        vec!["status"],
+        vec!["frobnicate"],
+    ] {
+        let o = run(None, dir.path(), &args);
+        assert_eq!(code(&o), 2, "{args:?}: {}", stderr(&o));
+        assert!(stderr(&o).starts_with("error:"), "{args:?}: {}", stderr(&o));
+    }
+
+    // Input errors found by us or by the server: exit 2, one line.
+    let (_server, url) = start_server(dir.path());
+    let o = run(
+        Some(&url),
+        dir.path(),
+        &[
+            "submit",
+            "--org-id=acme",
+            "--app-version-id=v1",
+            "--test=nothing/*.spec.js",
+        ],
+    );
+    assert_eq!(code(&o), 2);
+    assert_eq!(stderr(&o).lines().count(), 1, "{}", stderr(&o));
+    let o = run(
+        Some(&url),
+        dir.path(),
+        &[
+            "submit",
+            "--org-id=acme",
+            "--app-version-id=v1",
+            "--test=tests/cart.spec.js",
+            "--priority=5000",
+        ],
+    );
+    assert_eq!(code(&o), 2, "{}", stderr(&o));
+    assert!(stderr(&o).contains("priority"), "{}", stderr(&o));
+    let o = run(
+        Some(&url),
+        dir.path(),
+        &["status", "--job-id=0193a000-0000-7000-8000-000000000001"],
+    );
+    assert_eq!(code(&o), 2, "{}", stderr(&o));
+    assert!(stderr(&o).starts_with("error: "));
+    assert_eq!(stderr(&o).lines().count(), 1);
+}
+
+#[test]
+fn config_file_names_the_server() {
+    let dir = project();
+    let (_server, url) = start_server(dir.path());
+    let cfg = dir.path().join("qgjob.toml");
+    std::fs::write(&cfg, format!("server = \"{url}\"\n")).expect("write");
+    let o = qgjob_cmd(None, dir.path())
+        .env("QGJOB_CONFIG", &cfg)
+        .args(["list", "--json"])
+        .output()
+        .expect("runs");
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert_eq!(json(&o)["jobs"], Value::Array(vec![]));
+    // A flag beats the file.
+    let o = qgjob_cmd(None, dir.path())
+        .env("QGJOB_CONFIG", &cfg)
+        .args(["list", "--server", "http://127.0.0.1:1"])
+        .output()
+        .expect("runs");
+    assert_eq!(code(&o), 3);
+}
+
+#[test]
+fn app_upload_prints_the_content_hash() {
+    let dir = project();
+    let (_server, url) = start_server(dir.path());
+    let apk = dir.path().join("app.apk");
+    std::fs::write(&apk, b"not really an apk, but bytes all the same").expect("write");
+    let o = run(
+        Some(&url),
+        dir.path(),
+        &[
+            "app",
+            "upload",
+            "--org-id=acme",
+            "--app-version-id=v1",
+            "app.apk",
+        ],
+    );
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let want = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(std::fs::read(&apk).expect("read")))
+    };
+    assert_eq!(stdout(&o).trim(), want);
+}
+
+#[test]
+fn demo_completes_with_consistent_figures() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let o = run(None, dir.path(), &["demo", "--json"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let v = json(&o);
+    let f = |k: &str| v[k].as_f64().unwrap_or_else(|| panic!("{k} in {v}"));
+    assert!(f("jobs") >= 20.0);
+    assert_eq!(v["counts"]["queued"], 0);
+    assert_eq!(v["counts"]["running"], 0);
+    assert!(
+        v["counts"]["failed"].as_u64() >= Some(1),
+        "the demo has a failing test"
+    );
+    assert!(f("lower_bound_s") > 0.0);
+    assert!(f("makespan_s") >= f("lower_bound_s"), "{v}");
+    assert!((f("ratio") - f("makespan_s") / f("lower_bound_s")).abs() < 1e-9);
+    assert!(f("installs") >= f("min_installs"), "{v}");
+    assert!(
+        f("min_installs") >= 6.0,
+        "3 targets × at least 2 builds: {v}"
+    );
+}
+
+#[test]
+fn simulate_generates_and_reports_in_the_documented_format() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let o = run(
+        None,
+        dir.path(),
+        &["simulate", "--generate", "few-big-groups", "--seed", "3"],
+    );
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let w = dir.path().join("w.json");
+    std::fs::write(&w, &o.stdout).expect("write");
+    let workload: Value = serde_json::from_slice(&o.stdout).expect("workload JSON");
+    assert!(workload["jobs"].as_array().is_some_and(|j| !j.is_empty()));
+
+    for policy in ["grouped", "fifo", "per-group"] {
+        let o = run(
+            None,
+            dir.path(),
+            &[
+                "simulate",
+                "--workload",
+                "w.json",
+                "--policy",
+                policy,
+                "--json",
+            ],
+        );
+        assert_eq!(code(&o), 0, "{}", stderr(&o));
+        let r = json(&o);
+        for k in [
+            "policy",
+            "jobs",
+            "finished",
+            "makespan_s",
+            "lower_bound_s",
+            "installs",
+            "min_installs",
+            "utilization",
+            "wait_s",
+            "wait_s_by_priority",
+            "pools",
+        ] {
+            assert!(r.get(k).is_some(), "missing {k}");
+        }
+        assert_eq!(r["policy"], policy);
+        assert_eq!(r["jobs"], r["finished"]);
+        let ms = r["makespan_s"].as_f64().expect("makespan");
+        assert!(
+            ms >= r["lower_bound_s"].as_f64().expect("bound"),
+            "{policy}: {r}"
+        );
+    }
+    // Human output names the same figures.
+    let o = run(None, dir.path(), &["simulate", "--workload", "w.json"]);
+    assert!(stdout(&o).contains("makespan"), "{}", stdout(&o));
+    // A bad workload is an input error.
+    std::fs::write(dir.path().join("bad.json"), "{\"name\": 1}").expect("write");
+    let o = run(None, dir.path(), &["simulate", "--workload", "bad.json"]);
+    assert_eq!(code(&o), 2);
+}
+
+#[test]
+fn completions_and_help() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for shell in ["bash", "zsh", "fish"] {
+        let o = run(None, dir.path(), &["completions", shell]);
+        assert_eq!(code(&o), 0);
+        assert!(stdout(&o).contains("submit"), "{shell}");
+    }
+    let o = run(None, dir.path(), &["--help"]);
+    assert_eq!(code(&o), 0);
+    for c in [
+        "submit", "status", "wait", "list", "cancel", "logs", "server", "agent", "simulate", "up",
+        "demo",
+    ] {
+        assert!(stdout(&o).contains(c), "{c}");
+    }
+    // Reading help must not need a server.
+    let mut child = Command::new(BIN)
+        .args(["status", "--help"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("runs");
+    let mut s = String::new();
+    child
+        .stdout
+        .take()
+        .expect("stdout")
+        .read_to_string(&mut s)
+        .expect("read");
+    assert!(child.wait().expect("wait").success());
+    assert!(s.contains("--watch"));
+}

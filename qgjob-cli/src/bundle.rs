@@ -36,7 +36,8 @@ pub struct Bundle {
     pub files: Vec<String>,
 }
 
-fn has_glob(s: &str) -> bool {
+/// Whether a `--test` argument is a glob pattern.
+pub fn has_glob(s: &str) -> bool {
     s.contains(['*', '?', '['])
 }
 

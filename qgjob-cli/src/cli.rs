@@ -358,10 +358,14 @@ pub enum PolicyArg {
 
 /// `qgjob simulate`.
 #[derive(Debug, Args)]
-#[group(id = "input", required = true, multiple = false, args = ["workload", "generate"])]
 pub struct SimulateArgs {
     /// The workload (JSON, format v1).
-    #[arg(long, value_name = "FILE")]
+    #[arg(
+        long,
+        value_name = "FILE",
+        required_unless_present = "generate",
+        conflicts_with = "generate"
+    )]
     pub workload: Option<PathBuf>,
     /// Print a generated workload of this shape instead.
     #[arg(long, value_name = "SHAPE")]

@@ -77,7 +77,21 @@ pub fn build_specs(
 pub fn submit(client: &Client, a: &SubmitArgs) -> Result<u8> {
     let root =
         std::env::current_dir().map_err(|e| CliError::io("reading the current directory", e))?;
-    let (tests, bundle_hash) = if a.no_bundle {
+    // The original tool sent test paths as they were: keep that working when none of the
+    // named files exists here (the agents must then have the project themselves).
+    let none_here = a
+        .tests
+        .iter()
+        .all(|t| !bundle::has_glob(t) && !root.join(t).is_file());
+    if none_here && !a.no_bundle {
+        eprintln!(
+            "note: {} not found under {}; submitting the path{} without a test bundle",
+            a.tests.join(", "),
+            root.display(),
+            if a.tests.len() == 1 { "" } else { "s" }
+        );
+    }
+    let (tests, bundle_hash) = if a.no_bundle || none_here {
         (a.tests.clone(), None)
     } else {
         let tests = bundle::expand_tests(&root, &a.tests)?;

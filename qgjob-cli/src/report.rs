@@ -520,7 +520,7 @@ mod tests {
         let e = job(3, "c.spec.js", JobState::Error, vec![]);
         let c = job(4, "d.spec.js", JobState::Canceled, vec![]);
         let q = job(5, "e.spec.js", JobState::Running, vec![]);
-        assert_eq!(exit_code(&[p.clone()]), 0);
+        assert_eq!(exit_code(std::slice::from_ref(&p)), 0);
         assert_eq!(exit_code(&[p.clone(), f.clone(), e.clone()]), 1);
         assert_eq!(exit_code(&[p.clone(), e]), 3);
         assert_eq!(exit_code(&[p.clone(), c]), 3);
