@@ -359,6 +359,26 @@ fn wait_exit_codes_and_junit() {
     assert_eq!(suites, 2);
     assert!(cases >= 2);
     assert!(failures >= 2, "every browserstack job failed a test");
+
+    // Under GitHub Actions: a Markdown job summary and one `::error` annotation per failure.
+    let summary = dir.path().join("summary.md");
+    let o = qgjob_cmd(Some(&url), dir.path())
+        .env("GITHUB_ACTIONS", "true")
+        .env("GITHUB_STEP_SUMMARY", &summary)
+        .args(["wait", &format!("--run-id={failing_run}")])
+        .output()
+        .expect("runs");
+    assert_eq!(code(&o), 1);
+    let annotations: Vec<String> = stdout(&o)
+        .lines()
+        .filter(|l| l.starts_with("::error "))
+        .map(String::from)
+        .collect();
+    assert_eq!(annotations.len(), failures, "{}", stdout(&o));
+    assert!(annotations.iter().all(|a| a.contains("file=tests/auth/")));
+    let md = std::fs::read_to_string(&summary).expect("summary written");
+    assert!(md.contains("| Test | App | Target |"), "{md}");
+    assert_eq!(md.matches("| browserstack |").count(), 2, "{md}");
 }
 
 /// Counts testsuite, testcase and failure elements; panics on malformed XML.

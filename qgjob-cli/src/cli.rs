@@ -92,7 +92,8 @@ pub enum Command {
     App(AppCommand),
     /// Run the qgjob server.
     Server(ServerArgs),
-    /// Run an agent that executes jobs on devices (simulated with --simulate).
+    /// Run an agent that executes jobs on devices: adb emulators/USB devices, BrowserStack,
+    /// or simulated ones (--simulate).
     Agent(AgentArgs),
     /// Run a workload through the scheduler in virtual time, or generate one.
     Simulate(SimulateArgs),
@@ -343,6 +344,9 @@ pub struct AgentArgs {
     /// Most jobs of one build a device takes per lease.
     #[arg(long, default_value_t = 1)]
     pub max_batch: usize,
+    /// Real-device options (ignored with --simulate).
+    #[command(flatten)]
+    pub real: crate::real::RealArgs,
 }
 
 /// Policies for the simulator.

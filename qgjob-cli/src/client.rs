@@ -194,6 +194,11 @@ impl Client {
         &self.base
     }
 
+    /// The bearer token, if any.
+    pub fn token(&self) -> Option<&str> {
+        self.token.as_deref()
+    }
+
     fn url(&self, path: &str) -> String {
         format!("{}{}", self.base, path)
     }

@@ -198,7 +198,8 @@ fn wait_healthy(
 
 /// `qgjob up`.
 pub fn up(a: &UpArgs) -> Result<u8> {
-    init_logs("warn");
+    // Only errors: `up` prints its own status lines (RUST_LOG shows more).
+    init_logs("error");
     let opts = ServerOptions {
         addr: parse_addr(&a.addr)?,
         data_dir: Some(a.data_dir.clone()),
