@@ -115,6 +115,9 @@ pub struct AdbDevice {
     install_ms: AtomicU64,
     install_timeout: Duration,
     stats: Arc<InstallStats>,
+    /// What the last `install` call did, for the log of the next job (an install happens
+    /// before any job of the lease runs, so it has no job log of its own).
+    install_note: Mutex<Option<String>>,
 }
 
 impl AdbDevice {
@@ -158,6 +161,7 @@ impl AdbDevice {
             install_ms: AtomicU64::new(0),
             install_timeout: Duration::from_secs(600),
             stats,
+            install_note: Mutex::new(None),
         })
     }
 
@@ -297,17 +301,39 @@ impl Device for AdbDevice {
     }
 
     async fn install(&self, build: &BuildRef) -> Result<(), InfraFailure> {
-        self.ensure(build, &|_: &str| {}).await.map(|_| ())
+        let note = Mutex::new(String::new());
+        let r = self
+            .ensure(build, &|t: &str| {
+                if let Ok(mut n) = note.lock() {
+                    n.push_str(t);
+                }
+            })
+            .await;
+        if let (Ok(text), Ok(mut slot)) = (note.into_inner(), self.install_note.lock()) {
+            *slot = Some(text);
+        }
+        r.map(|_| ())
     }
 
     async fn run(&self, build: &BuildRef, jobs: &[LeasedJob], cancel: CancelWatch) -> Vec<JobRun> {
         let mut out = Vec::with_capacity(jobs.len());
         // One app runs on a device at a time: the batch's jobs go one after the other.
-        for job in jobs {
+        let install_note = self.install_note.lock().ok().and_then(|mut n| n.take());
+        for (i, job) in jobs.iter().enumerate() {
             let note = |t: &str| self.runner.logs.log(job.id, job.attempt, t);
+            if i == 0 {
+                if let Some(text) = &install_note {
+                    note(text);
+                }
+            }
             // The scheduler may not know what is on the device (an agent restart, another
             // tool installing): make sure before running.
-            let apk = match self.ensure(build, &note).await {
+            // Right after this lease's install, "already installed" would only repeat it.
+            let just_installed = i == 0 && install_note.is_some();
+            let quiet = |_: &str| {};
+            let ensure_note: &(dyn Fn(&str) + Send + Sync) =
+                if just_installed { &quiet } else { &note };
+            let apk = match self.ensure(build, ensure_note).await {
                 Ok(p) => p,
                 Err(f) => {
                     note(&format!("qgjob: {}\n", f.message));

@@ -49,7 +49,7 @@ use exec::{JobRunner, LogSink};
 use runner::{CommandTemplate, TemplateError};
 
 /// Flags of `qgjob agent` for real devices (flatten them into the agent's arguments).
-#[derive(Debug, Clone, clap::Args)]
+#[derive(Clone, clap::Args)]
 pub struct RealArgs {
     /// adb serial of a device to drive (repeatable); default: every device `adb devices`
     /// lists for the target (emulator-* for emulator, the others for device).
@@ -78,6 +78,17 @@ pub struct RealArgs {
         value_name = "URL"
     )]
     pub browserstack_url: String,
+    /// BrowserStack user name.
+    #[arg(long, env = "BROWSERSTACK_USERNAME", value_name = "USER")]
+    pub browserstack_username: Option<String>,
+    /// BrowserStack access key (prefer the environment variable: flags show in `ps`).
+    #[arg(
+        long,
+        env = "BROWSERSTACK_ACCESS_KEY",
+        hide_env_values = true,
+        value_name = "KEY"
+    )]
+    pub browserstack_access_key: Option<String>,
     /// BrowserStack: re-upload an app once its URL is older than this many hours.
     #[arg(long, default_value_t = 29 * 24, value_name = "HOURS")]
     pub app_ttl_hours: u64,
@@ -100,6 +111,31 @@ pub struct RealArgs {
     pub no_npm: bool,
 }
 
+impl std::fmt::Debug for RealArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The access key never reaches a log line.
+        f.debug_struct("RealArgs")
+            .field("serials", &self.serials)
+            .field("adb", &self.adb)
+            .field("command", &self.command)
+            .field("project", &self.project)
+            .field("project_dir", &self.project_dir)
+            .field("parallel", &self.parallel)
+            .field("browserstack_url", &self.browserstack_url)
+            .field("browserstack_username", &self.browserstack_username)
+            .field(
+                "browserstack_access_key",
+                &self.browserstack_access_key.as_ref().map(|_| "<redacted>"),
+            )
+            .field("app_ttl_hours", &self.app_ttl_hours)
+            .field("cache_dir", &self.cache_dir)
+            .field("cache_max_mb", &self.cache_max_mb)
+            .field("kill_grace_s", &self.kill_grace_s)
+            .field("no_npm", &self.no_npm)
+            .finish()
+    }
+}
+
 impl Default for RealArgs {
     fn default() -> Self {
         RealArgs {
@@ -110,6 +146,8 @@ impl Default for RealArgs {
             project_dir: None,
             parallel: 1,
             browserstack_url: browserstack::DEFAULT_BASE_URL.to_string(),
+            browserstack_username: None,
+            browserstack_access_key: None,
             app_ttl_hours: 29 * 24,
             cache_dir: PathBuf::from("qgjob-agent-cache"),
             cache_max_mb: 10_240,
@@ -214,8 +252,8 @@ pub async fn build_devices(
             }
         }
         Target::Browserstack => {
-            let username = std::env::var("BROWSERSTACK_USERNAME").unwrap_or_default();
-            let access_key = std::env::var("BROWSERSTACK_ACCESS_KEY").unwrap_or_default();
+            let username = args.browserstack_username.clone().unwrap_or_default();
+            let access_key = args.browserstack_access_key.clone().unwrap_or_default();
             if username.is_empty() || access_key.is_empty() {
                 return Err(RealError::Credentials);
             }
