@@ -110,11 +110,20 @@ impl Lab {
         }
     }
 
-    /// The test bundle every test uses: specs that need no browser.
+    /// The test bundle every test uses (see [`Lab::specs`]).
     fn bundle(&self) -> String {
+        self.src
+            .add_bundle(&targz(&self.specs()))
+            .expect("add bundle")
+    }
+
+    /// Specs that need no browser: passing ones (one of them records the environment it
+    /// saw), a failing one, one that hangs with a grandchild process, and a slow one that
+    /// records when it ran.
+    fn specs(&self) -> Vec<(&'static str, String)> {
         let out = self.out();
         let out = out.display();
-        let files = vec![
+        vec![
             (
                 "tests/pass.spec.js",
                 format!(
@@ -174,9 +183,7 @@ test('takes a while', async () => {{
 "#
                 ),
             ),
-        ];
-        let files: Vec<(&str, String)> = files.into_iter().collect();
-        self.src.add_bundle(&targz(&files)).expect("add bundle")
+        ]
     }
 
     fn env_of(&self, job: JobId) -> serde_json::Value {
@@ -951,4 +958,264 @@ fn rand_bytes() -> [u8; 10] {
     let mut b = [0u8; 10];
     b[..8].copy_from_slice(&n);
     b
+}
+
+// ---------- through the real binaries: `qgjob server` + `qgjob agent` + `qgjob submit` ----------
+
+const BIN: &str = env!("CARGO_BIN_EXE_qgjob");
+
+/// A child process killed (and reaped) when dropped.
+struct Proc(std::process::Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        // SIGTERM first so the agent can stop its running test commands' process groups.
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.0.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        for _ in 0..50 {
+            if matches!(self.0.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn qgjob(dir: &Path, server: &str) -> Command {
+    let mut c = Command::new(BIN);
+    c.current_dir(dir)
+        .env("QGJOB_SERVER", server)
+        .env_remove("QGJOB_TOKEN")
+        .env_remove("QGJOB_CONFIG")
+        .env_remove("GITHUB_ACTIONS")
+        .env("HOME", dir)
+        .env("XDG_CONFIG_HOME", dir.join(".config"))
+        .env("NO_COLOR", "1")
+        .stdin(std::process::Stdio::null());
+    c
+}
+
+fn run_ok(c: &mut Command) -> String {
+    let out = c.output().expect("qgjob runs");
+    assert!(
+        out.status.success(),
+        "{c:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn start_server(dir: &Path) -> (Proc, String) {
+    use std::io::BufRead;
+    let mut child = Command::new(BIN)
+        .args(["server", "--addr", "127.0.0.1:0", "--store", "memory"])
+        .arg("--data-dir")
+        .arg(dir.join("server-data"))
+        .current_dir(dir)
+        .env_remove("QGJOB_TOKEN")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("server starts");
+    let out = child.stdout.take().expect("stdout");
+    let proc = Proc(child);
+    let mut line = String::new();
+    std::io::BufReader::new(out)
+        .read_line(&mut line)
+        .expect("first line");
+    let url = line
+        .trim()
+        .strip_prefix("qgjob server listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .to_string();
+    (proc, url)
+}
+
+fn get_json(url: &str) -> serde_json::Value {
+    let mut resp = ureq::get(url).call().expect("GET");
+    resp.body_mut().read_json().expect("json")
+}
+
+fn wait_exit(dir: &Path, server: &str, job: &str) -> i32 {
+    qgjob(dir, server)
+        .args(["wait", "--job-id", job, "--timeout", "240s"])
+        .output()
+        .expect("wait runs")
+        .status
+        .code()
+        .expect("exit code")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_server_and_agent_run_playwright_specs_end_to_end() {
+    let lab = Lab::new();
+    let (_adb, adb_log) = fake_adb(lab.dir.path());
+    let (_server, url) = start_server(lab.dir.path());
+
+    // The project a developer submits from: specs only (they resolve @playwright/test from
+    // the folder the agent's cache lives in, like a checkout with node_modules above it).
+    let project = lab.dir.path().join("project");
+    for (name, text) in lab.specs() {
+        let p = project.join(name);
+        std::fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
+        std::fs::write(p, text).expect("write spec");
+    }
+    let apk = lab.dir.path().join("app-release.apk");
+    std::fs::write(&apk, b"apk-e2e-bytes").expect("apk");
+    run_ok(
+        qgjob(&project, &url)
+            .args([
+                "app",
+                "upload",
+                "--org-id=qualgent",
+                "--app-version-id=xyz123",
+            ])
+            .arg(&apk),
+    );
+
+    // The agent finds `adb` on PATH: the fake one.
+    let path = format!(
+        "{}:{}",
+        lab.dir.path().join("bin").display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let _agent = Proc(
+        qgjob(lab.dir.path(), &url)
+            .env("PATH", path)
+            .args([
+                "agent",
+                "--target",
+                "emulator",
+                "--serial",
+                "emulator-5554",
+                "--name",
+                "e2e",
+                "--command",
+                "npx playwright test {tests} --reporter=json",
+                "--kill-grace-s",
+                "1",
+            ])
+            .arg("--cache-dir")
+            .arg(lab.dir.path().join("agent-cache"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("agent starts"),
+    );
+
+    let submit = |test: &str, extra: &[&str]| -> String {
+        let out = run_ok(
+            qgjob(&project, &url)
+                .args([
+                    "submit",
+                    "--org-id=qualgent",
+                    "--app-version-id=xyz123",
+                    "--json",
+                ])
+                .arg(format!("--test={test}"))
+                .args(extra),
+        );
+        let v: serde_json::Value = serde_json::from_str(out.trim()).expect("submit json");
+        assert_eq!(v["status"], "queued");
+        v["job_id"].as_str().expect("job id").to_string()
+    };
+
+    // Passing spec: exit 0, per-test results, logs.
+    let pass = submit("tests/pass.spec.js", &[]);
+    assert_eq!(wait_exit(&project, &url, &pass), 0);
+    let job = get_json(&format!("{url}/v1/jobs/{pass}"));
+    assert_eq!(job["state"], "passed", "{job}");
+    let results = get_json(&format!("{url}/v1/jobs/{pass}/results"));
+    let mut titles: Vec<String> = results["tests"]
+        .as_array()
+        .expect("tests")
+        .iter()
+        .map(|t| {
+            format!(
+                "{}={}",
+                t["title"].as_str().unwrap_or(""),
+                t["status"].as_str().unwrap_or("")
+            )
+        })
+        .collect();
+    titles.sort();
+    assert_eq!(
+        titles,
+        vec![
+            "adds numbers=passed",
+            "device › sees its environment=passed"
+        ]
+    );
+    let logs = run_ok(qgjob(&project, &url).args(["logs", "--job-id", &pass]));
+    assert!(
+        logs.contains("npx playwright test tests/pass.spec.js --reporter=json"),
+        "{logs}"
+    );
+    assert!(logs.contains("exited with code 0"), "{logs}");
+    let pass_id: JobId = pass.parse().expect("uuid");
+    let env = lab.env_of(pass_id);
+    assert_eq!(env["serial"], "emulator-5554");
+    assert_eq!(
+        env["build"], "apk-e2e-bytes",
+        "the uploaded build was downloaded and installed"
+    );
+
+    // Failing spec: exit 1 (a test failed), the failure's message in the results.
+    let fail = submit("tests/fail.spec.js", &[]);
+    assert_eq!(wait_exit(&project, &url, &fail), 1);
+    let results = get_json(&format!("{url}/v1/jobs/{fail}/results"));
+    let failed = results["tests"]
+        .as_array()
+        .expect("tests")
+        .iter()
+        .find(|t| t["title"] == "checkout total")
+        .expect("failing test")
+        .clone();
+    assert_eq!(failed["status"], "failed");
+    assert!(
+        failed["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("Expected: 5"),
+        "{failed}"
+    );
+
+    // Cancel of a running job: its process group dies and it ends canceled.
+    let hang = submit("tests/hang.spec.js", &[]);
+    let pid = pid_of(&lab, hang.parse().expect("uuid")).await;
+    run_ok(qgjob(&project, &url).args(["cancel", "--job-id", &hang]));
+    assert_eq!(wait_exit(&project, &url, &hang), 3);
+    assert_eq!(
+        get_json(&format!("{url}/v1/jobs/{hang}"))["state"],
+        "canceled"
+    );
+    assert!(gone_soon(pid).await, "grandchild {pid} outlived the cancel");
+
+    // Timeout: the group is killed and, out of attempts, the job ends in error.
+    let slow = submit(
+        "tests/hang.spec.js",
+        &["--timeout", "8s", "--max-attempts", "1"],
+    );
+    let pid = pid_of(&lab, slow.parse().expect("uuid")).await;
+    assert_eq!(wait_exit(&project, &url, &slow), 3);
+    let job = get_json(&format!("{url}/v1/jobs/{slow}"));
+    assert_eq!(job["state"], "error", "{job}");
+    assert!(
+        gone_soon(pid).await,
+        "grandchild {pid} outlived the timeout"
+    );
+
+    // Four jobs of one build on one device: one install.
+    assert_eq!(
+        installs_in(&adb_log).len(),
+        1,
+        "{:?}",
+        installs_in(&adb_log)
+    );
 }
