@@ -467,7 +467,11 @@ impl GroupedScheduler {
     fn insert_job(&mut self, now: Time, spec: JobSpec) -> JobId {
         let seq = self.next_seq;
         self.next_seq += 1;
-        let id = JobId::from_parts(now.as_millis(), self.rng.bytes10());
+        let mut id = JobId::from_parts(now.as_millis(), self.rng.bytes10());
+        // A restored scheduler may replay its seeded RNG: never hand out an id in use.
+        while self.jobs.contains_key(&id) {
+            id = JobId::from_parts(now.as_millis(), self.rng.bytes10());
+        }
         if let Some(k) = &spec.idempotency_key {
             self.idempotency
                 .insert((spec.org_id.clone(), k.clone()), id);
