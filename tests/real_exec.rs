@@ -223,15 +223,24 @@ fn fake_adb(dir: &Path) -> (PathBuf, PathBuf) {
         &script,
         format!(
             r#"#!/bin/sh
-# Fake adb for tests: records every call, installs nothing.
+# Fake adb for tests: records every call, installs nothing. Files next to the log switch
+# on failures: `unplugged` (the device is gone), `install-fails` (no space left).
 echo "$*" >> '{log}'
 case "$*" in
   devices) printf 'List of devices attached\nemulator-5554\tdevice\nR58M1234\tdevice\n' ;;
-  *get-state*) echo device ;;
-  *" install "*) echo 'Performing Streamed Install'; echo Success ;;
+  *get-state*)
+    if [ -e '{dir}/unplugged' ]; then echo "error: device not found" >&2; exit 1; fi
+    echo device ;;
+  *" install "*)
+    echo 'Performing Streamed Install'
+    if [ -e '{dir}/install-fails' ]; then
+      echo 'adb: failed to install: Failure [INSTALL_FAILED_INSUFFICIENT_STORAGE]'; exit 1
+    fi
+    echo Success ;;
 esac
 "#,
-            log = log.display()
+            log = log.display(),
+            dir = dir.display()
         ),
     )
     .expect("write fake adb");
@@ -697,6 +706,58 @@ async fn a_missing_report_is_a_retried_infrastructure_error() {
     assert!(err.contains("runner exploded"), "{err}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_that_goes_away_or_cannot_install_fails_as_infrastructure() {
+    let lab = Lab::new();
+    let (adb, adb_log) = fake_adb(lab.dir.path());
+    let bundle = lab.bundle();
+    lab.src.add_build(&build("v1"), b"apk").expect("build");
+    let built = devices(
+        &lab,
+        Target::Emulator,
+        RealArgs {
+            adb,
+            serials: vec!["emulator-5554".into()],
+            // The runner dies the way it does when the device is unplugged mid-run.
+            command: "sh -c 'echo lost connection to the device >&2; exit 2' {tests}".into(),
+            ..lab.args()
+        },
+    )
+    .await;
+    let run = start(built.devices);
+
+    std::fs::write(lab.dir.path().join("install-fails"), "").expect("switch");
+    let mut s = spec(Target::Emulator, "v1", "tests/pass.spec.js", &bundle);
+    s.max_attempts = 1;
+    let full = run.submit(s.clone());
+    let jobs = run.finish(&[full]).await;
+    assert_eq!(jobs[0].state, JobState::Error, "{:?}", jobs[0]);
+    let err = jobs[0]
+        .outcome
+        .as_ref()
+        .and_then(|o| o.error.clone())
+        .unwrap_or_default();
+    assert!(err.contains("INSTALL_FAILED_INSUFFICIENT_STORAGE"), "{err}");
+    assert_eq!(built.installs.failures.load(Ordering::SeqCst), 1);
+
+    std::fs::remove_file(lab.dir.path().join("install-fails")).expect("switch");
+    std::fs::write(lab.dir.path().join("unplugged"), "").expect("switch");
+    let gone = run.submit(s);
+    let jobs = run.finish(&[gone]).await;
+    run.stop().await;
+    assert_eq!(jobs[0].state, JobState::Error, "{:?}", jobs[0]);
+    let err = jobs[0]
+        .outcome
+        .as_ref()
+        .and_then(|o| o.error.clone())
+        .unwrap_or_default();
+    // The install succeeded, the runner crashed, and adb no longer sees the device.
+    assert!(err.contains("went away"), "{err}");
+    assert!(std::fs::read_to_string(&adb_log)
+        .expect("log")
+        .contains("-s emulator-5554 get-state"));
+}
+
 // ---------- BrowserStack, against a local stand-in of its upload API ----------
 
 /// A local stand-in for BrowserStack's App Automate upload endpoint (not BrowserStack):
@@ -949,6 +1010,36 @@ async fn browserstack_runs_at_most_parallel_sessions() {
         2,
         "both sessions were used"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browserstack_refusing_the_upload_fails_the_job_as_an_install_failure() {
+    let lab = Lab::new();
+    let bundle = lab.bundle();
+    lab.src.add_build(&build("v1"), b"apk-v1").expect("build");
+    let (bs, url) = BrowserStackStandIn::start(lab.dir.path()).await;
+    let cmd = session_script(lab.dir.path(), &bs);
+    let mut args = bs_args(&lab, &url, cmd, 1);
+    args.browserstack_access_key = Some("wrong-key".into());
+    let built = devices(&lab, Target::Browserstack, args).await;
+    let run = start(built.devices);
+    let mut s = spec(Target::Browserstack, "v1", "tests/pass.spec.js", &bundle);
+    s.max_attempts = 1;
+    let id = run.submit(s);
+    let jobs = run.finish(&[id]).await;
+    run.stop().await;
+    assert_eq!(jobs[0].state, JobState::Error, "{:?}", jobs[0]);
+    let err = jobs[0]
+        .outcome
+        .as_ref()
+        .and_then(|o| o.error.clone())
+        .unwrap_or_default();
+    assert!(
+        err.contains("HTTP 401") && err.contains("Authentication failed"),
+        "{err}"
+    );
+    assert!(!err.contains("wrong-key"), "the key never shows: {err}");
+    assert!(bs.uploads().is_empty());
 }
 
 fn rand_bytes() -> [u8; 10] {

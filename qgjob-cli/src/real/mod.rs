@@ -322,5 +322,39 @@ pub async fn run_real_agent(
     for d in built.devices {
         agent.add_device(d);
     }
-    Ok(agent.run(shutdown).await?)
+    let counters = agent.run(shutdown).await?;
+    eprintln!(
+        "{}",
+        summary(&built.cache, &built.installs, built.browserstack.as_deref())
+    );
+    Ok(counters)
+}
+
+/// One line of what the real devices did: installs, uploads, downloads, npm installs.
+pub fn summary(
+    cache: &ArtifactCache,
+    installs: &adb::InstallStats,
+    bs: Option<&browserstack::Shared>,
+) -> String {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut s = format!(
+        "qgjob agent: adb installs {} (skipped {}, failed {}); downloads: {} builds, {} bundles; npm installs {}; cache {} MB",
+        installs.installs.load(Relaxed),
+        installs.skipped.load(Relaxed),
+        installs.failures.load(Relaxed),
+        cache.stats.build_downloads.load(Relaxed),
+        cache.stats.bundle_downloads.load(Relaxed),
+        cache.stats.npm_installs.load(Relaxed),
+        cache.size() >> 20,
+    );
+    if let Some(bs) = bs {
+        s.push_str(&format!(
+            "; BrowserStack uploads {} (re-uploads {}, reused {}), peak sessions {}",
+            bs.apps.stats.uploads.load(Relaxed),
+            bs.apps.stats.reuploads.load(Relaxed),
+            bs.apps.stats.reused.load(Relaxed),
+            bs.peak.load(Relaxed),
+        ));
+    }
+    s
 }
