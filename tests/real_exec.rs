@@ -1310,3 +1310,116 @@ async fn real_server_and_agent_run_playwright_specs_end_to_end() {
         installs_in(&adb_log)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_agent_on_browserstack_uploads_once_and_respects_parallel() {
+    let lab = Lab::new();
+    let (_server, url) = start_server(lab.dir.path());
+    let (bs, bs_url) = BrowserStackStandIn::start(lab.dir.path()).await;
+    let project = lab.dir.path().join("project");
+    for (name, text) in lab.specs() {
+        let p = project.join(name);
+        std::fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
+        std::fs::write(p, text).expect("write spec");
+    }
+    let apk = lab.dir.path().join("app-release.apk");
+    std::fs::write(&apk, b"apk-bs-bytes").expect("apk");
+    run_ok(
+        qgjob(&project, &url)
+            .args(["app", "upload", "--org-id=qualgent", "--app-version-id=bs1"])
+            .arg(&apk),
+    );
+    let _agent = Proc(
+        qgjob(lab.dir.path(), &url)
+            .env("BROWSERSTACK_USERNAME", "qa-bot")
+            .env("BROWSERSTACK_ACCESS_KEY", "k3y-secret")
+            .args([
+                "agent",
+                "--target",
+                "browserstack",
+                "--parallel",
+                "2",
+                "--name",
+                "e2e-bs",
+                "--browserstack-url",
+                &bs_url,
+                "--command",
+                &session_script(lab.dir.path(), &bs),
+            ])
+            .arg("--cache-dir")
+            .arg(lab.dir.path().join("agent-cache"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("agent starts"),
+    );
+    // Four specs in one run: the CLI makes one job per spec.
+    let out = run_ok(qgjob(&project, &url).args([
+        "submit",
+        "--org-id=qualgent",
+        "--app-version-id=bs1",
+        "--target=browserstack",
+        "--test=tests/slow.spec.js",
+        "--test=tests/pass.spec.js",
+        "--json",
+    ]));
+    let v: serde_json::Value = serde_json::from_str(out.trim()).expect("submit json");
+    let ids: Vec<String> = v["job_ids"]
+        .as_array()
+        .unwrap_or_else(|| panic!("a run: {v}"))
+        .iter()
+        .map(|j| j.as_str().expect("id").to_string())
+        .collect();
+    let run_id = v["run_id"].as_str().expect("run id").to_string();
+    // And two more single jobs of the same build.
+    let mut more = Vec::new();
+    for _ in 0..2 {
+        let out = run_ok(qgjob(&project, &url).args([
+            "submit",
+            "--org-id=qualgent",
+            "--app-version-id=bs1",
+            "--target=browserstack",
+            "--test=tests/slow.spec.js",
+            "--json",
+        ]));
+        let v: serde_json::Value = serde_json::from_str(out.trim()).expect("json");
+        more.push(v["job_id"].as_str().expect("id").to_string());
+    }
+    let code = qgjob(&project, &url)
+        .args(["wait", "--run-id", &run_id, "--timeout", "240s"])
+        .output()
+        .expect("wait")
+        .status
+        .code();
+    assert_eq!(code, Some(0));
+    for id in &more {
+        assert_eq!(wait_exit(&project, &url, id), 0);
+    }
+    assert_eq!(ids.len(), 2);
+    assert_eq!(bs.uploads(), vec!["bs://app1"], "one upload for six jobs");
+    for id in ids.iter().chain(&more) {
+        let job = get_json(&format!("{url}/v1/jobs/{id}"));
+        assert_eq!(job["state"], "passed", "{job}");
+    }
+    let env = lab.env_of(ids[1].parse().expect("uuid"));
+    assert_eq!(env["app_url"], "bs://app1");
+    // Three slow sessions ran; never more than two at once.
+    let spans: Vec<(u64, u64)> = std::fs::read_to_string(lab.out().join("sessions.txt"))
+        .expect("sessions")
+        .lines()
+        .map(|l| {
+            let mut p = l.split(' ').map(|x| x.parse::<u64>().expect("ms"));
+            (p.next().expect("start"), p.next().expect("end"))
+        })
+        .collect();
+    assert_eq!(spans.len(), 3);
+    let overlap = spans
+        .iter()
+        .map(|(s, _)| spans.iter().filter(|(a, b)| a <= s && s < b).count())
+        .max()
+        .unwrap_or(0);
+    assert!(
+        overlap <= 2,
+        "{overlap} sessions at once with --parallel 2: {spans:?}"
+    );
+}
