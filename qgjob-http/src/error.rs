@@ -186,17 +186,31 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
 
 /// Parses a JSON body with the same error mapping as [`ApiJson`].
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
-    // Syntax first, so "not JSON at all" is told apart from "JSON of the wrong shape".
-    let value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| {
+    // One pass; the error's category tells "not JSON at all" from "JSON of the wrong shape".
+    let malformed = |inner: &serde_json::Error| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
             "malformed_json",
-            format!("body is not valid JSON: {e}"),
+            format!("body is not valid JSON: {inner}"),
         )
-    })?;
-    serde_path_to_error::deserialize(value).map_err(|e| {
+    };
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let value: T = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        use serde_json::error::Category;
         let path = e.path().to_string();
-        let msg = e.inner().to_string();
+        let inner = e.into_inner();
+        if matches!(
+            inner.classify(),
+            Category::Syntax | Category::Eof | Category::Io
+        ) {
+            return malformed(&inner);
+        }
+        // serde_json appends " at line L column C" to data errors; the path says more.
+        let full = inner.to_string();
+        let msg = match full.rfind(" at line ") {
+            Some(i) => full[..i].to_string(),
+            None => full,
+        };
         if let Some(rest) = msg.strip_prefix("missing field `") {
             let name = rest.split('`').next().unwrap_or_default();
             let field = if path == "." || path.is_empty() {
@@ -211,7 +225,10 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
         }
         // Validation inside a type (names, targets, states) or unknown variants.
         ApiError::invalid(path, msg)
-    })
+    })?;
+    // Trailing bytes after the value are malformed too.
+    de.end().map_err(|e| malformed(&e))?;
+    Ok(value)
 }
 
 /// Starting or running the server failed.

@@ -636,7 +636,8 @@ fn artifact_round_trip_with_hash_check() {
     let dir = tempfile::tempdir().unwrap();
     let s = TestServer::start(sqlite_opts(dir.path()));
     let c = s.client(None);
-    let build: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    // Bigger than the JSON body limit: uploads stream under their own limit.
+    let build: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
     let digest = hex::encode(Sha256::digest(&build));
     let (st, v) = c.put_raw("/v1/apps/qualgent/xyz123", &build, &[]);
     assert_eq!(st, 200, "{v}");
@@ -912,4 +913,39 @@ fn openapi_lists_every_endpoint_and_metrics_render() {
     assert!(m.contains("qgjob_installs_total 1"));
     assert!(m.contains("qgjob_active_leases 1"));
     assert!(m.contains("qgjob_dispatch_latency_seconds_count 1"));
+}
+
+#[test]
+fn graceful_shutdown_ends_long_polls_and_streams_and_keeps_acknowledged_jobs() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = TestServer::start(sqlite_opts(dir.path()));
+    let c = s.client(None);
+    let id = submit(&c, "qualgent", "v1", "tests/a.spec.js");
+    c.post("/v1/agent/devices", &device("emu-1"));
+    c.post("/v1/agent/devices", &device("emu-2"));
+    let (_, l) = lease(&c, "emu-1", 1000);
+    assert_eq!(l["jobs"][0]["id"], id.as_str());
+    // A watcher on a running job and an idle agent's long poll, both open at shutdown.
+    let w = {
+        let c = c.clone();
+        let path = format!("/v1/jobs/{id}/events");
+        std::thread::spawn(move || c.sse_events(&path, 10))
+    };
+    let p = {
+        let c = c.clone();
+        std::thread::spawn(move || lease(&c, "emu-2", 50_000))
+    };
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    s.stop().expect("clean stop");
+    let (st, events) = w.join().unwrap();
+    assert_eq!(st, 200);
+    assert_eq!(
+        events.len(),
+        1,
+        "only the current state was sent: {events:?}"
+    );
+    assert_eq!(p.join().unwrap().0, 204);
+
+    let s = TestServer::start(sqlite_opts(dir.path()));
+    assert_eq!(job_state(&s.client(None), &id)["state"], "running");
 }

@@ -209,7 +209,11 @@ async fn runs_and_their_jobs() {
             None
         );
         assert_eq!(st.run_jobs(run).await.unwrap(), jobs, "{name}");
-        assert_eq!(st.list_jobs(&JobFilter::default()).await.unwrap().len(), 6, "{name}");
+        assert_eq!(
+            st.list_jobs(&JobFilter::default()).await.unwrap().len(),
+            6,
+            "{name}"
+        );
         let f = JobFilter {
             run_id: Some(run),
             limit: Some(2),
