@@ -24,10 +24,10 @@
 //! use qgjob_core::*;
 //!
 //! /// A "device" that passes every test at once.
-//! struct Instant;
+//! struct InstantDevice;
 //!
 //! #[async_trait]
-//! impl Device for Instant {
+//! impl Device for InstantDevice {
 //!     fn info(&self) -> DeviceInfo {
 //!         DeviceInfo {
 //!             id: DeviceId::new("instant-1").unwrap(),
@@ -63,7 +63,7 @@
 //!
 //! let shutdown = Shutdown::new();
 //! let cfg = AgentConfig { max_batch: 2, lease_wait: Duration::from_millis(200), ..Default::default() };
-//! let agent = Agent::new(Arc::new(shared.link()), cfg).with_device(Arc::new(Instant));
+//! let agent = Agent::new(Arc::new(shared.link()), cfg).with_device(Arc::new(InstantDevice));
 //! let running = tokio::spawn(agent.run(shutdown.signal()));
 //!
 //! let finished = |s: &GroupedScheduler| [a, b].iter().all(|j| s.get(*j).is_some_and(|j| j.state.is_final()));

@@ -639,3 +639,61 @@ async fn a_failed_install_fails_every_job_of_the_lease() {
     ticker.abort();
     assert_eq!((c.leases, c.installs, c.infra_failures), (1, 0, 2));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_devices_on_a_threaded_runtime_in_real_time() {
+    // Real (short) times on two worker threads: the lock, the notifications and the
+    // ticker must not deadlock or lose a wake-up when tasks really run in parallel.
+    let s = shared(SchedulerConfig {
+        lease_ttl_ms: 5_000,
+        backoff_base_ms: 5,
+        ..SchedulerConfig::default()
+    });
+    let ticker = s.spawn_ticker();
+    let devices: Vec<Arc<SimDevice>> = (0..4)
+        .map(|i| {
+            let mut c = sim(&format!("emu-{i}"), 5, 2);
+            c.seed = i;
+            c.infra_error_rate = 0.2;
+            Arc::new(SimDevice::new(c))
+        })
+        .collect();
+    let specs: Vec<JobSpec> = (0..40)
+        .map(|i| {
+            let mut sp = spec(
+                "acme",
+                &format!("v{}", i % 3),
+                &format!("tests/t{i}.spec.js"),
+            );
+            sp.max_attempts = 20;
+            sp
+        })
+        .collect();
+    let ids: Vec<JobId> = s
+        .submit_many(specs)
+        .unwrap()
+        .into_iter()
+        .map(|x| x.job_id)
+        .collect();
+    let cfg = AgentConfig {
+        max_batch: 3,
+        heartbeat_interval: Duration::from_millis(500),
+        lease_wait: Duration::from_millis(200),
+        ..AgentConfig::default()
+    };
+    let (shutdown, handle) = spawn_agent(Arc::new(s.link()), &devices, cfg);
+    // A hang guard in real time (the work itself takes well under a second).
+    tokio::time::timeout(Duration::from_secs(120), s.wait_until(all_final(&ids)))
+        .await
+        .expect("all jobs final");
+    shutdown.trigger();
+    let c = handle.await.unwrap().unwrap();
+    ticker.abort();
+    for id in &ids {
+        assert_eq!(s.get(*id).unwrap().state, JobState::Passed);
+    }
+    let infra: u64 = devices.iter().map(|d| d.stats().infra_errors).sum();
+    assert_eq!(c.jobs_run, 40 + infra);
+    assert_eq!(c.infra_failures, infra);
+    assert!(s.read(|s| s.devices().is_empty()));
+}
