@@ -68,6 +68,14 @@ pub trait AgentLink: Send + Sync {
         wait: Duration,
     ) -> Result<Option<Lease>, LinkError>;
 
+    /// Whether dropping a [`AgentLink::lease`] future part-way can never lose a lease the
+    /// scheduler granted. When true the agent abandons a long poll the moment it shuts down;
+    /// when false (the default: over a network the grant may already be on its way) it lets
+    /// the poll finish, at most `lease_wait`, and runs whatever it brings before stopping.
+    fn lease_is_cancel_safe(&self) -> bool {
+        false
+    }
+
     /// Extends a lease; the answer lists jobs to stop.
     async fn heartbeat(&self, lease: LeaseId) -> Result<HeartbeatAck, LinkError>;
 
@@ -412,6 +420,11 @@ impl<S: Scheduler + Send + 'static> AgentLink for LocalLink<S> {
                 _ = tokio::time::sleep_until(deadline) => return Ok(None),
             }
         }
+    }
+
+    fn lease_is_cancel_safe(&self) -> bool {
+        // The lease is taken and returned within one poll, under the lock.
+        true
     }
 
     async fn heartbeat(&self, lease: LeaseId) -> Result<HeartbeatAck, LinkError> {
@@ -789,12 +802,17 @@ async fn device_loop(ctx: Ctx, mut shutdown: ShutdownSignal) -> Result<(), Agent
     }
     let mut backoff = Backoff::new(&ctx.cfg);
     while !shutdown.is_triggered() {
-        // A lease granted at the very instant of shutdown is dropped here; the scheduler
-        // expires it and requeues its jobs, so nothing is lost.
-        let polled = tokio::select! {
-            biased;
-            _ = shutdown.triggered() => break,
-            r = ctx.link.lease(&id, ctx.cfg.max_batch, ctx.cfg.lease_wait) => r,
+        let poll = ctx.link.lease(&id, ctx.cfg.max_batch, ctx.cfg.lease_wait);
+        let polled = if ctx.link.lease_is_cancel_safe() {
+            tokio::select! {
+                biased;
+                _ = shutdown.triggered() => break,
+                r = poll => r,
+            }
+        } else {
+            // Dropping the poll could drop a lease already granted, which would then burn an
+            // attempt by expiring: finish it, run what it brings, then stop.
+            poll.await
         };
         match polled {
             Ok(None) => backoff.reset(),

@@ -697,3 +697,73 @@ async fn many_devices_on_a_threaded_runtime_in_real_time() {
     assert_eq!(c.infra_failures, infra);
     assert!(s.read(|s| s.devices().is_empty()));
 }
+
+/// A link whose lease answers take a while to arrive after the scheduler granted them, as
+/// over a network: dropping the poll part-way would lose the lease.
+struct SlowAnswers {
+    inner: LocalLink<GroupedScheduler>,
+}
+
+#[async_trait]
+impl AgentLink for SlowAnswers {
+    async fn register(&self, device: DeviceInfo) -> Result<(), LinkError> {
+        self.inner.register(device).await
+    }
+    async fn unregister(&self, device: &DeviceId) -> Result<(), LinkError> {
+        self.inner.unregister(device).await
+    }
+    async fn lease(
+        &self,
+        device: &DeviceId,
+        max_batch: usize,
+        wait: Duration,
+    ) -> Result<Option<Lease>, LinkError> {
+        let got = self.inner.lease(device, max_batch, wait).await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        got
+    }
+    async fn heartbeat(&self, lease: LeaseId) -> Result<HeartbeatAck, LinkError> {
+        self.inner.heartbeat(lease).await
+    }
+    async fn complete(
+        &self,
+        lease: LeaseId,
+        job: JobId,
+        report: RunReport,
+    ) -> Result<JobState, LinkError> {
+        self.inner.complete(lease, job, report).await
+    }
+    async fn fail(
+        &self,
+        lease: LeaseId,
+        job: JobId,
+        failure: InfraFailure,
+    ) -> Result<JobState, LinkError> {
+        self.inner.fail(lease, job, failure).await
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_during_a_network_long_poll_runs_the_lease_it_brings() {
+    let s = shared(SchedulerConfig::default());
+    let ticker = s.spawn_ticker();
+    let dev = Arc::new(SimDevice::new(sim("emu-1", 1_000, 5_000)));
+    let link = Arc::new(SlowAnswers { inner: s.link() });
+    let (shutdown, handle) = spawn_agent(link, &[Arc::clone(&dev)], agent_cfg());
+    wait(&s, "registered", |s| s.devices().len() == 1).await;
+    let mut sp = spec("acme", "v1", "tests/a.spec.js");
+    sp.max_attempts = 1;
+    let id = s.submit(sp).unwrap().job_id;
+    // The scheduler has granted the lease; its answer is still on the way.
+    wait(&s, "granted", |s| {
+        s.get(id).is_some_and(|j| j.state == JobState::Running)
+    })
+    .await;
+    shutdown.trigger();
+    let c = handle.await.unwrap().unwrap();
+    ticker.abort();
+    let job = s.get(id).unwrap();
+    assert_eq!((job.state, job.attempt), (JobState::Passed, 1));
+    assert_eq!((c.leases, c.jobs_run), (1, 1));
+    assert!(s.read(|s| s.devices().is_empty()));
+}
