@@ -59,7 +59,8 @@ pub enum TemplateError {
 /// A test command with `{tests}` and `{project}` placeholders, split into words without a
 /// shell (single and double quotes and backslash escapes group words, nothing else is
 /// interpreted). A word that is exactly `{tests}` becomes one word per test file; inside a
-/// longer word `{tests}` becomes the files joined by spaces.
+/// longer word (typically a `sh -c '…'` script) `{tests}` becomes the files shell-quoted
+/// and joined by spaces, so a submitter's file name cannot inject shell syntax.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CommandTemplate {
     words: Vec<String>,
@@ -100,13 +101,27 @@ impl CommandTemplate {
             if w == "{tests}" {
                 argv.extend(tests.iter().cloned());
             } else {
+                let quoted: Vec<String> = tests.iter().map(|t| shell_quote(t)).collect();
                 argv.push(
                     w.replace("{project}", project)
-                        .replace("{tests}", &tests.join(" ")),
+                        .replace("{tests}", &quoted.join(" ")),
                 );
             }
         }
         argv
+    }
+}
+
+/// Quotes `s` for a POSIX shell: unchanged when it only holds safe characters, else in
+/// single quotes (with `'` written as `'\''`).
+pub fn shell_quote(s: &str) -> String {
+    let safe = !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._/-@+=:,%".contains(c));
+    if safe {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
     }
 }
 
@@ -590,6 +605,15 @@ mod tests {
                 .expand(&["a".into(), "b".into()], "p")[2],
             "run a b on p"
         );
+        assert_eq!(
+            CommandTemplate::parse("sh -c 'run {tests}'")
+                .expect("parses")
+                .expand(
+                    &["ok.spec.js".into(), "x; rm -rf ~ 'q'.spec.js".into()],
+                    "p"
+                )[2],
+            r#"run ok.spec.js 'x; rm -rf ~ '\''q'\''.spec.js'"#
+        );
         assert_eq!(CommandTemplate::parse("  "), Err(TemplateError::Empty));
         assert_eq!(
             CommandTemplate::parse("npx 'x {tests}"),
@@ -645,6 +669,35 @@ mod tests {
         assert!(r.passed);
         assert_eq!(r.tests.len(), 1);
         assert_eq!(r.tests[0].title, "t");
+    }
+
+    #[tokio::test]
+    async fn quoted_tests_reach_a_shell_script_intact() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let names = vec![
+            "plain.spec.js".to_string(),
+            "it's; touch pwned.spec.js".to_string(),
+            "$(touch pwned2).spec.js".to_string(),
+        ];
+        let argv = CommandTemplate::parse("sh -c 'printf \"[%s]\\n\" {tests}'")
+            .expect("parses")
+            .expand(&names, "p");
+        let mut i = inv(dir.path(), "", Duration::from_secs(30));
+        i.argv = argv;
+        let logs = Mutex::new(String::new());
+        let sink = |s: &str| logs.lock().expect("lock").push_str(s);
+        run_command(&i, &sink, std::future::pending())
+            .await
+            .expect("runs");
+        let logs = logs.lock().expect("lock").clone();
+        for n in &names {
+            assert!(
+                logs.contains(&format!("[{n}]")),
+                "{n} not passed intact: {logs}"
+            );
+        }
+        assert!(!dir.path().join("pwned.spec.js").exists());
+        assert!(!dir.path().join("pwned2").exists());
     }
 
     #[tokio::test]
