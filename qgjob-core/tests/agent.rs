@@ -2,7 +2,7 @@
 //! with simulated devices, under paused tokio time (so minutes of device work take no wall
 //! time and every instant is exact).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -766,4 +766,180 @@ async fn shutdown_during_a_network_long_poll_runs_the_lease_it_brings() {
     assert_eq!((job.state, job.attempt), (JobState::Passed, 1));
     assert_eq!((c.leases, c.jobs_run), (1, 1));
     assert!(s.read(|s| s.devices().is_empty()));
+}
+
+mod random_labs {
+    //! Property: whatever the lab and the workload, every job ends exactly once in the state
+    //! its scripted outcome (or an accepted cancel) says, and installs add up.
+
+    use super::*;
+    use proptest::prelude::*;
+    use proptest::test_runner::FileFailurePersistence;
+
+    #[derive(Debug, Clone)]
+    struct Lab {
+        policy: PolicyKind,
+        emulators: usize,
+        browserstack: usize,
+        max_batch: usize,
+        /// (build, outcome, on browserstack)
+        jobs: Vec<(u8, u8, bool)>,
+        /// (job index, virtual ms)
+        cancels: Vec<(usize, u64)>,
+        seed: u64,
+    }
+
+    fn lab() -> impl Strategy<Value = Lab> {
+        (
+            prop_oneof![
+                Just(PolicyKind::Grouped),
+                Just(PolicyKind::Fifo),
+                Just(PolicyKind::PerGroup)
+            ],
+            1usize..4,
+            0usize..3,
+            1usize..4,
+            proptest::collection::vec((0u8..3, 0u8..4, any::<bool>()), 1..25),
+            proptest::collection::vec((0usize..25, 0u64..200_000), 0..4),
+            any::<u64>(),
+        )
+            .prop_map(
+                |(policy, emulators, browserstack, max_batch, jobs, cancels, seed)| Lab {
+                    policy,
+                    emulators,
+                    browserstack,
+                    max_batch,
+                    jobs,
+                    cancels,
+                    seed,
+                },
+            )
+    }
+
+    const OUTCOMES: [(&str, JobState); 4] = [
+        ("pass_", JobState::Passed),
+        ("fail_", JobState::Failed),
+        ("flaky_", JobState::Passed),
+        ("crash_", JobState::Error),
+    ];
+
+    async fn run_lab(lab: Lab) {
+        let s = shared(SchedulerConfig {
+            policy: lab.policy,
+            seed: lab.seed,
+            ..SchedulerConfig::default()
+        });
+        let ticker = s.spawn_ticker();
+        let scripted = vec![
+            ("fail_".to_string(), SimOutcome::Fail),
+            ("flaky_".to_string(), SimOutcome::Flaky),
+            ("crash_".to_string(), SimOutcome::InfraError),
+            ("pass_".to_string(), SimOutcome::Pass),
+        ];
+        let mut devices = Vec::new();
+        for (target, n, prefix) in [
+            (Target::Emulator, lab.emulators, "emu"),
+            (Target::Browserstack, lab.browserstack, "bs"),
+        ] {
+            for i in 0..n {
+                let mut c = SimDeviceConfig::new(
+                    DeviceId::new(format!("{prefix}-{i}")).unwrap(),
+                    target.clone(),
+                );
+                c.install_ms = 30_000;
+                c.run_ms = 20_000;
+                c.run_jitter = 0.5;
+                c.seed = lab.seed ^ (i as u64 + 1);
+                c.scripted = scripted.clone();
+                devices.push(Arc::new(SimDevice::new(c)));
+            }
+        }
+        let mut expect = Vec::new();
+        for (i, (build, outcome, bs)) in lab.jobs.iter().enumerate() {
+            let (prefix, state) = OUTCOMES[*outcome as usize];
+            let mut sp = spec(
+                "acme",
+                &format!("v{build}"),
+                &format!("tests/{prefix}{i}.spec.js"),
+            );
+            sp.max_attempts = 2;
+            if *bs && lab.browserstack > 0 {
+                sp.target = Target::Browserstack;
+            }
+            expect.push((s.submit(sp).unwrap().job_id, state));
+        }
+        let ids: Vec<JobId> = expect.iter().map(|e| e.0).collect();
+        let cfg = AgentConfig {
+            max_batch: lab.max_batch,
+            ..agent_cfg()
+        };
+        let (shutdown, handle) = spawn_agent(Arc::new(s.link()), &devices, cfg);
+        // Cancels at virtual instants; remember which ones the scheduler accepted.
+        let accepted = Arc::new(Mutex::new(BTreeSet::new()));
+        let mut cancelers = Vec::new();
+        for (k, at) in &lab.cancels {
+            let (s2, acc, job, at) = (s.clone(), Arc::clone(&accepted), ids[k % ids.len()], *at);
+            cancelers.push(tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(at)).await;
+                if s2.cancel(job).is_ok() {
+                    acc.lock().unwrap().insert(job);
+                }
+            }));
+        }
+        for c in cancelers {
+            c.await.unwrap();
+        }
+        wait(&s, "all final", all_final(&ids)).await;
+        let sched_installs: u64 = s.read(|s| s.devices().iter().map(|d| d.installs).sum());
+        shutdown.trigger();
+        let counters = handle.await.unwrap().unwrap();
+        ticker.abort();
+
+        let accepted = accepted.lock().unwrap().clone();
+        let mut finals: BTreeMap<JobId, Vec<JobState>> = BTreeMap::new();
+        for e in s.take_events() {
+            if e.state.is_final() {
+                finals.entry(e.job_id).or_default().push(e.state);
+            }
+        }
+        let (mut passed, mut failed) = (0, 0);
+        for (id, want) in &expect {
+            let job = s.get(*id).unwrap();
+            let want = if accepted.contains(id) {
+                JobState::Canceled
+            } else {
+                *want
+            };
+            assert_eq!(job.state, want, "{}", job.spec.tests[0]);
+            assert_eq!(finals.get(id), Some(&vec![want]), "one final event");
+            passed += u64::from(want == JobState::Passed);
+            failed += u64::from(want == JobState::Failed);
+        }
+        assert_eq!((counters.passed, counters.failed), (passed, failed));
+        let device_installs: u64 = devices.iter().map(|d| d.stats().installs).sum();
+        assert_eq!(counters.installs, sched_installs);
+        assert_eq!(device_installs, sched_installs);
+        assert_eq!(counters.stale_leases, 0);
+        assert!(s.read(|s| s.devices().is_empty()));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig {
+            cases: 48,
+            failure_persistence: Some(Box::new(FileFailurePersistence::Direct(
+                "proptest-regressions/agent.txt",
+            ))),
+            ..ProptestConfig::default()
+        })]
+
+        #[test]
+        fn every_job_of_a_random_lab_ends_exactly_once_as_scripted(lab in lab()) {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .start_paused(true)
+                .build()
+                .unwrap();
+            rt.block_on(run_lab(lab));
+        }
+    }
 }
