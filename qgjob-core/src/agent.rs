@@ -677,7 +677,7 @@ impl Backoff {
 
     fn next(&mut self) -> Duration {
         let d = self.next;
-        self.next = (self.next * 2).min(self.max);
+        self.next = self.next.saturating_mul(2).min(self.max);
         d
     }
 
