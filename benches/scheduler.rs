@@ -1,7 +1,17 @@
-//! Criterion benches of the core scheduler: submit and lease decisions at scale.
+//! Criterion benches of the core scheduler: submit (single and batches of 1000) and the
+//! lease decision with 10^3–10^6 queued jobs spread over 10–10^4 build groups.
 
-use criterion::{criterion_group, criterion_main, Criterion};
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion};
 use qgjob_core::*;
+
+/// Devices asking for work in the lease bench: enough that some serve groups and the
+/// policy weighs affinity, spreading and unserved groups.
+const DEVICES: usize = 16;
+/// Orgs the groups belong to (the fair-share index iterates orgs).
+const ORGS: usize = 8;
 
 fn spec(org: &str, app: &str) -> JobSpec {
     JobSpec::new(
@@ -11,16 +21,142 @@ fn spec(org: &str, app: &str) -> JobSpec {
     )
 }
 
+/// The spec of the `i`-th job of group `g`: a few priorities, orgs by group.
+fn group_spec(g: usize, i: usize) -> JobSpec {
+    let mut s = spec(&format!("org-{}", g % ORGS), &format!("build-{g}"));
+    s.priority = Priority((i % 3) as i32);
+    s
+}
+
 fn bench_submit(c: &mut Criterion) {
+    // One submit into a scheduler that grows to the sample's iteration count; a fresh
+    // scheduler per sample keeps memory bounded.
     c.bench_function("submit", |b| {
-        let mut s = GroupedScheduler::new(SchedulerConfig::default());
-        let mut t = 0u64;
-        b.iter(|| {
-            t += 1;
-            s.submit(Time(t), spec("acme", "v1")).expect("submit")
+        b.iter_custom(|iters| {
+            let mut s = GroupedScheduler::new(SchedulerConfig::default());
+            let specs: Vec<JobSpec> = (0..iters).map(|_| spec("acme", "v1")).collect();
+            let start = Instant::now();
+            for (t, sp) in specs.into_iter().enumerate() {
+                black_box(s.submit(Time(t as u64), sp).expect("submit"));
+            }
+            start.elapsed()
         })
+    });
+
+    let batch: Vec<JobSpec> = (0..1000).map(|i| group_spec(i % 10, i)).collect();
+    c.bench_function("submit_many/1000", |b| {
+        b.iter_batched(
+            || {
+                (
+                    GroupedScheduler::new(SchedulerConfig::default()),
+                    batch.clone(),
+                )
+            },
+            |(mut s, specs)| {
+                black_box(s.submit_many(Time(1), specs).expect("submit_many"));
+                // Returned so that dropping it is not measured.
+                s
+            },
+            BatchSize::LargeInput,
+        )
     });
 }
 
-criterion_group!(benches, bench_submit);
+/// A scheduler with `jobs` queued jobs over `groups` groups and [`DEVICES`] registered
+/// devices, half of which already hold a build (so some groups are served).
+fn queued(jobs: usize, groups: usize) -> (GroupedScheduler, Vec<DeviceId>) {
+    let mut s = GroupedScheduler::new(SchedulerConfig::default());
+    let chunk = 10_000;
+    let mut i = 0;
+    while i < jobs {
+        let n = chunk.min(jobs - i);
+        let specs: Vec<JobSpec> = (i..i + n).map(|k| group_spec(k % groups, k)).collect();
+        s.submit_many(Time(i as u64 / 100), specs)
+            .expect("submit_many");
+        i += n;
+    }
+    let devices: Vec<DeviceId> = (0..DEVICES)
+        .map(|d| DeviceId::new(format!("emu-{d:02}")).expect("valid device id"))
+        .collect();
+    for (d, id) in devices.iter().enumerate() {
+        let installed = (d % 2 == 0).then(|| BuildRef {
+            org_id: OrgId::new(format!("org-{}", d % groups % ORGS)).expect("valid org"),
+            app_version_id: AppVersionId::new(format!("build-{}", d % groups)).expect("valid app"),
+        });
+        let info = DeviceInfo {
+            id: id.clone(),
+            target: Target::Emulator,
+            capabilities: Capabilities::default(),
+            installed,
+            install_estimate_ms: Some(45_000),
+        };
+        s.register_device(Time(0), info).expect("register");
+    }
+    s.take_events();
+    (s, devices)
+}
+
+fn bench_lease(c: &mut Criterion) {
+    let mut g = c.benchmark_group("lease_decision");
+    let report = RunReport {
+        passed: true,
+        tests: Vec::new(),
+        duration_ms: 30_000,
+        error: None,
+    };
+    for jobs in [1_000usize, 10_000, 100_000, 1_000_000] {
+        for groups in [10usize, 1_000, 10_000] {
+            if groups > jobs {
+                continue;
+            }
+            let (mut s, devices) = queued(jobs, groups);
+            let mut now = 1_000_000u64;
+            let mut k = 0usize;
+            g.bench_function(
+                BenchmarkId::new(format!("{jobs}_jobs"), format!("{groups}_groups")),
+                |b| {
+                    b.iter_custom(|iters| {
+                        let start = Instant::now();
+                        for _ in 0..iters {
+                            // One decision for the next device; then the job goes back as a new
+                            // one of the same build, so the queue keeps its size and shape.
+                            now += 1;
+                            k += 1;
+                            let dev = &devices[k % DEVICES];
+                            if let Some(lease) = s.lease(Time(now), dev, 1).expect("lease") {
+                                for j in &lease.jobs {
+                                    s.complete(Time(now), lease.id, j.id, report.clone())
+                                        .expect("complete");
+                                    s.submit(Time(now), j.spec.clone()).expect("resubmit");
+                                }
+                            }
+                        }
+                        let took = start.elapsed();
+                        // Events are dropped outside the measured time. Finished jobs stay:
+                        // `forget_finished` scans every job (about 0.5 s at 10^6), and a pause
+                        // that long between samples wrecks criterion's iteration estimate.
+                        s.take_events();
+                        took
+                    })
+                },
+            );
+            assert_eq!(s.ready_len(), jobs, "the queue kept its size");
+        }
+    }
+    g.finish();
+}
+
+fn config() -> Criterion {
+    // Small samples keep the whole `cargo bench -p qgjob-core` within a few minutes.
+    Criterion::default()
+        .sample_size(10)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(2))
+}
+
+criterion_group! {
+    name = benches;
+    config = config();
+    targets = bench_submit, bench_lease
+}
 criterion_main!(benches);

@@ -162,13 +162,8 @@ fn main() -> ExitCode {
                     "fifo",
                     "per-group"
                 );
-                println!(
-                    "  {:<24} |{}|{}|{}| check",
-                    "",
-                    "  mk/lb inst/min p95top ",
-                    "  mk/lb inst/min p95top ",
-                    "  mk/lb inst/min p95top "
-                );
+                let cols = "  mk/lb inst/min p95top ";
+                println!("  {:<24} |{cols}|{cols}|{cols}| check", "");
             }
             for (pi, pool) in w.pools.iter().enumerate() {
                 if reports[0].pools[pi].jobs == 0 {
@@ -219,10 +214,18 @@ fn main() -> ExitCode {
         }
     }
 
-    println!("\nSummary ({} seeds per shape; means over pool rows)", args.seeds);
+    println!(
+        "\nSummary ({} seeds per shape; means over pool rows)",
+        args.seeds
+    );
     println!(
         "  {:<18} {:>5} {:>5} | {:^26} | {:^26} | {:>7} | broken rules",
-        "shape", "rows", "pass", "mk/lb grp / fifo / pergrp", "inst/min grp / fifo / pergrp", "worst"
+        "shape",
+        "rows",
+        "pass",
+        "mk/lb grp / fifo / pergrp",
+        "inst/min grp / fifo / pergrp",
+        "worst"
     );
     let (mut rows, mut pass) = (0, 0);
     for (shape, t) in &tallies {

@@ -36,7 +36,11 @@ fn affinity_saves_an_install_on_one_device() {
     // Grouped and per-group keep the device on A: A, A, B = 5+10+30+5+20 = 70 s, 2 installs.
     for p in [PolicyKind::Grouped, PolicyKind::PerGroup] {
         let r = sim::run(&w, p).unwrap();
-        assert_eq!((r.makespan_s, r.installs, r.min_installs), (70.0, 2, 2), "{p}");
+        assert_eq!(
+            (r.makespan_s, r.installs, r.min_installs),
+            (70.0, 2, 2),
+            "{p}"
+        );
         assert_eq!(r.lower_bound_s, 70.0);
         // Waits 0 (A1), 15 (A2), 45 (B).
         assert_eq!((r.wait_s.p50, r.wait_s.max), (15.0, 45.0), "{p}");
@@ -60,7 +64,11 @@ fn infra_error_once_fails_after_half_then_retries() {
         // X: install 4 + 5 (fails at 9), retried at once (X is more urgent than Y):
         // 9..19; Y: 19..25. One install.
         assert_eq!((r.jobs, r.finished), (2, 2));
-        assert_eq!((r.makespan_s, r.installs, r.min_installs), (25.0, 1, 1), "{p}");
+        assert_eq!(
+            (r.makespan_s, r.installs, r.min_installs),
+            (25.0, 1, 1),
+            "{p}"
+        );
         // Bound: 15 + 6 of work + one install = 25 s.
         assert_eq!(r.lower_bound_s, 25.0);
         assert_eq!(r.utilization, 1.0);
@@ -69,7 +77,10 @@ fn infra_error_once_fails_after_half_then_retries() {
         assert_eq!((x.p50, x.p95, x.max), (0.0, 0.0, 0.0));
         let y = r.wait_s_by_priority[&0];
         assert_eq!((y.p50, y.max), (19.0, 19.0));
-        assert_eq!((r.wait_s.p50, r.wait_s.p95, r.wait_s.max), (0.0, 19.0, 19.0));
+        assert_eq!(
+            (r.wait_s.p50, r.wait_s.p95, r.wait_s.max),
+            (0.0, 19.0, 19.0)
+        );
     }
 }
 
@@ -93,7 +104,11 @@ fn pools_are_separate_and_late_jobs_wait_for_their_time() {
         let emu = r.pool(&Target::Emulator).unwrap();
         let bs = r.pool(&Target::Browserstack).unwrap();
         // Emulators: one build per device, both start at 0: finishes at 30 and 50.
-        assert_eq!((emu.makespan_s, emu.installs, emu.min_installs), (50.0, 2, 2), "{p}");
+        assert_eq!(
+            (emu.makespan_s, emu.installs, emu.min_installs),
+            (50.0, 2, 2),
+            "{p}"
+        );
         assert_eq!(emu.lower_bound_s, 50.0);
         assert_eq!(emu.utilization, 80.0 / 100.0);
         assert_eq!((emu.jobs, emu.finished, emu.devices), (2, 2, 2));

@@ -18,8 +18,15 @@ fn check(w: &Workload, r: &Report) {
         r.lower_bound_s
     );
     assert!(r.installs >= r.min_installs, "{ctx}");
-    assert!(r.utilization > 0.0 && r.utilization <= 1.0, "{ctx}: {}", r.utilization);
-    assert!(r.wait_s.p50 <= r.wait_s.p95 && r.wait_s.p95 <= r.wait_s.max, "{ctx}");
+    assert!(
+        r.utilization > 0.0 && r.utilization <= 1.0,
+        "{ctx}: {}",
+        r.utilization
+    );
+    assert!(
+        r.wait_s.p50 <= r.wait_s.p95 && r.wait_s.p95 <= r.wait_s.max,
+        "{ctx}"
+    );
     assert_eq!(r.pools.len(), w.pools.len(), "{ctx}");
     let mut jobs = 0;
     for p in &r.pools {

@@ -27,7 +27,10 @@ fn brief_sample_parses_and_runs() {
     for policy in PolicyKind::ALL {
         let r = sim::run(&w, policy).unwrap();
         assert_eq!(r.policy, policy);
-        assert_eq!((r.jobs, r.finished, r.installs, r.min_installs), (1, 1, 1, 1));
+        assert_eq!(
+            (r.jobs, r.finished, r.installs, r.min_installs),
+            (1, 1, 1, 1)
+        );
         // One job: 45 s install + 32.5 s run, which is also the lower bound.
         assert_eq!(r.makespan_s, 77.5);
         assert_eq!(r.lower_bound_s, 77.5);
@@ -77,7 +80,10 @@ fn report_json_has_exactly_the_documented_fields() {
     let back: sim::Report = serde_json::from_value(v).unwrap();
     assert_eq!(back, r);
     assert_eq!(
-        sim::run(&w, PolicyKind::PerGroup).unwrap().policy.to_string(),
+        sim::run(&w, PolicyKind::PerGroup)
+            .unwrap()
+            .policy
+            .to_string(),
         "per-group"
     );
 }
@@ -91,14 +97,23 @@ fn bad_pools_are_named() {
     ];
     for (from, to, want) in cases {
         match Workload::from_json(&sample_with(from, to)) {
-            Err(SimError::InvalidPool { index: 0, field, .. }) => assert_eq!(field, want),
+            Err(SimError::InvalidPool {
+                index: 0, field, ..
+            }) => assert_eq!(field, want),
             other => panic!("{to}: expected InvalidPool({want}), got {other:?}"),
         }
     }
-    let bad_target = sample_with(r#""target": "emulator", "devices""#, r#""target": "Emu!", "devices""#);
+    let bad_target = sample_with(
+        r#""target": "emulator", "devices""#,
+        r#""target": "Emu!", "devices""#,
+    );
     assert!(matches!(
         Workload::from_json(&bad_target),
-        Err(SimError::InvalidPool { index: 0, field: "target", .. })
+        Err(SimError::InvalidPool {
+            index: 0,
+            field: "target",
+            ..
+        })
     ));
 }
 
@@ -123,11 +138,19 @@ fn duplicate_pool_is_refused() {
 fn bad_jobs_are_named() {
     let cases: [(&str, &str, &str); 7] = [
         (r#""org_id": "acme""#, r#""org_id": "ac me""#, "org_id"),
-        (r#""app_version_id": "v1""#, r#""app_version_id": """#, "app_version_id"),
+        (
+            r#""app_version_id": "v1""#,
+            r#""app_version_id": """#,
+            "app_version_id",
+        ),
         (r#""priority": 3"#, r#""priority": 5000"#, "priority"),
         (r#""submit_s": 0.0"#, r#""submit_s": -0.5"#, "submit_s"),
         (r#""duration_s": 32.5"#, r#""duration_s": -3"#, "duration_s"),
-        (r#""duration_s": 32.5"#, r#""duration_s": 1e12"#, "duration_s"),
+        (
+            r#""duration_s": 32.5"#,
+            r#""duration_s": 1e12"#,
+            "duration_s",
+        ),
         (
             r#""target": "emulator",
               "priority""#,
@@ -138,7 +161,11 @@ fn bad_jobs_are_named() {
     ];
     for (from, to, want) in cases {
         match Workload::from_json(&sample_with(from, to)) {
-            Err(SimError::InvalidJob { index: 0, field, message }) => {
+            Err(SimError::InvalidJob {
+                index: 0,
+                field,
+                message,
+            }) => {
                 assert_eq!(field, want, "{to}: {message}")
             }
             other => panic!("{to}: expected InvalidJob({want}), got {other:?}"),
@@ -214,9 +241,14 @@ fn programmatic_workloads_are_checked_by_run() {
 #[test]
 fn errors_read_well() {
     let e = Workload::from_json(&sample_with(r#""devices": 8"#, r#""devices": 0"#)).unwrap_err();
-    assert_eq!(e.to_string(), "pools[0].devices: must be at least 1 (got 0)");
+    assert_eq!(
+        e.to_string(),
+        "pools[0].devices: must be at least 1 (got 0)"
+    );
     let e = Workload::from_json(&sample_with(r#""passed""#, r#""flaky""#)).unwrap_err();
-    assert!(e.to_string().starts_with("jobs[0].outcome: unknown outcome \"flaky\""));
+    assert!(e
+        .to_string()
+        .starts_with("jobs[0].outcome: unknown outcome \"flaky\""));
 }
 
 #[test]
@@ -224,6 +256,9 @@ fn an_empty_workload_reports_zeros() {
     let w = Workload::from_json(r#"{"name":"e","pools":[],"jobs":[]}"#).unwrap();
     let r = sim::run(&w, PolicyKind::Grouped).unwrap();
     assert_eq!((r.jobs, r.finished, r.installs), (0, 0, 0));
-    assert_eq!((r.makespan_s, r.lower_bound_s, r.utilization), (0.0, 0.0, 0.0));
+    assert_eq!(
+        (r.makespan_s, r.lower_bound_s, r.utilization),
+        (0.0, 0.0, 0.0)
+    );
     assert!(r.pools.is_empty() && r.wait_s_by_priority.is_empty());
 }

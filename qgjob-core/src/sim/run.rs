@@ -184,8 +184,7 @@ pub fn run(workload: &Workload, policy: PolicyKind) -> Result<Report, SimError> 
     for (pi, p) in workload.pools.iter().enumerate() {
         let width = p.devices.to_string().len();
         for n in 1..=p.devices {
-            let id = DeviceId::new(format!("{}-{:0width$}", p.target, n))
-                .map_err(|e| sch(&e))?;
+            let id = DeviceId::new(format!("{}-{:0width$}", p.target, n)).map_err(|e| sch(&e))?;
             devices.push(SimDevice {
                 id,
                 pool: pi,
@@ -296,14 +295,11 @@ pub fn run(workload: &Workload, policy: PolicyKind) -> Result<Report, SimError> 
         sched.tick(Time(now));
 
         // 4. Every idle device asks once, in id order.
-        for di in 0..devices.len() {
-            if devices[di].running.is_some() {
+        for (di, dev) in devices.iter_mut().enumerate() {
+            if dev.running.is_some() {
                 continue;
             }
-            let Some(lease) = sched
-                .lease(Time(now), &devices[di].id, 1)
-                .map_err(|e| sch(&e))?
-            else {
+            let Some(lease) = sched.lease(Time(now), &dev.id, 1).map_err(|e| sch(&e))? else {
                 continue;
             };
             let [leased] = lease.jobs.as_slice() else {
@@ -315,7 +311,7 @@ pub fn run(workload: &Workload, policy: PolicyKind) -> Result<Report, SimError> 
             let idx = *idx_of
                 .get(&leased.id)
                 .ok_or_else(|| SimError::Scheduler(format!("leased unknown job {}", leased.id)))?;
-            let pi = devices[di].pool;
+            let pi = dev.pool;
             let fails = jobs[idx].outcome == SimOutcome::InfraErrorOnce && leased.attempt == 1;
             let run_ms = if fails {
                 duration_ms[idx] / 2
@@ -334,7 +330,7 @@ pub fn run(workload: &Workload, policy: PolicyKind) -> Result<Report, SimError> 
                 .entry(jobs[idx].priority)
                 .or_default()
                 .push(wait);
-            devices[di].running = Some(Attempt {
+            dev.running = Some(Attempt {
                 lease: lease.id,
                 job: leased.id,
                 idx,
@@ -347,7 +343,14 @@ pub fn run(workload: &Workload, policy: PolicyKind) -> Result<Report, SimError> 
         drop(sched.take_events());
     }
 
-    Ok(report(workload, policy, &tally, &job_pool, &submit_ms, &duration_ms))
+    Ok(report(
+        workload,
+        policy,
+        &tally,
+        &job_pool,
+        &submit_ms,
+        &duration_ms,
+    ))
 }
 
 /// Assembles the report from the tallies.

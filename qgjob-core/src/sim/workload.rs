@@ -207,11 +207,15 @@ impl Workload {
                 field,
                 message,
             };
-            let target: Target = p.target.parse().map_err(|e: crate::InvalidSpec| {
-                bad("target", e.message)
-            })?;
+            let target: Target = p
+                .target
+                .parse()
+                .map_err(|e: crate::InvalidSpec| bad("target", e.message))?;
             if p.devices < 1 {
-                return Err(bad("devices", format!("must be at least 1 (got {})", p.devices)));
+                return Err(bad(
+                    "devices",
+                    format!("must be at least 1 (got {})", p.devices),
+                ));
             }
             let devices = u32::try_from(p.devices)
                 .map_err(|_| bad("devices", format!("too many devices ({})", p.devices)))?;
@@ -229,8 +233,8 @@ impl Workload {
                 message,
             };
             let org_id = OrgId::new(j.org_id).map_err(|e| bad("org_id", e.message))?;
-            let app_version_id =
-                AppVersionId::new(j.app_version_id).map_err(|e| bad("app_version_id", e.message))?;
+            let app_version_id = AppVersionId::new(j.app_version_id)
+                .map_err(|e| bad("app_version_id", e.message))?;
             let target: Target = j
                 .target
                 .parse()
@@ -339,9 +343,11 @@ mod tests {
 
     #[test]
     fn serde_goes_through_validation() {
-        let bad = r#"{"name":"x","pools":[{"target":"emulator","devices":0,"install_s":1}],"jobs":[]}"#;
+        let bad =
+            r#"{"name":"x","pools":[{"target":"emulator","devices":0,"install_s":1}],"jobs":[]}"#;
         assert!(serde_json::from_str::<Workload>(bad).is_err());
-        let good = r#"{"name":"x","pools":[{"target":"emulator","devices":2,"install_s":1}],"jobs":[]}"#;
+        let good =
+            r#"{"name":"x","pools":[{"target":"emulator","devices":2,"install_s":1}],"jobs":[]}"#;
         let w: Workload = serde_json::from_str(good).unwrap();
         let back = Workload::from_json(&w.to_json()).unwrap();
         assert_eq!(w, back);
