@@ -327,6 +327,14 @@ fn wait_exit_codes_and_junit() {
     );
     assert_eq!(code(&o), 3);
     assert!(stdout(&o).contains("canceled"));
+    // Canceling it again is refused by the server: an input error, one line.
+    let o = run(
+        Some(&url),
+        dir.path(),
+        &["cancel", &format!("--job-id={stuck}")],
+    );
+    assert_eq!(code(&o), 2, "{}", stderr(&o));
+    assert_eq!(stderr(&o).lines().count(), 1, "{}", stderr(&o));
 
     // A run mixing a pass and a failure: exit 1 and a JUnit file that parses.
     let o = run(

@@ -60,11 +60,9 @@ impl CliError {
     pub fn exit_code(&self) -> u8 {
         match self {
             CliError::Usage(_) => EXIT_USAGE,
-            // 4xx are input errors of the caller, except a refused/unauthorised one which is
-            // still something the user must fix: both are 2. 5xx and 409s from races are 3.
-            CliError::Api { status, .. } if (400..500).contains(status) && *status != 409 => {
-                EXIT_USAGE
-            }
+            // Every 4xx (bad value, unknown job, missing token, cancel of a finished job) is
+            // something the caller must fix; 5xx are the server's problem.
+            CliError::Api { status, .. } if (400..500).contains(status) => EXIT_USAGE,
             _ => EXIT_INFRA,
         }
     }
@@ -75,6 +73,34 @@ impl CliError {
             context: context.into(),
             source,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_codes_by_kind() {
+        let api = |status| CliError::Api {
+            status,
+            code: "x".into(),
+            message: "m".into(),
+        };
+        assert_eq!(api(404).exit_code(), EXIT_USAGE);
+        assert_eq!(api(409).exit_code(), EXIT_USAGE);
+        assert_eq!(api(503).exit_code(), EXIT_INFRA);
+        assert_eq!(CliError::Usage("u".into()).exit_code(), EXIT_USAGE);
+        assert_eq!(CliError::Timeout("1s".into()).exit_code(), EXIT_INFRA);
+        let e = CliError::Unreachable {
+            url: "http://h:1".into(),
+            reason: "connection refused".into(),
+        };
+        assert_eq!(e.exit_code(), EXIT_INFRA);
+        assert_eq!(
+            e.to_string(),
+            "cannot reach qgjob server at http://h:1: connection refused"
+        );
     }
 }
 
