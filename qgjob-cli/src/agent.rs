@@ -128,9 +128,7 @@ pub fn runtime() -> Result<tokio::runtime::Runtime> {
 /// `qgjob agent`.
 pub fn agent(client: Client, a: &AgentArgs) -> Result<u8> {
     if !a.simulate {
-        return Err(CliError::Usage(
-            "real devices are not available in this build yet; use --simulate".into(),
-        ));
+        return real_agent(client, a);
     }
     if a.max_batch == 0 || a.max_batch > 64 {
         return Err(CliError::Usage(
@@ -198,5 +196,71 @@ pub fn agent(client: Client, a: &AgentArgs) -> Result<u8> {
         }
         Ok(Err(e)) => Err(CliError::Other(e.to_string())),
         Err(e) => Err(CliError::Other(format!("agent task failed: {e}"))),
+    }
+}
+
+/// `qgjob agent` without `--simulate`: adb devices or BrowserStack sessions.
+fn real_agent(client: Client, a: &AgentArgs) -> Result<u8> {
+    use crate::real::{run_real_agent, RealError};
+    if a.max_batch == 0 || a.max_batch > 64 {
+        return Err(CliError::Usage(
+            "--max-batch must be between 1 and 64".into(),
+        ));
+    }
+    let target: Target = a
+        .target
+        .parse()
+        .map_err(|e: qgjob_core::InvalidSpec| CliError::Usage(e.message))?;
+    let name = a.name.clone().unwrap_or_else(default_agent_name);
+    client.health()?;
+    let base = client.base().to_string();
+    let token = client.token().map(String::from);
+    let link: Arc<dyn qgjob_core::agent::AgentLink> = Arc::new(HttpLink::new(client));
+    let cfg = AgentConfig {
+        max_batch: a.max_batch,
+        lease_wait: Duration::from_secs(20),
+        ..AgentConfig::default()
+    };
+    let rt = runtime()?;
+    eprintln!("qgjob agent {name}: {target} devices serving {base} (ctrl-c to stop)");
+    let res = rt.block_on(async move {
+        let shutdown = Shutdown::new();
+        let run = run_real_agent(
+            link,
+            &base,
+            token,
+            &target,
+            &name,
+            &a.real,
+            cfg,
+            shutdown.signal(),
+        );
+        tokio::pin!(run);
+        tokio::select! {
+            r = &mut run => r,
+            _ = stop_signal() => {
+                eprintln!("qgjob agent: stopping (finishing running jobs)");
+                shutdown.trigger();
+                run.await
+            }
+        }
+    });
+    match res {
+        Ok(c) => {
+            eprintln!(
+                "qgjob agent: stopped after {} jobs ({} passed, {} failed, {} infra failures), {} installs",
+                c.jobs_run, c.passed, c.failed, c.infra_failures, c.installs
+            );
+            Ok(EXIT_OK)
+        }
+        // Setup problems the operator must fix are usage errors; the rest is infrastructure.
+        Err(
+            e @ (RealError::Command(_)
+            | RealError::NoDevices(_)
+            | RealError::Credentials
+            | RealError::Unsupported(_)
+            | RealError::Invalid(_)),
+        ) => Err(CliError::Usage(e.to_string())),
+        Err(e) => Err(CliError::Other(e.to_string())),
     }
 }

@@ -76,6 +76,9 @@ impl CliError {
     }
 }
 
+/// Result alias for the CLI.
+pub type Result<T, E = CliError> = std::result::Result<T, E>;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -104,5 +107,3 @@ mod tests {
     }
 }
 
-/// Result alias for the CLI.
-pub type Result<T, E = CliError> = std::result::Result<T, E>;
