@@ -547,6 +547,91 @@ async fn a_device_installs_each_build_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_of_distinct_specs_shares_one_runner_process() {
+    let lab = Lab::new();
+    let (adb, adb_log) = fake_adb(lab.dir.path());
+    let bundle = lab.bundle();
+    lab.src.add_build(&build("v1"), b"apk-v1").expect("build");
+    let built = devices(
+        &lab,
+        Target::Emulator,
+        RealArgs {
+            adb,
+            serials: vec!["emulator-5554".into()],
+            ..lab.args()
+        },
+    )
+    .await;
+    let dev = &built.devices[0];
+    let leased = |test: &str| qgjob_core::LeasedJob {
+        id: JobId::from_parts(1, rand_bytes()),
+        attempt: 1,
+        spec: spec(Target::Emulator, "v1", test, &bundle),
+    };
+    let batch = vec![
+        leased("tests/pass.spec.js"),
+        leased("tests/fail.spec.js"),
+        leased("tests/slow.spec.js"),
+    ];
+    let (_tx, cancel) = qgjob_core::device::CancelWatch::channel();
+    dev.install(&build("v1")).await.expect("install");
+    let runs = dev.run(&build("v1"), &batch, cancel.clone()).await;
+    let reports: Vec<_> = runs.iter().map(|r| r.as_ref().expect("ran")).collect();
+    // Results are split by spec file.
+    let titles = |i: usize| {
+        let mut t: Vec<String> = reports[i]
+            .tests
+            .iter()
+            .map(|t| format!("{} {:?}", t.title, t.status))
+            .collect();
+        t.sort();
+        t
+    };
+    assert!(reports[0].passed, "{:?}", reports[0]);
+    assert_eq!(
+        titles(0),
+        vec![
+            "adds numbers Passed",
+            "device › sees its environment Passed"
+        ]
+    );
+    assert!(!reports[1].passed);
+    assert_eq!(
+        titles(1),
+        vec!["checkout total Failed", "still passes Passed"]
+    );
+    assert!(reports[2].passed);
+    assert_eq!(titles(2), vec!["takes a while Passed"]);
+    // One process ran all three: each job's log shows the one shared command line.
+    for j in &batch {
+        let log = lab.logs.get(j.id);
+        assert_eq!(
+            log.matches("running 3 jobs in one runner").count(),
+            1,
+            "{log}"
+        );
+        assert!(log.contains(
+            "npx playwright test tests/pass.spec.js tests/fail.spec.js tests/slow.spec.js"
+        ));
+    }
+    assert_eq!(installs_in(&adb_log).len(), 1);
+
+    // Two jobs of the same spec cannot be told apart in one report: they run one by one.
+    let same = vec![leased("tests/pass.spec.js"), leased("tests/pass.spec.js")];
+    let runs = dev.run(&build("v1"), &same, cancel).await;
+    assert!(runs.iter().all(|r| r.as_ref().is_ok_and(|r| r.passed)));
+    for j in &same {
+        let log = lab.logs.get(j.id);
+        assert!(!log.contains("in one runner"), "{log}");
+        assert!(
+            log.contains(&format!("running {} (attempt 1)", j.id)),
+            "{log}"
+        );
+    }
+    assert_eq!(installs_in(&adb_log).len(), 1, "still one install");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_timeout_kills_the_process_group_and_is_an_infrastructure_error() {
     let lab = Lab::new();
     let (adb, _) = fake_adb(lab.dir.path());

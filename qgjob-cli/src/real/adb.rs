@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tokio::process::Command;
 
-use super::exec::JobRunner;
+use super::exec::{can_share, JobRunner};
 
 /// `adb` could not be run or answered nonsense.
 #[derive(Debug, Error)]
@@ -316,9 +316,12 @@ impl Device for AdbDevice {
     }
 
     async fn run(&self, build: &BuildRef, jobs: &[LeasedJob], cancel: CancelWatch) -> Vec<JobRun> {
+        let install_note = self.install_note.lock().ok().and_then(|mut n| n.take());
+        if can_share(jobs) {
+            return self.run_shared(build, jobs, cancel, install_note).await;
+        }
         let mut out = Vec::with_capacity(jobs.len());
         // One app runs on a device at a time: the batch's jobs go one after the other.
-        let install_note = self.install_note.lock().ok().and_then(|mut n| n.take());
         for (i, job) in jobs.iter().enumerate() {
             let note = |t: &str| self.runner.logs.log(job.id, job.attempt, t);
             if i == 0 {
@@ -327,8 +330,8 @@ impl Device for AdbDevice {
                 }
             }
             // The scheduler may not know what is on the device (an agent restart, another
-            // tool installing): make sure before running.
-            // Right after this lease's install, "already installed" would only repeat it.
+            // tool installing): make sure before running. Right after this lease's install,
+            // "already installed" would only repeat it.
             let just_installed = i == 0 && install_note.is_some();
             let quiet = |_: &str| {};
             let ensure_note: &(dyn Fn(&str) + Send + Sync) =
@@ -341,25 +344,71 @@ impl Device for AdbDevice {
                     continue;
                 }
             };
-            let env = vec![
-                ("QGJOB_DEVICE_SERIAL".to_string(), self.serial.clone()),
-                ("ANDROID_SERIAL".to_string(), self.serial.clone()),
-                ("QGJOB_BUILD_PATH".to_string(), apk.display().to_string()),
-            ];
             let attempt = self
                 .runner
-                .run_job(&self.target, &env, job, cancel.clone())
+                .run_job(&self.target, &self.env(&apk), job, cancel.clone())
                 .await;
-            let run = match attempt.run {
-                Err(f) if f.kind == InfraErrorKind::RunnerCrashed && !self.online().await => {
-                    Err(InfraFailure {
-                        kind: InfraErrorKind::DeviceLost,
-                        message: format!("device {} went away: {}", self.serial, f.message),
-                    })
-                }
-                other => other,
-            };
-            out.push(run);
+            out.push(self.lost_or(attempt.run).await);
+        }
+        out
+    }
+}
+
+impl AdbDevice {
+    fn env(&self, apk: &Path) -> Vec<(String, String)> {
+        vec![
+            ("QGJOB_DEVICE_SERIAL".to_string(), self.serial.clone()),
+            ("ANDROID_SERIAL".to_string(), self.serial.clone()),
+            ("QGJOB_BUILD_PATH".to_string(), apk.display().to_string()),
+        ]
+    }
+
+    /// A runner crash on a device adb no longer sees is the device's loss.
+    async fn lost_or(&self, run: JobRun) -> JobRun {
+        match run {
+            Err(f) if f.kind == InfraErrorKind::RunnerCrashed && !self.online().await => {
+                Err(InfraFailure {
+                    kind: InfraErrorKind::DeviceLost,
+                    message: format!("device {} went away: {}", self.serial, f.message),
+                })
+            }
+            other => other,
+        }
+    }
+
+    /// A batch whose jobs share one runner process ([`JobRunner::run_batch`]).
+    async fn run_shared(
+        &self,
+        build: &BuildRef,
+        jobs: &[LeasedJob],
+        cancel: CancelWatch,
+        install_note: Option<String>,
+    ) -> Vec<JobRun> {
+        let first = &jobs[0];
+        let note = |t: &str| self.runner.logs.log(first.id, first.attempt, t);
+        if let Some(text) = &install_note {
+            note(text);
+        }
+        let quiet = |_: &str| {};
+        let ensure_note: &(dyn Fn(&str) + Send + Sync) = if install_note.is_some() {
+            &quiet
+        } else {
+            &note
+        };
+        let apk = match self.ensure(build, ensure_note).await {
+            Ok(p) => p,
+            Err(f) => {
+                note(&format!("qgjob: {}\n", f.message));
+                return jobs.iter().map(|_| Err(f.clone())).collect();
+            }
+        };
+        let attempts = self
+            .runner
+            .run_batch(&self.target, &self.env(&apk), jobs, cancel)
+            .await;
+        let mut out = Vec::with_capacity(attempts.len());
+        for a in attempts {
+            out.push(self.lost_or(a.run).await);
         }
         out
     }

@@ -14,6 +14,7 @@
 //! | variable | value |
 //! |---|---|
 //! | `QGJOB_JOB_ID`, `QGJOB_ATTEMPT` | the job and its attempt (1-based) |
+//! | `QGJOB_JOB_IDS` | all jobs of a shared run (see below), comma-separated |
 //! | `QGJOB_TARGET` | `emulator`, `device` or `browserstack` |
 //! | `QGJOB_PROJECT` | the AppWright project (`--project`, default: the target's name) |
 //! | `QGJOB_ORG_ID`, `QGJOB_APP_VERSION_ID` | the build under test |
@@ -22,6 +23,11 @@
 //! | `QGJOB_APP_URL` | the `bs://` app URL (BrowserStack only) |
 //! | `PLAYWRIGHT_JSON_OUTPUT_NAME` | where the JSON report is written |
 //! | `CI=1`, `FORCE_COLOR=0` | plain, non-interactive output |
+//!
+//! A lease of several jobs (`--max-batch`) on an adb device runs them in one invocation of
+//! the test command when they share a bundle and name distinct spec files, saving the
+//! runner's start-up per job; results are split by spec file, and anything that cannot be
+//! attributed falls back to one run per job ([`exec::JobRunner::run_batch`]).
 //!
 //! Targets: `emulator` and `device` ([`adb`]; iOS is not implemented), `browserstack`
 //! ([`browserstack`]). [`run_real_agent`] is what `qgjob agent` calls without `--simulate`.
