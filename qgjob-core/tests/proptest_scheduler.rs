@@ -30,6 +30,8 @@ enum Op {
     /// The server restarts: a new scheduler is rebuilt from the jobs alone; devices must
     /// register again (a device that held a lease gets it back).
     Restore,
+    /// The server drops final jobs from memory once stored (`forget_finished(now)`).
+    Forget,
     Register {
         dev: usize,
     },
@@ -71,6 +73,7 @@ fn op_strategy() -> impl Strategy<Value = Op> {
         1 => (proptest::collection::vec(spec_strategy(), 1..4), proptest::option::weighted(0.2, 0usize..4))
             .prop_map(|(specs, invalid)| Op::SubmitMany { specs, invalid }),
         1 => Just(Op::Restore),
+        1 => Just(Op::Forget),
         1 => (0usize..DEVICES.len()).prop_map(|dev| Op::Register { dev }),
         1 => (0usize..DEVICES.len()).prop_map(|dev| Op::Unregister { dev }),
         5 => (0usize..DEVICES.len(), 1usize..=3).prop_map(|(dev, batch)| Op::Lease { dev, batch }),
@@ -579,6 +582,32 @@ fn apply(s: &mut GroupedScheduler, m: &mut Model, op: &Op) -> String {
                 (want, got) => panic!("submit_many: expected {want:?}, got {got:?}"),
             }
             format!("submit_many {got:?}")
+        }
+        Op::Forget => {
+            let gone = s.forget_finished(now);
+            let keep: Vec<bool> = m
+                .jobs
+                .iter()
+                .map(|j| {
+                    let finished = j.final_snapshot.as_ref().and_then(|f| f.finished_at);
+                    !finished.is_some_and(|t| t < now)
+                })
+                .collect();
+            assert_eq!(gone, keep.iter().filter(|k| !**k).count(), "forgotten jobs");
+            let mut it = keep.iter();
+            m.jobs.retain(|_| *it.next().expect("same length"));
+            m.by_id = m.jobs.iter().enumerate().map(|(i, j)| (j.id, i)).collect();
+            // A forgotten job's idempotency key is free again.
+            m.idem = m
+                .jobs
+                .iter()
+                .enumerate()
+                .filter_map(|(i, j)| {
+                    let k = j.spec.idempotency_key.clone()?;
+                    Some(((j.spec.org_id.clone(), k), i))
+                })
+                .collect();
+            format!("forget {gone}")
         }
         Op::Restore => {
             let jobs: Vec<Job> = s
