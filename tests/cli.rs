@@ -492,6 +492,22 @@ fn glob_submits_a_run_and_json_shapes_are_stable() {
     assert_eq!(docs[1]["status"], "passed");
     assert_eq!(docs[1]["exit_code"], 0);
 
+    // Logs of a finished job: whatever the simulated device wrote (possibly nothing), and
+    // --follow returns once the job is final.
+    let first_job = docs[0]["job_ids"][0].as_str().expect("job id").to_string();
+    let o = run(
+        Some(&url),
+        dir.path(),
+        &["logs", &format!("--job-id={first_job}")],
+    );
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let o = run(
+        Some(&url),
+        dir.path(),
+        &["logs", &format!("--job-id={first_job}"), "--follow"],
+    );
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+
     // Run status and the list.
     let o = run(
         Some(&url),
@@ -617,6 +633,28 @@ fn config_file_names_the_server() {
         .expect("runs");
     assert_eq!(code(&o), 0, "{}", stderr(&o));
     assert_eq!(json(&o)["jobs"], Value::Array(vec![]));
+    // The environment beats the file.
+    let o = qgjob_cmd(Some("http://127.0.0.1:1"), dir.path())
+        .env("QGJOB_CONFIG", &cfg)
+        .args(["list"])
+        .output()
+        .expect("runs");
+    assert_eq!(code(&o), 3);
+    assert!(stderr(&o).contains("http://127.0.0.1:1"), "{}", stderr(&o));
+    // A malformed file is an input error, not a silent fallback to the default server.
+    let broken = dir.path().join("broken.toml");
+    std::fs::write(&broken, "server = [oops\n").expect("write");
+    let o = qgjob_cmd(None, dir.path())
+        .env("QGJOB_CONFIG", &broken)
+        .args(["list"])
+        .output()
+        .expect("runs");
+    assert_eq!(code(&o), 2);
+    assert!(
+        stderr(&o).starts_with("error: invalid config file"),
+        "{}",
+        stderr(&o)
+    );
     // A flag beats the file.
     let o = qgjob_cmd(None, dir.path())
         .env("QGJOB_CONFIG", &cfg)
