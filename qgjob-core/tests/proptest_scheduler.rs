@@ -590,7 +590,7 @@ fn apply(s: &mut GroupedScheduler, m: &mut Model, op: &Op) -> String {
                 .iter()
                 .map(|j| {
                     let finished = j.final_snapshot.as_ref().and_then(|f| f.finished_at);
-                    !finished.is_some_and(|t| t < now)
+                    finished.is_none_or(|t| t >= now)
                 })
                 .collect();
             assert_eq!(gone, keep.iter().filter(|k| !**k).count(), "forgotten jobs");
