@@ -607,3 +607,69 @@ pub fn app_upload(client: &Client, a: &AppUploadArgs) -> Result<u8> {
     }
     Ok(EXIT_OK)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::{Cli, Command};
+    use clap::Parser;
+
+    fn args(extra: &[&str]) -> SubmitArgs {
+        let mut v = vec![
+            "qgjob",
+            "submit",
+            "--org-id=acme",
+            "--app-version-id=v1",
+            "--test=x",
+        ];
+        v.extend_from_slice(extra);
+        match Cli::try_parse_from(v).unwrap().command {
+            Command::Submit(s) => s,
+            _ => unreachable!("parsed a submit"),
+        }
+    }
+
+    #[test]
+    fn specs_carry_every_flag() {
+        let a = args(&[
+            "--priority=7",
+            "--target=browserstack",
+            "--max-attempts=5",
+            "--timeout=90s",
+            "--retry-failed-tests",
+            "--label=branch=main",
+        ]);
+        let s = build_specs(&a, &["tests/a.spec.js".into()], Some("ab".repeat(32))).unwrap();
+        assert_eq!(s.len(), 1);
+        let s = &s[0];
+        assert_eq!(s.tests, vec!["tests/a.spec.js"]);
+        assert_eq!(s.priority, Priority(7));
+        assert_eq!(s.target.as_str(), "browserstack");
+        assert_eq!(s.max_attempts, 5);
+        assert_eq!(s.timeout_ms, 90_000);
+        assert!(s.retry_failed_tests);
+        assert_eq!(s.labels.get("branch").map(String::as_str), Some("main"));
+        assert_eq!(s.bundle.as_deref().map(str::len), Some(64));
+    }
+
+    #[test]
+    fn a_run_gets_one_job_per_test_and_distinct_idempotency_keys() {
+        let a = args(&["--idempotency-key=ci-42"]);
+        let tests = vec!["a.spec.js".to_string(), "b.spec.js".to_string()];
+        let s = build_specs(&a, &tests, None).unwrap();
+        assert_eq!(s.len(), 2);
+        assert_eq!(s[0].idempotency_key.as_deref(), Some("ci-42:a.spec.js"));
+        assert_eq!(s[1].idempotency_key.as_deref(), Some("ci-42:b.spec.js"));
+        let one = build_specs(&a, &tests[..1], None).unwrap();
+        assert_eq!(one[0].idempotency_key.as_deref(), Some("ci-42"));
+    }
+
+    #[test]
+    fn invalid_values_are_input_errors_naming_the_field() {
+        let e = build_specs(&args(&["--priority=5000"]), &["a".into()], None).unwrap_err();
+        assert_eq!(e.exit_code(), 2);
+        assert!(e.to_string().contains("priority"), "{e}");
+        let e = build_specs(&args(&["--max-attempts=0"]), &["a".into()], None).unwrap_err();
+        assert!(e.to_string().contains("max-attempts"), "{e}");
+    }
+}

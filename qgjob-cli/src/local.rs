@@ -493,3 +493,85 @@ fn run_demo(lab: &Lab, devs: &LabDevices, human: bool) -> Result<DemoResult> {
     let figs = figures(&view.jobs, &per_target, devs.install_ms, installs)?;
     Ok((view.jobs, figs, view.status, run_id))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use qgjob_core::{JobId, Time};
+
+    fn job(n: u8, version: &str, target: Target, start: u64, end: u64, installed: bool) -> Job {
+        let mut spec = JobSpec::new(
+            OrgId::new("acme").unwrap(),
+            AppVersionId::new(version).unwrap(),
+            vec![format!("t{n}.spec.js")],
+        );
+        spec.target = target;
+        Job {
+            id: JobId::from_parts(n as u64, [n; 10]),
+            seq: n as u64,
+            spec,
+            state: JobState::Passed,
+            attempt: 1,
+            created_at: Time(1_000),
+            released_at: Time(1_000),
+            started_at: Some(Time(start)),
+            finished_at: Some(Time(end)),
+            not_before: None,
+            device: None,
+            lease: None,
+            lease_deadline: None,
+            installed,
+            cancel_requested: false,
+            had_failure: false,
+            last_error: None,
+            outcome: None,
+        }
+    }
+
+    #[test]
+    fn figures_measure_work_without_installs() {
+        // One emulator, one build: install 1 s, then two jobs of 2 s each back to back.
+        let jobs = vec![
+            job(1, "v1", Target::Emulator, 1_000, 4_000, true),
+            job(2, "v1", Target::Emulator, 4_000, 6_000, false),
+        ];
+        let devices = BTreeMap::from([(Target::Emulator, 1)]);
+        let f = figures(&jobs, &devices, 1_000, 1).unwrap();
+        assert_eq!(f.makespan_s, 5.0);
+        // Work 2 s + 2 s plus one install on one device: 5 s, so this schedule is optimal.
+        assert_eq!(f.lower_bound_s, 5.0);
+        assert_eq!(f.ratio, 1.0);
+        assert_eq!((f.installs, f.min_installs), (1, 1));
+    }
+
+    #[test]
+    fn figures_take_the_slowest_pool_and_count_builds_per_target() {
+        let jobs = vec![
+            job(1, "v1", Target::Emulator, 1_000, 3_000, true),
+            job(2, "v2", Target::Emulator, 3_000, 5_000, true),
+            job(3, "v1", Target::Browserstack, 1_000, 2_500, true),
+        ];
+        let devices = BTreeMap::from([(Target::Emulator, 1), (Target::Browserstack, 1)]);
+        let f = figures(&jobs, &devices, 1_000, 3).unwrap();
+        assert_eq!(f.makespan_s, 4.0);
+        // Emulator pool: 1 s + 1 s of work and two installs on one device = 4 s.
+        assert_eq!(f.lower_bound_s, 4.0);
+        assert_eq!(f.min_installs, 3);
+    }
+
+    #[test]
+    fn demo_run_covers_every_target_several_versions_and_the_scripted_tests() {
+        let specs = demo_specs().unwrap();
+        assert!((20..=40).contains(&specs.len()));
+        for t in TARGETS {
+            assert!(specs.iter().any(|s| s.target == t));
+        }
+        let versions: BTreeSet<&str> = specs.iter().map(|s| s.app_version_id.as_str()).collect();
+        assert!(versions.len() >= 3);
+        assert!(specs.iter().any(|s| s.tests[0].contains("checkout")));
+        assert!(specs.iter().any(|s| s.tests[0].contains("search")));
+        for s in &specs {
+            s.validate().unwrap();
+        }
+    }
+}
