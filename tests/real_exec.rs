@@ -629,6 +629,27 @@ async fn a_batch_of_distinct_specs_shares_one_runner_process() {
         );
     }
     assert_eq!(installs_in(&adb_log).len(), 1, "still one install");
+
+    // Cancel of one job of a shared run stops the process: that job ends canceled, its
+    // companion is handed back as an infrastructure failure (so it runs again).
+    let (tx, cancel) = qgjob_core::device::CancelWatch::channel();
+    let shared = vec![leased("tests/hang.spec.js"), leased("tests/pass.spec.js")];
+    let hang_id = shared[0].id;
+    let b1 = build("v1");
+    let run = dev.run(&b1, &shared, cancel);
+    tokio::pin!(run);
+    // The hanging spec writes its pid under the first job's id (QGJOB_JOB_ID).
+    let pid = tokio::select! {
+        p = pid_of(&lab, hang_id) => p,
+        r = &mut run => panic!("ended before the cancel: {r:?}"),
+    };
+    tx.cancel(&[hang_id]);
+    let runs = run.await;
+    let e0 = runs[0].as_ref().expect_err("canceled");
+    assert_eq!(e0.message, "canceled");
+    let e1 = runs[1].as_ref().expect_err("stopped with it");
+    assert!(e1.message.contains("was canceled"), "{e1:?}");
+    assert!(gone_soon(pid).await, "grandchild {pid} outlived the cancel");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

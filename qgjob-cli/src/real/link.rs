@@ -186,6 +186,10 @@ impl HttpArtifacts {
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_connect(Some(Duration::from_secs(10)))
+            // A server that stops answering must not hang the job forever; a big build
+            // still has half an hour to arrive.
+            .timeout_recv_response(Some(Duration::from_secs(60)))
+            .timeout_recv_body(Some(Duration::from_secs(1800)))
             .build()
             .into();
         HttpArtifacts {
