@@ -61,6 +61,11 @@ fn code(o: &Output) -> i32 {
 /// A server on a free loopback port; returns it with its base URL, read from the first line
 /// it prints.
 fn start_server(dir: &Path) -> (Proc, String) {
+    start_server_with(dir, &[])
+}
+
+/// [`start_server`] with extra flags.
+fn start_server_with(dir: &Path, extra: &[&str]) -> (Proc, String) {
     let mut child = qgjob_cmd(None, dir)
         .args([
             "server",
@@ -71,6 +76,7 @@ fn start_server(dir: &Path) -> (Proc, String) {
             "--data-dir",
         ])
         .arg(dir.join("data"))
+        .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -508,6 +514,20 @@ fn glob_submits_a_run_and_json_shapes_are_stable() {
     );
     assert_eq!(code(&o), 0, "{}", stderr(&o));
 
+    // Watching a finished run without a terminal: one plain line per job, then the run.
+    let o = run(
+        Some(&url),
+        dir.path(),
+        &["status", &format!("--run-id={run_id}"), "--watch"],
+    );
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let out = stdout(&o);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 5, "{out}");
+    assert!(lines[..4].iter().all(|l| l.ends_with(" passed")), "{out}");
+    assert_eq!(lines[4], format!("run {run_id} passed"));
+    assert!(!out.contains('\x1b'), "no colour without a terminal");
+
     // Run status and the list.
     let o = run(
         Some(&url),
@@ -805,4 +825,77 @@ fn completions_and_help() {
         .expect("read");
     assert!(child.wait().expect("wait").success());
     assert!(s.contains("--watch"));
+}
+
+#[test]
+fn tokens_scope_users_and_agents() {
+    let dir = project();
+    let tokens = dir.path().join("tokens");
+    std::fs::write(
+        &tokens,
+        "org acme acme-token-0123456789\norg other other-token-0123456789\nagent agent-token-0123456789\n",
+    )
+    .expect("write");
+    let (_server, url) = start_server_with(
+        dir.path(),
+        &["--tokens-file", tokens.to_str().expect("utf-8")],
+    );
+    let submit = |token: Option<&str>| {
+        let mut c = qgjob_cmd(Some(&url), dir.path());
+        if let Some(t) = token {
+            c.env("QGJOB_TOKEN", t);
+        }
+        c.args([
+            "submit",
+            "--org-id=acme",
+            "--app-version-id=v1",
+            "--test=tests/cart.spec.js",
+            "--json",
+        ])
+        .output()
+        .expect("runs")
+    };
+    // No token: refused, one line, input error.
+    let o = submit(None);
+    assert_eq!(code(&o), 2, "{}", stderr(&o));
+    assert_eq!(stderr(&o).lines().count(), 1);
+    // Another org's token cannot submit for acme.
+    let o = submit(Some("other-token-0123456789"));
+    assert_eq!(code(&o), 2, "{}", stderr(&o));
+    // The org's own token can; a simulated agent with the agent token runs the job.
+    let o = submit(Some("acme-token-0123456789"));
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let id = json(&o)["job_id"].as_str().expect("id").to_string();
+    let _agent = {
+        let child = qgjob_cmd(Some(&url), dir.path())
+            .args(["--token", "agent-token-0123456789"])
+            .args([
+                "agent",
+                "--target",
+                "emulator",
+                "--simulate",
+                "--devices",
+                "1",
+            ])
+            .args(["--install-s", "0.1", "--run-s", "0.1"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("agent starts");
+        Proc(child)
+    };
+    let o = qgjob_cmd(Some(&url), dir.path())
+        .env("QGJOB_TOKEN", "acme-token-0123456789")
+        .args(["wait", &format!("--job-id={id}"), "--timeout=60s"])
+        .output()
+        .expect("runs");
+    assert_eq!(code(&o), 0, "{}{}", stdout(&o), stderr(&o));
+    // The other org does not even see it.
+    let o = qgjob_cmd(Some(&url), dir.path())
+        .env("QGJOB_TOKEN", "other-token-0123456789")
+        .args(["status", &format!("--job-id={id}")])
+        .output()
+        .expect("runs");
+    assert_eq!(code(&o), 2, "{}", stderr(&o));
 }

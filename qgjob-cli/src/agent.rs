@@ -146,7 +146,7 @@ pub fn agent(client: Client, a: &AgentArgs) -> Result<u8> {
         run_ms: secs_to_ms(a.run_s, "--run-s")?,
         run_jitter: 0.2,
         fail_rate: a.fail_rate,
-        flaky_rate: 0.0,
+        flaky_rate: a.flaky_rate,
         infra_error_rate: a.infra_fail_rate,
         seed: a.seed,
         scripted: Vec::new(),

@@ -332,6 +332,9 @@ pub struct AgentArgs {
     /// Fraction of simulated jobs whose test fails (0..1).
     #[arg(long, default_value_t = 0.0, value_parser = fraction, requires = "simulate")]
     pub fail_rate: f64,
+    /// Fraction of simulated jobs that fail a test once and pass on its retry (flaky).
+    #[arg(long, default_value_t = 0.0, value_parser = fraction, requires = "simulate")]
+    pub flaky_rate: f64,
     /// Fraction of simulated attempts that hit an infrastructure error (0..1).
     #[arg(long, default_value_t = 0.0, value_parser = fraction, requires = "simulate")]
     pub infra_fail_rate: f64,
