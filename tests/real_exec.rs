@@ -228,6 +228,8 @@ fn fake_adb(dir: &Path) -> (PathBuf, PathBuf) {
 echo "$*" >> '{log}'
 case "$*" in
   devices) printf 'List of devices attached\nemulator-5554\tdevice\nR58M1234\tdevice\n' ;;
+  *"getprop ro.product.model"*) echo 'Pixel 8' ;;
+  *"getprop ro.build.version.release"*) echo 14 ;;
   *get-state*)
     if [ -e '{dir}/unplugged' ]; then echo "error: device not found" >&2; exit 1; fi
     echo device ;;
@@ -496,7 +498,14 @@ async fn a_device_installs_each_build_once() {
     // No --serial: the devices come from `adb devices` (emulator-* for the emulator pool).
     let built = devices(&lab, Target::Emulator, RealArgs { adb, ..lab.args() }).await;
     assert_eq!(built.devices.len(), 1, "only emulator-5554 is an emulator");
-    let run = start(built.devices);
+    // What the device registers as: its serial, and what `adb shell getprop` said.
+    let info = built.devices[0].info();
+    assert_eq!(info.id.as_str(), "lab/emulator-5554");
+    assert_eq!(info.capabilities.model.as_deref(), Some("Pixel_8"));
+    assert_eq!(info.capabilities.os_version.as_deref(), Some("14"));
+    assert_eq!(info.installed, None);
+    let device = Arc::clone(&built.devices[0]);
+    let run = start(built.devices.clone());
     let ids: Vec<JobId> = (0..4)
         .map(|_| run.submit(spec(Target::Emulator, "v1", "tests/pass.spec.js", &bundle)))
         .collect();
@@ -537,6 +546,11 @@ async fn a_device_installs_each_build_once() {
     let v2 = run.submit(spec(Target::Emulator, "v2", "tests/pass.spec.js", &bundle));
     let jobs = run.finish(&[v2]).await;
     run.stop().await;
+    assert_eq!(
+        device.info().installed,
+        Some(build("v2")),
+        "the device reports what it holds"
+    );
     assert_eq!(jobs[0].state, JobState::Passed);
     assert_eq!(lab.env_of(v2)["build"], "apk-v2");
     assert_eq!(installs_in(&adb_log).len(), 2, "two builds: two installs");

@@ -118,6 +118,8 @@ pub struct AdbDevice {
     /// What the last `install` call did, for the log of the next job (an install happens
     /// before any job of the lease runs, so it has no job log of its own).
     install_note: Mutex<Option<String>>,
+    /// Model and Android version, as `getprop` reported them (jobs may require them).
+    props: (Option<String>, Option<String>),
 }
 
 impl AdbDevice {
@@ -162,7 +164,39 @@ impl AdbDevice {
             install_timeout: Duration::from_secs(600),
             stats,
             install_note: Mutex::new(None),
+            props: (None, None),
         })
+    }
+
+    /// Asks the device for its model and Android version (`adb shell getprop`), so jobs
+    /// that require them can match. A device that does not answer keeps them unset.
+    pub async fn probe(mut self) -> Self {
+        let get = |prop: &'static str| {
+            let dev = &self;
+            async move {
+                match dev
+                    .adb(&["shell", "getprop", prop], Duration::from_secs(10))
+                    .await
+                {
+                    Ok((true, out)) => {
+                        let v = out.trim();
+                        // Ids allow `[A-Za-z0-9._:@/-]` only: "Pixel 8" becomes "Pixel_8".
+                        let v: String = v
+                            .chars()
+                            .map(|c| if c == ' ' { '_' } else { c })
+                            .filter(|c| c.is_ascii_alphanumeric() || "._:@/-".contains(*c))
+                            .take(64)
+                            .collect();
+                        (!v.is_empty()).then_some(v)
+                    }
+                    _ => None,
+                }
+            }
+        };
+        let model = get("ro.product.model").await;
+        let version = get("ro.build.version.release").await;
+        self.props = (model, version);
+        self
     }
 
     /// The device's serial.
@@ -292,8 +326,8 @@ impl Device for AdbDevice {
             target: self.target.clone(),
             capabilities: Capabilities {
                 platform: Some(Platform::Android),
-                model: None,
-                os_version: None,
+                model: self.props.0.clone(),
+                os_version: self.props.1.clone(),
             },
             installed: self.installed().map(|i| i.build),
             install_estimate_ms: (ms > 0).then_some(ms),

@@ -247,14 +247,15 @@ pub async fn build_devices(
                 return Err(RealError::NoDevices(target.clone()));
             }
             for s in serials {
-                devices.push(Arc::new(adb::AdbDevice::new(
+                let dev = adb::AdbDevice::new(
                     agent_name,
                     &s,
                     target.clone(),
                     args.adb.clone(),
                     Arc::clone(&runner),
                     Arc::clone(&installs),
-                )?));
+                )?;
+                devices.push(Arc::new(dev.probe().await));
             }
         }
         Target::Browserstack => {
