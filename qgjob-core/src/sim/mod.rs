@@ -42,7 +42,10 @@
 //!   `p50`/`p95` are nearest-rank percentiles (the value at rank ⌈p·n⌉ of the sorted
 //!   samples), `max` the largest; all 0 without samples. `wait_s_by_priority` splits the
 //!   samples by the job's priority (keys are the priority as a string).
-//! * `lower_bound_s`: see [`lower_bound`]; the workload's is the largest of its pools'.
+//! * `lower_bound_s`: see [`lower_bound`]; the workload's is the largest of its pools'. Its
+//!   per-job term waits for the first install of the job's build, not for an install after
+//!   the job's own submit: a late job of a build already installed somewhere can start at
+//!   once, so `submit + install + work` would overstate the bound.
 //! * `finished`: jobs in a final state; less than `jobs` only when the policy left work
 //!   undone with every device idle (a stall), which the tests treat as a bug.
 
