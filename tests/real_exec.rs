@@ -501,7 +501,7 @@ async fn a_device_installs_each_build_once() {
     // What the device registers as: its serial, and what `adb shell getprop` said.
     let info = built.devices[0].info();
     assert_eq!(info.id.as_str(), "lab/emulator-5554");
-    assert_eq!(info.capabilities.model.as_deref(), Some("Pixel_8"));
+    assert_eq!(info.capabilities.model.as_deref(), Some("Pixel 8"));
     assert_eq!(info.capabilities.os_version.as_deref(), Some("14"));
     assert_eq!(info.installed, None);
     let device = Arc::clone(&built.devices[0]);

@@ -179,12 +179,12 @@ impl AdbDevice {
                     .await
                 {
                     Ok((true, out)) => {
-                        let v = out.trim();
-                        // Ids allow `[A-Za-z0-9._:@/-]` only: "Pixel 8" becomes "Pixel_8".
-                        let v: String = v
+                        // As reported ("Pixel 8"), so it equals what submitters require;
+                        // control characters dropped and the length capped.
+                        let v: String = out
+                            .trim()
                             .chars()
-                            .map(|c| if c == ' ' { '_' } else { c })
-                            .filter(|c| c.is_ascii_alphanumeric() || "._:@/-".contains(*c))
+                            .filter(|c| !c.is_control())
                             .take(64)
                             .collect();
                         (!v.is_empty()).then_some(v)
