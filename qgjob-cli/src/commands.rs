@@ -135,6 +135,14 @@ pub fn submit(client: &Client, a: &SubmitArgs) -> Result<u8> {
         }
     };
     if !a.wait {
+        // A hint for people, never for scripts (stderr, and only on a terminal).
+        if !a.json && crate::util::stderr_is_tty() {
+            match (&which.job_id, &which.run_id) {
+                (Some(j), _) => eprintln!("follow it: qgjob status --job-id={j} --watch"),
+                (_, Some(r)) => eprintln!("follow it: qgjob status --run-id={r} --watch"),
+                _ => {}
+            }
+        }
         return Ok(EXIT_OK);
     }
     wait(
@@ -330,6 +338,22 @@ pub fn status(client: &Client, a: &StatusArgs) -> Result<u8> {
         }
         if let Some(ms) = report::job_duration_ms(&j) {
             out!("duration  {}", fmt_ms(ms));
+        }
+        if let Some(o) = &j.outcome {
+            let c = o.counts;
+            if c.passed + c.failed + c.skipped > 0 {
+                out!(
+                    "results   {} passed, {} failed, {} skipped{}",
+                    c.passed,
+                    c.failed,
+                    c.skipped,
+                    if c.flaky > 0 {
+                        format!(" ({} flaky)", c.flaky)
+                    } else {
+                        String::new()
+                    }
+                );
+            }
         }
         if let Some(r) = j.spec.run_id {
             out!("run       {r}");

@@ -389,7 +389,7 @@ pub fn demo(a: &DemoArgs) -> Result<u8> {
             "installs": figs.installs,
             "min_installs": figs.min_installs,
         });
-        println!("{v}");
+        let _ = writeln!(std::io::stdout().lock(), "{v}");
     } else {
         let mut o = std::io::stdout().lock();
         let _ = o.write_all(report::summary_table(&jobs, use_color()).as_bytes());
