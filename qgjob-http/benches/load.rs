@@ -4,13 +4,13 @@
 //!
 //! Run: `cargo bench -p qgjob-http --bench load` (add `-- --quick` for small counts,
 //! `-- --no-rss` to skip the 10^6-job memory figure). The server runs in-process on
-//! 127.0.0.1:0 with its own 2-thread runtime; clients are blocking ureq agents, one
-//! connection each. Counts are fixed, so every run is bounded.
+//! 127.0.0.1:0 with its own 2-thread runtime. Throughput clients are async keep-alive
+//! connections on one thread (see `RawConn`); latency probes use the blocking test client.
+//! Counts are fixed, so every run is bounded.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use common::{Client, TestServer};
@@ -31,59 +31,120 @@ fn spec(i: usize, c: usize) -> Value {
            "tests": [format!("tests/c{c}/t{i}.spec.js")]})
 }
 
-/// Single submissions from `clients` threads, `per` each; returns submissions/s.
-fn submissions(base: &str, clients: usize, per: usize) -> f64 {
-    let barrier = Arc::new(Barrier::new(clients + 1));
-    let threads: Vec<_> = (0..clients)
-        .map(|c| {
-            let (base, barrier) = (base.to_string(), barrier.clone());
-            std::thread::spawn(move || {
-                let cl = Client::new(&base, None);
-                // Warm the connection before the clock starts.
-                cl.get("/healthz");
-                barrier.wait();
-                for i in 0..per {
-                    let (st, v) = cl.post("/v1/jobs", &spec(i, c));
-                    assert_eq!(st, 201, "{v}");
+/// A minimal HTTP/1.1 keep-alive client on one TCP connection, async, so 32 clients cost
+/// 32 tasks on one thread rather than 32 OS threads competing with the server for the
+/// machine's 2 cores (a load generator like wrk, not a general client).
+struct RawConn {
+    r: tokio::io::BufReader<tokio::net::tcp::OwnedReadHalf>,
+    w: tokio::net::tcp::OwnedWriteHalf,
+}
+
+impl RawConn {
+    async fn connect(base: &str) -> RawConn {
+        let addr = base.trim_start_matches("http://");
+        let s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.set_nodelay(true).unwrap();
+        let (r, w) = s.into_split();
+        RawConn {
+            r: tokio::io::BufReader::new(r),
+            w,
+        }
+    }
+
+    async fn post(&mut self, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
+        use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nhost: bench\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        );
+        let mut req = head.into_bytes();
+        req.extend_from_slice(body);
+        self.w.write_all(&req).await.unwrap();
+        let mut line = String::new();
+        self.r.read_line(&mut line).await.unwrap();
+        let status: u16 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+        let mut len = 0usize;
+        loop {
+            line.clear();
+            self.r.read_line(&mut line).await.unwrap();
+            let l = line.trim_end();
+            if l.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = l.split_once(':') {
+                if k.eq_ignore_ascii_case("content-length") {
+                    len = v.trim().parse().unwrap();
                 }
+            }
+        }
+        let mut buf = vec![0u8; len];
+        self.r.read_exact(&mut buf).await.unwrap();
+        (status, buf)
+    }
+}
+
+/// Runs `clients` connections each sending its `bodies` to `path` in order; returns the
+/// wall time from the first request to the last answer. Every answer must be 201.
+fn drive(base: &str, path: &str, bodies: Vec<Vec<Vec<u8>>>) -> Duration {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut conns = Vec::new();
+        for _ in 0..bodies.len() {
+            conns.push(RawConn::connect(base).await);
+        }
+        let t0 = Instant::now();
+        let tasks: Vec<_> = conns
+            .into_iter()
+            .zip(bodies)
+            .map(|(mut c, bs)| {
+                let path = path.to_string();
+                tokio::spawn(async move {
+                    for b in bs {
+                        let (st, v) = c.post(&path, &b).await;
+                        assert_eq!(st, 201, "{}", String::from_utf8_lossy(&v));
+                    }
+                })
             })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        t0.elapsed()
+    })
+}
+
+/// Single submissions over `clients` keep-alive connections, `per` each; returns
+/// submissions/s.
+fn submissions(base: &str, clients: usize, per: usize) -> f64 {
+    let bodies: Vec<Vec<Vec<u8>>> = (0..clients)
+        .map(|c| {
+            (0..per)
+                .map(|i| spec(i, c).to_string().into_bytes())
+                .collect()
         })
         .collect();
-    barrier.wait();
-    let t0 = Instant::now();
-    for t in threads {
-        t.join().unwrap();
-    }
-    (clients * per) as f64 / t0.elapsed().as_secs_f64()
+    let t = drive(base, "/v1/jobs", bodies);
+    (clients * per) as f64 / t.as_secs_f64()
 }
 
 /// Batch submissions (`POST /v1/runs`) of `batch` jobs, `runs` per client; returns jobs/s.
 fn batches(base: &str, clients: usize, runs: usize, batch: usize) -> f64 {
-    let barrier = Arc::new(Barrier::new(clients + 1));
-    let threads: Vec<_> = (0..clients)
+    let bodies: Vec<Vec<Vec<u8>>> = (0..clients)
         .map(|c| {
-            let (base, barrier) = (base.to_string(), barrier.clone());
-            std::thread::spawn(move || {
-                let cl = Client::new(&base, None);
-                let bodies: Vec<Value> = (0..runs)
-                    .map(|r| {
-                        json!({"jobs": (0..batch).map(|i| spec(r * batch + i, c)).collect::<Vec<_>>()})
-                    })
-                    .collect();
-                barrier.wait();
-                for b in &bodies {
-                    let (st, v) = cl.post("/v1/runs", b);
-                    assert_eq!(st, 201, "{v}");
-                }
-            })
+            (0..runs)
+                .map(|r| {
+                    json!({"jobs": (0..batch).map(|i| spec(r * batch + i, c)).collect::<Vec<_>>()})
+                        .to_string()
+                        .into_bytes()
+                })
+                .collect()
         })
         .collect();
-    barrier.wait();
-    let t0 = Instant::now();
-    for t in threads {
-        t.join().unwrap();
-    }
-    (clients * runs * batch) as f64 / t0.elapsed().as_secs_f64()
+    let t = drive(base, "/v1/runs", bodies);
+    (clients * runs * batch) as f64 / t.as_secs_f64()
 }
 
 fn pct(sorted: &[f64], p: f64) -> f64 {
@@ -160,8 +221,9 @@ fn status_queries(base: &str, samples: usize) -> Vec<f64> {
     lat
 }
 
-fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
+/// Resident memory of process `pid` in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
             s.lines()
@@ -172,22 +234,65 @@ fn rss_kib() -> u64 {
         .unwrap_or(0)
 }
 
+/// Runs this bench binary again as a server-only child (so its RSS is the server's alone)
+/// and returns it with its base URL.
+fn child_server(dir: &std::path::Path) -> (std::process::Child, String) {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .arg(format!("--child-server={}", dir.display()))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let base = line
+        .trim()
+        .strip_prefix("qgjob server listening on ")
+        .unwrap()
+        .to_string();
+    (child, base)
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    if let Some(dir) = args.iter().find_map(|a| a.strip_prefix("--child-server=")) {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let o = ServerOptions {
+            addr: "127.0.0.1:0".parse().unwrap(),
+            ..opts(std::path::Path::new(dir), Synchronous::Normal)
+        };
+        rt.block_on(qgjob_http::run_server(o)).unwrap();
+        return;
+    }
     let quick = args.iter().any(|a| a == "--quick");
     let rss = !args.iter().any(|a| a == "--no-rss");
     let scale = if quick { 10 } else { 1 };
+    // `--only=submit|batch|dispatch|rss` runs one part (for profiling).
+    let only = args
+        .iter()
+        .find_map(|a| a.strip_prefix("--only="))
+        .map(str::to_string);
+    let part = |p: &str| only.as_deref().is_none_or(|o| o == p);
     let mut out = serde_json::Map::new();
 
     for (name, sync) in [("normal", Synchronous::Normal), ("full", Synchronous::Full)] {
         let dir = tempfile::tempdir().unwrap();
         let s = TestServer::start(opts(dir.path(), sync));
-        let one = submissions(&s.base, 1, 3000 / scale);
-        let many = submissions(&s.base, 32, 20_000 / 32 / scale);
-        println!("submit/s [{name}]: 1 client {one:.0}, 32 clients {many:.0}");
-        out.insert(format!("submit_per_s_1_{name}"), json!(one.round()));
-        out.insert(format!("submit_per_s_32_{name}"), json!(many.round()));
-        if sync == Synchronous::Normal {
+        if part("submit") {
+            let one = submissions(&s.base, 1, 3000 / scale);
+            let many = submissions(&s.base, 32, 20_000 / 32 / scale);
+            println!("submit/s [{name}]: 1 client {one:.0}, 32 clients {many:.0}");
+            out.insert(format!("submit_per_s_1_{name}"), json!(one.round()));
+            out.insert(format!("submit_per_s_32_{name}"), json!(many.round()));
+        }
+        if sync == Synchronous::Normal && part("batch") {
             let b = batches(&s.base, 2, 50 / scale, 1000);
             println!("batch jobs/s [{name}]: {b:.0} (runs of 1000, 2 clients)");
             out.insert("batch_jobs_per_s".into(), json!(b.round()));
@@ -195,7 +300,7 @@ fn main() {
         s.stop().unwrap();
     }
 
-    {
+    if part("dispatch") {
         let dir = tempfile::tempdir().unwrap();
         let s = TestServer::start(opts(dir.path(), Synchronous::Normal));
         let d = dispatch(&s.base, 500 / scale);
@@ -218,16 +323,32 @@ fn main() {
         s.stop().unwrap();
     }
 
-    if rss {
+    if rss && part("rss") {
         let n_jobs: usize = if quick { 100_000 } else { 1_000_000 };
         let dir = tempfile::tempdir().unwrap();
-        let s = TestServer::start(opts(dir.path(), Synchronous::Normal));
-        let before = rss_kib();
-        let runs = n_jobs / 1000 / 2;
-        let b = batches(&s.base, 2, runs, 1000);
-        let after = rss_kib();
+        let (mut child, base) = child_server(dir.path());
+        let pid = child.id();
+        let before = rss_kib(pid);
+        // Bodies are built per request here (not all up front) to keep the client small;
+        // the server is measured alone anyway.
+        let t0 = Instant::now();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let mut c = RawConn::connect(&base).await;
+            for r in 0..n_jobs / 1000 {
+                let body =
+                    json!({"jobs": (0..1000).map(|i| spec(r * 1000 + i, 0)).collect::<Vec<_>>()});
+                let (st, v) = c.post("/v1/runs", body.to_string().as_bytes()).await;
+                assert_eq!(st, 201, "{}", String::from_utf8_lossy(&v));
+            }
+        });
+        let rate = n_jobs as f64 / t0.elapsed().as_secs_f64();
+        let after = rss_kib(pid);
         let per_job = (after.saturating_sub(before) as f64 * 1024.0) / n_jobs as f64;
-        let depth = Client::new(&s.base, None).get("/metrics").1;
+        let depth = Client::new(&base, None).get("/metrics").1;
         let queued = depth
             .as_str()
             .and_then(|m| {
@@ -238,11 +359,38 @@ fn main() {
             })
             .unwrap_or_default();
         println!(
-            "RSS: {before} KiB before, {after} KiB with {queued} queued jobs: {per_job:.0} bytes/job (batch {b:.0} jobs/s)"
+            "server RSS: {before} KiB idle, {after} KiB with {queued} queued jobs: {per_job:.0} bytes/job (1 client, runs of 1000: {rate:.0} jobs/s)"
         );
         out.insert("rss_bytes_per_queued_job".into(), json!(per_job.round()));
         out.insert("queued_jobs".into(), json!(queued));
-        s.stop().unwrap();
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    if part("core-rss") {
+        // The same jobs in a bare GroupedScheduler (no server): how much of the per-job
+        // memory is the scheduler's own.
+        use qgjob_core::Scheduler;
+        let n_jobs: usize = if quick { 100_000 } else { 1_000_000 };
+        let me = std::process::id();
+        let before = rss_kib(me);
+        let mut sched = qgjob_core::GroupedScheduler::new(qgjob_core::SchedulerConfig::default());
+        for r in 0..n_jobs / 1000 {
+            let specs: Vec<qgjob_core::JobSpec> = (0..1000)
+                .map(|i| serde_json::from_value(spec(r * 1000 + i, 0)).unwrap())
+                .collect();
+            sched
+                .submit_many(qgjob_core::Time(r as u64), specs)
+                .unwrap();
+            sched.take_events();
+        }
+        let after = rss_kib(me);
+        let per_job = (after.saturating_sub(before) as f64 * 1024.0) / n_jobs as f64;
+        println!(
+            "bare scheduler RSS: {per_job:.0} bytes/job ({} jobs; size_of::<Job>() = {})",
+            sched.len(),
+            std::mem::size_of::<qgjob_core::Job>()
+        );
+        out.insert("core_rss_bytes_per_job".into(), json!(per_job.round()));
     }
     println!("{}", Value::Object(out));
 }

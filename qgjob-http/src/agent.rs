@@ -120,6 +120,7 @@ pub async fn lease(
             })
             .await?;
         if let Some(l) = got {
+            app.remember_lease(&l);
             app.metrics.leases.fetch_add(1, Ordering::Relaxed);
             if l.install {
                 app.metrics.installs.fetch_add(1, Ordering::Relaxed);
@@ -229,9 +230,9 @@ pub async fn upload_logs(
             ApiError::bad_request(e.body_text())
         }
     })?;
-    // Only the job's current lease may write its log; a late writer is fenced off.
-    let current = app.lock().get(job).and_then(|j| j.lease);
-    if current != Some(lease) {
+    // Only the job's current (or just-ended) lease may write its log; an older attempt's
+    // late writer is fenced off.
+    if !app.may_log(lease, job) {
         return Err(count_stale(
             &app,
             ApiError::conflict(

@@ -194,6 +194,10 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
             format!("body is not valid JSON: {inner}"),
         )
     };
+    // Fast path without path tracking; only a failing body is parsed again to name the field.
+    if let Ok(v) = serde_json::from_slice::<T>(bytes) {
+        return Ok(v);
+    }
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let value: T = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         use serde_json::error::Category;

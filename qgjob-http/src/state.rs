@@ -11,11 +11,14 @@
 //!   that expires leases, times jobs out and releases retries. It also makes the scheduler
 //!   forget jobs finished longer ago than the retention window (the store keeps them).
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use qgjob_core::{GroupedScheduler, Job, JobEvent, JobId, JobState, Scheduler, Time};
+use qgjob_core::{
+    GroupedScheduler, Job, JobEvent, JobId, JobState, Lease, LeaseId, Scheduler, Time,
+};
 use tokio::sync::{broadcast, mpsc, oneshot, watch, Notify};
 
 use crate::auth::Auth;
@@ -23,6 +26,9 @@ use crate::blobs::Blobs;
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::store::{RunRecord, Store, WriteBatch};
+
+/// How long after a lease ends its agent may still append log lines.
+pub const LOG_GRACE_MS: u64 = 120_000;
 
 /// The shared state handlers get.
 pub type AppState = Arc<App>;
@@ -71,6 +77,9 @@ pub struct App {
     pub limits: Limits,
     writer: mpsc::UnboundedSender<WriteReq>,
     last_now: AtomicU64,
+    /// Leases granted lately: which jobs each held and until when (ms) it is remembered.
+    /// Lets an agent's last log lines arrive just after it reported the job.
+    recent_leases: Mutex<HashMap<LeaseId, (Vec<JobId>, u64)>>,
 }
 
 /// Handles to the background tasks, to stop them in order on shutdown.
@@ -113,6 +122,7 @@ impl App {
             limits,
             writer: tx,
             last_now: AtomicU64::new(wall_ms()),
+            recent_leases: Mutex::new(HashMap::new()),
         });
         let writer = tokio::spawn(writer_task(rx, store, events, metrics));
         let timer = tokio::spawn(timer_task(Arc::downgrade(&app), app.shutdown.clone()));
@@ -197,6 +207,51 @@ impl App {
             return Ok(Some(j));
         }
         Ok(self.store.get_job(id).await?)
+    }
+
+    /// Remembers a granted lease for [`App::may_log`], until its jobs' timeouts plus a grace
+    /// period have passed.
+    pub fn remember_lease(&self, lease: &Lease) {
+        let longest = lease
+            .jobs
+            .iter()
+            .map(|j| j.spec.timeout_ms)
+            .max()
+            .unwrap_or(0);
+        let until = wall_ms()
+            .saturating_add(longest)
+            .saturating_add(LOG_GRACE_MS)
+            .max(lease.deadline.0.saturating_add(LOG_GRACE_MS));
+        let jobs = lease.jobs.iter().map(|j| j.id).collect();
+        self.recent_leases
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(lease.id, (jobs, until));
+    }
+
+    /// Whether `lease` may append to `job`'s log: it holds the job now, or it held it lately
+    /// and no newer attempt holds it (log lines may trail the report that ended the job).
+    pub fn may_log(&self, lease: LeaseId, job: JobId) -> bool {
+        let current = match self.lock().get(job) {
+            Some(j) => j.lease,
+            None => return false,
+        };
+        match current {
+            Some(l) => l == lease,
+            None => self
+                .recent_leases
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&lease)
+                .is_some_and(|(jobs, _)| jobs.contains(&job)),
+        }
+    }
+
+    fn prune_leases(&self, now: u64) {
+        self.recent_leases
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|_, (_, until)| *until > now);
     }
 
     /// Replaces jobs read from the store by the scheduler's fresher copies.
@@ -306,6 +361,7 @@ async fn timer_task(app: std::sync::Weak<App>, mut shutdown: watch::Receiver<boo
         if now.saturating_sub(last_forget) > 10_000 {
             last_forget = now;
             let before = Time(now.saturating_sub(a.limits.retention_ms));
+            a.prune_leases(now);
             let n = a.lock().forget_finished(before);
             if n > 0 {
                 tracing::debug!(jobs = n, "forgot finished jobs (the store keeps them)");

@@ -71,6 +71,17 @@ fn submit_lease_heartbeat_complete() {
     let j = job_state(&c, &id);
     assert_eq!(j["state"], "passed");
     assert_eq!(j["attempt"], 1);
+    // Log lines may trail the report; a lease that never held the job may not write.
+    let (st, _) = c.post_raw(&format!("/v1/agent/leases/{lid}/jobs/{id}/logs"), b"done\n");
+    assert_eq!(st, 204);
+    let (st, v) = c.post_raw(
+        &format!("/v1/agent/leases/{}/jobs/{id}/logs", lid + 1),
+        b"x",
+    );
+    assert_eq!(
+        (st, v["error"]["code"].clone()),
+        (409, json!("stale_lease"))
+    );
     let (st, r) = c.get(&format!("/v1/jobs/{id}/results"));
     assert_eq!(st, 200);
     assert_eq!(r["state"], "passed");
@@ -79,10 +90,10 @@ fn submit_lease_heartbeat_complete() {
 
     let (st, h, body) = c.get_raw(&format!("/v1/jobs/{id}/logs"));
     assert_eq!(st, 200);
-    assert_eq!(body, b"installing\nrunning 1 test\n");
-    assert_eq!(h.get("x-qgjob-log-size").unwrap(), "26");
+    assert_eq!(body, b"installing\nrunning 1 test\ndone\n");
+    assert_eq!(h.get("x-qgjob-log-size").unwrap(), "31");
     let (_, _, tail) = c.get_raw(&format!("/v1/jobs/{id}/logs?offset=11"));
-    assert_eq!(tail, b"running 1 test\n");
+    assert_eq!(tail, b"running 1 test\ndone\n");
 
     // After the job ended the device is free again and there is no more work.
     let (st, _) = lease(&c, "emu-1", 0);

@@ -93,7 +93,11 @@ impl SqliteStore {
                 Synchronous::Normal => SqliteSynchronous::Normal,
                 Synchronous::Full => SqliteSynchronous::Full,
             })
-            .busy_timeout(Duration::from_secs(10));
+            .busy_timeout(Duration::from_secs(10))
+            // Checkpoint less often during bursts of submissions (the WAL may reach ~32 MiB),
+            // and keep the hot index pages cached.
+            .pragma("wal_autocheckpoint", "8192")
+            .pragma("cache_size", "-8192");
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
             .connect_with(opts)
