@@ -123,6 +123,7 @@ struct Tally {
     pass: u64,
     broken: BTreeMap<&'static str, u64>,
     mk_over_lb: [f64; 3],
+    p95_top: [f64; 3],
     inst_over_min: [f64; 3],
     worst_grouped_mk_over_lb: f64,
 }
@@ -181,6 +182,7 @@ fn main() -> ExitCode {
                 for (k, f) in figs.iter().enumerate() {
                     tally.mk_over_lb[k] += f.mk_over_lb;
                     tally.inst_over_min[k] += f.inst_over_min;
+                    tally.p95_top[k] += f.p95_top;
                 }
                 tally.worst_grouped_mk_over_lb =
                     tally.worst_grouped_mk_over_lb.max(figs[0].mk_over_lb);
@@ -219,12 +221,13 @@ fn main() -> ExitCode {
         args.seeds
     );
     println!(
-        "  {:<18} {:>5} {:>5} | {:^26} | {:^26} | {:>7} | broken rules",
+        "  {:<18} {:>5} {:>5} | {:^26} | {:^26} | {:^26} | {:>7} | broken rules",
         "shape",
         "rows",
         "pass",
         "mk/lb grp / fifo / pergrp",
         "inst/min grp / fifo / pergrp",
+        "p95top s grp / fifo / pergrp",
         "worst"
     );
     let (mut rows, mut pass) = (0, 0);
@@ -234,7 +237,7 @@ fn main() -> ExitCode {
         let n = t.rows.max(1) as f64;
         let broken: Vec<String> = t.broken.iter().map(|(k, v)| format!("{k}: {v}")).collect();
         println!(
-            "  {:<18} {:>5} {:>5} | {:>7.3} {:>8.3} {:>8.3} | {:>7.2} {:>8.2} {:>8.2} | {:>7.3} | {}",
+            "  {:<18} {:>5} {:>5} | {:>7.3} {:>8.3} {:>8.3} | {:>7.2} {:>8.2} {:>8.2} | {:>7.0} {:>8.0} {:>8.0} | {:>7.3} | {}",
             shape.as_str(),
             t.rows,
             t.pass,
@@ -244,6 +247,9 @@ fn main() -> ExitCode {
             t.inst_over_min[0] / n,
             t.inst_over_min[1] / n,
             t.inst_over_min[2] / n,
+            t.p95_top[0] / n,
+            t.p95_top[1] / n,
+            t.p95_top[2] / n,
             t.worst_grouped_mk_over_lb,
             broken.join(", ")
         );
