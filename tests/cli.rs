@@ -899,3 +899,94 @@ fn tokens_scope_users_and_agents() {
         .expect("runs");
     assert_eq!(code(&o), 2, "{}", stderr(&o));
 }
+
+#[test]
+fn up_serves_the_readme_flow_and_stops_on_sigterm() {
+    let dir = project();
+    let mut child = qgjob_cmd(None, dir.path())
+        .args(["up", "--addr", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path().join("data"))
+        .args(["--install-s", "0.2", "--run-s", "0.2"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("up starts");
+    let out = child.stdout.take().expect("stdout");
+    let mut up = Proc(child);
+    let lines = read_lines_until(out, |l| l.starts_with("ctrl-c"));
+    let url = lines
+        .iter()
+        .find_map(|l| l.trim().strip_prefix("export QGJOB_SERVER="))
+        .unwrap_or_else(|| panic!("no address in {lines:?}"))
+        .to_string();
+    // The ready-to-paste submit line works as printed.
+    let paste = lines
+        .iter()
+        .find(|l| l.trim().starts_with("qgjob submit "))
+        .expect("a submit line")
+        .trim()
+        .to_string();
+    let args: Vec<&str> = paste.split_whitespace().skip(1).collect();
+    let o = run(Some(&url), dir.path(), &args);
+    assert_eq!(code(&o), 0, "{paste}: {}{}", stdout(&o), stderr(&o));
+    assert!(stdout(&o).contains("passed"), "{}", stdout(&o));
+
+    // SIGTERM: agents finish, the server stops, the process exits 0 (bounded wait).
+    let pid = up.0.id().to_string();
+    let killed = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill runs");
+    assert!(killed.success());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = up.0.try_wait().expect("try_wait") {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "qgjob up did not stop after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status:?}");
+}
+
+#[test]
+fn demo_human_output_ends_with_the_figures_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let o = run(None, dir.path(), &["demo"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.starts_with("TEST "), "{out}");
+    // makespan X s (lower bound Y s, ratio R); installs N (minimum M)
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("makespan "))
+        .unwrap_or_else(|| panic!("no figures line in {out}"));
+    let nums: Vec<f64> = line
+        .split(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .filter(|s| !s.is_empty() && *s != ".")
+        .map(|s| s.parse().expect("number"))
+        .collect();
+    assert_eq!(nums.len(), 5, "{line}");
+    let (makespan, bound, ratio, installs, min) = (nums[0], nums[1], nums[2], nums[3], nums[4]);
+    assert!(makespan >= bound, "{line}");
+    // The printed figures are rounded (0.1 s, 0.01): allow for that.
+    assert!((ratio - makespan / bound).abs() < 0.05, "{line}");
+    assert!(installs >= min, "{line}");
+    // Without a terminal the progress is plain lines on stderr, one per finished job.
+    let progress = stderr(&o).lines().filter(|l| l.starts_with('[')).count();
+    assert_eq!(progress as f64, nums_jobs(&out), "{}", stderr(&o));
+}
+
+/// The job count from the table's totals line (`N jobs: …`).
+fn nums_jobs(table: &str) -> f64 {
+    table
+        .lines()
+        .find(|l| l.contains(" jobs: "))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .expect("a totals line")
+}
