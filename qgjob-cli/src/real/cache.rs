@@ -61,6 +61,15 @@ pub enum ArtifactError {
     /// A local file operation failed.
     #[error("artifact cache: {0}")]
     Io(#[from] std::io::Error),
+    /// Another live agent process uses the same cache dir (it would remove this one's work
+    /// dirs at start, and both would fetch the same files).
+    #[error("cache dir {dir} is in use by process {pid}; give each agent its own --cache-dir")]
+    InUse {
+        /// The cache dir.
+        dir: PathBuf,
+        /// The other agent's process id.
+        pid: i32,
+    },
 }
 
 /// Where builds and bundles come from. The agent's implementation talks to the server
@@ -159,6 +168,29 @@ impl Drop for Pinned {
     }
 }
 
+/// Records this process as the cache dir's user, refusing a dir another live process
+/// holds. (A pid file rather than a file lock: simple, and a stale one from a crashed agent
+/// is taken over because its pid is gone.)
+fn claim(dir: &Path) -> Result<(), ArtifactError> {
+    let lock = dir.join("agent.pid");
+    let me = std::process::id() as i32;
+    if let Ok(text) = std::fs::read_to_string(&lock) {
+        if let Ok(pid) = text.trim().parse::<i32>() {
+            let alive = pid > 0
+                && pid != me
+                && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok();
+            if alive {
+                return Err(ArtifactError::InUse {
+                    dir: dir.to_path_buf(),
+                    pid,
+                });
+            }
+        }
+    }
+    std::fs::write(&lock, me.to_string())?;
+    Ok(())
+}
+
 fn check_sha(sha: &str) -> Result<(), ArtifactError> {
     if sha.len() == 64 && sha.bytes().all(|b| b.is_ascii_hexdigit()) {
         Ok(())
@@ -220,6 +252,7 @@ impl ArtifactCache {
         for sub in ["builds", "bundles", "tmp", "work"] {
             std::fs::create_dir_all(dir.join(sub))?;
         }
+        claim(&dir)?;
         // Leftovers of a crash: half-done downloads and abandoned work dirs.
         for sub in ["tmp", "work"] {
             for e in std::fs::read_dir(dir.join(sub))?.flatten() {
@@ -797,6 +830,31 @@ mod tests {
         let wp = w.path().to_path_buf();
         drop(w);
         assert!(!wp.exists(), "work dir removed");
+    }
+
+    #[test]
+    fn a_cache_dir_held_by_a_live_process_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let src: Arc<dyn ArtifactSource> = Arc::new(DirSource::new(dir.path().join("src")));
+        let cache_dir = dir.path().join("cache");
+        std::fs::create_dir_all(&cache_dir).expect("mkdir");
+        // A live process that is not this one: a child we start and stop ourselves.
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("sleep");
+        std::fs::write(cache_dir.join("agent.pid"), child.id().to_string()).expect("pid");
+        let r = ArtifactCache::open(&cache_dir, 1 << 20, src.clone(), NpmConfig::default());
+        assert!(
+            matches!(r, Err(ArtifactError::InUse { .. })),
+            "{:?}",
+            r.err()
+        );
+        let _ = child.kill();
+        let _ = child.wait();
+        // Its owner is gone: the dir is taken over.
+        let r = ArtifactCache::open(&cache_dir, 1 << 20, src, NpmConfig::default());
+        assert!(r.is_ok(), "{:?}", r.err());
     }
 
     #[tokio::test]
