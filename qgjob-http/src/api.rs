@@ -80,6 +80,7 @@ pub async fn submit_job(
             .submitted
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
+    tracing::debug!(job_id = %sub.job_id, created = sub.created, "job submitted");
     let status = if sub.created {
         StatusCode::CREATED
     } else {
@@ -159,6 +160,7 @@ pub async fn submit_run(
         .submitted
         .fetch_add(created, std::sync::atomic::Ordering::Relaxed);
     let ids: Vec<JobId> = subs.iter().map(|s| s.job_id).collect();
+    tracing::info!(run_id = %run_id, jobs = ids.len(), created, "run submitted");
     Ok((
         StatusCode::CREATED,
         Json(json!({"run_id": run_id, "job_ids": ids, "status": "queued"})),
@@ -313,6 +315,7 @@ pub async fn cancel_job(
             Ok(o)
         })
         .await?;
+    tracing::info!(job_id = %id, result = ?outcome, "job cancel");
     Ok(Json(json!({"job_id": id, "result": outcome})))
 }
 
@@ -346,6 +349,7 @@ pub async fn cancel_run(
             Ok((c, r))
         })
         .await?;
+    tracing::info!(run_id = %run.id, canceled, requested, "run cancel");
     Ok(Json(
         json!({"run_id": run.id, "canceled": canceled, "requested": requested}),
     ))

@@ -348,6 +348,9 @@ async fn timer_task(app: std::sync::Weak<App>, mut shutdown: watch::Receiver<boo
                     let before = running(s);
                     s.tick(now);
                     let gone = before.saturating_sub(running(s));
+                    if gone > 0 {
+                        tracing::info!(jobs = gone, "leases expired or jobs timed out");
+                    }
                     a.metrics.expirations.fetch_add(gone, Ordering::Relaxed);
                     Ok(())
                 })

@@ -960,3 +960,42 @@ fn graceful_shutdown_ends_long_polls_and_streams_and_keeps_acknowledged_jobs() {
     let s = TestServer::start(sqlite_opts(dir.path()));
     assert_eq!(job_state(&s.client(None), &id)["state"], "running");
 }
+
+#[test]
+fn uploads_over_the_limit_get_413_and_store_nothing() {
+    let s = TestServer::start(ServerOptions {
+        limits: qgjob_http::Limits {
+            artifact_bytes: 1000,
+            log_bytes: 10,
+            ..qgjob_http::Limits::default()
+        },
+        ..memory_opts()
+    });
+    let c = s.client(None);
+    let (st, v) = c.put_raw("/v1/apps/qualgent/big", &[7u8; 5000], &[]);
+    assert_eq!(
+        (st, v["error"]["code"].clone()),
+        (413, json!("too_large")),
+        "{v}"
+    );
+    assert_eq!(c.get("/v1/apps/qualgent/big").0, 404);
+    let digest = hex::encode(Sha256::digest([7u8; 5000]));
+    assert_eq!(c.get_raw(&format!("/v1/agent/builds/{digest}")).0, 404);
+    // Exactly at the limit is fine.
+    assert_eq!(c.put_raw("/v1/apps/qualgent/ok", &[7u8; 1000], &[]).0, 200);
+
+    // A job's log stops at its limit; what was appended stays.
+    let id = submit(&c, "qualgent", "v1", "tests/a.spec.js");
+    c.post("/v1/agent/devices", &device("emu-1"));
+    let (_, l) = lease(&c, "emu-1", 1000);
+    let lid = l["id"].as_u64().unwrap();
+    let path = format!("/v1/agent/leases/{lid}/jobs/{id}/logs");
+    assert_eq!(c.post_raw(&path, b"12345678").0, 204);
+    let (st, v) = c.post_raw(&path, b"too much");
+    assert_eq!(
+        (st, v["error"]["code"].clone()),
+        (413, json!("too_large")),
+        "{v}"
+    );
+    assert_eq!(c.get_raw(&format!("/v1/jobs/{id}/logs")).2, b"12345678");
+}
