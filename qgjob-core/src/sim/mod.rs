@@ -5,7 +5,8 @@
 //! * [`Workload`] is the JSON format v1 that `qgjob simulate` reads (pools and jobs);
 //!   [`Workload::from_json`] validates it and names what is wrong.
 //! * [`run`] simulates it under one [`PolicyKind`](crate::PolicyKind) and returns a
-//!   [`Report`], the JSON object `qgjob simulate --json` prints.
+//!   [`Report`], the JSON object `qgjob simulate --json` prints; [`run_traced`] also returns
+//!   every attempt (device, start, install, end).
 //! * [`generate`] makes seeded workloads of a few [`Shape`]s for tests, benches and the
 //!   `compare` example.
 //! * [`lower_bound`] is the makespan lower bound, public so a real run can be judged the same
@@ -56,7 +57,7 @@ mod workload;
 
 pub use bound::{lower_bound, BoundJob};
 pub use generate::{generate, Shape};
-pub use run::{run, PoolReport, Report, WaitStats};
+pub use run::{run, run_traced, AttemptRecord, AttemptResult, PoolReport, Report, WaitStats};
 pub use workload::{SimOutcome, Workload, WorkloadJob, WorkloadPool};
 
 use thiserror::Error;

@@ -112,6 +112,40 @@ impl Report {
     }
 }
 
+/// One attempt of a job as the simulation ran it (see [`run_traced`]). Times are virtual
+/// milliseconds from t = 0.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttemptRecord {
+    /// The job's position in the workload's `jobs`.
+    pub job: usize,
+    /// The attempt number (1-based).
+    pub attempt: u32,
+    /// The device that ran it.
+    pub device: DeviceId,
+    /// When the attempt became ready (the job's submit, or the failure that requeued it).
+    pub released_ms: u64,
+    /// When the device got it.
+    pub start_ms: u64,
+    /// Whether the device installed the job's build first.
+    pub install: bool,
+    /// When the attempt reported.
+    pub end_ms: u64,
+    /// How it ended.
+    pub result: AttemptResult,
+}
+
+/// How a simulated attempt ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AttemptResult {
+    /// Its tests passed.
+    Passed,
+    /// A test failed.
+    Failed,
+    /// An infrastructure error; the job was requeued.
+    InfraError,
+}
+
 /// An attempt in progress on a device.
 #[derive(Debug, Clone, Copy)]
 struct Attempt {
@@ -160,6 +194,25 @@ struct PoolTally {
 /// # Ok::<(), qgjob_core::sim::SimError>(())
 /// ```
 pub fn run(workload: &Workload, policy: PolicyKind) -> Result<Report, SimError> {
+    simulate(workload, policy, None)
+}
+
+/// [`run`], also returning every attempt in the order the devices started them: to see why
+/// a policy scored as it did (who waited, which device installed what, when).
+pub fn run_traced(
+    workload: &Workload,
+    policy: PolicyKind,
+) -> Result<(Report, Vec<AttemptRecord>), SimError> {
+    let mut trace = Vec::new();
+    let report = simulate(workload, policy, Some(&mut trace))?;
+    Ok((report, trace))
+}
+
+fn simulate(
+    workload: &Workload,
+    policy: PolicyKind,
+    mut trace: Option<&mut Vec<AttemptRecord>>,
+) -> Result<Report, SimError> {
     workload.validate()?;
     let cfg = SchedulerConfig {
         policy,
@@ -330,6 +383,22 @@ pub fn run(workload: &Workload, policy: PolicyKind) -> Result<Report, SimError> 
                 .entry(jobs[idx].priority)
                 .or_default()
                 .push(wait);
+            if let Some(t) = trace.as_deref_mut() {
+                t.push(AttemptRecord {
+                    job: idx,
+                    attempt: leased.attempt,
+                    device: dev.id.clone(),
+                    released_ms: released_ms[idx],
+                    start_ms: now,
+                    install: lease.install,
+                    end_ms: now + install + run_ms,
+                    result: match jobs[idx].outcome {
+                        _ if fails => AttemptResult::InfraError,
+                        SimOutcome::Failed => AttemptResult::Failed,
+                        _ => AttemptResult::Passed,
+                    },
+                });
+            }
             dev.running = Some(Attempt {
                 lease: lease.id,
                 job: leased.id,
