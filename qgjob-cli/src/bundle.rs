@@ -116,14 +116,33 @@ pub fn expand_tests(root: &Path, args: &[String]) -> Result<Vec<String>> {
             } else {
                 root.join(p)
             };
-            if !full.is_file() {
+            if full.is_dir() {
+                // A folder means every spec file under it, as the test runner would take it.
+                let pattern = full
+                    .join("**")
+                    .join("*.spec.*")
+                    .to_string_lossy()
+                    .into_owned();
+                let paths = glob::glob(&pattern)
+                    .map_err(|e| CliError::Usage(format!("invalid folder {arg:?}: {e}")))?;
+                for p in paths.flatten() {
+                    if p.is_file() {
+                        found.push(relative_to_root(root, &p)?);
+                    }
+                }
+                if found.is_empty() {
+                    return Err(CliError::Usage(format!("no *.spec.* file under {arg}")));
+                }
+                found.sort();
+            } else if !full.is_file() {
                 return Err(CliError::Usage(format!(
                     "test file {arg} not found (paths are relative to {}; use --no-bundle to \
                      submit paths the agents already have)",
                     root.display()
                 )));
+            } else {
+                found.push(relative_to_root(root, p)?);
             }
-            found.push(relative_to_root(root, p)?);
         }
         for f in found {
             if seen.insert(f.clone()) {
@@ -223,6 +242,11 @@ mod tests {
         assert!(expand_tests(d.path(), &["nope/*.spec.js".into()]).is_err());
         assert!(expand_tests(d.path(), &["missing.spec.js".into()]).is_err());
         assert!(expand_tests(d.path(), &["../x.spec.js".into()]).is_err());
+        // A folder stands for its spec files (helpers excluded).
+        assert_eq!(
+            expand_tests(d.path(), &["tests".into()]).unwrap(),
+            vec!["tests/auth/login.spec.js", "tests/onboarding.spec.js"]
+        );
     }
 
     #[test]

@@ -118,7 +118,8 @@ pub struct SubmitArgs {
     /// The app build's version id (jobs are grouped by it).
     #[arg(long, value_name = "V")]
     pub app_version_id: String,
-    /// A spec file or glob (repeatable), relative to the current directory.
+    /// A spec file, folder or glob (repeatable), relative to the current directory (the
+    /// project root).
     #[arg(long = "test", value_name = "PATH|GLOB", required = true)]
     pub tests: Vec<String>,
     /// Priority, -1000..1000 (higher runs sooner).

@@ -82,7 +82,7 @@ pub fn submit(client: &Client, a: &SubmitArgs) -> Result<u8> {
     let none_here = a
         .tests
         .iter()
-        .all(|t| !bundle::has_glob(t) && !root.join(t).is_file());
+        .all(|t| !bundle::has_glob(t) && !root.join(t).exists());
     if none_here && !a.no_bundle {
         eprintln!(
             "note: {} not found under {}; submitting the path{} without a test bundle",
