@@ -59,7 +59,13 @@ pub struct Cli {
 #[derive(Debug, Clone, Args)]
 pub struct Conn {
     /// Server URL (default http://127.0.0.1:7878).
-    #[arg(long, global = true, env = "QGJOB_SERVER", value_name = "URL")]
+    #[arg(
+        long,
+        global = true,
+        env = "QGJOB_SERVER",
+        value_name = "URL",
+        help_heading = "Connection"
+    )]
     pub server: Option<String>,
     /// Bearer token.
     #[arg(
@@ -67,7 +73,8 @@ pub struct Conn {
         global = true,
         env = "QGJOB_TOKEN",
         value_name = "TOKEN",
-        hide_env_values = true
+        hide_env_values = true,
+        help_heading = "Connection"
     )]
     pub token: Option<String>,
 }
