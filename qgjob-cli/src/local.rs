@@ -519,6 +519,7 @@ mod tests {
             not_before: None,
             device: None,
             lease: None,
+            last_lease: None,
             lease_deadline: None,
             installed,
             cancel_requested: false,

@@ -488,6 +488,7 @@ mod tests {
             not_before: None,
             device: Some(DeviceId::new("sim/bs-1").unwrap()),
             lease: None,
+            last_lease: None,
             lease_deadline: None,
             installed: true,
             cancel_requested: false,

@@ -43,6 +43,8 @@ struct Group {
     serving: u32,
     /// Measured run time of this group's jobs (moving average), ms.
     job_ms: Option<f64>,
+    /// When its latest job was submitted.
+    last_submit: Time,
     /// Where the group currently sits in its pool's indexes (to remove it again).
     indexed: Option<Indexed>,
 }
@@ -187,6 +189,9 @@ impl GroupedScheduler {
                 return Err(RestoreError::Duplicate(job.id));
             }
             s.next_seq = s.next_seq.max(job.seq + 1);
+            for l in [job.lease, job.last_lease].into_iter().flatten() {
+                s.next_lease = s.next_lease.max(l.0 + 1);
+            }
             if let Some(k) = &job.spec.idempotency_key {
                 s.idempotency
                     .insert((job.spec.org_id.clone(), k.clone()), job.id);
@@ -338,6 +343,7 @@ impl GroupedScheduler {
             running: 0,
             serving,
             job_ms: None,
+            last_submit: Time::ZERO,
             indexed: None,
         });
         self.build_groups
@@ -476,7 +482,8 @@ impl GroupedScheduler {
             self.idempotency
                 .insert((spec.org_id.clone(), k.clone()), id);
         }
-        self.group_of(&spec, seq);
+        let gi = self.group_of(&spec, seq);
+        self.groups[gi].last_submit = self.groups[gi].last_submit.max(now);
         let target = spec.target.clone();
         let job = Job {
             id,
@@ -491,6 +498,7 @@ impl GroupedScheduler {
             not_before: None,
             device: None,
             lease: None,
+            last_lease: None,
             lease_deadline: None,
             installed: false,
             cancel_requested: false,
@@ -794,6 +802,19 @@ impl PoolView for View<'_> {
         Some(OrgCandidate { busy, group })
     }
 
+    fn own_idle(&self) -> Option<(u32, u64)> {
+        let build = self.dev.info.installed.clone()?;
+        let gis = self
+            .s
+            .build_groups
+            .get(&(self.dev.info.target.clone(), build))?;
+        gis.iter()
+            .map(|&gi| &self.s.groups[gi])
+            .filter(|g| g.key.requires.matches(&self.dev.info.capabilities))
+            .map(|g| (g.serving, self.now.since(g.last_submit)))
+            .min_by_key(|&(_, since)| since)
+    }
+
     fn unserved_by_org(&self) -> Vec<OrgCandidate> {
         let Some(pool) = self.pool else {
             return Vec::new();
@@ -1041,6 +1062,7 @@ impl Scheduler for GroupedScheduler {
                 j.started_at = Some(now);
                 j.device = Some(device.clone());
                 j.lease = Some(id);
+                j.last_lease = Some(id);
                 j.lease_deadline = Some(deadline);
                 j.installed = install;
                 total_timeout = total_timeout.saturating_add(j.spec.timeout_ms);
@@ -1370,7 +1392,7 @@ mod tests {
         for d in &devs {
             s.register_device(Time(0), d.clone()).expect("register");
         }
-        // A big org: 5000 jobs over 50 builds.
+        // A big org: 5000 jobs over 50 builds, each build served by one device alone.
         let specs: Vec<JobSpec> = (0..5000)
             .map(|i| spec("big", &format!("v{}", i % 50), Target::Emulator))
             .collect();
@@ -1383,7 +1405,7 @@ mod tests {
             .submit(Time(60_000), spec("small", "s1", Target::Emulator))
             .expect("submit")
             .job_id;
-        // The next device to free up takes the small org's job.
+        // Every device keeps its build while the small job has waited only briefly…
         let l = leases.remove(0);
         s.complete(Time(61_000), l.id, l.jobs[0].id, pass())
             .expect("complete");
@@ -1391,6 +1413,14 @@ mod tests {
             .lease(Time(61_000), &l.device, 1)
             .expect("ok")
             .expect("work");
+        assert_ne!(next.jobs[0].id, small);
+        assert!(!next.install);
+        // …but once it has waited five minutes, the next device to free up takes it, even
+        // though every big group still has hundreds of jobs.
+        let t = 60_000 + 5 * 60_000;
+        s.complete(Time(t), next.id, next.jobs[0].id, pass())
+            .expect("complete");
+        let next = s.lease(Time(t), &l.device, 1).expect("ok").expect("work");
         assert_eq!(next.jobs[0].id, small);
         assert!(next.install);
     }

@@ -722,6 +722,10 @@ pub struct Job {
     /// The current lease while running.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lease: Option<LeaseId>,
+    /// The last lease the job was given (kept after it ends, so a restored scheduler never
+    /// hands out that id again and a late report from it stays stale).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_lease: Option<LeaseId>,
     /// The lease's deadline while running.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lease_deadline: Option<Time>,

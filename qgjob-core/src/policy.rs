@@ -4,11 +4,15 @@
 //! with a [`Choice`]. It never mutates anything, so it can be tested with a hand-made view.
 //!
 //! * [`PolicyKind::Grouped`] (the default): install-aware. A device keeps running jobs of the
-//!   build it has installed (affinity) unless a group nobody serves is waiting and either its
-//!   current group has other devices or the waiting group is clearly more urgent. A device
-//!   with nothing of its own takes an unserved group, choosing the org first (fair share:
-//!   fewest devices held, offset by the aged priority of the org's most urgent group), else
-//!   joins the served group whose backlog per device is largest, but only when that backlog
+//!   build it has installed (affinity). It leaves them only (a) for a group that outranks
+//!   its own by two base priority levels (an unserved one, or a served one with backlog that
+//!   has fewer than two devices, taken only from a group that keeps another device), (b) for
+//!   a waiting unserved group when its own group has another device, or (c) for fair share,
+//!   when its org holds three more devices than a waiting org whose job has waited five
+//!   minutes. A device with nothing of its own takes an unserved group, choosing the org
+//!   first (fewest devices held, offset by the aged priority of the org's best group); else
+//!   it keeps an idle build that still receives jobs if it is that build's only device; else
+//!   it joins the served group with the most backlog per device, but only when that backlog
 //!   exceeds an install (otherwise the extra install would not shorten the run).
 //! * [`PolicyKind::Fifo`] baseline: the most urgent job in the pool, ignoring what is installed.
 //! * [`PolicyKind::PerGroup`] baseline (the original tool's): one device per build group,
@@ -122,6 +126,9 @@ pub trait PoolView {
     fn most_urgent(&self) -> Option<GroupView>;
     /// Every ready group that some device serves.
     fn served_ready(&self) -> Vec<GroupView>;
+    /// For a device whose installed build has no ready jobs: how many devices serve that
+    /// build's group and how long ago (ms) its last job arrived.
+    fn own_idle(&self) -> Option<(u32, u64)>;
     /// Estimated install time on this pool, ms.
     fn install_ms(&self) -> u64;
     /// One priority level in urgency units (ms of aging).
@@ -170,24 +177,57 @@ pub fn choose(kind: PolicyKind, view: &impl PoolView) -> Choice {
     }
 }
 
+/// Base priority levels by which a group must outrank a device's own group to take it over
+/// at a job boundary (aging is left out here: under load every queued job has aged a lot,
+/// and preempting on age alone made devices thrash between builds).
+const PREEMPT_LEVELS: i32 = 2;
+/// An urgent group pulls devices from other groups only until it has this many.
+const PREEMPT_MAX_SERVING: u32 = 2;
+/// Fair share: a device leaves its org's group for another org's waiting group when its org
+/// holds at least this many more devices…
+const FAIR_SHARE_SLACK: u32 = 3;
+/// …and that group's oldest job has waited at least this long (ms).
+const FAIR_SHARE_WAIT_MS: u64 = 5 * 60 * 1000;
+
 fn choose_grouped(view: &impl PoolView) -> Choice {
     let (now, level) = (view.now_ms(), view.level_ms());
+    let install = view.install_ms();
     let cands = view.unserved_by_org();
     let unserved = fair_pick(&cands, now, level);
+    // A served group gains from one more device only if its backlog per device exceeds an
+    // install: then the newcomer's install ends before the others would have drained it.
+    let worth_spreading =
+        |g: &GroupView| g.ready >= 2 && g.ready_work_ms / u64::from(g.serving.max(1)) > install;
+    let served = view.served_ready();
     if let Some(own) = view.own_group() {
+        let outranks = |g: &GroupView| g.priority >= own.group.priority + PREEMPT_LEVELS;
+        // Priority: a clearly more urgent group nobody serves takes this device…
+        if let Some(u) = unserved.filter(outranks) {
+            return Choice::Group(u.idx);
+        }
+        // …and so does a clearly more urgent served group with backlog, up to a second
+        // device, taken only from a group that keeps another device.
+        if own.group.serving >= 2 {
+            if let Some(g) = served
+                .iter()
+                .filter(|g| g.idx != own.group.idx && outranks(g) && worth_spreading(g))
+                .filter(|g| g.serving < PREEMPT_MAX_SERVING)
+                .max_by(|a, b| a.priority.cmp(&b.priority).then(b.urgency.cmp(&a.urgency)))
+            {
+                return Choice::Group(g.idx);
+            }
+        }
         if let Some(u) = unserved {
-            // Leave our group for a waiting one when our group keeps another device, when the
-            // waiting group is more urgent by more than a priority level, or when our org
-            // holds clearly more devices than the waiting group's (fair share).
-            let much_more_urgent = u.urgency + (level as i64) < own.group.urgency;
             let u_busy = cands
                 .iter()
                 .find(|c| c.group.idx == u.idx)
                 .map_or(0, |c| c.busy);
-            let fair_score =
-                |busy: u32, g: &GroupView| f64::from(busy) - aged_priority(g, now, level);
-            let unfair = fair_score(u_busy, &u) < fair_score(own.busy, &own.group) - 1.0;
-            if own.group.serving >= 2 || much_more_urgent || unfair {
+            // Hand a shared group's device to a waiting group; or, for fair share, leave for
+            // an org holding clearly fewer devices whose job has waited a while.
+            let handoff = own.group.serving >= 2;
+            let unfair = own.busy >= u_busy + FAIR_SHARE_SLACK
+                && now.saturating_sub(u.created_ms) >= FAIR_SHARE_WAIT_MS;
+            if handoff || unfair {
                 return Choice::Group(u.idx);
             }
         }
@@ -196,12 +236,17 @@ fn choose_grouped(view: &impl PoolView) -> Choice {
     if let Some(u) = unserved {
         return Choice::Group(u.idx);
     }
-    // Spread: join the served group that would take longest to drain, if one more device
-    // finishes it sooner despite the install it costs.
-    let install = view.install_ms();
-    view.served_ready()
+    // The device's build still gets jobs (one arrived within an install time) and no other
+    // device has it: keep it rather than reinstall elsewhere and leave this group unserved.
+    if let Some((serving, since)) = view.own_idle() {
+        if serving <= 1 && since < install {
+            return Choice::Idle;
+        }
+    }
+    // Spread: join the group that would take longest to drain, if another device helps.
+    served
         .into_iter()
-        .filter(|g| g.ready >= 2 && g.ready_work_ms / u64::from(g.serving.max(1)) > install)
+        .filter(|g| worth_spreading(g))
         .max_by(|a, b| {
             let wa = a.ready_work_ms / u64::from(a.serving.max(1));
             let wb = b.ready_work_ms / u64::from(b.serving.max(1));
@@ -240,6 +285,9 @@ mod tests {
         }
         fn served_ready(&self) -> Vec<GroupView> {
             self.served.clone()
+        }
+        fn own_idle(&self) -> Option<(u32, u64)> {
+            None
         }
         fn install_ms(&self) -> u64 {
             45_000
