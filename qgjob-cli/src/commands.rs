@@ -181,6 +181,17 @@ pub fn wait_final(
     which: &Which,
     timeout: Option<Duration>,
 ) -> Result<(String, Vec<Job>)> {
+    wait_final_with(client, which, timeout, |_, _| {})
+}
+
+/// [`wait_final`], calling `progress(jobs, event)` with the jobs first seen and then with
+/// every event (for a progress display).
+pub fn wait_final_with(
+    client: &Client,
+    which: &Which,
+    timeout: Option<Duration>,
+    mut progress: impl FnMut(&[Job], Option<&qgjob_core::JobEvent>),
+) -> Result<(String, Vec<Job>)> {
     let deadline = timeout.map(|t| Instant::now() + t);
     let is_run = which.run_id.is_some();
     let id = which
@@ -201,6 +212,7 @@ pub fn wait_final(
         if all_final(&jobs) {
             return Ok((status, jobs));
         }
+        progress(&jobs, None);
         let remaining = match deadline {
             Some(d) => match d.checked_duration_since(Instant::now()) {
                 Some(r) if !r.is_zero() => Some(r),
@@ -212,7 +224,7 @@ pub fn wait_final(
             Ok(mut stream) => loop {
                 match stream.next_event() {
                     Ok(Some(ev)) if !is_run && ev.state.is_final() => break,
-                    Ok(Some(_)) => {}
+                    Ok(Some(ev)) => progress(&[], Some(&ev)),
                     Ok(None) => break,
                     Err(e @ CliError::Unreachable { .. }) if deadline.is_none() => return Err(e),
                     Err(_) => break,
@@ -262,7 +274,46 @@ fn write_github(title: &str, jobs: &[Job]) -> Result<()> {
 
 /// `qgjob wait`.
 pub fn wait(client: &Client, a: &WaitArgs) -> Result<u8> {
-    let (status, jobs) = wait_final(client, &a.which, a.timeout)?;
+    // A live bar for runs on a terminal; CI logs and --json get nothing extra.
+    let mut bar: Option<indicatif::ProgressBar> = None;
+    let mut states: std::collections::HashMap<qgjob_core::JobId, JobState> =
+        std::collections::HashMap::new();
+    let show = a.which.run_id.is_some() && !a.json && use_progress();
+    let res = wait_final_with(client, &a.which, a.timeout, |jobs, ev| {
+        if !show {
+            return;
+        }
+        for j in jobs {
+            states.insert(j.id, j.state);
+        }
+        if let Some(ev) = ev {
+            states.insert(ev.job_id, ev.state);
+        }
+        let pb = bar.get_or_insert_with(|| {
+            let pb = indicatif::ProgressBar::new(states.len() as u64);
+            pb.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{spinner} [{elapsed_precise}] {bar:40.cyan/blue} {pos}/{len} {msg}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            pb.enable_steady_tick(Duration::from_millis(120));
+            pb
+        });
+        let n = |s: JobState| states.values().filter(|x| **x == s).count();
+        pb.set_length(states.len() as u64);
+        pb.set_position(states.values().filter(|s| s.is_final()).count() as u64);
+        pb.set_message(format!(
+            "{} running, {} passed, {} failed",
+            n(JobState::Running),
+            n(JobState::Passed),
+            n(JobState::Failed)
+        ));
+    });
+    if let Some(pb) = &bar {
+        pb.finish_and_clear();
+    }
+    let (status, jobs) = res?;
     let title = match (&a.which.job_id, &a.which.run_id) {
         (Some(j), _) => format!("job {j}"),
         (_, Some(r)) => format!("run {r}"),
