@@ -36,10 +36,10 @@ pub enum Synchronous {
 const SCHEMA: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS jobs (
         seq INTEGER PRIMARY KEY,
-        id TEXT NOT NULL UNIQUE,
+        id BLOB NOT NULL UNIQUE,
         org TEXT NOT NULL,
         state TEXT NOT NULL,
-        run TEXT,
+        run BLOB,
         app TEXT NOT NULL,
         target TEXT NOT NULL,
         finished_at INTEGER,
@@ -48,14 +48,14 @@ const SCHEMA: &[&str] = &[
     "CREATE INDEX IF NOT EXISTS jobs_org ON jobs(org, seq)",
     "CREATE INDEX IF NOT EXISTS jobs_run ON jobs(run) WHERE run IS NOT NULL",
     "CREATE TABLE IF NOT EXISTS runs (
-        id TEXT PRIMARY KEY,
+        id BLOB PRIMARY KEY,
         org TEXT NOT NULL,
         created_at INTEGER NOT NULL,
         body TEXT NOT NULL
     )",
     "CREATE TABLE IF NOT EXISTS job_logs (
         n INTEGER PRIMARY KEY AUTOINCREMENT,
-        job TEXT NOT NULL,
+        job BLOB NOT NULL,
         data BLOB NOT NULL
     )",
     "CREATE INDEX IF NOT EXISTS job_logs_job ON job_logs(job, n)",
@@ -152,12 +152,12 @@ impl Store for SqliteStore {
             );
             qb.push_values(chunk, |mut b, (j, body)| {
                 b.push_bind(seq_i64(j.seq))
-                    .push_bind(j.id.to_string())
-                    .push_bind(j.spec.org_id.as_str().to_string())
+                    .push_bind(j.id.0)
+                    .push_bind(j.spec.org_id.as_str())
                     .push_bind(j.state.as_str())
-                    .push_bind(j.spec.run_id.map(|r| r.to_string()))
-                    .push_bind(j.spec.app_version_id.as_str().to_string())
-                    .push_bind(j.spec.target.as_str().to_string())
+                    .push_bind(j.spec.run_id.map(|r| r.0))
+                    .push_bind(j.spec.app_version_id.as_str())
+                    .push_bind(j.spec.target.as_str())
                     .push_bind(j.finished_at.map(|t| seq_i64(t.0)))
                     .push_bind(body.as_str());
             });
@@ -172,7 +172,7 @@ impl Store for SqliteStore {
                 "INSERT INTO runs (id, org, created_at, body) VALUES (?, ?, ?, ?) \
                  ON CONFLICT(id) DO UPDATE SET body = excluded.body",
             )
-            .bind(r.id.to_string())
+            .bind(r.id.0)
             .bind(r.org_id.as_str())
             .bind(seq_i64(r.created_at.0))
             .bind(body)
@@ -196,7 +196,7 @@ impl Store for SqliteStore {
 
     async fn get_job(&self, id: JobId) -> Result<Option<Job>, StoreError> {
         let row = sqlx::query("SELECT body FROM jobs WHERE id = ?")
-            .bind(id.to_string())
+            .bind(id.0)
             .fetch_optional(&self.pool)
             .await?;
         match row {
@@ -222,7 +222,7 @@ impl Store for SqliteStore {
             qb.push(" AND target = ").push_bind(t.as_str().to_string());
         }
         if let Some(r) = filter.run_id {
-            qb.push(" AND run = ").push_bind(r.to_string());
+            qb.push(" AND run = ").push_bind(r.0);
         }
         qb.push(" ORDER BY seq LIMIT ")
             .push_bind(i64::try_from(limit).unwrap_or(i64::MAX));
@@ -232,7 +232,7 @@ impl Store for SqliteStore {
 
     async fn get_run(&self, id: RunId) -> Result<Option<RunRecord>, StoreError> {
         let row = sqlx::query("SELECT body FROM runs WHERE id = ?")
-            .bind(id.to_string())
+            .bind(id.0)
             .fetch_optional(&self.pool)
             .await?;
         match row {
@@ -245,7 +245,7 @@ impl Store for SqliteStore {
 
     async fn run_jobs(&self, id: RunId) -> Result<Vec<Job>, StoreError> {
         let rows = sqlx::query("SELECT body FROM jobs WHERE run = ? ORDER BY seq")
-            .bind(id.to_string())
+            .bind(id.0)
             .fetch_all(&self.pool)
             .await?;
         jobs_from_rows(rows)
@@ -255,7 +255,7 @@ impl Store for SqliteStore {
         let mut tx = self.pool.begin().await?;
         let size: i64 =
             sqlx::query_scalar("SELECT COALESCE(SUM(length(data)), 0) FROM job_logs WHERE job = ?")
-                .bind(job.to_string())
+                .bind(job.0)
                 .fetch_one(&mut *tx)
                 .await?;
         let size = u64::try_from(size).unwrap_or(0);
@@ -265,7 +265,7 @@ impl Store for SqliteStore {
         }
         if !data.is_empty() {
             sqlx::query("INSERT INTO job_logs (job, data) VALUES (?, ?)")
-                .bind(job.to_string())
+                .bind(job.0)
                 .bind(data)
                 .execute(&mut *tx)
                 .await?;
@@ -276,7 +276,7 @@ impl Store for SqliteStore {
 
     async fn read_log(&self, job: JobId, offset: u64) -> Result<(Vec<u8>, u64), StoreError> {
         let rows = sqlx::query("SELECT data FROM job_logs WHERE job = ? ORDER BY n")
-            .bind(job.to_string())
+            .bind(job.0)
             .fetch_all(&self.pool)
             .await?;
         let mut all = Vec::new();
