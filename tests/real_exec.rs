@@ -1429,6 +1429,41 @@ async fn real_server_and_agent_run_playwright_specs_end_to_end() {
         "{:?}",
         installs_in(&adb_log)
     );
+
+    // A second build: one more install, and the spec sees that build.
+    let apk2 = lab.dir.path().join("app-release-2.apk");
+    std::fs::write(&apk2, b"apk-e2e-second").expect("apk");
+    run_ok(
+        qgjob(&project, &url)
+            .args([
+                "app",
+                "upload",
+                "--org-id=qualgent",
+                "--app-version-id=xyz456",
+            ])
+            .arg(&apk2),
+    );
+    let out = run_ok(qgjob(&project, &url).args([
+        "submit",
+        "--org-id=qualgent",
+        "--app-version-id=xyz456",
+        "--test=tests/pass.spec.js",
+        "--json",
+    ]));
+    let v: serde_json::Value = serde_json::from_str(out.trim()).expect("json");
+    let second = v["job_id"].as_str().expect("id").to_string();
+    assert_eq!(wait_exit(&project, &url, &second), 0);
+    assert_eq!(
+        lab.env_of(second.parse().expect("uuid"))["build"],
+        "apk-e2e-second"
+    );
+    assert_eq!(installs_in(&adb_log).len(), 2, "two builds: two installs");
+
+    // Every job's work dir was cleaned up.
+    let left: Vec<_> = std::fs::read_dir(lab.dir.path().join("agent-cache/work"))
+        .expect("work dir root")
+        .collect();
+    assert!(left.is_empty(), "work dirs left behind: {left:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
