@@ -38,7 +38,46 @@ pub struct Bundle {
 
 /// Whether a `--test` argument is a glob pattern.
 pub fn has_glob(s: &str) -> bool {
-    s.contains(['*', '?', '['])
+    s.contains(['*', '?', '[', '{'])
+}
+
+/// Expands shell-style braces (`tests/**/*.spec.{js,ts}` → one pattern per alternative),
+/// which the glob crate does not know; nested braces expand too. Unbalanced braces are left
+/// as they are.
+pub fn expand_braces(pattern: &str) -> Vec<String> {
+    let Some(open) = pattern.find('{') else {
+        return vec![pattern.to_string()];
+    };
+    let mut depth = 0;
+    let mut close = None;
+    let mut commas = Vec::new();
+    for (i, c) in pattern[open..].char_indices() {
+        match c {
+            '{' => depth += 1,
+            '}' => {
+                depth -= 1;
+                if depth == 0 {
+                    close = Some(open + i);
+                    break;
+                }
+            }
+            ',' if depth == 1 => commas.push(open + i),
+            _ => {}
+        }
+    }
+    let Some(close) = close else {
+        return vec![pattern.to_string()];
+    };
+    let (head, tail) = (&pattern[..open], &pattern[close + 1..]);
+    let mut bounds = vec![open];
+    bounds.extend(&commas);
+    bounds.push(close);
+    let mut out = Vec::new();
+    for w in bounds.windows(2) {
+        let alt = &pattern[w[0] + 1..w[1]];
+        out.extend(expand_braces(&format!("{head}{alt}{tail}")));
+    }
+    out
 }
 
 /// Turns `path` (absolute or relative to `root`) into a clean relative path with `/`
@@ -96,19 +135,22 @@ pub fn expand_tests(root: &Path, args: &[String]) -> Result<Vec<String>> {
             } else {
                 root.join(arg).to_string_lossy().into_owned()
             };
-            let paths = glob::glob(&pattern)
-                .map_err(|e| CliError::Usage(format!("invalid glob {arg:?}: {e}")))?;
-            for p in paths {
-                let p = p.map_err(|e| CliError::Usage(format!("reading {arg:?}: {e}")))?;
-                if p.is_file() {
-                    let abs = if p.is_absolute() { p } else { root.join(p) };
-                    found.push(relative_to_root(root, &abs)?);
+            for pattern in expand_braces(&pattern) {
+                let paths = glob::glob(&pattern)
+                    .map_err(|e| CliError::Usage(format!("invalid glob {arg:?}: {e}")))?;
+                for p in paths {
+                    let p = p.map_err(|e| CliError::Usage(format!("reading {arg:?}: {e}")))?;
+                    if p.is_file() {
+                        let abs = if p.is_absolute() { p } else { root.join(p) };
+                        found.push(relative_to_root(root, &abs)?);
+                    }
                 }
             }
             if found.is_empty() {
                 return Err(CliError::Usage(format!("no test file matches {arg:?}")));
             }
             found.sort();
+            found.dedup();
         } else {
             let p = Path::new(arg);
             let full = if p.is_absolute() {
@@ -222,6 +264,17 @@ mod tests {
         std::fs::write(d.path().join("tests/helper.js"), "// not a spec\n").unwrap();
         std::fs::write(d.path().join("package.json"), "{}\n").unwrap();
         d
+    }
+
+    #[test]
+    fn braces_expand_like_a_shell() {
+        assert_eq!(
+            expand_braces("tests/**/*.spec.{js,ts}"),
+            vec!["tests/**/*.spec.js", "tests/**/*.spec.ts"]
+        );
+        assert_eq!(expand_braces("{a,b{1,2}}/x"), vec!["a/x", "b1/x", "b2/x"]);
+        assert_eq!(expand_braces("no{brace"), vec!["no{brace"]);
+        assert_eq!(expand_braces("plain"), vec!["plain"]);
     }
 
     #[test]

@@ -343,8 +343,36 @@ pub fn wait(client: &Client, a: &WaitArgs) -> Result<u8> {
     }
     if github_enabled(a.github) {
         write_github(&title, &jobs)?;
+        let id = a.which.run_id.as_deref().or(a.which.job_id.as_deref());
+        write_github_outputs(id, &jobs)?;
     }
     Ok(code)
+}
+
+/// Appends step outputs (`run-id`, per-state counts) to `$GITHUB_OUTPUT`, for later steps.
+fn write_github_outputs(id: Option<&str>, jobs: &[Job]) -> Result<()> {
+    let Some(path) = std::env::var_os("GITHUB_OUTPUT").filter(|p| !p.is_empty()) else {
+        return Ok(());
+    };
+    let count = |s: JobState| jobs.iter().filter(|j| j.state == s).count();
+    let mut text = String::new();
+    if let Some(id) = id {
+        text.push_str(&format!("run-id={id}\n"));
+    }
+    for s in [
+        JobState::Passed,
+        JobState::Failed,
+        JobState::Error,
+        JobState::Canceled,
+    ] {
+        text.push_str(&format!("{}={}\n", s.as_str(), count(s)));
+    }
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .and_then(|mut f| f.write_all(text.as_bytes()))
+        .map_err(|e| CliError::io(format!("writing {}", Path::new(&path).display()), e))
 }
 
 fn state_text(j: &Job, colour: bool) -> String {
