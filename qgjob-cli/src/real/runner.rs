@@ -38,6 +38,10 @@ const MAX_LINE: usize = 64 * 1024;
 const LOG_CHUNK: usize = 32 * 1024;
 /// ...or at least this often while output flows.
 const LOG_FLUSH: Duration = Duration::from_millis(250);
+/// Most bytes of a command's output forwarded as the job's log.
+const MAX_LOG: usize = 32 * 1024 * 1024;
+/// Largest JSON report read.
+const MAX_REPORT: u64 = 256 * 1024 * 1024;
 /// How long to wait for output pipes after the process group is gone (a process that left
 /// the group may still hold them).
 const PIPE_DRAIN: Duration = Duration::from_secs(2);
@@ -315,13 +319,13 @@ where
             },
             _ = flush.tick() => logs.flush(),
             _ = &mut deadline, if killed.is_none() => {
-                logs.push(&format!("qgjob: timed out after {} s; killing the process group\n", inv.timeout.as_secs_f64()));
+                logs.note(&format!("qgjob: timed out after {} s; killing the process group\n", inv.timeout.as_secs_f64()));
                 killed = Some(Ended::TimedOut);
                 if let Some(g) = &guard { g.signal(Signal::SIGTERM); }
                 break terminate(&mut child, guard.as_ref(), inv.kill_grace).await;
             }
             _ = &mut cancel, if killed.is_none() => {
-                logs.push("qgjob: canceled; killing the process group\n");
+                logs.note("qgjob: canceled; killing the process group\n");
                 killed = Some(Ended::Canceled);
                 if let Some(g) = &guard { g.signal(Signal::SIGTERM); }
                 break terminate(&mut child, guard.as_ref(), inv.kill_grace).await;
@@ -368,13 +372,20 @@ where
         Ended::TimedOut => "qgjob: test command timed out\n".to_string(),
         Ended::Canceled => "qgjob: test command canceled\n".to_string(),
     };
-    logs.push(&status_line);
+    logs.note(&status_line);
     let tail = logs.tail();
     logs.flush();
 
-    let report = match tokio::fs::read_to_string(&inv.report_path).await {
-        Ok(s) if !s.trim().is_empty() => Some(s),
-        _ => json_on_stdout(&stdout),
+    let too_big = tokio::fs::metadata(&inv.report_path)
+        .await
+        .is_ok_and(|m| m.len() > MAX_REPORT);
+    let report = if too_big {
+        None
+    } else {
+        match tokio::fs::read_to_string(&inv.report_path).await {
+            Ok(s) if !s.trim().is_empty() => Some(s),
+            _ => json_on_stdout(&stdout),
+        }
     };
     Ok(RunOutcome {
         ended,
@@ -448,6 +459,11 @@ struct LogBuffer<'a> {
     sink: &'a (dyn Fn(&str) + Send + Sync),
     pending: String,
     tail: std::collections::VecDeque<String>,
+    /// Bytes of the command's output forwarded so far.
+    sent: usize,
+    /// Most bytes of output forwarded ([`MAX_LOG`]).
+    max: usize,
+    truncated: bool,
 }
 
 impl<'a> LogBuffer<'a> {
@@ -458,10 +474,36 @@ impl<'a> LogBuffer<'a> {
             sink,
             pending: String::new(),
             tail: Default::default(),
+            sent: 0,
+            max: MAX_LOG,
+            truncated: false,
         }
     }
 
+    /// A line of qgjob's own (status, timeout, cancel): always forwarded.
+    fn note(&mut self, line: &str) {
+        self.append(line);
+    }
+
+    /// A line of the command's output, forwarded up to [`MAX_LOG`] bytes.
     fn push(&mut self, line: &str) {
+        if !self.truncated && self.sent + line.len() > self.max {
+            // A runaway test must not flood the server: keep the start, say so, and keep
+            // reading (the pipe must drain or the command would block).
+            self.truncated = true;
+            let max = self.max;
+            self.append(&format!("qgjob: log truncated after {max} bytes\n"));
+        }
+        if self.truncated {
+            // The end still matters for error messages.
+            self.remember(line);
+            return;
+        }
+        self.sent += line.len();
+        self.append(line);
+    }
+
+    fn append(&mut self, line: &str) {
         // Very long stdout lines (a report printed on stdout) are cut in the logs only.
         let shown = if line.len() > MAX_LINE {
             let mut cut = MAX_LINE;
@@ -472,12 +514,7 @@ impl<'a> LogBuffer<'a> {
         } else {
             line.to_string()
         };
-        if !shown.trim().is_empty() {
-            if self.tail.len() == Self::TAIL_LINES {
-                self.tail.pop_front();
-            }
-            self.tail.push_back(shown.trim_end().to_string());
-        }
+        self.remember(&shown);
         self.pending.push_str(&shown);
         if !self.pending.ends_with('\n') {
             self.pending.push('\n');
@@ -485,6 +522,25 @@ impl<'a> LogBuffer<'a> {
         if self.pending.len() >= LOG_CHUNK {
             self.flush();
         }
+    }
+
+    /// Keeps `line` among the last lines (for error messages).
+    fn remember(&mut self, line: &str) {
+        if line.trim().is_empty() {
+            return;
+        }
+        if self.tail.len() == Self::TAIL_LINES {
+            self.tail.pop_front();
+        }
+        let mut l = line.trim_end().to_string();
+        if l.len() > 1024 {
+            let mut cut = 1024;
+            while !l.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            l.truncate(cut);
+        }
+        self.tail.push_back(l);
     }
 
     fn flush(&mut self) {
@@ -623,6 +679,31 @@ mod tests {
             CommandTemplate::parse("npx playwright test"),
             Err(TemplateError::NoTests)
         );
+    }
+
+    #[test]
+    fn logs_stop_at_the_cap_but_notes_and_the_tail_go_on() {
+        let got = Mutex::new(String::new());
+        let sink = |s: &str| got.lock().expect("lock").push_str(s);
+        let mut b = LogBuffer::new(&sink);
+        b.max = 100;
+        for i in 0..50 {
+            b.push(&format!("line {i:02}\n"));
+        }
+        b.note("qgjob: test command exited with code 0\n");
+        b.flush();
+        let got = got.lock().expect("lock").clone();
+        assert!(got.starts_with("line 00\nline 01\n"), "{got}");
+        assert!(
+            got.contains("qgjob: log truncated after 100 bytes\n"),
+            "{got}"
+        );
+        assert!(!got.contains("line 49"), "{got}");
+        assert!(
+            got.ends_with("qgjob: test command exited with code 0\n"),
+            "{got}"
+        );
+        assert!(b.tail().contains("line 49"), "the tail keeps the end");
     }
 
     #[test]
