@@ -112,18 +112,34 @@ fn bench_lease(c: &mut Criterion) {
             let (mut s, devices) = queued(jobs, groups);
             let mut now = 1_000_000u64;
             let mut k = 0usize;
-            g.bench_function(
-                BenchmarkId::new(format!("{jobs}_jobs"), format!("{groups}_groups")),
-                |b| {
+            // Two measures on the same queue: the decision with the job put back (lease,
+            // complete, resubmit), and the lease call alone (the put-back runs untimed).
+            for only_lease in [false, true] {
+                let name = if only_lease {
+                    "lease_only"
+                } else {
+                    "lease+putback"
+                };
+                let id =
+                    BenchmarkId::new(format!("{name}/{jobs}_jobs"), format!("{groups}_groups"));
+                g.bench_function(id, |b| {
                     b.iter_custom(|iters| {
-                        let start = Instant::now();
+                        let mut took = Duration::ZERO;
+                        let mut start = Instant::now();
                         for _ in 0..iters {
                             // One decision for the next device; then the job goes back as a new
                             // one of the same build, so the queue keeps its size and shape.
                             now += 1;
                             k += 1;
                             let dev = &devices[k % DEVICES];
-                            if let Some(lease) = s.lease(Time(now), dev, 1).expect("lease") {
+                            if only_lease {
+                                start = Instant::now();
+                            }
+                            let lease = s.lease(Time(now), dev, 1).expect("lease");
+                            if only_lease {
+                                took += start.elapsed();
+                            }
+                            if let Some(lease) = lease {
                                 for j in &lease.jobs {
                                     s.complete(Time(now), lease.id, j.id, report.clone())
                                         .expect("complete");
@@ -131,15 +147,17 @@ fn bench_lease(c: &mut Criterion) {
                                 }
                             }
                         }
-                        let took = start.elapsed();
+                        if !only_lease {
+                            took = start.elapsed();
+                        }
                         // Events are dropped outside the measured time. Finished jobs stay:
                         // `forget_finished` scans every job (about 0.5 s at 10^6), and a pause
                         // that long between samples wrecks criterion's iteration estimate.
                         s.take_events();
                         took
                     })
-                },
-            );
+                });
+            }
             assert_eq!(s.ready_len(), jobs, "the queue kept its size");
         }
     }
