@@ -222,12 +222,12 @@ fn upload(creds: &Credentials, path: &Path) -> Result<String, UploadError> {
         .and_then(|n| n.to_str())
         .unwrap_or("app")
         .to_string();
-    // BrowserStack wants a file name with the app's extension; content-addressed cache
-    // files have none, so name it after its platform-neutral role.
+    // BrowserStack tells app kinds by file extension; content-addressed cache files have
+    // none, so look inside.
     let name = if name.contains('.') {
         name
     } else {
-        format!("{name}.apk")
+        format!("{name}.{}", guess_extension(path))
     };
     let head = format!(
         "--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{name}\"\r\nContent-Type: application/octet-stream\r\n\r\n"
@@ -275,6 +275,33 @@ fn upload(creds: &Credentials, path: &Path) -> Result<String, UploadError> {
             "HTTP {status}: unexpected answer {:?}",
             text.chars().take(200).collect::<String>()
         ))),
+    }
+}
+
+/// The extension BrowserStack expects for the app at `path`: `ipa` (an iOS archive holds
+/// `Payload/`), `aab` (an Android App Bundle holds `BundleConfig.pb`) or `apk`.
+pub fn guess_extension(path: &Path) -> &'static str {
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return "apk";
+    };
+    let mut buf = vec![0u8; 1 << 16];
+    // Keep a small overlap so a name split across two reads is still found.
+    let mut carry: Vec<u8> = Vec::new();
+    loop {
+        let n = match f.read(&mut buf) {
+            Ok(0) | Err(_) => return "apk",
+            Ok(n) => n,
+        };
+        carry.extend_from_slice(&buf[..n]);
+        let has = |needle: &[u8]| carry.windows(needle.len()).any(|w| w == needle);
+        if has(b"Payload/") {
+            return "ipa";
+        }
+        if has(b"BundleConfig.pb") {
+            return "aab";
+        }
+        let keep = carry.len().saturating_sub(16);
+        carry.drain(..keep);
     }
 }
 
@@ -485,6 +512,29 @@ mod tests {
         ] {
             assert_eq!(base64(i.as_bytes()), o);
         }
+    }
+
+    #[test]
+    fn guesses_the_app_kind_from_its_contents() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let write = |name: &str, body: Vec<u8>| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, body).expect("write");
+            p
+        };
+        // The marker straddles the 64 KiB read boundary.
+        let mut ipa = vec![0u8; (1 << 16) - 4];
+        ipa.extend_from_slice(b"Payload/App.app/Info.plist");
+        assert_eq!(guess_extension(&write("a", ipa)), "ipa");
+        assert_eq!(
+            guess_extension(&write("b", b"PK..BundleConfig.pb..".to_vec())),
+            "aab"
+        );
+        assert_eq!(
+            guess_extension(&write("c", b"PK..AndroidManifest.xml".to_vec())),
+            "apk"
+        );
+        assert_eq!(guess_extension(&dir.path().join("missing")), "apk");
     }
 
     #[test]
