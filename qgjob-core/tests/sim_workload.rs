@@ -90,8 +90,9 @@ fn report_json_has_exactly_the_documented_fields() {
 
 #[test]
 fn bad_pools_are_named() {
-    let cases: [(&str, &str, &str); 3] = [
+    let cases: [(&str, &str, &str); 4] = [
         (r#""devices": 8"#, r#""devices": 0"#, "devices"),
+        (r#""devices": 8"#, r#""devices": 10001"#, "devices"),
         (r#""devices": 8"#, r#""devices": -2"#, "devices"),
         (r#""install_s": 45.0"#, r#""install_s": -1"#, "install_s"),
     ];

@@ -58,7 +58,7 @@ mod workload;
 pub use bound::{lower_bound, BoundJob};
 pub use generate::{generate, Shape};
 pub use run::{run, run_traced, AttemptRecord, AttemptResult, PoolReport, Report, WaitStats};
-pub use workload::{SimOutcome, Workload, WorkloadJob, WorkloadPool};
+pub use workload::{SimOutcome, Workload, WorkloadJob, WorkloadPool, MAX_POOL_DEVICES};
 
 use thiserror::Error;
 

@@ -12,6 +12,10 @@ use crate::model::{AppVersionId, BuildRef, OrgId, Priority, Target};
 /// sum far from overflowing.
 pub(crate) const MAX_SECONDS: f64 = 1e9;
 
+/// Most devices a pool may have: every idle device asks for work at every event, so a
+/// typo'd million-device pool would make a simulation crawl instead of failing fast.
+pub const MAX_POOL_DEVICES: u32 = 10_000;
+
 /// A simulated workload: pools of devices and the jobs submitted to them.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(try_from = "RawWorkload")]
@@ -141,17 +145,20 @@ impl Workload {
         serde_json::to_string_pretty(self).unwrap_or_default()
     }
 
-    /// Checks the rules that the types alone do not: at least one device per pool, one pool
-    /// per target, finite non-negative times, priorities in range, and a pool for every
-    /// job's target. The error names the first offending entry.
+    /// Checks the rules that the types alone do not: 1 to [`MAX_POOL_DEVICES`] devices per
+    /// pool, one pool per target, finite non-negative times, priorities in range, and a pool
+    /// for every job's target. The error names the first offending entry.
     pub fn validate(&self) -> Result<(), SimError> {
         let mut targets = BTreeSet::new();
         for (index, p) in self.pools.iter().enumerate() {
-            if p.devices == 0 {
+            if p.devices == 0 || p.devices > MAX_POOL_DEVICES {
                 return Err(SimError::InvalidPool {
                     index,
                     field: "devices",
-                    message: "must be at least 1".into(),
+                    message: format!(
+                        "must be between 1 and {MAX_POOL_DEVICES} (got {})",
+                        p.devices
+                    ),
                 });
             }
             check_seconds(p.install_s).map_err(|message| SimError::InvalidPool {
