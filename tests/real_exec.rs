@@ -684,7 +684,8 @@ async fn a_timeout_kills_the_process_group_and_is_an_infrastructure_error() {
     .await;
     let run = start(built.devices);
     let mut s = spec(Target::Device, "v1", "tests/hang.spec.js", &bundle);
-    s.timeout_ms = 8_000;
+    // Long enough for Playwright to start on a busy machine; the spec then hangs.
+    s.timeout_ms = 15_000;
     s.max_attempts = 1;
     let id = run.submit(s);
     let pid = pid_of(&lab, id).await;
@@ -1411,7 +1412,7 @@ async fn real_server_and_agent_run_playwright_specs_end_to_end() {
     // Timeout: the group is killed and, out of attempts, the job ends in error.
     let slow = submit(
         "tests/hang.spec.js",
-        &["--timeout", "8s", "--max-attempts", "1"],
+        &["--timeout", "15s", "--max-attempts", "1"],
     );
     let pid = pid_of(&lab, slow.parse().expect("uuid")).await;
     assert_eq!(wait_exit(&project, &url, &slow), 3);
