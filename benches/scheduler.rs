@@ -1,5 +1,6 @@
-//! Criterion benches of the core scheduler: submit (single and batches of 1000) and the
-//! lease decision with 10^3–10^6 queued jobs spread over 10–10^4 build groups.
+//! Criterion benches of the core scheduler: submit (single and batches of 1000), the lease
+//! decision with 10^3–10^6 queued jobs spread over 10–10^4 build groups, and the clean-up of
+//! finished jobs with 10^5 and 10^6 queued.
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -97,7 +98,6 @@ fn queued(jobs: usize, groups: usize) -> (GroupedScheduler, Vec<DeviceId>) {
 }
 
 fn bench_lease(c: &mut Criterion) {
-    let mut g = c.benchmark_group("lease_decision");
     let report = RunReport {
         passed: true,
         tests: Vec::new(),
@@ -112,6 +112,7 @@ fn bench_lease(c: &mut Criterion) {
             let (mut s, devices) = queued(jobs, groups);
             let mut now = 1_000_000u64;
             let mut k = 0usize;
+            let mut g = c.benchmark_group("lease_decision");
             // Two measures on the same queue: the decision with the job put back (lease,
             // complete, resubmit), and the lease call alone (the put-back runs untimed).
             for only_lease in [false, true] {
@@ -158,10 +159,41 @@ fn bench_lease(c: &mut Criterion) {
                     })
                 });
             }
+            g.finish();
             assert_eq!(s.ready_len(), jobs, "the queue kept its size");
+
+            // What the server's periodic clean-up costs with this many jobs queued: it holds
+            // the scheduler for the whole call. 100 jobs finish (untimed) before each call.
+            if groups == 10 && jobs >= 100_000 {
+                let mut f = c.benchmark_group("forget_finished");
+                f.bench_function(format!("{jobs}_queued"), |b| {
+                    b.iter_custom(|iters| {
+                        let mut took = Duration::ZERO;
+                        for _ in 0..iters {
+                            for _ in 0..100 {
+                                now += 1;
+                                k += 1;
+                                let dev = &devices[k % DEVICES];
+                                if let Some(lease) = s.lease(Time(now), dev, 1).expect("lease") {
+                                    for j in &lease.jobs {
+                                        s.complete(Time(now), lease.id, j.id, report.clone())
+                                            .expect("complete");
+                                        s.submit(Time(now), j.spec.clone()).expect("resubmit");
+                                    }
+                                }
+                            }
+                            s.take_events();
+                            let start = Instant::now();
+                            black_box(s.forget_finished(Time(now + 1)));
+                            took += start.elapsed();
+                        }
+                        took
+                    })
+                });
+                f.finish();
+            }
         }
     }
-    g.finish();
 }
 
 fn config() -> Criterion {
