@@ -32,8 +32,10 @@
 //! - **Logs** are stored in the database, appended per job, size-limited.
 //! - **Artifacts** are files under `DATA_DIR/artifacts/sha256/<hex>` (in memory with
 //!   `--store memory`); the build registry maps (org, app version) to a digest.
-//! - **Store trait**: [`store::Store`], implemented by [`store::SqliteStore`] and
-//!   [`store::MemoryStore`]; a PostgreSQL implementation only has to implement it.
+//! - **Store trait**: [`store::Store`], implemented by [`store::SqliteStore`] (default),
+//!   [`store::PgStore`] (PostgreSQL) and [`store::MemoryStore`]; one generic test suite runs
+//!   against all three. Several servers on one PostgreSQL database are not supported yet:
+//!   each server holds its own scheduler in memory.
 #![warn(missing_docs)]
 
 pub mod agent;
@@ -66,7 +68,7 @@ pub use store::{Synchronous, TokenKind};
 
 use crate::auth::Auth;
 use crate::blobs::Blobs;
-use crate::store::{MemoryStore, SqliteStore, Store};
+use crate::store::{MemoryStore, PgStore, SqliteStore, Store};
 
 /// Which store the server keeps its state in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -76,6 +78,8 @@ pub enum StoreKind {
     Sqlite,
     /// Memory only: everything is lost when the server stops.
     Memory,
+    /// PostgreSQL at `ServerOptions::postgres_url` (artifacts still go under the data dir).
+    Postgres,
 }
 
 /// How to run the server.
@@ -87,6 +91,9 @@ pub struct ServerOptions {
     pub data_dir: Option<PathBuf>,
     /// Which store.
     pub store: StoreKind,
+    /// The database URL for [`StoreKind::Postgres`], e.g.
+    /// `postgres://postgres@127.0.0.1:5432/qgjob`.
+    pub postgres_url: Option<String>,
     /// Tokens accepted, besides those in `tokens_file` and those created via the admin API.
     pub tokens: Vec<TokenSpec>,
     /// A file of tokens (`admin TOKEN`, `agent TOKEN`, `org ORG_ID TOKEN` per line).
@@ -105,6 +112,7 @@ impl Default for ServerOptions {
             addr: SocketAddr::from(([127, 0, 0, 1], 7878)),
             data_dir: Some(PathBuf::from("./qgjob-data")),
             store: StoreKind::Sqlite,
+            postgres_url: None,
             tokens: Vec::new(),
             tokens_file: None,
             scheduler: SchedulerConfig::default(),
@@ -198,20 +206,38 @@ pub fn app(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// A store to close on shutdown.
+enum Closer {
+    Sqlite(SqliteStore),
+    Postgres(PgStore),
+}
+
 async fn open_store(
     opts: &ServerOptions,
-) -> Result<(Arc<dyn Store>, Blobs, Option<SqliteStore>), ServerError> {
+) -> Result<(Arc<dyn Store>, Blobs, Option<Closer>), ServerError> {
+    let data_dir = || -> Result<PathBuf, ServerError> {
+        let dir = opts
+            .data_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("./qgjob-data"));
+        std::fs::create_dir_all(&dir)?;
+        Ok(dir)
+    };
     match opts.store {
         StoreKind::Memory => Ok((Arc::new(MemoryStore::new()), Blobs::memory(), None)),
         StoreKind::Sqlite => {
-            let dir = opts
-                .data_dir
-                .clone()
-                .unwrap_or_else(|| PathBuf::from("./qgjob-data"));
-            std::fs::create_dir_all(&dir)?;
+            let dir = data_dir()?;
             let db = SqliteStore::open(&dir.join("qgjob.sqlite3"), opts.synchronous).await?;
             let blobs = Blobs::dir(dir.join("artifacts"))?;
-            Ok((Arc::new(db.clone()), blobs, Some(db)))
+            Ok((Arc::new(db.clone()), blobs, Some(Closer::Sqlite(db))))
+        }
+        StoreKind::Postgres => {
+            let url = opts.postgres_url.as_deref().ok_or_else(|| {
+                ServerError::Config("the postgres store needs a database URL".into())
+            })?;
+            let db = PgStore::connect(url, None).await?;
+            let blobs = Blobs::dir(data_dir()?.join("artifacts"))?;
+            Ok((Arc::new(db.clone()), blobs, Some(Closer::Postgres(db))))
         }
     }
 }
@@ -240,7 +266,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
     let local = listener.local_addr()?;
-    let (store, blobs, sqlite) = open_store(&opts).await?;
+    let (store, blobs, closer) = open_store(&opts).await?;
 
     // Tokens: configured ones plus those created through the admin API earlier.
     let mut records = Vec::new();
@@ -294,8 +320,10 @@ pub async fn serve(
         })
         .await;
     bg.finish(&state).await;
-    if let Some(db) = sqlite {
-        db.close().await;
+    match closer {
+        Some(Closer::Sqlite(db)) => db.close().await,
+        Some(Closer::Postgres(db)) => db.close().await,
+        None => {}
     }
     tracing::info!("server stopped");
     res.map_err(ServerError::Io)

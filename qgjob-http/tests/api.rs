@@ -777,7 +777,49 @@ fn run_events_end_when_every_job_is_final() {
 #[test]
 fn restart_restores_queue_order_and_running_leases() {
     let dir = tempfile::tempdir().unwrap();
-    let s = TestServer::start(sqlite_opts(dir.path()));
+    restart_check(sqlite_opts(dir.path()));
+}
+
+/// The same restart check on PostgreSQL, in a fresh schema (skipped with a notice when no
+/// server answers at `QGJOB_TEST_PG_URL`).
+#[test]
+fn restart_restores_from_postgres() {
+    let url = std::env::var("QGJOB_TEST_PG_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_string());
+    let mut rnd = [0u8; 8];
+    getrandom::fill(&mut rnd).unwrap();
+    let schema = format!("qgjob_test_{}", hex::encode(rnd));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let made = rt.block_on(qgjob_http::store::PgStore::connect(&url, Some(&schema)));
+    if let Err(e) = made {
+        eprintln!("PostgreSQL not reachable at {url}: skipping ({e})");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let opts = ServerOptions {
+        store: qgjob_http::StoreKind::Postgres,
+        postgres_url: Some(format!("{url}?options[search_path]={schema}")),
+        data_dir: Some(dir.path().to_path_buf()),
+        ..ServerOptions::default()
+    };
+    let res = std::panic::catch_unwind(|| restart_check(opts));
+    rt.block_on(async {
+        if let Ok(pool) = sqlx::PgPool::connect(&url).await {
+            let _ = sqlx::query(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+                .execute(&pool)
+                .await;
+        }
+    });
+    if let Err(p) = res {
+        std::panic::resume_unwind(p);
+    }
+}
+
+fn restart_check(opts: ServerOptions) {
+    let s = TestServer::start(opts.clone());
     let c = s.client(None);
     let ids: Vec<String> = (0..4)
         .map(|i| submit(&c, "qualgent", "v1", &format!("tests/{i}.spec.js")))
@@ -793,7 +835,7 @@ fn restart_restores_queue_order_and_running_leases() {
     assert_eq!(st, 204);
     s.stop().unwrap();
 
-    let s = TestServer::start(sqlite_opts(dir.path()));
+    let s = TestServer::start(opts);
     let c = s.client(None);
     assert_eq!(job_state(&c, &ids[0])["state"], "running");
     for id in &ids[1..] {

@@ -1,5 +1,6 @@
-//! The store contract, run against every [`Store`] implementation (SQLite and memory; a
-//! PostgreSQL store would add one line per test). Jobs come from a real scheduler so the
+//! The store contract, run against every [`Store`] implementation: SQLite, memory and
+//! PostgreSQL (a fresh schema on `QGJOB_TEST_PG_URL`; skipped with a notice when no server
+//! answers). Jobs come from a real scheduler so the
 //! records are the ones the server writes.
 
 use std::sync::Arc;
@@ -9,8 +10,8 @@ use qgjob_core::{
     RunId, RunReport, Scheduler, SchedulerConfig, Target, Time,
 };
 use qgjob_http::store::{
-    BuildRecord, MemoryStore, RunRecord, SqliteStore, Store, StoreError, Synchronous, TokenKind,
-    TokenRecord, WriteBatch,
+    BuildRecord, MemoryStore, PgStore, RunRecord, SqliteStore, Store, StoreError, Synchronous,
+    TokenKind, TokenRecord, WriteBatch,
 };
 
 fn spec(org: &str, app: &str, test: &str) -> JobSpec {
@@ -21,16 +22,76 @@ fn spec(org: &str, app: &str, test: &str) -> JobSpec {
     )
 }
 
-/// Every store under test, each fresh. The temp dir lives as long as the store.
-async fn stores() -> Vec<(&'static str, Arc<dyn Store>, Option<tempfile::TempDir>)> {
+/// The PostgreSQL server the tests use (a fresh schema per test):
+/// `QGJOB_TEST_PG_URL`, by default the local server with trust auth.
+fn pg_url() -> String {
+    std::env::var("QGJOB_TEST_PG_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_string())
+}
+
+/// Keeps a store's backing alive during a test and removes it afterwards.
+enum Guard {
+    None,
+    Dir(#[allow(dead_code)] tempfile::TempDir),
+    Schema(String),
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if let Guard::Schema(schema) = self {
+            let schema = schema.clone();
+            // Drop runs inside the test's runtime: use a thread with its own.
+            let _ = std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                rt.block_on(async {
+                    if let Ok(pool) = sqlx::PgPool::connect(&pg_url()).await {
+                        let _ = sqlx::query(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+                            .execute(&pool)
+                            .await;
+                        pool.close().await;
+                    }
+                });
+            })
+            .join();
+        }
+    }
+}
+
+/// A fresh PostgreSQL store in its own schema, or `None` (with a notice) when no server
+/// answers, so the suite still runs on a machine without PostgreSQL.
+async fn pg_store() -> Option<(PgStore, Guard)> {
+    let mut rnd = [0u8; 8];
+    getrandom::fill(&mut rnd).unwrap();
+    let schema = format!("qgjob_test_{}", hex::encode(rnd));
+    match PgStore::connect(&pg_url(), Some(&schema)).await {
+        Ok(s) => Some((s, Guard::Schema(schema))),
+        Err(e) => {
+            eprintln!(
+                "PostgreSQL not reachable at {}: skipping its store tests ({e})",
+                pg_url()
+            );
+            None
+        }
+    }
+}
+
+/// Every store under test, each fresh, with what keeps its backing alive.
+async fn stores() -> Vec<(&'static str, Arc<dyn Store>, Guard)> {
     let dir = tempfile::tempdir().unwrap();
     let sqlite = SqliteStore::open(&dir.path().join("t.sqlite3"), Synchronous::Normal)
         .await
         .unwrap();
-    vec![
-        ("sqlite", Arc::new(sqlite), Some(dir)),
-        ("memory", Arc::new(MemoryStore::new()), None),
-    ]
+    let mut out: Vec<(&'static str, Arc<dyn Store>, Guard)> = vec![
+        ("sqlite", Arc::new(sqlite), Guard::Dir(dir)),
+        ("memory", Arc::new(MemoryStore::new()), Guard::None),
+    ];
+    if let Some((pg, guard)) = pg_store().await {
+        out.push(("postgres", Arc::new(pg), guard));
+    }
+    out
 }
 
 /// A scheduler with `n` jobs: orgs alternate acme/globex, app versions v0/v1/v2.

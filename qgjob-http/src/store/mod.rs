@@ -1,15 +1,16 @@
 //! The durable store behind the server: the [`Store`] trait and its implementations
-//! ([`SqliteStore`], embedded and durable; [`MemoryStore`], for `--store memory` and tests).
+//! ([`SqliteStore`], embedded and durable; [`PgStore`], PostgreSQL for servers sharing a
+//! database; [`MemoryStore`], for `--store memory` and tests).
 //!
 //! The store keeps what the scheduler cannot lose: every job (as its serde JSON plus the
 //! columns listings filter on), runs, job logs, the build registry and admin-created tokens.
 //! The scheduler in memory is the source of truth while the server runs; the store is what
 //! it is rebuilt from after a restart, and what answers for jobs the scheduler forgot.
 //!
-//! A second SQL implementation (PostgreSQL) only has to implement [`Store`]; the generic
-//! store tests in `tests/store.rs` then run against it unchanged.
+//! Every implementation runs the same generic tests (`tests/store.rs`).
 
 mod memory;
+mod postgres;
 mod sqlite;
 
 use std::collections::BTreeMap;
@@ -19,6 +20,7 @@ use qgjob_core::{AppVersionId, Job, JobFilter, JobId, OrgId, RunId, Time};
 use serde::{Deserialize, Serialize};
 
 pub use memory::MemoryStore;
+pub use postgres::PgStore;
 pub use sqlite::{SqliteStore, Synchronous};
 
 /// A store operation failed.

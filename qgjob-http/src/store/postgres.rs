@@ -1,0 +1,364 @@
+//! [`PgStore`]: the store on PostgreSQL (sqlx, runtime queries only), for servers that
+//! share one database. Same schema and semantics as the SQLite store; ids are `uuid`.
+
+use std::str::FromStr;
+
+use async_trait::async_trait;
+use qgjob_core::{AppVersionId, Job, JobFilter, JobId, OrgId, RunId, Time};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
+use sqlx::{Postgres, QueryBuilder, Row};
+
+use super::{
+    dedup_jobs, BuildRecord, RunRecord, Store, StoreError, TokenKind, TokenRecord, WriteBatch,
+    DEFAULT_LIST_LIMIT,
+};
+
+const SCHEMA: &[&str] = &[
+    "CREATE TABLE IF NOT EXISTS jobs (
+        seq BIGINT PRIMARY KEY,
+        id UUID NOT NULL UNIQUE,
+        org TEXT NOT NULL,
+        state TEXT NOT NULL,
+        run UUID,
+        app TEXT NOT NULL,
+        target TEXT NOT NULL,
+        finished_at BIGINT,
+        body TEXT NOT NULL
+    )",
+    "CREATE INDEX IF NOT EXISTS jobs_org ON jobs(org, seq)",
+    "CREATE INDEX IF NOT EXISTS jobs_run ON jobs(run) WHERE run IS NOT NULL",
+    "CREATE TABLE IF NOT EXISTS runs (
+        id UUID PRIMARY KEY,
+        org TEXT NOT NULL,
+        created_at BIGINT NOT NULL,
+        body TEXT NOT NULL
+    )",
+    "CREATE TABLE IF NOT EXISTS job_logs (
+        n BIGSERIAL PRIMARY KEY,
+        job UUID NOT NULL,
+        data BYTEA NOT NULL
+    )",
+    "CREATE INDEX IF NOT EXISTS job_logs_job ON job_logs(job, n)",
+    "CREATE TABLE IF NOT EXISTS builds (
+        org TEXT NOT NULL,
+        app TEXT NOT NULL,
+        sha256 TEXT NOT NULL,
+        size BIGINT NOT NULL,
+        PRIMARY KEY (org, app)
+    )",
+    "CREATE TABLE IF NOT EXISTS tokens (
+        hash TEXT PRIMARY KEY,
+        kind TEXT NOT NULL,
+        org TEXT
+    )",
+];
+
+/// Rows per multi-row upsert statement (9 parameters each, far below PostgreSQL's limit).
+const CHUNK: usize = 500;
+
+/// The PostgreSQL store.
+#[derive(Debug, Clone)]
+pub struct PgStore {
+    pool: PgPool,
+}
+
+impl PgStore {
+    /// Connects to `url` (e.g. `postgres://postgres@127.0.0.1:5432/qgjob`), using `schema`
+    /// when given (created if missing), and creates the tables if needed.
+    pub async fn connect(url: &str, schema: Option<&str>) -> Result<Self, StoreError> {
+        let mut opts = PgConnectOptions::from_str(url)?;
+        if let Some(s) = schema {
+            if !s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') || s.is_empty() {
+                return Err(StoreError::Corrupt(format!("bad schema name {s:?}")));
+            }
+            // Create the schema on a plain connection first, then pin every pooled
+            // connection's search_path to it.
+            let admin = PgPoolOptions::new()
+                .max_connections(1)
+                .connect_with(opts.clone())
+                .await?;
+            sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS {s}"))
+                .execute(&admin)
+                .await?;
+            admin.close().await;
+            opts = opts.options([("search_path", s)]);
+        }
+        let pool = PgPoolOptions::new()
+            .max_connections(8)
+            .connect_with(opts)
+            .await?;
+        for stmt in SCHEMA {
+            sqlx::query(stmt).execute(&pool).await?;
+        }
+        Ok(PgStore { pool })
+    }
+
+    /// Closes the pool.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+fn decode_job(body: &str) -> Result<Job, StoreError> {
+    serde_json::from_str(body).map_err(|e| StoreError::Corrupt(format!("job: {e}")))
+}
+
+fn encode<T: serde::Serialize>(v: &T) -> Result<String, StoreError> {
+    serde_json::to_string(v).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+fn i64_of(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn jobs_from_rows(rows: Vec<PgRow>) -> Result<Vec<Job>, StoreError> {
+    rows.iter()
+        .map(|r| decode_job(r.try_get::<&str, _>("body")?))
+        .collect()
+}
+
+#[async_trait]
+impl Store for PgStore {
+    async fn write(&self, batch: &WriteBatch) -> Result<(), StoreError> {
+        let jobs = dedup_jobs(&batch.jobs);
+        let mut rows = Vec::with_capacity(jobs.len());
+        for j in jobs {
+            rows.push((j, encode(j)?));
+        }
+        let mut runs = Vec::with_capacity(batch.runs.len());
+        for r in &batch.runs {
+            runs.push((r, encode(r)?));
+        }
+        let mut tx = self.pool.begin().await?;
+        for chunk in rows.chunks(CHUNK) {
+            let mut qb: QueryBuilder<Postgres> = QueryBuilder::new(
+                "INSERT INTO jobs (seq, id, org, state, run, app, target, finished_at, body) ",
+            );
+            qb.push_values(chunk, |mut b, (j, body)| {
+                b.push_bind(i64_of(j.seq))
+                    .push_bind(j.id.0)
+                    .push_bind(j.spec.org_id.as_str())
+                    .push_bind(j.state.as_str())
+                    .push_bind(j.spec.run_id.map(|r| r.0))
+                    .push_bind(j.spec.app_version_id.as_str())
+                    .push_bind(j.spec.target.as_str())
+                    .push_bind(j.finished_at.map(|t| i64_of(t.0)))
+                    .push_bind(body.as_str());
+            });
+            qb.push(
+                " ON CONFLICT (seq) DO UPDATE SET state = excluded.state, \
+                 finished_at = excluded.finished_at, body = excluded.body",
+            );
+            qb.build().execute(&mut *tx).await?;
+        }
+        for (r, body) in runs {
+            sqlx::query(
+                "INSERT INTO runs (id, org, created_at, body) VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (id) DO UPDATE SET body = excluded.body",
+            )
+            .bind(r.id.0)
+            .bind(r.org_id.as_str())
+            .bind(i64_of(r.created_at.0))
+            .bind(body)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn load_for_restore(&self, finished_since: Time) -> Result<Vec<Job>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT body FROM jobs WHERE finished_at IS NULL OR finished_at >= $1 \
+             OR seq = (SELECT MAX(seq) FROM jobs) ORDER BY seq",
+        )
+        .bind(i64_of(finished_since.0))
+        .fetch_all(&self.pool)
+        .await?;
+        jobs_from_rows(rows)
+    }
+
+    async fn get_job(&self, id: JobId) -> Result<Option<Job>, StoreError> {
+        let row = sqlx::query("SELECT body FROM jobs WHERE id = $1")
+            .bind(id.0)
+            .fetch_optional(&self.pool)
+            .await?;
+        match row {
+            Some(r) => Ok(Some(decode_job(r.try_get::<&str, _>("body")?)?)),
+            None => Ok(None),
+        }
+    }
+
+    async fn list_jobs(&self, filter: &JobFilter) -> Result<Vec<Job>, StoreError> {
+        let limit = filter.limit.unwrap_or(DEFAULT_LIST_LIMIT);
+        let mut qb: QueryBuilder<Postgres> =
+            QueryBuilder::new("SELECT body FROM jobs WHERE seq > ");
+        qb.push_bind(i64_of(filter.after_seq.unwrap_or(0)));
+        if let Some(o) = &filter.org_id {
+            qb.push(" AND org = ").push_bind(o.as_str());
+        }
+        if let Some(s) = filter.state {
+            qb.push(" AND state = ").push_bind(s.as_str());
+        }
+        if let Some(a) = &filter.app_version_id {
+            qb.push(" AND app = ").push_bind(a.as_str());
+        }
+        if let Some(t) = &filter.target {
+            qb.push(" AND target = ").push_bind(t.as_str());
+        }
+        if let Some(r) = filter.run_id {
+            qb.push(" AND run = ").push_bind(r.0);
+        }
+        qb.push(" ORDER BY seq LIMIT ")
+            .push_bind(i64::try_from(limit).unwrap_or(i64::MAX));
+        let rows = qb.build().fetch_all(&self.pool).await?;
+        jobs_from_rows(rows)
+    }
+
+    async fn get_run(&self, id: RunId) -> Result<Option<RunRecord>, StoreError> {
+        let row = sqlx::query("SELECT body FROM runs WHERE id = $1")
+            .bind(id.0)
+            .fetch_optional(&self.pool)
+            .await?;
+        match row {
+            Some(r) => serde_json::from_str(r.try_get::<&str, _>("body")?)
+                .map(Some)
+                .map_err(|e| StoreError::Corrupt(format!("run: {e}"))),
+            None => Ok(None),
+        }
+    }
+
+    async fn run_jobs(&self, id: RunId) -> Result<Vec<Job>, StoreError> {
+        let rows = sqlx::query("SELECT body FROM jobs WHERE run = $1 ORDER BY seq")
+            .bind(id.0)
+            .fetch_all(&self.pool)
+            .await?;
+        jobs_from_rows(rows)
+    }
+
+    async fn append_log(&self, job: JobId, data: &[u8], limit: u64) -> Result<u64, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        // Serialise appends to one job's log, so two cannot both pass the size check.
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1::text, 0))")
+            .bind(job.0)
+            .execute(&mut *tx)
+            .await?;
+        let size: i64 = sqlx::query_scalar(
+            "SELECT COALESCE(SUM(length(data)), 0)::BIGINT FROM job_logs WHERE job = $1",
+        )
+        .bind(job.0)
+        .fetch_one(&mut *tx)
+        .await?;
+        let new = u64::try_from(size).unwrap_or(0) + data.len() as u64;
+        if new > limit {
+            return Err(StoreError::LogFull { job, limit });
+        }
+        if !data.is_empty() {
+            sqlx::query("INSERT INTO job_logs (job, data) VALUES ($1, $2)")
+                .bind(job.0)
+                .bind(data)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(new)
+    }
+
+    async fn read_log(&self, job: JobId, offset: u64) -> Result<(Vec<u8>, u64), StoreError> {
+        let rows = sqlx::query("SELECT data FROM job_logs WHERE job = $1 ORDER BY n")
+            .bind(job.0)
+            .fetch_all(&self.pool)
+            .await?;
+        let mut all = Vec::new();
+        for r in rows {
+            all.extend_from_slice(r.try_get::<&[u8], _>("data")?);
+        }
+        let size = all.len() as u64;
+        let start = usize::try_from(offset).unwrap_or(usize::MAX).min(all.len());
+        Ok((all.split_off(start), size))
+    }
+
+    async fn put_build(
+        &self,
+        org: &OrgId,
+        app: &AppVersionId,
+        build: &BuildRecord,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO builds (org, app, sha256, size) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (org, app) DO UPDATE SET sha256 = excluded.sha256, size = excluded.size",
+        )
+        .bind(org.as_str())
+        .bind(app.as_str())
+        .bind(&build.sha256)
+        .bind(i64_of(build.size))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn get_build(
+        &self,
+        org: &OrgId,
+        app: &AppVersionId,
+    ) -> Result<Option<BuildRecord>, StoreError> {
+        let row = sqlx::query("SELECT sha256, size FROM builds WHERE org = $1 AND app = $2")
+            .bind(org.as_str())
+            .bind(app.as_str())
+            .fetch_optional(&self.pool)
+            .await?;
+        match row {
+            Some(r) => Ok(Some(BuildRecord {
+                sha256: r.try_get("sha256")?,
+                size: u64::try_from(r.try_get::<i64, _>("size")?).unwrap_or(0),
+            })),
+            None => Ok(None),
+        }
+    }
+
+    async fn add_token(&self, token: &TokenRecord) -> Result<(), StoreError> {
+        let kind = match token.kind {
+            TokenKind::Admin => "admin",
+            TokenKind::Org => "org",
+            TokenKind::Agent => "agent",
+        };
+        sqlx::query(
+            "INSERT INTO tokens (hash, kind, org) VALUES ($1, $2, $3) \
+             ON CONFLICT (hash) DO UPDATE SET kind = excluded.kind, org = excluded.org",
+        )
+        .bind(&token.hash)
+        .bind(kind)
+        .bind(token.org_id.as_ref().map(|o| o.as_str()))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
+        let rows = sqlx::query("SELECT hash, kind, org FROM tokens ORDER BY hash")
+            .fetch_all(&self.pool)
+            .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows {
+            let kind = match r.try_get::<&str, _>("kind")? {
+                "admin" => TokenKind::Admin,
+                "org" => TokenKind::Org,
+                "agent" => TokenKind::Agent,
+                other => return Err(StoreError::Corrupt(format!("token kind {other:?}"))),
+            };
+            let org = match r.try_get::<Option<String>, _>("org")? {
+                Some(o) => Some(
+                    OrgId::from_str(&o)
+                        .map_err(|e| StoreError::Corrupt(format!("token org: {e}")))?,
+                ),
+                None => None,
+            };
+            out.push(TokenRecord {
+                hash: r.try_get("hash")?,
+                kind,
+                org_id: org,
+            });
+        }
+        Ok(out)
+    }
+}
