@@ -347,6 +347,7 @@ impl JobRunner {
                 tests,
                 errors: Vec::new(),
                 duration_ms: 0,
+                setup_failed: false,
             };
             let passed = one.passed();
             let mut output = out.tail.clone();

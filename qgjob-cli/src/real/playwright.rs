@@ -28,6 +28,11 @@ pub struct ParsedReport {
     pub errors: Vec<String>,
     /// The whole run's wall time in milliseconds, as Playwright measured it.
     pub duration_ms: u64,
+    /// No test ran because the run failed before any spec could: errors outside tests that
+    /// point at no spec file and are not "No tests found" (AppWright's global setup not
+    /// finding the device or SDK, a broken config). That is the machine's fault, not the
+    /// tests'. A spec that does not load points at its file and is not counted here.
+    pub setup_failed: bool,
 }
 
 impl ParsedReport {
@@ -141,6 +146,9 @@ struct RawError {
     message: Option<String>,
     #[serde(default)]
     value: Option<String>,
+    /// Where the error happened; set when a spec file is at fault.
+    #[serde(default)]
+    location: Option<serde_json::Value>,
 }
 
 impl RawError {
@@ -161,11 +169,18 @@ pub fn parse_report(json: &str) -> Result<ParsedReport, ReportParseError> {
         // test's title (Playwright's own reporters show `describe › test`).
         walk(suite, &mut Vec::new(), &suite.file, &mut tests);
     }
-    let errors = raw.errors.iter().filter_map(RawError::text).collect();
+    let errors: Vec<String> = raw.errors.iter().filter_map(RawError::text).collect();
+    let setup_failed = tests.is_empty()
+        && !raw.errors.is_empty()
+        && raw.errors.iter().all(|e| e.location.is_none())
+        && !errors
+            .iter()
+            .all(|e| e.starts_with("Error: No tests found"));
     Ok(ParsedReport {
         tests,
         errors,
         duration_ms: raw.stats.map(|s| ms(s.duration)).unwrap_or(0),
+        setup_failed,
     })
 }
 
@@ -332,6 +347,9 @@ mod tests {
 
     const REPORT: &str = include_str!("testdata/playwright-report.json");
     const LOAD_ERROR: &str = include_str!("testdata/playwright-load-error.json");
+    /// A real report of `npx appwright test --project emulator` on a machine without an
+    /// Android SDK: AppWright's global setup fails before any test.
+    const APPWRIGHT_SETUP: &str = include_str!("testdata/appwright-global-setup-error.json");
 
     #[test]
     fn strips_colour_and_hyperlink_codes() {
@@ -407,6 +425,18 @@ mod tests {
             .failure_summary()
             .expect("summary")
             .starts_with("SyntaxError:"));
+    }
+
+    #[test]
+    fn appwright_failing_to_reach_the_device_is_a_setup_failure() {
+        let r = parse_report(APPWRIGHT_SETUP).expect("parses");
+        assert!(r.tests.is_empty());
+        assert!(r.setup_failed);
+        assert!(r.errors[0].starts_with("Error: The ANDROID_HOME environment variable is not set"));
+        // A spec that does not load is the spec's fault, and so is naming no test at all.
+        assert!(!parse_report(LOAD_ERROR).expect("parses").setup_failed);
+        let none = r#"{"suites":[],"errors":[{"message":"Error: No tests found."}]}"#;
+        assert!(!parse_report(none).expect("parses").setup_failed);
     }
 
     #[test]

@@ -6,8 +6,11 @@
 //! Outcome rules (what the scheduler is told):
 //! - a report with tests → `Ok(RunReport)`; `passed` only when every test passed (flaky and
 //!   skipped count as passing), nothing failed outside a test and the command exited 0;
-//! - a report with no tests but errors (a spec that does not load, "No tests found") →
-//!   `Ok(RunReport { passed: false })`: retrying would fail the same way;
+//! - a report with no tests but errors pointing at a spec (one that does not load) or
+//!   "No tests found" → `Ok(RunReport { passed: false })`: retrying would fail the same way;
+//! - a report with no tests and errors pointing at no spec (AppWright's global setup not
+//!   finding the device, SDK or Appium; a broken config) → `Err(RunnerCrashed)`: the
+//!   machine's fault, retried;
 //! - timeout → `Err(Timeout)`; cancel → `Err(Other, "canceled")`;
 //! - no report, an unreadable one, or a command killed by a signal → `Err(RunnerCrashed)`
 //!   (retried by the scheduler).
@@ -597,6 +600,12 @@ pub fn judge(out: &RunOutcome, timeout: Duration) -> Result<RunReport, InfraFail
         Ok(r) => r,
         Err(e) => return Err(crashed(format!("exit code {code}: {e}"))),
     };
+    if report.setup_failed {
+        return Err(crashed(format!(
+            "exit code {code}: the test runner failed before any test ran: {}",
+            report.errors.first().map(String::as_str).unwrap_or("")
+        )));
+    }
     if report.tests.is_empty() && report.errors.is_empty() {
         return Err(crashed(format!(
             "exit code {code}: the report lists neither tests nor errors"
@@ -704,6 +713,26 @@ mod tests {
             "{got}"
         );
         assert!(b.tail().contains("line 49"), "the tail keeps the end");
+    }
+
+    #[test]
+    fn a_runner_that_fails_before_any_test_is_an_infrastructure_error() {
+        let out = RunOutcome {
+            ended: Ended::Exited(1),
+            report: Some(include_str!("testdata/appwright-global-setup-error.json").to_string()),
+            tail: "Error while running playwright test".into(),
+            elapsed: Duration::from_secs(1),
+        };
+        let e = judge(&out, Duration::from_secs(60)).expect_err("infra");
+        assert_eq!(e.kind, InfraErrorKind::RunnerCrashed);
+        assert!(e.message.contains("ANDROID_HOME"), "{}", e.message);
+        let out = RunOutcome {
+            report: Some(include_str!("testdata/playwright-load-error.json").to_string()),
+            ..out
+        };
+        let r = judge(&out, Duration::from_secs(60)).expect("the spec's fault");
+        assert!(!r.passed);
+        assert!(r.error.expect("error").starts_with("SyntaxError"));
     }
 
     #[test]
