@@ -9,9 +9,11 @@
 //!
 //! Expiry: BrowserStack deletes uploaded apps after 30 days. An app URL is re-uploaded
 //! (a) before use once it is older than `app_ttl` (default 29 days), and (b) when a run
-//! fails with output naming an expired or unknown app (any of [`EXPIRY_MARKERS`], which
-//! are BrowserStack's error codes for a bad `app` capability): the cached URL is dropped,
-//! the build uploaded again and the job run once more with the new URL.
+//! fails with output naming an expired or unknown app (any of [`EXPIRY_MARKERS`], the
+//! codes expected from BrowserStack for an invalid or expired `app` capability; not
+//! verified against the live service, so operators can add texts with
+//! `--browserstack-expired-marker`): the cached URL is dropped, the build uploaded again
+//! and the job run once more with the new URL.
 
 use std::collections::HashMap;
 use std::io::Read;
@@ -93,6 +95,8 @@ pub struct Apps {
     cache: Mutex<HashMap<String, Upload>>,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     file: PathBuf,
+    /// Output that means an app URL is gone: [`EXPIRY_MARKERS`] plus the operator's own.
+    markers: Vec<String>,
     /// Counters.
     pub stats: UploadStats,
 }
@@ -144,8 +148,29 @@ impl Apps {
             cache: Mutex::new(cache),
             locks: Mutex::new(HashMap::new()),
             file,
+            markers: EXPIRY_MARKERS
+                .iter()
+                .map(|m| m.to_ascii_lowercase())
+                .collect(),
             stats: UploadStats::default(),
         }
+    }
+
+    /// Also treats output containing any of `extra` (case-insensitive) as an expired app.
+    pub fn with_markers(mut self, extra: &[String]) -> Self {
+        self.markers.extend(
+            extra
+                .iter()
+                .filter(|m| !m.trim().is_empty())
+                .map(|m| m.to_ascii_lowercase()),
+        );
+        self
+    }
+
+    /// Whether a run's output says the app URL is no longer valid.
+    pub fn says_expired(&self, output: &str) -> bool {
+        let lower = output.to_ascii_lowercase();
+        self.markers.iter().any(|m| lower.contains(m.as_str()))
     }
 
     fn lock_for(&self, sha: &str) -> Arc<tokio::sync::Mutex<()>> {
@@ -427,11 +452,7 @@ impl Inner {
                 .run_job(&Target::Browserstack, &env, &job, cancel.clone())
                 .await;
             let failed = !matches!(&attempt.run, Ok(r) if r.passed);
-            let lower = attempt.output.to_ascii_lowercase();
-            let expired = failed
-                && EXPIRY_MARKERS
-                    .iter()
-                    .any(|m| lower.contains(&m.to_ascii_lowercase()));
+            let expired = failed && self.shared.apps.says_expired(&attempt.output);
             if expired && round == 0 {
                 note("qgjob: BrowserStack no longer knows the app; uploading it again\n");
                 self.shared.apps.expire(&sha, &url);
@@ -535,6 +556,22 @@ mod tests {
             "apk"
         );
         assert_eq!(guess_extension(&dir.path().join("missing")), "apk");
+    }
+
+    #[test]
+    fn recognises_expired_apps_by_built_in_and_operator_markers() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let creds = Credentials {
+            username: "u".into(),
+            access_key: "k".into(),
+            base_url: DEFAULT_BASE_URL.into(),
+        };
+        let apps = Apps::new(creds, Duration::from_secs(60), dir.path())
+            .with_markers(&["App not available anymore".to_string(), " ".to_string()]);
+        assert!(apps.says_expired("WebDriverError: [browserstack_invalid_app_cap] bad app"));
+        assert!(apps.says_expired("error: APP NOT AVAILABLE ANYMORE (bs://x)"));
+        assert!(!apps.says_expired("Error: expect(received).toBe(expected)"));
+        assert!(!apps.says_expired(""), "a blank marker matches nothing");
     }
 
     #[test]

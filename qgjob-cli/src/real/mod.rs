@@ -95,6 +95,10 @@ pub struct RealArgs {
         value_name = "KEY"
     )]
     pub browserstack_access_key: Option<String>,
+    /// BrowserStack: output that means the app URL expired (repeatable; added to the
+    /// built-in BROWSERSTACK_APP_EXPIRED, BROWSERSTACK_INVALID_APP_CAP...).
+    #[arg(long = "browserstack-expired-marker", value_name = "TEXT")]
+    pub browserstack_expired_markers: Vec<String>,
     /// BrowserStack: re-upload an app once its URL is older than this many hours.
     #[arg(long, default_value_t = 29 * 24, value_name = "HOURS")]
     pub app_ttl_hours: u64,
@@ -133,6 +137,10 @@ impl std::fmt::Debug for RealArgs {
                 "browserstack_access_key",
                 &self.browserstack_access_key.as_ref().map(|_| "<redacted>"),
             )
+            .field(
+                "browserstack_expired_markers",
+                &self.browserstack_expired_markers,
+            )
             .field("app_ttl_hours", &self.app_ttl_hours)
             .field("cache_dir", &self.cache_dir)
             .field("cache_max_mb", &self.cache_max_mb)
@@ -154,6 +162,7 @@ impl Default for RealArgs {
             browserstack_url: browserstack::DEFAULT_BASE_URL.to_string(),
             browserstack_username: None,
             browserstack_access_key: None,
+            browserstack_expired_markers: Vec::new(),
             app_ttl_hours: 29 * 24,
             cache_dir: PathBuf::from("qgjob-agent-cache"),
             cache_max_mb: 10_240,
@@ -275,7 +284,8 @@ pub async fn build_devices(
                 },
                 Duration::from_secs(args.app_ttl_hours.saturating_mul(3600)),
                 cache.dir(),
-            );
+            )
+            .with_markers(&args.browserstack_expired_markers);
             let shared = browserstack::Shared::new(apps, args.parallel);
             for n in 1..=args.parallel {
                 devices.push(Arc::new(
