@@ -55,6 +55,7 @@ impl Metrics {
         depth: &[(Target, StateCounts)],
         active_leases: u64,
         devices: u64,
+        in_memory: u64,
     ) -> String {
         let mut out = String::with_capacity(4096);
         let counter = |out: &mut String, name: &str, help: &str, v: &AtomicU64| {
@@ -83,6 +84,10 @@ impl Metrics {
         let _ = writeln!(
             out,
             "# HELP qgjob_devices Registered devices.\n# TYPE qgjob_devices gauge\nqgjob_devices {devices}"
+        );
+        let _ = writeln!(
+            out,
+            "# HELP qgjob_jobs_in_memory Jobs the scheduler holds in memory (finished ones are forgotten after the retention window).\n# TYPE qgjob_jobs_in_memory gauge\nqgjob_jobs_in_memory {in_memory}"
         );
         counter(
             &mut out,

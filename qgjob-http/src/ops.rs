@@ -22,13 +22,13 @@ pub async fn healthz(State(app): State<AppState>) -> Json<Value> {
 
 /// `GET /metrics`.
 pub async fn metrics(State(app): State<AppState>) -> Response {
-    let (depth, leases, devices) = {
+    let (depth, leases, devices, in_memory) = {
         let s = app.lock();
         let devs = s.devices();
         let leases = devs.iter().filter(|d| d.lease.is_some()).count() as u64;
-        (s.queue_depth(), leases, devs.len() as u64)
+        (s.queue_depth(), leases, devs.len() as u64, s.len() as u64)
     };
-    let body = app.metrics.render(&depth, leases, devices);
+    let body = app.metrics.render(&depth, leases, devices, in_memory);
     let mut resp = body.into_response();
     resp.headers_mut().insert(
         header::CONTENT_TYPE,

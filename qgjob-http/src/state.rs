@@ -361,18 +361,33 @@ async fn timer_task(app: std::sync::Weak<App>, mut shutdown: watch::Receiver<boo
             a.work.notify_waiters();
             continue;
         }
-        if now.saturating_sub(last_forget) > 10_000 {
+        // Forget at least twice per retention window (and at most every 30 s).
+        let every = (a.limits.retention_ms / 2).clamp(100, 30_000);
+        if now.saturating_sub(last_forget) >= every {
             last_forget = now;
             let before = Time(now.saturating_sub(a.limits.retention_ms));
             a.prune_leases(now);
-            let n = a.lock().forget_finished(before);
+            // forget_finished scans every job under the lock: skip it when nothing is final.
+            let mut s = a.lock();
+            let finished: u64 = s
+                .queue_depth()
+                .iter()
+                .map(|(_, c)| c.total() - c.queued - c.running)
+                .sum();
+            let n = if finished > 0 {
+                s.forget_finished(before)
+            } else {
+                0
+            };
+            drop(s);
             if n > 0 {
                 tracing::debug!(jobs = n, "forgot finished jobs (the store keeps them)");
             }
         }
         let wait = next
             .map_or(1000, |t| t.0.saturating_sub(now))
-            .clamp(1, 1000);
+            .clamp(1, 1000)
+            .min(every);
         let timer = a.timer.notified();
 
         tokio::select! {

@@ -1041,3 +1041,56 @@ fn uploads_over_the_limit_get_413_and_store_nothing() {
     );
     assert_eq!(c.get_raw(&format!("/v1/jobs/{id}/logs")).2, b"12345678");
 }
+
+#[test]
+fn finished_jobs_forgotten_by_the_scheduler_are_served_from_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = TestServer::start(ServerOptions {
+        limits: qgjob_http::Limits {
+            retention_ms: 0,
+            ..qgjob_http::Limits::default()
+        },
+        ..sqlite_opts(dir.path())
+    });
+    let c = s.client(None);
+    let (_, r) = c.post(
+        "/v1/runs",
+        &json!({"jobs": [spec("qualgent", "v1", "a.spec.js")]}),
+    );
+    let run = r["run_id"].as_str().unwrap().to_string();
+    let id = r["job_ids"][0].as_str().unwrap().to_string();
+    c.post("/v1/agent/devices", &device("emu-1"));
+    let (_, l) = lease(&c, "emu-1", 1000);
+    let lid = l["id"].as_u64().unwrap();
+    let report = json!({"passed": true, "tests": [{"title": "t", "status": "passed"}]});
+    c.post(
+        &format!("/v1/agent/leases/{lid}/jobs/{id}/complete"),
+        &report,
+    );
+    // The timer drops the finished job from memory...
+    eventually(20, || {
+        let (_, m) = c.get("/metrics");
+        m.as_str()
+            .unwrap()
+            .contains("qgjob_jobs_in_memory 0")
+            .then_some(())
+    });
+    // ...and every read still finds it, from the store.
+    let j = job_state(&c, &id);
+    assert_eq!(j["state"], "passed");
+    assert_eq!(
+        c.get(&format!("/v1/jobs/{id}/results")).1["tests"][0]["title"],
+        "t"
+    );
+    assert_eq!(c.get(&format!("/v1/runs/{run}")).1["status"], "passed");
+    let (_, page) = c.get("/v1/jobs?state=passed");
+    assert_eq!(page["jobs"].as_array().unwrap().len(), 1);
+    let (st, v) = c.post_empty(&format!("/v1/jobs/{id}/cancel"));
+    assert_eq!(
+        (st, v["error"]["code"].clone()),
+        (409, json!("already_final"))
+    );
+    let (_, events) = c.sse_events(&format!("/v1/jobs/{id}/events"), 5);
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0]["state"], "passed");
+}
