@@ -138,6 +138,8 @@ pub struct GroupedScheduler {
     lease_deadlines: BTreeSet<(Time, LeaseId)>,
     hard_deadlines: BTreeSet<(Time, LeaseId)>,
     backoff: BTreeSet<(Time, u64, JobId)>,
+    /// Final jobs by finish time (what `forget_finished` walks).
+    finished: BTreeSet<(Time, u64, JobId)>,
     events: Vec<JobEvent>,
 }
 
@@ -162,6 +164,7 @@ impl GroupedScheduler {
             lease_deadlines: BTreeSet::new(),
             hard_deadlines: BTreeSet::new(),
             backoff: BTreeSet::new(),
+            finished: BTreeSet::new(),
             events: Vec::new(),
         }
     }
@@ -241,6 +244,8 @@ impl GroupedScheduler {
                     s.jobs.insert(job.id, job);
                 }
                 _ => {
+                    let done = job.finished_at.unwrap_or(job.created_at);
+                    s.finished.insert((done, job.seq, job.id));
                     s.by_seq.insert(job.seq, job.id);
                     s.jobs.insert(job.id, job);
                 }
@@ -285,25 +290,23 @@ impl GroupedScheduler {
     /// Forgets final jobs that finished before `before`, returning how many went. Keeps
     /// memory bounded in a long-running server once the store holds them.
     pub fn forget_finished(&mut self, before: Time) -> usize {
-        let old: Vec<(u64, JobId)> = self
-            .by_seq
-            .iter()
-            .filter_map(|(seq, id)| {
-                let j = self.jobs.get(id)?;
-                (j.state.is_final() && j.finished_at.is_some_and(|t| t < before))
-                    .then_some((*seq, *id))
-            })
-            .collect();
-        for (seq, id) in &old {
-            self.by_seq.remove(seq);
-            if let Some(j) = self.jobs.remove(id) {
+        let mut gone = 0;
+        // Walks only the final jobs old enough to go, via their finish-time index.
+        while let Some(&(t, seq, id)) = self.finished.first() {
+            if t >= before {
+                break;
+            }
+            self.finished.remove(&(t, seq, id));
+            self.by_seq.remove(&seq);
+            if let Some(j) = self.jobs.remove(&id) {
                 if let Some(k) = j.spec.idempotency_key {
                     self.idempotency.remove(&(j.spec.org_id.clone(), k));
                 }
                 self.pool_mut(&j.spec.target).counts.remove(j.state);
+                gone += 1;
             }
         }
-        old.len()
+        gone
     }
 
     // ----- internals -----
@@ -610,6 +613,7 @@ impl GroupedScheduler {
             j.finished_at = Some(now);
             j.not_before = None;
             j.outcome = Some(outcome);
+            self.finished.insert((now, j.seq, id));
         }
         self.emit(id, now);
     }
