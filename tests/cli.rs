@@ -597,6 +597,7 @@ fn unreachable_server_and_bad_input_give_clean_errors() {
         vec!["wait", "--job-id=x", "--timeout=soon"],
         vec!["status"],
         vec!["frobnicate"],
+        vec!["server", "--addr", "127.0.0.1:0", "--store", "postgres"],
     ] {
         let o = run(None, dir.path(), &args);
         assert_eq!(code(&o), 2, "{args:?}: {}", stderr(&o));

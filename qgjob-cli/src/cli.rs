@@ -299,6 +299,9 @@ pub enum StoreKind {
     Embedded,
     /// Memory only: everything is lost at exit (tests, demos).
     Memory,
+    /// PostgreSQL at --database-url (uploads still go under --data-dir).
+    #[value(alias = "postgresql")]
+    Postgres,
 }
 
 /// `qgjob server`.
@@ -310,9 +313,18 @@ pub struct ServerArgs {
     /// Where the embedded store and uploads live.
     #[arg(long, default_value = "qgjob-data", value_name = "DIR")]
     pub data_dir: PathBuf,
-    /// Store kind.
-    #[arg(long, value_enum, default_value_t = StoreKind::Embedded)]
-    pub store: StoreKind,
+    /// Store kind (default: embedded, or postgres when --database-url is given).
+    #[arg(long, value_enum)]
+    pub store: Option<StoreKind>,
+    /// PostgreSQL URL for --store postgres, e.g. postgres://postgres@127.0.0.1:5432/qgjob
+    /// (setting it alone implies --store postgres).
+    #[arg(
+        long,
+        env = "QGJOB_DATABASE_URL",
+        value_name = "URL",
+        hide_env_values = true
+    )]
+    pub database_url: Option<String>,
     /// A file of tokens (`admin TOKEN`, `agent TOKEN`, `org ORG_ID TOKEN` per line);
     /// without tokens the server only runs on a loopback address.
     #[arg(long, value_name = "FILE")]

@@ -37,28 +37,47 @@ fn parse_addr(s: &str) -> Result<SocketAddr> {
     })
 }
 
+/// Logs to stderr (`RUST_LOG` overrides `default`), coloured only on a terminal without
+/// `NO_COLOR`.
 fn init_logs(default: &str) {
+    let ansi =
+        crate::util::stderr_is_tty() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default)),
         )
+        .with_ansi(ansi)
         .with_writer(std::io::stderr)
         .try_init();
 }
 
 /// `qgjob server`.
 pub fn server(a: &ServerArgs) -> Result<u8> {
+    let kind = a.store.unwrap_or(if a.database_url.is_some() {
+        StoreKind::Postgres
+    } else {
+        StoreKind::Embedded
+    });
+    if kind == StoreKind::Postgres && a.database_url.is_none() {
+        return Err(CliError::Usage(
+            "--store postgres needs --database-url (or QGJOB_DATABASE_URL)".into(),
+        ));
+    }
     let opts = ServerOptions {
         addr: parse_addr(&a.addr)?,
         data_dir: Some(a.data_dir.clone()),
-        store: match a.store {
+        store: match kind {
             StoreKind::Embedded => HttpStore::Sqlite,
             StoreKind::Memory => HttpStore::Memory,
+            StoreKind::Postgres => HttpStore::Postgres,
         },
+        postgres_url: a.database_url.clone(),
         tokens_file: a.tokens_file.clone(),
         ..ServerOptions::default()
     };
+    // Installed first, so the server's own default subscriber is not used.
+    init_logs("info");
     let rt = runtime()?;
     rt.block_on(qgjob_http::run_server(opts))
         .map_err(|e| CliError::Other(format!("server: {e}")))?;
