@@ -259,7 +259,8 @@ fn real_agent(client: Client, a: &AgentArgs) -> Result<u8> {
             | RealError::NoDevices(_)
             | RealError::Credentials
             | RealError::Unsupported(_)
-            | RealError::Invalid(_)),
+            | RealError::Invalid(_)
+            | RealError::Cache(crate::real::cache::ArtifactError::InUse { .. })),
         ) => Err(CliError::Usage(e.to_string())),
         Err(e) => Err(CliError::Other(e.to_string())),
     }
