@@ -36,6 +36,14 @@
 //!   [`store::PgStore`] (PostgreSQL) and [`store::MemoryStore`]; one generic test suite runs
 //!   against all three. Several servers on one PostgreSQL database are not supported yet:
 //!   each server holds its own scheduler in memory.
+//!
+//! # Known limits
+//!
+//! - Lease ids restart after the highest lease still running when the server restarts, so
+//!   an agent holding a lease from before a restart whose job ended meanwhile could meet a
+//!   new lease with the same number (its reports are still refused: the job differs).
+//! - A failed store write is answered 500, but the scheduler in memory keeps the change.
+//! - Figures (`cargo bench -p qgjob-http --bench load`) are measured, not asserted.
 #![warn(missing_docs)]
 
 pub mod agent;
