@@ -70,6 +70,13 @@ pub async fn submit_job(
             "jobs join a run only through POST /v1/runs",
         ));
     }
+    if let Some(old) = forgotten_match(&app, &spec, "idempotency_key").await? {
+        return Ok((
+            StatusCode::OK,
+            Json(json!({"job_id": old.id, "status": old.state, "created": false})),
+        )
+            .into_response());
+    }
     let sub = app
         .mutate(Vec::new(), true, |s, now, _| {
             s.submit(now, spec).map_err(ApiError::from)
@@ -91,6 +98,40 @@ pub async fn submit_job(
         Json(json!({"job_id": sub.job_id, "status": sub.state, "created": sub.created})),
     )
         .into_response())
+}
+
+/// The scheduler deduplicates idempotency keys among the jobs it holds; a job it forgot
+/// (finished before the retention window) is looked up in the store. Returns that job when
+/// `spec` repeats it, 409 when the key was used for a different spec, `None` otherwise.
+async fn forgotten_match(
+    app: &AppState,
+    spec: &JobSpec,
+    field: &str,
+) -> Result<Option<Job>, ApiError> {
+    let Some(key) = &spec.idempotency_key else {
+        return Ok(None);
+    };
+    let Some(old) = app.store.find_idempotent(&spec.org_id, key).await? else {
+        return Ok(None);
+    };
+    if app.lock().get(old.id).is_some() {
+        // Still in memory: the scheduler decides, as for any other repeat.
+        return Ok(None);
+    }
+    let (mut a, mut b) = (old.spec.clone(), spec.clone());
+    a.run_id = None;
+    b.run_id = None;
+    if a == b {
+        Ok(Some(old))
+    } else {
+        Err(ApiError::conflict(
+            "conflict",
+            format!(
+                "{field}: idempotency key {key:?} was already used for job {} with a different spec",
+                old.id
+            ),
+        ))
+    }
 }
 
 /// Body of `POST /v1/runs`.
@@ -139,27 +180,49 @@ pub async fn submit_run(
     let mut rnd = [0u8; 10];
     getrandom::fill(&mut rnd).map_err(ApiError::internal)?;
     let run_id = RunId::from_parts(now, rnd);
-    let mut specs = body.jobs;
-    for s in specs.iter_mut() {
-        s.run_id = Some(run_id);
+    let total = body.jobs.len();
+    // Jobs repeating a forgotten job's idempotency key answer with that job instead.
+    let mut known: Vec<Option<JobId>> = vec![None; total];
+    let mut specs = Vec::with_capacity(total);
+    let mut positions = Vec::with_capacity(total);
+    for (i, mut s) in body.jobs.into_iter().enumerate() {
+        match forgotten_match(&app, &s, &format!("jobs[{i}].idempotency_key")).await? {
+            Some(old) => known[i] = Some(old.id),
+            None => {
+                s.run_id = Some(run_id);
+                specs.push(s);
+                positions.push(i);
+            }
+        }
     }
     let record = RunRecord {
         id: run_id,
         org_id: org,
         created_at: Time(now),
         labels: body.labels,
-        job_count: specs.len() as u64,
+        job_count: total as u64,
     };
     let subs = app
         .mutate(vec![record], true, |s, now, _| {
-            s.submit_many(now, specs).map_err(batch_error)
+            s.submit_many(now, specs).map_err(|e| match e {
+                // Name the job by its place in the request, not in the submitted subset.
+                SubmitError::Invalid { index, source } => batch_error(SubmitError::Invalid {
+                    index: positions.get(index).copied().unwrap_or(index),
+                    source,
+                }),
+                other => batch_error(other),
+            })
         })
         .await?;
     let created = subs.iter().filter(|s| s.created).count() as u64;
     app.metrics
         .submitted
         .fetch_add(created, std::sync::atomic::Ordering::Relaxed);
-    let ids: Vec<JobId> = subs.iter().map(|s| s.job_id).collect();
+    let mut fresh = subs.iter().map(|s| s.job_id);
+    let ids: Vec<JobId> = known
+        .into_iter()
+        .filter_map(|k| k.or_else(|| fresh.next()))
+        .collect();
     tracing::info!(run_id = %run_id, jobs = ids.len(), created, "run submitted");
     Ok((
         StatusCode::CREATED,

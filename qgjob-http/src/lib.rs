@@ -25,8 +25,9 @@
 //!   least one lease TTL after the restart: agents could not heartbeat while the server was
 //!   down. Heartbeats are therefore not persisted. Devices are not persisted: agents
 //!   register again (a device that held a lease gets it back).
-//! - **Idempotency** keys deduplicate against jobs the scheduler holds: unfinished ones and
-//!   those finished within the retention window (`Limits::retention_ms`, one hour).
+//! - **Idempotency** keys are deduplicated by the scheduler among the jobs it holds, and
+//!   through an indexed store lookup for jobs it forgot (finished before the retention
+//!   window, `Limits::retention_ms`, one hour).
 //! - **Reads**: a job is read from the scheduler when it holds it, else from the store;
 //!   listings and runs come from the store (everything acknowledged is there).
 //! - **Logs** are stored in the database, appended per job, size-limited.

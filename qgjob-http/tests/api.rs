@@ -1094,3 +1094,72 @@ fn finished_jobs_forgotten_by_the_scheduler_are_served_from_the_store() {
     assert_eq!(events.len(), 1);
     assert_eq!(events[0]["state"], "passed");
 }
+
+#[test]
+fn idempotency_keys_still_match_jobs_the_scheduler_forgot() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = TestServer::start(ServerOptions {
+        limits: qgjob_http::Limits {
+            retention_ms: 0,
+            ..qgjob_http::Limits::default()
+        },
+        ..sqlite_opts(dir.path())
+    });
+    let c = s.client(None);
+    let mut sp = spec("qualgent", "v1", "tests/a.spec.js");
+    sp["idempotency_key"] = json!("build-7/a");
+    let (st, v) = c.post("/v1/jobs", &sp);
+    assert_eq!(st, 201);
+    let id = v["job_id"].as_str().unwrap().to_string();
+    c.post("/v1/agent/devices", &device("emu-1"));
+    let (_, l) = lease(&c, "emu-1", 1000);
+    let lid = l["id"].as_u64().unwrap();
+    c.post(
+        &format!("/v1/agent/leases/{lid}/jobs/{id}/complete"),
+        &json!({"passed": true}),
+    );
+    eventually(20, || {
+        let (_, m) = c.get("/metrics");
+        m.as_str()
+            .unwrap()
+            .contains("qgjob_jobs_in_memory 0")
+            .then_some(())
+    });
+    // The same submit again: the finished job, not a new one.
+    let (st, v) = c.post("/v1/jobs", &sp);
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["job_id"], id.as_str());
+    assert_eq!(
+        (v["created"].clone(), v["status"].clone()),
+        (json!(false), json!("passed"))
+    );
+    // The same key for another spec is a conflict.
+    let mut other = sp.clone();
+    other["tests"] = json!(["tests/b.spec.js"]);
+    let (st, v) = c.post("/v1/jobs", &other);
+    assert_eq!(
+        (st, v["error"]["code"].clone()),
+        (409, json!("conflict")),
+        "{v}"
+    );
+    // In a run: the repeated job keeps its place among new ones; a bad job is named by
+    // its place in the request.
+    let fresh = spec("qualgent", "v1", "tests/c.spec.js");
+    let (st, r) = c.post("/v1/runs", &json!({"jobs": [fresh, sp]}));
+    assert_eq!(st, 201, "{r}");
+    assert_eq!(r["job_ids"][1], id.as_str());
+    assert_ne!(r["job_ids"][0], id.as_str());
+    let bad = json!({"org_id": "qualgent", "app_version_id": "v1", "tests": []});
+    let (st, v) = c.post("/v1/runs", &json!({"jobs": [sp, bad]}));
+    assert_eq!(
+        (st, v["error"]["field"].clone()),
+        (422, json!("jobs[1].tests")),
+        "{v}"
+    );
+    let (_, page) = c.get("/v1/jobs?limit=1000");
+    assert_eq!(
+        page["jobs"].as_array().unwrap().len(),
+        2,
+        "no duplicate was queued"
+    );
+}

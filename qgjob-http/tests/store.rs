@@ -404,3 +404,33 @@ async fn sqlite_data_survives_reopen() {
     assert_eq!(st.list_jobs(&JobFilter::default()).await.unwrap(), jobs);
     assert_eq!(st.read_log(jobs[0].id, 0).await.unwrap().1, 1);
 }
+
+#[tokio::test]
+async fn idempotency_lookup() {
+    for (name, st, _guard) in stores().await {
+        let (_, mut jobs) = scheduler_with(3, None);
+        jobs[0].spec.idempotency_key = Some("k1".into());
+        jobs[2].spec.idempotency_key = Some("k1".into());
+        st.write(&WriteBatch {
+            jobs: jobs.clone(),
+            runs: vec![],
+        })
+        .await
+        .unwrap();
+        let acme = OrgId::new("acme").unwrap();
+        let globex = OrgId::new("globex").unwrap();
+        // Jobs 0 and 2 are acme's; the newest with the key wins.
+        let got = st.find_idempotent(&acme, "k1").await.unwrap();
+        assert_eq!(got.map(|j| j.id), Some(jobs[2].id), "{name}");
+        assert_eq!(
+            st.find_idempotent(&globex, "k1").await.unwrap(),
+            None,
+            "{name}"
+        );
+        assert_eq!(
+            st.find_idempotent(&acme, "k2").await.unwrap(),
+            None,
+            "{name}"
+        );
+    }
+}

@@ -15,6 +15,7 @@ use super::{
 struct Inner {
     jobs: BTreeMap<u64, Job>,
     seq_of: HashMap<JobId, u64>,
+    idem: HashMap<(OrgId, String), u64>,
     runs: HashMap<RunId, RunRecord>,
     logs: HashMap<JobId, Vec<u8>>,
     builds: HashMap<(OrgId, AppVersionId), BuildRecord>,
@@ -45,6 +46,9 @@ impl Store for MemoryStore {
         let mut g = self.lock();
         for j in dedup_jobs(&batch.jobs) {
             g.seq_of.insert(j.id, j.seq);
+            if let Some(k) = &j.spec.idempotency_key {
+                g.idem.insert((j.spec.org_id.clone(), k.clone()), j.seq);
+            }
             g.jobs.insert(j.seq, j.clone());
         }
         for r in &batch.runs {
@@ -70,6 +74,14 @@ impl Store for MemoryStore {
     async fn get_job(&self, id: JobId) -> Result<Option<Job>, StoreError> {
         let g = self.lock();
         Ok(g.seq_of.get(&id).and_then(|s| g.jobs.get(s)).cloned())
+    }
+
+    async fn find_idempotent(&self, org: &OrgId, key: &str) -> Result<Option<Job>, StoreError> {
+        let g = self.lock();
+        Ok(g.idem
+            .get(&(org.clone(), key.to_string()))
+            .and_then(|s| g.jobs.get(s))
+            .cloned())
     }
 
     async fn list_jobs(&self, filter: &JobFilter) -> Result<Vec<Job>, StoreError> {

@@ -116,6 +116,9 @@ pub trait Store: Send + Sync + 'static {
     /// One job.
     async fn get_job(&self, id: JobId) -> Result<Option<Job>, StoreError>;
 
+    /// The job an org submitted with this idempotency key, if any (the newest one).
+    async fn find_idempotent(&self, org: &OrgId, key: &str) -> Result<Option<Job>, StoreError>;
+
     /// Jobs passing `filter` in `seq` order (cursor `after_seq`), at most `filter.limit`
     /// (100 when unset).
     async fn list_jobs(&self, filter: &JobFilter) -> Result<Vec<Job>, StoreError>;

@@ -23,10 +23,12 @@ const SCHEMA: &[&str] = &[
         app TEXT NOT NULL,
         target TEXT NOT NULL,
         finished_at BIGINT,
+        idem TEXT,
         body TEXT NOT NULL
     )",
     "CREATE INDEX IF NOT EXISTS jobs_org ON jobs(org, seq)",
     "CREATE INDEX IF NOT EXISTS jobs_run ON jobs(run) WHERE run IS NOT NULL",
+    "CREATE INDEX IF NOT EXISTS jobs_idem ON jobs(org, idem) WHERE idem IS NOT NULL",
     "CREATE TABLE IF NOT EXISTS runs (
         id UUID PRIMARY KEY,
         org TEXT NOT NULL,
@@ -53,7 +55,7 @@ const SCHEMA: &[&str] = &[
     )",
 ];
 
-/// Rows per multi-row upsert statement (9 parameters each, far below PostgreSQL's limit).
+/// Rows per multi-row upsert statement (10 parameters each, far below PostgreSQL's limit).
 const CHUNK: usize = 500;
 
 /// The PostgreSQL store.
@@ -87,7 +89,12 @@ impl PgStore {
             .max_connections(8)
             .connect_with(opts)
             .await?;
-        for stmt in SCHEMA {
+        sqlx::query(SCHEMA[0]).execute(&pool).await?;
+        // Databases made before the idempotency column existed get it now.
+        sqlx::query("ALTER TABLE jobs ADD COLUMN IF NOT EXISTS idem TEXT")
+            .execute(&pool)
+            .await?;
+        for stmt in &SCHEMA[1..] {
             sqlx::query(stmt).execute(&pool).await?;
         }
         Ok(PgStore { pool })
@@ -132,7 +139,7 @@ impl Store for PgStore {
         let mut tx = self.pool.begin().await?;
         for chunk in rows.chunks(CHUNK) {
             let mut qb: QueryBuilder<Postgres> = QueryBuilder::new(
-                "INSERT INTO jobs (seq, id, org, state, run, app, target, finished_at, body) ",
+                "INSERT INTO jobs (seq, id, org, state, run, app, target, finished_at, idem, body) ",
             );
             qb.push_values(chunk, |mut b, (j, body)| {
                 b.push_bind(i64_of(j.seq))
@@ -143,6 +150,7 @@ impl Store for PgStore {
                     .push_bind(j.spec.app_version_id.as_str())
                     .push_bind(j.spec.target.as_str())
                     .push_bind(j.finished_at.map(|t| i64_of(t.0)))
+                    .push_bind(j.spec.idempotency_key.as_deref())
                     .push_bind(body.as_str());
             });
             qb.push(
@@ -183,6 +191,20 @@ impl Store for PgStore {
             .bind(id.0)
             .fetch_optional(&self.pool)
             .await?;
+        match row {
+            Some(r) => Ok(Some(decode_job(r.try_get::<&str, _>("body")?)?)),
+            None => Ok(None),
+        }
+    }
+
+    async fn find_idempotent(&self, org: &OrgId, key: &str) -> Result<Option<Job>, StoreError> {
+        let row = sqlx::query(
+            "SELECT body FROM jobs WHERE org = $1 AND idem = $2 ORDER BY seq DESC LIMIT 1",
+        )
+        .bind(org.as_str())
+        .bind(key)
+        .fetch_optional(&self.pool)
+        .await?;
         match row {
             Some(r) => Ok(Some(decode_job(r.try_get::<&str, _>("body")?)?)),
             None => Ok(None),

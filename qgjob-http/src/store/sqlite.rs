@@ -43,10 +43,12 @@ const SCHEMA: &[&str] = &[
         app TEXT NOT NULL,
         target TEXT NOT NULL,
         finished_at INTEGER,
+        idem TEXT,
         body TEXT NOT NULL
     )",
     "CREATE INDEX IF NOT EXISTS jobs_org ON jobs(org, seq)",
     "CREATE INDEX IF NOT EXISTS jobs_run ON jobs(run) WHERE run IS NOT NULL",
+    "CREATE INDEX IF NOT EXISTS jobs_idem ON jobs(org, idem) WHERE idem IS NOT NULL",
     "CREATE TABLE IF NOT EXISTS runs (
         id BLOB PRIMARY KEY,
         org TEXT NOT NULL,
@@ -73,7 +75,7 @@ const SCHEMA: &[&str] = &[
     )",
 ];
 
-/// Rows per multi-row upsert statement: 9 binds each, well under SQLite's variable limit.
+/// Rows per multi-row upsert statement: 10 binds each, well under SQLite's variable limit.
 const CHUNK: usize = 200;
 
 /// The embedded SQLite store.
@@ -102,7 +104,13 @@ impl SqliteStore {
             .max_connections(4)
             .connect_with(opts)
             .await?;
-        for stmt in SCHEMA {
+        sqlx::query(SCHEMA[0]).execute(&pool).await?;
+        // Databases made before the idempotency column existed get it now; on newer ones
+        // this fails harmlessly (duplicate column).
+        let _ = sqlx::query("ALTER TABLE jobs ADD COLUMN idem TEXT")
+            .execute(&pool)
+            .await;
+        for stmt in &SCHEMA[1..] {
             sqlx::query(stmt).execute(&pool).await?;
         }
         Ok(SqliteStore { pool })
@@ -148,7 +156,7 @@ impl Store for SqliteStore {
         let mut tx = self.pool.begin().await?;
         for chunk in rows.chunks(CHUNK) {
             let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
-                "INSERT INTO jobs (seq, id, org, state, run, app, target, finished_at, body) ",
+                "INSERT INTO jobs (seq, id, org, state, run, app, target, finished_at, idem, body) ",
             );
             qb.push_values(chunk, |mut b, (j, body)| {
                 b.push_bind(seq_i64(j.seq))
@@ -159,6 +167,7 @@ impl Store for SqliteStore {
                     .push_bind(j.spec.app_version_id.as_str())
                     .push_bind(j.spec.target.as_str())
                     .push_bind(j.finished_at.map(|t| seq_i64(t.0)))
+                    .push_bind(j.spec.idempotency_key.as_deref())
                     .push_bind(body.as_str());
             });
             qb.push(
@@ -199,6 +208,20 @@ impl Store for SqliteStore {
             .bind(id.0)
             .fetch_optional(&self.pool)
             .await?;
+        match row {
+            Some(r) => Ok(Some(decode_job(r.try_get::<&str, _>("body")?)?)),
+            None => Ok(None),
+        }
+    }
+
+    async fn find_idempotent(&self, org: &OrgId, key: &str) -> Result<Option<Job>, StoreError> {
+        let row = sqlx::query(
+            "SELECT body FROM jobs WHERE org = ? AND idem = ? ORDER BY seq DESC LIMIT 1",
+        )
+        .bind(org.as_str())
+        .bind(key)
+        .fetch_optional(&self.pool)
+        .await?;
         match row {
             Some(r) => Ok(Some(decode_job(r.try_get::<&str, _>("body")?)?)),
             None => Ok(None),
