@@ -169,13 +169,13 @@ impl App {
                     jobs.push(j.clone());
                 }
             }
-            let mut wake = false;
+            // Any state change can change what the policy gives an idle device (new work,
+            // or a group whose spread now allows one more device), so every change wakes
+            // the long polls; they re-ask and go back to waiting if nothing is theirs.
+            let wake = !events.is_empty();
             for e in &events {
-                if e.state == JobState::Queued {
-                    wake = true;
-                    if e.attempt > 1 {
-                        self.metrics.retries.fetch_add(1, Ordering::Relaxed);
-                    }
+                if e.state == JobState::Queued && e.attempt > 1 {
+                    self.metrics.retries.fetch_add(1, Ordering::Relaxed);
                 }
             }
             let (tx, rx) = oneshot::channel();
