@@ -245,6 +245,269 @@ pub const ROUTES: &[(&str, &str, &str, &str, &str, &str)] = &[
     ("get", "/openapi.json", "none", "This document", "", "200"),
 ];
 
+/// The schema of a route's success answer: a component name, or `text`, `binary`, `sse`.
+fn answer_schema(method: &str, path: &str) -> Option<&'static str> {
+    Some(match (method, path) {
+        ("post", "/v1/jobs") => "Submitted",
+        ("get", "/v1/jobs") => "JobPage",
+        ("post", "/v1/runs") => "RunSubmitted",
+        ("get", "/v1/jobs/{job_id}") => "Job",
+        ("get", "/v1/runs/{run_id}") => "RunView",
+        ("post", "/v1/jobs/{job_id}/cancel") => "CancelAnswer",
+        ("post", "/v1/runs/{run_id}/cancel") => "RunCancelAnswer",
+        ("get", "/v1/jobs/{job_id}/logs") => "text",
+        ("get", "/v1/jobs/{job_id}/results") => "Results",
+        (_, p) if p.ends_with("/events") => "sse",
+        ("put", _) => "Stored",
+        ("get", "/v1/apps/{org_id}/{app_version_id}") => "BuildRecord",
+        ("get", "/v1/agent/apps/{org_id}/{app_version_id}") => "BuildRecord",
+        ("get", p) if p.ends_with("/build") || p.starts_with("/v1/agent/b") => "binary",
+        ("post", "/v1/admin/tokens") => "TokenAnswer",
+        ("post", "/v1/agent/devices") => "DeviceAnswer",
+        ("post", "/v1/agent/lease") => "Lease",
+        ("post", p) if p.ends_with("/heartbeat") => "HeartbeatAck",
+        ("post", p) if p.ends_with("/complete") || p.ends_with("/fail") => "StateAnswer",
+        ("get", "/healthz") => "Health",
+        ("get", "/metrics") => "text",
+        _ => return None,
+    })
+}
+
+fn string() -> Value {
+    json!({"type": "string"})
+}
+
+fn int() -> Value {
+    json!({"type": "integer", "minimum": 0})
+}
+
+fn reference(name: &str) -> Value {
+    json!({"$ref": format!("#/components/schemas/{name}")})
+}
+
+fn array_of(v: Value) -> Value {
+    json!({"type": "array", "items": v})
+}
+
+/// An object schema with these properties, the first `required` of them required.
+fn object(props: &[(&str, Value)], required: usize) -> Value {
+    let mut p = Map::new();
+    for (k, v) in props {
+        p.insert((*k).to_string(), v.clone());
+    }
+    let req: Vec<&str> = props.iter().take(required).map(|(k, _)| *k).collect();
+    json!({"type": "object", "required": req, "properties": p})
+}
+
+/// Component schemas: the serde forms of the core types and of the server's answers.
+fn schemas() -> Value {
+    let state = json!({"enum": ["queued", "running", "passed", "failed", "error", "canceled"]});
+    let target = json!({"type": "string", "description": "emulator, device, browserstack or another lower-case pool name"});
+    let labels = json!({"type": "object", "additionalProperties": {"type": "string"}});
+    let requirements = object(
+        &[
+            ("platform", json!({"enum": ["android", "ios"]})),
+            ("model", string()),
+            ("os_version", string()),
+        ],
+        0,
+    );
+    let job_spec = object(
+        &[
+            ("org_id", string()),
+            ("app_version_id", string()),
+            ("tests", array_of(string())),
+            ("target", target.clone()),
+            (
+                "priority",
+                json!({"type": "integer", "minimum": -1000, "maximum": 1000}),
+            ),
+            ("requires", requirements.clone()),
+            (
+                "max_attempts",
+                json!({"type": "integer", "minimum": 1, "maximum": 20}),
+            ),
+            ("timeout_ms", json!({"type": "integer", "minimum": 1000})),
+            ("retry_failed_tests", json!({"type": "boolean"})),
+            ("idempotency_key", string()),
+            ("labels", labels.clone()),
+            ("run_id", string()),
+            (
+                "bundle",
+                json!({"type": "string", "description": "sha256 hex of the test bundle"}),
+            ),
+        ],
+        3,
+    );
+    let test_result = object(
+        &[
+            ("title", string()),
+            (
+                "status",
+                json!({"enum": ["passed", "failed", "skipped", "timedOut", "flaky", "interrupted"]}),
+            ),
+            ("file", string()),
+            ("duration_ms", int()),
+            ("error", string()),
+        ],
+        2,
+    );
+    let counts = object(
+        &[
+            ("passed", int()),
+            ("failed", int()),
+            ("skipped", int()),
+            ("flaky", int()),
+        ],
+        0,
+    );
+    let state_counts = object(
+        &[
+            ("queued", int()),
+            ("running", int()),
+            ("passed", int()),
+            ("failed", int()),
+            ("error", int()),
+            ("canceled", int()),
+        ],
+        6,
+    );
+    let outcome = object(
+        &[
+            ("state", state.clone()),
+            ("flaky", json!({"type": "boolean"})),
+            ("counts", counts.clone()),
+            ("tests", array_of(reference("TestResult"))),
+            ("error", string()),
+        ],
+        1,
+    );
+    let job = object(
+        &[
+            ("id", string()),
+            ("seq", int()),
+            ("spec", reference("JobSpec")),
+            ("state", state.clone()),
+            ("attempt", int()),
+            ("created_at", int()),
+            ("released_at", int()),
+            ("started_at", int()),
+            ("finished_at", int()),
+            ("not_before", int()),
+            ("device", string()),
+            ("lease", int()),
+            ("lease_deadline", int()),
+            ("installed", json!({"type": "boolean"})),
+            ("cancel_requested", json!({"type": "boolean"})),
+            ("had_failure", json!({"type": "boolean"})),
+            ("last_error", string()),
+            ("outcome", outcome),
+        ],
+        7,
+    );
+    let build_ref = object(&[("org_id", string()), ("app_version_id", string())], 2);
+    let device_info = object(
+        &[
+            ("id", string()),
+            ("target", target),
+            (
+                "capabilities",
+                object(
+                    &[
+                        ("platform", json!({"enum": ["android", "ios"]})),
+                        ("model", string()),
+                        ("os_version", string()),
+                    ],
+                    0,
+                ),
+            ),
+            ("installed", build_ref.clone()),
+            ("install_estimate_ms", int()),
+        ],
+        2,
+    );
+    let lease = object(
+        &[
+            ("id", int()),
+            ("device", string()),
+            ("build", build_ref),
+            ("install", json!({"type": "boolean"})),
+            (
+                "jobs",
+                array_of(object(
+                    &[
+                        ("id", string()),
+                        ("attempt", int()),
+                        ("spec", reference("JobSpec")),
+                    ],
+                    3,
+                )),
+            ),
+            ("deadline", int()),
+        ],
+        6,
+    );
+    let job_event = object(
+        &[
+            ("job_id", string()),
+            ("org_id", string()),
+            ("state", state.clone()),
+            ("attempt", int()),
+            ("at", int()),
+            ("run_id", string()),
+        ],
+        5,
+    );
+    json!({
+        "Error": {"type": "object", "required": ["error"], "properties": {"error": object(
+            &[("code", string()), ("message", string()), ("field", string())], 2)}},
+        "JobSpec": job_spec,
+        "Job": job,
+        "TestResult": test_result,
+        "StateCounts": state_counts,
+        "JobEvent": job_event,
+        "DeviceInfo": device_info,
+        "Lease": lease,
+        "RunSubmit": object(&[("jobs", array_of(reference("JobSpec"))), ("labels", labels.clone())], 1),
+        "NewToken": object(&[("kind", json!({"enum": ["admin", "org", "agent"]})), ("org_id", string())], 1),
+        "LeaseRequest": object(&[("device_id", string()), ("max_batch", int()), ("wait_ms", int())], 1),
+        "RunReport": object(
+            &[("passed", json!({"type": "boolean"})), ("tests", array_of(reference("TestResult"))),
+              ("duration_ms", int()), ("error", string())],
+            1,
+        ),
+        "InfraFailure": object(
+            &[("kind", json!({"enum": ["device_lost", "install_failed", "timeout", "lease_expired", "runner_crashed", "other"]})),
+              ("message", string())],
+            2,
+        ),
+        "Submitted": object(&[("job_id", string()), ("status", state.clone()), ("created", json!({"type": "boolean"}))], 3),
+        "RunSubmitted": object(&[("run_id", string()), ("job_ids", array_of(string())), ("status", string())], 3),
+        "JobPage": object(&[("jobs", array_of(reference("Job"))), ("next_cursor", json!({"type": ["string", "null"]}))], 2),
+        "RunView": object(
+            &[("run_id", string()), ("org_id", string()),
+              ("status", json!({"enum": ["queued", "running", "passed", "failed", "error", "canceled"]})),
+              ("counts", reference("StateCounts")), ("created_at", int()), ("jobs", array_of(reference("Job"))),
+              ("labels", labels)],
+            6,
+        ),
+        "CancelAnswer": object(&[("job_id", string()), ("result", json!({"enum": ["canceled", "requested"]}))], 2),
+        "RunCancelAnswer": object(&[("run_id", string()), ("canceled", int()), ("requested", int())], 3),
+        "Results": object(
+            &[("job_id", string()), ("state", state.clone()), ("tests", array_of(reference("TestResult"))),
+              ("counts", counts), ("flaky", json!({"type": "boolean"})), ("error", string())],
+            3,
+        ),
+        "Stored": object(&[("sha256", string()), ("size", int()), ("created", json!({"type": "boolean"}))], 3),
+        "BuildRecord": object(&[("sha256", string()), ("size", int())], 2),
+        "TokenAnswer": object(&[("token", string()), ("kind", string()), ("org_id", string())], 2),
+        "DeviceAnswer": object(&[("device_id", string())], 1),
+        "HeartbeatAck": object(&[("deadline", int()), ("cancel", array_of(string()))], 2),
+        "StateAnswer": object(&[("state", state)], 1),
+        "Health": object(&[("status", json!({"enum": ["ok", "shutting_down"]}))], 1)
+    })
+}
+
 /// The OpenAPI document.
 pub fn openapi_doc() -> Value {
     let mut paths = Map::new();
@@ -263,6 +526,27 @@ pub fn openapi_doc() -> Value {
                 "default": {"description": "error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
             }
         });
+        match answer_schema(method, path) {
+            Some("text") => {
+                op["responses"][*ok]["content"] =
+                    json!({"text/plain": {"schema": {"type": "string"}}});
+            }
+            Some("binary") => {
+                op["responses"][*ok]["content"] = json!({"application/octet-stream":
+                    {"schema": {"type": "string", "format": "binary"}}});
+            }
+            Some("sse") => {
+                op["responses"][*ok]["content"] = json!({"text/event-stream": {"schema": {
+                    "type": "string",
+                    "description": "`event: job` with `data:` a JobEvent, one per change"}},
+                    "x-event-data": {"schema": {"$ref": "#/components/schemas/JobEvent"}}});
+            }
+            Some(name) => {
+                op["responses"][*ok]["content"] = json!({"application/json":
+                    {"schema": {"$ref": format!("#/components/schemas/{name}")}}});
+            }
+            None => {}
+        }
         if *auth != "none" {
             op["security"] = json!([{ "bearer": [] }]);
             op["x-qgjob-token"] = json!(auth);
@@ -282,7 +566,6 @@ pub fn openapi_doc() -> Value {
         }
         entry[*method] = op;
     }
-    let obj = |desc: &str| json!({"type": "object", "description": desc});
     json!({
         "openapi": "3.1.0",
         "info": {"title": "qgjob", "version": env!("CARGO_PKG_VERSION"),
@@ -290,22 +573,7 @@ pub fn openapi_doc() -> Value {
         "paths": paths,
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
-            "schemas": {
-                "Error": {"type": "object", "required": ["error"], "properties": {"error": {
-                    "type": "object", "required": ["code", "message"],
-                    "properties": {"code": {"type": "string"}, "message": {"type": "string"}, "field": {"type": "string"}}}}},
-                "JobSpec": obj("qgjob_core::JobSpec: org_id, app_version_id, tests, target, priority, requires, max_attempts, timeout_ms, retry_failed_tests, idempotency_key, labels, bundle"),
-                "RunSubmit": {"type": "object", "required": ["jobs"], "properties": {
-                    "jobs": {"type": "array", "items": {"$ref": "#/components/schemas/JobSpec"}},
-                    "labels": {"type": "object", "additionalProperties": {"type": "string"}}}},
-                "NewToken": {"type": "object", "required": ["kind"], "properties": {
-                    "kind": {"enum": ["admin", "org", "agent"]}, "org_id": {"type": "string"}}},
-                "DeviceInfo": obj("qgjob_core::DeviceInfo: id, target, capabilities, installed, install_estimate_ms"),
-                "LeaseRequest": {"type": "object", "required": ["device_id"], "properties": {
-                    "device_id": {"type": "string"}, "max_batch": {"type": "integer"}, "wait_ms": {"type": "integer"}}},
-                "RunReport": obj("qgjob_core::RunReport: passed, tests, duration_ms, error"),
-                "InfraFailure": obj("qgjob_core::InfraFailure: kind, message")
-            }
+            "schemas": schemas()
         }
     })
 }

@@ -1166,3 +1166,85 @@ fn idempotency_keys_still_match_jobs_the_scheduler_forgot() {
         "no duplicate was queued"
     );
 }
+
+/// Every `$ref` in the document points at a schema it defines.
+fn refs(v: &Value, out: &mut Vec<String>) {
+    match v {
+        Value::Object(m) => {
+            for (k, x) in m {
+                if k == "$ref" {
+                    out.push(x.as_str().unwrap().to_string());
+                } else {
+                    refs(x, out);
+                }
+            }
+        }
+        Value::Array(a) => a.iter().for_each(|x| refs(x, out)),
+        _ => {}
+    }
+}
+
+/// The required properties of `schema` are present in `v` (one level deep).
+fn conforms(doc: &Value, schema: &str, v: &Value) {
+    let sch = &doc["components"]["schemas"][schema];
+    assert!(sch.is_object(), "no schema {schema}");
+    for r in sch["required"].as_array().unwrap() {
+        let k = r.as_str().unwrap();
+        assert!(v.get(k).is_some(), "{schema}: answer lacks {k}: {v}");
+    }
+}
+
+#[test]
+fn openapi_schemas_resolve_and_match_real_answers() {
+    let s = TestServer::start(memory_opts());
+    let c = s.client(None);
+    let (_, doc) = c.get("/openapi.json");
+    let mut all = Vec::new();
+    refs(&doc, &mut all);
+    assert!(all.len() > 20);
+    for r in &all {
+        let name = r.strip_prefix("#/components/schemas/").unwrap();
+        assert!(
+            doc["components"]["schemas"][name].is_object(),
+            "dangling {r}"
+        );
+    }
+    let (_, sub) = c.post("/v1/jobs", &spec("qualgent", "v1", "tests/a.spec.js"));
+    conforms(&doc, "Submitted", &sub);
+    let id = sub["job_id"].as_str().unwrap();
+    let (_, job) = c.get(&format!("/v1/jobs/{id}"));
+    conforms(&doc, "Job", &job);
+    conforms(&doc, "JobSpec", &job["spec"]);
+    let (_, run) = c.post("/v1/runs", &json!({"jobs": [spec("qualgent", "v1", "b")]}));
+    conforms(&doc, "RunSubmitted", &run);
+    let (_, view) = c.get(&format!("/v1/runs/{}", run["run_id"].as_str().unwrap()));
+    conforms(&doc, "RunView", &view);
+    conforms(&doc, "StateCounts", &view["counts"]);
+    conforms(&doc, "JobPage", &c.get("/v1/jobs").1);
+    let (_, dev) = c.post("/v1/agent/devices", &device("emu-1"));
+    conforms(&doc, "DeviceAnswer", &dev);
+    let (_, l) = lease(&c, "emu-1", 1000);
+    conforms(&doc, "Lease", &l);
+    let lid = l["id"].as_u64().unwrap();
+    let (_, hb) = c.post_empty(&format!("/v1/agent/leases/{lid}/heartbeat"));
+    conforms(&doc, "HeartbeatAck", &hb);
+    let jid = l["jobs"][0]["id"].as_str().unwrap();
+    let (_, st) = c.post(
+        &format!("/v1/agent/leases/{lid}/jobs/{jid}/complete"),
+        &json!({"passed": true}),
+    );
+    conforms(&doc, "StateAnswer", &st);
+    conforms(
+        &doc,
+        "Results",
+        &c.get(&format!("/v1/jobs/{jid}/results")).1,
+    );
+    let (_, stored) = c.put_raw("/v1/apps/qualgent/v1", b"apk", &[]);
+    conforms(&doc, "Stored", &stored);
+    conforms(&doc, "BuildRecord", &c.get("/v1/apps/qualgent/v1").1);
+    let (_, err) = c.get("/v1/jobs/nope");
+    conforms(&doc, "Error", &err);
+    conforms(&doc, "Health", &c.get("/healthz").1);
+    let (_, events) = c.sse_events(&format!("/v1/jobs/{jid}/events"), 1);
+    conforms(&doc, "JobEvent", &events[0]);
+}
