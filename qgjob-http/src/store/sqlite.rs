@@ -76,7 +76,7 @@ const SCHEMA: &[&str] = &[
 ];
 
 /// Rows per multi-row upsert statement: 10 binds each, well under SQLite's variable limit.
-const CHUNK: usize = 200;
+const CHUNK: usize = 500;
 
 /// The embedded SQLite store.
 #[derive(Debug, Clone)]
