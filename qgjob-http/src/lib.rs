@@ -40,9 +40,12 @@
 //!
 //! # Known limits
 //!
-//! - Lease ids restart after the highest lease still running when the server restarts, so
-//!   an agent holding a lease from before a restart whose job ended meanwhile could meet a
-//!   new lease with the same number (its reports are still refused: the job differs).
+//! - After a restart, lease ids continue after the highest lease any restored job held
+//!   (`Job::last_lease`), so a job never sees a lease id twice and a late report from an
+//!   old attempt stays stale. Jobs finished before the retention window are not restored;
+//!   if the server was idle that long, an old lease id can be issued again to another job,
+//!   and a zombie agent's heartbeat on it would extend that lease (its reports are still
+//!   refused: the job differs). Persisting a high-water mark would close this.
 //! - A failed store write is answered 500, but the scheduler in memory keeps the change.
 //! - Figures (`cargo bench -p qgjob-http --bench load`) are measured, not asserted.
 #![warn(missing_docs)]
