@@ -60,21 +60,26 @@ impl Drop for Guard {
     }
 }
 
-/// A fresh PostgreSQL store in its own schema, or `None` (with a notice) when no server
-/// answers, so the suite still runs on a machine without PostgreSQL.
+/// A fresh PostgreSQL store in its own schema. No server answering is a failure (CI starts
+/// one), unless `QGJOB_SKIP_PG=1` asks explicitly to leave PostgreSQL out.
 async fn pg_store() -> Option<(PgStore, Guard)> {
     let mut rnd = [0u8; 8];
     getrandom::fill(&mut rnd).unwrap();
     let schema = format!("qgjob_test_{}", hex::encode(rnd));
     match PgStore::connect(&pg_url(), Some(&schema)).await {
         Ok(s) => Some((s, Guard::Schema(schema))),
-        Err(e) => {
+        Err(e) if std::env::var("QGJOB_SKIP_PG").is_ok_and(|v| v == "1") => {
             eprintln!(
-                "PostgreSQL not reachable at {}: skipping its store tests ({e})",
+                "QGJOB_SKIP_PG=1: skipping the PostgreSQL store tests ({} : {e})",
                 pg_url()
             );
             None
         }
+        Err(e) => panic!(
+            "PostgreSQL not reachable at {} ({e}); start it, point QGJOB_TEST_PG_URL at one, \
+             or set QGJOB_SKIP_PG=1 to leave it out",
+            pg_url()
+        ),
     }
 }
 
