@@ -198,7 +198,6 @@ fn choose_grouped(view: &impl PoolView) -> Choice {
     // install: then the newcomer's install ends before the others would have drained it.
     let worth_spreading =
         |g: &GroupView| g.ready >= 2 && g.ready_work_ms / u64::from(g.serving.max(1)) > install;
-    let served = view.served_ready();
     if let Some(own) = view.own_group() {
         let outranks = |g: &GroupView| g.priority >= own.group.priority + PREEMPT_LEVELS;
         // Priority: a clearly more urgent group nobody serves takes this device…
@@ -208,7 +207,8 @@ fn choose_grouped(view: &impl PoolView) -> Choice {
         // …and so does a clearly more urgent served group with backlog, up to a second
         // device, taken only from a group that keeps another device.
         if own.group.serving >= 2 {
-            if let Some(g) = served
+            if let Some(g) = view
+                .served_ready()
                 .iter()
                 .filter(|g| g.idx != own.group.idx && outranks(g) && worth_spreading(g))
                 .filter(|g| g.serving < PREEMPT_MAX_SERVING)
@@ -244,7 +244,7 @@ fn choose_grouped(view: &impl PoolView) -> Choice {
         }
     }
     // Spread: join the group that would take longest to drain, if another device helps.
-    served
+    view.served_ready()
         .into_iter()
         .filter(|g| worth_spreading(g))
         .max_by(|a, b| {
