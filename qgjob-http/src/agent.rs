@@ -179,17 +179,10 @@ pub async fn complete(
     Path((lease, job)): Path<(String, String)>,
     ApiJson(report): ApiJson<RunReport>,
 ) -> Result<Json<Value>, ApiError> {
-    caller.require_agent()?;
-    let lease = parse_lease(&lease).map_err(|e| count_stale(&app, e))?;
-    let job = parse_job_id(&job)?;
-    let state = app
-        .mutate(Vec::new(), true, |s, now, _| {
-            s.complete(now, lease, job, report).map_err(ApiError::from)
-        })
-        .await
-        .map_err(|e| count_stale(&app, e))?;
-    app.timer.notify_one();
-    Ok(Json(json!({"state": state})))
+    report_result(app, caller, &lease, &job, move |s, now, lease, job| {
+        s.complete(now, lease, job, report)
+    })
+    .await
 }
 
 /// `POST /v1/agent/leases/{lease_id}/jobs/{job_id}/fail`.
@@ -199,16 +192,37 @@ pub async fn fail(
     Path((lease, job)): Path<(String, String)>,
     ApiJson(failure): ApiJson<InfraFailure>,
 ) -> Result<Json<Value>, ApiError> {
+    report_result(app, caller, &lease, &job, move |s, now, lease, job| {
+        s.fail(now, lease, job, failure)
+    })
+    .await
+}
+
+/// A job's result under a lease (complete or fail): fenced by the lease, counted when stale,
+/// and followed by a timer nudge (a retry's backoff or a freed device is a new deadline).
+async fn report_result(
+    app: AppState,
+    caller: Caller,
+    lease: &str,
+    job: &str,
+    apply: impl FnOnce(
+            &mut qgjob_core::GroupedScheduler,
+            qgjob_core::Time,
+            LeaseId,
+            JobId,
+        ) -> Result<qgjob_core::JobState, qgjob_core::ReportError>
+        + Send
+        + 'static,
+) -> Result<Json<Value>, ApiError> {
     caller.require_agent()?;
-    let lease = parse_lease(&lease).map_err(|e| count_stale(&app, e))?;
-    let job = parse_job_id(&job)?;
+    let lease = parse_lease(lease).map_err(|e| count_stale(&app, e))?;
+    let job = parse_job_id(job)?;
     let state = app
-        .mutate(Vec::new(), true, |s, now, _| {
-            s.fail(now, lease, job, failure).map_err(ApiError::from)
+        .mutate(Vec::new(), true, move |s, now, _| {
+            apply(s, now, lease, job).map_err(ApiError::from)
         })
         .await
         .map_err(|e| count_stale(&app, e))?;
-    // A retry's backoff is a new deadline for the timer.
     app.timer.notify_one();
     Ok(Json(json!({"state": state})))
 }
