@@ -1,5 +1,5 @@
 //! `qgjob agent`: runs devices (simulated ones with `--simulate`) against a server through
-//! [`HttpLink`](crate::link::HttpLink), until ctrl-c or SIGTERM.
+//! [`HttpLink`], until ctrl-c or SIGTERM.
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -73,7 +73,7 @@ pub enum ArtifactError {
 }
 
 /// Where builds and bundles come from. The agent's implementation talks to the server
-/// ([`super::http::HttpArtifacts`]); tests can serve files from anywhere.
+/// ([`super::link::HttpArtifacts`]); tests can serve files from anywhere.
 #[async_trait]
 pub trait ArtifactSource: Send + Sync {
     /// The sha256 of the build uploaded for `build`.
