@@ -7,7 +7,8 @@
 //!   build it has installed (affinity). It leaves them only (a) for a group that outranks
 //!   its own by two base priority levels (an unserved one, or a served one with backlog that
 //!   has fewer than two devices, taken only from a group that keeps another device), (b) for
-//!   a waiting unserved group when its own group has another device, or (c) for fair share,
+//!   a waiting unserved group when its own group has another device and the waiting group
+//!   has an install's worth of work or has waited two installs, or (c) for fair share,
 //!   when its org holds three more devices than a waiting org whose job has waited five
 //!   minutes. A device with nothing of its own takes an unserved group, choosing the org
 //!   first (fewest devices held, offset by the aged priority of the org's best group); else
@@ -183,6 +184,9 @@ pub fn choose(kind: PolicyKind, view: &impl PoolView) -> Choice {
 const PREEMPT_LEVELS: i32 = 2;
 /// An urgent group pulls devices from other groups only until it has this many.
 const PREEMPT_MAX_SERVING: u32 = 2;
+/// A group too small to be worth an install still gets a device from a shared group once
+/// its oldest job has waited this many install times.
+const HANDOFF_WAIT_INSTALLS: u64 = 2;
 /// Fair share: a device leaves its org's group for another org's waiting group when its org
 /// holds at least this many more devices…
 const FAIR_SHARE_SLACK: u32 = 3;
@@ -224,7 +228,11 @@ fn choose_grouped(view: &impl PoolView) -> Choice {
                 .map_or(0, |c| c.busy);
             // Hand a shared group's device to a waiting group; or, for fair share, leave for
             // an org holding clearly fewer devices whose job has waited a while.
-            let handoff = own.group.serving >= 2;
+            // A hand-off costs an install, so the waiting group must have an install's worth
+            // of work, or have waited two installs (so a lone job is never held back long).
+            let waited = now.saturating_sub(u.created_ms);
+            let handoff = own.group.serving >= 2
+                && (u.ready_work_ms >= install || waited >= HANDOFF_WAIT_INSTALLS * install);
             let unfair = own.busy >= u_busy + FAIR_SHARE_SLACK
                 && now.saturating_sub(u.created_ms) >= FAIR_SHARE_WAIT_MS;
             if handoff || unfair {
@@ -268,6 +276,7 @@ mod tests {
         oldest: Option<GroupView>,
         urgent: Option<GroupView>,
         served: Vec<GroupView>,
+        now: u64,
     }
 
     impl PoolView for FakeView {
@@ -296,7 +305,7 @@ mod tests {
             60_000
         }
         fn now_ms(&self) -> u64 {
-            0
+            self.now
         }
     }
 
@@ -336,10 +345,29 @@ mod tests {
                 busy: 0,
                 group: g(1, 0, 10, 30_000, 3),
             }),
-            unserved: one(0, g(2, 50, 1, 30_000, 0)),
+            unserved: one(0, g(2, 50, 2, 30_000, 0)),
             ..Default::default()
         };
         assert_eq!(choose(PolicyKind::Grouped, &v), Choice::Group(2));
+        // Less than an install's worth of work waits, but not for long.
+        let small = |created_ms| {
+            let mut u = g(2, 50, 1, 30_000, 0);
+            u.created_ms = created_ms;
+            FakeView {
+                own: Some(OrgCandidate {
+                    busy: 0,
+                    group: g(1, 0, 10, 30_000, 3),
+                }),
+                unserved: one(0, u),
+                now: 100_000,
+                ..Default::default()
+            }
+        };
+        assert_eq!(
+            choose(PolicyKind::Grouped, &small(90_000)),
+            Choice::Group(1)
+        );
+        assert_eq!(choose(PolicyKind::Grouped, &small(5_000)), Choice::Group(2));
     }
 
     #[test]
