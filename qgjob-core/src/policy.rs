@@ -13,8 +13,8 @@
 //!   minutes. A device with nothing of its own takes an unserved group, choosing the org
 //!   first (fewest devices held, offset by the aged priority of the org's best group); else
 //!   it keeps an idle build that still receives jobs if it is that build's only device; else
-//!   it joins the served group with the most backlog per device, but only when that backlog
-//!   exceeds an install (otherwise the extra install would not shorten the run).
+//!   it joins the served group with the most backlog per device, but only when the work it
+//!   would take over is at least the install it costs.
 //! * [`PolicyKind::Fifo`] baseline: the most urgent job in the pool, ignoring what is installed.
 //! * [`PolicyKind::PerGroup`] baseline (the original tool's): one device per build group,
 //!   groups in arrival order, a device stays with its group until it is empty.
@@ -198,10 +198,14 @@ fn choose_grouped(view: &impl PoolView) -> Choice {
     let install = view.install_ms();
     let cands = view.unserved_by_org();
     let unserved = fair_pick(&cands, now, level);
-    // A served group gains from one more device only if its backlog per device exceeds an
-    // install: then the newcomer's install ends before the others would have drained it.
-    let worth_spreading =
-        |g: &GroupView| g.ready >= 2 && g.ready_work_ms / u64::from(g.serving.max(1)) > install;
+    // One more device on a served group with backlog B and n devices finishes it sooner as
+    // soon as B/n > install, but then may spend most of its time installing. Require that
+    // its share of the work left once it is ready, (B - n·install)/(n+1), be at least the
+    // install it paid: B ≥ (2n+1)·install.
+    let worth_spreading = |g: &GroupView| {
+        let n = u64::from(g.serving.max(1));
+        g.ready >= 2 && g.ready_work_ms >= (2 * n + 1).saturating_mul(install)
+    };
     if let Some(own) = view.own_group() {
         let outranks = |g: &GroupView| g.priority >= own.group.priority + PREEMPT_LEVELS;
         // Priority: a clearly more urgent group nobody serves takes this device…
