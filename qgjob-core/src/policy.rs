@@ -5,7 +5,7 @@
 //!
 //! * [`PolicyKind::Grouped`] (the default): install-aware. A device keeps running jobs of the
 //!   build it has installed (affinity). It leaves them only (a) for a group that outranks
-//!   its own by two base priority levels (an unserved one, or a served one with backlog that
+//!   its own by three base priority levels (an unserved one, or a served one with backlog that
 //!   has fewer than two devices, taken only from a group that keeps another device), (b) for
 //!   a waiting unserved group when its own group has another device and the waiting group
 //!   has an install's worth of work or has waited two installs, or (c) for fair share,
@@ -181,7 +181,7 @@ pub fn choose(kind: PolicyKind, view: &impl PoolView) -> Choice {
 /// Base priority levels by which a group must outrank a device's own group to take it over
 /// at a job boundary (aging is left out here: under load every queued job has aged a lot,
 /// and preempting on age alone made devices thrash between builds).
-const PREEMPT_LEVELS: i32 = 2;
+const PREEMPT_LEVELS: i32 = 3;
 /// An urgent group pulls devices from other groups only until it has this many.
 const PREEMPT_MAX_SERVING: u32 = 2;
 /// A group too small to be worth an install still gets a device from a shared group once
