@@ -56,7 +56,7 @@ pub enum CliError {
 }
 
 impl CliError {
-    /// The process exit code for this error (BRIEF §10: 2 usage/input, 3 server/infra).
+    /// The process exit code for this error (2 usage/input, 3 server/infrastructure; see the README).
     pub fn exit_code(&self) -> u8 {
         match self {
             CliError::Usage(_) => EXIT_USAGE,

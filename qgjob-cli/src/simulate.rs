@@ -1,4 +1,4 @@
-//! `qgjob simulate`: runs a workload (BRIEF §9 format v1) through the real scheduler in
+//! `qgjob simulate`: runs a workload (format v1, see the README) through the real scheduler in
 //! virtual time, or generates one.
 
 use std::io::Write;

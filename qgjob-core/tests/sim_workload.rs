@@ -1,4 +1,4 @@
-//! Workload format v1: the brief's sample parses and runs, bad workloads are refused with an
+//! Workload format v1: the documented sample parses and runs, bad workloads are refused with an
 //! error naming the offending entry, and the report has exactly the documented fields.
 
 use qgjob_core::sim::{self, SimError, SimOutcome, Workload};
@@ -16,7 +16,7 @@ fn sample_with(from: &str, to: &str) -> String {
 }
 
 #[test]
-fn brief_sample_parses_and_runs() {
+fn documented_sample_parses_and_runs() {
     let w = Workload::from_json(SAMPLE).unwrap();
     assert_eq!(w.name, "w1");
     assert_eq!(w.pools.len(), 1);
