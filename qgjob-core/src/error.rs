@@ -78,7 +78,7 @@ pub enum ReportError {
     /// The lease is not (or no longer) current: expired, finished or superseded.
     #[error("lease {0} is stale or unknown")]
     StaleLease(LeaseId),
-    /// The job is not part of that lease.
+    /// The job is not part of that lease, or already reported under it.
     #[error("job {job} is not held by lease {lease}")]
     NotInLease {
         /// The lease.
@@ -86,9 +86,6 @@ pub enum ReportError {
         /// The job.
         job: JobId,
     },
-    /// The job already reported its result under this lease.
-    #[error("job {0} has already reported under this lease")]
-    AlreadyReported(JobId),
 }
 
 /// Why a cancel was refused.

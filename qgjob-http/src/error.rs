@@ -135,7 +135,6 @@ impl From<ReportError> for ApiError {
             ReportError::StaleLease(_) | ReportError::NotInLease { .. } => {
                 ApiError::conflict("stale_lease", e.to_string())
             }
-            ReportError::AlreadyReported(_) => ApiError::conflict("already_final", e.to_string()),
         }
     }
 }
