@@ -261,18 +261,9 @@ pub async fn upload_logs(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// `GET /v1/agent/builds/{sha256}`.
-pub async fn download_build(
-    State(app): State<AppState>,
-    caller: Caller,
-    Path(sha): Path<String>,
-) -> Result<Response, ApiError> {
-    caller.require_agent()?;
-    blob_response(&app, &sha).await
-}
-
-/// `GET /v1/agent/bundles/{sha256}`.
-pub async fn download_bundle(
+/// `GET /v1/agent/builds/{sha256}` and `GET /v1/agent/bundles/{sha256}`: builds and
+/// bundles share one content-addressed blob store, so one handler serves both.
+pub async fn download_blob(
     State(app): State<AppState>,
     caller: Caller,
     Path(sha): Path<String>,

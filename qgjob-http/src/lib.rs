@@ -191,8 +191,8 @@ pub fn app(state: AppState) -> Router {
             "/v1/agent/leases/{lease_id}/jobs/{job_id}/logs",
             post(agent::upload_logs),
         )
-        .route("/v1/agent/builds/{sha256}", get(agent::download_build))
-        .route("/v1/agent/bundles/{sha256}", get(agent::download_bundle))
+        .route("/v1/agent/builds/{sha256}", get(agent::download_blob))
+        .route("/v1/agent/bundles/{sha256}", get(agent::download_blob))
         .route(
             "/v1/agent/apps/{org_id}/{app_version_id}",
             get(agent::app_build),

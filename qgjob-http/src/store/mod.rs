@@ -161,6 +161,39 @@ pub trait Store: Send + Sync + 'static {
 /// The limit a listing uses when the filter names none.
 pub const DEFAULT_LIST_LIMIT: usize = 100;
 
+/// A stored job body back to a job.
+pub(crate) fn decode_job(body: &str) -> Result<Job, StoreError> {
+    serde_json::from_str(body).map_err(|e| StoreError::Corrupt(format!("job: {e}")))
+}
+
+/// A record as the JSON body the SQL stores keep.
+pub(crate) fn encode<T: Serialize>(v: &T) -> Result<String, StoreError> {
+    serde_json::to_string(v).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+/// A sequence number or time for a signed 64-bit SQL column (saturating; never reached).
+pub(crate) fn i64_of(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// A write batch with its bodies encoded, jobs deduplicated: done before a SQL store opens
+/// its transaction, so the transaction is held as briefly as possible.
+pub(crate) type EncodedBatch<'a> = (Vec<(&'a Job, String)>, Vec<(&'a RunRecord, String)>);
+
+/// Encodes a write batch for the SQL stores.
+pub(crate) fn encode_batch(batch: &WriteBatch) -> Result<EncodedBatch<'_>, StoreError> {
+    let jobs = dedup_jobs(&batch.jobs)
+        .into_iter()
+        .map(|j| Ok((j, encode(j)?)))
+        .collect::<Result<Vec<_>, StoreError>>()?;
+    let runs = batch
+        .runs
+        .iter()
+        .map(|r| Ok((r, encode(r)?)))
+        .collect::<Result<Vec<_>, StoreError>>()?;
+    Ok((jobs, runs))
+}
+
 /// Keeps only the last copy of each job in a batch, in first-seen order: the writer may
 /// merge several requests that touched the same job.
 pub(crate) fn dedup_jobs(jobs: &[Job]) -> Vec<&Job> {

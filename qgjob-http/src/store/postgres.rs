@@ -9,8 +9,8 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Postgres, QueryBuilder, Row};
 
 use super::{
-    dedup_jobs, BuildRecord, RunRecord, Store, StoreError, TokenKind, TokenRecord, WriteBatch,
-    DEFAULT_LIST_LIMIT,
+    decode_job, encode_batch, i64_of, BuildRecord, RunRecord, Store, StoreError, TokenKind,
+    TokenRecord, WriteBatch, DEFAULT_LIST_LIMIT,
 };
 
 const SCHEMA: &[&str] = &[
@@ -106,18 +106,6 @@ impl PgStore {
     }
 }
 
-fn decode_job(body: &str) -> Result<Job, StoreError> {
-    serde_json::from_str(body).map_err(|e| StoreError::Corrupt(format!("job: {e}")))
-}
-
-fn encode<T: serde::Serialize>(v: &T) -> Result<String, StoreError> {
-    serde_json::to_string(v).map_err(|e| StoreError::Corrupt(e.to_string()))
-}
-
-fn i64_of(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
-}
-
 fn jobs_from_rows(rows: Vec<PgRow>) -> Result<Vec<Job>, StoreError> {
     rows.iter()
         .map(|r| decode_job(r.try_get::<&str, _>("body")?))
@@ -127,15 +115,7 @@ fn jobs_from_rows(rows: Vec<PgRow>) -> Result<Vec<Job>, StoreError> {
 #[async_trait]
 impl Store for PgStore {
     async fn write(&self, batch: &WriteBatch) -> Result<(), StoreError> {
-        let jobs = dedup_jobs(&batch.jobs);
-        let mut rows = Vec::with_capacity(jobs.len());
-        for j in jobs {
-            rows.push((j, encode(j)?));
-        }
-        let mut runs = Vec::with_capacity(batch.runs.len());
-        for r in &batch.runs {
-            runs.push((r, encode(r)?));
-        }
+        let (rows, runs) = encode_batch(batch)?;
         let mut tx = self.pool.begin().await?;
         for chunk in rows.chunks(CHUNK) {
             let mut qb: QueryBuilder<Postgres> = QueryBuilder::new(

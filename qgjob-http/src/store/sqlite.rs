@@ -19,8 +19,8 @@ use sqlx::sqlite::{
 use sqlx::{QueryBuilder, Row, Sqlite};
 
 use super::{
-    dedup_jobs, BuildRecord, RunRecord, Store, StoreError, TokenKind, TokenRecord, WriteBatch,
-    DEFAULT_LIST_LIMIT,
+    decode_job, encode_batch, i64_of, BuildRecord, RunRecord, Store, StoreError, TokenKind,
+    TokenRecord, WriteBatch, DEFAULT_LIST_LIMIT,
 };
 
 /// How hard SQLite works to keep commits on disk.
@@ -122,18 +122,6 @@ impl SqliteStore {
     }
 }
 
-fn decode_job(body: &str) -> Result<Job, StoreError> {
-    serde_json::from_str(body).map_err(|e| StoreError::Corrupt(format!("job: {e}")))
-}
-
-fn encode<T: serde::Serialize>(v: &T) -> Result<String, StoreError> {
-    serde_json::to_string(v).map_err(|e| StoreError::Corrupt(e.to_string()))
-}
-
-fn seq_i64(seq: u64) -> i64 {
-    i64::try_from(seq).unwrap_or(i64::MAX)
-}
-
 fn jobs_from_rows(rows: Vec<sqlx::sqlite::SqliteRow>) -> Result<Vec<Job>, StoreError> {
     rows.iter()
         .map(|r| decode_job(r.try_get::<&str, _>("body")?))
@@ -143,30 +131,21 @@ fn jobs_from_rows(rows: Vec<sqlx::sqlite::SqliteRow>) -> Result<Vec<Job>, StoreE
 #[async_trait]
 impl Store for SqliteStore {
     async fn write(&self, batch: &WriteBatch) -> Result<(), StoreError> {
-        let jobs = dedup_jobs(&batch.jobs);
-        // Encode before opening the transaction so it is held as briefly as possible.
-        let mut rows = Vec::with_capacity(jobs.len());
-        for j in jobs {
-            rows.push((j, encode(j)?));
-        }
-        let mut runs = Vec::with_capacity(batch.runs.len());
-        for r in &batch.runs {
-            runs.push((r, encode(r)?));
-        }
+        let (rows, runs) = encode_batch(batch)?;
         let mut tx = self.pool.begin().await?;
         for chunk in rows.chunks(CHUNK) {
             let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
                 "INSERT INTO jobs (seq, id, org, state, run, app, target, finished_at, idem, body) ",
             );
             qb.push_values(chunk, |mut b, (j, body)| {
-                b.push_bind(seq_i64(j.seq))
+                b.push_bind(i64_of(j.seq))
                     .push_bind(j.id.0)
                     .push_bind(j.spec.org_id.as_str())
                     .push_bind(j.state.as_str())
                     .push_bind(j.spec.run_id.map(|r| r.0))
                     .push_bind(j.spec.app_version_id.as_str())
                     .push_bind(j.spec.target.as_str())
-                    .push_bind(j.finished_at.map(|t| seq_i64(t.0)))
+                    .push_bind(j.finished_at.map(|t| i64_of(t.0)))
                     .push_bind(j.spec.idempotency_key.as_deref())
                     .push_bind(body.as_str());
             });
@@ -183,7 +162,7 @@ impl Store for SqliteStore {
             )
             .bind(r.id.0)
             .bind(r.org_id.as_str())
-            .bind(seq_i64(r.created_at.0))
+            .bind(i64_of(r.created_at.0))
             .bind(body)
             .execute(&mut *tx)
             .await?;
@@ -197,7 +176,7 @@ impl Store for SqliteStore {
             "SELECT body FROM jobs WHERE finished_at IS NULL OR finished_at >= ? \
              OR seq = (SELECT MAX(seq) FROM jobs) ORDER BY seq",
         )
-        .bind(seq_i64(finished_since.0))
+        .bind(i64_of(finished_since.0))
         .fetch_all(&self.pool)
         .await?;
         jobs_from_rows(rows)
@@ -231,7 +210,7 @@ impl Store for SqliteStore {
     async fn list_jobs(&self, filter: &JobFilter) -> Result<Vec<Job>, StoreError> {
         let limit = filter.limit.unwrap_or(DEFAULT_LIST_LIMIT);
         let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new("SELECT body FROM jobs WHERE seq > ");
-        qb.push_bind(seq_i64(filter.after_seq.unwrap_or(0)));
+        qb.push_bind(i64_of(filter.after_seq.unwrap_or(0)));
         if let Some(o) = &filter.org_id {
             qb.push(" AND org = ").push_bind(o.as_str().to_string());
         }
@@ -324,7 +303,7 @@ impl Store for SqliteStore {
         .bind(org.as_str())
         .bind(app.as_str())
         .bind(&build.sha256)
-        .bind(seq_i64(build.size))
+        .bind(i64_of(build.size))
         .execute(&self.pool)
         .await?;
         Ok(())
