@@ -876,10 +876,7 @@ fn refused(
 ) {
     let err = got.expect_err("a report under a lease that does not hold the job is refused");
     if m.leases.contains_key(&lease) {
-        assert!(
-            matches!(err, ReportError::NotInLease { .. }),
-            "{err:?}"
-        );
+        assert!(matches!(err, ReportError::NotInLease { .. }), "{err:?}");
     } else {
         assert_eq!(err, ReportError::StaleLease(lease));
     }
