@@ -21,14 +21,27 @@ pub struct BoundJob {
 /// install takes `install_ms`:
 ///
 /// `max( max_j(max(submit_j, first_b(j) + I) + work_j),
-///       max over submit times t of t + (W(t) + I × G(t)) / m )`
+///       max over submit times t of t + (W(t) + I × G(t)) / m,
+///       max over first-seen times t of t + (N(t) + I × max(G(t), m)) / m )`
 ///
 /// where `first_b(j)` is the submit time of the first job of `j`'s build, `W(t)` the work
-/// of the jobs submitted at or after `t` and `G(t)` the number of builds whose first job is
-/// submitted at or after `t`. The first term holds because a job runs after its submit and
-/// on a device where its build is installed, which cannot happen before the build's first
-/// job arrived plus one install; the second because from `t` on, the `m` devices must still
-/// do that work and at least one install of each of those builds. 0 without jobs. Time and
+/// of the jobs submitted at or after `t`, `G(t)` the number of builds whose first job is
+/// submitted at or after `t` and `N(t)` the work of all jobs of those builds.
+///
+/// * The first term holds because a job runs after its submit and on a device where its
+///   build is installed, which cannot happen before the build's first job arrived plus one
+///   install.
+/// * The second because from `t` on, the `m` devices must still do that work and at least
+///   one install of each of those builds.
+/// * The third because a build's jobs only run after an install of it begun at or after its
+///   first job's arrival. Say `k ≤ m` devices run jobs of the builds first seen at or after
+///   `t`: from `t` on they are busy for at least `N(t)` of work plus one install per such
+///   build and one per device, so the last ends no earlier than
+///   `t + (N(t) + I × max(G(t), k)) / k`, which only shrinks as `k` grows to `m`. At the
+///   first submit this says what the second term misses when a pool has more devices than
+///   builds: every device that helps pays its own install.
+///
+/// Devices start with nothing installed, as in the simulator. 0 without jobs. Time and
 /// work are taken in ms; the answer is `ms / 1000`.
 ///
 /// The first term is not `submit_j + I + work_j`: a job submitted after its build was
@@ -44,8 +57,8 @@ pub struct BoundJob {
 /// let jobs: Vec<BoundJob> = (0..4)
 ///     .map(|_| BoundJob { submit: Time(0), work_ms: 10_000, build: build.clone() })
 ///     .collect();
-/// // Two devices: 40 s of work plus one 5 s install, shared by two devices.
-/// assert_eq!(lower_bound(2, 5_000, &jobs)?, 22.5);
+/// // Two devices: 40 s of work, and each device that helps installs the build once (5 s).
+/// assert_eq!(lower_bound(2, 5_000, &jobs)?, 25.0);
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub fn lower_bound(devices: u32, install_ms: u64, jobs: &[BoundJob]) -> Result<f64, SimError> {
@@ -102,7 +115,61 @@ pub(crate) fn lower_bound_ms(
         let bound = t as f64 + (work + install * groups) as f64 / m;
         best = best.max(bound);
     }
+
+    // Work of the builds first seen at each instant, walked from the last: N(t) and G(t).
+    let mut new_work_at: BTreeMap<u64, u128> = BTreeMap::new();
+    for j in jobs {
+        let first = first_seen.get(&j.build).copied().unwrap_or(0);
+        *new_work_at.entry(first).or_default() += u128::from(j.work_ms);
+    }
+    let (mut new_work, mut new_groups) = (0u128, 0u128);
+    for (&t, &w) in new_work_at.iter().rev() {
+        new_work += w;
+        new_groups += groups_at.get(&t).copied().unwrap_or(0);
+        let installs = new_groups.max(u128::from(devices));
+        let bound = t as f64 + (new_work + install * installs) as f64 / m;
+        best = best.max(bound);
+    }
     Ok(best)
+}
+
+/// The fewest installs with which any schedule of `jobs` on a pool of `devices` devices can
+/// finish by `deadline_ms`, or `None` when none can.
+///
+/// Each build `b` first seen at `f_b` with work `W_b` must be installed on some `d_b`
+/// devices, each at or after `f_b`, and the one with the largest share ends no earlier than
+/// `f_b + I + W_b / d_b`. Meeting the deadline `T` so needs `d_b ≥ ⌈W_b / (T − f_b − I)⌉`
+/// devices (at most `devices`) and as many installs; the sum over builds is the answer.
+/// Used to tell when a cap on installs and a cap on makespan cannot both be met.
+pub fn min_installs_by(
+    devices: u32,
+    install_ms: u64,
+    jobs: &[BoundJob],
+    deadline_ms: u64,
+) -> Option<u64> {
+    let mut per_build: BTreeMap<&BuildRef, (u64, u128)> = BTreeMap::new();
+    for j in jobs {
+        let t = j.submit.as_millis();
+        let e = per_build.entry(&j.build).or_insert((t, 0));
+        e.0 = e.0.min(t);
+        e.1 += u128::from(j.work_ms);
+    }
+    let mut total = 0u64;
+    for (first, work) in per_build.into_values() {
+        let room = u128::from(deadline_ms.checked_sub(first)?.checked_sub(install_ms)?);
+        let need = if work == 0 {
+            1
+        } else if room == 0 {
+            return None;
+        } else {
+            work.div_ceil(room).max(1)
+        };
+        if need > u128::from(devices) {
+            return None;
+        }
+        total += need as u64;
+    }
+    Some(total)
 }
 
 #[cfg(test)]
@@ -159,6 +226,24 @@ mod tests {
         // Submitted 2 s after the first, it still waits for that first install to end.
         let jobs = [job(0, 1_000, "a"), job(2_000, 5_000, "a")];
         assert_eq!(lower_bound_ms(4, 10_000, &jobs).unwrap(), 15_000.0);
+    }
+
+    #[test]
+    fn installs_needed_to_meet_a_deadline() {
+        // Build a: 40 s of work at 0; build b: 20 s at 10 s; install 5 s.
+        let jobs = [
+            job(0, 20_000, "a"),
+            job(0, 20_000, "a"),
+            job(10_000, 20_000, "b"),
+        ];
+        // By 45 s: a on one device (5 + 40), b on one (10 + 5 + 20).
+        assert_eq!(min_installs_by(4, 5_000, &jobs, 45_000), Some(2));
+        // By 25 s: a needs two devices (5 + 40 / 2), b two (10 + 5 + 20 / 2).
+        assert_eq!(min_installs_by(4, 5_000, &jobs, 25_000), Some(4));
+        // One device cannot give a its two.
+        assert_eq!(min_installs_by(1, 5_000, &jobs, 25_000), None);
+        // Before b's install could even end: none.
+        assert_eq!(min_installs_by(4, 5_000, &jobs, 14_000), None);
     }
 
     #[test]

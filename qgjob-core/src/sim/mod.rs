@@ -46,7 +46,8 @@
 //! * `lower_bound_s`: see [`lower_bound`]; the workload's is the largest of its pools'. Its
 //!   per-job term waits for the first install of the job's build, not for an install after
 //!   the job's own submit: a late job of a build already installed somewhere can start at
-//!   once, so `submit + install + work` would overstate the bound.
+//!   once, so `submit + install + work` would overstate the bound. A further term charges
+//!   one install per device that helps with builds not yet seen (devices start empty).
 //! * `finished`: jobs in a final state; less than `jobs` only when the policy left work
 //!   undone with every device idle (a stall), which the tests treat as a bug.
 
@@ -55,7 +56,7 @@ mod generate;
 mod run;
 mod workload;
 
-pub use bound::{lower_bound, BoundJob};
+pub use bound::{lower_bound, min_installs_by, BoundJob};
 pub use generate::{generate, Shape};
 pub use run::{run, run_traced, AttemptRecord, AttemptResult, PoolReport, Report, WaitStats};
 pub use workload::{SimOutcome, Workload, WorkloadJob, WorkloadPool, MAX_POOL_DEVICES};

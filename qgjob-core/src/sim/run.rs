@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
 
 use serde::{Deserialize, Serialize};
 
-use super::bound::{lower_bound_ms, BoundJob};
+use super::bound::lower_bound_ms;
 use super::workload::{to_ms, SimOutcome, Workload};
 use super::SimError;
 use crate::grouped::GroupedScheduler;
@@ -224,12 +224,6 @@ fn simulate(
     let mut sched = GroupedScheduler::new(cfg);
     let sch = |e: &dyn std::fmt::Display| SimError::Scheduler(e.to_string());
 
-    let pool_of: HashMap<&Target, usize> = workload
-        .pools
-        .iter()
-        .enumerate()
-        .map(|(i, p)| (&p.target, i))
-        .collect();
     let install_ms: Vec<u64> = workload.pools.iter().map(|p| to_ms(p.install_s)).collect();
 
     // Devices, in id order: the order in which idle devices ask for work.
@@ -261,10 +255,6 @@ fn simulate(
 
     // Jobs in submission order: by time, then workload order.
     let jobs = &workload.jobs;
-    let job_pool: Vec<usize> = jobs
-        .iter()
-        .map(|j| pool_of.get(&j.target).copied().unwrap_or(0))
-        .collect();
     let submit_ms: Vec<u64> = jobs.iter().map(|j| to_ms(j.submit_s)).collect();
     let duration_ms: Vec<u64> = jobs.iter().map(|j| to_ms(j.duration_s)).collect();
     let mut order: Vec<usize> = (0..jobs.len()).collect();
@@ -412,41 +402,18 @@ fn simulate(
         drop(sched.take_events());
     }
 
-    Ok(report(
-        workload,
-        policy,
-        &tally,
-        &job_pool,
-        &submit_ms,
-        &duration_ms,
-    ))
+    Ok(report(workload, policy, &tally))
 }
 
 /// Assembles the report from the tallies.
-fn report(
-    workload: &Workload,
-    policy: PolicyKind,
-    tally: &[PoolTally],
-    job_pool: &[usize],
-    submit_ms: &[u64],
-    duration_ms: &[u64],
-) -> Report {
-    let jobs = &workload.jobs;
+fn report(workload: &Workload, policy: PolicyKind, tally: &[PoolTally]) -> Report {
     let mut pools = Vec::with_capacity(workload.pools.len());
     let mut all_waits = Vec::new();
     let mut all_by_prio: BTreeMap<i32, Vec<u64>> = BTreeMap::new();
     let mut lb_ms = 0f64;
     for (pi, p) in workload.pools.iter().enumerate() {
         let t = &tally[pi];
-        let mine: Vec<usize> = (0..jobs.len()).filter(|&i| job_pool[i] == pi).collect();
-        let bound_jobs: Vec<BoundJob> = mine
-            .iter()
-            .map(|&i| BoundJob {
-                submit: Time(submit_ms[i]),
-                work_ms: work_ms(jobs[i].outcome, duration_ms[i]),
-                build: jobs[i].build(),
-            })
-            .collect();
+        let bound_jobs = workload.bound_jobs(&p.target);
         // Validation guarantees devices ≥ 1, so this cannot fail.
         let lb = lower_bound_ms(p.devices, to_ms(p.install_s), &bound_jobs).unwrap_or(0.0);
         lb_ms = lb_ms.max(lb);
@@ -461,7 +428,7 @@ fn report(
         pools.push(PoolReport {
             target: p.target.clone(),
             devices: p.devices,
-            jobs: mine.len() as u64,
+            jobs: bound_jobs.len() as u64,
             finished: t.finished,
             makespan_s: t.makespan_ms as f64 / 1000.0,
             lower_bound_s: lb / 1000.0,
@@ -477,7 +444,7 @@ fn report(
     let all_devices: u64 = workload.pools.iter().map(|p| u64::from(p.devices)).sum();
     Report {
         policy,
-        jobs: jobs.len() as u64,
+        jobs: workload.jobs.len() as u64,
         finished: tally.iter().map(|t| t.finished).sum(),
         makespan_s: makespan_ms as f64 / 1000.0,
         lower_bound_s: lb_ms / 1000.0,
@@ -495,13 +462,6 @@ fn report(
 
 /// A job's work: its duration, plus the failed first half-attempt for `infra_error_once`.
 /// Uses the same rounding as the simulation, so the bound and the schedule agree exactly.
-fn work_ms(outcome: SimOutcome, duration_ms: u64) -> u64 {
-    match outcome {
-        SimOutcome::InfraErrorOnce => duration_ms + duration_ms / 2,
-        _ => duration_ms,
-    }
-}
-
 fn utilization(busy_ms: u128, devices: u64, makespan_ms: u64) -> f64 {
     let cap = u128::from(devices) * u128::from(makespan_ms);
     if cap == 0 {
@@ -525,13 +485,6 @@ mod tests {
         let w = WaitStats::of(&mut one);
         assert_eq!((w.p50, w.p95, w.max), (7.0, 7.0, 7.0));
         assert_eq!(WaitStats::of(&mut []), WaitStats::default());
-    }
-
-    #[test]
-    fn work_counts_the_failed_half() {
-        assert_eq!(work_ms(SimOutcome::Passed, 1001), 1001);
-        assert_eq!(work_ms(SimOutcome::Failed, 1001), 1001);
-        assert_eq!(work_ms(SimOutcome::InfraErrorOnce, 1001), 1501);
     }
 
     #[test]

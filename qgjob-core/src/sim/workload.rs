@@ -5,8 +5,9 @@ use std::collections::BTreeSet;
 
 use serde::{Deserialize, Serialize};
 
+use super::bound::BoundJob;
 use super::SimError;
-use crate::model::{AppVersionId, BuildRef, OrgId, Priority, Target};
+use crate::model::{AppVersionId, BuildRef, OrgId, Priority, Target, Time};
 
 /// Largest time or duration accepted, in seconds (about 31 years): keeps every millisecond
 /// sum far from overflowing.
@@ -66,6 +67,16 @@ impl WorkloadJob {
             app_version_id: self.app_version_id.clone(),
         }
     }
+
+    /// The device time this job takes, ms: its duration, plus half of it again for
+    /// `infra_error_once` (the failed first attempt).
+    pub fn work_ms(&self) -> u64 {
+        let d = to_ms(self.duration_s);
+        match self.outcome {
+            SimOutcome::InfraErrorOnce => d + d / 2,
+            _ => d,
+        }
+    }
 }
 
 /// How a simulated job ends.
@@ -123,6 +134,20 @@ fn check_seconds(v: f64) -> Result<(), String> {
 }
 
 impl Workload {
+    /// The jobs of the pool of `target` as [`super::lower_bound`] sees them, in workload
+    /// order: to compute the bound of that pool under other assumptions (say, fewer devices).
+    pub fn bound_jobs(&self, target: &Target) -> Vec<BoundJob> {
+        self.jobs
+            .iter()
+            .filter(|j| &j.target == target)
+            .map(|j| BoundJob {
+                submit: Time(to_ms(j.submit_s)),
+                work_ms: j.work_ms(),
+                build: j.build(),
+            })
+            .collect()
+    }
+
     /// Parses and validates a workload in format v1.
     ///
     /// ```
@@ -321,6 +346,22 @@ impl TryFrom<RawWorkload> for Workload {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn work_counts_the_failed_half() {
+        let job = |outcome| WorkloadJob {
+            org_id: OrgId::new("acme").unwrap(),
+            app_version_id: AppVersionId::new("v1").unwrap(),
+            target: Target::Emulator,
+            priority: 0,
+            submit_s: 0.0,
+            duration_s: 1.001,
+            outcome,
+        };
+        assert_eq!(job(SimOutcome::Passed).work_ms(), 1001);
+        assert_eq!(job(SimOutcome::Failed).work_ms(), 1001);
+        assert_eq!(job(SimOutcome::InfraErrorOnce).work_ms(), 1501);
+    }
 
     #[test]
     fn outcome_names_round_trip() {
