@@ -5,8 +5,9 @@
 //!
 //! * [`PolicyKind::Grouped`] (the default): install-aware. A device keeps running jobs of the
 //!   build it has installed (affinity). It leaves them only (a) for a group that outranks
-//!   its own by three base priority levels (an unserved one, or a served one with backlog that
-//!   has fewer than two devices, taken only from a group that keeps another device), (b) for
+//!   its own by three base priority levels (an unserved one, or a served one with two or more
+//!   jobs waiting that has fewer than two devices, taken only from a group that keeps
+//!   another device), (b) for
 //!   a waiting unserved group when its own group has another device and the waiting group
 //!   has an install's worth of work or has waited two installs, or (c) for fair share,
 //!   when its org holds three more devices than a waiting org whose job has waited five
@@ -212,13 +213,15 @@ fn choose_grouped(view: &impl PoolView) -> Choice {
         if let Some(u) = unserved.filter(outranks) {
             return Choice::Group(u.idx);
         }
-        // …and so does a clearly more urgent served group with backlog, up to a second
-        // device, taken only from a group that keeps another device.
+        // …and so does a clearly more urgent served group with two or more jobs waiting, up
+        // to a second device, taken only from a group that keeps another device. Urgent
+        // work is not held to the install-worth rule of spreading: its wait matters more
+        // than one install (a five-job smoke run otherwise queues behind itself on one device).
         if own.group.serving >= 2 {
             if let Some(g) = view
                 .served_ready()
                 .iter()
-                .filter(|g| g.idx != own.group.idx && outranks(g) && worth_spreading(g))
+                .filter(|g| g.idx != own.group.idx && outranks(g) && g.ready >= 2)
                 .filter(|g| g.serving < PREEMPT_MAX_SERVING)
                 .max_by(|a, b| a.priority.cmp(&b.priority).then(b.urgency.cmp(&a.urgency)))
             {

@@ -1,0 +1,241 @@
+//! Named lab situations, built by hand, where the grouped policy must meet the acceptance
+//! rules against both baselines, pool by pool: makespan ≤ 1.20 × the lower bound and
+//! ≤ 1.05 × the better baseline's, at most half of FIFO's installs, and a p95 wait of the
+//! highest priority no worse than per-group's. One more situation shows a rule that no
+//! policy can meet, and that `min_installs_by` proves it.
+
+use std::collections::BTreeSet;
+
+use qgjob_core::sim::{self, min_installs_by, PoolReport, SimOutcome, Workload, WorkloadJob};
+use qgjob_core::sim::{Report, WorkloadPool};
+use qgjob_core::{AppVersionId, OrgId, PolicyKind, Target};
+
+/// A run: `n` jobs of one build submitted together.
+struct Run {
+    org: &'static str,
+    build: &'static str,
+    priority: i32,
+    n: usize,
+    job_s: f64,
+    at_s: f64,
+}
+
+/// One emulator pool of `devices` devices; job durations vary between half and one and a
+/// half times the run's typical one, in a fixed pattern.
+fn lab(name: &str, devices: u32, install_s: f64, runs: &[Run], interleave: bool) -> Workload {
+    let mut jobs: Vec<WorkloadJob> = Vec::new();
+    for (ri, r) in runs.iter().enumerate() {
+        for i in 0..r.n {
+            let spread = 0.5 + ((i * 37 + ri * 53) % 100) as f64 / 100.0;
+            jobs.push(WorkloadJob {
+                org_id: OrgId::new(r.org).unwrap(),
+                app_version_id: AppVersionId::new(r.build).unwrap(),
+                target: Target::Emulator,
+                priority: r.priority,
+                submit_s: r.at_s,
+                duration_s: (r.job_s * spread * 10.0).round() / 10.0,
+                outcome: SimOutcome::Passed,
+            });
+        }
+    }
+    if interleave {
+        // Round-robin over the runs: the order a CI matrix might submit in.
+        let mut by_run: Vec<Vec<WorkloadJob>> = Vec::new();
+        let mut k = 0;
+        for r in runs {
+            by_run.push(jobs[k..k + r.n].to_vec());
+            k += r.n;
+        }
+        jobs.clear();
+        let longest = by_run.iter().map(Vec::len).max().unwrap_or(0);
+        for i in 0..longest {
+            jobs.extend(by_run.iter().filter_map(|r| r.get(i).cloned()));
+        }
+    }
+    jobs.sort_by(|a, b| a.submit_s.total_cmp(&b.submit_s));
+    Workload {
+        name: name.into(),
+        pools: vec![WorkloadPool {
+            target: Target::Emulator,
+            devices,
+            install_s,
+        }],
+        jobs,
+    }
+}
+
+fn p95_top(p: &PoolReport) -> f64 {
+    p.wait_s_by_priority
+        .iter()
+        .next_back()
+        .map_or(0.0, |(_, w)| w.p95)
+}
+
+fn pool(r: &Report) -> &PoolReport {
+    &r.pools[0]
+}
+
+/// Runs the three policies and returns their pool reports: grouped, fifo, per-group.
+fn three(w: &Workload) -> [PoolReport; 3] {
+    PolicyKind::ALL.map(|p| pool(&sim::run(w, p).unwrap()).clone())
+}
+
+/// The rules grouped breaks on the pool (empty when it meets them all).
+fn broken(w: &Workload) -> Vec<String> {
+    let [g, f, pg] = three(w);
+    let mut out = Vec::new();
+    if g.makespan_s > 1.20 * g.lower_bound_s {
+        out.push(format!(
+            "makespan {} > 1.20 × bound {}",
+            g.makespan_s, g.lower_bound_s
+        ));
+    }
+    let best = f.makespan_s.min(pg.makespan_s);
+    if g.makespan_s > 1.05 * best {
+        out.push(format!(
+            "makespan {} > 1.05 × baseline {best}",
+            g.makespan_s
+        ));
+    }
+    if g.installs * 2 > f.installs {
+        out.push(format!(
+            "installs {} > half of fifo's {}",
+            g.installs, f.installs
+        ));
+    }
+    if p95_top(&g) > p95_top(&pg) {
+        out.push(format!(
+            "top-priority p95 wait {} > per-group's {}",
+            p95_top(&g),
+            p95_top(&pg)
+        ));
+    }
+    out
+}
+
+fn four_runs() -> Vec<Run> {
+    ["v1", "v2", "v3", "v4"]
+        .into_iter()
+        .map(|build| Run {
+            org: "acme",
+            build,
+            priority: 0,
+            n: 100,
+            job_s: 30.0,
+            at_s: 0.0,
+        })
+        .collect()
+}
+
+#[test]
+fn four_runs_submitted_together_in_either_order() {
+    for interleave in [false, true] {
+        let w = lab("four-runs", 8, 45.0, &four_runs(), interleave);
+        assert_eq!(broken(&w), Vec::<String>::new(), "interleave {interleave}");
+    }
+}
+
+#[test]
+fn a_smoke_test_during_a_nightly_run_is_not_held_back() {
+    let runs = [
+        Run {
+            org: "acme",
+            build: "nightly",
+            priority: 0,
+            n: 400,
+            job_s: 30.0,
+            at_s: 0.0,
+        },
+        Run {
+            org: "gamma",
+            build: "pr-17",
+            priority: 2,
+            n: 20,
+            job_s: 25.0,
+            at_s: 120.0,
+        },
+        Run {
+            org: "beta",
+            build: "smoke",
+            priority: 5,
+            n: 5,
+            job_s: 20.0,
+            at_s: 300.0,
+        },
+    ];
+    let w = lab("smoke-during-nightly", 8, 45.0, &runs, false);
+    assert_eq!(broken(&w), Vec::<String>::new());
+    // The smoke run takes a second device: its jobs do not all queue behind each other on
+    // one, as they do under per-group.
+    let (_, trace) = sim::run_traced(&w, PolicyKind::Grouped).unwrap();
+    let smoke_devices: BTreeSet<_> = trace
+        .iter()
+        .filter(|a| w.jobs[a.job].app_version_id.as_str() == "smoke")
+        .map(|a| a.device.clone())
+        .collect();
+    assert_eq!(smoke_devices.len(), 2, "{smoke_devices:?}");
+    let [g, _, pg] = three(&w);
+    assert!(
+        p95_top(&g) < p95_top(&pg),
+        "{} vs {}",
+        p95_top(&g),
+        p95_top(&pg)
+    );
+}
+
+#[test]
+fn pull_request_runs_arriving_over_time() {
+    const BUILDS: [&str; 16] = [
+        "b0", "b1", "b2", "b3", "b4", "b5", "b6", "b7", "b8", "b9", "b10", "b11", "b12", "b13",
+        "b14", "b15",
+    ];
+    const ORGS: [&str; 3] = ["o0", "o1", "o2"];
+    let runs: Vec<Run> = BUILDS
+        .iter()
+        .enumerate()
+        .map(|(k, &build)| Run {
+            org: ORGS[k % 3],
+            build,
+            priority: (k % 3) as i32,
+            n: 10,
+            job_s: 40.0,
+            at_s: 30.0 * k as f64,
+        })
+        .collect();
+    let w = lab("pull-requests", 8, 45.0, &runs, false);
+    assert_eq!(broken(&w), Vec::<String>::new());
+}
+
+#[test]
+fn one_huge_run_cannot_halve_fifos_installs_and_the_bound_proves_it() {
+    let runs = [
+        Run {
+            org: "acme",
+            build: "huge",
+            priority: 0,
+            n: 1000,
+            job_s: 30.0,
+            at_s: 0.0,
+        },
+        Run {
+            org: "beta",
+            build: "one",
+            priority: 0,
+            n: 1,
+            job_s: 20.0,
+            at_s: 60.0,
+        },
+    ];
+    let w = lab("one-huge-run", 8, 45.0, &runs, false);
+    let [g, f, pg] = three(&w);
+    // Grouped still meets the makespan rules…
+    assert!(g.makespan_s <= 1.20 * g.lower_bound_s);
+    assert!(g.makespan_s <= 1.05 * f.makespan_s.min(pg.makespan_s));
+    // …but no schedule that meets them can do with half of FIFO's installs: every device
+    // must install the huge build to finish in time.
+    let deadline_ms = (1.05 * f.makespan_s.min(pg.makespan_s) * 1000.0) as u64;
+    let need = min_installs_by(8, 45_000, &w.bound_jobs(&Target::Emulator), deadline_ms)
+        .expect("the deadline can be met");
+    assert!(need * 2 > f.installs, "need {need}, fifo {}", f.installs);
+    assert!(g.installs >= need);
+}
