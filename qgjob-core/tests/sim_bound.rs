@@ -38,13 +38,7 @@ fn optimum(inst: &Inst, devices: usize, install: u64) -> u64 {
     let mut best = u64::MAX;
     let assignments = devices.pow(n as u32);
     for code in 0..assignments {
-        let mut per: Vec<Vec<usize>> = vec![Vec::new(); devices];
-        let mut c = code;
-        for j in 0..n {
-            per[c % devices].push(j);
-            c /= devices;
-        }
-        let span = per
+        let span = split(code, n, devices)
             .iter_mut()
             .map(|jobs| best_order(inst, jobs, install))
             .max()
@@ -54,26 +48,49 @@ fn optimum(inst: &Inst, devices: usize, install: u64) -> u64 {
     best
 }
 
-/// Best makespan of one device over every order of `jobs` (Heap's algorithm).
-fn best_order(inst: &Inst, jobs: &mut [usize], install: u64) -> u64 {
-    fn go(inst: &Inst, a: &mut [usize], k: usize, install: u64, best: &mut u64) {
+/// Calls `f` with every order of `a` (Heap's algorithm); once with `a` as it is when empty.
+fn for_each_order(a: &mut [usize], f: &mut impl FnMut(&[usize])) {
+    fn go(a: &mut [usize], k: usize, f: &mut impl FnMut(&[usize])) {
         if k <= 1 {
-            *best = (*best).min(run_seq(inst, a, install));
+            f(a);
             return;
         }
         for i in 0..k {
-            go(inst, a, k - 1, install, best);
+            go(a, k - 1, f);
             let j = if k % 2 == 0 { i } else { 0 };
             a.swap(j, k - 1);
         }
     }
-    if jobs.is_empty() {
-        return 0;
-    }
+    let k = a.len();
+    go(a, k, f);
+}
+
+/// Best makespan of one device over every order of `jobs`.
+fn best_order(inst: &Inst, jobs: &mut [usize], install: u64) -> u64 {
     let mut best = u64::MAX;
-    let k = jobs.len();
-    go(inst, jobs, k, install, &mut best);
+    for_each_order(jobs, &mut |a| best = best.min(run_seq(inst, a, install)));
     best
+}
+
+fn bound_jobs(inst: &Inst) -> Vec<BoundJob> {
+    inst.iter()
+        .map(|&(s, w, b)| BoundJob {
+            submit: Time(s),
+            work_ms: w,
+            build: build(b),
+        })
+        .collect()
+}
+
+/// The `code`-th way (of `devices^n`) to split `n` jobs among the devices.
+fn split(code: usize, n: usize, devices: usize) -> Vec<Vec<usize>> {
+    let mut per: Vec<Vec<usize>> = vec![Vec::new(); devices];
+    let mut c = code;
+    for j in 0..n {
+        per[c % devices].push(j);
+        c /= devices;
+    }
+    per
 }
 
 fn random_instance(rng: &mut Rng) -> (Inst, usize, u64) {
@@ -98,14 +115,7 @@ fn the_bound_never_exceeds_the_optimum_and_no_policy_beats_it() {
     for case in 0..1000 {
         let (inst, devices, install) = random_instance(&mut rng);
         let opt = optimum(&inst, devices, install);
-        let jobs: Vec<BoundJob> = inst
-            .iter()
-            .map(|&(s, w, b)| BoundJob {
-                submit: Time(s),
-                work_ms: w,
-                build: build(b),
-            })
-            .collect();
+        let jobs = bound_jobs(&inst);
         let lb = lower_bound(devices as u32, install, &jobs).unwrap();
         let opt_s = opt as f64 / 1000.0;
         assert!(lb <= opt_s, "case {case}: bound {lb} above optimum {opt_s} for {inst:?} on {devices} devices, install {install}");
@@ -152,29 +162,17 @@ fn the_bound_never_exceeds_the_optimum_and_no_policy_beats_it() {
 }
 
 /// Every (finish, installs) one device can reach by running `jobs` in some order.
-fn device_outcomes(inst: &Inst, jobs: &mut [usize], install: u64, out: &mut Vec<(u64, u64)>) {
-    fn go(inst: &Inst, a: &mut [usize], k: usize, install: u64, out: &mut Vec<(u64, u64)>) {
-        if k <= 1 {
-            let installs = a
-                .iter()
-                .enumerate()
-                .filter(|&(i, &j)| i == 0 || inst[a[i - 1]].2 != inst[j].2)
-                .count() as u64;
-            out.push((run_seq(inst, a, install), installs));
-            return;
-        }
-        for i in 0..k {
-            go(inst, a, k - 1, install, out);
-            let j = if k % 2 == 0 { i } else { 0 };
-            a.swap(j, k - 1);
-        }
-    }
-    if jobs.is_empty() {
-        out.push((0, 0));
-    } else {
-        let k = jobs.len();
-        go(inst, jobs, k, install, out);
-    }
+fn device_outcomes(inst: &Inst, jobs: &mut [usize], install: u64) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    for_each_order(jobs, &mut |a| {
+        let installs = a
+            .iter()
+            .enumerate()
+            .filter(|&(i, &j)| i == 0 || inst[a[i - 1]].2 != inst[j].2)
+            .count() as u64;
+        out.push((run_seq(inst, a, install), installs));
+    });
+    out
 }
 
 #[test]
@@ -183,27 +181,14 @@ fn no_schedule_meets_a_deadline_with_fewer_installs_than_the_bound_says() {
     for case in 0..300 {
         let (mut inst, devices, install) = random_instance(&mut rng);
         inst.truncate(5);
-        let jobs: Vec<BoundJob> = inst
-            .iter()
-            .map(|&(s, w, b)| BoundJob {
-                submit: Time(s),
-                work_ms: w,
-                build: build(b),
-            })
-            .collect();
+        let jobs = bound_jobs(&inst);
         let n = inst.len();
         for code in 0..devices.pow(n as u32) {
-            let mut per: Vec<Vec<usize>> = vec![Vec::new(); devices];
-            let mut c = code;
-            for j in 0..n {
-                per[c % devices].push(j);
-                c /= devices;
-            }
+            let mut per = split(code, n, devices);
             // Every combination of one order per device.
             let mut combos: Vec<(u64, u64)> = vec![(0, 0)];
             for jobs_d in per.iter_mut() {
-                let mut outs = Vec::new();
-                device_outcomes(&inst, jobs_d, install, &mut outs);
+                let outs = device_outcomes(&inst, jobs_d, install);
                 combos = combos
                     .iter()
                     .flat_map(|&(f, i)| outs.iter().map(move |&(f2, i2)| (f.max(f2), i + i2)))
