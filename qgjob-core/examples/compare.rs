@@ -110,7 +110,7 @@ fn ratio(a: f64, b: f64) -> f64 {
 }
 
 /// Which rules grouped broke on a row (empty: PASS).
-fn broken(g: Fig, f: Fig, pg: Fig, installs_contradict: bool) -> Vec<&'static str> {
+fn broken(g: Fig, f: Fig, pg: Fig, installs_proof: impl FnOnce() -> Proof) -> Vec<&'static str> {
     let mut out = Vec::new();
     if g.mk_over_lb > MAX_OVER_BOUND {
         out.push("bound");
@@ -119,10 +119,10 @@ fn broken(g: Fig, f: Fig, pg: Fig, installs_contradict: bool) -> Vec<&'static st
         out.push("baseline");
     }
     if g.installs as f64 > MAX_INSTALLS_VS_FIFO * f.installs as f64 {
-        out.push(if installs_contradict {
-            "installs (infeasible)"
-        } else {
-            "installs"
+        out.push(match installs_proof() {
+            Proof::None => "installs",
+            Proof::AnySchedule => "installs (infeasible)",
+            Proof::AnyOnlinePolicy => "installs (infeasible online)",
         });
     }
     if g.p95_top > pg.p95_top {
@@ -131,19 +131,25 @@ fn broken(g: Fig, f: Fig, pg: Fig, installs_contradict: bool) -> Vec<&'static st
     out
 }
 
-/// Whether the installs rule contradicts the makespan rules on a pool, proved two ways:
-/// * a schedule with at most half of FIFO's installs runs jobs on at most that many devices,
-///   so it finishes no earlier than the pool's lower bound cut down to that many devices;
-/// * [`sim::min_installs_by`] the deadline the makespan rules set is above that budget.
-///
-/// When either holds, no policy can meet every rule on the pool.
-fn installs_contradict(
-    w: &sim::Workload,
-    pool: &sim::WorkloadPool,
-    f: Fig,
-    pg: Fig,
-    lb: f64,
-) -> bool {
+/// What is proved about a pool where grouped broke the installs rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Proof {
+    /// Nothing: a better policy might meet every rule.
+    None,
+    /// No schedule at all meets the installs rule and the makespan rules together.
+    AnySchedule,
+    /// No policy that only knows the jobs submitted so far meets every rule both on the pool
+    /// and on a prefix of it (itself a workload the rules apply to).
+    AnyOnlinePolicy,
+}
+
+/// Whether the installs rule contradicts the makespan rules on a pool. Let the budget be
+/// half of FIFO's installs and the deadline the earliest makespan the rules allow.
+/// * [`Proof::AnySchedule`], shown two ways: a schedule within the budget runs jobs on at
+///   most that many devices, so it finishes no earlier than the pool's lower bound cut down
+///   to that many devices; or [`sim::min_installs_by`] the deadline exceeds the budget.
+/// * [`Proof::AnyOnlinePolicy`]: see [`online_contradiction`].
+fn installs_proof(w: &sim::Workload, pool: &sim::WorkloadPool, f: Fig, pg: Fig, lb: f64) -> Proof {
     let budget = (MAX_INSTALLS_VS_FIFO * f.installs as f64).floor() as u64;
     let deadline_s = (MAX_OVER_BASELINE * f.makespan.min(pg.makespan)).min(MAX_OVER_BOUND * lb);
     let jobs = w.bound_jobs(&pool.target);
@@ -154,7 +160,88 @@ fn installs_contradict(
     let deadline_ms = (deadline_s * 1000.0).floor() as u64;
     let too_few_installs = sim::min_installs_by(pool.devices, install_ms, &jobs, deadline_ms)
         .is_none_or(|need| need > budget);
-    too_few_devices || too_few_installs
+    if too_few_devices || too_few_installs {
+        Proof::AnySchedule
+    } else if online_contradiction(w, pool, budget, deadline_ms) {
+        Proof::AnyOnlinePolicy
+    } else {
+        Proof::None
+    }
+}
+
+/// The adversary argument for a pool whose builds arrive one after another. Cut the pool's
+/// jobs at the first arrival `c` of some build: the jobs submitted before `c` form a
+/// workload of their own, the prefix. A policy that sees only what has been submitted acts
+/// the same before `c` on the prefix and on the pool. To meet the makespan rules on the
+/// prefix (deadline `D'`), the devices must do its work `W'`; one that starts installing
+/// at or after `c` does at most `D' − c − I` of it, one that starts earlier at most
+/// `D' − t0 − I`, so at least `k = ⌈(W' − m·(D' − c − I)) / (c − t0)⌉` devices install
+/// before `c`. On the pool, the builds first seen at or after `c` then need
+/// [`sim::min_installs_by`]'s installs for its deadline on top of those `k`. When the sum
+/// exceeds the budget for some `c`, no such policy meets every rule on both workloads.
+fn online_contradiction(
+    w: &sim::Workload,
+    pool: &sim::WorkloadPool,
+    budget: u64,
+    deadline_ms: u64,
+) -> bool {
+    let mine: Vec<&sim::WorkloadJob> = w.jobs.iter().filter(|j| j.target == pool.target).collect();
+    let submit_ms = |j: &sim::WorkloadJob| (j.submit_s * 1000.0).round() as u64;
+    let Some(t0) = mine.iter().map(|j| submit_ms(j)).min() else {
+        return false;
+    };
+    let install_ms = (pool.install_s * 1000.0).round() as u64;
+    let m = u64::from(pool.devices);
+    let mut first: BTreeMap<qgjob_core::BuildRef, u64> = BTreeMap::new();
+    for j in &mine {
+        let e = first.entry(j.build()).or_insert(u64::MAX);
+        *e = (*e).min(submit_ms(j));
+    }
+    let cuts: std::collections::BTreeSet<u64> =
+        first.values().copied().filter(|&c| c > t0).collect();
+    for c in cuts {
+        let prefix = sim::Workload {
+            name: format!("{}-before-{c}", w.name),
+            pools: vec![pool.clone()],
+            jobs: mine
+                .iter()
+                .filter(|j| submit_ms(j) < c)
+                .map(|j| (*j).clone())
+                .collect(),
+        };
+        let (Ok(fifo), Ok(per_group)) = (
+            sim::run(&prefix, PolicyKind::Fifo),
+            sim::run(&prefix, PolicyKind::PerGroup),
+        ) else {
+            continue;
+        };
+        let best = fifo.makespan_s.min(per_group.makespan_s);
+        let d_prefix_s = (MAX_OVER_BASELINE * best).min(MAX_OVER_BOUND * fifo.lower_bound_s);
+        let d_prefix = (d_prefix_s * 1000.0).floor() as u64;
+        let work: u64 = prefix.jobs.iter().map(sim::WorkloadJob::work_ms).sum();
+        let late = d_prefix.saturating_sub(c.saturating_add(install_ms));
+        let early = d_prefix.saturating_sub(t0.saturating_add(install_ms));
+        if early <= late {
+            continue;
+        }
+        let k = work
+            .saturating_sub(m.saturating_mul(late))
+            .div_ceil(early - late);
+        if k > m {
+            // The prefix alone cannot meet its deadline: the argument says nothing.
+            continue;
+        }
+        let later: Vec<sim::BoundJob> = w
+            .bound_jobs(&pool.target)
+            .into_iter()
+            .filter(|j| first.get(&j.build).is_some_and(|&f| f >= c))
+            .collect();
+        let after = sim::min_installs_by(pool.devices, install_ms, &later, deadline_ms);
+        if after.is_none_or(|a| k + a > budget) {
+            return true;
+        }
+    }
+    false
 }
 
 /// Per-shape tallies for the summary.
@@ -213,8 +300,9 @@ fn main() -> ExitCode {
                 }
                 let figs: Vec<Fig> = reports.iter().map(|r| fig(&r.pools[pi])).collect();
                 let lb = reports[0].pools[pi].lower_bound_s;
-                let contradict = installs_contradict(&w, pool, figs[1], figs[2], lb);
-                let bad = broken(figs[0], figs[1], figs[2], contradict);
+                let bad = broken(figs[0], figs[1], figs[2], || {
+                    installs_proof(&w, pool, figs[1], figs[2], lb)
+                });
                 tally.rows += 1;
                 if bad.is_empty() {
                     tally.pass += 1;
@@ -301,7 +389,10 @@ fn main() -> ExitCode {
     println!("\n{pass} of {rows} pool rows PASS, {} FAIL", rows - pass);
     println!(
         "installs (infeasible): provably no schedule with at most half of FIFO's installs \
-         meets the makespan rules on that pool"
+         meets the makespan rules on that pool\n\
+         installs (infeasible online): provably no policy that sees only the jobs submitted so \
+         far meets every rule both on that pool and on the jobs it received before some build \
+         arrived"
     );
     ExitCode::SUCCESS
 }
