@@ -16,6 +16,10 @@
 //! 3. grouped installs ≤ 0.5 × FIFO's;
 //! 4. grouped's p95 wait of the highest priority ≤ per-group's.
 //!
+//! A broken rule 3 reads `installs (infeasible)` when no schedule at all can meet it
+//! together with rules 1 and 2, and `installs (infeasible online)` when no policy that only
+//! knows the jobs submitted so far can (see `installs_proof`).
+//!
 //! It ends with a summary per shape and the count of passing rows. The exit code is 0 even
 //! when rows fail: this is a measuring tool, not a gate.
 
