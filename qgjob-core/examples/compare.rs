@@ -23,11 +23,11 @@
 //! It ends with a summary per shape and the count of passing rows. The exit code is 0 even
 //! when rows fail: this is a measuring tool, not a gate.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::process::ExitCode;
 
 use qgjob_core::sim::{self, PoolReport, Shape};
-use qgjob_core::PolicyKind;
+use qgjob_core::{BuildRef, PolicyKind};
 
 /// Rule thresholds (see the file docs).
 const MAX_OVER_BOUND: f64 = 1.20;
@@ -196,13 +196,12 @@ fn online_contradiction(
     };
     let install_ms = (pool.install_s * 1000.0).round() as u64;
     let m = u64::from(pool.devices);
-    let mut first: BTreeMap<qgjob_core::BuildRef, u64> = BTreeMap::new();
+    let mut first: BTreeMap<BuildRef, u64> = BTreeMap::new();
     for j in &mine {
         let e = first.entry(j.build()).or_insert(u64::MAX);
         *e = (*e).min(submit_ms(j));
     }
-    let cuts: std::collections::BTreeSet<u64> =
-        first.values().copied().filter(|&c| c > t0).collect();
+    let cuts: BTreeSet<u64> = first.values().copied().filter(|&c| c > t0).collect();
     for c in cuts {
         let prefix = sim::Workload {
             name: format!("{}-before-{c}", w.name),
