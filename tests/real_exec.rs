@@ -346,6 +346,29 @@ async fn devices(lab: &Lab, target: Target, args: RealArgs) -> RealDevices {
         .expect("devices")
 }
 
+/// One emulator, `emulator-5554`, behind a fake `adb`, running `command` (the lab's when
+/// `None`); also the fake adb's log.
+async fn one_emulator(lab: &Lab, command: Option<&str>) -> (RealDevices, PathBuf) {
+    let (adb, adb_log) = fake_adb(lab.dir.path());
+    let mut args = RealArgs {
+        adb,
+        serials: vec!["emulator-5554".into()],
+        ..lab.args()
+    };
+    if let Some(c) = command {
+        args.command = c.into();
+    }
+    (devices(lab, Target::Emulator, args).await, adb_log)
+}
+
+/// The error message of a job's outcome, or "" without one.
+fn error_of(job: &Job) -> String {
+    job.outcome
+        .as_ref()
+        .and_then(|o| o.error.clone())
+        .unwrap_or_default()
+}
+
 fn alive(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         // A zombie (state Z) has exited; it only waits for its parent to reap it.
@@ -386,17 +409,11 @@ async fn pid_of(lab: &Lab, job: JobId) -> i32 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn passing_and_failing_specs_give_per_test_results_outcomes_and_logs() {
     let lab = Lab::new();
-    let (adb, adb_log) = fake_adb(lab.dir.path());
     let bundle = lab.bundle();
     lab.src
         .add_build(&build("xyz123"), b"apk-xyz123-bytes")
         .expect("build");
-    let args = RealArgs {
-        adb,
-        serials: vec!["emulator-5554".into()],
-        ..lab.args()
-    };
-    let built = devices(&lab, Target::Emulator, args).await;
+    let (built, adb_log) = one_emulator(&lab, None).await;
     let run = start(built.devices);
     let pass = run.submit(spec(
         Target::Emulator,
@@ -563,19 +580,9 @@ async fn a_device_installs_each_build_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_of_distinct_specs_shares_one_runner_process() {
     let lab = Lab::new();
-    let (adb, adb_log) = fake_adb(lab.dir.path());
     let bundle = lab.bundle();
     lab.src.add_build(&build("v1"), b"apk-v1").expect("build");
-    let built = devices(
-        &lab,
-        Target::Emulator,
-        RealArgs {
-            adb,
-            serials: vec!["emulator-5554".into()],
-            ..lab.args()
-        },
-    )
-    .await;
+    let (built, adb_log) = one_emulator(&lab, None).await;
     let dev = &built.devices[0];
     let leased = |test: &str| qgjob_core::LeasedJob {
         id: JobId::from_parts(1, rand_bytes()),
@@ -693,11 +700,7 @@ async fn a_timeout_kills_the_process_group_and_is_an_infrastructure_error() {
     let jobs = run.finish(&[id]).await;
     run.stop().await;
     assert_eq!(jobs[0].state, JobState::Error, "{:?}", jobs[0]);
-    let err = jobs[0]
-        .outcome
-        .as_ref()
-        .and_then(|o| o.error.clone())
-        .unwrap_or_default();
+    let err = error_of(&jobs[0]);
     assert!(err.contains("timeout"), "{err}");
     assert!(
         gone_soon(pid).await,
@@ -713,19 +716,9 @@ async fn a_timeout_kills_the_process_group_and_is_an_infrastructure_error() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_of_a_running_job_kills_it_and_ends_canceled() {
     let lab = Lab::new();
-    let (adb, _) = fake_adb(lab.dir.path());
     let bundle = lab.bundle();
     lab.src.add_build(&build("v1"), b"apk").expect("build");
-    let built = devices(
-        &lab,
-        Target::Emulator,
-        RealArgs {
-            adb,
-            serials: vec!["emulator-5554".into()],
-            ..lab.args()
-        },
-    )
-    .await;
+    let (built, _) = one_emulator(&lab, None).await;
     let run = start(built.devices);
     let id = run.submit(spec(Target::Emulator, "v1", "tests/hang.spec.js", &bundle));
     let pid = pid_of(&lab, id).await;
@@ -745,7 +738,6 @@ async fn cancel_of_a_running_job_kills_it_and_ends_canceled() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bundle_with_package_json_gets_npm_install_once() {
     let lab = Lab::new();
-    let (adb, _) = fake_adb(lab.dir.path());
     lab.src.add_build(&build("v1"), b"apk").expect("build");
     let bundle = lab
         .src
@@ -763,16 +755,7 @@ async fn a_bundle_with_package_json_gets_npm_install_once() {
             ),
         ]))
         .expect("bundle");
-    let built = devices(
-        &lab,
-        Target::Emulator,
-        RealArgs {
-            adb,
-            serials: vec!["emulator-5554".into()],
-            ..lab.args()
-        },
-    )
-    .await;
+    let (built, _) = one_emulator(&lab, None).await;
     let run = start(built.devices);
     let a = run.submit(spec(Target::Emulator, "v1", "tests/ok.spec.js", &bundle));
     let b = run.submit(spec(Target::Emulator, "v1", "tests/ok.spec.js", &bundle));
@@ -796,19 +779,12 @@ async fn a_bundle_with_package_json_gets_npm_install_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_report_is_a_retried_infrastructure_error() {
     let lab = Lab::new();
-    let (adb, _) = fake_adb(lab.dir.path());
     let bundle = lab.bundle();
     lab.src.add_build(&build("v1"), b"apk").expect("build");
-    let built = devices(
+    // A runner that crashes before writing any report.
+    let (built, _) = one_emulator(
         &lab,
-        Target::Emulator,
-        RealArgs {
-            adb,
-            serials: vec!["emulator-5554".into()],
-            // A runner that crashes before writing any report.
-            command: "sh -c 'echo runner exploded >&2; exit 3' {tests}".into(),
-            ..lab.args()
-        },
+        Some("sh -c 'echo runner exploded >&2; exit 3' {tests}"),
     )
     .await;
     let run = start(built.devices);
@@ -819,30 +795,19 @@ async fn a_missing_report_is_a_retried_infrastructure_error() {
     run.stop().await;
     assert_eq!(jobs[0].state, JobState::Error, "{:?}", jobs[0]);
     assert_eq!(jobs[0].attempt, 2, "retried once");
-    let err = jobs[0]
-        .outcome
-        .as_ref()
-        .and_then(|o| o.error.clone())
-        .unwrap_or_default();
+    let err = error_of(&jobs[0]);
     assert!(err.contains("runner exploded"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_that_goes_away_or_cannot_install_fails_as_infrastructure() {
     let lab = Lab::new();
-    let (adb, adb_log) = fake_adb(lab.dir.path());
     let bundle = lab.bundle();
     lab.src.add_build(&build("v1"), b"apk").expect("build");
-    let built = devices(
+    // The runner dies the way it does when the device is unplugged mid-run.
+    let (built, adb_log) = one_emulator(
         &lab,
-        Target::Emulator,
-        RealArgs {
-            adb,
-            serials: vec!["emulator-5554".into()],
-            // The runner dies the way it does when the device is unplugged mid-run.
-            command: "sh -c 'echo lost connection to the device >&2; exit 2' {tests}".into(),
-            ..lab.args()
-        },
+        Some("sh -c 'echo lost connection to the device >&2; exit 2' {tests}"),
     )
     .await;
     let run = start(built.devices);
@@ -853,11 +818,7 @@ async fn a_device_that_goes_away_or_cannot_install_fails_as_infrastructure() {
     let full = run.submit(s.clone());
     let jobs = run.finish(&[full]).await;
     assert_eq!(jobs[0].state, JobState::Error, "{:?}", jobs[0]);
-    let err = jobs[0]
-        .outcome
-        .as_ref()
-        .and_then(|o| o.error.clone())
-        .unwrap_or_default();
+    let err = error_of(&jobs[0]);
     assert!(err.contains("INSTALL_FAILED_INSUFFICIENT_STORAGE"), "{err}");
     assert_eq!(built.installs.failures.load(Ordering::SeqCst), 1);
 
@@ -867,11 +828,7 @@ async fn a_device_that_goes_away_or_cannot_install_fails_as_infrastructure() {
     let jobs = run.finish(&[gone]).await;
     run.stop().await;
     assert_eq!(jobs[0].state, JobState::Error, "{:?}", jobs[0]);
-    let err = jobs[0]
-        .outcome
-        .as_ref()
-        .and_then(|o| o.error.clone())
-        .unwrap_or_default();
+    let err = error_of(&jobs[0]);
     // The install succeeded, the runner crashed, and adb no longer sees the device.
     assert!(err.contains("went away"), "{err}");
     assert!(std::fs::read_to_string(&adb_log)
@@ -1150,11 +1107,7 @@ async fn browserstack_refusing_the_upload_fails_the_job_as_an_install_failure() 
     let jobs = run.finish(&[id]).await;
     run.stop().await;
     assert_eq!(jobs[0].state, JobState::Error, "{:?}", jobs[0]);
-    let err = jobs[0]
-        .outcome
-        .as_ref()
-        .and_then(|o| o.error.clone())
-        .unwrap_or_default();
+    let err = error_of(&jobs[0]);
     assert!(
         err.contains("HTTP 401") && err.contains("Authentication failed"),
         "{err}"
