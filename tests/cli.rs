@@ -4,42 +4,17 @@
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdout, Command, Output, Stdio};
+use std::process::{ChildStdout, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-const BIN: &str = env!("CARGO_BIN_EXE_qgjob");
+mod common;
 
-/// A child process killed (and reaped) when dropped, so a failing test leaves nothing behind.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// A `qgjob` command with a clean environment: no inherited server, token, config or colour.
-fn qgjob_cmd(server: Option<&str>, cwd: &Path) -> Command {
-    let mut c = Command::new(BIN);
-    c.current_dir(cwd)
-        .env_remove("QGJOB_SERVER")
-        .env_remove("QGJOB_TOKEN")
-        .env_remove("QGJOB_CONFIG")
-        .env_remove("GITHUB_ACTIONS")
-        .env("HOME", cwd)
-        .env("XDG_CONFIG_HOME", cwd.join(".config"))
-        .env("NO_COLOR", "1");
-    if let Some(s) = server {
-        c.env("QGJOB_SERVER", s);
-    }
-    c
-}
+use common::{qgjob, start_agent, start_server, Proc, BIN};
 
 fn run(server: Option<&str>, cwd: &Path, args: &[&str]) -> Output {
-    qgjob_cmd(server, cwd)
+    qgjob(server, cwd)
         .args(args)
         .stdin(Stdio::null())
         .output()
@@ -56,71 +31,6 @@ fn stderr(o: &Output) -> String {
 
 fn code(o: &Output) -> i32 {
     o.status.code().expect("exited normally")
-}
-
-/// A server on a free loopback port; returns it with its base URL, read from the first line
-/// it prints.
-fn start_server(dir: &Path) -> (Proc, String) {
-    start_server_with(dir, &[])
-}
-
-/// [`start_server`] with extra flags.
-fn start_server_with(dir: &Path, extra: &[&str]) -> (Proc, String) {
-    let mut child = qgjob_cmd(None, dir)
-        .args([
-            "server",
-            "--addr",
-            "127.0.0.1:0",
-            "--store",
-            "memory",
-            "--data-dir",
-        ])
-        .arg(dir.join("data"))
-        .args(extra)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("server starts");
-    let out = child.stdout.take().expect("stdout");
-    let proc = Proc(child);
-    let mut line = String::new();
-    BufReader::new(out)
-        .read_line(&mut line)
-        .expect("first line");
-    let url = line
-        .trim()
-        .strip_prefix("qgjob server listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .to_string();
-    assert!(url.starts_with("http://127.0.0.1:"), "{url}");
-    (proc, url)
-}
-
-/// A simulated agent for `target` (short install and run times).
-fn start_agent(url: &str, dir: &Path, target: &str, extra: &[&str]) -> Proc {
-    let child = qgjob_cmd(Some(url), dir)
-        .args([
-            "agent",
-            "--target",
-            target,
-            "--simulate",
-            "--devices",
-            "2",
-            "--install-s",
-            "0.2",
-            "--run-s",
-            "0.2",
-            "--name",
-            &format!("test-{target}"),
-        ])
-        .args(extra)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("agent starts");
-    Proc(child)
 }
 
 /// A project directory holding AppWright-style spec files.
@@ -183,7 +93,7 @@ fn read_lines_until(out: ChildStdout, done: impl Fn(&str) -> bool) -> Vec<String
 #[test]
 fn original_readme_flow_submit_then_watch_queued_running_passed() {
     let dir = project();
-    let (_server, url) = start_server(dir.path());
+    let (_server, url) = start_server(dir.path(), &[]);
 
     // The original README's commands, verbatim (the server comes from QGJOB_SERVER).
     let o = run(
@@ -205,7 +115,7 @@ fn original_readme_flow_submit_then_watch_queued_running_passed() {
     let id = words[1].to_string();
 
     // Watch before any agent exists, so the first state is `queued`.
-    let mut watch = qgjob_cmd(Some(&url), dir.path())
+    let mut watch = qgjob(Some(&url), dir.path())
         .args(["status", &format!("--job-id={id}"), "--watch"])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -257,7 +167,7 @@ fn original_readme_flow_submit_then_watch_queued_running_passed() {
 #[test]
 fn wait_exit_codes_and_junit() {
     let dir = project();
-    let (_server, url) = start_server(dir.path());
+    let (_server, url) = start_server(dir.path(), &[]);
     // Simulated devices: emulators pass everything, browserstack fails every test.
     let _emu = start_agent(&url, dir.path(), "emulator", &[]);
     let _bs = start_agent(&url, dir.path(), "browserstack", &["--fail-rate", "1"]);
@@ -376,7 +286,7 @@ fn wait_exit_codes_and_junit() {
 
     // Under GitHub Actions: a Markdown job summary and one `::error` annotation per failure.
     let summary = dir.path().join("summary.md");
-    let o = qgjob_cmd(Some(&url), dir.path())
+    let o = qgjob(Some(&url), dir.path())
         .env("GITHUB_ACTIONS", "true")
         .env("GITHUB_STEP_SUMMARY", &summary)
         .args(["wait", &format!("--run-id={failing_run}")])
@@ -426,7 +336,7 @@ fn parse_junit(path: &PathBuf) -> (usize, usize, usize) {
 #[test]
 fn glob_submits_a_run_and_json_shapes_are_stable() {
     let dir = project();
-    let (_server, url) = start_server(dir.path());
+    let (_server, url) = start_server(dir.path(), &[]);
     let _agent = start_agent(&url, dir.path(), "emulator", &[]);
 
     // Human output: the run line, then one line per job.
@@ -605,7 +515,7 @@ fn unreachable_server_and_bad_input_give_clean_errors() {
     }
 
     // Input errors found by us or by the server: exit 2, one line.
-    let (_server, url) = start_server(dir.path());
+    let (_server, url) = start_server(dir.path(), &[]);
     let o = run(
         Some(&url),
         dir.path(),
@@ -644,10 +554,10 @@ fn unreachable_server_and_bad_input_give_clean_errors() {
 #[test]
 fn config_file_names_the_server() {
     let dir = project();
-    let (_server, url) = start_server(dir.path());
+    let (_server, url) = start_server(dir.path(), &[]);
     let cfg = dir.path().join("qgjob.toml");
     std::fs::write(&cfg, format!("server = \"{url}\"\n")).expect("write");
-    let o = qgjob_cmd(None, dir.path())
+    let o = qgjob(None, dir.path())
         .env("QGJOB_CONFIG", &cfg)
         .args(["list", "--json"])
         .output()
@@ -655,7 +565,7 @@ fn config_file_names_the_server() {
     assert_eq!(code(&o), 0, "{}", stderr(&o));
     assert_eq!(json(&o)["jobs"], Value::Array(vec![]));
     // The environment beats the file.
-    let o = qgjob_cmd(Some("http://127.0.0.1:1"), dir.path())
+    let o = qgjob(Some("http://127.0.0.1:1"), dir.path())
         .env("QGJOB_CONFIG", &cfg)
         .args(["list"])
         .output()
@@ -665,7 +575,7 @@ fn config_file_names_the_server() {
     // A malformed file is an input error, not a silent fallback to the default server.
     let broken = dir.path().join("broken.toml");
     std::fs::write(&broken, "server = [oops\n").expect("write");
-    let o = qgjob_cmd(None, dir.path())
+    let o = qgjob(None, dir.path())
         .env("QGJOB_CONFIG", &broken)
         .args(["list"])
         .output()
@@ -677,7 +587,7 @@ fn config_file_names_the_server() {
         stderr(&o)
     );
     // A flag beats the file.
-    let o = qgjob_cmd(None, dir.path())
+    let o = qgjob(None, dir.path())
         .env("QGJOB_CONFIG", &cfg)
         .args(["list", "--server", "http://127.0.0.1:1"])
         .output()
@@ -688,7 +598,7 @@ fn config_file_names_the_server() {
 #[test]
 fn app_upload_prints_the_content_hash() {
     let dir = project();
-    let (_server, url) = start_server(dir.path());
+    let (_server, url) = start_server(dir.path(), &[]);
     let apk = dir.path().join("app.apk");
     std::fs::write(&apk, b"not really an apk, but bytes all the same").expect("write");
     let o = run(
@@ -837,12 +747,12 @@ fn tokens_scope_users_and_agents() {
         "org acme acme-token-0123456789\norg other other-token-0123456789\nagent agent-token-0123456789\n",
     )
     .expect("write");
-    let (_server, url) = start_server_with(
+    let (_server, url) = start_server(
         dir.path(),
         &["--tokens-file", tokens.to_str().expect("utf-8")],
     );
     let submit = |token: Option<&str>| {
-        let mut c = qgjob_cmd(Some(&url), dir.path());
+        let mut c = qgjob(Some(&url), dir.path());
         if let Some(t) = token {
             c.env("QGJOB_TOKEN", t);
         }
@@ -868,7 +778,7 @@ fn tokens_scope_users_and_agents() {
     assert_eq!(code(&o), 0, "{}", stderr(&o));
     let id = json(&o)["job_id"].as_str().expect("id").to_string();
     let _agent = {
-        let child = qgjob_cmd(Some(&url), dir.path())
+        let child = qgjob(Some(&url), dir.path())
             .args(["--token", "agent-token-0123456789"])
             .args([
                 "agent",
@@ -886,14 +796,14 @@ fn tokens_scope_users_and_agents() {
             .expect("agent starts");
         Proc(child)
     };
-    let o = qgjob_cmd(Some(&url), dir.path())
+    let o = qgjob(Some(&url), dir.path())
         .env("QGJOB_TOKEN", "acme-token-0123456789")
         .args(["wait", &format!("--job-id={id}"), "--timeout=60s"])
         .output()
         .expect("runs");
     assert_eq!(code(&o), 0, "{}{}", stdout(&o), stderr(&o));
     // The other org does not even see it.
-    let o = qgjob_cmd(Some(&url), dir.path())
+    let o = qgjob(Some(&url), dir.path())
         .env("QGJOB_TOKEN", "other-token-0123456789")
         .args(["status", &format!("--job-id={id}")])
         .output()
@@ -904,7 +814,7 @@ fn tokens_scope_users_and_agents() {
 #[test]
 fn up_serves_the_readme_flow_and_stops_on_sigterm() {
     let dir = project();
-    let mut child = qgjob_cmd(None, dir.path())
+    let mut child = qgjob(None, dir.path())
         .args(["up", "--addr", "127.0.0.1:0", "--data-dir"])
         .arg(dir.path().join("data"))
         .args(["--install-s", "0.2", "--run-s", "0.2"])

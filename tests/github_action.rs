@@ -6,13 +6,14 @@
 //! steps and outputs that exist.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 
 use serde_yaml::Value;
 
-const BIN: &str = env!("CARGO_BIN_EXE_qgjob");
+mod common;
+
+use common::{start_agent, start_server, BIN};
 
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -143,73 +144,6 @@ fn action_and_workflows_parse_and_reference_only_what_exists() {
         ci_strings.iter().any(|s| s.contains("bash .ci/run")),
         "ci.yml runs .ci/run"
     );
-}
-
-/// A child process killed when dropped.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn qgjob(dir: &Path) -> Command {
-    let mut c = Command::new(BIN);
-    c.current_dir(dir)
-        .env_remove("QGJOB_SERVER")
-        .env_remove("QGJOB_TOKEN")
-        .env_remove("QGJOB_CONFIG")
-        .env_remove("GITHUB_ACTIONS")
-        .env("HOME", dir)
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::null());
-    c
-}
-
-fn start_server(dir: &Path) -> (Proc, String) {
-    let mut child = qgjob(dir)
-        .args(["server", "--addr", "127.0.0.1:0", "--store", "memory"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("server starts");
-    let out = child.stdout.take().expect("stdout");
-    let proc = Proc(child);
-    let mut line = String::new();
-    BufReader::new(out).read_line(&mut line).expect("line");
-    let url = line
-        .trim()
-        .strip_prefix("qgjob server listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .to_string();
-    (proc, url)
-}
-
-/// Simulated devices for `target`; `fail_rate` 1 makes every simulated test fail.
-fn start_agent(url: &str, dir: &Path, target: &str, fail_rate: &str) -> Proc {
-    let child = qgjob(dir)
-        .env("QGJOB_SERVER", url)
-        .args([
-            "agent",
-            "--target",
-            target,
-            "--simulate",
-            "--devices",
-            "2",
-            "--install-s",
-            "0.1",
-            "--run-s",
-            "0.1",
-            "--fail-rate",
-            fail_rate,
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("agent starts");
-    Proc(child)
 }
 
 /// What one run of the action's steps left behind.
@@ -370,9 +304,9 @@ fn workspace_with_specs() -> tempfile::TempDir {
 #[test]
 fn the_action_passes_a_green_run_and_fails_a_red_one() {
     let ws = workspace_with_specs();
-    let (_server, url) = start_server(ws.path());
-    let _emu = start_agent(&url, ws.path(), "emulator", "0");
-    let _bs = start_agent(&url, ws.path(), "browserstack", "1");
+    let (_server, url) = start_server(ws.path(), &[]);
+    let _emu = start_agent(&url, ws.path(), "emulator", &[]);
+    let _bs = start_agent(&url, ws.path(), "browserstack", &["--fail-rate", "1"]);
     let base = [
         ("server", url.as_str()),
         ("org-id", "qualgent"),

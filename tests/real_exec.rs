@@ -11,6 +11,9 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+mod common;
+
+use common::{qgjob, start_server, Proc};
 use qgjob_cli::real::cache::DirSource;
 use qgjob_cli::real::exec::MemoryLogs;
 use qgjob_cli::real::{build_devices, RealArgs, RealDevices};
@@ -1127,43 +1130,6 @@ fn rand_bytes() -> [u8; 10] {
 
 // ---------- through the real binaries: `qgjob server` + `qgjob agent` + `qgjob submit` ----------
 
-const BIN: &str = env!("CARGO_BIN_EXE_qgjob");
-
-/// A child process killed (and reaped) when dropped.
-struct Proc(std::process::Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        // SIGTERM first so the agent can stop its running test commands' process groups.
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.0.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-        for _ in 0..50 {
-            if matches!(self.0.try_wait(), Ok(Some(_))) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn qgjob(dir: &Path, server: &str) -> Command {
-    let mut c = Command::new(BIN);
-    c.current_dir(dir)
-        .env("QGJOB_SERVER", server)
-        .env_remove("QGJOB_TOKEN")
-        .env_remove("QGJOB_CONFIG")
-        .env_remove("GITHUB_ACTIONS")
-        .env("HOME", dir)
-        .env("XDG_CONFIG_HOME", dir.join(".config"))
-        .env("NO_COLOR", "1")
-        .stdin(std::process::Stdio::null());
-    c
-}
-
 fn run_ok(c: &mut Command) -> String {
     let out = c.output().expect("qgjob runs");
     assert!(
@@ -1175,40 +1141,13 @@ fn run_ok(c: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-fn start_server(dir: &Path) -> (Proc, String) {
-    use std::io::BufRead;
-    let mut child = Command::new(BIN)
-        .args(["server", "--addr", "127.0.0.1:0", "--store", "memory"])
-        .arg("--data-dir")
-        .arg(dir.join("server-data"))
-        .current_dir(dir)
-        .env_remove("QGJOB_TOKEN")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("server starts");
-    let out = child.stdout.take().expect("stdout");
-    let proc = Proc(child);
-    let mut line = String::new();
-    std::io::BufReader::new(out)
-        .read_line(&mut line)
-        .expect("first line");
-    let url = line
-        .trim()
-        .strip_prefix("qgjob server listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .to_string();
-    (proc, url)
-}
-
 fn get_json(url: &str) -> serde_json::Value {
     let mut resp = ureq::get(url).call().expect("GET");
     resp.body_mut().read_json().expect("json")
 }
 
 fn wait_exit(dir: &Path, server: &str, job: &str) -> i32 {
-    qgjob(dir, server)
+    qgjob(Some(server), dir)
         .args(["wait", "--job-id", job, "--timeout", "240s"])
         .output()
         .expect("wait runs")
@@ -1221,7 +1160,7 @@ fn wait_exit(dir: &Path, server: &str, job: &str) -> i32 {
 async fn real_server_and_agent_run_playwright_specs_end_to_end() {
     let lab = Lab::new();
     let (_adb, adb_log) = fake_adb(lab.dir.path());
-    let (_server, url) = start_server(lab.dir.path());
+    let (_server, url) = start_server(lab.dir.path(), &[]);
 
     // The project a developer submits from: specs only (they resolve @playwright/test from
     // the folder the agent's cache lives in, like a checkout with node_modules above it).
@@ -1234,7 +1173,7 @@ async fn real_server_and_agent_run_playwright_specs_end_to_end() {
     let apk = lab.dir.path().join("app-release.apk");
     std::fs::write(&apk, b"apk-e2e-bytes").expect("apk");
     run_ok(
-        qgjob(&project, &url)
+        qgjob(Some(&url), &project)
             .args([
                 "app",
                 "upload",
@@ -1251,7 +1190,7 @@ async fn real_server_and_agent_run_playwright_specs_end_to_end() {
         std::env::var("PATH").unwrap_or_default()
     );
     let _agent = Proc(
-        qgjob(lab.dir.path(), &url)
+        qgjob(Some(&url), lab.dir.path())
             .env("PATH", path)
             .args([
                 "agent",
@@ -1276,7 +1215,7 @@ async fn real_server_and_agent_run_playwright_specs_end_to_end() {
 
     let submit = |test: &str, extra: &[&str]| -> String {
         let out = run_ok(
-            qgjob(&project, &url)
+            qgjob(Some(&url), &project)
                 .args([
                     "submit",
                     "--org-id=qualgent",
@@ -1317,7 +1256,7 @@ async fn real_server_and_agent_run_playwright_specs_end_to_end() {
             "device › sees its environment=passed"
         ]
     );
-    let logs = run_ok(qgjob(&project, &url).args(["logs", "--job-id", &pass]));
+    let logs = run_ok(qgjob(Some(&url), &project).args(["logs", "--job-id", &pass]));
     assert!(
         logs.contains("npx playwright test tests/pass.spec.js --reporter=json"),
         "{logs}"
@@ -1354,7 +1293,7 @@ async fn real_server_and_agent_run_playwright_specs_end_to_end() {
     // Cancel of a running job: its process group dies and it ends canceled.
     let hang = submit("tests/hang.spec.js", &[]);
     let pid = pid_of(&lab, hang.parse().expect("uuid")).await;
-    run_ok(qgjob(&project, &url).args(["cancel", "--job-id", &hang]));
+    run_ok(qgjob(Some(&url), &project).args(["cancel", "--job-id", &hang]));
     assert_eq!(wait_exit(&project, &url, &hang), 3);
     assert_eq!(
         get_json(&format!("{url}/v1/jobs/{hang}"))["state"],
@@ -1388,7 +1327,7 @@ async fn real_server_and_agent_run_playwright_specs_end_to_end() {
     let apk2 = lab.dir.path().join("app-release-2.apk");
     std::fs::write(&apk2, b"apk-e2e-second").expect("apk");
     run_ok(
-        qgjob(&project, &url)
+        qgjob(Some(&url), &project)
             .args([
                 "app",
                 "upload",
@@ -1397,7 +1336,7 @@ async fn real_server_and_agent_run_playwright_specs_end_to_end() {
             ])
             .arg(&apk2),
     );
-    let out = run_ok(qgjob(&project, &url).args([
+    let out = run_ok(qgjob(Some(&url), &project).args([
         "submit",
         "--org-id=qualgent",
         "--app-version-id=xyz456",
@@ -1423,7 +1362,7 @@ async fn real_server_and_agent_run_playwright_specs_end_to_end() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_agent_on_browserstack_uploads_once_and_respects_parallel() {
     let lab = Lab::new();
-    let (_server, url) = start_server(lab.dir.path());
+    let (_server, url) = start_server(lab.dir.path(), &[]);
     let (bs, bs_url) = BrowserStackStandIn::start(lab.dir.path()).await;
     let project = lab.dir.path().join("project");
     for (name, text) in lab.specs() {
@@ -1434,12 +1373,12 @@ async fn real_agent_on_browserstack_uploads_once_and_respects_parallel() {
     let apk = lab.dir.path().join("app-release.apk");
     std::fs::write(&apk, b"apk-bs-bytes").expect("apk");
     run_ok(
-        qgjob(&project, &url)
+        qgjob(Some(&url), &project)
             .args(["app", "upload", "--org-id=qualgent", "--app-version-id=bs1"])
             .arg(&apk),
     );
     let _agent = Proc(
-        qgjob(lab.dir.path(), &url)
+        qgjob(Some(&url), lab.dir.path())
             .env("BROWSERSTACK_USERNAME", "qa-bot")
             .env("BROWSERSTACK_ACCESS_KEY", "k3y-secret")
             .args([
@@ -1463,7 +1402,7 @@ async fn real_agent_on_browserstack_uploads_once_and_respects_parallel() {
             .expect("agent starts"),
     );
     // Four specs in one run: the CLI makes one job per spec.
-    let out = run_ok(qgjob(&project, &url).args([
+    let out = run_ok(qgjob(Some(&url), &project).args([
         "submit",
         "--org-id=qualgent",
         "--app-version-id=bs1",
@@ -1483,7 +1422,7 @@ async fn real_agent_on_browserstack_uploads_once_and_respects_parallel() {
     // And two more single jobs of the same build.
     let mut more = Vec::new();
     for _ in 0..2 {
-        let out = run_ok(qgjob(&project, &url).args([
+        let out = run_ok(qgjob(Some(&url), &project).args([
             "submit",
             "--org-id=qualgent",
             "--app-version-id=bs1",
@@ -1494,7 +1433,7 @@ async fn real_agent_on_browserstack_uploads_once_and_respects_parallel() {
         let v: serde_json::Value = serde_json::from_str(out.trim()).expect("json");
         more.push(v["job_id"].as_str().expect("id").to_string());
     }
-    let code = qgjob(&project, &url)
+    let code = qgjob(Some(&url), &project)
         .args(["wait", "--run-id", &run_id, "--timeout", "240s"])
         .output()
         .expect("wait")
