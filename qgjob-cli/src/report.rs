@@ -549,9 +549,9 @@ mod tests {
         assert!(summary_table(&jobs, true).contains("\x1b[31mfailed"));
     }
 
-    #[test]
-    fn junit_is_well_formed_and_counts_failures() {
-        let jobs = vec![
+    /// One passed job, one whose test failed and one infrastructure error.
+    fn passed_failed_error() -> Vec<Job> {
+        vec![
             job(1, "tests/a.spec.js", JobState::Passed, vec![]),
             job(
                 2,
@@ -560,7 +560,12 @@ mod tests {
                 vec![failing_test()],
             ),
             job(3, "tests/c.spec.js", JobState::Error, vec![]),
-        ];
+        ]
+    }
+
+    #[test]
+    fn junit_is_well_formed_and_counts_failures() {
+        let jobs = passed_failed_error();
         let xml = junit_xml("run x", &jobs);
         let mut r = quick_xml::Reader::from_str(&xml);
         let (mut suites, mut cases, mut failures, mut errors) = (0, 0, 0, 0);
@@ -597,16 +602,7 @@ mod tests {
 
     #[test]
     fn github_outputs_name_failures() {
-        let jobs = vec![
-            job(1, "tests/a.spec.js", JobState::Passed, vec![]),
-            job(
-                2,
-                "tests/login.spec.js",
-                JobState::Failed,
-                vec![failing_test()],
-            ),
-            job(3, "tests/c.spec.js", JobState::Error, vec![]),
-        ];
+        let jobs = passed_failed_error();
         let ann = github_annotations(&jobs);
         assert_eq!(ann.len(), 2);
         assert!(ann[0].starts_with("::error file=tests/login.spec.js,title="));

@@ -1363,6 +1363,16 @@ mod tests {
         GroupedScheduler::new(SchedulerConfig::default())
     }
 
+    /// A scheduler where `sp`'s job, submitted at 0, is leased to emulator `d1` at 0.
+    fn one_leased(sp: JobSpec) -> (GroupedScheduler, JobId, DeviceInfo, Lease) {
+        let mut s = sched();
+        let job = s.submit(Time(0), sp).expect("submit").job_id;
+        let d = device("d1", Target::Emulator);
+        s.register_device(Time(0), d.clone()).expect("reg");
+        let l = s.lease(Time(0), &d.id, 1).expect("ok").expect("work");
+        (s, job, d, l)
+    }
+
     #[test]
     fn affinity_runs_a_group_on_one_install() {
         let mut s = sched();
@@ -1452,14 +1462,7 @@ mod tests {
 
     #[test]
     fn expired_lease_requeues_and_refuses_the_stale_report() {
-        let mut s = sched();
-        let job = s
-            .submit(Time(0), spec("acme", "v1", Target::Emulator))
-            .expect("submit")
-            .job_id;
-        let d = device("d1", Target::Emulator);
-        s.register_device(Time(0), d.clone()).expect("reg");
-        let l = s.lease(Time(0), &d.id, 1).expect("ok").expect("work");
+        let (mut s, job, d, l) = one_leased(spec("acme", "v1", Target::Emulator));
         let ttl = s.config().lease_ttl_ms;
         s.tick(Time(ttl + 1));
         let j = s.get(job).expect("job");
@@ -1487,14 +1490,7 @@ mod tests {
 
     #[test]
     fn heartbeats_keep_a_lease_and_carry_cancel() {
-        let mut s = sched();
-        let job = s
-            .submit(Time(0), spec("acme", "v1", Target::Emulator))
-            .expect("submit")
-            .job_id;
-        let d = device("d1", Target::Emulator);
-        s.register_device(Time(0), d.clone()).expect("reg");
-        let l = s.lease(Time(0), &d.id, 1).expect("ok").expect("work");
+        let (mut s, job, _, l) = one_leased(spec("acme", "v1", Target::Emulator));
         let ttl = s.config().lease_ttl_ms;
         let ack = s.heartbeat(Time(ttl - 1), l.id).expect("hb");
         assert!(ack.cancel.is_empty());
@@ -1547,13 +1543,9 @@ mod tests {
 
     #[test]
     fn failed_tests_retry_only_on_request_and_mark_flaky() {
-        let mut s = sched();
         let mut sp = spec("acme", "v1", Target::Emulator);
         sp.retry_failed_tests = true;
-        let job = s.submit(Time(0), sp).expect("submit").job_id;
-        let d = device("d1", Target::Emulator);
-        s.register_device(Time(0), d.clone()).expect("reg");
-        let l = s.lease(Time(0), &d.id, 1).expect("ok").expect("work");
+        let (mut s, job, d, l) = one_leased(sp);
         let failed = RunReport {
             passed: false,
             tests: vec![],
