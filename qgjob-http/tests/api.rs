@@ -1051,16 +1051,22 @@ fn uploads_over_the_limit_get_413_and_store_nothing() {
     assert_eq!(c.get_raw(&format!("/v1/jobs/{id}/logs")).2, b"12345678");
 }
 
-#[test]
-fn finished_jobs_forgotten_by_the_scheduler_are_served_from_the_store() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = TestServer::start(ServerOptions {
+/// A SQLite server whose scheduler forgets finished jobs at once (retention 0), so only the
+/// store can answer for them.
+fn forgetful_sqlite_opts(dir: &std::path::Path) -> ServerOptions {
+    ServerOptions {
         limits: qgjob_http::Limits {
             retention_ms: 0,
             ..qgjob_http::Limits::default()
         },
-        ..sqlite_opts(dir.path())
-    });
+        ..sqlite_opts(dir)
+    }
+}
+
+#[test]
+fn finished_jobs_forgotten_by_the_scheduler_are_served_from_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = TestServer::start(forgetful_sqlite_opts(dir.path()));
     let c = s.client(None);
     let (_, r) = c.post(
         "/v1/runs",
@@ -1107,13 +1113,7 @@ fn finished_jobs_forgotten_by_the_scheduler_are_served_from_the_store() {
 #[test]
 fn idempotency_keys_still_match_jobs_the_scheduler_forgot() {
     let dir = tempfile::tempdir().unwrap();
-    let s = TestServer::start(ServerOptions {
-        limits: qgjob_http::Limits {
-            retention_ms: 0,
-            ..qgjob_http::Limits::default()
-        },
-        ..sqlite_opts(dir.path())
-    });
+    let s = TestServer::start(forgetful_sqlite_opts(dir.path()));
     let c = s.client(None);
     let mut sp = spec("qualgent", "v1", "tests/a.spec.js");
     sp["idempotency_key"] = json!("build-7/a");
