@@ -134,10 +134,7 @@ pub fn unpack_reader<R: Read>(r: R, dest: &Path, limits: Limits) -> Result<u64, 
                         limits.max_entry_bytes
                     )));
                 }
-                if let Some(parent) = target.parent() {
-                    fs::create_dir_all(parent)?;
-                    ensure_inside(dest, parent, &shown)?;
-                }
+                make_parent(dest, &target, &shown)?;
                 // Never write through an existing link (a previous entry could have
                 // planted one).
                 if fs::symlink_metadata(&target).is_ok() {
@@ -174,10 +171,7 @@ pub fn unpack_reader<R: Read>(r: R, dest: &Path, limits: Limits) -> Result<u64, 
                         link.display()
                     )));
                 }
-                if let Some(parent) = target.parent() {
-                    fs::create_dir_all(parent)?;
-                    ensure_inside(dest, parent, &shown)?;
-                }
+                make_parent(dest, &target, &shown)?;
                 if fs::symlink_metadata(&target).is_ok() {
                     return Err(BundleError::UnsafePath(format!("{shown} appears twice")));
                 }
@@ -188,34 +182,21 @@ pub fn unpack_reader<R: Read>(r: R, dest: &Path, limits: Limits) -> Result<u64, 
                     .link_name()?
                     .ok_or_else(|| BundleError::UnsafeLink(shown.clone()))?
                     .into_owned();
-                let src_rel = safe_relative(&link).ok_or_else(|| {
-                    BundleError::UnsafeLink(format!("{shown} -> {}", link.display()))
-                })?;
+                let unsafe_link =
+                    || BundleError::UnsafeLink(format!("{shown} -> {}", link.display()));
+                let src_rel = safe_relative(&link).ok_or_else(unsafe_link)?;
                 let src = dest.join(&src_rel);
                 // A hard link is a copy of a file unpacked before it, inside the tree (its
                 // path may pass through links unpacked earlier: resolve and check).
-                let real_src = src.canonicalize().map_err(|_| {
-                    BundleError::UnsafeLink(format!("{shown} -> {}", link.display()))
-                })?;
+                let real_src = src.canonicalize().map_err(|_| unsafe_link())?;
                 if !real_src.starts_with(dest.canonicalize()?) {
-                    return Err(BundleError::UnsafeLink(format!(
-                        "{shown} -> {}",
-                        link.display()
-                    )));
+                    return Err(unsafe_link());
                 }
-                let meta = fs::symlink_metadata(&real_src).map_err(|_| {
-                    BundleError::UnsafeLink(format!("{shown} -> {}", link.display()))
-                })?;
+                let meta = fs::symlink_metadata(&real_src).map_err(|_| unsafe_link())?;
                 if !meta.is_file() {
-                    return Err(BundleError::UnsafeLink(format!(
-                        "{shown} -> {}",
-                        link.display()
-                    )));
+                    return Err(unsafe_link());
                 }
-                if let Some(parent) = target.parent() {
-                    fs::create_dir_all(parent)?;
-                    ensure_inside(dest, parent, &shown)?;
-                }
+                make_parent(dest, &target, &shown)?;
                 total += meta.len();
                 if total > limits.max_total_bytes {
                     return Err(BundleError::TooLarge(format!(
@@ -231,6 +212,16 @@ pub fn unpack_reader<R: Read>(r: R, dest: &Path, limits: Limits) -> Result<u64, 
     }
     verify_links(&dest.canonicalize()?, dest)?;
     Ok(total)
+}
+
+/// Creates the directory `target` goes in, and checks it did not land outside `dest`
+/// through a link unpacked earlier.
+fn make_parent(dest: &Path, target: &Path, shown: &str) -> Result<(), BundleError> {
+    if let Some(parent) = target.parent() {
+        fs::create_dir_all(parent)?;
+        ensure_inside(dest, parent, shown)?;
+    }
+    Ok(())
 }
 
 /// Every link must resolve inside `root`: each was checked on its own, but a chain of
