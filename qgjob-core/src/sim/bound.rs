@@ -22,7 +22,8 @@ pub struct BoundJob {
 ///
 /// `max( max_j(max(submit_j, first_b(j) + I) + work_j),
 ///       max over submit times t of t + (W(t) + I × G(t)) / m,
-///       max over first-seen times t of t + (N(t) + I × max(G(t), m)) / m )`
+///       max over first-seen times t of t + (N(t) + I × max(G(t), m)) / m,
+///       the least T with W(t) + I × Σ_{f_b ≥ t} ⌈W_b / (T − f_b − I)⌉ ≤ m × (T − t) for all t )`
 ///
 /// where `first_b(j)` is the submit time of the first job of `j`'s build, `W(t)` the work
 /// of the jobs submitted at or after `t`, `G(t)` the number of builds whose first job is
@@ -40,6 +41,11 @@ pub struct BoundJob {
 ///   `t + (N(t) + I × max(G(t), k)) / k`, which only shrinks as `k` grows to `m`. At the
 ///   first submit this says what the second term misses when a pool has more devices than
 ///   builds: every device that helps pays its own install.
+/// * The fourth because finishing by `T` takes each build `b` (first seen at `f_b`, work
+///   `W_b`) on at least `⌈W_b / (T − f_b − I)⌉` devices, each paying an install after
+///   `f_b`, and from `t` on the pool must do that many installs and the work submitted
+///   since (see `Demand`). It lifts the bound when a build arrives late with more work
+///   than one device can finish in time. Found by bisection over whole milliseconds.
 ///
 /// Devices start with nothing installed, as in the simulator. 0 without jobs. Time and
 /// work are taken in ms; the answer is `ms / 1000`.
@@ -130,7 +136,96 @@ pub(crate) fn lower_bound_ms(
         let bound = t as f64 + (new_work + install * installs) as f64 / m;
         best = best.max(bound);
     }
+
+    // The fourth term: the first makespan whose installs fit (see `fits`). Integer ms,
+    // because every schedule's makespan is one; `fits` only gets easier as `T` grows.
+    let mut per_build: BTreeMap<&BuildRef, u128> = BTreeMap::new();
+    for j in jobs {
+        *per_build.entry(&j.build).or_default() += u128::from(j.work_ms);
+    }
+    let builds: Vec<(u64, u128)> = per_build
+        .into_iter()
+        .map(|(b, w)| (first_seen.get(b).copied().unwrap_or(0), w))
+        .collect();
+    let demand = Demand {
+        devices: u128::from(devices),
+        install,
+        work_at: &work_at,
+        builds: &builds,
+    };
+    let mut lo = best.ceil() as u128;
+    // An end that always fits: after the last first sighting, time for all the work and
+    // one install per build, so each build needs one device.
+    let last = builds.iter().map(|b| u128::from(b.0)).max().unwrap_or(0);
+    let all_work: u128 = work_at.values().sum();
+    let mut hi = last + install * (builds.len() as u128 + 1) + all_work + 1;
+    if !demand.fits(lo) && demand.fits(hi) {
+        while hi - lo > 1 {
+            let mid = lo + (hi - lo) / 2;
+            if demand.fits(mid) {
+                hi = mid;
+            } else {
+                lo = mid;
+            }
+        }
+        best = best.max(hi as f64);
+    }
     Ok(best)
+}
+
+/// The fourth term of [`lower_bound`]: what meeting a makespan `T` demands of the devices.
+///
+/// A build `b` first seen at `f_b` with work `W_b` runs on some `d_b` devices, each after an
+/// install begun at or after `f_b`; the one with the largest share ends no earlier than
+/// `f_b + I + W_b / d_b`, so finishing by `T` takes `d_b ≥ k_b(T) = ⌈W_b / (T − f_b − I)⌉`
+/// devices, each paying an install. From any submit time `t` on, the `m` devices must then
+/// do the work `W(t)` submitted at or after `t` and `I × Σ k_b(T)` of installs of the builds
+/// first seen at or after `t`: `W(t) + I × Σ_{f_b ≥ t} k_b(T) ≤ m × (T − t)`. With every
+/// `k_b = 1` this is the second term; a late big build that needs several devices to end by
+/// `T` makes it stronger.
+struct Demand<'a> {
+    devices: u128,
+    install: u128,
+    /// Work submitted at each instant.
+    work_at: &'a BTreeMap<u64, u128>,
+    /// (first seen, work) of each build.
+    builds: &'a [(u64, u128)],
+}
+
+impl Demand<'_> {
+    /// Whether a schedule finishing by `t_end` ms could meet every demand.
+    fn fits(&self, t_end: u128) -> bool {
+        // Devices each build needs, summed per first-seen instant.
+        let mut need_at: BTreeMap<u64, u128> = BTreeMap::new();
+        for &(first, work) in self.builds {
+            let start = u128::from(first) + self.install;
+            if t_end < start || (work > 0 && t_end == start) {
+                return false;
+            }
+            let k = if work == 0 {
+                1
+            } else {
+                work.div_ceil(t_end - start)
+            };
+            if k > self.devices {
+                return false;
+            }
+            *need_at.entry(first).or_default() += k;
+        }
+        let (mut work, mut need) = (0u128, 0u128);
+        let mut needs = need_at.iter().rev().peekable();
+        for (&t, &w) in self.work_at.iter().rev() {
+            work += w;
+            while let Some((_, &k)) = needs.next_if(|(&f, _)| f >= t) {
+                need += k;
+            }
+            let t = u128::from(t);
+            if t_end < t || work + self.install * need > self.devices * (t_end - t) {
+                return false;
+            }
+        }
+        true
+    }
 }
 
 /// The fewest installs with which any schedule of `jobs` on a pool of `devices` devices can
@@ -201,10 +296,8 @@ mod tests {
 
     #[test]
     fn late_work_counts_from_its_submit_time() {
-        // At t=0: total work 40 s + 2 installs of 10 s on 2 devices = 30 s.
-        // At t=50 s: 30 s of work of build c (first seen then) + 10 s install on 2 devices:
-        // 50 + 20 = 70 s. Single job: 50 + 10 + 10 = 70 s too; a build seen before t does
-        // not count again.
+        // Two devices, 10 s installs; 10 s of work of a and b at 0, then at 50 s 20 s of a
+        // new build c and 10 s more of a.
         let jobs = [
             job(0, 5_000, "a"),
             job(0, 5_000, "b"),
@@ -212,9 +305,25 @@ mod tests {
             job(50_000, 10_000, "c"),
             job(50_000, 10_000, "a"),
         ];
-        // t=0: (40_000 + 3 × 10_000) / 2 = 35_000.
-        // t=50_000: 50_000 + (30_000 + 1 × 10_000) / 2 = 70_000.
-        assert_eq!(lower_bound_ms(2, 10_000, &jobs).unwrap(), 70_000.0);
+        // Second term, t=50 s: 50 + (30 s of work + 1 install of c) / 2 = 70 s; the first
+        // agrees (50 + 10 + 10). A build seen before t does not count again.
+        // Fourth: by 70 s, c (first seen at 50 s, 20 s of work) needs ⌈20 / (70 − 50 − 10)⌉
+        // = 2 devices and so 2 installs: 30 + 2 × 10 > 2 × (70 − 50). The first makespan
+        // where it fits is 75 s (c still needs 2 devices: 30 + 20 = 2 × 25).
+        assert_eq!(lower_bound_ms(2, 10_000, &jobs).unwrap(), 75_000.0);
+        // (The best schedule ends at 80 s: one device keeps a, the other installs c.)
+    }
+
+    #[test]
+    fn builds_that_need_a_second_device_pay_its_install() {
+        // Three devices, 10 s installs, two builds of 4 × 10 s each at 0. The third term
+        // says (80 + 3 × 10) / 3 ≈ 36.7 s; but to end before 40 s each build needs
+        // ⌈40 / (T − 10)⌉ = 2 devices, and 80 s of work + 4 installs does not fit in
+        // 3 × T. At 40 s it does, and a schedule meets it: one device per build runs three
+        // jobs, the third installs a, runs one, installs b, runs one.
+        let mut jobs: Vec<BoundJob> = (0..4).map(|_| job(0, 10_000, "a")).collect();
+        jobs.extend((0..4).map(|_| job(0, 10_000, "b")));
+        assert_eq!(lower_bound_ms(3, 10_000, &jobs).unwrap(), 40_000.0);
     }
 
     #[test]
