@@ -18,7 +18,8 @@
 //!
 //! A broken rule 3 reads `installs (infeasible)` when no schedule at all can meet it
 //! together with rules 1 and 2, and `installs (infeasible online)` when no policy that only
-//! knows the jobs submitted so far can (see `installs_proof`).
+//! knows the jobs submitted so far can meet them on the pool and on its prefixes (see
+//! `installs_proof`).
 //!
 //! It ends with a summary per shape and the count of passing rows. The exit code is 0 even
 //! when rows fail: this is a measuring tool, not a gate.
@@ -143,7 +144,8 @@ enum Proof {
     /// No schedule at all meets the installs rule and the makespan rules together.
     AnySchedule,
     /// No policy that only knows the jobs submitted so far meets every rule both on the pool
-    /// and on a prefix of it (itself a workload the rules apply to).
+    /// and on its prefixes (the jobs submitted before some build arrived: themselves
+    /// workloads the rules apply to).
     AnyOnlinePolicy,
 }
 
@@ -183,6 +185,13 @@ fn installs_proof(w: &sim::Workload, pool: &sim::WorkloadPool, f: Fig, pg: Fig, 
 /// before `c`. On the pool, the builds first seen at or after `c` then need
 /// [`sim::min_installs_by`]'s installs for its deadline on top of those `k`. When the sum
 /// exceeds the budget for some `c`, no such policy meets every rule on both workloads.
+///
+/// The same holds build by build, which catches builds that arrive one after another: a
+/// build `b` of the prefix with work `W_b` (submitted before `c`) must be installed before
+/// `c` on at least `⌈(W_b − m·(D' − c − I)) / (D' − f_b − I)⌉` devices. Installs of
+/// different builds are different installs, so the pool needs, summed over builds, the
+/// most any one cut (or the pool's own deadline) forces on each build; more than the
+/// budget and no such policy meets every rule on the pool and all its prefixes.
 fn online_contradiction(
     w: &sim::Workload,
     pool: &sim::WorkloadPool,
@@ -202,6 +211,9 @@ fn online_contradiction(
         *e = (*e).min(submit_ms(j));
     }
     let cuts: BTreeSet<u64> = first.values().copied().filter(|&c| c > t0).collect();
+    // The second argument, build by build: installs of different builds are different
+    // installs, so each build is charged the most devices any one cut forces on it.
+    let mut forced = devices_needed(&mine, &first, install_ms, deadline_ms);
     for c in cuts {
         let prefix = sim::Workload {
             name: format!("{}-before-{c}", w.name),
@@ -243,8 +255,49 @@ fn online_contradiction(
         if after.is_none_or(|a| k + a > budget) {
             return true;
         }
+        // Per build of the prefix: the devices that must install it before `c`.
+        let mut prefix_work: BTreeMap<BuildRef, u64> = BTreeMap::new();
+        for j in &prefix.jobs {
+            *prefix_work.entry(j.build()).or_default() += j.work_ms();
+        }
+        let before_c: Option<Vec<(BuildRef, u64)>> = prefix_work
+            .into_iter()
+            .map(|(b, work)| {
+                let f = first.get(&b).copied().unwrap_or(t0);
+                let room = d_prefix.checked_sub(f + install_ms).filter(|&r| r > 0)?;
+                let x = work.saturating_sub(m.saturating_mul(late)).div_ceil(room);
+                (x <= m).then_some((b, x))
+            })
+            .collect();
+        // `None`: the prefix alone cannot meet its deadline; the argument says nothing.
+        for (b, x) in before_c.into_iter().flatten() {
+            let e = forced.entry(b).or_default();
+            *e = (*e).max(x);
+        }
     }
-    false
+    forced.values().sum::<u64>() > budget
+}
+
+/// Per build of a pool, the devices that must run it to finish by `deadline_ms` (at least
+/// one each): `⌈W_b / (deadline − f_b − I)⌉`, as in [`sim::min_installs_by`].
+fn devices_needed(
+    jobs: &[&sim::WorkloadJob],
+    first: &BTreeMap<BuildRef, u64>,
+    install_ms: u64,
+    deadline_ms: u64,
+) -> BTreeMap<BuildRef, u64> {
+    let mut work: BTreeMap<BuildRef, u64> = BTreeMap::new();
+    for j in jobs {
+        *work.entry(j.build()).or_default() += j.work_ms();
+    }
+    work.into_iter()
+        .map(|(b, w)| {
+            let f = first.get(&b).copied().unwrap_or(0);
+            let room = deadline_ms.saturating_sub(f + install_ms).max(1);
+            let need = w.div_ceil(room).max(1);
+            (b, need)
+        })
+        .collect()
 }
 
 /// Per-shape tallies for the summary.
@@ -394,7 +447,7 @@ fn main() -> ExitCode {
         "installs (infeasible): provably no schedule with at most half of FIFO's installs \
          meets the makespan rules on that pool\n\
          installs (infeasible online): provably no policy that sees only the jobs submitted so \
-         far meets every rule both on that pool and on the jobs it received before some build \
+         far meets every rule on that pool and on each set of jobs it received before a new build \
          arrived"
     );
     ExitCode::SUCCESS
