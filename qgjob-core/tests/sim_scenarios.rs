@@ -2,7 +2,8 @@
 //! rules against both baselines, pool by pool: makespan ≤ 1.20 × the lower bound and
 //! ≤ 1.05 × the better baseline's, at most half of FIFO's installs, and a p95 wait of the
 //! highest priority no worse than per-group's. One more situation shows a rule that no
-//! policy can meet, and that `min_installs_by` proves it.
+//! policy can meet, and that `min_installs_by` proves it; another, how long an urgent run
+//! waits for a device that is the only one of its build.
 
 use std::collections::BTreeSet;
 
@@ -180,6 +181,57 @@ fn a_smoke_test_during_a_nightly_run_is_not_held_back() {
         "{} vs {}",
         p95_top(&g),
         p95_top(&pg)
+    );
+}
+
+#[test]
+fn an_urgent_run_waits_a_bounded_time_for_the_sole_device_of_a_long_run() {
+    // Two devices, each the only one of a five-hour run; a priority-5 smoke run arrives at
+    // 10 min. Taking a sole device costs an install there and one back, so grouped leaves
+    // it alone while the smoke run has waited less than three aging levels (30 min), and
+    // takes it at the first job boundary after.
+    let long = |build| Run {
+        org: "acme",
+        build,
+        priority: 0,
+        n: 300,
+        job_s: 60.0,
+        at_s: 0.0,
+    };
+    let runs = [
+        long("nightly-a"),
+        long("nightly-b"),
+        Run {
+            org: "beta",
+            build: "smoke",
+            priority: 5,
+            n: 5,
+            job_s: 20.0,
+            at_s: 600.0,
+        },
+    ];
+    let w = lab("smoke-behind-two-sole-devices", 2, 45.0, &runs, false);
+    let longest_job_ms = w
+        .jobs
+        .iter()
+        .map(|j| (j.duration_s * 1000.0) as u64)
+        .max()
+        .unwrap();
+    let (_, trace) = sim::run_traced(&w, PolicyKind::Grouped).unwrap();
+    let first_smoke = trace
+        .iter()
+        .filter(|a| w.jobs[a.job].app_version_id.as_str() == "smoke")
+        .map(|a| a.start_ms)
+        .min()
+        .unwrap();
+    let bound_ms = 600_000 + 30 * 60_000;
+    assert!(
+        first_smoke >= bound_ms,
+        "took a sole device at {first_smoke} ms"
+    );
+    assert!(
+        first_smoke <= bound_ms + longest_job_ms,
+        "smoke run first started at {first_smoke} ms"
     );
 }
 
