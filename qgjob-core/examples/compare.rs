@@ -188,7 +188,8 @@ fn installs_proof(w: &sim::Workload, pool: &sim::WorkloadPool, f: Fig, pg: Fig, 
 ///
 /// The same holds build by build, which catches builds that arrive one after another: a
 /// build `b` of the prefix with work `W_b` (submitted before `c`) must be installed before
-/// `c` on at least `⌈(W_b − m·(D' − c − I)) / (D' − f_b − I)⌉` devices. Installs of
+/// `c` on at least `⌈(W_b − m·L) / (D' − f_b − I − L)⌉` devices, `L = D' − c − I` (each of
+/// them does at most `D' − f_b − I` of it, each of the others at most `L`). Installs of
 /// different builds are different installs, so the pool needs, summed over builds, the
 /// most any one cut (or the pool's own deadline) forces on each build; more than the
 /// budget and no such policy meets every rule on the pool and all its prefixes.
@@ -264,8 +265,12 @@ fn online_contradiction(
             .into_iter()
             .map(|(b, work)| {
                 let f = first.get(&b).copied().unwrap_or(t0);
-                let room = d_prefix.checked_sub(f + install_ms).filter(|&r| r > 0)?;
-                let x = work.saturating_sub(m.saturating_mul(late)).div_ceil(room);
+                // A device that installs it before `c` does at most `room` of its work, one
+                // that installs it later at most `late`: x·room + (m − x)·late ≥ W_b.
+                let room = d_prefix.checked_sub(f + install_ms).filter(|&r| r > late)?;
+                let x = work
+                    .saturating_sub(m.saturating_mul(late))
+                    .div_ceil(room - late);
                 (x <= m).then_some((b, x))
             })
             .collect();
