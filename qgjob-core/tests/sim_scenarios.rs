@@ -114,6 +114,18 @@ fn broken(w: &Workload) -> Vec<String> {
     out
 }
 
+/// A priority-5 smoke run of five short jobs submitted at `at_s`.
+fn smoke(at_s: f64) -> Run {
+    Run {
+        org: "beta",
+        build: "smoke",
+        priority: 5,
+        n: 5,
+        job_s: 20.0,
+        at_s,
+    }
+}
+
 fn four_runs() -> Vec<Run> {
     ["v1", "v2", "v3", "v4"]
         .into_iter()
@@ -155,14 +167,7 @@ fn a_smoke_test_during_a_nightly_run_is_not_held_back() {
             job_s: 25.0,
             at_s: 120.0,
         },
-        Run {
-            org: "beta",
-            build: "smoke",
-            priority: 5,
-            n: 5,
-            job_s: 20.0,
-            at_s: 300.0,
-        },
+        smoke(300.0),
     ];
     let w = lab("smoke-during-nightly", 8, 45.0, &runs, false);
     assert_eq!(broken(&w), Vec::<String>::new());
@@ -198,18 +203,7 @@ fn an_urgent_run_waits_a_bounded_time_for_the_sole_device_of_a_long_run() {
         job_s: 60.0,
         at_s: 0.0,
     };
-    let runs = [
-        long("nightly-a"),
-        long("nightly-b"),
-        Run {
-            org: "beta",
-            build: "smoke",
-            priority: 5,
-            n: 5,
-            job_s: 20.0,
-            at_s: 600.0,
-        },
-    ];
+    let runs = [long("nightly-a"), long("nightly-b"), smoke(600.0)];
     let w = lab("smoke-behind-two-sole-devices", 2, 45.0, &runs, false);
     let longest_job_ms = w
         .jobs
