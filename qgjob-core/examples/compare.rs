@@ -168,7 +168,7 @@ fn installs_proof(w: &sim::Workload, pool: &sim::WorkloadPool, f: Fig, pg: Fig, 
         .is_none_or(|need| need > budget);
     if too_few_devices || too_few_installs {
         Proof::AnySchedule
-    } else if online_contradiction(w, pool, budget, deadline_ms) {
+    } else if online_contradiction(w, pool, &jobs, budget, deadline_ms) {
         Proof::AnyOnlinePolicy
     } else {
         Proof::None
@@ -196,6 +196,7 @@ fn installs_proof(w: &sim::Workload, pool: &sim::WorkloadPool, f: Fig, pg: Fig, 
 fn online_contradiction(
     w: &sim::Workload,
     pool: &sim::WorkloadPool,
+    bound_jobs: &[sim::BoundJob],
     budget: u64,
     deadline_ms: u64,
 ) -> bool {
@@ -214,7 +215,7 @@ fn online_contradiction(
     let cuts: BTreeSet<u64> = first.values().copied().filter(|&c| c > t0).collect();
     // The second argument, build by build: installs of different builds are different
     // installs, so each build is charged the most devices any one cut forces on it.
-    let mut forced = devices_needed(&mine, &first, install_ms, deadline_ms);
+    let mut forced = devices_needed(pool.devices, install_ms, bound_jobs, deadline_ms);
     for c in cuts {
         let prefix = sim::Workload {
             name: format!("{}-before-{c}", w.name),
@@ -247,10 +248,10 @@ fn online_contradiction(
             // The prefix alone cannot meet its deadline: the argument says nothing.
             continue;
         }
-        let later: Vec<sim::BoundJob> = w
-            .bound_jobs(&pool.target)
-            .into_iter()
+        let later: Vec<sim::BoundJob> = bound_jobs
+            .iter()
             .filter(|j| first.get(&j.build).is_some_and(|&f| f >= c))
+            .cloned()
             .collect();
         let after = sim::min_installs_by(pool.devices, install_ms, &later, deadline_ms);
         if after.is_none_or(|a| k + a > budget) {
@@ -283,23 +284,23 @@ fn online_contradiction(
     forced.values().sum::<u64>() > budget
 }
 
-/// Per build of a pool, the devices that must run it to finish by `deadline_ms` (at least
-/// one each): `⌈W_b / (deadline − f_b − I)⌉`, as in [`sim::min_installs_by`].
+/// Per build of a pool, the devices that must run it to finish by `deadline_ms`:
+/// [`sim::min_installs_by`] of its jobs alone (1 where it says none can, which
+/// `installs_proof` has ruled out before it gets here).
 fn devices_needed(
-    jobs: &[&sim::WorkloadJob],
-    first: &BTreeMap<BuildRef, u64>,
+    devices: u32,
     install_ms: u64,
+    jobs: &[sim::BoundJob],
     deadline_ms: u64,
 ) -> BTreeMap<BuildRef, u64> {
-    let mut work: BTreeMap<BuildRef, u64> = BTreeMap::new();
+    let mut by_build: BTreeMap<BuildRef, Vec<sim::BoundJob>> = BTreeMap::new();
     for j in jobs {
-        *work.entry(j.build()).or_default() += j.work_ms();
+        by_build.entry(j.build.clone()).or_default().push(j.clone());
     }
-    work.into_iter()
-        .map(|(b, w)| {
-            let f = first.get(&b).copied().unwrap_or(0);
-            let room = deadline_ms.saturating_sub(f + install_ms).max(1);
-            let need = w.div_ceil(room).max(1);
+    by_build
+        .into_iter()
+        .map(|(b, js)| {
+            let need = sim::min_installs_by(devices, install_ms, &js, deadline_ms).unwrap_or(1);
             (b, need)
         })
         .collect()

@@ -232,9 +232,9 @@ fn choose_grouped(view: &impl PoolView) -> Choice {
         // when its own group keeps another device. A sole server pays two installs to
         // leave and come back and leaves its group unserved, so it waits for a device that
         // frees up first, but only up to a bound on the urgent group's wait…
-        let sole_wait_ms = PREEMPT_SOLE_WAIT_LEVELS.saturating_mul(level);
         if let Some(u) = unserved.filter(outranks) {
-            if own.group.serving >= 2 || now.saturating_sub(u.created_ms) >= sole_wait_ms {
+            let waited = now.saturating_sub(u.created_ms);
+            if own.group.serving >= 2 || waited >= PREEMPT_SOLE_WAIT_LEVELS.saturating_mul(level) {
                 return Choice::Group(u.idx);
             }
         }

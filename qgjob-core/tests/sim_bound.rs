@@ -108,11 +108,14 @@ fn random_instance(rng: &mut Rng) -> (Inst, usize, u64) {
     (inst, devices, install)
 }
 
+/// Random tiny instances the exhaustive search checks.
+const CASES: usize = 1000;
+
 #[test]
 fn the_bound_never_exceeds_the_optimum_and_no_policy_beats_it() {
     let mut rng = Rng::new(2026);
     let mut tight = 0;
-    for case in 0..1000 {
+    for case in 0..CASES {
         let (inst, devices, install) = random_instance(&mut rng);
         let opt = optimum(&inst, devices, install);
         let jobs = bound_jobs(&inst);
@@ -157,8 +160,11 @@ fn the_bound_never_exceeds_the_optimum_and_no_policy_beats_it() {
         }
     }
     // The bound is not vacuous: it is often exactly the optimum on instances this small.
-    eprintln!("bound tight on {tight} of 1000 cases");
-    assert!(tight > 250, "bound tight on only {tight} of 1000 cases");
+    eprintln!("bound tight on {tight} of {CASES} cases");
+    assert!(
+        tight > CASES / 4,
+        "bound tight on only {tight} of {CASES} cases"
+    );
 }
 
 /// Every (finish, installs) one device can reach by running `jobs` in some order.

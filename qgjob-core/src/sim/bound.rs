@@ -86,29 +86,29 @@ pub(crate) fn lower_bound_ms(
     // u128 sums: a million jobs of a million seconds each still fit.
     let install = u128::from(install_ms);
 
-    // Work submitted at each instant, and when each build was first seen.
+    // Work submitted at each instant; when each build was first seen and its work.
     let mut work_at: BTreeMap<u64, u128> = BTreeMap::new();
-    let mut first_seen: BTreeMap<&BuildRef, u64> = BTreeMap::new();
     for j in jobs {
-        let t = j.submit.as_millis();
-        *work_at.entry(t).or_default() += u128::from(j.work_ms);
-        first_seen
-            .entry(&j.build)
-            .and_modify(|f| *f = (*f).min(t))
-            .or_insert(t);
+        *work_at.entry(j.submit.as_millis()).or_default() += u128::from(j.work_ms);
     }
+    let per_build = per_build(jobs);
     let single = jobs
         .iter()
         .map(|j| {
             let submit = u128::from(j.submit.as_millis());
-            let first = first_seen.get(&j.build).map_or(submit, |&f| u128::from(f));
+            let first = per_build
+                .get(&j.build)
+                .map_or(submit, |&(f, _)| u128::from(f));
             submit.max(first + install) + u128::from(j.work_ms)
         })
         .max()
         .unwrap_or(0);
+    // Builds first seen at each instant, and the work of all their jobs.
     let mut groups_at: BTreeMap<u64, u128> = BTreeMap::new();
-    for t in first_seen.values() {
-        *groups_at.entry(*t).or_default() += 1;
+    let mut new_work_at: BTreeMap<u64, u128> = BTreeMap::new();
+    for &(first, work) in per_build.values() {
+        *groups_at.entry(first).or_default() += 1;
+        *new_work_at.entry(first).or_default() += work;
     }
 
     // Walk the submit times from the last: suffix sums give W(t) and G(t).
@@ -122,12 +122,7 @@ pub(crate) fn lower_bound_ms(
         best = best.max(bound);
     }
 
-    // Work of the builds first seen at each instant, walked from the last: N(t) and G(t).
-    let mut new_work_at: BTreeMap<u64, u128> = BTreeMap::new();
-    for j in jobs {
-        let first = first_seen.get(&j.build).copied().unwrap_or(0);
-        *new_work_at.entry(first).or_default() += u128::from(j.work_ms);
-    }
+    // The first-seen times walked from the last: N(t) and G(t).
     let (mut new_work, mut new_groups) = (0u128, 0u128);
     for (&t, &w) in new_work_at.iter().rev() {
         new_work += w;
@@ -139,14 +134,7 @@ pub(crate) fn lower_bound_ms(
 
     // The fourth term: the first makespan whose installs fit (see `fits`). Integer ms,
     // because every schedule's makespan is one; `fits` only gets easier as `T` grows.
-    let mut per_build: BTreeMap<&BuildRef, u128> = BTreeMap::new();
-    for j in jobs {
-        *per_build.entry(&j.build).or_default() += u128::from(j.work_ms);
-    }
-    let builds: Vec<(u64, u128)> = per_build
-        .into_iter()
-        .map(|(b, w)| (first_seen.get(b).copied().unwrap_or(0), w))
-        .collect();
+    let builds: Vec<(u64, u128)> = per_build.into_values().collect();
     let demand = Demand {
         devices: u128::from(devices),
         install,
@@ -198,18 +186,9 @@ impl Demand<'_> {
         // Devices each build needs, summed per first-seen instant.
         let mut need_at: BTreeMap<u64, u128> = BTreeMap::new();
         for &(first, work) in self.builds {
-            let start = u128::from(first) + self.install;
-            if t_end < start || (work > 0 && t_end == start) {
+            let Some(k) = devices_to_finish(first, work, self.install, self.devices, t_end) else {
                 return false;
-            }
-            let k = if work == 0 {
-                1
-            } else {
-                work.div_ceil(t_end - start)
             };
-            if k > self.devices {
-                return false;
-            }
             *need_at.entry(first).or_default() += k;
         }
         let (mut work, mut need) = (0u128, 0u128);
@@ -242,29 +221,45 @@ pub fn min_installs_by(
     jobs: &[BoundJob],
     deadline_ms: u64,
 ) -> Option<u64> {
-    let mut per_build: BTreeMap<&BuildRef, (u64, u128)> = BTreeMap::new();
+    let (install, devices) = (u128::from(install_ms), u128::from(devices));
+    per_build(jobs)
+        .into_values()
+        .map(|(first, work)| {
+            devices_to_finish(first, work, install, devices, u128::from(deadline_ms))
+        })
+        .sum::<Option<u128>>()
+        .and_then(|total| u64::try_from(total).ok())
+}
+
+/// Per build: when its first job was submitted (ms) and the work of all its jobs.
+fn per_build(jobs: &[BoundJob]) -> BTreeMap<&BuildRef, (u64, u128)> {
+    let mut out: BTreeMap<&BuildRef, (u64, u128)> = BTreeMap::new();
     for j in jobs {
         let t = j.submit.as_millis();
-        let e = per_build.entry(&j.build).or_insert((t, 0));
+        let e = out.entry(&j.build).or_insert((t, 0));
         e.0 = e.0.min(t);
         e.1 += u128::from(j.work_ms);
     }
-    let mut total = 0u64;
-    for (first, work) in per_build.into_values() {
-        let room = u128::from(deadline_ms.checked_sub(first)?.checked_sub(install_ms)?);
-        let need = if work == 0 {
-            1
-        } else if room == 0 {
-            return None;
-        } else {
-            work.div_ceil(room).max(1)
-        };
-        if need > u128::from(devices) {
-            return None;
-        }
-        total += need as u64;
-    }
-    Some(total)
+    out
+}
+
+/// The fewest devices that can run a build first seen at `first` with `work` ms of work by
+/// `t_end`, each after its own install (`⌈work / (t_end − first − install)⌉`, at least
+/// one), or `None` when more than `devices` (or any number) would be needed.
+fn devices_to_finish(
+    first: u64,
+    work: u128,
+    install: u128,
+    devices: u128,
+    t_end: u128,
+) -> Option<u128> {
+    let room = t_end.checked_sub(u128::from(first) + install)?;
+    let need = match (work, room) {
+        (0, _) => 1,
+        (_, 0) => return None,
+        _ => work.div_ceil(room),
+    };
+    (need <= devices).then_some(need)
 }
 
 #[cfg(test)]
