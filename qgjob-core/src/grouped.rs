@@ -274,6 +274,20 @@ impl GroupedScheduler {
         Ok(s)
     }
 
+    /// Makes every lease issued from now on carry an id above `issued`. A restored server
+    /// passes the highest lease id it ever persisted: [`GroupedScheduler::restore`] only
+    /// sees the leases of the jobs it is given, and a lease of a job left out (finished
+    /// long ago) must not be issued again, or a late heartbeat from that lease's agent
+    /// would extend someone else's lease. Never lowers the next id.
+    pub fn reserve_lease_ids_through(&mut self, issued: LeaseId) {
+        self.next_lease = self.next_lease.max(issued.0.saturating_add(1));
+    }
+
+    /// The id the next lease will carry.
+    pub fn next_lease_id(&self) -> LeaseId {
+        LeaseId(self.next_lease)
+    }
+
     /// Number of jobs the scheduler holds (all states).
     pub fn len(&self) -> usize {
         self.jobs.len()
@@ -1614,6 +1628,24 @@ mod tests {
         let l = s.lease(Time(3), &d.id, 8).expect("ok").expect("work");
         let ids: Vec<JobId> = l.jobs.iter().map(|j| j.id).collect();
         assert_eq!(ids, vec![hi, low]);
+    }
+
+    #[test]
+    fn reserved_lease_ids_are_never_issued_again() {
+        let mut s = sched();
+        s.reserve_lease_ids_through(LeaseId(41));
+        // Reserving less never lowers the next id.
+        s.reserve_lease_ids_through(LeaseId(7));
+        assert_eq!(s.next_lease_id(), LeaseId(42));
+        s.submit(Time(0), spec("acme", "v1", Target::Emulator))
+            .expect("submit");
+        let d = device("d1", Target::Emulator);
+        s.register_device(Time(0), d.clone()).expect("reg");
+        let l = s.lease(Time(0), &d.id, 1).expect("ok").expect("work");
+        assert_eq!(l.id, LeaseId(42));
+        assert_eq!(s.next_lease_id(), LeaseId(43));
+        // A heartbeat on a reserved id that no job holds is refused.
+        assert!(s.heartbeat(Time(1), LeaseId(41)).is_err());
     }
 
     #[test]

@@ -25,6 +25,10 @@
 //!   least one lease TTL after the restart: agents could not heartbeat while the server was
 //!   down. Heartbeats are therefore not persisted. Devices are not persisted: agents
 //!   register again (a device that held a lease gets it back).
+//! - **Lease fencing across restarts**: every store write also raises a persisted
+//!   high-water mark of lease ids (`Store::lease_high_water`), and a restarted scheduler
+//!   issues ids above it, so no lease id is ever issued twice, even when the jobs that held
+//!   the newest leases finished long before the restart and are not restored.
 //! - **Idempotency** keys are deduplicated by the scheduler among the jobs it holds, and
 //!   through an indexed store lookup for jobs it forgot (finished before the retention
 //!   window, `Limits::retention_ms`, one hour).
@@ -40,12 +44,6 @@
 //!
 //! # Known limits
 //!
-//! - After a restart, lease ids continue after the highest lease any restored job held
-//!   (`Job::last_lease`), so a job never sees a lease id twice and a late report from an
-//!   old attempt stays stale. Jobs finished before the retention window are not restored;
-//!   if the server was idle that long, an old lease id can be issued again to another job,
-//!   and a zombie agent's heartbeat on it would extend that lease (its reports are still
-//!   refused: the job differs). Persisting a high-water mark would close this.
 //! - A failed store write is answered 500, but the scheduler in memory keeps the change.
 //! - Figures (`cargo bench -p qgjob-http --bench load`) are measured, not asserted.
 #![warn(missing_docs)]
@@ -69,7 +67,7 @@ use std::sync::Arc;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{delete, get, post, put};
 use axum::Router;
-use qgjob_core::{GroupedScheduler, SchedulerConfig, Time};
+use qgjob_core::{GroupedScheduler, LeaseId, SchedulerConfig, Time};
 use tokio::net::TcpListener;
 use tower_http::trace::TraceLayer;
 
@@ -311,7 +309,9 @@ pub async fn serve(
         }
     }
     let restored = jobs.len();
-    let sched = GroupedScheduler::restore(opts.scheduler.clone(), jobs)?;
+    let mut sched = GroupedScheduler::restore(opts.scheduler.clone(), jobs)?;
+    // Leases of jobs not restored (finished long ago) must not be issued again.
+    sched.reserve_lease_ids_through(LeaseId(store.lease_high_water().await?));
     tracing::info!(jobs = restored, addr = %local, "scheduler restored from the store");
 
     let (sd_tx, sd_rx) = tokio::sync::watch::channel(false);

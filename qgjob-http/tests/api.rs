@@ -1063,6 +1063,51 @@ fn forgetful_sqlite_opts(dir: &std::path::Path) -> ServerOptions {
     }
 }
 
+/// Lease ids are fencing tokens: after a restart, none is issued again, even when the jobs
+/// that held the newest ones finished long ago and are not restored.
+#[test]
+fn lease_ids_are_never_reissued_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = forgetful_sqlite_opts(dir.path());
+    let s = TestServer::start(opts.clone());
+    let c = s.client(None);
+    let ids: Vec<String> = (0..3)
+        .map(|i| submit(&c, "qualgent", "v1", &format!("tests/{i}.spec.js")))
+        .collect();
+    c.post("/v1/agent/devices", &device("emu-1"));
+    let mut old = Vec::new();
+    for id in &ids[..2] {
+        let (_, l) = lease(&c, "emu-1", 1000);
+        let lid = l["id"].as_u64().unwrap();
+        assert_eq!(l["jobs"][0]["id"], id.as_str());
+        let (st, v) = c.post(
+            &format!("/v1/agent/leases/{lid}/jobs/{id}/complete"),
+            &json!({"passed": true}),
+        );
+        assert_eq!(st, 200, "{v}");
+        old.push(lid);
+    }
+    s.stop().unwrap();
+    // Retention 0: only the queued third job is restored, and it never held a lease.
+    std::thread::sleep(std::time::Duration::from_millis(5));
+
+    let s = TestServer::start(opts);
+    let c = s.client(None);
+    c.post("/v1/agent/devices", &device("emu-1"));
+    let (_, l) = lease(&c, "emu-1", 1000);
+    assert_eq!(l["jobs"][0]["id"], ids[2].as_str());
+    let lid = l["id"].as_u64().unwrap();
+    assert!(
+        old.iter().all(|&o| lid > o),
+        "lease {lid} reissued after {old:?}"
+    );
+    // A late heartbeat from an agent still holding an old lease extends nothing.
+    for o in &old {
+        let (st, _) = c.post_empty(&format!("/v1/agent/leases/{o}/heartbeat"));
+        assert_eq!(st, 409, "old lease {o}");
+    }
+}
+
 #[test]
 fn finished_jobs_forgotten_by_the_scheduler_are_served_from_the_store() {
     let dir = tempfile::tempdir().unwrap();

@@ -6,8 +6,8 @@
 use std::sync::Arc;
 
 use qgjob_core::{
-    AppVersionId, DeviceId, DeviceInfo, GroupedScheduler, Job, JobFilter, JobSpec, JobState, OrgId,
-    RunId, RunReport, Scheduler, SchedulerConfig, Target, Time,
+    AppVersionId, DeviceId, DeviceInfo, GroupedScheduler, Job, JobFilter, JobSpec, JobState,
+    LeaseId, OrgId, RunId, RunReport, Scheduler, SchedulerConfig, Target, Time,
 };
 use qgjob_http::store::{
     BuildRecord, MemoryStore, PgStore, RunRecord, SqliteStore, Store, StoreError, Synchronous,
@@ -437,5 +437,79 @@ async fn idempotency_lookup() {
             None,
             "{name}"
         );
+    }
+}
+
+#[tokio::test]
+async fn lease_high_water_outlives_the_jobs_that_held_it() {
+    for (name, st, _dir) in stores().await {
+        assert_eq!(st.lease_high_water().await.unwrap(), 0, "{name}");
+        let (_, mut jobs) = scheduler_with(3, None);
+        jobs[0].last_lease = Some(LeaseId(7));
+        jobs[1].lease = Some(LeaseId(5));
+        st.write(&WriteBatch {
+            jobs: jobs.clone(),
+            runs: vec![],
+        })
+        .await
+        .unwrap();
+        assert_eq!(st.lease_high_water().await.unwrap(), 7, "{name}");
+        // The job that held lease 7 moves on to a lower one (never happens in the server,
+        // but the mark must not follow it down), then a job gets a higher one.
+        jobs[0].last_lease = Some(LeaseId(2));
+        st.write(&WriteBatch {
+            jobs: vec![jobs[0].clone()],
+            runs: vec![],
+        })
+        .await
+        .unwrap();
+        assert_eq!(st.lease_high_water().await.unwrap(), 7, "{name}");
+        jobs[2].lease = Some(LeaseId(9));
+        st.write(&WriteBatch {
+            jobs: vec![jobs[2].clone()],
+            runs: vec![],
+        })
+        .await
+        .unwrap();
+        assert_eq!(st.lease_high_water().await.unwrap(), 9, "{name}");
+    }
+}
+
+/// A database written before the mark was kept gets it from the job bodies when opened.
+#[tokio::test]
+async fn lease_high_water_is_recovered_from_older_databases() {
+    let (_, mut jobs) = scheduler_with(3, None);
+    jobs[1].last_lease = Some(LeaseId(11));
+    jobs[2].lease = Some(LeaseId(4));
+    let batch = WriteBatch { jobs, runs: vec![] };
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("old.sqlite3");
+    let st = SqliteStore::open(&path, Synchronous::Normal).await.unwrap();
+    st.write(&batch).await.unwrap();
+    st.close().await;
+    let raw = sqlx::SqlitePool::connect(&format!("sqlite://{}", path.display()))
+        .await
+        .unwrap();
+    sqlx::query("DROP TABLE meta").execute(&raw).await.unwrap();
+    raw.close().await;
+    let st = SqliteStore::open(&path, Synchronous::Normal).await.unwrap();
+    assert_eq!(st.lease_high_water().await.unwrap(), 11, "sqlite");
+
+    if let Some((pg, guard)) = pg_store().await {
+        pg.write(&batch).await.unwrap();
+        pg.close().await;
+        let Guard::Schema(schema) = &guard else {
+            unreachable!("pg_store returns a schema guard")
+        };
+        let raw = sqlx::PgPool::connect(&pg_url()).await.unwrap();
+        sqlx::query(&format!("DROP TABLE {schema}.meta"))
+            .execute(&raw)
+            .await
+            .unwrap();
+        raw.close().await;
+        let pg = PgStore::connect(&pg_url(), Some(schema)).await.unwrap();
+        assert_eq!(pg.lease_high_water().await.unwrap(), 11, "postgres");
+        pg.close().await;
     }
 }

@@ -7,8 +7,8 @@ use async_trait::async_trait;
 use qgjob_core::{AppVersionId, Job, JobFilter, JobId, OrgId, RunId, Time};
 
 use super::{
-    dedup_jobs, BuildRecord, RunRecord, Store, StoreError, TokenRecord, WriteBatch,
-    DEFAULT_LIST_LIMIT,
+    batch_lease_high_water, dedup_jobs, BuildRecord, RunRecord, Store, StoreError, TokenRecord,
+    WriteBatch, DEFAULT_LIST_LIMIT,
 };
 
 #[derive(Default)]
@@ -20,6 +20,7 @@ struct Inner {
     logs: HashMap<JobId, Vec<u8>>,
     builds: HashMap<(OrgId, AppVersionId), BuildRecord>,
     tokens: Vec<TokenRecord>,
+    lease_high_water: u64,
 }
 
 /// A store that keeps everything in memory (behind a mutex never held across an await).
@@ -54,7 +55,14 @@ impl Store for MemoryStore {
         for r in &batch.runs {
             g.runs.insert(r.id, r.clone());
         }
+        if let Some(h) = batch_lease_high_water(&batch.jobs) {
+            g.lease_high_water = g.lease_high_water.max(h);
+        }
         Ok(())
+    }
+
+    async fn lease_high_water(&self) -> Result<u64, StoreError> {
+        Ok(self.lock().lease_high_water)
     }
 
     async fn load_for_restore(&self, finished_since: Time) -> Result<Vec<Job>, StoreError> {

@@ -113,6 +113,11 @@ pub trait Store: Send + Sync + 'static {
     /// `finished_since`, and the job with the highest `seq` (so new jobs never reuse a seq).
     async fn load_for_restore(&self, finished_since: Time) -> Result<Vec<Job>, StoreError>;
 
+    /// The highest lease id any written job ever carried (0 when none did). Every
+    /// [`Store::write`] keeps it, so it outlives the jobs that held those leases; a restored
+    /// scheduler issues lease ids above it (fencing across restarts).
+    async fn lease_high_water(&self) -> Result<u64, StoreError>;
+
     /// One job.
     async fn get_job(&self, id: JobId) -> Result<Option<Job>, StoreError>;
 
@@ -192,6 +197,18 @@ pub(crate) fn encode_batch(batch: &WriteBatch) -> Result<EncodedBatch<'_>, Store
         .map(|r| Ok((r, encode(r)?)))
         .collect::<Result<Vec<_>, StoreError>>()?;
     Ok((jobs, runs))
+}
+
+/// The meta-table key under which the SQL stores keep [`Store::lease_high_water`].
+pub(crate) const LEASE_HIGH_WATER: &str = "lease_high_water";
+
+/// The highest lease id in a batch (current or last held), if any job carries one.
+pub(crate) fn batch_lease_high_water(jobs: &[Job]) -> Option<u64> {
+    jobs.iter()
+        .flat_map(|j| [j.lease, j.last_lease])
+        .flatten()
+        .map(|l| l.0)
+        .max()
 }
 
 /// Keeps only the last copy of each job in a batch, in first-seen order: the writer may

@@ -9,8 +9,8 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Postgres, QueryBuilder, Row};
 
 use super::{
-    decode_job, encode_batch, i64_of, BuildRecord, RunRecord, Store, StoreError, TokenKind,
-    TokenRecord, WriteBatch, DEFAULT_LIST_LIMIT,
+    batch_lease_high_water, decode_job, encode_batch, i64_of, BuildRecord, RunRecord, Store,
+    StoreError, TokenKind, TokenRecord, WriteBatch, DEFAULT_LIST_LIMIT, LEASE_HIGH_WATER,
 };
 
 const SCHEMA: &[&str] = &[
@@ -52,6 +52,10 @@ const SCHEMA: &[&str] = &[
         hash TEXT PRIMARY KEY,
         kind TEXT NOT NULL,
         org TEXT
+    )",
+    "CREATE TABLE IF NOT EXISTS meta (
+        k TEXT PRIMARY KEY,
+        v BIGINT NOT NULL
     )",
 ];
 
@@ -96,6 +100,22 @@ impl PgStore {
             .await?;
         for stmt in &SCHEMA[1..] {
             sqlx::query(stmt).execute(&pool).await?;
+        }
+        // A database written before the lease high-water mark was kept: take it from the
+        // job bodies, once.
+        let have: Option<i64> = sqlx::query_scalar("SELECT v FROM meta WHERE k = $1")
+            .bind(LEASE_HIGH_WATER)
+            .fetch_optional(&pool)
+            .await?;
+        if have.is_none() {
+            sqlx::query(
+                "INSERT INTO meta (k, v) SELECT $1, COALESCE(MAX(GREATEST(COALESCE((body::jsonb->>'lease')::bigint, 0), \
+                 COALESCE((body::jsonb->>'last_lease')::bigint, 0))), 0) FROM jobs \
+                 ON CONFLICT (k) DO NOTHING",
+            )
+            .bind(LEASE_HIGH_WATER)
+            .execute(&pool)
+            .await?;
         }
         Ok(PgStore { pool })
     }
@@ -151,8 +171,26 @@ impl Store for PgStore {
             .execute(&mut *tx)
             .await?;
         }
+        if let Some(h) = batch_lease_high_water(&batch.jobs) {
+            sqlx::query(
+                "INSERT INTO meta (k, v) VALUES ($1, $2) \
+                 ON CONFLICT (k) DO UPDATE SET v = GREATEST(meta.v, excluded.v)",
+            )
+            .bind(LEASE_HIGH_WATER)
+            .bind(i64_of(h))
+            .execute(&mut *tx)
+            .await?;
+        }
         tx.commit().await?;
         Ok(())
+    }
+
+    async fn lease_high_water(&self) -> Result<u64, StoreError> {
+        let v: Option<i64> = sqlx::query_scalar("SELECT v FROM meta WHERE k = $1")
+            .bind(LEASE_HIGH_WATER)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(v.map_or(0, |v| u64::try_from(v).unwrap_or(0)))
     }
 
     async fn load_for_restore(&self, finished_since: Time) -> Result<Vec<Job>, StoreError> {

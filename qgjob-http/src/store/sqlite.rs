@@ -19,8 +19,8 @@ use sqlx::sqlite::{
 use sqlx::{QueryBuilder, Row, Sqlite};
 
 use super::{
-    decode_job, encode_batch, i64_of, BuildRecord, RunRecord, Store, StoreError, TokenKind,
-    TokenRecord, WriteBatch, DEFAULT_LIST_LIMIT,
+    batch_lease_high_water, decode_job, encode_batch, i64_of, BuildRecord, RunRecord, Store,
+    StoreError, TokenKind, TokenRecord, WriteBatch, DEFAULT_LIST_LIMIT, LEASE_HIGH_WATER,
 };
 
 /// How hard SQLite works to keep commits on disk.
@@ -73,6 +73,10 @@ const SCHEMA: &[&str] = &[
         kind TEXT NOT NULL,
         org TEXT
     )",
+    "CREATE TABLE IF NOT EXISTS meta (
+        k TEXT PRIMARY KEY,
+        v BIGINT NOT NULL
+    )",
 ];
 
 /// Rows per multi-row upsert statement: 10 binds each, well under SQLite's variable limit.
@@ -112,6 +116,22 @@ impl SqliteStore {
             .await;
         for stmt in &SCHEMA[1..] {
             sqlx::query(stmt).execute(&pool).await?;
+        }
+        // A database written before the lease high-water mark was kept: take it from the
+        // job bodies, once.
+        let have: Option<i64> = sqlx::query_scalar("SELECT v FROM meta WHERE k = ?")
+            .bind(LEASE_HIGH_WATER)
+            .fetch_optional(&pool)
+            .await?;
+        if have.is_none() {
+            sqlx::query(
+                "INSERT INTO meta (k, v) SELECT ?, COALESCE(MAX(MAX(COALESCE(json_extract(body, '$.lease'), 0), \
+                 COALESCE(json_extract(body, '$.last_lease'), 0))), 0) FROM jobs WHERE true \
+                 ON CONFLICT (k) DO NOTHING",
+            )
+            .bind(LEASE_HIGH_WATER)
+            .execute(&pool)
+            .await?;
         }
         Ok(SqliteStore { pool })
     }
@@ -167,8 +187,26 @@ impl Store for SqliteStore {
             .execute(&mut *tx)
             .await?;
         }
+        if let Some(h) = batch_lease_high_water(&batch.jobs) {
+            sqlx::query(
+                "INSERT INTO meta (k, v) VALUES (?, ?) \
+                 ON CONFLICT (k) DO UPDATE SET v = MAX(v, excluded.v)",
+            )
+            .bind(LEASE_HIGH_WATER)
+            .bind(i64_of(h))
+            .execute(&mut *tx)
+            .await?;
+        }
         tx.commit().await?;
         Ok(())
+    }
+
+    async fn lease_high_water(&self) -> Result<u64, StoreError> {
+        let v: Option<i64> = sqlx::query_scalar("SELECT v FROM meta WHERE k = ?")
+            .bind(LEASE_HIGH_WATER)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(v.map_or(0, |v| u64::try_from(v).unwrap_or(0)))
     }
 
     async fn load_for_restore(&self, finished_since: Time) -> Result<Vec<Job>, StoreError> {
