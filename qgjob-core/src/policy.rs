@@ -10,7 +10,8 @@
 //!   a served one with two or more jobs waiting that has fewer than two devices, taken only
 //!   from a group that keeps another device), (b) for
 //!   a waiting unserved group when its own group has another device and the waiting group
-//!   has an install's worth of work or has waited two installs, or (c) for fair share,
+//!   has an install's worth of work or has waited two installs and is at least as urgent
+//!   (by base or aged priority), or (c) for fair share,
 //!   when its org holds three more devices than a waiting org whose job has waited five
 //!   minutes. A device with nothing of its own takes an unserved group, choosing the org
 //!   first (fewest devices held, offset by the aged priority of the org's best group); else
@@ -262,8 +263,14 @@ fn choose_grouped(view: &impl PoolView) -> Choice {
             // an org holding clearly fewer devices whose job has waited a while.
             // A hand-off costs an install, so the waiting group must have an install's worth
             // of work, or have waited two installs (so a lone job is never held back long).
+            // And it must be at least as urgent, by base or by aged priority: handing a
+            // device of an urgent group to a less urgent one leaves the urgent group's next
+            // jobs queued behind its other devices, which may still be installing.
             let waited = now.saturating_sub(u.created_ms);
+            let as_urgent = u.priority >= own.group.priority
+                || aged_priority(&u, now, level) >= aged_priority(&own.group, now, level);
             let handoff = own.group.serving >= 2
+                && as_urgent
                 && (u.ready_work_ms >= install || waited >= HANDOFF_WAIT_INSTALLS * install);
             let unfair = own.busy >= u_busy + FAIR_SHARE_SLACK
                 && now.saturating_sub(u.created_ms) >= FAIR_SHARE_WAIT_MS;
@@ -400,6 +407,49 @@ mod tests {
             Choice::Group(1)
         );
         assert_eq!(choose(PolicyKind::Grouped, &small(5_000)), Choice::Group(2));
+    }
+
+    #[test]
+    fn a_hand_off_never_goes_to_a_less_urgent_group_before_it_has_aged() {
+        // Our group: priority 5, two devices. The waiting group: priority 2, an install's
+        // worth of work.
+        let view = |own_created, waiting_prio, waiting_created, now| {
+            let mut own = g(1, 0, 10, 30_000, 2);
+            own.priority = 5;
+            own.created_ms = own_created;
+            let mut u = g(2, 0, 2, 30_000, 0);
+            u.priority = waiting_prio;
+            u.created_ms = waiting_created;
+            FakeView {
+                own: Some(OrgCandidate {
+                    busy: 0,
+                    group: own,
+                }),
+                unserved: one(0, u),
+                now,
+                ..Default::default()
+            }
+        };
+        // Less urgent, both just submitted: the device stays.
+        assert_eq!(
+            choose(PolicyKind::Grouped, &view(100_000, 2, 100_000, 100_000)),
+            Choice::Group(1)
+        );
+        // As urgent: handed off.
+        assert_eq!(
+            choose(PolicyKind::Grouped, &view(100_000, 5, 100_000, 100_000)),
+            Choice::Group(2)
+        );
+        // Less urgent, but it has waited three aging levels (60 s each here) longer than
+        // our oldest job: its aged priority has caught up.
+        assert_eq!(
+            choose(PolicyKind::Grouped, &view(180_000, 2, 0, 180_000)),
+            Choice::Group(2)
+        );
+        assert_eq!(
+            choose(PolicyKind::Grouped, &view(180_000, 2, 1_000, 180_000)),
+            Choice::Group(1)
+        );
     }
 
     #[test]
