@@ -753,6 +753,7 @@ impl GroupedScheduler {
             serving: g.serving,
             priority: job.spec.priority.0,
             created_ms: job.created_at.as_millis(),
+            measured: g.job_ms.is_some(),
         })
     }
 

@@ -17,7 +17,8 @@
 //!   first (fewest devices held, offset by the aged priority of the org's best group); else
 //!   it keeps an idle build that still receives jobs if it is that build's only device; else
 //!   it joins the served group with the most backlog per device, but only when its share of
-//!   the work left is a few times the install it costs (see `SPREAD_INSTALLS`).
+//!   the work left is a few times the install it costs (see `SPREAD_INSTALLS`), and to at
+//!   most three devices while none of the group's jobs has finished (see `PROBE_DEVICES`).
 //! * [`PolicyKind::Fifo`] baseline: the most urgent job in the pool, ignoring what is installed.
 //! * [`PolicyKind::PerGroup`] baseline (the original tool's): one device per build group,
 //!   groups in arrival order, a device stays with its group until it is empty.
@@ -105,6 +106,9 @@ pub struct GroupView {
     pub priority: i32,
     /// Submission time of that job, ms.
     pub created_ms: u64,
+    /// Whether `ready_work_ms` rests on this group's own finished jobs (else on the pool's
+    /// recent run time).
+    pub measured: bool,
 }
 
 /// An org's best unserved group, with the devices the org holds in the pool.
@@ -208,6 +212,13 @@ const HANDOFF_WAIT_INSTALLS: u64 = 2;
 /// run took 604 s instead of 510 s from first submit to last result, the p90 1,600 s
 /// either way).
 const SPREAD_INSTALLS: u64 = 4;
+/// Spreading a group whose run time is not measured yet (none of its jobs has finished):
+/// at most this many devices until one has, since its estimate is the pool's recent run
+/// time, which for a new build can be off by ten times either way…
+const PROBE_DEVICES: u32 = 3;
+/// …unless it has at least this many ready jobs per device after the newcomer joins (a
+/// group that big is worth the installs whatever its jobs take).
+const PROBE_JOBS_PER_DEVICE: u64 = 10;
 /// Fair share: a device leaves its org's group for another org's waiting group when its org
 /// holds at least this many more devices…
 const FAIR_SHARE_SLACK: u32 = 3;
@@ -223,9 +234,16 @@ fn choose_grouped(view: &impl PoolView) -> Choice {
     // soon as B/n > install, but then may spend most of its time installing. Require
     // B ≥ (k·n + 1)·install (k = SPREAD_INSTALLS): its share of the work left once it is
     // ready, (B − n·install)/(n+1), is then at least ((k−1)·n + 1)/(n+1) installs.
+    // A group none of whose jobs has finished is estimated at the pool's recent run time,
+    // which can be off by ten times: it spreads to `PROBE_DEVICES` devices until its first
+    // job reports, unless its job count alone is worth more.
     let worth_spreading = |g: &GroupView| {
         let n = u64::from(g.serving.max(1));
-        g.ready >= 2 && g.ready_work_ms >= (SPREAD_INSTALLS * n + 1).saturating_mul(install)
+        let probed =
+            g.measured || g.serving < PROBE_DEVICES || g.ready >= PROBE_JOBS_PER_DEVICE * (n + 1);
+        probed
+            && g.ready >= 2
+            && g.ready_work_ms >= (SPREAD_INSTALLS * n + 1).saturating_mul(install)
     };
     if let Some(own) = view.own_group() {
         let outranks = |g: &GroupView| g.priority >= own.group.priority + PREEMPT_LEVELS;
@@ -361,6 +379,7 @@ mod tests {
             serving,
             priority: (-urgency / 60_000) as i32,
             created_ms: 0,
+            measured: true,
         }
     }
 
@@ -501,6 +520,40 @@ mod tests {
         };
         assert_eq!(choose(PolicyKind::Grouped, &view(45_000)), Choice::Group(3));
         assert_eq!(choose(PolicyKind::Grouped, &view(44_999)), Choice::Idle);
+    }
+
+    #[test]
+    fn an_unmeasured_group_spreads_to_three_devices_until_a_job_reports() {
+        let view = |serving, ready, measured| {
+            let mut g = g(3, 0, ready, 60_000, serving);
+            g.measured = measured;
+            FakeView {
+                served: vec![g],
+                ..Default::default()
+            }
+        };
+        // Worth spreading by its estimated backlog either way (install 45 s).
+        assert_eq!(
+            choose(PolicyKind::Grouped, &view(2, 20, false)),
+            Choice::Group(3)
+        );
+        assert_eq!(
+            choose(PolicyKind::Grouped, &view(3, 20, false)),
+            Choice::Idle
+        );
+        assert_eq!(
+            choose(PolicyKind::Grouped, &view(3, 20, true)),
+            Choice::Group(3)
+        );
+        // Ten ready jobs per device after the newcomer joins: spread anyway.
+        assert_eq!(
+            choose(PolicyKind::Grouped, &view(3, 39, false)),
+            Choice::Idle
+        );
+        assert_eq!(
+            choose(PolicyKind::Grouped, &view(3, 40, false)),
+            Choice::Group(3)
+        );
     }
 
     #[test]
