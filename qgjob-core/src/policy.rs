@@ -18,7 +18,9 @@
 //!   it keeps an idle build that still receives jobs if it is that build's only device; else
 //!   it joins the served group with the most backlog per device, but only when its share of
 //!   the work left is a few times the install it costs (see `SPREAD_INSTALLS`), and to at
-//!   most three devices while none of the group's jobs has finished (see `PROBE_DEVICES`).
+//!   most three devices while none of the group's jobs has finished (see `PROBE_DEVICES`);
+//!   a served group that outranks that choice by three levels and has jobs waiting for a
+//!   second device goes first.
 //! * [`PolicyKind::Fifo`] baseline: the most urgent job in the pool, ignoring what is installed.
 //! * [`PolicyKind::PerGroup`] baseline (the original tool's): one device per build group,
 //!   groups in arrival order, a device stays with its group until it is empty.
@@ -309,8 +311,9 @@ fn choose_grouped(view: &impl PoolView) -> Choice {
         }
     }
     // Spread: join the group that would take longest to drain, if another device helps.
-    view.served_ready()
-        .into_iter()
+    let served = view.served_ready();
+    let spread = served
+        .iter()
         .filter(|g| worth_spreading(g))
         .max_by(|a, b| {
             let wa = a.ready_work_ms / u64::from(a.serving.max(1));
@@ -319,7 +322,22 @@ fn choose_grouped(view: &impl PoolView) -> Choice {
                 .then(b.urgency.cmp(&a.urgency))
                 .then(b.idx.cmp(&a.idx))
         })
-        .map_or(Choice::Idle, |g| Choice::Group(g.idx))
+        .copied();
+    // But not past urgent work: a served group that outranks that choice by three levels,
+    // with two or more jobs waiting and fewer than two devices, is where a busy device of
+    // the chosen group would be pulled at its next job boundary anyway (step 1), at the
+    // cost of a second install.
+    if let Some(sp) = spread {
+        if let Some(g) = served
+            .iter()
+            .filter(|g| g.idx != sp.idx && g.priority >= sp.priority + PREEMPT_LEVELS)
+            .filter(|g| g.ready >= 2 && g.serving < PREEMPT_MAX_SERVING)
+            .max_by(|a, b| a.priority.cmp(&b.priority).then(b.urgency.cmp(&a.urgency)))
+        {
+            return Choice::Group(g.idx);
+        }
+    }
+    spread.map_or(Choice::Idle, |g| Choice::Group(g.idx))
 }
 
 #[cfg(test)]
@@ -554,6 +572,26 @@ mod tests {
             choose(PolicyKind::Grouped, &view(3, 40, false)),
             Choice::Group(3)
         );
+    }
+
+    #[test]
+    fn an_idle_device_helps_urgent_waiting_work_before_spreading() {
+        // A big priority-0 group worth spreading into, and a priority-5 group with one
+        // device and two jobs waiting (too little to be worth spreading on its own).
+        let view = |urgent_prio, urgent_serving| {
+            let mut big = g(1, 0, 100, 30_000, 2);
+            big.priority = 0;
+            let mut urgent = g(2, 0, 2, 10_000, urgent_serving);
+            urgent.priority = urgent_prio;
+            FakeView {
+                served: vec![big, urgent],
+                ..Default::default()
+            }
+        };
+        assert_eq!(choose(PolicyKind::Grouped, &view(5, 1)), Choice::Group(2));
+        // Two levels is not enough to outrank; two devices already serve it.
+        assert_eq!(choose(PolicyKind::Grouped, &view(2, 1)), Choice::Group(1));
+        assert_eq!(choose(PolicyKind::Grouped, &view(5, 2)), Choice::Group(1));
     }
 
     #[test]
