@@ -550,28 +550,23 @@ mod tests {
                 ..Default::default()
             }
         };
-        // Worth spreading by its estimated backlog either way (install 45 s).
-        assert_eq!(
-            choose(PolicyKind::Grouped, &view(2, 20, false)),
-            Choice::Group(3)
-        );
-        assert_eq!(
-            choose(PolicyKind::Grouped, &view(3, 20, false)),
-            Choice::Idle
-        );
-        assert_eq!(
-            choose(PolicyKind::Grouped, &view(3, 20, true)),
-            Choice::Group(3)
-        );
-        // Ten ready jobs per device after the newcomer joins: spread anyway.
-        assert_eq!(
-            choose(PolicyKind::Grouped, &view(3, 39, false)),
-            Choice::Idle
-        );
-        assert_eq!(
-            choose(PolicyKind::Grouped, &view(3, 40, false)),
-            Choice::Group(3)
-        );
+        // Each case: devices serving, ready jobs, measured, decision. Worth spreading by
+        // its estimated backlog in every case (install 45 s); unmeasured, it stops at three
+        // devices unless it has ten ready jobs per device after the newcomer joins.
+        let cases = [
+            (2, 20, false, Choice::Group(3)),
+            (3, 20, false, Choice::Idle),
+            (3, 20, true, Choice::Group(3)),
+            (3, 39, false, Choice::Idle),
+            (3, 40, false, Choice::Group(3)),
+        ];
+        for (serving, ready, measured, want) in cases {
+            let got = choose(PolicyKind::Grouped, &view(serving, ready, measured));
+            assert_eq!(
+                got, want,
+                "serving {serving}, ready {ready}, measured {measured}"
+            );
+        }
     }
 
     #[test]

@@ -443,35 +443,24 @@ async fn idempotency_lookup() {
 #[tokio::test]
 async fn lease_high_water_outlives_the_jobs_that_held_it() {
     for (name, st, _dir) in stores().await {
+        let mark_after = |jobs: Vec<Job>| {
+            let st = st.clone();
+            async move {
+                st.write(&WriteBatch { jobs, runs: vec![] }).await.unwrap();
+                st.lease_high_water().await.unwrap()
+            }
+        };
         assert_eq!(st.lease_high_water().await.unwrap(), 0, "{name}");
         let (_, mut jobs) = scheduler_with(3, None);
         jobs[0].last_lease = Some(LeaseId(7));
         jobs[1].lease = Some(LeaseId(5));
-        st.write(&WriteBatch {
-            jobs: jobs.clone(),
-            runs: vec![],
-        })
-        .await
-        .unwrap();
-        assert_eq!(st.lease_high_water().await.unwrap(), 7, "{name}");
+        assert_eq!(mark_after(jobs.clone()).await, 7, "{name}");
         // The job that held lease 7 moves on to a lower one (never happens in the server,
         // but the mark must not follow it down), then a job gets a higher one.
         jobs[0].last_lease = Some(LeaseId(2));
-        st.write(&WriteBatch {
-            jobs: vec![jobs[0].clone()],
-            runs: vec![],
-        })
-        .await
-        .unwrap();
-        assert_eq!(st.lease_high_water().await.unwrap(), 7, "{name}");
+        assert_eq!(mark_after(vec![jobs[0].clone()]).await, 7, "{name}");
         jobs[2].lease = Some(LeaseId(9));
-        st.write(&WriteBatch {
-            jobs: vec![jobs[2].clone()],
-            runs: vec![],
-        })
-        .await
-        .unwrap();
-        assert_eq!(st.lease_high_water().await.unwrap(), 9, "{name}");
+        assert_eq!(mark_after(vec![jobs[2].clone()]).await, 9, "{name}");
     }
 }
 
