@@ -8,7 +8,7 @@
 //!   its own by three base priority levels (an unserved one, taken at once from a group that
 //!   keeps another device and from a sole server once it has waited three aging levels; or
 //!   a served one with two or more jobs waiting that has fewer than two devices, taken only
-//!   from a group that keeps another device), (b) for
+//!   from a group that keeps another device; the more urgent of the two first), (b) for
 //!   a waiting unserved group when its own group has another device and the waiting group
 //!   has an install's worth of work or has waited two installs and is at least as urgent
 //!   (by base or aged priority), or (c) for fair share,
@@ -249,30 +249,37 @@ fn choose_grouped(view: &impl PoolView) -> Choice {
     };
     if let Some(own) = view.own_group() {
         let outranks = |g: &GroupView| g.priority >= own.group.priority + PREEMPT_LEVELS;
-        // Priority: a clearly more urgent group nobody serves takes this device, at once
-        // when its own group keeps another device. A sole server pays two installs to
-        // leave and come back and leaves its group unserved, so it waits for a device that
-        // frees up first, but only up to a bound on the urgent group's wait…
-        if let Some(u) = unserved.filter(outranks) {
-            let waited = now.saturating_sub(u.created_ms);
-            if own.group.serving >= 2 || waited >= PREEMPT_SOLE_WAIT_LEVELS.saturating_mul(level) {
-                return Choice::Group(u.idx);
-            }
-        }
-        // …and so does a clearly more urgent served group with two or more jobs waiting, up
-        // to a second device, taken only from a group that keeps another device. Urgent
-        // work is not held to the install-worth rule of spreading: its wait matters more
-        // than one install (a five-job smoke run otherwise queues behind itself on one device).
-        if own.group.serving >= 2 {
-            if let Some(g) = view
-                .served_ready()
+        // Priority: a clearly more urgent served group with two or more jobs waiting gets
+        // a second device, taken only from a group that keeps another one. Urgent work is
+        // not held to the install-worth rule of spreading: its wait matters more than one
+        // install (a five-job smoke run otherwise queues behind itself on one device)…
+        let served_urgent = if own.group.serving >= 2 {
+            view.served_ready()
                 .iter()
                 .filter(|g| g.idx != own.group.idx && outranks(g) && g.ready >= 2)
                 .filter(|g| g.serving < PREEMPT_MAX_SERVING)
                 .max_by(|a, b| a.priority.cmp(&b.priority).then(b.urgency.cmp(&a.urgency)))
+                .copied()
+        } else {
+            None
+        };
+        // …and a clearly more urgent group nobody serves takes this device, unless that
+        // served one is more urgent still: at once when our group keeps another device. A
+        // sole server pays two installs to leave and come back and leaves its group
+        // unserved, so it waits for a device that frees up first, but only up to a bound
+        // on the urgent group's wait.
+        if let Some(u) = unserved.filter(outranks) {
+            let waited = now.saturating_sub(u.created_ms);
+            let outranked = served_urgent.is_some_and(|g| g.priority > u.priority);
+            if !outranked
+                && (own.group.serving >= 2
+                    || waited >= PREEMPT_SOLE_WAIT_LEVELS.saturating_mul(level))
             {
-                return Choice::Group(g.idx);
+                return Choice::Group(u.idx);
             }
+        }
+        if let Some(g) = served_urgent {
+            return Choice::Group(g.idx);
         }
         if let Some(u) = unserved {
             let u_busy = cands
@@ -567,6 +574,30 @@ mod tests {
                 "serving {serving}, ready {ready}, measured {measured}"
             );
         }
+    }
+
+    #[test]
+    fn the_more_urgent_of_a_served_and_an_unserved_group_gets_the_device() {
+        // Our group (priority 0) keeps another device. A priority-10 group has one device
+        // and jobs waiting; a priority-6 group has none.
+        let view = |served_prio| {
+            let mut served = g(2, 0, 20, 30_000, 1);
+            served.priority = served_prio;
+            let mut waiting = g(3, 0, 10, 30_000, 0);
+            waiting.priority = 6;
+            FakeView {
+                own: Some(OrgCandidate {
+                    busy: 0,
+                    group: g(1, 0, 50, 30_000, 2),
+                }),
+                served: vec![served],
+                unserved: one(0, waiting),
+                ..Default::default()
+            }
+        };
+        assert_eq!(choose(PolicyKind::Grouped, &view(10)), Choice::Group(2));
+        // At equal priority the group nobody serves goes first.
+        assert_eq!(choose(PolicyKind::Grouped, &view(6)), Choice::Group(3));
     }
 
     #[test]
