@@ -822,6 +822,44 @@ impl PoolView for View<'_> {
         Some(OrgCandidate { busy, group })
     }
 
+    fn spare_device_for(&self, group: GroupIdx, warm_ms: u64) -> bool {
+        // One look per device: pools hold tens of devices, and this runs only for a device
+        // keeping a warm build while a new group waits.
+        let req = &self.s.groups[group].key.requires;
+        let target = &self.dev.info.target;
+        self.s.devices.values().any(|d| {
+            if d.info.id == self.dev.info.id
+                || &d.info.target != target
+                || d.lease.is_some()
+                || d.lost
+                || !req.matches(&d.info.capabilities)
+            {
+                return false;
+            }
+            let Some(build) = d.info.installed.clone() else {
+                return true;
+            };
+            let Some(gis) = self.s.build_groups.get(&(target.clone(), build)) else {
+                return true;
+            };
+            let mut latest: Option<(u32, u64)> = None;
+            for g in gis.iter().map(|&gi| &self.s.groups[gi]) {
+                if !g.key.requires.matches(&d.info.capabilities) {
+                    continue;
+                }
+                if !g.ready.is_empty() {
+                    // It has work of its own.
+                    return false;
+                }
+                let v = (g.serving, self.now.since(g.last_submit));
+                if latest.is_none_or(|l| v.1 < l.1) {
+                    latest = Some(v);
+                }
+            }
+            latest.is_none_or(|(serving, since)| serving >= 2 || since >= warm_ms)
+        })
+    }
+
     fn own_idle(&self) -> Option<(u32, u64)> {
         let build = self.dev.info.installed.clone()?;
         let gis = self
@@ -1629,6 +1667,41 @@ mod tests {
         let l = s.lease(Time(3), &d.id, 8).expect("ok").expect("work");
         let ids: Vec<JobId> = l.jobs.iter().map(|j| j.id).collect();
         assert_eq!(ids, vec![hi, low]);
+    }
+
+    #[test]
+    fn a_new_build_goes_to_an_empty_device_not_over_a_warm_build() {
+        let mut s = sched();
+        let (a, b) = (device("a", Target::Emulator), device("b", Target::Emulator));
+        s.register_device(Time(0), a.clone()).expect("reg a");
+        s.submit(Time(0), spec("acme", "v1", Target::Emulator))
+            .expect("submit");
+        let l = s.lease(Time(0), &a.id, 1).expect("ok").expect("work");
+        s.complete(Time(10_000), l.id, l.jobs[0].id, pass())
+            .expect("complete");
+        s.register_device(Time(10_000), b.clone()).expect("reg b");
+        // A new build arrives; `a` (v1, warm) asks first and leaves it to the empty `b`.
+        let v2 = s
+            .submit(Time(20_000), spec("acme", "v2", Target::Emulator))
+            .expect("submit")
+            .job_id;
+        assert!(s.lease(Time(20_000), &a.id, 1).expect("ok").is_none());
+        let l = s.lease(Time(20_000), &b.id, 1).expect("ok").expect("work");
+        assert_eq!((l.jobs[0].id, l.install), (v2, true));
+        // v1's next job finds its device without an install.
+        s.submit(Time(30_000), spec("acme", "v1", Target::Emulator))
+            .expect("submit");
+        let l = s.lease(Time(30_000), &a.id, 1).expect("ok").expect("work");
+        assert!(!l.install);
+        // With no spare device, a warm build's device does take a new build.
+        let v3 = s
+            .submit(Time(40_000), spec("acme", "v3", Target::Emulator))
+            .expect("submit")
+            .job_id;
+        s.complete(Time(40_000), l.id, l.jobs[0].id, pass())
+            .expect("complete");
+        let l = s.lease(Time(40_000), &a.id, 1).expect("ok").expect("work");
+        assert_eq!((l.jobs[0].id, l.install), (v3, true));
     }
 
     #[test]

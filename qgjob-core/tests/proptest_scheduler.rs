@@ -888,8 +888,10 @@ fn refused(
 }
 
 /// The scheduler left a free device idle: no policy may do that while a job of the
-/// device's own build waits, or while a group nobody serves waits; FIFO never idles while
-/// any job it could run waits.
+/// device's own build waits, or while a group nobody serves waits, except that grouped
+/// may leave such a group to another free device that fits it and has no job of its own
+/// build waiting (a spare one, so the device can keep a build that still gets jobs);
+/// FIFO never idles while any job it could run waits.
 fn check_idle(m: &Model, dev: usize) {
     let t = target(DEVICES[dev].1);
     let installed = m.devs[dev].installed.clone();
@@ -906,9 +908,25 @@ fn check_idle(m: &Model, dev: usize) {
             installed.as_ref() != Some(&j.spec.build()),
             "idle while a job of the installed build waits"
         );
+        let spare = m.cfg.policy == PolicyKind::Grouped
+            && (0..DEVICES.len()).any(|o| {
+                let d = &m.devs[o];
+                o != dev
+                    && d.registered
+                    && !d.lost
+                    && d.lease.is_none()
+                    && target(DEVICES[o].1) == t
+                    && fits(&j.spec.requires, o)
+                    && !m.jobs.iter().any(|k| {
+                        k.ready()
+                            && k.spec.target == t
+                            && d.installed.as_ref() == Some(&k.spec.build())
+                            && fits(&k.spec.requires, o)
+                    })
+            });
         assert!(
-            m.served(&j.group()),
-            "idle while group {:?} waits unserved",
+            m.served(&j.group()) || spare,
+            "idle while group {:?} waits unserved and no other free device could take it",
             j.group()
         );
     }
