@@ -822,24 +822,24 @@ impl PoolView for View<'_> {
         Some(OrgCandidate { busy, group })
     }
 
-    fn spare_device_for(&self, group: GroupIdx, warm_ms: u64) -> bool {
+    fn spare_device(&self, warm_ms: u64) -> bool {
         // One look per device: pools hold tens of devices, and this runs only for a device
-        // keeping a warm build while a new group waits.
-        let req = &self.s.groups[group].key.requires;
-        let target = &self.dev.info.target;
+        // keeping a warm build while a new group waits. Same capabilities, so that every
+        // group this device could take, the spare one can take too.
+        let me = &self.dev.info;
         self.s.devices.values().any(|d| {
-            if d.info.id == self.dev.info.id
-                || &d.info.target != target
+            if d.info.id == me.id
+                || d.info.target != me.target
                 || d.lease.is_some()
                 || d.lost
-                || !req.matches(&d.info.capabilities)
+                || d.info.capabilities != me.capabilities
             {
                 return false;
             }
             let Some(build) = d.info.installed.clone() else {
                 return true;
             };
-            let Some(gis) = self.s.build_groups.get(&(target.clone(), build)) else {
+            let Some(gis) = self.s.build_groups.get(&(me.target.clone(), build)) else {
                 return true;
             };
             let mut latest: Option<(u32, u64)> = None;

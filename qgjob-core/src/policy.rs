@@ -141,10 +141,11 @@ pub trait PoolView {
     /// For a device whose installed build has no ready jobs: how many devices serve that
     /// build's group and how long ago (ms) its last job arrived.
     fn own_idle(&self) -> Option<(u32, u64)>;
-    /// Whether another idle device of the pool could take `group` without giving up a
-    /// warm build: it has no build, or its build has no ready jobs and either another
-    /// device also has it or its last job arrived `warm_ms` or more ago.
-    fn spare_device_for(&self, group: GroupIdx, warm_ms: u64) -> bool;
+    /// Whether another idle device of the pool, with the same capabilities as this one (so
+    /// it can take every group this one can), has nothing worth keeping: no build, or a
+    /// build with no ready jobs that another device also has or whose last job arrived
+    /// `warm_ms` or more ago.
+    fn spare_device(&self, warm_ms: u64) -> bool;
     /// Estimated install time on this pool, ms.
     fn install_ms(&self) -> u64;
     /// One priority level in urgency units (ms of aging).
@@ -325,7 +326,7 @@ fn choose_grouped(view: &impl PoolView) -> Choice {
         // way, and this build's next job then finds its device.
         if let Some((serving, since)) = view.own_idle() {
             let warm = WARM_INSTALLS.saturating_mul(install);
-            if serving <= 1 && since < warm && view.spare_device_for(u.idx, warm) {
+            if serving <= 1 && since < warm && view.spare_device(warm) {
                 return Choice::Idle;
             }
         }
@@ -403,7 +404,7 @@ mod tests {
         fn own_idle(&self) -> Option<(u32, u64)> {
             self.idle
         }
-        fn spare_device_for(&self, _group: GroupIdx, _warm_ms: u64) -> bool {
+        fn spare_device(&self, _warm_ms: u64) -> bool {
             self.spare
         }
         fn install_ms(&self) -> u64 {
