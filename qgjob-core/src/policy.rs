@@ -323,10 +323,14 @@ fn choose_grouped(view: &impl PoolView) -> Choice {
     if let Some(u) = unserved {
         // Keep a warm build (its only device, a job within `WARM_INSTALLS` installs) when
         // a spare idle device can take the new group instead: the install is paid either
-        // way, and this build's next job then finds its device.
+        // way, and this build's next job then finds its device. Only while the group has
+        // waited less than an install: the scheduler cannot tell an idle device whose
+        // agent is asking from one whose agent has gone quiet, and the group must not
+        // wait on the latter.
         if let Some((serving, since)) = view.own_idle() {
             let warm = WARM_INSTALLS.saturating_mul(install);
-            if serving <= 1 && since < warm && view.spare_device(warm) {
+            let fresh = now.saturating_sub(u.created_ms) < install;
+            if serving <= 1 && since < warm && fresh && view.spare_device(warm) {
                 return Choice::Idle;
             }
         }
@@ -641,6 +645,11 @@ mod tests {
             choose(PolicyKind::Grouped, &view(100_000, true)),
             Choice::Idle
         );
+        // The new group has waited an install (45 s): take it, the spare device may be
+        // one whose agent no longer asks.
+        let mut waited = view(100_000, true);
+        waited.now = 45_000;
+        assert_eq!(choose(PolicyKind::Grouped, &waited), Choice::Group(2));
         // No spare device, or the build has gone cold: take the new group.
         assert_eq!(
             choose(PolicyKind::Grouped, &view(100_000, false)),
