@@ -795,6 +795,28 @@ struct View<'a> {
 }
 
 impl View<'_> {
+    /// For the build installed on a device, over its groups the device can run: whether
+    /// any has ready jobs, and the devices serving the one submitted to last and how long
+    /// ago (ms). `None` when nothing is installed or no such group exists.
+    fn installed_activity(&self, info: &DeviceInfo) -> Option<(bool, u32, u64)> {
+        let build = info.installed.clone()?;
+        let gis = self.s.build_groups.get(&(info.target.clone(), build))?;
+        let groups = gis
+            .iter()
+            .map(|&gi| &self.s.groups[gi])
+            .filter(|g| g.key.requires.matches(&info.capabilities));
+        let mut ready = false;
+        let mut latest: Option<(u32, u64)> = None;
+        for g in groups {
+            ready |= !g.ready.is_empty();
+            let since = self.now.since(g.last_submit);
+            if latest.is_none_or(|(_, l)| since < l) {
+                latest = Some((g.serving, since));
+            }
+        }
+        latest.map(|(serving, since)| (ready, serving, since))
+    }
+
     fn fits(&self, gi: GroupIdx) -> bool {
         self.s.groups[gi]
             .key
@@ -828,49 +850,22 @@ impl PoolView for View<'_> {
         // group this device could take, the spare one can take too.
         let me = &self.dev.info;
         self.s.devices.values().any(|d| {
-            if d.info.id == me.id
-                || d.info.target != me.target
-                || d.lease.is_some()
-                || d.lost
-                || d.info.capabilities != me.capabilities
-            {
-                return false;
-            }
-            let Some(build) = d.info.installed.clone() else {
-                return true;
-            };
-            let Some(gis) = self.s.build_groups.get(&(me.target.clone(), build)) else {
-                return true;
-            };
-            let mut latest: Option<(u32, u64)> = None;
-            for g in gis.iter().map(|&gi| &self.s.groups[gi]) {
-                if !g.key.requires.matches(&d.info.capabilities) {
-                    continue;
+            d.info.id != me.id
+                && d.info.target == me.target
+                && d.lease.is_none()
+                && !d.lost
+                && d.info.capabilities == me.capabilities
+                && match self.installed_activity(&d.info) {
+                    None => true,
+                    Some((true, _, _)) => false,
+                    Some((false, serving, since)) => serving >= 2 || since >= warm_ms,
                 }
-                if !g.ready.is_empty() {
-                    // It has work of its own.
-                    return false;
-                }
-                let v = (g.serving, self.now.since(g.last_submit));
-                if latest.is_none_or(|l| v.1 < l.1) {
-                    latest = Some(v);
-                }
-            }
-            latest.is_none_or(|(serving, since)| serving >= 2 || since >= warm_ms)
         })
     }
 
     fn own_idle(&self) -> Option<(u32, u64)> {
-        let build = self.dev.info.installed.clone()?;
-        let gis = self
-            .s
-            .build_groups
-            .get(&(self.dev.info.target.clone(), build))?;
-        gis.iter()
-            .map(|&gi| &self.s.groups[gi])
-            .filter(|g| g.key.requires.matches(&self.dev.info.capabilities))
-            .map(|g| (g.serving, self.now.since(g.last_submit)))
-            .min_by_key(|&(_, since)| since)
+        self.installed_activity(&self.dev.info)
+            .map(|(_, serving, since)| (serving, since))
     }
 
     fn unserved_by_org(&self) -> Vec<OrgCandidate> {

@@ -267,12 +267,7 @@ fn choose_grouped(view: &impl PoolView) -> Choice {
         // not held to the install-worth rule of spreading: its wait matters more than one
         // install (a five-job smoke run otherwise queues behind itself on one device)…
         let served_urgent = if own.group.serving >= 2 {
-            view.served_ready()
-                .iter()
-                .filter(|g| g.idx != own.group.idx && outranks(g) && g.ready >= 2)
-                .filter(|g| g.serving < PREEMPT_MAX_SERVING)
-                .max_by(|a, b| a.priority.cmp(&b.priority).then(b.urgency.cmp(&a.urgency)))
-                .copied()
+            urgent_for_a_second_device(&view.served_ready(), &own.group)
         } else {
             None
         };
@@ -360,17 +355,21 @@ fn choose_grouped(view: &impl PoolView) -> Choice {
     // with two or more jobs waiting and fewer than two devices, is where a busy device of
     // the chosen group would be pulled at its next job boundary anyway (step 1), at the
     // cost of a second install.
-    if let Some(sp) = spread {
-        if let Some(g) = served
-            .iter()
-            .filter(|g| g.idx != sp.idx && g.priority >= sp.priority + PREEMPT_LEVELS)
-            .filter(|g| g.ready >= 2 && g.serving < PREEMPT_MAX_SERVING)
-            .max_by(|a, b| a.priority.cmp(&b.priority).then(b.urgency.cmp(&a.urgency)))
-        {
-            return Choice::Group(g.idx);
-        }
+    if let Some(g) = spread.and_then(|sp| urgent_for_a_second_device(&served, &sp)) {
+        return Choice::Group(g.idx);
     }
     spread.map_or(Choice::Idle, |g| Choice::Group(g.idx))
+}
+
+/// The most urgent served group that outranks `than` by `PREEMPT_LEVELS`, has two or more
+/// jobs waiting and fewer than `PREEMPT_MAX_SERVING` devices: where step 1 pulls a device.
+fn urgent_for_a_second_device(served: &[GroupView], than: &GroupView) -> Option<GroupView> {
+    served
+        .iter()
+        .filter(|g| g.idx != than.idx && g.priority >= than.priority + PREEMPT_LEVELS)
+        .filter(|g| g.ready >= 2 && g.serving < PREEMPT_MAX_SERVING)
+        .max_by(|a, b| a.priority.cmp(&b.priority).then(b.urgency.cmp(&a.urgency)))
+        .copied()
 }
 
 #[cfg(test)]

@@ -103,11 +103,7 @@ impl PgStore {
         }
         // A database written before the lease high-water mark was kept: take it from the
         // job bodies, once.
-        let have: Option<i64> = sqlx::query_scalar("SELECT v FROM meta WHERE k = $1")
-            .bind(LEASE_HIGH_WATER)
-            .fetch_optional(&pool)
-            .await?;
-        if have.is_none() {
+        if stored_lease_high_water(&pool).await?.is_none() {
             sqlx::query(
                 "INSERT INTO meta (k, v) SELECT $1, COALESCE(MAX(GREATEST(COALESCE((body::jsonb->>'lease')::bigint, 0), \
                  COALESCE((body::jsonb->>'last_lease')::bigint, 0))), 0) FROM jobs \
@@ -124,6 +120,14 @@ impl PgStore {
     pub async fn close(&self) {
         self.pool.close().await;
     }
+}
+
+/// The stored lease high-water mark; `None` in a database written before it was kept.
+async fn stored_lease_high_water(pool: &PgPool) -> Result<Option<i64>, StoreError> {
+    Ok(sqlx::query_scalar("SELECT v FROM meta WHERE k = $1")
+        .bind(LEASE_HIGH_WATER)
+        .fetch_optional(pool)
+        .await?)
 }
 
 fn jobs_from_rows(rows: Vec<PgRow>) -> Result<Vec<Job>, StoreError> {
@@ -186,10 +190,7 @@ impl Store for PgStore {
     }
 
     async fn lease_high_water(&self) -> Result<u64, StoreError> {
-        let v: Option<i64> = sqlx::query_scalar("SELECT v FROM meta WHERE k = $1")
-            .bind(LEASE_HIGH_WATER)
-            .fetch_optional(&self.pool)
-            .await?;
+        let v = stored_lease_high_water(&self.pool).await?;
         Ok(v.map_or(0, |v| u64::try_from(v).unwrap_or(0)))
     }
 

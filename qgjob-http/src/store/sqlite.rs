@@ -119,11 +119,7 @@ impl SqliteStore {
         }
         // A database written before the lease high-water mark was kept: take it from the
         // job bodies, once.
-        let have: Option<i64> = sqlx::query_scalar("SELECT v FROM meta WHERE k = ?")
-            .bind(LEASE_HIGH_WATER)
-            .fetch_optional(&pool)
-            .await?;
-        if have.is_none() {
+        if stored_lease_high_water(&pool).await?.is_none() {
             sqlx::query(
                 "INSERT INTO meta (k, v) SELECT ?, COALESCE(MAX(MAX(COALESCE(json_extract(body, '$.lease'), 0), \
                  COALESCE(json_extract(body, '$.last_lease'), 0))), 0) FROM jobs WHERE true \
@@ -140,6 +136,14 @@ impl SqliteStore {
     pub async fn close(&self) {
         self.pool.close().await;
     }
+}
+
+/// The stored lease high-water mark; `None` in a database written before it was kept.
+async fn stored_lease_high_water(pool: &SqlitePool) -> Result<Option<i64>, StoreError> {
+    Ok(sqlx::query_scalar("SELECT v FROM meta WHERE k = ?")
+        .bind(LEASE_HIGH_WATER)
+        .fetch_optional(pool)
+        .await?)
 }
 
 fn jobs_from_rows(rows: Vec<sqlx::sqlite::SqliteRow>) -> Result<Vec<Job>, StoreError> {
@@ -202,10 +206,7 @@ impl Store for SqliteStore {
     }
 
     async fn lease_high_water(&self) -> Result<u64, StoreError> {
-        let v: Option<i64> = sqlx::query_scalar("SELECT v FROM meta WHERE k = ?")
-            .bind(LEASE_HIGH_WATER)
-            .fetch_optional(&self.pool)
-            .await?;
+        let v = stored_lease_high_water(&self.pool).await?;
         Ok(v.map_or(0, |v| u64::try_from(v).unwrap_or(0)))
     }
 
