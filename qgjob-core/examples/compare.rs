@@ -3,10 +3,13 @@
 //!
 //! ```text
 //! cargo run --release -p qgjob-core --example compare -- [--seeds N] [--first-seed S] [--shape NAME] [--quiet]
+//! cargo run --release -p qgjob-core --example compare -- [--quiet] FILE…
 //! ```
 //!
 //! Seeds `S..S+N` (default `0..10`) of each shape. A policy change is best judged on seeds it
-//! was not tuned on: tune on one range, confirm on another.
+//! was not tuned on: tune on one range, confirm on another. Given workload files (format v1,
+//! or `--workload FILE`) it checks those instead of generated ones: your own traffic,
+//! or workloads from another generator.
 //!
 //! For each shape and seed it prints one row per target pool: makespan / lower bound,
 //! installs / minimum installs and the p95 wait of the pool's highest priority, for each
@@ -39,6 +42,7 @@ struct Args {
     seeds: u64,
     first_seed: u64,
     shapes: Vec<Shape>,
+    workloads: Vec<String>,
     quiet: bool,
 }
 
@@ -47,6 +51,7 @@ fn parse_args() -> Result<Args, String> {
         seeds: 10,
         first_seed: 0,
         shapes: Shape::ALL.to_vec(),
+        workloads: Vec::new(),
         quiet: false,
     };
     let mut it = std::env::args().skip(1);
@@ -68,13 +73,17 @@ fn parse_args() -> Result<Args, String> {
                 let v = it.next().ok_or("--shape needs a name")?;
                 args.shapes = vec![v.parse().map_err(|e| format!("--shape: {e}"))?];
             }
+            "--workload" => args
+                .workloads
+                .push(it.next().ok_or("--workload needs a file")?),
             "--quiet" => args.quiet = true,
             "-h" | "--help" => {
                 return Err(
-                    "usage: compare [--seeds N] [--first-seed S] [--shape few-big-groups|many-small-groups|uniform|bursty] [--quiet]"
+                    "usage: compare [--seeds N] [--first-seed S] [--shape few-big-groups|many-small-groups|uniform|bursty] [--quiet] [FILE...]"
                         .into(),
                 )
             }
+            file if !file.starts_with('-') => args.workloads.push(file.to_string()),
             other => return Err(format!("unknown argument {other}")),
         }
     }
@@ -306,7 +315,38 @@ fn devices_needed(
         .collect()
 }
 
-/// Per-shape tallies for the summary.
+/// Where a workload comes from.
+enum Source {
+    /// The generator's shape and seed.
+    Generated(Shape, u64),
+    /// A workload file (format v1).
+    File(String),
+}
+
+impl Source {
+    /// The workload, with the kind it is tallied under: the shape, or the workload's name
+    /// without a trailing `-<number>` (so `ci-day-3` and `ci-day-7` share a summary row).
+    fn load(&self) -> Result<(String, sim::Workload), String> {
+        match self {
+            Source::Generated(shape, seed) => {
+                Ok((shape.as_str().to_string(), sim::generate(*shape, *seed)))
+            }
+            Source::File(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| format!("{path}: {e}"))?;
+                let w = sim::Workload::from_json(&text).map_err(|e| format!("{path}: {e}"))?;
+                let kind = match w.name.rsplit_once('-') {
+                    Some((stem, n)) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) => {
+                        stem.to_string()
+                    }
+                    _ => w.name.clone(),
+                };
+                Ok((kind, w))
+            }
+        }
+    }
+}
+
+/// Per-kind tallies for the summary.
 #[derive(Default)]
 struct Tally {
     rows: u64,
@@ -326,11 +366,36 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let mut tallies: BTreeMap<Shape, Tally> = BTreeMap::new();
-    for &shape in &args.shapes {
-        let tally = tallies.entry(shape).or_default();
-        for seed in args.first_seed..args.first_seed.saturating_add(args.seeds) {
-            let w = sim::generate(shape, seed);
+    let sources: Vec<Source> = if args.workloads.is_empty() {
+        args.shapes
+            .iter()
+            .flat_map(|&shape| {
+                (args.first_seed..args.first_seed.saturating_add(args.seeds))
+                    .map(move |seed| Source::Generated(shape, seed))
+            })
+            .collect()
+    } else {
+        args.workloads.iter().cloned().map(Source::File).collect()
+    };
+    // Tallies in the order their kind first appears (shape order for generated workloads).
+    let mut tallies: Vec<(String, Tally)> = Vec::new();
+    for source in &sources {
+        let (kind, w) = match source.load() {
+            Ok(x) => x,
+            Err(e) => {
+                eprintln!("{e}");
+                return ExitCode::from(2);
+            }
+        };
+        let at = match tallies.iter().position(|(k, _)| *k == kind) {
+            Some(at) => at,
+            None => {
+                tallies.push((kind, Tally::default()));
+                tallies.len() - 1
+            }
+        };
+        let tally = &mut tallies[at].1;
+        {
             let mut reports = Vec::new();
             for p in PolicyKind::ALL {
                 match sim::run(&w, p) {
@@ -409,14 +474,25 @@ fn main() -> ExitCode {
         }
     }
 
-    println!(
-        "\nSummary (seeds {}..{} of each shape; means over pool rows)",
-        args.first_seed,
-        args.first_seed.saturating_add(args.seeds)
-    );
+    if args.workloads.is_empty() {
+        println!(
+            "\nSummary (seeds {}..{} of each shape; means over pool rows)",
+            args.first_seed,
+            args.first_seed.saturating_add(args.seeds)
+        );
+    } else {
+        println!(
+            "\nSummary ({} workload files, by name without its trailing number; means over pool rows)",
+            args.workloads.len()
+        );
+    }
     println!(
         "  {:<18} {:>5} {:>5} | {:^26} | {:^26} | {:^26} | {:>7} | broken rules",
-        "shape",
+        if args.workloads.is_empty() {
+            "shape"
+        } else {
+            "workload"
+        },
         "rows",
         "pass",
         "mk/lb grp / fifo / pergrp",
@@ -425,14 +501,14 @@ fn main() -> ExitCode {
         "worst"
     );
     let (mut rows, mut pass) = (0, 0);
-    for (shape, t) in &tallies {
+    for (kind, t) in &tallies {
         rows += t.rows;
         pass += t.pass;
         let n = t.rows.max(1) as f64;
         let broken: Vec<String> = t.broken.iter().map(|(k, v)| format!("{k}: {v}")).collect();
         println!(
             "  {:<18} {:>5} {:>5} | {:>7.3} {:>8.3} {:>8.3} | {:>7.2} {:>8.2} {:>8.2} | {:>7.0} {:>8.0} {:>8.0} | {:>7.3} | {}",
-            shape.as_str(),
+            kind,
             t.rows,
             t.pass,
             t.mk_over_lb[0] / n,
