@@ -551,6 +551,62 @@ fn unreachable_server_and_bad_input_give_clean_errors() {
     assert_eq!(stderr(&o).lines().count(), 1);
 }
 
+/// A server announces itself only once its store is open and its configuration checked,
+/// and each start error is one line with the right exit code: a missing tokens file is a
+/// usage error (2); a data dir another server holds is refused (3), because two servers on
+/// one store would overwrite each other's acknowledged jobs.
+#[test]
+fn server_start_errors_are_one_line_and_announce_nothing() {
+    let dir = project();
+    let data = dir.path().join("data");
+    let data = data.to_str().expect("utf-8 path");
+    let o = run(
+        None,
+        dir.path(),
+        &[
+            "server",
+            "--addr",
+            "127.0.0.1:0",
+            "--data-dir",
+            data,
+            "--tokens-file",
+            "missing-tokens",
+        ],
+    );
+    assert_eq!(code(&o), 2, "{}", stderr(&o));
+    assert!(stdout(&o).is_empty(), "{}", stdout(&o));
+    assert_eq!(stderr(&o).lines().count(), 1, "{}", stderr(&o));
+    assert!(stderr(&o).contains("missing-tokens"), "{}", stderr(&o));
+
+    let mut child = qgjob(None, dir.path())
+        .args(["server", "--addr", "127.0.0.1:0", "--data-dir", data])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("server starts");
+    let out = child.stdout.take().expect("stdout");
+    let _first = Proc(child);
+    let mut line = String::new();
+    BufReader::new(out)
+        .read_line(&mut line)
+        .expect("first line");
+    assert!(line.starts_with("qgjob server listening on "), "{line:?}");
+
+    let o = run(
+        None,
+        dir.path(),
+        &["server", "--addr", "127.0.0.1:0", "--data-dir", data],
+    );
+    assert_eq!(code(&o), 3, "{}", stderr(&o));
+    assert!(stdout(&o).is_empty(), "{}", stdout(&o));
+    assert_eq!(stderr(&o).lines().count(), 1, "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("is in use by another qgjob server"),
+        "{}",
+        stderr(&o)
+    );
+}
+
 #[test]
 fn config_file_names_the_server() {
     let dir = project();

@@ -80,7 +80,11 @@ pub fn server(a: &ServerArgs) -> Result<u8> {
     init_logs("info");
     let rt = runtime()?;
     rt.block_on(qgjob_http::run_server(opts))
-        .map_err(|e| CliError::Other(format!("server: {e}")))?;
+        .map_err(|e| match e {
+            // A flag or file to fix: a usage error, exit 2.
+            qgjob_http::ServerError::Config(m) => CliError::Usage(format!("server: {m}")),
+            e => CliError::Other(format!("server: {e}")),
+        })?;
     Ok(EXIT_OK)
 }
 

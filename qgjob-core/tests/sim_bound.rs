@@ -57,7 +57,7 @@ fn for_each_order(a: &mut [usize], f: &mut impl FnMut(&[usize])) {
         }
         for i in 0..k {
             go(a, k - 1, f);
-            let j = if k % 2 == 0 { i } else { 0 };
+            let j = if k.is_multiple_of(2) { i } else { 0 };
             a.swap(j, k - 1);
         }
     }

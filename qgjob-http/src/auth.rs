@@ -74,7 +74,8 @@ impl TokenSpec {
 
     /// Reads a tokens file (one [`TokenSpec::parse_line`] per line).
     pub fn load_file(path: &Path) -> Result<Vec<TokenSpec>, ServerError> {
-        let text = std::fs::read_to_string(path)?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ServerError::Config(format!("tokens file {}: {e}", path.display())))?;
         let mut out = Vec::new();
         for (i, line) in text.lines().enumerate() {
             match TokenSpec::parse_line(line) {

@@ -249,4 +249,7 @@ pub enum ServerError {
     /// The configuration is not usable.
     #[error("configuration error: {0}")]
     Config(String),
+    /// The store cannot be had: another server holds it, or its database is unreachable.
+    #[error("{0}")]
+    Unavailable(String),
 }

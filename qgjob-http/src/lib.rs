@@ -39,8 +39,13 @@
 //!   `--store memory`); the build registry maps (org, app version) to a digest.
 //! - **Store trait**: [`store::Store`], implemented by [`store::SqliteStore`] (default),
 //!   [`store::PgStore`] (PostgreSQL) and [`store::MemoryStore`]; one generic test suite runs
-//!   against all three. Several servers on one PostgreSQL database are not supported yet:
-//!   each server holds its own scheduler in memory.
+//!   against all three. Several servers on one store are not supported: each holds its own
+//!   scheduler in memory. A server therefore locks its data dir (`DATA_DIR/lock`) and, on
+//!   PostgreSQL, takes an advisory lock on the store's schema; a second server on the same
+//!   store is refused before it listens ([`ServerError::Unavailable`]).
+//! - **Start-up order**: [`run_server`] binds, opens and locks the store, loads the tokens
+//!   and restores the scheduler, and only then prints its `listening` line, so a script or
+//!   supervisor waiting for that line never sees a server that is about to fail.
 //!
 //! # Known limits
 //!
@@ -222,34 +227,120 @@ enum Closer {
     Postgres(PgStore),
 }
 
-async fn open_store(
-    opts: &ServerOptions,
-) -> Result<(Arc<dyn Store>, Blobs, Option<Closer>), ServerError> {
-    let data_dir = || -> Result<PathBuf, ServerError> {
-        let dir = opts
-            .data_dir
-            .clone()
-            .unwrap_or_else(|| PathBuf::from("./qgjob-data"));
-        std::fs::create_dir_all(&dir)?;
-        Ok(dir)
-    };
+/// What keeps a second server off this one's state until this one stops: a lock on the
+/// data dir, and on PostgreSQL also a lock in the database. Two servers on one store would
+/// each restore their own scheduler and hand out the same sequence numbers, so one's
+/// acknowledged jobs would overwrite the other's.
+#[derive(Default)]
+struct Guards {
+    _dir: Option<std::fs::File>,
+    _pg: Option<store::PgLock>,
+}
+
+/// The store, artifacts, what to close and what to hold while serving.
+struct Opened {
+    store: Arc<dyn Store>,
+    blobs: Blobs,
+    closer: Option<Closer>,
+    guards: Guards,
+}
+
+/// Creates the data dir and takes its lock (`DATA_DIR/lock`), which the OS releases when
+/// the server exits, however it exits.
+fn lock_data_dir(opts: &ServerOptions) -> Result<(PathBuf, std::fs::File), ServerError> {
+    let dir = opts
+        .data_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("./qgjob-data"));
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| ServerError::Config(format!("data dir {}: {e}", dir.display())))?;
+    let path = dir.join("lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| ServerError::Config(format!("data dir {}: {e}", dir.display())))?;
+    match file.try_lock() {
+        Ok(()) => Ok((dir, file)),
+        Err(std::fs::TryLockError::WouldBlock) => Err(ServerError::Unavailable(format!(
+            "data dir {} is in use by another qgjob server (stop it, or give this one its own --data-dir)",
+            dir.display()
+        ))),
+        Err(std::fs::TryLockError::Error(e)) => Err(ServerError::Io(e)),
+    }
+}
+
+/// The database URL without its password, for messages.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => format!("{}{}", &url[..s + 3], &url[at + 1..]),
+        _ => url.to_string(),
+    }
+}
+
+async fn open_store(opts: &ServerOptions) -> Result<Opened, ServerError> {
     match opts.store {
-        StoreKind::Memory => Ok((Arc::new(MemoryStore::new()), Blobs::memory(), None)),
+        StoreKind::Memory => Ok(Opened {
+            store: Arc::new(MemoryStore::new()),
+            blobs: Blobs::memory(),
+            closer: None,
+            guards: Guards::default(),
+        }),
         StoreKind::Sqlite => {
-            let dir = data_dir()?;
+            let (dir, lock) = lock_data_dir(opts)?;
             let db = SqliteStore::open(&dir.join("qgjob.sqlite3"), opts.synchronous).await?;
             let blobs = Blobs::dir(dir.join("artifacts"))?;
-            Ok((Arc::new(db.clone()), blobs, Some(Closer::Sqlite(db))))
+            Ok(Opened {
+                store: Arc::new(db.clone()),
+                blobs,
+                closer: Some(Closer::Sqlite(db)),
+                guards: Guards {
+                    _dir: Some(lock),
+                    _pg: None,
+                },
+            })
         }
         StoreKind::Postgres => {
             let url = opts.postgres_url.as_deref().ok_or_else(|| {
                 ServerError::Config("the postgres store needs a database URL".into())
             })?;
-            let db = PgStore::connect(url, None).await?;
-            let blobs = Blobs::dir(data_dir()?.join("artifacts"))?;
-            Ok((Arc::new(db.clone()), blobs, Some(Closer::Postgres(db))))
+            let (dir, lock) = lock_data_dir(opts)?;
+            let db = PgStore::connect(url, None).await.map_err(|e| {
+                ServerError::Unavailable(format!("PostgreSQL at {}: {e}", redact(url)))
+            })?;
+            let pg = db.lock_exclusive().await?.ok_or_else(|| {
+                ServerError::Unavailable(format!(
+                    "the PostgreSQL store at {} is in use by another qgjob server",
+                    redact(url)
+                ))
+            })?;
+            let blobs = Blobs::dir(dir.join("artifacts"))?;
+            Ok(Opened {
+                store: Arc::new(db.clone()),
+                blobs,
+                closer: Some(Closer::Postgres(db)),
+                guards: Guards {
+                    _dir: Some(lock),
+                    _pg: Some(pg),
+                },
+            })
         }
     }
+}
+
+/// A fresh random value from the standard library's per-process hash keys (seeded by the
+/// OS), mixed with the clock: job ids of two server runs must not repeat each other.
+fn entropy() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.write_u32(std::process::id());
+    h.finish()
 }
 
 /// Whether the server runs open (no auth): only with no tokens at all, and only on a
@@ -276,7 +367,22 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
     let local = listener.local_addr()?;
-    let (store, blobs, closer) = open_store(&opts).await?;
+    let ready = prepare(local, opts).await?;
+    run_prepared(listener, ready, shutdown).await
+}
+
+/// A server whose store is open and locked and whose scheduler is restored: everything
+/// that can fail on a bad configuration has been checked.
+struct Prepared {
+    sched: GroupedScheduler,
+    opened: Opened,
+    auth: Auth,
+    limits: Limits,
+}
+
+async fn prepare(local: SocketAddr, mut opts: ServerOptions) -> Result<Prepared, ServerError> {
+    let opened = open_store(&opts).await?;
+    let store = &opened.store;
 
     // Tokens: configured ones plus those created through the admin API earlier.
     let mut records = Vec::new();
@@ -309,20 +415,40 @@ pub async fn serve(
         }
     }
     let restored = jobs.len();
+    // The scheduler is deterministic for a given seed; a server wants ids no earlier run
+    // of it handed out, so each start gets a fresh one.
+    opts.scheduler.seed ^= entropy();
     let mut sched = GroupedScheduler::restore(opts.scheduler.clone(), jobs)?;
     // Leases of jobs not restored (finished long ago) must not be issued again.
     sched.reserve_lease_ids_through(LeaseId(store.lease_high_water().await?));
     tracing::info!(jobs = restored, addr = %local, "scheduler restored from the store");
-
-    let (sd_tx, sd_rx) = tokio::sync::watch::channel(false);
-    let (state, bg) = App::start(
+    Ok(Prepared {
         sched,
+        auth: Auth::new(records, open),
+        limits: opts.limits,
+        opened,
+    })
+}
+
+async fn run_prepared(
+    listener: TcpListener,
+    ready: Prepared,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    let Prepared {
+        sched,
+        opened,
+        auth,
+        limits,
+    } = ready;
+    let Opened {
         store,
         blobs,
-        Auth::new(records, open),
-        opts.limits,
-        sd_rx,
-    );
+        closer,
+        guards,
+    } = opened;
+    let (sd_tx, sd_rx) = tokio::sync::watch::channel(false);
+    let (state, bg) = App::start(sched, store, blobs, auth, limits, sd_rx);
     let router = app(state.clone());
     let res = axum::serve(listener, router)
         .with_graceful_shutdown(async move {
@@ -337,6 +463,8 @@ pub async fn serve(
         Some(Closer::Postgres(db)) => db.close().await,
         None => {}
     }
+    // Only now may another server open this store.
+    drop(guards);
     tracing::info!("server stopped");
     res.map_err(ServerError::Io)
 }
@@ -352,14 +480,18 @@ pub async fn run_server(opts: ServerOptions) -> Result<(), ServerError> {
         )
         .with_writer(std::io::stderr)
         .try_init();
-    let listener = TcpListener::bind(opts.addr).await?;
+    let listener = TcpListener::bind(opts.addr)
+        .await
+        .map_err(|e| ServerError::Config(format!("cannot listen on {}: {e}", opts.addr)))?;
     let addr = listener.local_addr()?;
+    // Announce only a server that will serve: the store is open and the config checked.
+    let ready = prepare(addr, opts).await?;
     {
         let mut out = std::io::stdout().lock();
         writeln!(out, "qgjob server listening on http://{addr}")?;
         out.flush()?;
     }
-    serve(listener, opts, shutdown_signal()).await
+    run_prepared(listener, ready, shutdown_signal()).await
 }
 
 /// Resolves on ctrl-c or SIGTERM.

@@ -780,10 +780,28 @@ fn restart_restores_queue_order_and_running_leases() {
     restart_check(sqlite_opts(dir.path()));
 }
 
-/// The same restart check on PostgreSQL, in a fresh schema (no server answering at
-/// `QGJOB_TEST_PG_URL` fails the test unless `QGJOB_SKIP_PG=1` says to leave it out).
+/// The same restart check on PostgreSQL, in a fresh schema.
 #[test]
 fn restart_restores_from_postgres() {
+    with_pg_schema("restart test", |pg_url, dir| {
+        restart_check(pg_opts(pg_url, dir));
+    });
+}
+
+/// Options for a server on PostgreSQL at `pg_url` with its artifacts under `dir`.
+fn pg_opts(pg_url: &str, dir: &std::path::Path) -> ServerOptions {
+    ServerOptions {
+        store: qgjob_http::StoreKind::Postgres,
+        postgres_url: Some(pg_url.to_string()),
+        data_dir: Some(dir.to_path_buf()),
+        ..ServerOptions::default()
+    }
+}
+
+/// Runs `test` with the URL of a fresh PostgreSQL schema on `QGJOB_TEST_PG_URL` and a
+/// temporary dir, then drops the schema. No server answering fails the test unless
+/// `QGJOB_SKIP_PG=1` says to leave PostgreSQL out.
+fn with_pg_schema(what: &str, test: impl FnOnce(&str, &std::path::Path)) {
     let url = std::env::var("QGJOB_TEST_PG_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_string());
     let mut rnd = [0u8; 8];
@@ -796,7 +814,7 @@ fn restart_restores_from_postgres() {
     let made = rt.block_on(qgjob_http::store::PgStore::connect(&url, Some(&schema)));
     if let Err(e) = made {
         if std::env::var("QGJOB_SKIP_PG").is_ok_and(|v| v == "1") {
-            eprintln!("QGJOB_SKIP_PG=1: skipping the PostgreSQL restart test ({url}: {e})");
+            eprintln!("QGJOB_SKIP_PG=1: skipping the PostgreSQL {what} ({url}: {e})");
             return;
         }
         panic!(
@@ -805,13 +823,8 @@ fn restart_restores_from_postgres() {
         );
     }
     let dir = tempfile::tempdir().unwrap();
-    let opts = ServerOptions {
-        store: qgjob_http::StoreKind::Postgres,
-        postgres_url: Some(format!("{url}?options[search_path]={schema}")),
-        data_dir: Some(dir.path().to_path_buf()),
-        ..ServerOptions::default()
-    };
-    let res = std::panic::catch_unwind(|| restart_check(opts));
+    let pg_url = format!("{url}?options[search_path]={schema}");
+    let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| test(&pg_url, dir.path())));
     rt.block_on(async {
         if let Ok(pool) = sqlx::PgPool::connect(&url).await {
             let _ = sqlx::query(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
@@ -822,6 +835,75 @@ fn restart_restores_from_postgres() {
     if let Err(p) = res {
         std::panic::resume_unwind(p);
     }
+}
+
+/// Starts a server with `opts` and stops it at once: `Ok` when it could open its store.
+fn try_serve(opts: ServerOptions) -> Result<(), qgjob_http::ServerError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        qgjob_http::serve(listener, opts, async {}).await
+    })
+}
+
+/// Two servers on one store would each restore their own scheduler and hand out the same
+/// sequence numbers, so one's acknowledged jobs would overwrite the other's rows. The
+/// second is refused while the first runs, loses nothing of the first's, and starts once
+/// the first has stopped.
+fn one_server_per_store(first_opts: ServerOptions, second_opts: ServerOptions) {
+    let first = TestServer::start(first_opts.clone());
+    let c = first.client(None);
+    let id = submit(&c, "qualgent", "v1", "tests/a.spec.js");
+    let err = try_serve(second_opts).expect_err("a second server on the same store");
+    assert!(
+        matches!(err, qgjob_http::ServerError::Unavailable(_)),
+        "wrong error: {err}"
+    );
+    assert!(
+        err.to_string().contains("in use by another qgjob server"),
+        "{err}"
+    );
+    assert_eq!(job_state(&c, &id)["state"], "queued");
+    first.stop().unwrap();
+    let again = TestServer::start(first_opts);
+    assert_eq!(job_state(&again.client(None), &id)["state"], "queued");
+}
+
+#[test]
+fn a_data_dir_serves_one_server_at_a_time() {
+    let dir = tempfile::tempdir().unwrap();
+    one_server_per_store(sqlite_opts(dir.path()), sqlite_opts(dir.path()));
+}
+
+#[test]
+fn a_postgres_store_serves_one_server_at_a_time() {
+    with_pg_schema("lock test", |pg_url, dir| {
+        // Separate data dirs: the lock in the database is what stops the second.
+        let other = tempfile::tempdir().unwrap();
+        one_server_per_store(pg_opts(pg_url, dir), pg_opts(pg_url, other.path()));
+    });
+}
+
+/// The scheduler's id generator is seeded: a server seeds it afresh on every start, so
+/// the random part of job ids does not repeat from one run (or one server) to the next.
+#[test]
+fn job_ids_do_not_repeat_between_server_runs() {
+    let random_part = |id: &str| id[14..].to_string();
+    let first: Vec<String> = (0..2)
+        .map(|_| {
+            let s = TestServer::start(memory_opts());
+            random_part(&submit(
+                &s.client(None),
+                "qualgent",
+                "v1",
+                "tests/a.spec.js",
+            ))
+        })
+        .collect();
+    assert_ne!(first[0], first[1]);
 }
 
 fn restart_check(opts: ServerOptions) {

@@ -20,7 +20,7 @@ use qgjob_core::{AppVersionId, Job, JobFilter, JobId, OrgId, RunId, Time};
 use serde::{Deserialize, Serialize};
 
 pub use memory::MemoryStore;
-pub use postgres::PgStore;
+pub use postgres::{PgLock, PgStore};
 pub use sqlite::{SqliteStore, Synchronous};
 
 /// A store operation failed.

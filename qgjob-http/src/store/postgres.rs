@@ -68,7 +68,27 @@ pub struct PgStore {
     pool: PgPool,
 }
 
+/// Holds a PostgreSQL session-level advisory lock on the store's schema: while one server
+/// holds it, no other can open the same store (their schedulers would hand out the same
+/// sequence numbers). Dropping it closes its connection, which releases the lock.
+#[derive(Debug)]
+pub struct PgLock {
+    _conn: sqlx::PgConnection,
+}
+
 impl PgStore {
+    /// Takes the store's exclusive lock on a connection of its own, or `Ok(None)` when
+    /// another session holds it.
+    pub async fn lock_exclusive(&self) -> Result<Option<PgLock>, StoreError> {
+        let mut conn = self.pool.acquire().await?.detach();
+        let got: bool = sqlx::query_scalar(
+            "SELECT pg_try_advisory_lock(hashtext('qgjob:' || current_schema()))",
+        )
+        .fetch_one(&mut conn)
+        .await?;
+        Ok(got.then_some(PgLock { _conn: conn }))
+    }
+
     /// Connects to `url` (e.g. `postgres://postgres@127.0.0.1:5432/qgjob`), using `schema`
     /// when given (created if missing), and creates the tables if needed.
     pub async fn connect(url: &str, schema: Option<&str>) -> Result<Self, StoreError> {
@@ -89,8 +109,11 @@ impl PgStore {
             admin.close().await;
             opts = opts.options([("search_path", s)]);
         }
+        // Fail in seconds, not the default half minute, when the database is unreachable:
+        // the server opens its store before it listens.
         let pool = PgPoolOptions::new()
             .max_connections(8)
+            .acquire_timeout(std::time::Duration::from_secs(10))
             .connect_with(opts)
             .await?;
         sqlx::query(SCHEMA[0]).execute(&pool).await?;
