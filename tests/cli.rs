@@ -2,6 +2,7 @@
 //! port 0) and `qgjob agent --simulate` children (simulated devices, named as such), driven
 //! through the same commands a user types.
 
+use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{ChildStdout, Command, Output, Stdio};
@@ -218,6 +219,14 @@ fn wait_exit_codes_and_junit() {
     );
     assert_eq!(code(&o), 1, "{}{}", stdout(&o), stderr(&o));
     assert!(stdout(&o).contains("failed"));
+    // `status --watch` ends with the same code.
+    let o = run(
+        Some(&url),
+        dir.path(),
+        &["status", &format!("--job-id={bad}"), "--watch"],
+    );
+    assert_eq!(code(&o), 1, "{}{}", stdout(&o), stderr(&o));
+    assert_eq!(stdout(&o).lines().last(), Some("failed"), "{}", stdout(&o));
 
     // 3: no device serves `device`, so waiting times out...
     let stuck = submit(&["--target=device"]);
@@ -476,6 +485,40 @@ fn glob_submits_a_run_and_json_shapes_are_stable() {
         3,
         "{out}"
     );
+    // The next page: the hint (on stderr, out of the table's way) names the cursor.
+    let hint = stderr(&o);
+    let cursor = hint
+        .split("--cursor=")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no cursor in {hint:?}"));
+    let o = run(
+        Some(&url),
+        dir.path(),
+        &[
+            "list",
+            "--state=passed",
+            "--limit=3",
+            &format!("--cursor={cursor}"),
+        ],
+    );
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let first: BTreeSet<&str> = out
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split(' ').next())
+        .collect();
+    let second = stdout(&o);
+    let second: Vec<&str> = second
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split(' ').next())
+        .collect();
+    assert!(!second.is_empty(), "{}", stdout(&o));
+    assert!(
+        second.iter().all(|id| !first.contains(id)),
+        "{first:?} {second:?}"
+    );
 }
 
 #[test]
@@ -508,6 +551,22 @@ fn unreachable_server_and_bad_input_give_clean_errors() {
         vec!["status"],
         vec!["frobnicate"],
         vec!["server", "--addr", "127.0.0.1:0", "--store", "postgres"],
+        // An empty --test would otherwise submit every spec under the project.
+        vec!["submit", "--org-id=a", "--app-version-id=b", "--test="],
+        vec![
+            "submit",
+            "--org-id=a",
+            "--app-version-id=b",
+            "--test=x",
+            "--max-attempts=0",
+        ],
+        // Local files the user named: input errors too.
+        vec!["simulate", "--workload", "missing.json"],
+        vec![
+            "wait",
+            "--job-id=0193a000-0000-7000-8000-000000000001",
+            "--junit=missing-dir/report.xml",
+        ],
     ] {
         let o = run(None, dir.path(), &args);
         assert_eq!(code(&o), 2, "{args:?}: {}", stderr(&o));
@@ -642,6 +701,15 @@ fn config_file_names_the_server() {
         "{}",
         stderr(&o)
     );
+    // So is a file QGJOB_CONFIG names that is not there.
+    let o = qgjob(None, dir.path())
+        .env("QGJOB_CONFIG", dir.path().join("nowhere.toml"))
+        .args(["list"])
+        .output()
+        .expect("runs");
+    assert_eq!(code(&o), 2, "{}", stderr(&o));
+    assert_eq!(stderr(&o).lines().count(), 1, "{}", stderr(&o));
+    assert!(stderr(&o).contains("nowhere.toml"), "{}", stderr(&o));
     // A flag beats the file.
     let o = qgjob(None, dir.path())
         .env("QGJOB_CONFIG", &cfg)

@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+mod common;
+
 /// A `qgjob server` child process and the address it printed.
 struct Server {
     child: Child,
@@ -21,8 +23,12 @@ struct Server {
 }
 
 fn start_server(data: &Path) -> Server {
+    start_server_on(data, "127.0.0.1:0")
+}
+
+fn start_server_on(data: &Path, addr: &str) -> Server {
     let mut child = Command::new(env!("CARGO_BIN_EXE_qgjob"))
-        .args(["server", "--addr", "127.0.0.1:0", "--data-dir"])
+        .args(["server", "--addr", addr, "--data-dir"])
         .arg(data)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -302,4 +308,80 @@ fn acknowledged_jobs_survive_kill_9_and_then_finish() {
     .unwrap();
     let status = server.child.wait().unwrap();
     assert!(status.success(), "server exit status {status}");
+}
+
+/// `wait` and `status --watch` outlive a server restart: the server is durable, so they
+/// reconnect (saying so once on stderr) and report the job's end as if nothing happened.
+#[test]
+fn wait_and_watch_reconnect_across_a_server_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    // The same address before and after the restart: take a free port and give it back.
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .to_string();
+    let mut server = start_server_on(&data, &addr);
+    let base = server.base.clone();
+    let (st, v) = post(
+        &agent(),
+        &format!("{base}/v1/jobs"),
+        &json!({"org_id": "acme", "app_version_id": "v1", "tests": ["tests/a.spec.js"]}),
+    )
+    .expect("server answers");
+    assert_eq!(st, 201, "{v}");
+    let id = v["job_id"].as_str().expect("job id").to_string();
+
+    let follow = |args: &[&str]| {
+        common::Proc(
+            common::qgjob(Some(&base), dir.path())
+                .args(args)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("qgjob runs"),
+        )
+    };
+    let mut waiting = follow(&["wait", &format!("--job-id={id}"), "--timeout=120s"]);
+    let mut watching = follow(&["status", &format!("--job-id={id}"), "--watch"]);
+    std::thread::sleep(Duration::from_secs(1));
+
+    server.child.kill().expect("SIGKILL");
+    server.child.wait().expect("reaped");
+    std::thread::sleep(Duration::from_secs(1));
+    let mut server = start_server_on(&data, &addr);
+    let _agent = common::start_agent(&server.base, dir.path(), "emulator", &[]);
+
+    for (what, p) in [("wait", &mut waiting), ("status --watch", &mut watching)] {
+        let t0 = Instant::now();
+        let status = loop {
+            if let Some(s) = p.0.try_wait().expect("try_wait") {
+                break s;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(90),
+                "{what} did not finish"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let mut out = String::new();
+        let mut err = String::new();
+        use std::io::Read as _;
+        p.0.stdout
+            .take()
+            .expect("stdout")
+            .read_to_string(&mut out)
+            .unwrap();
+        p.0.stderr
+            .take()
+            .expect("stderr")
+            .read_to_string(&mut err)
+            .unwrap();
+        assert_eq!(status.code(), Some(0), "{what}: {out}{err}");
+        assert!(out.contains("passed"), "{what}: {out}");
+        assert!(err.contains("reconnecting"), "{what}: {err}");
+        assert_eq!(err.lines().count(), 1, "{what}: {err}");
+    }
+    server.child.kill().ok();
+    server.child.wait().ok();
 }

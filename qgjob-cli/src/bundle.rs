@@ -211,7 +211,7 @@ pub fn pack(root: &Path, tests: &[String]) -> Result<Bundle> {
     tar.mode(tar::HeaderMode::Deterministic);
     for f in &files {
         let path = root.join(f);
-        let data = std::fs::read(&path).map_err(|e| CliError::io(format!("reading {f}"), e))?;
+        let data = std::fs::read(&path).map_err(|e| CliError::input(format!("reading {f}"), e))?;
         let mut h = tar::Header::new_gnu();
         h.set_size(data.len() as u64);
         h.set_mode(0o644);

@@ -127,7 +127,8 @@ pub struct SubmitArgs {
     pub app_version_id: String,
     /// A spec file, folder or glob (repeatable), relative to the current directory (the
     /// project root).
-    #[arg(long = "test", value_name = "PATH|GLOB", required = true)]
+    #[arg(long = "test", value_name = "PATH|GLOB", required = true,
+          value_parser = clap::builder::NonEmptyStringValueParser::new())]
     pub tests: Vec<String>,
     /// Priority, -1000..1000 (higher runs sooner).
     #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
@@ -135,8 +136,9 @@ pub struct SubmitArgs {
     /// Device pool: emulator, device or browserstack.
     #[arg(long, default_value = "emulator", value_parser = target)]
     pub target: String,
-    /// Attempts allowed for infrastructure failures.
-    #[arg(long, value_name = "N")]
+    /// Attempts allowed for infrastructure failures (1 to 20).
+    #[arg(long, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(qgjob_core::MAX_ATTEMPTS_LIMIT)))]
     pub max_attempts: Option<u32>,
     /// Per-attempt timeout (e.g. 90s, 10m).
     #[arg(long, value_parser = duration, value_name = "DURATION")]
@@ -240,6 +242,10 @@ pub struct ListArgs {
     /// At most this many jobs (1..1000).
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u16).range(1..=1000))]
     pub limit: u16,
+    /// Start after this cursor: the `next_cursor` of the previous page (jobs come in
+    /// submission order).
+    #[arg(long, value_name = "CURSOR")]
+    pub cursor: Option<String>,
     /// Print JSON (the server's page: {"jobs": [...], "next_cursor": ...}).
     #[arg(long)]
     pub json: bool,

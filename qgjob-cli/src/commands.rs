@@ -207,8 +207,19 @@ pub fn wait_final_with(
                 .unwrap_or_default(),
         )
     };
+    let mut link = Reconnect::default();
     loop {
-        let (status, jobs) = fetch(client, which)?;
+        let (status, jobs) = match fetch(client, which) {
+            Ok(x) => {
+                link.reached();
+                x
+            }
+            Err(e @ CliError::Unreachable { .. }) => {
+                link.pause(e, deadline, timed_out)?;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         if all_final(&jobs) {
             return Ok((status, jobs));
         }
@@ -226,11 +237,16 @@ pub fn wait_final_with(
                     Ok(Some(ev)) if !is_run && ev.state.is_final() => break,
                     Ok(Some(ev)) => progress(&[], Some(&ev)),
                     Ok(None) => break,
-                    Err(e @ CliError::Unreachable { .. }) if deadline.is_none() => return Err(e),
+                    // A broken stream (server restart, proxy): the fetch above decides
+                    // whether to reconnect.
                     Err(_) => break,
                 }
             },
-            Err(e @ (CliError::Unreachable { .. } | CliError::Api { .. })) => {
+            Err(e @ CliError::Unreachable { .. }) => {
+                link.pause(e, deadline, timed_out)?;
+                continue;
+            }
+            Err(e @ CliError::Api { .. }) => {
                 if deadline.is_some_and(|d| Instant::now() >= d) {
                     return Err(timed_out());
                 }
@@ -247,6 +263,57 @@ pub fn wait_final_with(
         }
         // The stream ended without the final state (server restart, proxy): re-check soon.
         std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// How long `wait` and `status --watch` keep trying to reach a server they were talking to
+/// (a restart, a deploy): the server is durable, so the job is still there when it is back.
+const RECONNECT_GRACE: Duration = Duration::from_secs(120);
+
+/// Reconnection state of a command that follows a job or run.
+#[derive(Default)]
+struct Reconnect {
+    /// Whether the server answered at least once: a wrong address fails at once.
+    reached: bool,
+    /// Since when it has not answered.
+    lost: Option<Instant>,
+    /// Whether the user was told we are reconnecting.
+    noted: bool,
+}
+
+impl Reconnect {
+    fn reached(&mut self) {
+        self.reached = true;
+        self.lost = None;
+        self.noted = false;
+    }
+
+    /// After `e` (the server did not answer): waits a little and returns `Ok` to try again,
+    /// or gives up with `e` (never reached, or lost for [`RECONNECT_GRACE`]) or with
+    /// `timed_out()` once the deadline has passed.
+    fn pause(
+        &mut self,
+        e: CliError,
+        deadline: Option<Instant>,
+        timed_out: impl Fn() -> CliError,
+    ) -> Result<()> {
+        if !self.reached {
+            return Err(e);
+        }
+        let now = Instant::now();
+        if deadline.is_some_and(|d| now >= d) {
+            return Err(timed_out());
+        }
+        let since = *self.lost.get_or_insert(now);
+        if now.duration_since(since) >= RECONNECT_GRACE {
+            return Err(e);
+        }
+        if !self.noted {
+            eprintln!("note: {e}; reconnecting");
+            self.noted = true;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        Ok(())
     }
 }
 
@@ -274,6 +341,15 @@ fn write_github(title: &str, jobs: &[Job]) -> Result<()> {
 
 /// `qgjob wait`.
 pub fn wait(client: &Client, a: &WaitArgs) -> Result<u8> {
+    // A report path that cannot be written should fail now, not after a long wait.
+    if let Some(dir) = a.junit.as_deref().and_then(Path::parent) {
+        if !dir.as_os_str().is_empty() && !dir.is_dir() {
+            return Err(CliError::Usage(format!(
+                "--junit: folder {} does not exist",
+                dir.display()
+            )));
+        }
+    }
     // A live bar for runs on a terminal; CI logs and --json get nothing extra.
     let mut bar: Option<indicatif::ProgressBar> = None;
     let mut states: std::collections::HashMap<qgjob_core::JobId, JobState> =
@@ -319,10 +395,6 @@ pub fn wait(client: &Client, a: &WaitArgs) -> Result<u8> {
         (_, Some(r)) => format!("run {r}"),
         _ => String::new(),
     };
-    if let Some(path) = &a.junit {
-        std::fs::write(path, report::junit_xml(&title, &jobs))
-            .map_err(|e| CliError::io(format!("writing {}", path.display()), e))?;
-    }
     let code = report::exit_code(&jobs);
     if a.json {
         let mut v = serde_json::json!({
@@ -345,6 +417,11 @@ pub fn wait(client: &Client, a: &WaitArgs) -> Result<u8> {
         write_github(&title, &jobs)?;
         let id = a.which.run_id.as_deref().or(a.which.job_id.as_deref());
         write_github_outputs(id, &jobs)?;
+    }
+    // Last, so that the summary is printed even when the report cannot be written.
+    if let Some(path) = &a.junit {
+        std::fs::write(path, report::junit_xml(&title, &jobs))
+            .map_err(|e| CliError::input(format!("writing {}", path.display()), e))?;
     }
     Ok(code)
 }
@@ -498,10 +575,30 @@ fn watch(client: &Client, a: &StatusArgs) -> Result<u8> {
     };
     let mut last: std::collections::HashMap<qgjob_core::JobId, (JobState, u32)> =
         std::collections::HashMap::new();
+    let mut link = Reconnect::default();
+    let no_deadline = || CliError::Timeout(String::new());
     loop {
-        let mut stream = client.events(&id, is_run, None)?;
+        let mut stream = match client.events(&id, is_run, None) {
+            Ok(s) => {
+                link.reached();
+                s
+            }
+            Err(e @ CliError::Unreachable { .. }) => {
+                link.pause(e, None, no_deadline)?;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         let mut ended = false;
-        while let Some(ev) = stream.next_event()? {
+        loop {
+            let ev = match stream.next_event() {
+                Ok(Some(ev)) => ev,
+                Ok(None) => break,
+                // A broken stream (server restart): reconnect below; states already
+                // printed are not printed again.
+                Err(CliError::Unreachable { .. }) => break,
+                Err(e) => return Err(e),
+            };
             if last.get(&ev.job_id) == Some(&(ev.state, ev.attempt)) {
                 continue;
             }
@@ -547,7 +644,14 @@ fn watch(client: &Client, a: &StatusArgs) -> Result<u8> {
             }
         }
         // The stream ended: make sure everything is final (reconnect if not).
-        let (status, jobs) = fetch(client, &a.which)?;
+        let (status, jobs) = match fetch(client, &a.which) {
+            Ok(x) => x,
+            Err(e @ CliError::Unreachable { .. }) => {
+                link.pause(e, None, no_deadline)?;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         if ended || all_final(&jobs) {
             if let Some(pb) = &bar {
                 pb.finish_and_clear();
@@ -562,7 +666,8 @@ fn watch(client: &Client, a: &StatusArgs) -> Result<u8> {
                 // The final event came before we connected: print the final state.
                 out!("{status}");
             }
-            return Ok(EXIT_OK);
+            // Like `wait`: 0 all passed, 1 a test failed, 3 error or canceled.
+            return Ok(report::exit_code(&jobs));
         }
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -579,7 +684,7 @@ pub fn list(client: &Client, a: &ListArgs) -> Result<u8> {
         app_version_id: a.app_version_id.clone(),
         target: a.target.clone(),
         run_id: a.run_id.clone(),
-        cursor: None,
+        cursor: a.cursor.clone(),
         limit: Some(a.limit as usize),
     })?;
     if a.json {
@@ -638,8 +743,9 @@ pub fn list(client: &Client, a: &ListArgs) -> Result<u8> {
     for r in &rows {
         out!("{}", fmt(r, true));
     }
-    if page.next_cursor.is_some() {
-        out!("(more jobs: raise --limit or filter)");
+    if let Some(next) = &page.next_cursor {
+        // On stderr: scripts read the table.
+        eprintln!("(more jobs: add --cursor={next} for the next page, or filter)");
     }
     Ok(EXIT_OK)
 }
@@ -651,7 +757,13 @@ pub fn cancel(client: &Client, a: &CancelArgs) -> Result<u8> {
         if a.json {
             print_json(&r)?;
         } else {
-            out!("job {} {}", r.job_id, r.result);
+            // `requested`: the job is running; its agent stops it at its next heartbeat.
+            let what = if r.result == "requested" {
+                "cancel requested (its agent stops it at the next heartbeat)"
+            } else {
+                r.result.as_str()
+            };
+            out!("job {} {what}", r.job_id);
         }
     } else if let Some(id) = &a.which.run_id {
         let r = client.cancel_run(id)?;
@@ -701,7 +813,7 @@ pub fn app_upload(client: &Client, a: &AppUploadArgs) -> Result<u8> {
     OrgId::new(a.org_id.clone()).map_err(invalid)?;
     AppVersionId::new(a.app_version_id.clone()).map_err(invalid)?;
     let bytes = std::fs::read(&a.file)
-        .map_err(|e| CliError::io(format!("reading {}", a.file.display()), e))?;
+        .map_err(|e| CliError::input(format!("reading {}", a.file.display()), e))?;
     let r = client.upload_app(&a.org_id, &a.app_version_id, &bytes)?;
     if a.json {
         print_json(&r)?;

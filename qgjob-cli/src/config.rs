@@ -55,16 +55,26 @@ pub fn parse_config(text: &str, json: bool) -> std::result::Result<FileConfig, S
     }
 }
 
-/// Reads the config file if there is one. A missing file is fine; a malformed one is an
-/// error (silently ignoring it would send jobs to the wrong server).
+/// Reads the config file if there is one. A missing default file is fine; a file named by
+/// `QGJOB_CONFIG` that is missing, or a malformed one, is an error (silently ignoring it
+/// would send jobs to the wrong server).
 pub fn load_file() -> Result<FileConfig> {
     let Some(path) = config_path() else {
         return Ok(FileConfig::default());
     };
+    let named = std::env::var_os("QGJOB_CONFIG").is_some_and(|p| !p.is_empty());
     let text = match std::fs::read_to_string(&path) {
         Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(FileConfig::default()),
-        Err(e) => return Err(CliError::io(format!("reading {}", path.display()), e)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !named => {
+            return Ok(FileConfig::default())
+        }
+        Err(e) => {
+            let from = if named { " (QGJOB_CONFIG)" } else { "" };
+            return Err(CliError::Usage(format!(
+                "config file {}{from}: {e}",
+                path.display()
+            )));
+        }
     };
     let json = path.extension().is_some_and(|e| e == "json");
     parse_config(&text, json)

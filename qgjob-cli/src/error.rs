@@ -67,6 +67,12 @@ impl CliError {
         }
     }
 
+    /// An I/O error on a path the user gave (a missing input file, an output in a folder
+    /// that does not exist): theirs to fix, so a usage error (exit 2).
+    pub fn input(context: impl std::fmt::Display, source: std::io::Error) -> Self {
+        CliError::Usage(format!("{context}: {source}"))
+    }
+
     /// Wraps an I/O error with what we were doing.
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
         CliError::Io {
@@ -95,6 +101,11 @@ mod tests {
         assert_eq!(api(503).exit_code(), EXIT_INFRA);
         assert_eq!(CliError::Usage("u".into()).exit_code(), EXIT_USAGE);
         assert_eq!(CliError::Timeout("1s".into()).exit_code(), EXIT_INFRA);
+        let missing = std::io::Error::from(std::io::ErrorKind::NotFound);
+        assert_eq!(
+            CliError::input("reading w.json", missing).exit_code(),
+            EXIT_USAGE
+        );
         let e = CliError::Unreachable {
             url: "http://h:1".into(),
             reason: "connection refused".into(),

@@ -85,7 +85,7 @@ pub fn simulate(a: &SimulateArgs) -> Result<u8> {
         ));
     };
     let text = std::fs::read_to_string(path)
-        .map_err(|e| CliError::io(format!("reading {}", path.display()), e))?;
+        .map_err(|e| CliError::input(format!("reading {}", path.display()), e))?;
     let w = Workload::from_json(&text)
         .map_err(|e| CliError::Usage(format!("{}: {e}", path.display())))?;
     let r = sim::run(&w, policy(a.policy))

@@ -312,7 +312,16 @@ where
         Some(s) => s
             .parse()
             .map(Some)
-            .map_err(|e| ApiError::invalid(field, format!("invalid {field}: {e}"))),
+            .map_err(|e: T::Err| {
+                // Some parse errors already say "invalid <field>: …"; don't say it twice.
+                let m = e.to_string();
+                let m = if m.starts_with("invalid ") {
+                    m
+                } else {
+                    format!("invalid {field}: {m}")
+                };
+                ApiError::invalid(field, m)
+            }),
     }
 }
 

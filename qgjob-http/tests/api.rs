@@ -589,6 +589,8 @@ fn error_statuses_have_the_json_shape() {
         (422, json!("state")),
         "{v}"
     );
+    let msg = v["error"]["message"].as_str().unwrap_or_default();
+    assert_eq!(msg.matches("invalid state").count(), 1, "{msg}");
     let (st, v) = c.get("/v1/jobs?limit=5000");
     assert_eq!(
         (st, v["error"]["field"].clone()),
