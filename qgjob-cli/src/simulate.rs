@@ -72,9 +72,9 @@ pub fn render(r: &Report) -> String {
 pub fn simulate(a: &SimulateArgs) -> Result<u8> {
     let mut out = std::io::stdout().lock();
     if let Some(shape) = &a.generate {
-        let shape: Shape = shape
-            .parse()
-            .map_err(|e: qgjob_core::InvalidSpec| CliError::Usage(e.message))?;
+        let shape: Shape = shape.parse().map_err(|e: qgjob_core::InvalidSpec| {
+            CliError::Usage(format!("--generate: {}", e.message))
+        })?;
         let w = sim::generate(shape, a.seed);
         let _ = writeln!(out, "{}", w.to_json());
         return Ok(EXIT_OK);

@@ -682,7 +682,7 @@ impl GroupedScheduler {
             self.finish(now, id, canceled_outcome("canceled while running"));
             return JobState::Canceled;
         }
-        let msg = format!("{:?}: {}", failure.kind, failure.message);
+        let msg = format!("{}: {}", failure.kind, failure.message);
         if j.attempt < j.spec.max_attempts {
             self.retry(now, id, Some(msg));
             JobState::Queued
@@ -1586,7 +1586,11 @@ mod tests {
         assert_eq!(l.jobs[0].attempt, 2);
         assert_eq!(s.fail(nb, l.id, job, failure), Ok(JobState::Error));
         let out = s.get(job).and_then(|j| j.outcome.clone()).expect("outcome");
-        assert!(out.error.unwrap_or_default().contains("adb"));
+        // Users read the kind in words, not the enum's name.
+        assert_eq!(
+            out.error.as_deref(),
+            Some("install failed: adb: device offline")
+        );
     }
 
     #[test]

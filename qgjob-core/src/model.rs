@@ -662,6 +662,26 @@ pub enum InfraErrorKind {
     Other,
 }
 
+impl InfraErrorKind {
+    /// The kind in words, as users read it in a job's error (`device lost: …`).
+    pub fn as_words(self) -> &'static str {
+        match self {
+            InfraErrorKind::DeviceLost => "device lost",
+            InfraErrorKind::InstallFailed => "install failed",
+            InfraErrorKind::Timeout => "timed out",
+            InfraErrorKind::LeaseExpired => "lease expired",
+            InfraErrorKind::RunnerCrashed => "test runner crashed",
+            InfraErrorKind::Other => "infrastructure error",
+        }
+    }
+}
+
+impl std::fmt::Display for InfraErrorKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_words())
+    }
+}
+
 /// An infrastructure failure as a device reports it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InfraFailure {

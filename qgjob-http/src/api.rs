@@ -309,19 +309,16 @@ where
 {
     match v.as_deref() {
         None | Some("") => Ok(None),
-        Some(s) => s
-            .parse()
-            .map(Some)
-            .map_err(|e: T::Err| {
-                // Some parse errors already say "invalid <field>: …"; don't say it twice.
-                let m = e.to_string();
-                let m = if m.starts_with("invalid ") {
-                    m
-                } else {
-                    format!("invalid {field}: {m}")
-                };
-                ApiError::invalid(field, m)
-            }),
+        Some(s) => s.parse().map(Some).map_err(|e: T::Err| {
+            // Some parse errors already say "invalid <field>: …"; don't say it twice.
+            let m = e.to_string();
+            let m = if m.starts_with("invalid ") {
+                m
+            } else {
+                format!("invalid {field}: {m}")
+            };
+            ApiError::invalid(field, m)
+        }),
     }
 }
 
@@ -430,7 +427,8 @@ pub async fn cancel_run(
 /// Query of `GET /v1/jobs/{job_id}/logs`.
 #[derive(Debug, Default, Deserialize)]
 pub struct LogQuery {
-    offset: Option<u64>,
+    // A string, parsed below, so that a bad value is a 422 naming the field like `limit`.
+    offset: Option<String>,
 }
 
 /// `GET /v1/jobs/{job_id}/logs`.
@@ -442,7 +440,8 @@ pub async fn job_logs(
 ) -> Result<Response, ApiError> {
     let Query(q) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
     let job = visible_job(&app, &caller, &id).await?;
-    let (bytes, size) = app.store.read_log(job.id, q.offset.unwrap_or(0)).await?;
+    let offset: u64 = opt_parse(&q.offset, "offset")?.unwrap_or(0);
+    let (bytes, size) = app.store.read_log(job.id, offset).await?;
     let mut resp = Response::new(Body::from(bytes));
     resp.headers_mut().insert(
         header::CONTENT_TYPE,

@@ -547,6 +547,12 @@ pub fn openapi_doc() -> Value {
             }
             None => {}
         }
+        if (*method, *path) == ("post", "/v1/jobs") {
+            // An idempotency key that matched answers 200 with the existing job.
+            let mut again = op["responses"][*ok].clone();
+            again["description"] = json!("already submitted under this idempotency key");
+            op["responses"]["200"] = again;
+        }
         if *auth != "none" {
             op["security"] = json!([{ "bearer": [] }]);
             op["x-qgjob-token"] = json!(auth);

@@ -613,6 +613,14 @@ fn error_statuses_have_the_json_shape() {
     );
     // Nothing above changed the job.
     assert_eq!(job_state(&c, &id)["state"], "running");
+    // A bad log offset is a 422 naming it, like a bad listing limit.
+    let logged = submit(&c, "qualgent", "v1", "tests/logged.spec.js");
+    let (st, v) = c.get(&format!("/v1/jobs/{logged}/logs?offset=abc"));
+    assert_eq!(
+        (st, v["error"]["field"].clone()),
+        (422, json!("offset")),
+        "{v}"
+    );
 }
 
 #[test]
@@ -1346,6 +1354,15 @@ fn openapi_schemas_resolve_and_match_real_answers() {
     }
     let (_, sub) = c.post("/v1/jobs", &spec("qualgent", "v1", "tests/a.spec.js"));
     conforms(&doc, "Submitted", &sub);
+    // Both documented answers of a submit: 201 created, 200 for a matched idempotency key.
+    for code in ["201", "200"] {
+        assert_eq!(
+            doc["paths"]["/v1/jobs"]["post"]["responses"][code]["content"]["application/json"]
+                ["schema"]["$ref"],
+            "#/components/schemas/Submitted",
+            "{code}"
+        );
+    }
     let id = sub["job_id"].as_str().unwrap();
     let (_, job) = c.get(&format!("/v1/jobs/{id}"));
     conforms(&doc, "Job", &job);
