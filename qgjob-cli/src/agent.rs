@@ -1,10 +1,15 @@
 //! `qgjob agent`: runs devices (simulated ones with `--simulate`) against a server through
-//! [`HttpLink`], until ctrl-c or SIGTERM.
+//! [`HttpLink`], until ctrl-c or SIGTERM (a second one stops at once).
+//!
+//! A device the server refuses to register (a missing or wrong token, a bad description)
+//! ends the command at once with that error (exit 2); an unreachable server is retried, with
+//! a warning now and then so the agent is not silent.
 
+use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use qgjob_core::agent::{Agent, AgentConfig, Shutdown};
+use qgjob_core::agent::{Agent, AgentConfig, AgentError, AgentStats, Shutdown};
 use qgjob_core::device::Device;
 use qgjob_core::simdevice::{SimDevice, SimDeviceConfig, SimOutcome};
 use qgjob_core::{DeviceId, Target};
@@ -117,6 +122,180 @@ pub async fn stop_signal() {
     }
 }
 
+/// Ctrl-c and SIGTERM, caught from the moment this is made (so one sent while the agent is
+/// busy stopping is not lost), one [`StopListener::recv`] per signal.
+struct StopListener {
+    #[cfg(unix)]
+    int: Option<tokio::signal::unix::Signal>,
+    #[cfg(unix)]
+    term: Option<tokio::signal::unix::Signal>,
+}
+
+impl StopListener {
+    /// Starts listening; must be called inside the runtime.
+    fn new() -> Self {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            StopListener {
+                int: signal(SignalKind::interrupt()).ok(),
+                term: signal(SignalKind::terminate()).ok(),
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            StopListener {}
+        }
+    }
+
+    /// Resolves at the next signal.
+    async fn recv(&mut self) {
+        #[cfg(unix)]
+        {
+            match (&mut self.int, &mut self.term) {
+                (Some(i), Some(t)) => {
+                    tokio::select! {
+                        _ = i.recv() => {}
+                        _ = t.recv() => {}
+                    }
+                }
+                (Some(i), None) => {
+                    let _ = i.recv().await;
+                }
+                (None, Some(t)) => {
+                    let _ = t.recv().await;
+                }
+                (None, None) => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+/// How the agent's run ended, as far as the command is concerned.
+enum Ended<T> {
+    /// The agent returned (after a shutdown, or on its own with an error).
+    Returned(T),
+    /// A second stop signal came while it was still finishing.
+    Forced,
+}
+
+/// Runs `run` until it returns or a stop signal arrives; then fires `stop` and waits for it
+/// to finish, unless a second signal asks to stop at once. `tick` runs every 200 ms
+/// meanwhile (for the banner and warnings).
+async fn run_until_stopped<T>(
+    run: impl Future<Output = T>,
+    stop: &Shutdown,
+    mut tick: impl FnMut(),
+) -> Ended<T> {
+    tokio::pin!(run);
+    let mut ticks = tokio::time::interval(Duration::from_millis(200));
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut signals = StopListener::new();
+    loop {
+        tokio::select! {
+            r = &mut run => return Ended::Returned(r),
+            () = signals.recv() => break,
+            _ = ticks.tick() => tick(),
+        }
+    }
+    eprintln!("qgjob agent: stopping (finishing running jobs; ctrl-c again to stop at once)");
+    stop.trigger();
+    // Keep listening: tokio catches SIGINT/SIGTERM for good once asked to, so without this
+    // a second signal would do nothing at all.
+    loop {
+        tokio::select! {
+            r = &mut run => return Ended::Returned(r),
+            () = signals.recv() => return Ended::Forced,
+            _ = ticks.tick() => tick(),
+        }
+    }
+}
+
+/// What the command says after a forced stop.
+fn forced() -> CliError {
+    CliError::Other(
+        "stopped at once: running jobs were abandoned (the server retries them when their \
+         leases expire)"
+            .into(),
+    )
+}
+
+/// An agent error as a command error: a refused registration is the operator's to fix (a
+/// token, a device description), so a usage error; anything else is infrastructure.
+fn agent_error(e: AgentError) -> CliError {
+    match e {
+        AgentError::Register { .. } => CliError::Usage(e.to_string()),
+        AgentError::Panicked(_) => CliError::Other(e.to_string()),
+    }
+}
+
+/// Watches an agent's counters from the command: prints the banner once every device has
+/// registered, and a warning (at most every [`Watch::WARN_EVERY`]) while requests to the
+/// server fail and are retried, so an agent waiting for its server is not silent.
+struct Watch {
+    stats: Arc<AgentStats>,
+    devices: u64,
+    banner: Option<String>,
+    errors_seen: u64,
+    last_warning: Option<Instant>,
+}
+
+impl Watch {
+    const WARN_EVERY: Duration = Duration::from_secs(10);
+
+    fn new(stats: Arc<AgentStats>, devices: u64, banner: Option<String>) -> Self {
+        Watch {
+            stats,
+            devices,
+            banner,
+            errors_seen: 0,
+            last_warning: None,
+        }
+    }
+
+    fn check(&mut self) {
+        let c = self.stats.snapshot();
+        if c.registrations >= self.devices {
+            if let Some(b) = self.banner.take() {
+                eprintln!("{b}");
+            }
+        }
+        if c.transport_errors > self.errors_seen
+            && self
+                .last_warning
+                .is_none_or(|t| t.elapsed() >= Self::WARN_EVERY)
+        {
+            let new = c.transport_errors - self.errors_seen;
+            let last = self.stats.last_error().unwrap_or_default();
+            let last = last.strip_prefix("transport error: ").unwrap_or(&last);
+            eprintln!(
+                "warning: {new} request{} to the server failed, retrying: {last}",
+                if new == 1 { "" } else { "s" }
+            );
+            self.errors_seen = c.transport_errors;
+            self.last_warning = Some(Instant::now());
+        }
+    }
+}
+
+/// Ends `rt` without waiting for its blocking threads: a long poll the agent abandoned on
+/// shutdown may hold one for up to its whole wait, and its answer is no longer wanted.
+/// `settle` is how long tasks still running may take to be dropped (real devices kill their
+/// test commands when dropped); zero when nothing is left that needs it.
+fn drop_runtime(rt: tokio::runtime::Runtime, settle: Duration) {
+    if settle.is_zero() {
+        rt.shutdown_background();
+    } else {
+        rt.shutdown_timeout(settle);
+    }
+}
+
 /// A multi-threaded runtime for the long-running commands.
 pub fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
@@ -171,31 +350,38 @@ pub fn agent(client: Client, a: &AgentArgs) -> Result<u8> {
     for d in devices {
         agent.add_device(d);
     }
-    eprintln!(
-        "qgjob agent {}: {} simulated {} device{} serving {base} (ctrl-c to stop)",
+    // Announced only once the server has taken every device: until then a refused token
+    // ends the command, and an unreachable server gets warnings instead.
+    let banner = format!(
+        "qgjob agent {}: {} simulated device{} for target {} serving {base} (ctrl-c to stop)",
         spec.name,
         spec.devices,
-        spec.target,
-        if spec.devices == 1 { "" } else { "s" }
+        if spec.devices == 1 { "" } else { "s" },
+        spec.target
     );
-    let counters = rt.block_on(async move {
+    let mut watch = Watch::new(agent.stats(), u64::from(spec.devices), Some(banner));
+    let ended = rt.block_on(async move {
         let shutdown = Shutdown::new();
-        let run = tokio::spawn(agent.run(shutdown.signal()));
-        stop_signal().await;
-        eprintln!("qgjob agent: stopping (finishing running jobs)");
-        shutdown.trigger();
-        run.await
+        let mut run = tokio::spawn(agent.run(shutdown.signal()));
+        let ended = run_until_stopped(&mut run, &shutdown, || watch.check()).await;
+        if matches!(ended, Ended::Forced) {
+            run.abort();
+        }
+        ended
     });
-    match counters {
-        Ok(Ok(c)) => {
+    // Simulated devices leave nothing behind, even when stopped at once.
+    drop_runtime(rt, Duration::ZERO);
+    match ended {
+        Ended::Returned(Ok(Ok(c))) => {
             eprintln!(
                 "qgjob agent: stopped after {} jobs ({} passed, {} failed, {} infra failures), {} installs",
                 c.jobs_run, c.passed, c.failed, c.infra_failures, c.installs
             );
             Ok(EXIT_OK)
         }
-        Ok(Err(e)) => Err(CliError::Other(e.to_string())),
-        Err(e) => Err(CliError::Other(format!("agent task failed: {e}"))),
+        Ended::Returned(Ok(Err(e))) => Err(agent_error(e)),
+        Ended::Returned(Err(e)) => Err(CliError::Other(format!("agent task failed: {e}"))),
+        Ended::Forced => Err(forced()),
     }
 }
 
@@ -223,7 +409,7 @@ fn real_agent(client: Client, a: &AgentArgs) -> Result<u8> {
     };
     let rt = runtime()?;
     eprintln!("qgjob agent {name}: {target} devices serving {base} (ctrl-c to stop)");
-    let res = rt.block_on(async move {
+    let ended = rt.block_on(async move {
         let shutdown = Shutdown::new();
         let run = run_real_agent(
             link,
@@ -235,16 +421,20 @@ fn real_agent(client: Client, a: &AgentArgs) -> Result<u8> {
             cfg,
             shutdown.signal(),
         );
-        tokio::pin!(run);
-        tokio::select! {
-            r = &mut run => r,
-            _ = stop_signal() => {
-                eprintln!("qgjob agent: stopping (finishing running jobs)");
-                shutdown.trigger();
-                run.await
-            }
-        }
+        // Dropping `run` on a forced stop drops its device tasks, and with them the test
+        // commands' process-group guards, which kill what is still running.
+        run_until_stopped(run, &shutdown, || {}).await
     });
+    let settle = if matches!(ended, Ended::Forced) {
+        Duration::from_secs(1)
+    } else {
+        Duration::ZERO
+    };
+    drop_runtime(rt, settle);
+    let res = match ended {
+        Ended::Returned(r) => r,
+        Ended::Forced => return Err(forced()),
+    };
     match res {
         Ok(c) => {
             eprintln!(
@@ -262,6 +452,7 @@ fn real_agent(client: Client, a: &AgentArgs) -> Result<u8> {
             | RealError::Invalid(_)
             | RealError::Cache(crate::real::cache::ArtifactError::InUse { .. })),
         ) => Err(CliError::Usage(e.to_string())),
+        Err(RealError::Agent(e)) => Err(agent_error(e)),
         Err(e) => Err(CliError::Other(e.to_string())),
     }
 }

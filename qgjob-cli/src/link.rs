@@ -39,6 +39,12 @@ pub fn link_error(e: CliError) -> LinkError {
             let _ = message;
             LinkError::Stale
         }
+        // A timeout or rate limit says "later", not "never": retry them like a 5xx.
+        CliError::Api {
+            status: 408 | 429, ..
+        } => LinkError::Transport(e.to_string()),
+        // Any other 4xx (a missing or wrong token, an unknown device, a bad request) comes
+        // back the same however often it is sent.
         CliError::Api {
             status, message, ..
         } if (400..500).contains(&status) => LinkError::Rejected(message),
@@ -130,6 +136,20 @@ mod tests {
             link_error(api(503, "unavailable")),
             LinkError::Transport(_)
         ));
+        assert_eq!(
+            link_error(api(401, "unauthorized")),
+            LinkError::Rejected("m".into())
+        );
+        assert_eq!(
+            link_error(api(403, "forbidden")),
+            LinkError::Rejected("m".into())
+        );
+        for retryable in [408, 429] {
+            assert!(matches!(
+                link_error(api(retryable, "later")),
+                LinkError::Transport(_)
+            ));
+        }
         assert!(matches!(
             link_error(CliError::Unreachable {
                 url: "u".into(),

@@ -9,6 +9,7 @@
 //! * [`Agent`] runs one loop per device: lease, install if asked, run the batch while
 //!   heartbeating (cancels from the heartbeat reach the device), report every job, repeat;
 //!   shutdown stops leasing, lets in-flight batches finish and report, then unregisters.
+//!   A device the scheduler refuses to register stops the whole agent with an error.
 //!
 //! The scheduler itself stays free of tokio and clocks: only this module reads time.
 
@@ -43,8 +44,9 @@ pub enum LinkError {
     /// The scheduler could not be reached or answered with a server error: retry with backoff.
     #[error("transport error: {0}")]
     Transport(String),
-    /// The request was refused as invalid (unknown or lost device, job not in the lease...):
-    /// log it and move on.
+    /// The request was refused as invalid (unknown or lost device, job not in the lease, a
+    /// missing or wrong token...): retrying the same request cannot help. Log it and move on;
+    /// a refused registration stops the agent.
     #[error("rejected: {0}")]
     Rejected(String),
 }
@@ -69,9 +71,14 @@ pub trait AgentLink: Send + Sync {
     ) -> Result<Option<Lease>, LinkError>;
 
     /// Whether dropping a [`AgentLink::lease`] future part-way can never lose a lease the
-    /// scheduler granted. When true the agent abandons a long poll the moment it shuts down;
-    /// when false (the default: over a network the grant may already be on its way) it lets
-    /// the poll finish, at most `lease_wait`, and runs whatever it brings before stopping.
+    /// scheduler granted. When true the agent abandons a long poll the moment it shuts down.
+    /// When false (the default: over a network the grant may already be on its way) it gives
+    /// the poll [`AgentConfig::shutdown_grace`] to answer and runs whatever lease that
+    /// brings; after that it abandons the poll and unregisters the device, which makes the
+    /// scheduler requeue a lease granted to the abandoned poll at once rather than when it
+    /// expires (either way as an infrastructure failure, which costs the job an attempt).
+    /// Waiting out the whole poll instead made an idle agent take up to `lease_wait` to stop,
+    /// to save that attempt only when work arrived in the last round trip before it stopped.
     fn lease_is_cancel_safe(&self) -> bool {
         false
     }
@@ -547,6 +554,11 @@ pub struct AgentConfig {
     /// Attempts at delivering one report before giving up (the lease then expires and the
     /// scheduler requeues the job).
     pub report_attempts: u32,
+    /// On shutdown, how long a long poll that is not cancel-safe (see
+    /// [`AgentLink::lease_is_cancel_safe`]) still gets to answer, so that a lease whose answer
+    /// is already on its way is run rather than handed back. Keep it above the link's round
+    /// trip and well under `lease_wait`: it is how long an idle agent takes to stop.
+    pub shutdown_grace: Duration,
 }
 
 impl Default for AgentConfig {
@@ -558,6 +570,7 @@ impl Default for AgentConfig {
             retry_min: Duration::from_millis(200),
             retry_max: Duration::from_secs(10),
             report_attempts: 10,
+            shutdown_grace: Duration::from_millis(500),
         }
     }
 }
@@ -565,7 +578,8 @@ impl Default for AgentConfig {
 /// Why an agent stopped early.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum AgentError {
-    /// A device could not register (the scheduler refused its description).
+    /// A device could not register: the scheduler refused it (its description, or the
+    /// agent's credentials). Retrying cannot help, so the agent stops.
     #[error("device {device} could not register: {message}")]
     Register {
         /// The device.
@@ -581,6 +595,7 @@ pub enum AgentError {
 /// Live counters of an agent (shared with whoever watches it).
 #[derive(Debug, Default)]
 pub struct AgentStats {
+    registrations: AtomicU64,
     leases: AtomicU64,
     installs: AtomicU64,
     jobs_run: AtomicU64,
@@ -596,6 +611,11 @@ pub struct AgentStats {
 /// A snapshot of [`AgentStats`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AgentCounters {
+    /// Successful device registrations (one per device at start, more after the scheduler
+    /// forgot a device, e.g. across a server restart). Watch it to learn when every device
+    /// is registered.
+    #[serde(default)]
+    pub registrations: u64,
     /// Leases received.
     pub leases: u64,
     /// Builds installed (successfully).
@@ -621,6 +641,7 @@ impl AgentStats {
     pub fn snapshot(&self) -> AgentCounters {
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
         AgentCounters {
+            registrations: g(&self.registrations),
             leases: g(&self.leases),
             installs: g(&self.installs),
             jobs_run: g(&self.jobs_run),
@@ -731,10 +752,15 @@ impl Agent {
     }
 
     /// Runs every device until `shutdown` fires, then lets in-flight batches finish and
-    /// report, unregisters the devices and returns the final counters. Dropping (or aborting)
-    /// the future stops every device at once, without reporting: the scheduler then expires
-    /// their leases and requeues the jobs.
-    pub async fn run(self, shutdown: ShutdownSignal) -> Result<AgentCounters, AgentError> {
+    /// report, unregisters the devices and returns the final counters. If a device stops with
+    /// an error (the scheduler refused to register it), the other devices stop the same
+    /// graceful way and the first error is returned, so a caller learns of it at once rather
+    /// than at its own shutdown. Dropping (or aborting) the future stops every device at
+    /// once, without reporting: the scheduler then expires their leases and requeues the jobs.
+    pub async fn run(self, mut shutdown: ShutdownSignal) -> Result<AgentCounters, AgentError> {
+        // The devices watch this switch rather than `shutdown` so that one device's error can
+        // stop the others too.
+        let stop = Shutdown::new();
         let mut tasks = JoinSet::new();
         for device in self.devices {
             let ctx = Ctx {
@@ -743,17 +769,28 @@ impl Agent {
                 cfg: self.cfg.clone(),
                 stats: Arc::clone(&self.stats),
             };
-            tasks.spawn(device_loop(ctx, shutdown.clone()));
+            tasks.spawn(device_loop(ctx, stop.signal()));
         }
         let mut first_err = None;
-        while let Some(done) = tasks.join_next().await {
+        let mut forwarded = false;
+        loop {
+            let done = tokio::select! {
+                done = tasks.join_next() => done,
+                () = shutdown.triggered(), if !forwarded => {
+                    forwarded = true;
+                    stop.trigger();
+                    continue;
+                }
+            };
+            let Some(done) = done else { break };
             let err = match done {
                 Ok(Ok(())) => None,
                 Ok(Err(e)) => Some(e),
                 Err(e) => Some(AgentError::Panicked(e.to_string())),
             };
-            if first_err.is_none() {
+            if first_err.is_none() && err.is_some() {
                 first_err = err;
+                stop.trigger();
             }
         }
         match first_err {
@@ -771,24 +808,36 @@ async fn pause(d: Duration, shutdown: &mut ShutdownSignal) -> bool {
     }
 }
 
-/// Registers the device, retrying transport errors. Ok(false) when shutdown came first.
+/// Registers the device, retrying transport errors (a scheduler that is down or restarting
+/// comes back; the agent must outlive it). Ok(false) when shutdown came first.
 async fn register(ctx: &Ctx, shutdown: &mut ShutdownSignal) -> Result<bool, AgentError> {
     let mut backoff = Backoff::new(&ctx.cfg);
     loop {
         let info = ctx.device.info();
+        // Not abandoned on shutdown: a registration that lands after we stop listening
+        // would leave a device the scheduler counts as idle and spare.
         match ctx.link.register(info.clone()).await {
-            Ok(()) => return Ok(true),
-            Err(LinkError::Transport(m)) => {
-                ctx.stats.note(&LinkError::Transport(m));
+            Ok(()) => {
+                AgentStats::bump(&ctx.stats.registrations);
+                return Ok(true);
+            }
+            Err(e @ LinkError::Transport(_)) => {
+                ctx.stats.note(&e);
                 if !pause(backoff.next(), shutdown).await {
                     return Ok(false);
                 }
             }
             Err(e) => {
                 ctx.stats.note(&e);
+                // The scheduler's own words, without our "rejected: " prefix: this is what
+                // the operator reads.
+                let message = match e {
+                    LinkError::Rejected(m) => m,
+                    other => other.to_string(),
+                };
                 return Err(AgentError::Register {
                     device: info.id,
-                    message: e.to_string(),
+                    message,
                 });
             }
         }
@@ -810,9 +859,21 @@ async fn device_loop(ctx: Ctx, mut shutdown: ShutdownSignal) -> Result<(), Agent
                 r = poll => r,
             }
         } else {
-            // Dropping the poll could drop a lease already granted, which would then burn an
-            // attempt by expiring: finish it, run what it brings, then stop.
-            poll.await
+            tokio::pin!(poll);
+            tokio::select! {
+                biased;
+                r = &mut poll => r,
+                _ = shutdown.triggered() => {
+                    // A lease granted just before the shutdown may be on its way: give the
+                    // answer a moment and run what it brings. Past that the poll is most
+                    // likely idle and would hold the agent for up to `lease_wait`: abandon
+                    // it; the unregister below hands back anything granted meanwhile.
+                    match tokio::time::timeout(ctx.cfg.shutdown_grace, &mut poll).await {
+                        Ok(r) => r,
+                        Err(_) => break,
+                    }
+                }
+            }
         };
         match polled {
             Ok(None) => backoff.reset(),

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use qgjob_core::agent::{
-    Agent, AgentConfig, AgentCounters, AgentLink, LinkError, LocalLink, SharedScheduler, Shutdown,
-    TokioClock,
+    Agent, AgentConfig, AgentCounters, AgentError, AgentLink, LinkError, LocalLink,
+    SharedScheduler, Shutdown, TokioClock,
 };
 use qgjob_core::device::{CancelWatch, Device};
 use qgjob_core::simdevice::{SimDevice, SimDeviceConfig, SimOutcome};
@@ -702,6 +702,7 @@ async fn many_devices_on_a_threaded_runtime_in_real_time() {
 /// over a network: dropping the poll part-way would lose the lease.
 struct SlowAnswers {
     inner: LocalLink<GroupedScheduler>,
+    delay: Duration,
 }
 
 #[async_trait]
@@ -719,7 +720,7 @@ impl AgentLink for SlowAnswers {
         wait: Duration,
     ) -> Result<Option<Lease>, LinkError> {
         let got = self.inner.lease(device, max_batch, wait).await;
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        tokio::time::sleep(self.delay).await;
         got
     }
     async fn heartbeat(&self, lease: LeaseId) -> Result<HeartbeatAck, LinkError> {
@@ -748,8 +749,16 @@ async fn shutdown_during_a_network_long_poll_runs_the_lease_it_brings() {
     let s = shared(SchedulerConfig::default());
     let ticker = s.spawn_ticker();
     let dev = Arc::new(SimDevice::new(sim("emu-1", 1_000, 5_000)));
-    let link = Arc::new(SlowAnswers { inner: s.link() });
-    let (shutdown, handle) = spawn_agent(link, &[Arc::clone(&dev)], agent_cfg());
+    let link = Arc::new(SlowAnswers {
+        inner: s.link(),
+        delay: Duration::from_secs(2),
+    });
+    // The answer arrives within the shutdown grace.
+    let cfg = AgentConfig {
+        shutdown_grace: Duration::from_secs(5),
+        ..agent_cfg()
+    };
+    let (shutdown, handle) = spawn_agent(link, &[Arc::clone(&dev)], cfg);
     wait(&s, "registered", |s| s.devices().len() == 1).await;
     let mut sp = spec("acme", "v1", "tests/a.spec.js");
     sp.max_attempts = 1;
@@ -766,6 +775,200 @@ async fn shutdown_during_a_network_long_poll_runs_the_lease_it_brings() {
     assert_eq!((job.state, job.attempt), (JobState::Passed, 1));
     assert_eq!((c.leases, c.jobs_run), (1, 1));
     assert!(s.read(|s| s.devices().is_empty()));
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_abandons_an_idle_network_long_poll_after_the_grace() {
+    let s = shared(SchedulerConfig::default());
+    let ticker = s.spawn_ticker();
+    let dev = Arc::new(SimDevice::new(sim("emu-1", 1_000, 5_000)));
+    let link = Arc::new(SlowAnswers {
+        inner: s.link(),
+        delay: Duration::from_millis(50),
+    });
+    let cfg = agent_cfg();
+    let (lease_wait, grace) = (cfg.lease_wait, cfg.shutdown_grace);
+    let (shutdown, handle) = spawn_agent(link, &[Arc::clone(&dev)], cfg);
+    wait(&s, "registered", |s| s.devices().len() == 1).await;
+    // Well into the first long poll.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let asked = tokio::time::Instant::now();
+    shutdown.trigger();
+    let c = handle.await.unwrap().unwrap();
+    let took = asked.elapsed();
+    ticker.abort();
+    // Waiting the poll out took up to `lease_wait` (60 s here; 20 s for `qgjob agent`).
+    assert!(
+        took <= grace + Duration::from_millis(100) && took < lease_wait,
+        "stopped after {took:?}"
+    );
+    assert_eq!((c.registrations, c.leases), (1, 0));
+    assert!(
+        s.read(|s| s.devices().is_empty()),
+        "the device unregistered"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lease_granted_to_an_abandoned_poll_goes_back_to_the_queue_at_once() {
+    let s = shared(SchedulerConfig::default());
+    let ticker = s.spawn_ticker();
+    let dev = Arc::new(SimDevice::new(sim("emu-1", 1_000, 5_000)));
+    // The answer takes longer than the grace, so the agent gives up on it.
+    let link = Arc::new(SlowAnswers {
+        inner: s.link(),
+        delay: Duration::from_secs(30),
+    });
+    let (shutdown, handle) = spawn_agent(link, &[Arc::clone(&dev)], agent_cfg());
+    wait(&s, "registered", |s| s.devices().len() == 1).await;
+    let id = s
+        .submit(spec("acme", "v1", "tests/a.spec.js"))
+        .unwrap()
+        .job_id;
+    wait(&s, "granted", |s| {
+        s.get(id).is_some_and(|j| j.state == JobState::Running)
+    })
+    .await;
+    let asked = tokio::time::Instant::now();
+    shutdown.trigger();
+    let c = handle.await.unwrap().unwrap();
+    assert!(
+        asked.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        asked.elapsed()
+    );
+    assert_eq!(c.leases, 0, "the lease never reached the agent");
+    // The unregister handed the job back without waiting for its lease to expire.
+    assert!(s.read(|s| s.devices().is_empty()));
+    let job = s.get(id).unwrap();
+    assert_eq!(job.state, JobState::Queued, "{job:?}");
+    // And another agent runs it.
+    let other = Arc::new(SimDevice::new(sim("emu-2", 1_000, 5_000)));
+    let (shutdown, handle) = spawn_agent(Arc::new(s.link()), &[other], agent_cfg());
+    wait(&s, "done", all_final(&[id])).await;
+    shutdown.trigger();
+    handle.await.unwrap().unwrap();
+    ticker.abort();
+    assert_eq!(s.get(id).unwrap().state, JobState::Passed);
+}
+
+/// A link that refuses to register one device for good (as a server refuses a wrong token)
+/// and fails the first few registrations of the others with transport errors.
+struct Gatekeeper {
+    inner: LocalLink<GroupedScheduler>,
+    refuse: Option<DeviceId>,
+    transport_failures: AtomicU64,
+}
+
+#[async_trait]
+impl AgentLink for Gatekeeper {
+    async fn register(&self, device: DeviceInfo) -> Result<(), LinkError> {
+        if self.refuse.as_ref() == Some(&device.id) {
+            return Err(LinkError::Rejected("unknown token".into()));
+        }
+        let left = self.transport_failures.load(Ordering::SeqCst);
+        if left > 0 {
+            self.transport_failures.store(left - 1, Ordering::SeqCst);
+            return Err(LinkError::Transport("connection refused".into()));
+        }
+        self.inner.register(device).await
+    }
+    async fn unregister(&self, device: &DeviceId) -> Result<(), LinkError> {
+        self.inner.unregister(device).await
+    }
+    async fn lease(
+        &self,
+        device: &DeviceId,
+        max_batch: usize,
+        wait: Duration,
+    ) -> Result<Option<Lease>, LinkError> {
+        self.inner.lease(device, max_batch, wait).await
+    }
+    async fn heartbeat(&self, lease: LeaseId) -> Result<HeartbeatAck, LinkError> {
+        self.inner.heartbeat(lease).await
+    }
+    async fn complete(
+        &self,
+        lease: LeaseId,
+        job: JobId,
+        report: RunReport,
+    ) -> Result<JobState, LinkError> {
+        self.inner.complete(lease, job, report).await
+    }
+    async fn fail(
+        &self,
+        lease: LeaseId,
+        job: JobId,
+        failure: InfraFailure,
+    ) -> Result<JobState, LinkError> {
+        self.inner.fail(lease, job, failure).await
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_refused_registration_stops_the_whole_agent_at_once() {
+    let s = shared(SchedulerConfig::default());
+    let ticker = s.spawn_ticker();
+    let good = Arc::new(SimDevice::new(sim("emu-good", 1_000, 5_000)));
+    let bad = Arc::new(SimDevice::new(sim("emu-bad", 1_000, 5_000)));
+    let link = Arc::new(Gatekeeper {
+        inner: s.link(),
+        refuse: Some(DeviceId::new("emu-bad").unwrap()),
+        transport_failures: AtomicU64::new(0),
+    });
+    let (_shutdown, handle) = spawn_agent(link, &[good, bad], agent_cfg());
+    // Nobody triggers the shutdown: the refusal alone must end the run.
+    let err = tokio::time::timeout(Duration::from_secs(5), handle)
+        .await
+        .expect("the agent stops by itself")
+        .unwrap()
+        .unwrap_err();
+    ticker.abort();
+    assert_eq!(
+        err,
+        AgentError::Register {
+            device: DeviceId::new("emu-bad").unwrap(),
+            message: "unknown token".into(),
+        }
+    );
+    assert_eq!(
+        err.to_string(),
+        "device emu-bad could not register: unknown token"
+    );
+    assert!(
+        s.read(|s| s.devices().is_empty()),
+        "the device that did register unregistered again"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn registration_outlives_an_unreachable_scheduler() {
+    let s = shared(SchedulerConfig::default());
+    let ticker = s.spawn_ticker();
+    let dev = Arc::new(SimDevice::new(sim("emu-1", 1_000, 5_000)));
+    let link = Arc::new(Gatekeeper {
+        inner: s.link(),
+        refuse: None,
+        transport_failures: AtomicU64::new(6),
+    });
+    let stats_link = Arc::clone(&link);
+    let mut agent = Agent::new(stats_link, agent_cfg());
+    agent.add_device(Arc::clone(&dev) as Arc<dyn Device>);
+    let stats = agent.stats();
+    let shutdown = Shutdown::new();
+    let handle = tokio::spawn(agent.run(shutdown.signal()));
+    wait(&s, "registered", |s| s.devices().len() == 1).await;
+    let c = stats.snapshot();
+    assert_eq!((c.registrations, c.transport_errors), (1, 6));
+    let id = s
+        .submit(spec("acme", "v1", "tests/a.spec.js"))
+        .unwrap()
+        .job_id;
+    wait(&s, "done", all_final(&[id])).await;
+    shutdown.trigger();
+    handle.await.unwrap().unwrap();
+    ticker.abort();
+    assert_eq!(s.get(id).unwrap().state, JobState::Passed);
 }
 
 mod random_labs {

@@ -1,0 +1,317 @@
+//! End-to-end tests of how `qgjob agent` starts and stops: a server that refuses the agent's
+//! token ends it at once with one line (exit 2), an idle agent stops within about a second
+//! of SIGTERM or SIGINT (and unregisters its devices), a busy one finishes its job first
+//! unless a second signal says otherwise, and an agent whose server goes away says so.
+//!
+//! Bounds on time are generous on purpose (the machines running these are shared); each test
+//! prints what it measured.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{ExitStatus, Stdio};
+use std::sync::mpsc::{self, Receiver};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+mod common;
+
+use common::{qgjob, start_server, Proc};
+
+const AGENT_TOKEN: &str = "agent-token-0123456789";
+const ORG_TOKEN: &str = "acme-token-0123456789";
+
+/// A project directory with one spec file, and a tokens file for the server.
+fn project() -> tempfile::TempDir {
+    let d = tempfile::tempdir().expect("tempdir");
+    let spec = d.path().join("tests/a.spec.js");
+    std::fs::create_dir_all(spec.parent().expect("parent")).expect("mkdir");
+    std::fs::write(&spec, "test('works', async () => {});\n").expect("write");
+    std::fs::write(
+        d.path().join("tokens"),
+        format!("agent {AGENT_TOKEN}\norg acme {ORG_TOKEN}\nadmin admin-token-0123456789\n"),
+    )
+    .expect("write");
+    d
+}
+
+fn server_with_tokens(dir: &Path) -> (Proc, String) {
+    let tokens = dir.join("tokens");
+    start_server(dir, &["--tokens-file", tokens.to_str().expect("utf-8")])
+}
+
+/// A simulated agent named `vm` with `token` (if any) and `extra` flags; its stderr lines
+/// arrive on the receiver as they are printed.
+fn agent(url: &str, dir: &Path, token: Option<&str>, extra: &[&str]) -> (Proc, Receiver<String>) {
+    let mut c = qgjob(Some(url), dir);
+    if let Some(t) = token {
+        c.args(["--token", t]);
+    }
+    let mut child = c
+        .args(["agent", "--simulate", "--name", "vm"])
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("agent starts");
+    let err = child.stderr.take().expect("stderr");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(err).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    (Proc(child), rx)
+}
+
+/// Waits for the next stderr line containing `what`, returning the lines up to it.
+fn wait_for_line(rx: &Receiver<String>, what: &str, within: Duration) -> Vec<String> {
+    let deadline = Instant::now() + within;
+    let mut seen = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => {
+                let hit = line.contains(what);
+                seen.push(line);
+                if hit {
+                    return seen;
+                }
+            }
+            Err(_) => panic!("no line with {what:?} within {within:?}; saw {seen:?}"),
+        }
+    }
+}
+
+/// Waits for the process to exit, at most `within`.
+fn wait_exit(p: &mut Proc, within: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(st) = p.0.try_wait().expect("try_wait") {
+            return Some(st);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn signal(p: &Proc, sig: Signal) {
+    let pid = i32::try_from(p.0.id()).expect("pid");
+    kill(Pid::from_raw(pid), sig).expect("signal");
+}
+
+/// The rest of the stderr lines, once the process has exited.
+fn drain(rx: &Receiver<String>) -> Vec<String> {
+    let mut out = Vec::new();
+    while let Ok(l) = rx.recv_timeout(Duration::from_secs(2)) {
+        out.push(l);
+    }
+    out
+}
+
+/// The server's `qgjob_devices` gauge (registered devices).
+fn registered_devices(url: &str) -> u64 {
+    let mut resp = ureq::get(&format!("{url}/metrics"))
+        .call()
+        .expect("metrics");
+    let text = resp.body_mut().read_to_string().expect("metrics text");
+    text.lines()
+        .find_map(|l| l.strip_prefix("qgjob_devices "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map(|v| v as u64)
+        .unwrap_or_else(|| panic!("no qgjob_devices in {text}"))
+}
+
+fn job_state(url: &str, dir: &Path, id: &str) -> String {
+    let o = qgjob(Some(url), dir)
+        .args([
+            "--token",
+            ORG_TOKEN,
+            "status",
+            &format!("--job-id={id}"),
+            "--json",
+        ])
+        .output()
+        .expect("status runs");
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout)
+        .unwrap_or_else(|e| panic!("status not JSON ({e}): {o:?}"));
+    v["state"].as_str().expect("state").to_string()
+}
+
+fn submit(url: &str, dir: &Path, target: &str) -> String {
+    let o = qgjob(Some(url), dir)
+        .args(["--token", ORG_TOKEN])
+        .args([
+            "submit",
+            "--org-id=acme",
+            "--app-version-id=v1",
+            "--test=tests/a.spec.js",
+            &format!("--target={target}"),
+            "--json",
+        ])
+        .output()
+        .expect("submit runs");
+    assert!(o.status.success(), "{o:?}");
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("JSON");
+    v["job_id"].as_str().expect("job_id").to_string()
+}
+
+#[test]
+fn a_refused_token_ends_the_agent_at_once_with_one_line() {
+    let dir = project();
+    let (_server, url) = server_with_tokens(dir.path());
+    let cases = [
+        (None, "missing bearer token"),
+        (Some("wrongwrongwrongwrong"), "unknown token"),
+        (Some(ORG_TOKEN), "the agent protocol needs an agent token"),
+    ];
+    for (token, says) in cases {
+        let started = Instant::now();
+        let (mut p, rx) = agent(
+            &url,
+            dir.path(),
+            token,
+            &["--target", "emulator", "--devices", "1"],
+        );
+        // It used to announce itself and then wait for ctrl-c forever.
+        let st = wait_exit(&mut p, Duration::from_secs(10))
+            .unwrap_or_else(|| panic!("token {token:?}: the agent is still running"));
+        let took = started.elapsed();
+        let lines = drain(&rx);
+        eprintln!("token {token:?}: exit {:?} after {took:?}", st.code());
+        assert_eq!(st.code(), Some(2), "token {token:?}: {lines:?}");
+        assert_eq!(
+            lines,
+            vec![format!(
+                "error: device vm/emulator-1 could not register: {says}"
+            )],
+            "token {token:?}"
+        );
+    }
+}
+
+#[test]
+fn an_idle_agent_stops_soon_after_sigterm_or_sigint_and_unregisters() {
+    let dir = project();
+    let (_server, url) = server_with_tokens(dir.path());
+    for sig in [Signal::SIGTERM, Signal::SIGINT] {
+        let (mut p, rx) = agent(
+            &url,
+            dir.path(),
+            Some(AGENT_TOKEN),
+            &["--target", "idlepool", "--devices", "2"],
+        );
+        // The banner comes once both devices are registered.
+        let before = wait_for_line(&rx, "serving", Duration::from_secs(20));
+        assert_eq!(before.len(), 1, "{before:?}");
+        assert_eq!(registered_devices(&url), 2);
+        // Well into the devices' 20 s long polls.
+        std::thread::sleep(Duration::from_secs(3));
+        let asked = Instant::now();
+        signal(&p, sig);
+        let st = wait_exit(&mut p, Duration::from_secs(30)).expect("the agent stops");
+        let took = asked.elapsed();
+        eprintln!("{sig}: idle agent stopped {took:?} after the signal (it used to take ~17 s)");
+        assert!(st.success(), "{sig}: {st:?} {:?}", drain(&rx));
+        assert!(took < Duration::from_secs(5), "{sig}: took {took:?}");
+        let after = drain(&rx);
+        assert!(
+            after.iter().any(|l| l.contains("stopped after 0 jobs")),
+            "{after:?}"
+        );
+        // It unregistered its devices on the way out rather than leaving them to expire.
+        assert_eq!(registered_devices(&url), 0, "{sig}");
+    }
+}
+
+#[test]
+fn a_busy_agent_finishes_its_job_then_a_second_signal_stops_at_once() {
+    let dir = project();
+    let (_server, url) = server_with_tokens(dir.path());
+
+    // One signal: the running job finishes and is reported before the agent exits.
+    let (mut p, rx) = agent(
+        &url,
+        dir.path(),
+        Some(AGENT_TOKEN),
+        &[
+            "--target",
+            "busypool",
+            "--devices",
+            "1",
+            "--install-s",
+            "0.1",
+            "--run-s",
+            "3",
+        ],
+    );
+    wait_for_line(&rx, "serving", Duration::from_secs(20));
+    let id = submit(&url, dir.path(), "busypool");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while job_state(&url, dir.path(), &id) != "running" {
+        assert!(Instant::now() < deadline, "the job never ran");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    signal(&p, Signal::SIGTERM);
+    let st = wait_exit(&mut p, Duration::from_secs(60)).expect("the agent stops");
+    let after = drain(&rx);
+    assert!(st.success(), "{st:?} {after:?}");
+    assert!(
+        after
+            .iter()
+            .any(|l| l.contains("stopped after 1 jobs (1 passed")),
+        "{after:?}"
+    );
+    assert_eq!(job_state(&url, dir.path(), &id), "passed");
+
+    // Two signals: the second one does not wait for the (long) job.
+    let (mut p, rx) = agent(
+        &url,
+        dir.path(),
+        Some(AGENT_TOKEN),
+        &["--target", "busypool", "--devices", "1", "--run-s", "600"],
+    );
+    wait_for_line(&rx, "serving", Duration::from_secs(20));
+    let id = submit(&url, dir.path(), "busypool");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while job_state(&url, dir.path(), &id) != "running" {
+        assert!(Instant::now() < deadline, "the job never ran");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    signal(&p, Signal::SIGINT);
+    wait_for_line(&rx, "stopping", Duration::from_secs(10));
+    let asked = Instant::now();
+    signal(&p, Signal::SIGINT);
+    let st = wait_exit(&mut p, Duration::from_secs(30)).expect("the agent stops");
+    let took = asked.elapsed();
+    eprintln!("second SIGINT: busy agent stopped {took:?} after it");
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+    assert_eq!(st.code(), Some(3), "{:?}", drain(&rx));
+}
+
+#[test]
+fn an_agent_whose_server_goes_away_warns_while_it_retries() {
+    let dir = project();
+    let (server, url) = server_with_tokens(dir.path());
+    let (mut p, rx) = agent(
+        &url,
+        dir.path(),
+        Some(AGENT_TOKEN),
+        &["--target", "emulator", "--devices", "1"],
+    );
+    wait_for_line(&rx, "serving", Duration::from_secs(20));
+    drop(server);
+    let lines = wait_for_line(&rx, "warning:", Duration::from_secs(30));
+    let warning = lines.last().expect("a line");
+    assert!(warning.contains("retrying"), "{warning}");
+    // Still running: a server restart must not end the agent.
+    assert!(p.0.try_wait().expect("try_wait").is_none());
+    signal(&p, Signal::SIGTERM);
+    let st = wait_exit(&mut p, Duration::from_secs(30)).expect("the agent stops");
+    assert!(st.success(), "{st:?} {:?}", drain(&rx));
+}
