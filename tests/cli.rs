@@ -434,6 +434,13 @@ fn glob_submits_a_run_and_json_shapes_are_stable() {
     assert_eq!(code(&o), 0, "{}", stderr(&o));
 
     // Watching a finished run without a terminal: one plain line per job, then the run.
+    // (Finished for sure: the v8 run above can end before this one.)
+    let o = run(
+        Some(&url),
+        dir.path(),
+        &["wait", &format!("--run-id={run_id}"), "--timeout=60s"],
+    );
+    assert_eq!(code(&o), 0, "{}{}", stdout(&o), stderr(&o));
     let o = run(
         Some(&url),
         dir.path(),

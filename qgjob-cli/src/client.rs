@@ -28,6 +28,9 @@ pub struct JobSubmitted {
     /// False when an idempotency key returned an existing job.
     #[serde(default = "yes")]
     pub created: bool,
+    /// Set when no agent serves the job's target yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warning: Option<String>,
 }
 
 fn yes() -> bool {
@@ -43,6 +46,9 @@ pub struct RunSubmitted {
     pub job_ids: Vec<JobId>,
     /// `queued`.
     pub status: String,
+    /// Set when no agent serves one of the jobs' targets yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warning: Option<String>,
 }
 
 /// A run as `GET /v1/runs/{id}` shows it.

@@ -110,6 +110,9 @@ pub fn submit(client: &Client, a: &SubmitArgs) -> Result<u8> {
     let specs = build_specs(a, &tests, bundle_hash)?;
     let which = if specs.len() == 1 {
         let r = client.submit_job(&specs[0])?;
+        if let Some(w) = &r.warning {
+            eprintln!("note: {w}");
+        }
         if a.json {
             print_json(&serde_json::json!({"job_id": r.job_id, "status": r.status}))?;
         } else {
@@ -120,7 +123,11 @@ pub fn submit(client: &Client, a: &SubmitArgs) -> Result<u8> {
             run_id: None,
         }
     } else {
-        let r = client.submit_run(&specs)?;
+        let mut r = client.submit_run(&specs)?;
+        // On stderr, so that the JSON on stdout keeps its shape.
+        if let Some(w) = r.warning.take() {
+            eprintln!("note: {w}");
+        }
         if a.json {
             print_json(&r)?;
         } else {
@@ -884,7 +891,18 @@ mod tests {
         let e = build_specs(&args(&["--priority=5000"]), &["a".into()], None).unwrap_err();
         assert_eq!(e.exit_code(), 2);
         assert!(e.to_string().contains("priority"), "{e}");
-        let e = build_specs(&args(&["--max-attempts=0"]), &["a".into()], None).unwrap_err();
+        // Out-of-range attempts never get this far: the flag's own parser refuses them.
+        let e = Cli::try_parse_from([
+            "qgjob",
+            "submit",
+            "--org-id=acme",
+            "--app-version-id=v1",
+            "--test=x",
+            "--max-attempts=0",
+        ])
+        .map(|_| ())
+        .unwrap_err();
         assert!(e.to_string().contains("max-attempts"), "{e}");
+        assert!(e.to_string().contains("1..=20"), "{e}");
     }
 }

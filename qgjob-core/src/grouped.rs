@@ -176,6 +176,14 @@ impl GroupedScheduler {
         &self.cfg
     }
 
+    /// Whether a registered device (not lost) serves `target`: a job for a pool no device
+    /// serves waits until an agent for it registers.
+    pub fn serves_target(&self, target: &Target) -> bool {
+        self.devices
+            .values()
+            .any(|d| !d.lost && d.info.target == *target)
+    }
+
     /// Rebuilds a scheduler from persisted jobs (any order). Queued jobs queue again in their
     /// original order; running jobs keep their leases until those expire or their devices
     /// register again and report. Devices are not restored: agents register again.

@@ -77,6 +77,7 @@ pub async fn submit_job(
         )
             .into_response());
     }
+    let target = spec.target.clone();
     let sub = app
         .mutate(Vec::new(), true, |s, now, _| {
             s.submit(now, spec).map_err(ApiError::from)
@@ -93,11 +94,36 @@ pub async fn submit_job(
     } else {
         StatusCode::OK
     };
-    Ok((
-        status,
-        Json(json!({"job_id": sub.job_id, "status": sub.state, "created": sub.created})),
-    )
-        .into_response())
+    let mut answer = json!({"job_id": sub.job_id, "status": sub.state, "created": sub.created});
+    if let Some(w) = unserved_warning(&app, [&target]) {
+        answer["warning"] = json!(w);
+    }
+    Ok((status, Json(answer)).into_response())
+}
+
+/// A warning for targets no registered device serves (a typo such as `emualtor`, or no
+/// agent started for that pool yet): the jobs are queued and wait for one.
+fn unserved_warning<'a>(
+    app: &AppState,
+    targets: impl IntoIterator<Item = &'a Target>,
+) -> Option<String> {
+    let mut missing: Vec<&str> = {
+        let s = app.lock();
+        targets
+            .into_iter()
+            .filter(|t| !s.serves_target(t))
+            .map(Target::as_str)
+            .collect()
+    };
+    missing.sort_unstable();
+    missing.dedup();
+    if missing.is_empty() {
+        return None;
+    }
+    Some(format!(
+        "no agent serves target {} now; the jobs wait until one registers",
+        missing.join(", ")
+    ))
 }
 
 /// The scheduler deduplicates idempotency keys among the jobs it holds; a job it forgot
@@ -185,6 +211,7 @@ pub async fn submit_run(
     let mut known: Vec<Option<JobId>> = vec![None; total];
     let mut specs = Vec::with_capacity(total);
     let mut positions = Vec::with_capacity(total);
+    let targets: Vec<Target> = body.jobs.iter().map(|j| j.target.clone()).collect();
     for (i, mut s) in body.jobs.into_iter().enumerate() {
         match forgotten_match(&app, &s, &format!("jobs[{i}].idempotency_key")).await? {
             Some(old) => known[i] = Some(old.id),
@@ -224,11 +251,11 @@ pub async fn submit_run(
         .filter_map(|k| k.or_else(|| fresh.next()))
         .collect();
     tracing::info!(run_id = %run_id, jobs = ids.len(), created, "run submitted");
-    Ok((
-        StatusCode::CREATED,
-        Json(json!({"run_id": run_id, "job_ids": ids, "status": "queued"})),
-    )
-        .into_response())
+    let mut answer = json!({"run_id": run_id, "job_ids": ids, "status": "queued"});
+    if let Some(w) = unserved_warning(&app, &targets) {
+        answer["warning"] = json!(w);
+    }
+    Ok((StatusCode::CREATED, Json(answer)).into_response())
 }
 
 /// `GET /v1/jobs/{job_id}`.

@@ -481,8 +481,8 @@ fn schemas() -> Value {
               ("message", string())],
             2,
         ),
-        "Submitted": object(&[("job_id", string()), ("status", state.clone()), ("created", json!({"type": "boolean"}))], 3),
-        "RunSubmitted": object(&[("run_id", string()), ("job_ids", array_of(string())), ("status", string())], 3),
+        "Submitted": object(&[("job_id", string()), ("status", state.clone()), ("created", json!({"type": "boolean"})), ("warning", string())], 3),
+        "RunSubmitted": object(&[("run_id", string()), ("job_ids", array_of(string())), ("status", string()), ("warning", string())], 3),
         "JobPage": object(&[("jobs", array_of(reference("Job"))), ("next_cursor", json!({"type": ["string", "null"]}))], 2),
         "RunView": object(
             &[("run_id", string()), ("org_id", string()),

@@ -100,6 +100,37 @@ fn submit_lease_heartbeat_complete() {
     assert_eq!(st, 204);
 }
 
+/// A job for a pool no device serves (a typo, or no agent started yet) is queued, and the
+/// answer says so; once a device of that pool registers, the warning goes away.
+#[test]
+fn submits_warn_when_no_agent_serves_the_target() {
+    let s = TestServer::start(memory_opts());
+    let c = s.client(None);
+    let mut typo = spec("qualgent", "v1", "tests/a.spec.js");
+    typo["target"] = json!("emualtor");
+    let (st, v) = c.post("/v1/jobs", &typo);
+    assert_eq!(st, 201, "{v}");
+    assert_eq!(v["status"], "queued");
+    let w = v["warning"].as_str().unwrap_or_default();
+    assert!(w.contains("no agent serves target emualtor"), "{v}");
+
+    assert_eq!(c.post("/v1/agent/devices", &device("emu-1")).0, 200);
+    let (st, v) = c.post("/v1/jobs", &spec("qualgent", "v1", "tests/b.spec.js"));
+    assert_eq!(st, 201, "{v}");
+    assert!(v.get("warning").is_none(), "{v}");
+
+    // A run names only the pools nobody serves.
+    let mut dev = spec("qualgent", "v2", "tests/c.spec.js");
+    dev["target"] = json!("device");
+    let runs = json!({"jobs": [spec("qualgent", "v2", "tests/d.spec.js"), dev]});
+    let (st, v) = c.post("/v1/runs", &runs);
+    assert_eq!(st, 201, "{v}");
+    assert_eq!(
+        v["warning"], "no agent serves target device now; the jobs wait until one registers",
+        "{v}"
+    );
+}
+
 #[test]
 fn long_poll_wakes_on_submit() {
     let s = TestServer::start(memory_opts());
