@@ -237,6 +237,22 @@ fn wait_exit_codes_and_junit() {
     );
     assert_eq!(code(&o), 3, "{}{}", stdout(&o), stderr(&o));
     assert!(stderr(&o).starts_with("error: timed out"), "{}", stderr(&o));
+    // With --json a script still gets a document saying where the job stood.
+    let o = run(
+        Some(&url),
+        dir.path(),
+        &[
+            "wait",
+            &format!("--job-id={stuck}"),
+            "--timeout=1s",
+            "--json",
+        ],
+    );
+    assert_eq!(code(&o), 3, "{}{}", stdout(&o), stderr(&o));
+    let v = json(&o);
+    assert_eq!(keys(&v), vec!["exit_code", "jobs", "status"]);
+    assert_eq!(v["status"], "timeout");
+    assert_eq!(v["jobs"][0]["state"], "queued");
     // ...and once canceled it is final, and canceled is exit 3 too.
     let o = run(
         Some(&url),
@@ -451,6 +467,8 @@ fn glob_submits_a_run_and_json_shapes_are_stable() {
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines.len(), 5, "{out}");
     assert!(lines[..4].iter().all(|l| l.ends_with(" passed")), "{out}");
+    // Each line names the job's test, not just its id.
+    assert!(lines[..4].iter().all(|l| l.contains(".spec.js ")), "{out}");
     assert_eq!(lines[4], format!("run {run_id} passed"));
     assert!(!out.contains('\x1b'), "no colour without a terminal");
 

@@ -12,7 +12,7 @@ use crate::cli::{
     AppUploadArgs, CancelArgs, ListArgs, LogsArgs, StatusArgs, SubmitArgs, WaitArgs, Which,
 };
 use crate::client::{Client, ListQuery};
-use crate::error::{CliError, Result, EXIT_OK};
+use crate::error::{CliError, Result, EXIT_INFRA, EXIT_OK};
 use crate::report;
 use crate::util::{fmt_ms, paint, use_color, use_progress};
 
@@ -396,6 +396,17 @@ pub fn wait(client: &Client, a: &WaitArgs) -> Result<u8> {
     if let Some(pb) = &bar {
         pb.finish_and_clear();
     }
+    // A script reading --json gets a document even when the wait times out: where every
+    // job stood (best effort), with the exit code that follows.
+    if let (Err(CliError::Timeout(_)), true) = (&res, a.json) {
+        if let Ok((_, jobs)) = fetch(client, &a.which) {
+            print_json(&serde_json::json!({
+                "status": "timeout",
+                "exit_code": EXIT_INFRA,
+                "jobs": jobs,
+            }))?;
+        }
+    }
     let (status, jobs) = res?;
     let title = match (&a.which.job_id, &a.which.run_id) {
         (Some(j), _) => format!("job {j}"),
@@ -582,6 +593,17 @@ fn watch(client: &Client, a: &StatusArgs) -> Result<u8> {
     };
     let mut last: std::collections::HashMap<qgjob_core::JobId, (JobState, u32)> =
         std::collections::HashMap::new();
+    // A run's lines name each job's tests too: ids alone say little to a person.
+    let mut names: std::collections::HashMap<qgjob_core::JobId, String> =
+        std::collections::HashMap::new();
+    if is_run && !a.json && bar.is_none() {
+        if let Ok((_, jobs)) = fetch(client, &a.which) {
+            names = jobs
+                .into_iter()
+                .map(|j| (j.id, j.spec.tests.join(" ")))
+                .collect();
+        }
+    }
     let mut link = Reconnect::default();
     let no_deadline = || CliError::Timeout(String::new());
     loop {
@@ -640,7 +662,10 @@ fn watch(client: &Client, a: &StatusArgs) -> Result<u8> {
                     String::new()
                 };
                 if is_run {
-                    out!("{} {st}{attempt}", ev.job_id);
+                    match names.get(&ev.job_id) {
+                        Some(t) => out!("{} {t} {st}{attempt}", ev.job_id),
+                        None => out!("{} {st}{attempt}", ev.job_id),
+                    }
                 } else {
                     out!("{st}{attempt}");
                 }
