@@ -12,7 +12,7 @@ use serde_json::Value;
 
 mod common;
 
-use common::{qgjob, start_agent, start_server, Proc, BIN};
+use common::{qgjob, spawn_server, start_agent, start_server, Proc, BIN};
 
 fn run(server: Option<&str>, cwd: &Path, args: &[&str]) -> Output {
     qgjob(server, cwd)
@@ -662,19 +662,7 @@ fn server_start_errors_are_one_line_and_announce_nothing() {
     assert_eq!(stderr(&o).lines().count(), 1, "{}", stderr(&o));
     assert!(stderr(&o).contains("missing-tokens"), "{}", stderr(&o));
 
-    let mut child = qgjob(None, dir.path())
-        .args(["server", "--addr", "127.0.0.1:0", "--data-dir", data])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("server starts");
-    let out = child.stdout.take().expect("stdout");
-    let _first = Proc(child);
-    let mut line = String::new();
-    BufReader::new(out)
-        .read_line(&mut line)
-        .expect("first line");
-    assert!(line.starts_with("qgjob server listening on "), "{line:?}");
+    let (_first, _url) = spawn_server(dir.path(), &["--addr", "127.0.0.1:0", "--data-dir", data]);
 
     let o = run(
         None,

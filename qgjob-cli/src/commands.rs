@@ -216,16 +216,8 @@ pub fn wait_final_with(
     };
     let mut link = Reconnect::default();
     loop {
-        let (status, jobs) = match fetch(client, which) {
-            Ok(x) => {
-                link.reached();
-                x
-            }
-            Err(e @ CliError::Unreachable { .. }) => {
-                link.pause(e, deadline, timed_out)?;
-                continue;
-            }
-            Err(e) => return Err(e),
+        let Some((status, jobs)) = link.attempt(fetch(client, which), deadline, timed_out)? else {
+            continue;
         };
         if all_final(&jobs) {
             return Ok((status, jobs));
@@ -289,10 +281,28 @@ struct Reconnect {
 }
 
 impl Reconnect {
-    fn reached(&mut self) {
-        self.reached = true;
-        self.lost = None;
-        self.noted = false;
+    /// The outcome of one request: `Some(value)` when it was answered, `None` after a
+    /// pause when the server did not answer and the caller should try again, or the error
+    /// to give up with (see [`Reconnect::pause`]).
+    fn attempt<T>(
+        &mut self,
+        r: Result<T>,
+        deadline: Option<Instant>,
+        timed_out: impl Fn() -> CliError,
+    ) -> Result<Option<T>> {
+        match r {
+            Ok(v) => {
+                self.reached = true;
+                self.lost = None;
+                self.noted = false;
+                Ok(Some(v))
+            }
+            Err(e @ CliError::Unreachable { .. }) => {
+                self.pause(e, deadline, timed_out)?;
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// After `e` (the server did not answer): waits a little and returns `Ok` to try again,
@@ -607,16 +617,9 @@ fn watch(client: &Client, a: &StatusArgs) -> Result<u8> {
     let mut link = Reconnect::default();
     let no_deadline = || CliError::Timeout(String::new());
     loop {
-        let mut stream = match client.events(&id, is_run, None) {
-            Ok(s) => {
-                link.reached();
-                s
-            }
-            Err(e @ CliError::Unreachable { .. }) => {
-                link.pause(e, None, no_deadline)?;
-                continue;
-            }
-            Err(e) => return Err(e),
+        let Some(mut stream) = link.attempt(client.events(&id, is_run, None), None, no_deadline)?
+        else {
+            continue;
         };
         let mut ended = false;
         loop {
@@ -676,13 +679,8 @@ fn watch(client: &Client, a: &StatusArgs) -> Result<u8> {
             }
         }
         // The stream ended: make sure everything is final (reconnect if not).
-        let (status, jobs) = match fetch(client, &a.which) {
-            Ok(x) => x,
-            Err(e @ CliError::Unreachable { .. }) => {
-                link.pause(e, None, no_deadline)?;
-                continue;
-            }
-            Err(e) => return Err(e),
+        let Some((status, jobs)) = link.attempt(fetch(client, &a.which), None, no_deadline)? else {
+            continue;
         };
         if ended || all_final(&jobs) {
             if let Some(pb) = &bar {

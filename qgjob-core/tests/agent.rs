@@ -427,22 +427,53 @@ async fn shutdown_lets_the_running_batch_finish_and_report() {
     assert!(s.read(|s| s.devices().is_empty()));
 }
 
-/// A link that loses some requests (a flaky network), to exercise the agent's retries.
-struct LossyLink {
+/// A link over a pretend network. By default it passes every call to the scheduler; its
+/// knobs lose requests (a flaky network), delay lease answers (dropping the poll part-way
+/// would lose the lease), or refuse a device for good (as a server refuses a wrong token)
+/// after failing its first registrations with transport errors.
+struct TestNet {
     inner: LocalLink<GroupedScheduler>,
+    /// Lose one request in three, and every job's first report.
+    lossy: bool,
     calls: AtomicU64,
     failed_once: Mutex<BTreeSet<JobId>>,
+    /// How long a lease answer takes to arrive after the scheduler granted it.
+    lease_delay: Duration,
+    /// A device whose registration is refused.
+    refuse: Option<DeviceId>,
+    /// Registrations (of other devices) that fail with a transport error first.
+    transport_failures: AtomicU64,
 }
 
-impl LossyLink {
+impl TestNet {
+    fn new(inner: LocalLink<GroupedScheduler>) -> Self {
+        TestNet {
+            inner,
+            lossy: false,
+            calls: AtomicU64::new(0),
+            failed_once: Mutex::new(BTreeSet::new()),
+            lease_delay: Duration::ZERO,
+            refuse: None,
+            transport_failures: AtomicU64::new(0),
+        }
+    }
+
     fn drop_this_one(&self) -> bool {
-        self.calls.fetch_add(1, Ordering::SeqCst) % 3 == 1
+        self.lossy && self.calls.fetch_add(1, Ordering::SeqCst) % 3 == 1
     }
 }
 
 #[async_trait]
-impl AgentLink for LossyLink {
+impl AgentLink for TestNet {
     async fn register(&self, device: DeviceInfo) -> Result<(), LinkError> {
+        if self.refuse.as_ref() == Some(&device.id) {
+            return Err(LinkError::Rejected("unknown token".into()));
+        }
+        let left = self.transport_failures.load(Ordering::SeqCst);
+        if left > 0 {
+            self.transport_failures.store(left - 1, Ordering::SeqCst);
+            return Err(LinkError::Transport("connection refused".into()));
+        }
         self.inner.register(device).await
     }
     async fn unregister(&self, device: &DeviceId) -> Result<(), LinkError> {
@@ -457,7 +488,11 @@ impl AgentLink for LossyLink {
         if self.drop_this_one() {
             return Err(LinkError::Transport("connection reset".into()));
         }
-        self.inner.lease(device, max_batch, wait).await
+        let got = self.inner.lease(device, max_batch, wait).await;
+        if !self.lease_delay.is_zero() {
+            tokio::time::sleep(self.lease_delay).await;
+        }
+        got
     }
     async fn heartbeat(&self, lease: LeaseId) -> Result<HeartbeatAck, LinkError> {
         if self.drop_this_one() {
@@ -471,8 +506,8 @@ impl AgentLink for LossyLink {
         job: JobId,
         report: RunReport,
     ) -> Result<JobState, LinkError> {
-        // Every first report is lost on the way.
-        if self.failed_once.lock().unwrap().insert(job) {
+        // With a lossy network, every first report is lost on the way.
+        if self.lossy && self.failed_once.lock().unwrap().insert(job) {
             return Err(LinkError::Transport("502 bad gateway".into()));
         }
         self.inner.complete(lease, job, report).await
@@ -491,10 +526,9 @@ impl AgentLink for LossyLink {
 async fn transport_errors_are_retried_until_every_job_is_reported() {
     let s = shared(SchedulerConfig::default());
     let ticker = s.spawn_ticker();
-    let link = Arc::new(LossyLink {
-        inner: s.link(),
-        calls: AtomicU64::new(0),
-        failed_once: Mutex::new(BTreeSet::new()),
+    let link = Arc::new(TestNet {
+        lossy: true,
+        ..TestNet::new(s.link())
     });
     let dev = Arc::new(SimDevice::new(sim("emu-1", 5_000, 10_000)));
     let ids: Vec<JobId> = (0..5)
@@ -698,60 +732,14 @@ async fn many_devices_on_a_threaded_runtime_in_real_time() {
     assert!(s.read(|s| s.devices().is_empty()));
 }
 
-/// A link whose lease answers take a while to arrive after the scheduler granted them, as
-/// over a network: dropping the poll part-way would lose the lease.
-struct SlowAnswers {
-    inner: LocalLink<GroupedScheduler>,
-    delay: Duration,
-}
-
-#[async_trait]
-impl AgentLink for SlowAnswers {
-    async fn register(&self, device: DeviceInfo) -> Result<(), LinkError> {
-        self.inner.register(device).await
-    }
-    async fn unregister(&self, device: &DeviceId) -> Result<(), LinkError> {
-        self.inner.unregister(device).await
-    }
-    async fn lease(
-        &self,
-        device: &DeviceId,
-        max_batch: usize,
-        wait: Duration,
-    ) -> Result<Option<Lease>, LinkError> {
-        let got = self.inner.lease(device, max_batch, wait).await;
-        tokio::time::sleep(self.delay).await;
-        got
-    }
-    async fn heartbeat(&self, lease: LeaseId) -> Result<HeartbeatAck, LinkError> {
-        self.inner.heartbeat(lease).await
-    }
-    async fn complete(
-        &self,
-        lease: LeaseId,
-        job: JobId,
-        report: RunReport,
-    ) -> Result<JobState, LinkError> {
-        self.inner.complete(lease, job, report).await
-    }
-    async fn fail(
-        &self,
-        lease: LeaseId,
-        job: JobId,
-        failure: InfraFailure,
-    ) -> Result<JobState, LinkError> {
-        self.inner.fail(lease, job, failure).await
-    }
-}
-
 #[tokio::test(start_paused = true)]
 async fn shutdown_during_a_network_long_poll_runs_the_lease_it_brings() {
     let s = shared(SchedulerConfig::default());
     let ticker = s.spawn_ticker();
     let dev = Arc::new(SimDevice::new(sim("emu-1", 1_000, 5_000)));
-    let link = Arc::new(SlowAnswers {
-        inner: s.link(),
-        delay: Duration::from_secs(2),
+    let link = Arc::new(TestNet {
+        lease_delay: Duration::from_secs(2),
+        ..TestNet::new(s.link())
     });
     // The answer arrives within the shutdown grace.
     let cfg = AgentConfig {
@@ -782,9 +770,9 @@ async fn shutdown_abandons_an_idle_network_long_poll_after_the_grace() {
     let s = shared(SchedulerConfig::default());
     let ticker = s.spawn_ticker();
     let dev = Arc::new(SimDevice::new(sim("emu-1", 1_000, 5_000)));
-    let link = Arc::new(SlowAnswers {
-        inner: s.link(),
-        delay: Duration::from_millis(50),
+    let link = Arc::new(TestNet {
+        lease_delay: Duration::from_millis(50),
+        ..TestNet::new(s.link())
     });
     let cfg = agent_cfg();
     let (lease_wait, grace) = (cfg.lease_wait, cfg.shutdown_grace);
@@ -815,9 +803,9 @@ async fn a_lease_granted_to_an_abandoned_poll_goes_back_to_the_queue_at_once() {
     let ticker = s.spawn_ticker();
     let dev = Arc::new(SimDevice::new(sim("emu-1", 1_000, 5_000)));
     // The answer takes longer than the grace, so the agent gives up on it.
-    let link = Arc::new(SlowAnswers {
-        inner: s.link(),
-        delay: Duration::from_secs(30),
+    let link = Arc::new(TestNet {
+        lease_delay: Duration::from_secs(30),
+        ..TestNet::new(s.link())
     });
     let (shutdown, handle) = spawn_agent(link, &[Arc::clone(&dev)], agent_cfg());
     wait(&s, "registered", |s| s.devices().len() == 1).await;
@@ -852,69 +840,15 @@ async fn a_lease_granted_to_an_abandoned_poll_goes_back_to_the_queue_at_once() {
     assert_eq!(s.get(id).unwrap().state, JobState::Passed);
 }
 
-/// A link that refuses to register one device for good (as a server refuses a wrong token)
-/// and fails the first few registrations of the others with transport errors.
-struct Gatekeeper {
-    inner: LocalLink<GroupedScheduler>,
-    refuse: Option<DeviceId>,
-    transport_failures: AtomicU64,
-}
-
-#[async_trait]
-impl AgentLink for Gatekeeper {
-    async fn register(&self, device: DeviceInfo) -> Result<(), LinkError> {
-        if self.refuse.as_ref() == Some(&device.id) {
-            return Err(LinkError::Rejected("unknown token".into()));
-        }
-        let left = self.transport_failures.load(Ordering::SeqCst);
-        if left > 0 {
-            self.transport_failures.store(left - 1, Ordering::SeqCst);
-            return Err(LinkError::Transport("connection refused".into()));
-        }
-        self.inner.register(device).await
-    }
-    async fn unregister(&self, device: &DeviceId) -> Result<(), LinkError> {
-        self.inner.unregister(device).await
-    }
-    async fn lease(
-        &self,
-        device: &DeviceId,
-        max_batch: usize,
-        wait: Duration,
-    ) -> Result<Option<Lease>, LinkError> {
-        self.inner.lease(device, max_batch, wait).await
-    }
-    async fn heartbeat(&self, lease: LeaseId) -> Result<HeartbeatAck, LinkError> {
-        self.inner.heartbeat(lease).await
-    }
-    async fn complete(
-        &self,
-        lease: LeaseId,
-        job: JobId,
-        report: RunReport,
-    ) -> Result<JobState, LinkError> {
-        self.inner.complete(lease, job, report).await
-    }
-    async fn fail(
-        &self,
-        lease: LeaseId,
-        job: JobId,
-        failure: InfraFailure,
-    ) -> Result<JobState, LinkError> {
-        self.inner.fail(lease, job, failure).await
-    }
-}
-
 #[tokio::test(start_paused = true)]
 async fn a_refused_registration_stops_the_whole_agent_at_once() {
     let s = shared(SchedulerConfig::default());
     let ticker = s.spawn_ticker();
     let good = Arc::new(SimDevice::new(sim("emu-good", 1_000, 5_000)));
     let bad = Arc::new(SimDevice::new(sim("emu-bad", 1_000, 5_000)));
-    let link = Arc::new(Gatekeeper {
-        inner: s.link(),
+    let link = Arc::new(TestNet {
         refuse: Some(DeviceId::new("emu-bad").unwrap()),
-        transport_failures: AtomicU64::new(0),
+        ..TestNet::new(s.link())
     });
     let (_shutdown, handle) = spawn_agent(link, &[good, bad], agent_cfg());
     // Nobody triggers the shutdown: the refusal alone must end the run.
@@ -946,10 +880,9 @@ async fn registration_outlives_an_unreachable_scheduler() {
     let s = shared(SchedulerConfig::default());
     let ticker = s.spawn_ticker();
     let dev = Arc::new(SimDevice::new(sim("emu-1", 1_000, 5_000)));
-    let link = Arc::new(Gatekeeper {
-        inner: s.link(),
-        refuse: None,
+    let link = Arc::new(TestNet {
         transport_failures: AtomicU64::new(6),
+        ..TestNet::new(s.link())
     });
     let stats_link = Arc::clone(&link);
     let mut agent = Agent::new(stats_link, agent_cfg());

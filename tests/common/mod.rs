@@ -63,11 +63,19 @@ pub fn qgjob(server: Option<&str>, cwd: &Path) -> Command {
 /// A server (memory store, data under `dir/server-data`, plus `extra` flags) on a free
 /// loopback port; returns it with its base URL, read from the first line it prints.
 pub fn start_server(dir: &Path, extra: &[&str]) -> (Proc, String) {
+    let data = dir.join("server-data");
+    let mut args = vec!["--addr", "127.0.0.1:0", "--store", "memory", "--data-dir"];
+    args.push(data.to_str().expect("utf-8 path"));
+    args.extend_from_slice(extra);
+    spawn_server(dir, &args)
+}
+
+/// `qgjob server ARGS` in `dir`; returns it with the base URL from the `listening` line,
+/// the first it prints.
+pub fn spawn_server(dir: &Path, args: &[&str]) -> (Proc, String) {
     let mut child = qgjob(None, dir)
-        .args(["server", "--addr", "127.0.0.1:0", "--store", "memory"])
-        .arg("--data-dir")
-        .arg(dir.join("server-data"))
-        .args(extra)
+        .arg("server")
+        .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
