@@ -442,6 +442,12 @@ fn glob_submits_a_run_and_json_shapes_are_stable() {
         &["logs", &format!("--job-id={first_job}")],
     );
     assert_eq!(code(&o), 0, "{}", stderr(&o));
+    // No output at all is said on stderr, not left blank.
+    assert!(
+        !stdout(&o).is_empty() || stderr(&o).contains("no log output"),
+        "{}",
+        stderr(&o)
+    );
     let o = run(
         Some(&url),
         dir.path(),
@@ -510,6 +516,11 @@ fn glob_submits_a_run_and_json_shapes_are_stable() {
         3,
         "{out}"
     );
+    // Nothing matches: no table, a word on stderr.
+    let none = run(Some(&url), dir.path(), &["list", "--org-id=nobody"]);
+    assert_eq!(code(&none), 0, "{}", stderr(&none));
+    assert!(stdout(&none).is_empty(), "{}", stdout(&none));
+    assert_eq!(stderr(&none), "(no jobs match)\n");
     // The next page: the hint (on stderr, out of the table's way) names the cursor.
     let hint = stderr(&o);
     let cursor = hint

@@ -1189,7 +1189,7 @@ async fn real_server_and_agent_run_playwright_specs_end_to_end() {
         lab.dir.path().join("bin").display(),
         std::env::var("PATH").unwrap_or_default()
     );
-    let _agent = Proc(
+    let mut agent = Proc(
         qgjob(Some(&url), lab.dir.path())
             .env("PATH", path)
             .args([
@@ -1208,10 +1208,22 @@ async fn real_server_and_agent_run_playwright_specs_end_to_end() {
             .arg("--cache-dir")
             .arg(lab.dir.path().join("agent-cache"))
             .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
             .spawn()
             .expect("agent starts"),
     );
+    // What the agent says, collected as it says it.
+    let said = Arc::new(Mutex::new(Vec::<String>::new()));
+    {
+        let err = agent.0.stderr.take().expect("stderr");
+        let said = Arc::clone(&said);
+        std::thread::spawn(move || {
+            use std::io::BufRead as _;
+            for line in std::io::BufReader::new(err).lines().map_while(Result::ok) {
+                said.lock().unwrap().push(line);
+            }
+        });
+    }
 
     let submit = |test: &str, extra: &[&str]| -> String {
         let out = run_ok(
@@ -1233,6 +1245,17 @@ async fn real_server_and_agent_run_playwright_specs_end_to_end() {
     // Passing spec: exit 0, per-test results, logs.
     let pass = submit("tests/pass.spec.js", &[]);
     assert_eq!(wait_exit(&project, &url, &pass), 0);
+    // The device it found registered, and only then did it announce itself.
+    let banner = "qgjob agent e2e: 1 emulator device serving ";
+    let t0 = std::time::Instant::now();
+    while !said.lock().unwrap().iter().any(|l| l.starts_with(banner)) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "no banner in {:?}",
+            said.lock().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let job = get_json(&format!("{url}/v1/jobs/{pass}"));
     assert_eq!(job["state"], "passed", "{job}");
     let results = get_json(&format!("{url}/v1/jobs/{pass}/results"));

@@ -408,8 +408,11 @@ fn real_agent(client: Client, a: &AgentArgs) -> Result<u8> {
         ..AgentConfig::default()
     };
     let rt = runtime()?;
-    eprintln!("qgjob agent {name}: {target} devices serving {base} (ctrl-c to stop)");
-    let ended = rt.block_on(async move {
+    // The devices are found (adb) or made (BrowserStack) inside the run; the banner waits
+    // until every one of them has registered, as for simulated devices.
+    let started = std::sync::OnceLock::new();
+    let mut watch: Option<Watch> = None;
+    let ended = rt.block_on(async {
         let shutdown = Shutdown::new();
         let run = run_real_agent(
             link,
@@ -420,10 +423,25 @@ fn real_agent(client: Client, a: &AgentArgs) -> Result<u8> {
             &a.real,
             cfg,
             shutdown.signal(),
+            &started,
         );
         // Dropping `run` on a forced stop drops its device tasks, and with them the test
         // commands' process-group guards, which kill what is still running.
-        run_until_stopped(run, &shutdown, || {}).await
+        run_until_stopped(run, &shutdown, || {
+            if watch.is_none() {
+                if let Some((stats, n)) = started.get() {
+                    let banner = format!(
+                        "qgjob agent {name}: {n} {target} device{} serving {base} (ctrl-c to stop)",
+                        if *n == 1 { "" } else { "s" }
+                    );
+                    watch = Some(Watch::new(Arc::clone(stats), *n, Some(banner)));
+                }
+            }
+            if let Some(w) = watch.as_mut() {
+                w.check();
+            }
+        })
+        .await
     });
     let settle = if matches!(ended, Ended::Forced) {
         Duration::from_secs(1)

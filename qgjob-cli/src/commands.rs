@@ -721,6 +721,11 @@ pub fn list(client: &Client, a: &ListArgs) -> Result<u8> {
         print_json(&page)?;
         return Ok(EXIT_OK);
     }
+    if page.jobs.is_empty() {
+        // On stderr: a script reading the table gets an empty one, a person gets a word.
+        eprintln!("(no jobs match)");
+        return Ok(EXIT_OK);
+    }
     let colour = use_color();
     let rows: Vec<[String; 7]> = page
         .jobs
@@ -823,6 +828,10 @@ pub fn logs(client: &Client, a: &LogsArgs) -> Result<u8> {
         }
         offset = size.max(offset + bytes.len() as u64);
         if !a.follow {
+            if offset == 0 {
+                // Simulated devices, for one, write no log: say so rather than nothing.
+                eprintln!("(job {} has no log output yet)", a.job_id);
+            }
             return Ok(EXIT_OK);
         }
         if bytes.is_empty() && client.job(&a.job_id)?.state.is_final() {

@@ -312,7 +312,9 @@ pub async fn build_devices(
 
 /// Everything `qgjob agent` needs without `--simulate`: wraps `link` so device logs reach
 /// the server, downloads artifacts from `server` (with `token`), builds the devices of
-/// `target` and runs them until `shutdown`.
+/// `target` and runs them until `shutdown`. Once the devices are built, `started` gets the
+/// agent's live counters and the number of devices (for the command's banner and
+/// warnings).
 #[allow(clippy::too_many_arguments)]
 pub async fn run_real_agent(
     link: Arc<dyn AgentLink>,
@@ -323,6 +325,7 @@ pub async fn run_real_agent(
     args: &RealArgs,
     cfg: AgentConfig,
     shutdown: ShutdownSignal,
+    started: &std::sync::OnceLock<(Arc<qgjob_core::agent::AgentStats>, u64)>,
 ) -> Result<AgentCounters, RealError> {
     let logging = link::LoggingLink::new(link);
     let source: Arc<dyn ArtifactSource> =
@@ -336,9 +339,11 @@ pub async fn run_real_agent(
     )
     .await?;
     let mut agent = Agent::new(logging as Arc<dyn AgentLink>, cfg);
+    let n = built.devices.len() as u64;
     for d in built.devices {
         agent.add_device(d);
     }
+    let _ = started.set((agent.stats(), n));
     let counters = agent.run(shutdown).await?;
     eprintln!(
         "{}",
