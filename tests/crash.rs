@@ -22,6 +22,14 @@ struct Server {
     _stdout: BufReader<std::process::ChildStdout>,
 }
 
+impl Drop for Server {
+    // A failing assertion must not leave the server running.
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 fn start_server(data: &Path) -> Server {
     start_server_on(data, "127.0.0.1:0")
 }
@@ -349,7 +357,7 @@ fn wait_and_watch_reconnect_across_a_server_restart() {
     server.child.kill().expect("SIGKILL");
     server.child.wait().expect("reaped");
     std::thread::sleep(Duration::from_secs(1));
-    let mut server = start_server_on(&data, &addr);
+    let server = start_server_on(&data, &addr);
     let _agent = common::start_agent(&server.base, dir.path(), "emulator", &[]);
 
     for (what, p) in [("wait", &mut waiting), ("status --watch", &mut watching)] {
@@ -382,6 +390,4 @@ fn wait_and_watch_reconnect_across_a_server_restart() {
         assert!(err.contains("reconnecting"), "{what}: {err}");
         assert_eq!(err.lines().count(), 1, "{what}: {err}");
     }
-    server.child.kill().ok();
-    server.child.wait().ok();
 }

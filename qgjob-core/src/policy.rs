@@ -222,8 +222,8 @@ const HANDOFF_WAIT_INSTALLS: u64 = 2;
 /// run took 604 s instead of 510 s from first submit to last result, the p90 1,600 s
 /// either way).
 const SPREAD_INSTALLS: u64 = 4;
-/// Spreading also asks that the newcomer shorten the group's drain by at least this
-/// fraction of an install (numerator, denominator): an extra device costs an install, and
+/// Spreading also asks that the newcomer shorten the group's drain by at least an install
+/// divided by this (half an install): an extra device costs an install, and
 /// with n devices it saves B/n − (B + install)/(n + 1), which shrinks as 1/n². The rule
 /// above alone let a fifteenth device join for a fifth of an install's gain, so a big
 /// group ended with every device and then all of them moved (crunch-97 of the other
@@ -233,7 +233,7 @@ const SPREAD_INSTALLS: u64 = 4;
 /// hotfix runs, many-org mixes, random mixes) 377 → 387 and 356 → 366 of 691 and 697
 /// pools, by fewer installs; mean makespan / bound on `compare` within 0.2 points (a
 /// quarter, three quarters or a whole install: 1,014 / 380, 1,011 / 395, 1,005 / 400).
-const SPREAD_GAIN: (u64, u64) = (1, 2);
+const SPREAD_GAIN: u64 = 2;
 /// Spreading a group whose run time is not measured yet (none of its jobs has finished):
 /// at most this many devices until one has, since its estimate is the pool's recent run
 /// time, which for a new build can be off by ten times either way…
@@ -269,14 +269,10 @@ fn choose_grouped(view: &impl PoolView) -> Choice {
         let n = u64::from(g.serving.max(1));
         let probed =
             g.measured || g.serving < PROBE_DEVICES || g.ready >= PROBE_JOBS_PER_DEVICE * (n + 1);
-        // B/n − (B + I)/(n + 1) ≥ g·I  ⟺  B ≥ n·I + g·n(n + 1)·I, g = SPREAD_GAIN.
-        let (num, den) = SPREAD_GAIN;
-        let gain_need = n.saturating_mul(install).saturating_add(
-            num.saturating_mul(n)
-                .saturating_mul(n + 1)
-                .saturating_mul(install)
-                / den,
-        );
+        // B/n − (B + I)/(n + 1) ≥ I/k  ⟺  B ≥ n·I + n(n + 1)·I/k, k = SPREAD_GAIN.
+        let gain_need = n
+            .saturating_mul(install)
+            .saturating_add(n.saturating_mul(n + 1).saturating_mul(install) / SPREAD_GAIN);
         probed
             && g.ready >= 2
             && g.ready_work_ms >= (SPREAD_INSTALLS * n + 1).saturating_mul(install)

@@ -1,7 +1,7 @@
 //! The user API under `/v1`: jobs, runs, listing, cancel, logs, results, live events
 //! (Server-Sent Events), app builds and test bundles; plus the admin token endpoint.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::convert::Infallible;
 use std::str::FromStr;
 
@@ -13,8 +13,8 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures_util::stream::{self, Stream, StreamExt};
 use qgjob_core::{
-    AppVersionId, Job, JobEvent, JobFilter, JobId, JobSpec, JobState, OrgId, RunId, Scheduler,
-    StateCounts, SubmitError, Target, Time,
+    AppVersionId, GroupedScheduler, Job, JobEvent, JobFilter, JobId, JobSpec, JobState, OrgId,
+    RunId, Scheduler, StateCounts, SubmitError, Target, Time,
 };
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -77,10 +77,11 @@ pub async fn submit_job(
         )
             .into_response());
     }
-    let target = spec.target.clone();
-    let sub = app
+    let targets = BTreeSet::from([spec.target.clone()]);
+    let (sub, warning) = app
         .mutate(Vec::new(), true, |s, now, _| {
-            s.submit(now, spec).map_err(ApiError::from)
+            let sub = s.submit(now, spec).map_err(ApiError::from)?;
+            Ok((sub, unserved_warning(s, &targets)))
         })
         .await?;
     if sub.created {
@@ -95,35 +96,27 @@ pub async fn submit_job(
         StatusCode::OK
     };
     let mut answer = json!({"job_id": sub.job_id, "status": sub.state, "created": sub.created});
-    if let Some(w) = unserved_warning(&app, [&target]) {
+    if let Some(w) = warning {
         answer["warning"] = json!(w);
     }
     Ok((status, Json(answer)).into_response())
 }
 
-/// A warning for targets no registered device serves (a typo such as `emualtor`, or no
-/// agent started for that pool yet): the jobs are queued and wait for one.
-fn unserved_warning<'a>(
-    app: &AppState,
-    targets: impl IntoIterator<Item = &'a Target>,
-) -> Option<String> {
-    let mut missing: Vec<&str> = {
-        let s = app.lock();
-        targets
-            .into_iter()
-            .filter(|t| !s.serves_target(t))
-            .map(Target::as_str)
-            .collect()
-    };
-    missing.sort_unstable();
-    missing.dedup();
-    if missing.is_empty() {
-        return None;
-    }
-    Some(format!(
-        "no agent serves target {} now; the jobs wait until one registers",
-        missing.join(", ")
-    ))
+/// A warning for the targets no registered device serves (a typo such as `emualtor`, or
+/// no agent started for that pool yet): the jobs are queued and wait for one. Called under
+/// the lock the submit already holds, once per distinct target.
+fn unserved_warning(s: &GroupedScheduler, targets: &BTreeSet<Target>) -> Option<String> {
+    let missing: Vec<&str> = targets
+        .iter()
+        .filter(|t| !s.serves_target(t))
+        .map(Target::as_str)
+        .collect();
+    (!missing.is_empty()).then(|| {
+        format!(
+            "no agent serves target {} now; the jobs wait until one registers",
+            missing.join(", ")
+        )
+    })
 }
 
 /// The scheduler deduplicates idempotency keys among the jobs it holds; a job it forgot
@@ -211,7 +204,7 @@ pub async fn submit_run(
     let mut known: Vec<Option<JobId>> = vec![None; total];
     let mut specs = Vec::with_capacity(total);
     let mut positions = Vec::with_capacity(total);
-    let targets: Vec<Target> = body.jobs.iter().map(|j| j.target.clone()).collect();
+    let targets: BTreeSet<Target> = body.jobs.iter().map(|j| j.target.clone()).collect();
     for (i, mut s) in body.jobs.into_iter().enumerate() {
         match forgotten_match(&app, &s, &format!("jobs[{i}].idempotency_key")).await? {
             Some(old) => known[i] = Some(old.id),
@@ -229,16 +222,17 @@ pub async fn submit_run(
         labels: body.labels,
         job_count: total as u64,
     };
-    let subs = app
+    let (subs, warning) = app
         .mutate(vec![record], true, |s, now, _| {
-            s.submit_many(now, specs).map_err(|e| match e {
+            let subs = s.submit_many(now, specs).map_err(|e| match e {
                 // Name the job by its place in the request, not in the submitted subset.
                 SubmitError::Invalid { index, source } => batch_error(SubmitError::Invalid {
                     index: positions.get(index).copied().unwrap_or(index),
                     source,
                 }),
                 other => batch_error(other),
-            })
+            })?;
+            Ok((subs, unserved_warning(s, &targets)))
         })
         .await?;
     let created = subs.iter().filter(|s| s.created).count() as u64;
@@ -252,7 +246,7 @@ pub async fn submit_run(
         .collect();
     tracing::info!(run_id = %run_id, jobs = ids.len(), created, "run submitted");
     let mut answer = json!({"run_id": run_id, "job_ids": ids, "status": "queued"});
-    if let Some(w) = unserved_warning(&app, &targets) {
+    if let Some(w) = warning {
         answer["warning"] = json!(w);
     }
     Ok((StatusCode::CREATED, Json(answer)).into_response())
