@@ -744,6 +744,60 @@ fn config_file_names_the_server() {
 }
 
 #[test]
+fn connection_flags_go_before_or_after_the_command_and_beat_the_environment() {
+    let dir = project();
+    let (_server, url) = start_server(dir.path(), &[]);
+    let dead = "http://127.0.0.1:1";
+    let list = |env: &str, args: &[&str]| {
+        let o = qgjob(Some(env), dir.path())
+            .args(args)
+            .output()
+            .expect("runs");
+        (code(&o), stderr(&o))
+    };
+    // The environment names a dead server; a flag in either place wins…
+    let (c, e) = list(dead, &["--server", &url, "list"]);
+    assert_eq!(c, 0, "{e}");
+    let (c, e) = list(dead, &["list", "--server", &url]);
+    assert_eq!(c, 0, "{e}");
+    // …and the other way round.
+    let (c, e) = list(&url, &["--server", dead, "list"]);
+    assert_eq!(c, 3, "{e}");
+    let (c, e) = list(&url, &["list", "--server", dead]);
+    assert_eq!(c, 3, "{e}");
+    // After the command beats before it.
+    let (c, e) = list(dead, &["--server", dead, "list", "--server", &url]);
+    assert_eq!(c, 0, "{e}");
+    // Commands that never talk to a server neither list the flags nor take them silently.
+    for cmd in ["server", "simulate", "demo", "up"] {
+        let o = qgjob(None, dir.path())
+            .args([cmd, "--help"])
+            .output()
+            .expect("runs");
+        let help = String::from_utf8_lossy(&o.stdout);
+        assert!(!help.contains("--server <"), "{cmd} --help: {help}");
+        assert!(!help.contains("--token <"), "{cmd} --help: {help}");
+    }
+    for cmd in [
+        "submit", "status", "wait", "list", "cancel", "logs", "agent",
+    ] {
+        let o = qgjob(None, dir.path())
+            .args([cmd, "--help"])
+            .output()
+            .expect("runs");
+        let help = String::from_utf8_lossy(&o.stdout);
+        assert!(help.contains("--server <URL>"), "{cmd} --help: {help}");
+    }
+    let o = qgjob(None, dir.path())
+        .args(["--server", &url, "simulate", "--generate", "uniform"])
+        .output()
+        .expect("runs");
+    assert_eq!(code(&o), 2, "{}", stderr(&o));
+    assert!(stderr(&o).contains("not `simulate`"), "{}", stderr(&o));
+    assert!(o.stdout.is_empty());
+}
+
+#[test]
 fn app_upload_prints_the_content_hash() {
     let dir = project();
     let (_server, url) = start_server(dir.path(), &[]);

@@ -47,7 +47,7 @@ http://127.0.0.1:7878.\nExit codes: 0 all passed, 1 a test failed, 2 usage or in
 3 server or infrastructure error (also error/canceled jobs and timeouts).\nTry it all locally: qgjob demo"
 )]
 pub struct Cli {
-    /// Connection options.
+    /// Connection flags given before the command.
     #[command(flatten)]
     pub conn: Conn,
     /// The command.
@@ -55,28 +55,34 @@ pub struct Cli {
     pub command: Command,
 }
 
-/// Where the server is and how to authenticate.
-#[derive(Debug, Clone, Args)]
+/// Where the server is and how to authenticate. Client commands and `agent` take these
+/// flags after the command name; before it (`qgjob --server URL status …`) they are
+/// accepted too, as they always were. They are not global flags, so `server`, `simulate`,
+/// `demo` and `up` do not list flags they would ignore. The environment is read in
+/// [`crate::config::resolve`], not by clap, so that a flag in either place beats it.
+#[derive(Debug, Clone, Default, Args)]
 pub struct Conn {
-    /// Server URL (default http://127.0.0.1:7878).
-    #[arg(
-        long,
-        global = true,
-        env = "QGJOB_SERVER",
-        value_name = "URL",
-        help_heading = "Connection"
-    )]
+    /// Server URL (else QGJOB_SERVER, the config file, or http://127.0.0.1:7878).
+    #[arg(long, value_name = "URL", help_heading = "Connection")]
     pub server: Option<String>,
-    /// Bearer token.
-    #[arg(
-        long,
-        global = true,
-        env = "QGJOB_TOKEN",
-        value_name = "TOKEN",
-        hide_env_values = true,
-        help_heading = "Connection"
-    )]
+    /// Bearer token (else QGJOB_TOKEN or the config file).
+    #[arg(long, value_name = "TOKEN", help_heading = "Connection")]
     pub token: Option<String>,
+}
+
+impl Conn {
+    /// The flags given after the command, else those given before it.
+    pub fn or(&self, before: &Conn) -> Conn {
+        Conn {
+            server: self.server.clone().or_else(|| before.server.clone()),
+            token: self.token.clone().or_else(|| before.token.clone()),
+        }
+    }
+
+    /// Whether either flag was given.
+    pub fn is_set(&self) -> bool {
+        self.server.is_some() || self.token.is_some()
+    }
 }
 
 /// Every command.
@@ -116,9 +122,45 @@ pub enum Command {
     },
 }
 
+impl Command {
+    /// Whether the command talks to a server (so `--server`/`--token` mean something).
+    pub fn uses_server(&self) -> bool {
+        !matches!(
+            self,
+            Command::Server(_)
+                | Command::Simulate(_)
+                | Command::Up(_)
+                | Command::Demo(_)
+                | Command::Completions { .. }
+        )
+    }
+
+    /// The command's name on the command line.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Command::Submit(_) => "submit",
+            Command::Status(_) => "status",
+            Command::Wait(_) => "wait",
+            Command::List(_) => "list",
+            Command::Cancel(_) => "cancel",
+            Command::Logs(_) => "logs",
+            Command::App(_) => "app",
+            Command::Server(_) => "server",
+            Command::Agent(_) => "agent",
+            Command::Simulate(_) => "simulate",
+            Command::Up(_) => "up",
+            Command::Demo(_) => "demo",
+            Command::Completions { .. } => "completions",
+        }
+    }
+}
+
 /// `qgjob submit`.
 #[derive(Debug, Args)]
 pub struct SubmitArgs {
+    /// Where the server is.
+    #[command(flatten)]
+    pub conn: Conn,
     /// The submitting organisation.
     #[arg(long, value_name = "ORG")]
     pub org_id: String,
@@ -189,6 +231,9 @@ pub struct Which {
 /// `qgjob status`.
 #[derive(Debug, Args)]
 pub struct StatusArgs {
+    /// Where the server is.
+    #[command(flatten)]
+    pub conn: Conn,
     /// The job or run.
     #[command(flatten)]
     pub which: Which,
@@ -203,6 +248,9 @@ pub struct StatusArgs {
 /// `qgjob wait`.
 #[derive(Debug, Args)]
 pub struct WaitArgs {
+    /// Where the server is.
+    #[command(flatten)]
+    pub conn: Conn,
     /// The job or run.
     #[command(flatten)]
     pub which: Which,
@@ -224,6 +272,9 @@ pub struct WaitArgs {
 /// `qgjob list`.
 #[derive(Debug, Args)]
 pub struct ListArgs {
+    /// Where the server is.
+    #[command(flatten)]
+    pub conn: Conn,
     /// Only this org.
     #[arg(long, value_name = "ORG")]
     pub org_id: Option<String>,
@@ -254,6 +305,9 @@ pub struct ListArgs {
 /// `qgjob cancel`.
 #[derive(Debug, Args)]
 pub struct CancelArgs {
+    /// Where the server is.
+    #[command(flatten)]
+    pub conn: Conn,
     /// The job or run.
     #[command(flatten)]
     pub which: Which,
@@ -265,6 +319,9 @@ pub struct CancelArgs {
 /// `qgjob logs`.
 #[derive(Debug, Args)]
 pub struct LogsArgs {
+    /// Where the server is.
+    #[command(flatten)]
+    pub conn: Conn,
     /// The job.
     #[arg(long, value_name = "ID")]
     pub job_id: String,
@@ -283,6 +340,9 @@ pub enum AppCommand {
 /// `qgjob app upload`.
 #[derive(Debug, Args)]
 pub struct AppUploadArgs {
+    /// Where the server is.
+    #[command(flatten)]
+    pub conn: Conn,
     /// The org.
     #[arg(long, value_name = "ORG")]
     pub org_id: String,
@@ -340,6 +400,9 @@ pub struct ServerArgs {
 /// `qgjob agent`.
 #[derive(Debug, Args)]
 pub struct AgentArgs {
+    /// Where the server is.
+    #[command(flatten)]
+    pub conn: Conn,
     /// Device pool this agent serves.
     #[arg(long, value_parser = target)]
     pub target: String,

@@ -155,6 +155,8 @@ pub fn submit(client: &Client, a: &SubmitArgs) -> Result<u8> {
     wait(
         client,
         &WaitArgs {
+            // The client is already resolved; these flags are not read again.
+            conn: a.conn.clone(),
             which,
             timeout: a.wait_timeout,
             junit: a.junit.clone(),

@@ -81,9 +81,16 @@ pub fn load_file() -> Result<FileConfig> {
         .map_err(|e| CliError::Usage(format!("invalid config file {}: {e}", path.display())))
 }
 
-/// Resolves settings from flag/env values (clap already merged those) and the config file.
-/// The file is read only when a value is still missing, to keep start-up cheap.
+/// Resolves settings from the flags, then `QGJOB_SERVER`/`QGJOB_TOKEN`, then the config
+/// file. The file is read only when a value is still missing, to keep start-up cheap.
 pub fn resolve(server: Option<String>, token: Option<String>) -> Result<Settings> {
+    let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+    let server = server
+        .filter(|s| !s.is_empty())
+        .or_else(|| env("QGJOB_SERVER"));
+    let token = token
+        .filter(|t| !t.is_empty())
+        .or_else(|| env("QGJOB_TOKEN"));
     let need_file = server.is_none() || token.is_none();
     let file = if need_file {
         load_file()?

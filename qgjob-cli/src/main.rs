@@ -4,31 +4,42 @@
 use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser};
-use qgjob_cli::cli::{AppCommand, Cli, Command};
+use qgjob_cli::cli::{AppCommand, Cli, Command, Conn};
 use qgjob_cli::client::Client;
 use qgjob_cli::commands;
 use qgjob_cli::config;
-use qgjob_cli::error::Result;
+use qgjob_cli::error::{CliError, Result};
 
-fn client(conn: &qgjob_cli::cli::Conn) -> Result<Client> {
-    let s = config::resolve(conn.server.clone(), conn.token.clone())?;
+/// A client for the server named by the flags after the command, else before it, else
+/// the environment and the config file.
+fn client(after: &Conn, before: &Conn) -> Result<Client> {
+    let conn = after.or(before);
+    let s = config::resolve(conn.server, conn.token)?;
     Ok(Client::new(s.server, s.token))
 }
 
 fn run(cli: Cli) -> Result<u8> {
+    let before = &cli.conn;
+    if before.is_set() && !cli.command.uses_server() {
+        // Accepting them silently would suggest they did something.
+        return Err(CliError::Usage(format!(
+            "--server and --token are for client commands and agents, not `{}`",
+            cli.command.name()
+        )));
+    }
     match &cli.command {
-        Command::Submit(a) => commands::submit(&client(&cli.conn)?, a),
-        Command::Status(a) => commands::status(&client(&cli.conn)?, a),
-        Command::Wait(a) => commands::wait(&client(&cli.conn)?, a),
-        Command::List(a) => commands::list(&client(&cli.conn)?, a),
-        Command::Cancel(a) => commands::cancel(&client(&cli.conn)?, a),
-        Command::Logs(a) => commands::logs(&client(&cli.conn)?, a),
-        Command::App(AppCommand::Upload(a)) => commands::app_upload(&client(&cli.conn)?, a),
+        Command::Submit(a) => commands::submit(&client(&a.conn, before)?, a),
+        Command::Status(a) => commands::status(&client(&a.conn, before)?, a),
+        Command::Wait(a) => commands::wait(&client(&a.conn, before)?, a),
+        Command::List(a) => commands::list(&client(&a.conn, before)?, a),
+        Command::Cancel(a) => commands::cancel(&client(&a.conn, before)?, a),
+        Command::Logs(a) => commands::logs(&client(&a.conn, before)?, a),
+        Command::App(AppCommand::Upload(a)) => commands::app_upload(&client(&a.conn, before)?, a),
         Command::Completions { shell } => {
             clap_complete::generate(*shell, &mut Cli::command(), "qgjob", &mut std::io::stdout());
             Ok(0)
         }
-        Command::Agent(a) => qgjob_cli::agent::agent(client(&cli.conn)?, a),
+        Command::Agent(a) => qgjob_cli::agent::agent(client(&a.conn, before)?, a),
         Command::Simulate(a) => qgjob_cli::simulate::simulate(a),
         Command::Server(a) => qgjob_cli::local::server(a),
         Command::Up(a) => qgjob_cli::local::up(a),
