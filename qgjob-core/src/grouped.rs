@@ -37,7 +37,9 @@ struct Group {
     key: GroupKey,
     /// Submission seq of the group's first job: arrival order for the per-group baseline.
     first_seq: u64,
-    ready: BTreeMap<ReadyKey, JobId>,
+    /// Ready jobs with their priority (which, with the key's urgency, gives the submit time
+    /// too), so that the group's head is known without a look in the job table.
+    ready: BTreeMap<ReadyKey, (JobId, i32)>,
     running: u64,
     /// Non-lost devices of this pool with the build installed and matching capabilities.
     serving: u32,
@@ -47,6 +49,17 @@ struct Group {
     last_submit: Time,
     /// Where the group currently sits in its pool's indexes (to remove it again).
     indexed: Option<Indexed>,
+    /// What the policy reads of the head of `ready`, kept here so that a decision never
+    /// looks a job up in the (large, cache-cold) job table; refreshed by `reindex`.
+    head: Option<Head>,
+}
+
+/// The most urgent ready job of a group, as the policy sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Head {
+    key: ReadyKey,
+    priority: i32,
+    created_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -372,6 +385,7 @@ impl GroupedScheduler {
             job_ms: None,
             last_submit: Time::ZERO,
             indexed: None,
+            head: None,
         });
         self.build_groups
             .entry((key.target.clone(), key.build.clone()))
@@ -407,12 +421,22 @@ impl GroupedScheduler {
         let Some(gi) = self.group_idx(&job.spec) else {
             return;
         };
-        self.groups[gi].ready.insert(key, id);
+        let priority = job.spec.priority.0;
+        self.groups[gi].ready.insert(key, (id, priority));
         self.reindex(gi);
     }
 
     /// Re-files a group in its pool's indexes after its ready set or serving count changed.
     fn reindex(&mut self, gi: GroupIdx) {
+        let level = self.cfg.aging_ms_per_level as i64;
+        let g = &mut self.groups[gi];
+        let first = g.ready.iter().next().map(|(&key, &(_, priority))| Head {
+            key,
+            priority,
+            // The inverse of `urgency`.
+            created_ms: (key.0 + i64::from(priority) * level) as u64,
+        });
+        g.head = first;
         let g = &self.groups[gi];
         let now_idx = g.ready.keys().next().map(|&head| Indexed {
             head,
@@ -751,16 +775,16 @@ impl GroupedScheduler {
 
     fn group_view(&self, gi: GroupIdx) -> Option<GroupView> {
         let g = &self.groups[gi];
-        let (&head, id) = g.ready.iter().next()?;
-        let job = self.jobs.get(id)?;
+        let head = g.head.filter(|_| !g.ready.is_empty())?;
+        debug_assert_eq!(g.ready.keys().next(), Some(&head.key), "stale group head");
         Some(GroupView {
             idx: gi,
-            urgency: head.0,
+            urgency: head.key.0,
             ready: g.ready.len() as u64,
             ready_work_ms: g.ready.len() as u64 * self.estimate_job_ms(gi),
             serving: g.serving,
-            priority: job.spec.priority.0,
-            created_ms: job.created_at.as_millis(),
+            priority: head.priority,
+            created_ms: head.created_ms,
             measured: g.job_ms.is_some(),
         })
     }
@@ -876,20 +900,21 @@ impl PoolView for View<'_> {
             .map(|(_, serving, since)| (serving, since))
     }
 
-    fn unserved_by_org(&self) -> Vec<OrgCandidate> {
-        let Some(pool) = self.pool else {
-            return Vec::new();
-        };
-        pool.unserved_by_org
-            .iter()
-            .filter_map(|(org, set)| {
+    fn unserved_by_org(&self) -> impl Iterator<Item = OrgCandidate> + '_ {
+        self.pool
+            .into_iter()
+            .flat_map(|pool| {
+                pool.unserved_by_org
+                    .iter()
+                    .map(move |(org, set)| (pool, org, set))
+            })
+            .filter_map(|(pool, org, set)| {
                 let (_, gi) = set.iter().find(|(_, gi)| self.fits(*gi))?;
                 Some(OrgCandidate {
                     busy: pool.busy_by_org.get(org).copied().unwrap_or(0),
                     group: self.s.group_view(*gi)?,
                 })
             })
-            .collect()
     }
 
     fn oldest_unserved(&self) -> Option<GroupView> {
@@ -1091,7 +1116,7 @@ impl Scheduler for GroupedScheduler {
             .ready
             .iter()
             .take(n)
-            .map(|(k, v)| (*k, *v))
+            .map(|(k, &(id, _))| (*k, id))
             .collect();
         if picked.is_empty() {
             return Ok(None);

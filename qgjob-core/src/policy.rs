@@ -131,8 +131,10 @@ pub trait PoolView {
     /// The group of the build installed on the device, if it has ready jobs, with the
     /// devices its org holds (not counting the asking one).
     fn own_group(&self) -> Option<OrgCandidate>;
-    /// For each org with ready groups no device serves: its most urgent such group.
-    fn unserved_by_org(&self) -> Vec<OrgCandidate>;
+    /// For each org with ready groups no device serves: its most urgent such group. An
+    /// iterator, not a list: this runs on every decision, and allocating there cost more
+    /// than the decision itself.
+    fn unserved_by_org(&self) -> impl Iterator<Item = OrgCandidate> + '_;
     /// The oldest (first submitted) ready group no device serves.
     fn oldest_unserved(&self) -> Option<GroupView>;
     /// The ready group holding the pool's most urgent job.
@@ -162,20 +164,24 @@ pub fn aged_priority(g: &GroupView, now_ms: u64, level_ms: u64) -> f64 {
 
 /// Fair share between orgs: the org holding the fewest devices goes first, but each level of
 /// (aged) priority its best group has outweighs one device held. Ties go to the most urgent
-/// group. Returns the chosen org's group.
-pub fn fair_pick(cands: &[OrgCandidate], now_ms: u64, level_ms: u64) -> Option<GroupView> {
+/// group. Returns the chosen org's candidate.
+pub fn fair_pick(
+    cands: impl IntoIterator<Item = OrgCandidate>,
+    now_ms: u64,
+    level_ms: u64,
+) -> Option<OrgCandidate> {
     cands
-        .iter()
+        .into_iter()
         .map(|c| {
             let score = f64::from(c.busy) - aged_priority(&c.group, now_ms, level_ms);
-            (score, c.group)
+            (score, c)
         })
-        .min_by(|(sa, ga), (sb, gb)| {
+        .min_by(|(sa, ca), (sb, cb)| {
             sa.total_cmp(sb)
-                .then(ga.urgency.cmp(&gb.urgency))
-                .then(ga.idx.cmp(&gb.idx))
+                .then(ca.group.urgency.cmp(&cb.group.urgency))
+                .then(ca.group.idx.cmp(&cb.group.idx))
         })
-        .map(|(_, g)| g)
+        .map(|(_, c)| c)
 }
 
 /// Decides what a free device runs next.
@@ -256,8 +262,8 @@ const FAIR_SHARE_WAIT_MS: u64 = 5 * 60 * 1000;
 fn choose_grouped(view: &impl PoolView) -> Choice {
     let (now, level) = (view.now_ms(), view.level_ms());
     let install = view.install_ms();
-    let cands = view.unserved_by_org();
-    let unserved = fair_pick(&cands, now, level);
+    let picked = fair_pick(view.unserved_by_org(), now, level);
+    let unserved = picked.map(|c| c.group);
     // One more device on a served group with backlog B and n devices finishes it sooner as
     // soon as B/n > install, but then may spend most of its time installing. Require
     // B ≥ (k·n + 1)·install (k = SPREAD_INSTALLS): its share of the work left once it is
@@ -307,11 +313,11 @@ fn choose_grouped(view: &impl PoolView) -> Choice {
         if let Some(g) = served_urgent {
             return Choice::Group(g.idx);
         }
-        if let Some(u) = unserved {
-            let u_busy = cands
-                .iter()
-                .find(|c| c.group.idx == u.idx)
-                .map_or(0, |c| c.busy);
+        if let Some(OrgCandidate {
+            group: u,
+            busy: u_busy,
+        }) = picked
+        {
             // Hand a shared group's device to a waiting group; or, for fair share, leave for
             // an org holding clearly fewer devices whose job has waited a while.
             // A hand-off costs an install, so the waiting group must have an install's worth
@@ -410,8 +416,8 @@ mod tests {
         fn own_group(&self) -> Option<OrgCandidate> {
             self.own
         }
-        fn unserved_by_org(&self) -> Vec<OrgCandidate> {
-            self.unserved.clone()
+        fn unserved_by_org(&self) -> impl Iterator<Item = OrgCandidate> + '_ {
+            self.unserved.iter().copied()
         }
         fn oldest_unserved(&self) -> Option<GroupView> {
             self.oldest
@@ -751,8 +757,8 @@ mod tests {
         ];
         // The big org's batch is 20 minutes older (2 aged levels at 10 min per level) but
         // holds 8 devices: the small org goes first.
-        let got = fair_pick(&cands, 1_200_000, 600_000);
-        assert_eq!(got.map(|g| g.idx), Some(2));
+        let got = fair_pick(cands, 1_200_000, 600_000);
+        assert_eq!(got.map(|c| (c.group.idx, c.busy)), Some((2, 0)));
         // Ten priority levels outweigh the 8 devices held.
         let mut urgent = big;
         urgent.priority = 10;
@@ -767,7 +773,7 @@ mod tests {
             },
         ];
         assert_eq!(
-            fair_pick(&cands, 1_200_000, 600_000).map(|g| g.idx),
+            fair_pick(cands, 1_200_000, 600_000).map(|c| c.group.idx),
             Some(1)
         );
     }
