@@ -131,7 +131,13 @@ pub fn submit(client: &Client, a: &SubmitArgs) -> Result<u8> {
         if a.json {
             print_json(&r)?;
         } else {
-            out!("run {} {} ({} jobs)", r.run_id, r.status, r.job_ids.len());
+            let again = if r.created { "" } else { ", submitted before" };
+            out!(
+                "run {} {} ({} jobs{again})",
+                r.run_id,
+                r.status,
+                r.job_ids.len()
+            );
             for (id, t) in r.job_ids.iter().zip(&tests) {
                 out!("  job {id} {t}");
             }

@@ -565,6 +565,13 @@ impl GroupedScheduler {
         id
     }
 
+    /// The job an org submitted with this idempotency key, while the scheduler holds it.
+    pub fn job_by_idempotency_key(&self, org: &OrgId, key: &str) -> Option<JobId> {
+        self.idempotency
+            .get(&(org.clone(), key.to_string()))
+            .copied()
+    }
+
     /// Existing job for the spec's idempotency key, or a conflict.
     fn idempotent_match(&self, spec: &JobSpec) -> Result<Option<JobId>, SubmitError> {
         let Some(k) = &spec.idempotency_key else {

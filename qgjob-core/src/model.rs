@@ -443,6 +443,25 @@ impl JobSpec {
                     "each test path must be 1 to 1024 characters without NUL",
                 ));
             }
+            if t.starts_with('-') {
+                // The runner would read it as one of its own flags.
+                return Err(InvalidSpec::new(
+                    "tests",
+                    "a test path cannot start with '-'",
+                ));
+            }
+            // With a bundle the paths name files in it; without one, the agent's own
+            // project, where any path the agent's operator set up is fair.
+            let escapes = t.starts_with('/')
+                || t.starts_with('\\')
+                || t.split(['/', '\\']).any(|c| c == "..");
+            if self.bundle.is_some() && escapes {
+                return Err(InvalidSpec::new(
+                    "tests",
+                    "with a bundle, test paths are relative to its root: no absolute paths \
+                     or '..'",
+                ));
+            }
         }
         if !(Priority::MIN..=Priority::MAX).contains(&self.priority.0) {
             return Err(InvalidSpec::new(
@@ -467,24 +486,39 @@ impl JobSpec {
                 ));
             }
         }
-        if self.labels.len() > 64 {
-            return Err(InvalidSpec::new("labels", "at most 64 labels"));
-        }
-        for (k, v) in &self.labels {
-            if k.is_empty() || k.len() > 64 || v.len() > 256 {
-                return Err(InvalidSpec::new(
-                    "labels",
-                    "keys must be 1 to 64 and values at most 256 characters",
-                ));
-            }
-        }
+        validate_labels(&self.labels)?;
         if let Some(b) = &self.bundle {
-            if b.len() != 64 || !b.bytes().all(|c| c.is_ascii_hexdigit()) {
-                return Err(InvalidSpec::new("bundle", "must be a sha256 hex digest"));
+            if b.len() != 64
+                || !b
+                    .bytes()
+                    .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c))
+            {
+                return Err(InvalidSpec::new(
+                    "bundle",
+                    "must be a lower-case sha256 hex digest",
+                ));
             }
         }
         Ok(())
     }
+}
+
+/// Checks labels (of a job or a run): at most 64, keys of 1 to 64 characters, values of
+/// at most 256.
+pub fn validate_labels(labels: &BTreeMap<String, String>) -> Result<(), InvalidSpec> {
+    if labels.len() > 64 {
+        return Err(InvalidSpec::new("labels", "at most 64 labels"));
+    }
+    if labels
+        .iter()
+        .any(|(k, v)| k.is_empty() || k.chars().count() > 64 || v.chars().count() > 256)
+    {
+        return Err(InvalidSpec::new(
+            "labels",
+            "keys must be 1 to 64 and values at most 256 characters",
+        ));
+    }
+    Ok(())
 }
 
 /// Where a job is in its life.
@@ -951,5 +985,69 @@ impl JobFilter {
             && self.target.as_ref().is_none_or(|t| *t == job.spec.target)
             && self.run_id.is_none_or(|r| Some(r) == job.spec.run_id)
             && self.after_seq.is_none_or(|s| job.seq > s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(tests: &[&str], bundle: Option<&str>) -> JobSpec {
+        let mut s = JobSpec::new(
+            OrgId::new("acme").expect("org"),
+            AppVersionId::new("v1").expect("version"),
+            tests.iter().map(|t| t.to_string()).collect(),
+        );
+        s.bundle = bundle.map(str::to_string);
+        s
+    }
+
+    fn field(s: &JobSpec) -> Option<&'static str> {
+        s.validate().err().map(|e| e.field)
+    }
+
+    #[test]
+    fn test_paths_are_never_flags_and_stay_inside_a_bundle() {
+        let b = "ab".repeat(32);
+        assert_eq!(field(&spec(&["tests/a.spec.js"], Some(&b))), None);
+        assert_eq!(field(&spec(&["--config=/etc/x.js"], None)), Some("tests"));
+        assert_eq!(field(&spec(&["-x"], Some(&b))), Some("tests"));
+        for escaping in [
+            "/etc/passwd",
+            "../x.spec.js",
+            "tests/../../x.spec.js",
+            "\\x",
+        ] {
+            assert_eq!(
+                field(&spec(&[escaping], Some(&b))),
+                Some("tests"),
+                "{escaping}"
+            );
+            // Without a bundle the agent's own project decides what a path means.
+            assert_eq!(field(&spec(&[escaping], None)), None, "{escaping}");
+        }
+        // A file name with dots is not a parent directory.
+        assert_eq!(field(&spec(&["tests/a..b.spec.js"], Some(&b))), None);
+    }
+
+    #[test]
+    fn bundles_are_lower_case_digests_and_labels_are_bounded() {
+        assert_eq!(
+            field(&spec(&["a.spec.js"], Some(&"AB".repeat(32)))),
+            Some("bundle")
+        );
+        assert_eq!(
+            field(&spec(&["a.spec.js"], Some(&"ab".repeat(31)))),
+            Some("bundle")
+        );
+        let mut labels = BTreeMap::new();
+        labels.insert("branch".to_string(), "main".to_string());
+        assert!(validate_labels(&labels).is_ok());
+        labels.insert(String::new(), "x".to_string());
+        assert!(validate_labels(&labels).is_err());
+        let long = BTreeMap::from([("k".to_string(), "é".repeat(257))]);
+        assert!(validate_labels(&long).is_err());
+        let fits = BTreeMap::from([("k".to_string(), "é".repeat(256))]);
+        assert!(validate_labels(&fits).is_ok(), "characters, not bytes");
     }
 }

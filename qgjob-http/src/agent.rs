@@ -10,19 +10,20 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use qgjob_core::{
     DeviceId, DeviceInfo, HeartbeatAck, InfraFailure, JobId, LeaseId, RunReport, Scheduler,
+    TestStatus,
 };
 use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::api::{blob_response, parse_job_id};
 use crate::auth::Caller;
-use crate::error::{ApiError, ApiJson};
+use crate::error::{ApiError, ApiJson, ApiPath};
 use crate::state::AppState;
 use crate::store::BuildRecord;
 
@@ -53,7 +54,7 @@ fn parse_device(s: &str) -> Result<DeviceId, ApiError> {
 pub async fn unregister_device(
     State(app): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<StatusCode, ApiError> {
     caller.require_agent()?;
     let id = parse_device(&id)?;
@@ -158,7 +159,7 @@ fn count_stale(app: &AppState, e: ApiError) -> ApiError {
 pub async fn heartbeat(
     State(app): State<AppState>,
     caller: Caller,
-    Path(lease): Path<String>,
+    ApiPath(lease): ApiPath<String>,
 ) -> Result<Json<HeartbeatAck>, ApiError> {
     caller.require_agent()?;
     let lease = parse_lease(&lease).map_err(|e| count_stale(&app, e))?;
@@ -176,9 +177,25 @@ pub async fn heartbeat(
 pub async fn complete(
     State(app): State<AppState>,
     caller: Caller,
-    Path((lease, job)): Path<(String, String)>,
+    ApiPath((lease, job)): ApiPath<(String, String)>,
     ApiJson(report): ApiJson<RunReport>,
 ) -> Result<Json<Value>, ApiError> {
+    if report.passed {
+        // A pass with a failed test would end the job passed with failures counted: one
+        // of the two is wrong, and CI must not go green on it.
+        let failed = report.tests.iter().position(|t| {
+            matches!(
+                t.status,
+                TestStatus::Failed | TestStatus::TimedOut | TestStatus::Interrupted
+            )
+        });
+        if let Some(i) = failed {
+            return Err(ApiError::invalid(
+                format!("tests[{i}].status"),
+                "the report says passed, but this test did not pass",
+            ));
+        }
+    }
     report_result(app, caller, &lease, &job, move |s, now, lease, job| {
         s.complete(now, lease, job, report)
     })
@@ -189,7 +206,7 @@ pub async fn complete(
 pub async fn fail(
     State(app): State<AppState>,
     caller: Caller,
-    Path((lease, job)): Path<(String, String)>,
+    ApiPath((lease, job)): ApiPath<(String, String)>,
     ApiJson(failure): ApiJson<InfraFailure>,
 ) -> Result<Json<Value>, ApiError> {
     report_result(app, caller, &lease, &job, move |s, now, lease, job| {
@@ -231,7 +248,7 @@ async fn report_result(
 pub async fn upload_logs(
     State(app): State<AppState>,
     caller: Caller,
-    Path((lease, job)): Path<(String, String)>,
+    ApiPath((lease, job)): ApiPath<(String, String)>,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<StatusCode, ApiError> {
     caller.require_agent()?;
@@ -266,7 +283,7 @@ pub async fn upload_logs(
 pub async fn download_blob(
     State(app): State<AppState>,
     caller: Caller,
-    Path(sha): Path<String>,
+    ApiPath(sha): ApiPath<String>,
 ) -> Result<Response, ApiError> {
     caller.require_agent()?;
     blob_response(&app, &sha).await
@@ -276,7 +293,7 @@ pub async fn download_blob(
 pub async fn app_build(
     State(app): State<AppState>,
     caller: Caller,
-    Path((org, ver)): Path<(String, String)>,
+    ApiPath((org, ver)): ApiPath<(String, String)>,
 ) -> Result<Json<BuildRecord>, ApiError> {
     caller.require_agent()?;
     let org = qgjob_core::OrgId::new(org).map_err(ApiError::from)?;

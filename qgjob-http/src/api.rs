@@ -6,15 +6,15 @@ use std::convert::Infallible;
 use std::str::FromStr;
 
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures_util::stream::{self, Stream, StreamExt};
 use qgjob_core::{
-    AppVersionId, GroupedScheduler, Job, JobEvent, JobFilter, JobId, JobSpec, JobState, OrgId,
-    RunId, Scheduler, StateCounts, SubmitError, Target, Time,
+    validate_labels, AppVersionId, GroupedScheduler, Job, JobEvent, JobFilter, JobId, JobSpec,
+    JobState, OrgId, RunId, Scheduler, StateCounts, SubmitError, Target, Time,
 };
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -22,7 +22,7 @@ use tokio::sync::broadcast;
 
 use crate::auth::{new_token, Caller};
 use crate::blobs::Stored;
-use crate::error::{ApiError, ApiJson};
+use crate::error::{ApiError, ApiJson, ApiPath};
 use crate::state::{wall_ms, AppState};
 use crate::store::{BuildRecord, RunRecord, TokenKind, TokenRecord};
 
@@ -31,11 +31,19 @@ pub const MAX_LIST_LIMIT: usize = 1000;
 
 /// Parses a job id from a path; an unparsable id names no job (404, like an unknown one).
 pub(crate) fn parse_job_id(s: &str) -> Result<JobId, ApiError> {
-    JobId::from_str(s).map_err(|_| ApiError::not_found(format!("job {s} not found")))
+    JobId::from_str(s).map_err(|_| ApiError::not_found(format!("job {} not found", shown(s))))
 }
 
 fn parse_run_id(s: &str) -> Result<RunId, ApiError> {
-    RunId::from_str(s).map_err(|_| ApiError::not_found(format!("run {s} not found")))
+    RunId::from_str(s).map_err(|_| ApiError::not_found(format!("run {} not found", shown(s))))
+}
+
+/// A caller's string as an error message repeats it: at most 80 characters.
+pub(crate) fn shown(s: &str) -> String {
+    match s.char_indices().nth(80) {
+        Some((i, _)) => format!("{}…", &s[..i]),
+        None => s.to_string(),
+    }
 }
 
 /// The job, if it exists and the caller may see it; 404 otherwise (no existence leak).
@@ -70,6 +78,9 @@ pub async fn submit_job(
             "jobs join a run only through POST /v1/runs",
         ));
     }
+    spec.validate()
+        .map_err(|e| ApiError::invalid(e.field, e.to_string()))?;
+    check_bundle(&app, &spec, "bundle").await?;
     if let Some(old) = forgotten_match(&app, &spec, "idempotency_key").await? {
         return Ok((
             StatusCode::OK,
@@ -100,6 +111,18 @@ pub async fn submit_job(
         answer["warning"] = json!(w);
     }
     Ok((status, Json(answer)).into_response())
+}
+
+/// A job's bundle must have been uploaded: otherwise every agent would fail the job, and
+/// only after it had waited for a device.
+async fn check_bundle(app: &AppState, spec: &JobSpec, field: &str) -> Result<(), ApiError> {
+    match &spec.bundle {
+        Some(b) if !app.blobs.exists(b).await => Err(ApiError::invalid(
+            field,
+            format!("no bundle {b} was uploaded (PUT /v1/bundles first)"),
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// A warning for the targets no registered device serves (a typo such as `emualtor`, or
@@ -173,7 +196,25 @@ fn batch_error(e: SubmitError) -> ApiError {
     }
 }
 
+/// What a run submission turned out to be.
+enum RunSubmitted {
+    /// A new run of these jobs.
+    New {
+        ids: Vec<JobId>,
+        created: u64,
+        warning: Option<String>,
+    },
+    /// A repeat of run `run`, whose jobs these keys name (a retried CI step).
+    Repeat { run: RunId, ids: Vec<JobId> },
+}
+
 /// `POST /v1/runs`.
+///
+/// Idempotency: a run whose jobs all carry keys of jobs already submitted, all of one
+/// earlier run and all of that run's jobs, is that run again (200, its id, nothing
+/// recorded). Any other mix of known and new keys is refused with 409: a job belongs to
+/// one run, so a new run cannot take in an earlier run's jobs, and leaving them out would
+/// give a run that waits on nothing.
 pub async fn submit_run(
     State(app): State<AppState>,
     caller: Caller,
@@ -184,79 +225,192 @@ pub async fn submit_run(
     };
     let org = first.org_id.clone();
     caller.require_org(&org)?;
+    let mut keys: HashMap<&str, usize> = HashMap::new();
     for (i, j) in body.jobs.iter().enumerate() {
+        // A bad spec is named before anything else is said about the run.
+        j.validate().map_err(|source| {
+            ApiError::invalid(format!("jobs[{i}].{}", source.field), source.to_string())
+        })?;
         if j.org_id != org {
             return Err(ApiError::invalid(
                 format!("jobs[{i}].org_id"),
                 "every job of a run must belong to the same org",
             ));
         }
+        if let Some(k) = j.idempotency_key.as_deref() {
+            if let Some(before) = keys.insert(k, i) {
+                return Err(ApiError::invalid(
+                    format!("jobs[{i}].idempotency_key"),
+                    format!("repeats the key of jobs[{before}]: each job of a run needs its own"),
+                ));
+            }
+        }
     }
-    if body.labels.len() > 64 {
-        return Err(ApiError::invalid("labels", "at most 64 labels"));
+    validate_labels(&body.labels).map_err(|e| ApiError::invalid("labels", e.to_string()))?;
+    let mut bundles = BTreeSet::new();
+    for (i, j) in body.jobs.iter().enumerate() {
+        if bundles.insert(&j.bundle) {
+            check_bundle(&app, j, &format!("jobs[{i}].bundle")).await?;
+        }
     }
     let now = wall_ms();
     let mut rnd = [0u8; 10];
     getrandom::fill(&mut rnd).map_err(ApiError::internal)?;
     let run_id = RunId::from_parts(now, rnd);
     let total = body.jobs.len();
-    // Jobs repeating a forgotten job's idempotency key answer with that job instead.
-    let mut known: Vec<Option<JobId>> = vec![None; total];
-    let mut specs = Vec::with_capacity(total);
-    let mut positions = Vec::with_capacity(total);
-    let targets: BTreeSet<Target> = body.jobs.iter().map(|j| j.target.clone()).collect();
-    for (i, mut s) in body.jobs.into_iter().enumerate() {
-        match forgotten_match(&app, &s, &format!("jobs[{i}].idempotency_key")).await? {
-            Some(old) => known[i] = Some(old.id),
-            None => {
-                s.run_id = Some(run_id);
-                specs.push(s);
-                positions.push(i);
-            }
-        }
+    // Jobs repeating a forgotten (finished and cleared) job's key: that job, from the store.
+    let mut forgotten: Vec<Option<Job>> = Vec::with_capacity(total);
+    for (i, s) in body.jobs.iter().enumerate() {
+        forgotten.push(forgotten_match(&app, s, &format!("jobs[{i}].idempotency_key")).await?);
     }
     let record = RunRecord {
         id: run_id,
-        org_id: org,
+        org_id: org.clone(),
         created_at: Time(now),
         labels: body.labels,
         job_count: total as u64,
     };
-    let (subs, warning) = app
-        .mutate(vec![record], true, |s, now, _| {
-            let subs = s.submit_many(now, specs).map_err(|e| match e {
-                // Name the job by its place in the request, not in the submitted subset.
-                SubmitError::Invalid { index, source } => batch_error(SubmitError::Invalid {
-                    index: positions.get(index).copied().unwrap_or(index),
-                    source,
-                }),
-                other => batch_error(other),
-            })?;
-            Ok((subs, unserved_warning(s, &targets)))
+    let targets: BTreeSet<Target> = body.jobs.iter().map(|j| j.target.clone()).collect();
+    let specs = body.jobs;
+    let outcome = app
+        .mutate_runs(true, |s, now, _| {
+            // For each job: the earlier job its key names, and that job's run.
+            let prior: Vec<Option<(JobId, Option<RunId>)>> = specs
+                .iter()
+                .zip(&forgotten)
+                .map(|(sp, old)| match old {
+                    Some(old) => Some((old.id, old.spec.run_id)),
+                    None => {
+                        let id = s.job_by_idempotency_key(&org, sp.idempotency_key.as_deref()?)?;
+                        Some((id, s.get(id).and_then(|j| j.spec.run_id)))
+                    }
+                })
+                .collect();
+            if prior.iter().all(Option::is_none) {
+                let specs = specs
+                    .into_iter()
+                    .map(|mut sp| {
+                        sp.run_id = Some(run_id);
+                        sp
+                    })
+                    .collect();
+                let subs = s.submit_many(now, specs).map_err(batch_error)?;
+                let created = subs.iter().filter(|x| x.created).count() as u64;
+                let ids = subs.iter().map(|x| x.job_id).collect();
+                let warning = unserved_warning(s, &targets);
+                return Ok((
+                    RunSubmitted::New {
+                        ids,
+                        created,
+                        warning,
+                    },
+                    vec![record],
+                ));
+            }
+            let run = prior.iter().flatten().find_map(|(_, r)| *r);
+            let alone = prior.iter().position(|p| matches!(p, Some((_, None))));
+            let other_run = prior
+                .iter()
+                .position(|p| matches!(p, Some((_, Some(r))) if Some(*r) != run));
+            let new = prior.iter().position(Option::is_none);
+            if let (Some(run), None, None, None) = (run, alone, other_run, new) {
+                // The same keys again: the scheduler checks that the specs match too.
+                let in_memory: Vec<JobSpec> = specs
+                    .into_iter()
+                    .zip(&forgotten)
+                    .filter(|(_, old)| old.is_none())
+                    .map(|(mut sp, _)| {
+                        sp.run_id = Some(run);
+                        sp
+                    })
+                    .collect();
+                s.submit_many(now, in_memory).map_err(batch_error)?;
+                let ids = prior.iter().flatten().map(|(id, _)| *id).collect();
+                return Ok((RunSubmitted::Repeat { run, ids }, Vec::new()));
+            }
+            // A mix: name the job that does not fit.
+            let named = |i: usize| match prior[i] {
+                Some((id, Some(r))) => format!("names job {id} of run {r}"),
+                Some((id, None)) => format!("names job {id}, submitted on its own"),
+                None => String::new(),
+            };
+            let (i, why) = match (alone, other_run, new, run) {
+                (Some(i), ..) => (i, format!("jobs[{i}]'s idempotency key {}", named(i))),
+                (None, Some(i), ..) => {
+                    let first = prior.iter().position(Option::is_some).unwrap_or(0);
+                    (
+                        i,
+                        format!(
+                            "jobs[{i}]'s idempotency key {}, jobs[{first}]'s {}",
+                            named(i),
+                            named(first)
+                        ),
+                    )
+                }
+                (None, None, i, run) => {
+                    let i = i.unwrap_or(0);
+                    let r = run.map(|r| r.to_string()).unwrap_or_default();
+                    (
+                        i,
+                        format!(
+                            "jobs[{i}] is new, while the other jobs' keys name jobs of run {r}"
+                        ),
+                    )
+                }
+            };
+            Err(ApiError::invalid_conflict(
+                format!("jobs[{i}].idempotency_key"),
+                format!("{why}: submit a run again whole, with the same keys, or with new keys"),
+            ))
         })
         .await?;
-    let created = subs.iter().filter(|s| s.created).count() as u64;
-    app.metrics
-        .submitted
-        .fetch_add(created, std::sync::atomic::Ordering::Relaxed);
-    let mut fresh = subs.iter().map(|s| s.job_id);
-    let ids: Vec<JobId> = known
-        .into_iter()
-        .filter_map(|k| k.or_else(|| fresh.next()))
-        .collect();
-    tracing::info!(run_id = %run_id, jobs = ids.len(), created, "run submitted");
-    let mut answer = json!({"run_id": run_id, "job_ids": ids, "status": "queued"});
-    if let Some(w) = warning {
-        answer["warning"] = json!(w);
+    match outcome {
+        RunSubmitted::New {
+            ids,
+            created,
+            warning,
+        } => {
+            app.metrics
+                .submitted
+                .fetch_add(created, std::sync::atomic::Ordering::Relaxed);
+            tracing::info!(run_id = %run_id, jobs = ids.len(), created, "run submitted");
+            let mut answer =
+                json!({"run_id": run_id, "job_ids": ids, "status": "queued", "created": true});
+            if let Some(w) = warning {
+                answer["warning"] = json!(w);
+            }
+            Ok((StatusCode::CREATED, Json(answer)).into_response())
+        }
+        RunSubmitted::Repeat { run, ids } => {
+            let jobs = run_jobs(&app, run).await?;
+            if jobs.len() != ids.len() {
+                return Err(ApiError::conflict(
+                    "conflict",
+                    format!(
+                        "these keys name {} of the {} jobs of run {run}: resubmit a run whole \
+                         with the same keys, or use new keys",
+                        ids.len(),
+                        jobs.len()
+                    ),
+                ));
+            }
+            let mut counts = StateCounts::default();
+            for j in &jobs {
+                counts.add(j.state);
+            }
+            tracing::info!(run_id = %run, jobs = ids.len(), "run submitted again");
+            let answer = json!({"run_id": run, "job_ids": ids, "status": run_status(&counts),
+                                "created": false});
+            Ok((StatusCode::OK, Json(answer)).into_response())
+        }
     }
-    Ok((StatusCode::CREATED, Json(answer)).into_response())
 }
 
 /// `GET /v1/jobs/{job_id}`.
 pub async fn get_job(
     State(app): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<Job>, ApiError> {
     Ok(Json(visible_job(&app, &caller, &id).await?))
 }
@@ -293,7 +447,7 @@ async fn run_jobs(app: &AppState, id: RunId) -> Result<Vec<Job>, ApiError> {
 pub async fn get_run(
     State(app): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<Value>, ApiError> {
     let run = visible_run(&app, &caller, &id).await?;
     let jobs = run_jobs(&app, run.id).await?;
@@ -331,9 +485,9 @@ where
     match v.as_deref() {
         None | Some("") => Ok(None),
         Some(s) => s.parse().map(Some).map_err(|e: T::Err| {
-            // Some parse errors already say "invalid <field>: …"; don't say it twice.
+            // Some parse errors already say "invalid <field>…"; don't say it twice.
             let m = e.to_string();
-            let m = if m.starts_with("invalid ") {
+            let m = if m.starts_with(&format!("invalid {field}")) {
                 m
             } else {
                 format!("invalid {field}: {m}")
@@ -388,7 +542,7 @@ pub async fn list_jobs(
 pub async fn cancel_job(
     State(app): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<Value>, ApiError> {
     let job = visible_job(&app, &caller, &id).await?;
     if job.state.is_final() {
@@ -413,7 +567,7 @@ pub async fn cancel_job(
 pub async fn cancel_run(
     State(app): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<Value>, ApiError> {
     let run = visible_run(&app, &caller, &id).await?;
     let ids: Vec<JobId> = run_jobs(&app, run.id)
@@ -456,7 +610,7 @@ pub struct LogQuery {
 pub async fn job_logs(
     State(app): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     query: Result<Query<LogQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(q) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
@@ -477,7 +631,7 @@ pub async fn job_logs(
 pub async fn job_results(
     State(app): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<Value>, ApiError> {
     let job = visible_job(&app, &caller, &id).await?;
     let (tests, counts, flaky, error) = match &job.outcome {
@@ -531,7 +685,7 @@ where
 pub async fn job_events(
     State(app): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Response, ApiError> {
     // Subscribe before reading the state, so no change falls between the two.
     let rx = app.events.subscribe();
@@ -587,7 +741,7 @@ pub async fn job_events(
 pub async fn run_events(
     State(app): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Response, ApiError> {
     let rx = app.events.subscribe();
     let run = visible_run(&app, &caller, &id).await?;
@@ -667,7 +821,7 @@ fn parse_build_path(org: &str, app: &str) -> Result<(OrgId, AppVersionId), ApiEr
 pub async fn put_app(
     State(app): State<AppState>,
     caller: Caller,
-    Path((org, ver)): Path<(String, String)>,
+    ApiPath((org, ver)): ApiPath<(String, String)>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<Stored>, ApiError> {
@@ -676,8 +830,12 @@ pub async fn put_app(
     let expect = expected_sha(&headers);
     let stored = app
         .blobs
-        .put(body, app.limits.artifact_bytes, expect.as_deref(), |_| {
-            Ok(())
+        .put(body, app.limits.artifact_bytes, expect.as_deref(), |head| {
+            if head.is_empty() {
+                Err(ApiError::invalid("body", "an app build cannot be empty"))
+            } else {
+                Ok(())
+            }
         })
         .await?;
     app.store
@@ -698,7 +856,7 @@ pub async fn put_app(
 pub async fn get_app(
     State(app): State<AppState>,
     caller: Caller,
-    Path((org, ver)): Path<(String, String)>,
+    ApiPath((org, ver)): ApiPath<(String, String)>,
 ) -> Result<Json<BuildRecord>, ApiError> {
     let (org, ver) = parse_build_path(&org, &ver)?;
     if caller.user_scope()?.is_some_and(|o| *o != org) {
@@ -715,9 +873,9 @@ pub async fn get_app(
 pub async fn download_app(
     State(app): State<AppState>,
     caller: Caller,
-    Path((org, ver)): Path<(String, String)>,
+    ApiPath((org, ver)): ApiPath<(String, String)>,
 ) -> Result<Response, ApiError> {
-    let Json(rec) = get_app(State(app.clone()), caller, Path((org, ver))).await?;
+    let Json(rec) = get_app(State(app.clone()), caller, ApiPath((org, ver))).await?;
     blob_response(&app, &rec.sha256).await
 }
 
@@ -782,8 +940,26 @@ pub async fn create_token(
     ApiJson(req): ApiJson<NewToken>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     caller.require_admin()?;
-    if req.kind == TokenKind::Org && req.org_id.is_none() {
-        return Err(ApiError::invalid("org_id", "an org token needs org_id"));
+    if app.auth.is_open() {
+        // The first stored token would close this server to every client at its next
+        // start, with no admin token to get back in.
+        return Err(ApiError::conflict(
+            "conflict",
+            "this server runs without tokens; start it with --tokens-file (an admin token \
+             there) to create tokens through the API",
+        ));
+    }
+    match (req.kind, &req.org_id) {
+        (TokenKind::Org, None) => {
+            return Err(ApiError::invalid("org_id", "an org token needs org_id"));
+        }
+        (TokenKind::Admin | TokenKind::Agent, Some(_)) => {
+            return Err(ApiError::invalid(
+                "org_id",
+                "only org tokens belong to an org; admin and agent tokens serve every org",
+            ));
+        }
+        _ => {}
     }
     let token = new_token()?;
     let spec = crate::auth::TokenSpec {

@@ -76,9 +76,17 @@ impl TokenSpec {
     pub fn load_file(path: &Path) -> Result<Vec<TokenSpec>, ServerError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| ServerError::Config(format!("tokens file {}: {e}", path.display())))?;
-        let mut out = Vec::new();
+        let mut out: Vec<TokenSpec> = Vec::new();
         for (i, line) in text.lines().enumerate() {
             match TokenSpec::parse_line(line) {
+                Ok(Some(t)) if out.iter().any(|o| o.token == t.token) => {
+                    // One secret with two meanings: whichever won would surprise someone.
+                    return Err(ServerError::Config(format!(
+                        "{}:{}: this token is already listed on an earlier line",
+                        path.display(),
+                        i + 1
+                    )));
+                }
                 Ok(Some(t)) => out.push(t),
                 Ok(None) => {}
                 Err(e) => {
@@ -226,8 +234,11 @@ impl Auth {
         if self.open {
             return Ok(Caller::Admin);
         }
+        // The scheme is case-insensitive (RFC 9110).
         let token = authorization
-            .and_then(|v| v.strip_prefix("Bearer "))
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, t)| t)
             .map(str::trim)
             .filter(|t| !t.is_empty())
             .ok_or_else(|| ApiError::unauthorized("missing bearer token"))?;
@@ -264,5 +275,83 @@ impl FromRequestParts<AppState> for Caller {
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok());
         state.auth.caller(h)
+    }
+}
+
+/// Whether a `Host` or `Origin` authority (`name[:port]`) names this machine: `localhost`
+/// or a loopback address.
+fn loopback_authority(authority: &str) -> bool {
+    let host = match authority.strip_prefix('[') {
+        // `[::1]:7878`
+        Some(rest) => rest.split(']').next().unwrap_or(""),
+        None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
+    };
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// On an open server (no tokens, loopback only), refuses what a web page could send: a
+/// request whose `Origin` is another site (a cross-site form or fetch), or whose `Host`
+/// is not a loopback name (DNS rebinding: a site's name resolved to 127.0.0.1). Programs
+/// (the CLI, agents, curl) send neither. With tokens this does nothing: a browser cannot
+/// attach a bearer token on its own.
+pub async fn open_guard(
+    axum::extract::State(app): axum::extract::State<AppState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    if app.auth.is_open() {
+        let header = |name| req.headers().get(name).and_then(|v| v.to_str().ok());
+        if let Some(host) = header(header::HOST) {
+            if !loopback_authority(host) {
+                return ApiError::forbidden(format!(
+                    "this server runs without tokens and answers only to a loopback host name, \
+                     not {host:?}"
+                ))
+                .into_response();
+            }
+        }
+        if let Some(origin) = header(header::ORIGIN) {
+            let authority = origin.split_once("://").map_or(origin, |(_, a)| a);
+            if !loopback_authority(authority) {
+                return ApiError::forbidden(
+                    "this server runs without tokens and refuses requests from web pages of \
+                     other sites",
+                )
+                .into_response();
+            }
+        }
+    }
+    next.run(req).await
+}
+
+#[cfg(test)]
+mod guard_tests {
+    use super::loopback_authority;
+
+    #[test]
+    fn loopback_authorities() {
+        for a in [
+            "127.0.0.1:7878",
+            "localhost",
+            "LOCALHOST:1",
+            "[::1]:80",
+            "127.2.3.4",
+        ] {
+            assert!(loopback_authority(a), "{a}");
+        }
+        for a in [
+            "evil.example:7878",
+            "10.0.0.1:7878",
+            "[2001:db8::1]:80",
+            "localhost.evil.example",
+            "",
+            "null",
+        ] {
+            assert!(!loopback_authority(a), "{a}");
+        }
     }
 }

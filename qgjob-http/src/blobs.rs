@@ -35,6 +35,9 @@ pub struct Stored {
     pub created: bool,
 }
 
+/// How much of an upload `check_head` sees.
+pub const HEAD_BYTES: usize = 16;
+
 /// Whether `s` is a lower-case sha256 hex digest (also what keeps paths safe).
 pub fn is_sha256_hex(s: &str) -> bool {
     s.len() == 64
@@ -57,7 +60,8 @@ impl Blobs {
 
     /// Streams `body` into storage, hashing as it goes; refuses more than `limit` bytes
     /// (413) and, when `expect` is given, content whose digest differs (422).
-    /// `check_head` sees the first chunk (e.g. to check a gzip header).
+    /// `check_head` sees the first [`HEAD_BYTES`] bytes, or all of a shorter upload (e.g. to
+    /// check a gzip header), however the body was split into chunks.
     pub async fn put(
         &self,
         body: Body,
@@ -68,7 +72,8 @@ impl Blobs {
         let mut stream = body.into_data_stream();
         let mut hasher = Sha256::new();
         let mut size: u64 = 0;
-        let mut first = true;
+        let mut head: Vec<u8> = Vec::with_capacity(HEAD_BYTES);
+        let mut checked = false;
         let mut sink = match self {
             Blobs::Dir(dir) => {
                 let mut name = [0u8; 12];
@@ -84,9 +89,13 @@ impl Blobs {
         let res: Result<(), ApiError> = async {
             while let Some(chunk) = stream.next().await {
                 let chunk = chunk.map_err(|e| ApiError::bad_request(format!("upload: {e}")))?;
-                if first && !chunk.is_empty() {
-                    check_head(&chunk)?;
-                    first = false;
+                if !checked {
+                    let take = chunk.len().min(HEAD_BYTES - head.len());
+                    head.extend_from_slice(&chunk[..take]);
+                    if head.len() == HEAD_BYTES {
+                        check_head(&head)?;
+                        checked = true;
+                    }
                 }
                 size += chunk.len() as u64;
                 if size > limit {
@@ -98,8 +107,8 @@ impl Blobs {
                     Sink::Mem(v) => v.extend_from_slice(&chunk),
                 }
             }
-            if first {
-                check_head(&[])?;
+            if !checked {
+                check_head(&head)?;
             }
             Ok(())
         }

@@ -3,7 +3,8 @@
 //! [`ServerError`] for starting and running the server.
 
 use axum::body::Bytes;
-use axum::extract::{FromRequest, Request};
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use qgjob_core::{CancelError, DeviceError, InvalidSpec, ReportError, SubmitError};
@@ -59,6 +60,14 @@ impl ApiError {
     /// 409 with `code`.
     pub fn conflict(code: &'static str, message: impl Into<String>) -> Self {
         Self::new(StatusCode::CONFLICT, code, message)
+    }
+
+    /// 409 `conflict` about one field of the request.
+    pub fn invalid_conflict(field: impl Into<String>, message: impl Into<String>) -> Self {
+        ApiError {
+            field: Some(field.into()),
+            ..Self::conflict("conflict", message)
+        }
     }
 
     /// 413 `too_large`.
@@ -180,6 +189,21 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
             }
         })?;
         parse_json(&bytes).map(ApiJson)
+    }
+}
+
+/// Path parameters, with a bad one (e.g. invalid UTF-8 in `%FF`) answered in the JSON error
+/// shape rather than axum's plain text.
+pub struct ApiPath<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for ApiPath<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        axum::extract::Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|p| ApiPath(p.0))
+            .map_err(|rej| ApiError::bad_request(rej.body_text()))
     }
 }
 

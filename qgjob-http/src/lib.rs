@@ -217,6 +217,10 @@ pub fn app(state: AppState) -> Router {
                 "method not allowed on this endpoint",
             )
         })
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::open_guard,
+        ))
         .layer(TraceLayer::new_for_http())
         .with_state(state)
 }

@@ -327,7 +327,10 @@ fn schemas() -> Value {
                 "max_attempts",
                 json!({"type": "integer", "minimum": 1, "maximum": 20}),
             ),
-            ("timeout_ms", json!({"type": "integer", "minimum": 1000})),
+            (
+                "timeout_ms",
+                json!({"type": "integer", "minimum": 1000, "maximum": 86_400_000}),
+            ),
             ("retry_failed_tests", json!({"type": "boolean"})),
             ("idempotency_key", string()),
             ("labels", labels.clone()),
@@ -482,7 +485,7 @@ fn schemas() -> Value {
             2,
         ),
         "Submitted": object(&[("job_id", string()), ("status", state.clone()), ("created", json!({"type": "boolean"})), ("warning", string())], 3),
-        "RunSubmitted": object(&[("run_id", string()), ("job_ids", array_of(string())), ("status", string()), ("warning", string())], 3),
+        "RunSubmitted": object(&[("run_id", string()), ("job_ids", array_of(string())), ("status", string()), ("created", json!({"type": "boolean"})), ("warning", string())], 4),
         "JobPage": object(&[("jobs", array_of(reference("Job"))), ("next_cursor", json!({"type": ["string", "null"]}))], 2),
         "RunView": object(
             &[("run_id", string()), ("org_id", string()),
@@ -547,11 +550,41 @@ pub fn openapi_doc() -> Value {
             }
             None => {}
         }
-        if (*method, *path) == ("post", "/v1/jobs") {
-            // An idempotency key that matched answers 200 with the existing job.
+        if matches!(
+            (*method, *path),
+            ("post", "/v1/jobs") | ("post", "/v1/runs")
+        ) {
+            // Idempotency keys that matched answer 200 with the existing job or run.
             let mut again = op["responses"][*ok].clone();
-            again["description"] = json!("already submitted under this idempotency key");
+            again["description"] = json!("already submitted under these idempotency keys");
             op["responses"]["200"] = again;
+        }
+        if (*method, *path) == ("post", "/v1/agent/lease") {
+            op["responses"]["204"] = json!({"description": "no work within wait_ms"});
+        }
+        let query: &[(&str, Value)] = match (*method, *path) {
+            ("get", "/v1/jobs") => &[
+                ("org_id", string()),
+                (
+                    "state",
+                    json!({"enum": ["queued", "running", "passed", "failed", "error", "canceled"]}),
+                ),
+                ("app_version_id", string()),
+                ("target", string()),
+                ("run_id", string()),
+                ("cursor", string()),
+                (
+                    "limit",
+                    json!({"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}),
+                ),
+            ],
+            ("get", "/v1/jobs/{job_id}/logs") => &[("offset", int())],
+            _ => &[],
+        };
+        if let Some(ps) = op["parameters"].as_array_mut() {
+            for (name, schema) in query {
+                ps.push(json!({"name": name, "in": "query", "required": false, "schema": schema}));
+            }
         }
         if *auth != "none" {
             op["security"] = json!([{ "bearer": [] }]);

@@ -154,11 +154,26 @@ impl App {
         barrier: bool,
         f: impl FnOnce(&mut GroupedScheduler, Time, &mut Vec<JobId>) -> Result<R, ApiError>,
     ) -> Result<R, ApiError> {
+        self.mutate_runs(barrier, |s, now, touched| Ok((f(s, now, touched)?, runs)))
+            .await
+    }
+
+    /// [`AppState::mutate`] where `f` also decides which runs to record, from what it found
+    /// under the lock (a repeated run submission records none).
+    pub async fn mutate_runs<R>(
+        &self,
+        barrier: bool,
+        f: impl FnOnce(
+            &mut GroupedScheduler,
+            Time,
+            &mut Vec<JobId>,
+        ) -> Result<(R, Vec<RunRecord>), ApiError>,
+    ) -> Result<R, ApiError> {
         let (r, ack) = {
             let mut s = self.lock();
             let now = self.now();
             let mut touched = Vec::new();
-            let r = f(&mut s, now, &mut touched)?;
+            let (r, runs) = f(&mut s, now, &mut touched)?;
             let events = s.take_events();
             if events.is_empty() && touched.is_empty() && runs.is_empty() && !barrier {
                 return Ok(r);

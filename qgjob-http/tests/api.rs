@@ -539,6 +539,80 @@ fn org_isolation() {
         (st, v["error"]["code"].clone()),
         (401, json!("unauthorized"))
     );
+    // The scheme is case-insensitive.
+    let lower = format!("bearer {ADMIN}");
+    let (st, v) =
+        s.client(None)
+            .request_with("GET", "/v1/jobs", None, &[("Authorization", &lower)]);
+    assert_eq!(st, 200, "{v}");
+    // Only org tokens belong to an org.
+    let (st, v) = admin.post(
+        "/v1/admin/tokens",
+        &json!({"kind": "agent", "org_id": "acme"}),
+    );
+    assert_eq!(
+        (st, v["error"]["field"].clone()),
+        (422, json!("org_id")),
+        "{v}"
+    );
+    // A server with tokens does not care where a request comes from: it needs a token.
+    let (st, _) = admin.request_with(
+        "GET",
+        "/v1/jobs",
+        None,
+        &[("Origin", "http://evil.example")],
+    );
+    assert_eq!(st, 200);
+}
+
+#[test]
+fn an_open_server_refuses_web_pages_and_tokens() {
+    let s = TestServer::start(memory_opts());
+    let c = s.client(None);
+    let job = spec("qualgent", "v1", "tests/a.spec.js");
+    // A cross-site form or fetch, and DNS rebinding (a site's name pointed at 127.0.0.1).
+    for headers in [
+        [("Origin", "http://evil.example")],
+        [("Origin", "null")],
+        [("Host", "evil.example:7878")],
+    ] {
+        let (st, v) = c.request_with("POST", "/v1/jobs", Some(&job), &headers);
+        assert_eq!(
+            (st, v["error"]["code"].clone()),
+            (403, json!("forbidden")),
+            "{v}"
+        );
+        let (st, _) = c.request_with("GET", "/v1/jobs", None, &headers);
+        assert_eq!(st, 403);
+    }
+    let (_, page) = c.get("/v1/jobs");
+    assert_eq!(
+        page["jobs"].as_array().unwrap().len(),
+        0,
+        "nothing was queued"
+    );
+    // Pages of this machine, and programs (no Origin), are served.
+    for headers in [
+        [("Origin", "http://localhost:3000")],
+        [("Host", "localhost:7878")],
+    ] {
+        let (st, v) = c.request_with("POST", "/v1/jobs", Some(&job), &headers);
+        assert_eq!(st, 201, "{v}");
+    }
+    // A stored token would lock every client out at the next start.
+    let (st, v) = c.post("/v1/admin/tokens", &json!({"kind": "agent"}));
+    assert_eq!(
+        (st, v["error"]["code"].clone()),
+        (409, json!("conflict")),
+        "{v}"
+    );
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("--tokens-file"),
+        "{v}"
+    );
 }
 
 #[test]
@@ -628,6 +702,66 @@ fn error_statuses_have_the_json_shape() {
         (422, json!("limit")),
         "{v}"
     );
+    // A numeric parameter's message names it too.
+    for (q, name) in [("limit=abc", "limit"), ("cursor=-1", "cursor")] {
+        let (st, v) = c.get(&format!("/v1/jobs?{q}"));
+        assert_eq!(st, 422, "{v}");
+        let msg = v["error"]["message"].as_str().unwrap_or_default();
+        assert!(msg.starts_with(&format!("invalid {name}")), "{msg}");
+    }
+    // A path that is not UTF-8: the JSON shape too.
+    check(c.get("/v1/jobs/%FF"), 400, "bad_request");
+    check(c.get("/v1/agent/builds/%FF%FE"), 400, "bad_request");
+    // A long id is not echoed whole.
+    let (st, v) = c.get(&format!("/v1/jobs/{}", "x".repeat(5000)));
+    assert_eq!(st, 404);
+    assert!(v["error"]["message"].as_str().unwrap().len() < 200, "{v}");
+    // Test paths are never runner flags; a bundle must be a lower-case digest that was
+    // uploaded; an app build is not empty.
+    let mut flag = spec("qualgent", "v1", "--config=/etc/evil.js");
+    let (st, v) = c.post("/v1/jobs", &flag);
+    assert_eq!(
+        (st, v["error"]["field"].clone()),
+        (422, json!("tests")),
+        "{v}"
+    );
+    flag["tests"] = json!(["tests/a.spec.js"]);
+    flag["bundle"] = json!("AB".repeat(32));
+    let (st, v) = c.post("/v1/jobs", &flag);
+    assert_eq!(
+        (st, v["error"]["field"].clone()),
+        (422, json!("bundle")),
+        "{v}"
+    );
+    flag["bundle"] = json!("ab".repeat(32));
+    let (st, v) = c.post("/v1/jobs", &flag);
+    assert_eq!(
+        (st, v["error"]["field"].clone()),
+        (422, json!("bundle")),
+        "{v}"
+    );
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("PUT /v1/bundles"),
+        "{v}"
+    );
+    let (st, v) = c.post(
+        "/v1/runs",
+        &json!({"jobs": [spec("qualgent", "v1", "a"), flag]}),
+    );
+    assert_eq!(
+        (st, v["error"]["field"].clone()),
+        (422, json!("jobs[1].bundle")),
+        "{v}"
+    );
+    let (st, v) = c.put_raw("/v1/apps/qualgent/empty", b"", &[]);
+    assert_eq!(
+        (st, v["error"]["field"].clone()),
+        (422, json!("body")),
+        "{v}"
+    );
     // 409: covered by stale lease / idempotency / already final tests; one more here.
     c.post("/v1/agent/devices", &device("emu-1"));
     let id = submit(&c, "qualgent", "v1", "tests/a.spec.js");
@@ -641,6 +775,17 @@ fn error_statuses_have_the_json_shape() {
         ),
         400,
         "bad_request",
+    );
+    let (st, v) = c.post(
+        &format!("/v1/agent/leases/{lid}/jobs/{id}/complete"),
+        &json!({"passed": true, "tests": [
+            {"title": "a", "file": "tests/a.spec.js", "status": "passed", "duration_ms": 1},
+            {"title": "b", "file": "tests/a.spec.js", "status": "failed", "duration_ms": 1}]}),
+    );
+    assert_eq!(
+        (st, v["error"]["field"].clone()),
+        (422, json!("tests[1].status")),
+        "{v}"
     );
     // Nothing above changed the job.
     assert_eq!(job_state(&c, &id)["state"], "running");
@@ -1036,6 +1181,16 @@ fn tokens_file_and_admin_tokens_survive_restart() {
     let s = TestServer::start(opts);
     let acme = s.client(Some(&token));
     submit(&acme, "acme", "v1", "tests/a.spec.js");
+    drop(s);
+
+    // One secret listed twice (here as admin and as an org's) is a configuration error.
+    let mut f = std::fs::File::create(&tf).unwrap();
+    writeln!(f, "admin {ADMIN}\norg acme {ADMIN}").unwrap();
+    drop(f);
+    let e = qgjob_http::TokenSpec::load_file(&tf)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains(":2:") && e.contains("already listed"), "{e}");
 }
 
 #[test]
@@ -1319,13 +1474,22 @@ fn idempotency_keys_still_match_jobs_the_scheduler_forgot() {
         (409, json!("conflict")),
         "{v}"
     );
-    // In a run: the repeated job keeps its place among new ones; a bad job is named by
-    // its place in the request.
+    // A run cannot take in a job submitted on its own (a job belongs to one run), so a run
+    // mixing it with a new job is refused, naming it; a bad job is named by its place in
+    // the request.
     let fresh = spec("qualgent", "v1", "tests/c.spec.js");
     let (st, r) = c.post("/v1/runs", &json!({"jobs": [fresh, sp]}));
-    assert_eq!(st, 201, "{r}");
-    assert_eq!(r["job_ids"][1], id.as_str());
-    assert_ne!(r["job_ids"][0], id.as_str());
+    assert_eq!(
+        (st, r["error"]["code"].clone()),
+        (409, json!("conflict")),
+        "{r}"
+    );
+    let msg = r["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("jobs[1]") && msg.contains("on its own"),
+        "{msg}"
+    );
+    assert_eq!(r["error"]["field"], "jobs[1].idempotency_key");
     let bad = json!({"org_id": "qualgent", "app_version_id": "v1", "tests": []});
     let (st, v) = c.post("/v1/runs", &json!({"jobs": [sp, bad]}));
     assert_eq!(
@@ -1336,8 +1500,128 @@ fn idempotency_keys_still_match_jobs_the_scheduler_forgot() {
     let (_, page) = c.get("/v1/jobs?limit=1000");
     assert_eq!(
         page["jobs"].as_array().unwrap().len(),
+        1,
+        "nothing was queued"
+    );
+    // A forgotten run's jobs, submitted again with their keys: that run.
+    let mut a = spec("qualgent", "v2", "tests/a.spec.js");
+    a["idempotency_key"] = json!("ci-9:a");
+    let mut b = spec("qualgent", "v2", "tests/b.spec.js");
+    b["idempotency_key"] = json!("ci-9:b");
+    let (st, r) = c.post("/v1/runs", &json!({"jobs": [a, b]}));
+    assert_eq!(st, 201, "{r}");
+    c.post("/v1/agent/devices", &device("emu-2"));
+    for _ in 0..2 {
+        let (_, l) = lease(&c, "emu-2", 1000);
+        let (lid, jid) = (l["id"].as_u64().unwrap(), l["jobs"][0]["id"].clone());
+        let jid = jid.as_str().unwrap();
+        c.post(
+            &format!("/v1/agent/leases/{lid}/jobs/{jid}/complete"),
+            &json!({"passed": true}),
+        );
+    }
+    eventually(20, || {
+        let (_, m) = c.get("/metrics");
+        m.as_str()
+            .unwrap()
+            .contains("qgjob_jobs_in_memory 0")
+            .then_some(())
+    });
+    let (st, again) = c.post("/v1/runs", &json!({"jobs": [a, b]}));
+    assert_eq!(st, 200, "{again}");
+    assert_eq!(again["run_id"], r["run_id"]);
+    assert_eq!(again["job_ids"], r["job_ids"]);
+    assert_eq!(
+        (again["status"].clone(), again["created"].clone()),
+        (json!("passed"), json!(false))
+    );
+}
+
+#[test]
+fn a_run_submitted_again_with_the_same_keys_is_the_same_run() {
+    let s = TestServer::start(memory_opts());
+    let c = s.client(None);
+    let keyed = |test: &str, key: &str| {
+        let mut sp = spec("qualgent", "v1", test);
+        sp["idempotency_key"] = json!(key);
+        sp
+    };
+    let (a, b) = (
+        keyed("tests/a.spec.js", "ci-42:a"),
+        keyed("tests/b.spec.js", "ci-42:b"),
+    );
+    let (st, first) = c.post("/v1/runs", &json!({"jobs": [a, b]}));
+    assert_eq!(
+        (st, first["created"].clone()),
+        (201, json!(true)),
+        "{first}"
+    );
+    let run = first["run_id"].as_str().unwrap();
+    // A CI retry of the same step: the same run, whose jobs the caller can wait on.
+    let (st, again) = c.post("/v1/runs", &json!({"jobs": [a, b]}));
+    assert_eq!(st, 200, "{again}");
+    assert_eq!(again["run_id"], run);
+    assert_eq!(again["job_ids"], first["job_ids"]);
+    assert_eq!(again["created"], json!(false));
+    let (_, view) = c.get(&format!("/v1/runs/{run}"));
+    assert_eq!(view["jobs"].as_array().unwrap().len(), 2, "{view}");
+    // Part of the run, the run with one more job, or one job changed: refused, nothing
+    // queued.
+    let (st, v) = c.post("/v1/runs", &json!({"jobs": [a]}));
+    assert_eq!(st, 409, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("1 of the 2 jobs"),
+        "{v}"
+    );
+    let c_new = keyed("tests/c.spec.js", "ci-42:c");
+    let (st, v) = c.post("/v1/runs", &json!({"jobs": [a, b, c_new]}));
+    assert_eq!(st, 409, "{v}");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("jobs[2]"),
+        "{v}"
+    );
+    let mut b2 = b.clone();
+    b2["priority"] = json!(5);
+    let (st, v) = c.post("/v1/runs", &json!({"jobs": [a, b2]}));
+    assert_eq!(
+        (st, v["error"]["code"].clone()),
+        (409, json!("conflict")),
+        "{v}"
+    );
+    // One key twice in one run; labels a job could not carry.
+    let (st, v) = c.post("/v1/runs", &json!({"jobs": [c_new, c_new]}));
+    assert_eq!(
+        (st, v["error"]["field"].clone()),
+        (422, json!("jobs[1].idempotency_key")),
+        "{v}"
+    );
+    let (st, v) = c.post(
+        "/v1/runs",
+        &json!({"jobs": [spec("qualgent", "v1", "tests/d.spec.js")], "labels": {"": "x"}}),
+    );
+    assert_eq!(
+        (st, v["error"]["field"].clone()),
+        (422, json!("labels")),
+        "{v}"
+    );
+    let long = "x".repeat(300);
+    let (st, v) = c.post(
+        "/v1/runs",
+        &json!({"jobs": [spec("qualgent", "v1", "tests/d.spec.js")], "labels": {"k": long}}),
+    );
+    assert_eq!(
+        (st, v["error"]["field"].clone()),
+        (422, json!("labels")),
+        "{v}"
+    );
+    let (_, page) = c.get("/v1/jobs?limit=1000");
+    assert_eq!(
+        page["jobs"].as_array().unwrap().len(),
         2,
-        "no duplicate was queued"
+        "nothing more queued"
     );
 }
 
@@ -1430,4 +1714,36 @@ fn openapi_schemas_resolve_and_match_real_answers() {
     conforms(&doc, "Health", &c.get("/healthz").1);
     let (_, events) = c.sse_events(&format!("/v1/jobs/{jid}/events"), 1);
     conforms(&doc, "JobEvent", &events[0]);
+}
+
+#[test]
+fn a_bundle_is_checked_whatever_its_chunks() {
+    use std::io::Read as _;
+    let s = TestServer::start(memory_opts());
+    let addr = s.base.trim_start_matches("http://").to_string();
+    // The gzip magic split over two chunks, the first a single byte, as a slow client or
+    // proxy may send it; then a body that is not gzip at all.
+    let put = |chunks: &[&[u8]]| {
+        let mut conn = std::net::TcpStream::connect(&addr).unwrap();
+        write!(
+            conn,
+            "PUT /v1/bundles HTTP/1.1\r\nHost: {addr}\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        for c in chunks {
+            write!(conn, "{:x}\r\n", c.len()).unwrap();
+            conn.write_all(c).unwrap();
+            conn.write_all(b"\r\n").unwrap();
+            conn.flush().unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(30));
+        }
+        conn.write_all(b"0\r\n\r\n").unwrap();
+        let mut answer = String::new();
+        conn.read_to_string(&mut answer).unwrap();
+        answer
+    };
+    let ok = put(&[b"\x1f", b"\x8b\x08\x00rest of a gzip stream"]);
+    assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
+    let bad = put(&[b"P", b"K\x03\x04 a zip, not a gzip"]);
+    assert!(bad.starts_with("HTTP/1.1 422"), "{bad}");
 }

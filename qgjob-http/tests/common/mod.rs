@@ -152,6 +152,36 @@ impl Client {
         Self::finish(r.call())
     }
 
+    /// A request with extra headers (which replace the token's `Authorization` when they
+    /// name it) and an optional JSON body.
+    pub fn request_with(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+        headers: &[(&str, &str)],
+    ) -> (u16, Value) {
+        let url = format!("{}{path}", self.base);
+        let mut b = ureq::http::Request::builder().method(method).uri(url);
+        if let Some(a) = self.auth() {
+            if !headers
+                .iter()
+                .any(|(k, _)| k.eq_ignore_ascii_case("authorization"))
+            {
+                b = b.header("Authorization", a);
+            }
+        }
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        let bytes = body.map(|v| v.to_string()).unwrap_or_default();
+        if body.is_some() {
+            b = b.header("Content-Type", "application/json");
+        }
+        let req = b.body(bytes).expect("a valid request");
+        Self::finish(self.agent.run(req))
+    }
+
     /// GET returning status, headers and raw bytes.
     pub fn get_raw(&self, path: &str) -> (u16, ureq::http::HeaderMap, Vec<u8>) {
         let mut r = self.agent.get(format!("{}{path}", self.base));
