@@ -170,24 +170,21 @@ fn a_retried_ci_step_waits_on_the_run_it_submitted_before() {
     let dir = project();
     let (_server, url) = start_server(dir.path(), &[]);
     let _agent = start_agent(&url, dir.path(), "emulator", &[]);
-    let step = || {
-        let o = run(
-            Some(&url),
-            dir.path(),
-            &[
-                "submit",
-                "--org-id=acme",
-                "--app-version-id=v1",
-                "--test=tests/auth",
-                "--idempotency-key=ci-42",
-                "--wait",
-                "--wait-timeout=60s",
-                "--json",
-            ],
-        );
+    let submit = |extra: &[&str]| {
+        let base = [
+            "submit",
+            "--org-id=acme",
+            "--app-version-id=v1",
+            "--test=tests/auth",
+            "--idempotency-key=ci-42",
+        ];
+        let o = run(Some(&url), dir.path(), &[&base[..], extra].concat());
         assert_eq!(code(&o), 0, "{}{}", stdout(&o), stderr(&o));
+        stdout(&o)
+    };
+    let step = || {
+        let out = submit(&["--wait", "--wait-timeout=60s", "--json"]);
         // Two documents: the submit's answer, then the wait's.
-        let out = stdout(&o);
         let v: Value = serde_json::from_str(out.lines().last().expect("a line")).expect("JSON");
         let mut ids: Vec<String> = v["jobs"]
             .as_array()
@@ -202,23 +199,8 @@ fn a_retried_ci_step_waits_on_the_run_it_submitted_before() {
     // The step runs again (a CI re-run): the same jobs, already passed, exit 0.
     let first = step();
     assert_eq!(step(), first);
-    let o = run(
-        Some(&url),
-        dir.path(),
-        &[
-            "submit",
-            "--org-id=acme",
-            "--app-version-id=v1",
-            "--test=tests/auth",
-            "--idempotency-key=ci-42",
-        ],
-    );
-    assert_eq!(code(&o), 0, "{}", stderr(&o));
-    assert!(
-        stdout(&o).contains("(2 jobs, submitted before)"),
-        "{}",
-        stdout(&o)
-    );
+    let out = submit(&[]);
+    assert!(out.contains("(2 jobs, submitted before)"), "{out}");
 }
 
 #[test]
