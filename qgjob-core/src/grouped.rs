@@ -152,6 +152,9 @@ pub struct GroupedScheduler {
     leases: BTreeMap<LeaseId, LeaseRec>,
     lease_deadlines: BTreeSet<(Time, LeaseId)>,
     hard_deadlines: BTreeSet<(Time, LeaseId)>,
+    /// When running jobs whose cancel was requested are ended by the scheduler if their
+    /// agent has not reported them (see `SchedulerConfig::cancel_grace_ms`).
+    cancel_deadlines: BTreeSet<(Time, JobId)>,
     backoff: BTreeSet<(Time, u64, JobId)>,
     /// Final jobs by finish time (what `forget_finished` walks).
     finished: BTreeSet<(Time, u64, JobId)>,
@@ -178,6 +181,7 @@ impl GroupedScheduler {
             leases: BTreeMap::new(),
             lease_deadlines: BTreeSet::new(),
             hard_deadlines: BTreeSet::new(),
+            cancel_deadlines: BTreeSet::new(),
             backoff: BTreeSet::new(),
             finished: BTreeSet::new(),
             events: Vec::new(),
@@ -263,6 +267,12 @@ impl GroupedScheduler {
                     rec.pending.push(job.id);
                     rec.deadline = rec.deadline.max(deadline);
                     rec.hard_deadline = rec.hard_deadline.max(hard);
+                    if job.cancel_requested {
+                        // The request's time is not kept: the grace runs from the lease's
+                        // deadline, which a restarting server extends for its agents.
+                        s.cancel_deadlines
+                            .insert((deadline.plus_ms(s.cfg.cancel_grace_ms), job.id));
+                    }
                     s.by_seq.insert(job.seq, job.id);
                     s.jobs.insert(job.id, Box::new(job));
                 }
@@ -1310,8 +1320,12 @@ impl Scheduler for GroupedScheduler {
                 Ok(CancelOutcome::Canceled)
             }
             JobState::Running => {
+                let grace = now.plus_ms(self.cfg.cancel_grace_ms);
                 if let Some(j) = self.jobs.get_mut(&job) {
-                    j.cancel_requested = true;
+                    if !j.cancel_requested {
+                        j.cancel_requested = true;
+                        self.cancel_deadlines.insert((grace, job));
+                    }
                 }
                 Ok(CancelOutcome::Requested)
             }
@@ -1344,6 +1358,21 @@ impl Scheduler for GroupedScheduler {
             self.lease_deadlines.remove(&(t, lease));
             self.expire_lease(now, lease, InfraErrorKind::LeaseExpired);
         }
+        // Last: a job whose lease ended above has already been ended canceled.
+        while let Some(&(t, id)) = self.cancel_deadlines.first() {
+            if t > now {
+                break;
+            }
+            self.cancel_deadlines.remove(&(t, id));
+            let Some(j) = self.jobs.get(&id) else {
+                continue;
+            };
+            if let (JobState::Running, Some(lease)) = (j.state, j.lease) {
+                self.detach(lease, id);
+                let why = "canceled; its agent did not stop it in time";
+                self.finish(now, id, canceled_outcome(why));
+            }
+        }
     }
 
     fn next_wakeup(&self) -> Option<Time> {
@@ -1351,6 +1380,7 @@ impl Scheduler for GroupedScheduler {
             self.backoff.first().map(|x| x.0),
             self.lease_deadlines.first().map(|x| x.0),
             self.hard_deadlines.first().map(|x| x.0),
+            self.cancel_deadlines.first().map(|x| x.0),
         ]
         .into_iter()
         .flatten()
@@ -1599,6 +1629,61 @@ mod tests {
             s.cancel(Time(ttl + 5), job),
             Err(CancelError::AlreadyFinal { .. })
         ));
+    }
+
+    #[test]
+    fn a_cancel_the_agent_ignores_ends_after_the_grace() {
+        let (mut s, job, d, l) = one_leased(spec("acme", "v1", Target::Emulator));
+        let grace = s.config().cancel_grace_ms;
+        assert_eq!(s.cancel(Time(1_000), job), Ok(CancelOutcome::Requested));
+        // Asking again does not move the deadline.
+        assert_eq!(s.cancel(Time(2_000), job), Ok(CancelOutcome::Requested));
+        assert_eq!(s.next_wakeup(), Some(Time(s.config().lease_ttl_ms)));
+        // The agent heartbeats (so the lease lives) but never stops the job.
+        let mut t = 1_000;
+        while t < 1_000 + grace {
+            s.tick(Time(t));
+            assert_eq!(s.get(job).map(|j| j.state), Some(JobState::Running));
+            s.heartbeat(Time(t), l.id).expect("heartbeat");
+            t += 5_000;
+        }
+        s.tick(Time(1_000 + grace));
+        let j = s.get(job).expect("job");
+        assert_eq!(j.state, JobState::Canceled);
+        assert!(j
+            .outcome
+            .as_ref()
+            .and_then(|o| o.error.as_deref())
+            .is_some_and(|e| e.contains("did not stop")));
+        // Its report comes too late; the device is free and not lost.
+        assert!(s.complete(Time(1_001 + grace), l.id, job, pass()).is_err());
+        assert!(s.heartbeat(Time(1_001 + grace), l.id).is_err());
+        s.submit(Time(1_002 + grace), spec("acme", "v1", Target::Emulator))
+            .expect("submit");
+        assert!(s
+            .lease(Time(1_003 + grace), &d.id, 1)
+            .expect("lease")
+            .is_some());
+    }
+
+    #[test]
+    fn a_cancel_outlives_a_restart() {
+        let (mut s, job, _, l) = one_leased(spec("acme", "v1", Target::Emulator));
+        assert_eq!(s.cancel(Time(1_000), job), Ok(CancelOutcome::Requested));
+        let jobs: Vec<Job> = s.list(&JobFilter::default()).into_iter().cloned().collect();
+        let mut r = GroupedScheduler::restore(s.config().clone(), jobs).expect("restore");
+        // The grace runs from the restored lease's deadline.
+        let from = r.get(job).and_then(|j| j.lease_deadline).expect("deadline");
+        let end = from.plus_ms(r.config().cancel_grace_ms);
+        let mut t = 2_000;
+        while t < end.0 {
+            r.heartbeat(Time(t), l.id).expect("heartbeat");
+            r.tick(Time(t));
+            assert_eq!(r.get(job).map(|j| j.state), Some(JobState::Running));
+            t += 5_000;
+        }
+        r.tick(end);
+        assert_eq!(r.get(job).map(|j| j.state), Some(JobState::Canceled));
     }
 
     #[test]

@@ -69,6 +69,16 @@ pub struct SchedulerConfig {
     pub max_batch_limit: usize,
     /// Seed of the RNG used for ids and jitter.
     pub seed: u64,
+    /// A running job whose cancel was requested and that its agent has not reported this
+    /// long after is ended canceled by the scheduler itself (its lease no longer holds it,
+    /// so a late report is refused): an agent that cannot stop it must not keep it
+    /// "running" until its timeout.
+    #[serde(default = "default_cancel_grace_ms")]
+    pub cancel_grace_ms: u64,
+}
+
+fn default_cancel_grace_ms() -> u64 {
+    60_000
 }
 
 impl Default for SchedulerConfig {
@@ -84,6 +94,7 @@ impl Default for SchedulerConfig {
             default_job_ms: 60_000,
             max_batch_limit: 64,
             seed: 0x5eed,
+            cancel_grace_ms: default_cancel_grace_ms(),
         }
     }
 }

@@ -16,6 +16,9 @@ use proptest::test_runner::FileFailurePersistence;
 use qgjob_core::*;
 
 const TTL: u64 = 3_000;
+/// How long a running job may stay cancel-requested before the scheduler ends it (shorter
+/// than a lease here, so that the grace, not a lease expiry, ends many such jobs).
+const CANCEL_GRACE: u64 = 1_500;
 const AGING: u64 = 60_000;
 
 /// One step of the scenario. Indexes pick from what exists at that point (modulo).
@@ -217,6 +220,8 @@ struct MJob {
     attempt: u32,
     lease: Option<LeaseId>,
     cancel_requested: bool,
+    /// While running and cancel-requested: when the scheduler ends it itself.
+    cancel_deadline: Option<Time>,
     had_failure: bool,
     /// Queued and waiting out a backoff until then.
     not_before: Option<Time>,
@@ -304,6 +309,7 @@ impl Model {
             attempt: 1,
             lease: None,
             cancel_requested: false,
+            cancel_deadline: None,
             had_failure: false,
             not_before: None,
             backoff_pending: None,
@@ -420,6 +426,7 @@ fn run(policy: PolicyKind, seed: u64, backoff_base_ms: u64, ops: &[Op]) -> Vec<S
         backoff_jitter: 0.2,
         aging_ms_per_level: AGING,
         seed,
+        cancel_grace_ms: CANCEL_GRACE,
         ..SchedulerConfig::default()
     };
     let mut s = GroupedScheduler::new(cfg.clone());
@@ -637,6 +644,13 @@ fn apply(s: &mut GroupedScheduler, m: &mut Model, op: &Op) -> String {
                     l.hard = hard;
                 }
             }
+            // A restored cancel request gets its grace from its lease's deadline.
+            for j in &mut m.jobs {
+                if j.state == JobState::Running && j.cancel_requested {
+                    let deadline = s.get(j.id).and_then(|job| job.lease_deadline);
+                    j.cancel_deadline = deadline.map(|d| d.plus_ms(CANCEL_GRACE));
+                }
+            }
             for d in &mut m.devs {
                 *d = MDev::default();
             }
@@ -822,7 +836,11 @@ fn apply(s: &mut GroupedScheduler, m: &mut Model, op: &Op) -> String {
                 }
                 JobState::Running => {
                     assert_eq!(got, Ok(CancelOutcome::Requested));
-                    m.job(jid).cancel_requested = true;
+                    let j = m.job(jid);
+                    if !j.cancel_requested {
+                        j.cancel_requested = true;
+                        j.cancel_deadline = Some(now.plus_ms(CANCEL_GRACE));
+                    }
                 }
                 st => assert_eq!(got, Err(CancelError::AlreadyFinal { id: jid, state: st })),
             }
@@ -859,6 +877,22 @@ fn apply(s: &mut GroupedScheduler, m: &mut Model, op: &Op) -> String {
             late.sort();
             for (_, l) in late {
                 m.expire(l, true);
+            }
+            // ...and last, cancel-requested jobs their agents never stopped end canceled.
+            let mut due: Vec<(Time, JobId)> = m
+                .jobs
+                .iter()
+                .filter_map(|j| Some((j.cancel_deadline?, j.id)))
+                .filter(|(t, _)| *t <= now)
+                .collect();
+            due.sort();
+            for (_, id) in due {
+                m.job(id).cancel_deadline = None;
+                let j = m.job(id);
+                if let (JobState::Running, Some(l)) = (j.state, j.lease) {
+                    m.detach(l, id);
+                    m.set_state(id, JobState::Canceled);
+                }
             }
             format!("advance to {now:?}")
         }

@@ -1699,3 +1699,40 @@ fn a_bundle_is_checked_whatever_its_chunks() {
     let bad = put(&[b"P", b"K\x03\x04zip"]);
     assert!(bad.starts_with("HTTP/1.1 422"), "{bad}");
 }
+
+#[test]
+fn a_running_job_whose_agent_ignores_the_cancel_ends_canceled() {
+    let s = TestServer::start(ServerOptions {
+        scheduler: SchedulerConfig {
+            cancel_grace_ms: 300,
+            ..SchedulerConfig::default()
+        },
+        ..memory_opts()
+    });
+    let c = s.client(None);
+    c.post("/v1/agent/devices", &device("emu-1"));
+    let id = submit(&c, "qualgent", "v1", "tests/a.spec.js");
+    let (_, l) = lease(&c, "emu-1", 1000);
+    let lid = l["id"].as_u64().unwrap();
+    let (st, v) = c.post_empty(&format!("/v1/jobs/{id}/cancel"));
+    assert_eq!((st, v["result"].clone()), (200, json!("requested")), "{v}");
+    // The agent heartbeats on but never stops the job: the server ends it after the grace.
+    let v = eventually(20, || {
+        c.post_empty(&format!("/v1/agent/leases/{lid}/heartbeat"));
+        let v = job_state(&c, &id);
+        (v["state"] == "canceled").then_some(v)
+    });
+    assert!(
+        v["outcome"]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("did not stop")),
+        "{v}"
+    );
+    // Its report, when it comes, is refused and changes nothing.
+    let (st, _) = c.post(
+        &format!("/v1/agent/leases/{lid}/jobs/{id}/complete"),
+        &json!({"passed": true}),
+    );
+    assert_eq!(st, 409);
+    assert_eq!(job_state(&c, &id)["state"], "canceled");
+}
