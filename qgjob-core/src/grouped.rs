@@ -682,8 +682,9 @@ impl GroupedScheduler {
         self.emit(id, now);
     }
 
-    /// Requeues a job for another attempt after a backoff.
-    fn retry(&mut self, now: Time, id: JobId, error: Option<String>) {
+    /// Requeues a job for another attempt after a backoff. `test_failed`: the attempt
+    /// failed a test, so a later pass is flaky (an infrastructure error is not the test's).
+    fn retry(&mut self, now: Time, id: JobId, error: Option<String>, test_failed: bool) {
         let Some(attempt) = self.jobs.get(&id).map(|j| j.attempt) else {
             return;
         };
@@ -693,7 +694,7 @@ impl GroupedScheduler {
             return;
         };
         j.attempt += 1;
-        j.had_failure = true;
+        j.had_failure |= test_failed;
         j.released_at = now.plus_ms(delay);
         j.last_error = error;
         j.device = None;
@@ -733,7 +734,7 @@ impl GroupedScheduler {
         }
         let msg = format!("{}: {}", failure.kind, failure.message);
         if j.attempt < j.spec.max_attempts {
-            self.retry(now, id, Some(msg));
+            self.retry(now, id, Some(msg), false);
             JobState::Queued
         } else {
             let outcome = Outcome {
@@ -1276,7 +1277,7 @@ impl Scheduler for GroupedScheduler {
             return Ok(JobState::Passed);
         }
         if can_retry {
-            self.retry(now, job, report.error);
+            self.retry(now, job, report.error, true);
             return Ok(JobState::Queued);
         }
         self.finish(
@@ -1716,6 +1717,27 @@ mod tests {
             out.error.as_deref(),
             Some("install failed: adb: device offline")
         );
+    }
+
+    #[test]
+    fn a_pass_after_an_infrastructure_error_is_not_flaky() {
+        let (mut s, job, d, l) = one_leased(spec("acme", "v1", Target::Emulator));
+        let failure = InfraFailure {
+            kind: InfraErrorKind::InstallFailed,
+            message: "adb: device offline".into(),
+        };
+        assert_eq!(s.fail(Time(10), l.id, job, failure), Ok(JobState::Queued));
+        s.tick(Time(10_000_000));
+        let l = s
+            .lease(Time(10_000_000), &d.id, 1)
+            .expect("ok")
+            .expect("work");
+        assert_eq!(
+            s.complete(Time(10_000_001), l.id, job, pass()),
+            Ok(JobState::Passed)
+        );
+        let out = s.get(job).and_then(|j| j.outcome.clone()).expect("outcome");
+        assert!(!out.flaky, "the install failed, not the test");
     }
 
     #[test]

@@ -789,7 +789,8 @@ pub struct Job {
     /// Cancel was asked for while running; the device is told on its next heartbeat.
     #[serde(default)]
     pub cancel_requested: bool,
-    /// An earlier attempt failed a test or the infrastructure (for the flaky flag).
+    /// An earlier attempt failed a test (for the flaky flag; an infrastructure error does
+    /// not count: the test did nothing flaky).
     #[serde(default)]
     pub had_failure: bool,
     /// The last infrastructure error, kept while retrying.

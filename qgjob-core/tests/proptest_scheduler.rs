@@ -360,14 +360,16 @@ impl Model {
         }
     }
 
-    fn retry(&mut self, id: JobId) {
+    /// `test_failed`: the attempt failed a test (not the infrastructure), which makes a
+    /// later pass flaky.
+    fn retry(&mut self, id: JobId, test_failed: bool) {
         let now = self.now;
         let zero = self.cfg.backoff_base_ms == 0;
         self.set_state(id, JobState::Queued);
         let j = self.job(id);
         let failed_attempt = j.attempt;
         j.attempt += 1;
-        j.had_failure = true;
+        j.had_failure |= test_failed;
         j.not_before = None;
         if !zero {
             j.backoff_pending = Some((now, failed_attempt));
@@ -380,7 +382,7 @@ impl Model {
             self.set_state(id, JobState::Canceled);
             JobState::Canceled
         } else if j.attempt < j.spec.max_attempts {
-            self.retry(id);
+            self.retry(id, false);
             JobState::Queued
         } else {
             self.set_state(id, JobState::Error);
@@ -779,7 +781,7 @@ fn apply(s: &mut GroupedScheduler, m: &mut Model, op: &Op) -> String {
                     m.set_state(jid, JobState::Passed);
                     JobState::Passed
                 } else if j.spec.retry_failed_tests && j.attempt < j.spec.max_attempts {
-                    m.retry(jid);
+                    m.retry(jid, true);
                     JobState::Queued
                 } else {
                     m.set_state(jid, JobState::Failed);
@@ -791,7 +793,7 @@ fn apply(s: &mut GroupedScheduler, m: &mut Model, op: &Op) -> String {
                     assert_eq!(
                         flaky,
                         Some(j.had_failure),
-                        "a pass after a failure is flaky"
+                        "a pass after a failed test is flaky; after an infrastructure error not"
                     );
                 }
             }
