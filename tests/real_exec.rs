@@ -237,6 +237,11 @@ case "$*" in
     if [ -e '{dir}/unplugged' ]; then echo "error: device not found" >&2; exit 1; fi
     echo device ;;
   *" install "*)
+    # Like adb's own check: it installs only files named *.apk (or *.apex).
+    case "$*" in
+      *.apk|*.apex) ;;
+      *) echo "adb: filename doesn't end .apk or .apex" >&2; exit 1 ;;
+    esac
     echo 'Performing Streamed Install'
     if [ -e '{dir}/install-fails' ]; then
       echo 'adb: failed to install: Failure [INSTALL_FAILED_INSUFFICIENT_STORAGE]'; exit 1
@@ -483,6 +488,13 @@ async fn passing_and_failing_specs_give_per_test_results_outcomes_and_logs() {
     let env = lab.env_of(pass);
     assert_eq!(env["serial"], "emulator-5554");
     assert_eq!(env["build"], "apk-xyz123-bytes");
+    // Appium (like adb) takes an app file by its .apk name.
+    assert!(
+        env["build_path"]
+            .as_str()
+            .is_some_and(|p| p.ends_with(".apk")),
+        "{env}"
+    );
     assert_eq!(env["attempt"], "1");
     assert_eq!(env["target"], "emulator");
     assert_eq!(env["project"], "emulator");
@@ -506,6 +518,55 @@ async fn passing_and_failing_specs_give_per_test_results_outcomes_and_logs() {
         installs_in(&adb_log)
     );
     assert_eq!(built.installs.installs.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_job_runs_exactly_its_own_spec_file() {
+    // Playwright reads a file argument as a case-insensitive pattern searched anywhere in
+    // the path: `a.spec.js` would also run `banana.spec.js`, `login` also `Login`, and a
+    // `$` or `(` in a name would match nothing. {test_filters} passes exact filters.
+    let lab = Lab::new();
+    let names = [
+        "tests/a.spec.js",
+        "tests/banana.spec.js",
+        "tests/login.spec.js",
+        "tests/Login.spec.js",
+        "tests/price$5 (v2).spec.js",
+    ];
+    let files: Vec<(&str, String)> = names
+        .iter()
+        .map(|n| {
+            let body = format!(
+                "const {{ test }} = require('@playwright/test');\ntest({n:?}, async () => {{}});\n"
+            );
+            (*n, body)
+        })
+        .collect();
+    let bundle = lab.src.add_bundle(&targz(&files)).expect("add bundle");
+    lab.src
+        .add_build(&build("xyz123"), b"apk-xyz123-bytes")
+        .expect("build");
+    let cmd = "npx playwright test {test_filters} --reporter=json";
+    let (built, _) = one_emulator(&lab, Some(cmd)).await;
+    let run = start(built.devices);
+    let ids: Vec<JobId> = names
+        .iter()
+        .map(|n| run.submit(spec(Target::Emulator, "xyz123", n, &bundle)))
+        .collect();
+    let jobs = run.finish(&ids).await;
+    run.stop().await;
+    for (job, name) in jobs.iter().zip(names) {
+        assert_eq!(job.state, JobState::Passed, "{name}: {}", error_of(job));
+        let ran: Vec<&str> = job
+            .outcome
+            .as_ref()
+            .expect("outcome")
+            .tests
+            .iter()
+            .map(|t| t.title.as_str())
+            .collect();
+        assert_eq!(ran, vec![name], "the job for {name} ran {ran:?}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

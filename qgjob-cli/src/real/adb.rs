@@ -260,7 +260,11 @@ impl AdbDevice {
                 kind: InfraErrorKind::InstallFailed,
                 message: e.to_string(),
             })?;
-        let path = pinned.path().to_path_buf();
+        let path =
+            apk_name(self.runner.cache.dir(), &sha, pinned.path()).map_err(|e| InfraFailure {
+                kind: InfraErrorKind::InstallFailed,
+                message: format!("cannot name the build {sha} as an .apk: {e}"),
+            })?;
         if self
             .installed()
             .is_some_and(|i| i.build == *build && i.sha256 == sha)
@@ -445,6 +449,26 @@ impl AdbDevice {
             out.push(self.lost_or(a.run).await);
         }
         out
+    }
+}
+
+/// `adb install` refuses a file whose name does not end in `.apk` (and Appium's `app`
+/// capability, which AppWright fills from `QGJOB_BUILD_PATH`, wants one too), while the
+/// cache names builds by their digest alone. So the build gets a `<sha256>.apk` name under
+/// `CACHE/apk/`: a symbolic link to the cached file, made once and shared by the devices.
+fn apk_name(cache_dir: &Path, sha: &str, build: &Path) -> std::io::Result<PathBuf> {
+    let dir = cache_dir.join("apk");
+    std::fs::create_dir_all(&dir)?;
+    let link = dir.join(format!("{sha}.apk"));
+    match std::fs::read_link(&link) {
+        Ok(target) if target == build => return Ok(link),
+        Ok(_) => std::fs::remove_file(&link)?,
+        Err(_) => {}
+    }
+    match std::os::unix::fs::symlink(build, &link) {
+        // Another device of this agent made it at the same moment, to the same file.
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => Err(e),
+        _ => Ok(link),
     }
 }
 

@@ -153,7 +153,7 @@ impl JobRunner {
         env.extend(device_env.iter().cloned());
         let timeout = Duration::from_millis(job.spec.timeout_ms);
         let inv = Invocation {
-            argv: self.command.expand(&job.spec.tests, &project),
+            argv: self.command.expand(&job.spec.tests, &project, &cwd),
             cwd,
             env,
             timeout,
@@ -254,7 +254,7 @@ impl JobRunner {
                 .fold(0u64, u64::saturating_add),
         );
         let inv = Invocation {
-            argv: self.command.expand(&tests, &project),
+            argv: self.command.expand(&tests, &project, &prepared.cwd),
             cwd: prepared.cwd.clone(),
             env,
             timeout,

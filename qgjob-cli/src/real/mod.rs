@@ -5,7 +5,7 @@
 //! bundle is fetched by hash from the server, verified, cached ([`cache`]) and unpacked
 //! safely ([`bundle`]), its npm dependencies installed once per bundle hash; a fresh work
 //! dir gets a copy; the test command (default [`runner::DEFAULT_COMMAND`], i.e.
-//! `npx appwright test {tests} --project {project} --reporter=json`) runs there in its own
+//! `npx appwright test {test_filters} --project {project} --reporter=json`) runs there in its own
 //! process group, its output streamed to the server as the job's log; timeout and cancel
 //! kill the whole group; Playwright's JSON report ([`playwright`]) gives per-test results.
 //!
@@ -64,7 +64,9 @@ pub struct RealArgs {
     /// The adb program.
     #[arg(long, env = "QGJOB_ADB", default_value = "adb", value_name = "PATH")]
     pub adb: PathBuf,
-    /// Test command; {tests} becomes the job's spec files, {project} the project name.
+    /// Test command; {test_filters} becomes one exact Playwright filter per spec file of the
+    /// job (Playwright reads bare file arguments as patterns), {tests} the spec files as
+    /// they are (for commands that are not Playwright), {project} the project name.
     #[arg(long, value_name = "TEMPLATE", default_value = runner::DEFAULT_COMMAND)]
     pub command: String,
     /// AppWright project to run (default: the target's name).

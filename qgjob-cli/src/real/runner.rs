@@ -16,7 +16,7 @@
 //!   (retried by the scheduler).
 
 use std::future::Future;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -31,7 +31,8 @@ use tokio::sync::mpsc;
 use super::playwright::parse_report;
 
 /// The default test command: AppWright with Playwright's JSON reporter.
-pub const DEFAULT_COMMAND: &str = "npx appwright test {tests} --project {project} --reporter=json";
+pub const DEFAULT_COMMAND: &str =
+    "npx appwright test {test_filters} --project {project} --reporter=json";
 
 /// Most stdout kept to look for a JSON report printed there (when no report file appears).
 const MAX_CAPTURE: usize = 64 * 1024 * 1024;
@@ -58,16 +59,19 @@ pub enum TemplateError {
     /// A quote was opened and never closed.
     #[error("unterminated {0} quote in the test command")]
     Unterminated(char),
-    /// The template never mentions `{tests}`, so the job's tests would not be passed.
-    #[error("the test command must contain {{tests}}")]
+    /// The template never mentions `{tests}` or `{test_filters}`, so the job's tests would
+    /// not be passed.
+    #[error("the test command must contain {{tests}} or {{test_filters}}")]
     NoTests,
 }
 
-/// A test command with `{tests}` and `{project}` placeholders, split into words without a
-/// shell (single and double quotes and backslash escapes group words, nothing else is
-/// interpreted). A word that is exactly `{tests}` becomes one word per test file; inside a
-/// longer word (typically a `sh -c '…'` script) `{tests}` becomes the files shell-quoted
-/// and joined by spaces, so a submitter's file name cannot inject shell syntax.
+/// A test command with `{tests}`, `{test_filters}` and `{project}` placeholders, split into
+/// words without a shell (single and double quotes and backslash escapes group words,
+/// nothing else is interpreted). A word that is exactly `{tests}` becomes one word per test
+/// file; inside a longer word (typically a `sh -c '…'` script) `{tests}` becomes the files
+/// shell-quoted and joined by spaces, so a submitter's file name cannot inject shell
+/// syntax. A word that is exactly `{test_filters}` becomes one Playwright filter per test
+/// (see [`playwright_filter`]): what the default command passes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CommandTemplate {
     words: Vec<String>,
@@ -95,18 +99,25 @@ impl CommandTemplate {
         if words.is_empty() {
             return Err(TemplateError::Empty);
         }
-        if !words.iter().any(|w| w.contains("{tests}")) {
+        if !words
+            .iter()
+            .any(|w| w.contains("{tests}") || w == "{test_filters}")
+        {
             return Err(TemplateError::NoTests);
         }
         Ok(CommandTemplate { words })
     }
 
-    /// The argv for one job.
-    pub fn expand(&self, tests: &[String], project: &str) -> Vec<String> {
+    /// The argv for one job run in `cwd`.
+    pub fn expand(&self, tests: &[String], project: &str, cwd: &Path) -> Vec<String> {
         let mut argv = Vec::with_capacity(self.words.len() + tests.len());
+        // Playwright reports specs by their physical path, as the kernel gives it its cwd.
+        let cwd = std::fs::canonicalize(cwd).unwrap_or_else(|_| cwd.to_path_buf());
         for w in &self.words {
             if w == "{tests}" {
                 argv.extend(tests.iter().cloned());
+            } else if w == "{test_filters}" {
+                argv.extend(tests.iter().map(|t| playwright_filter(&cwd, t)));
             } else {
                 let quoted: Vec<String> = tests.iter().map(|t| shell_quote(t)).collect();
                 argv.push(
@@ -117,6 +128,43 @@ impl CommandTemplate {
         }
         argv
     }
+}
+
+/// The Playwright filter for a job's test `test` run in `cwd`. Playwright reads each
+/// positional argument as a case-insensitive regular expression searched anywhere in a
+/// spec's absolute path: `a.spec.js` also ran `banana.spec.js`, `login.spec.js` also ran
+/// `Login.spec.js`, and `price$5.spec.js` matched nothing. A `/…/` argument without flags
+/// is taken as a case-sensitive expression, so a file becomes `/^<cwd>/<test>$/` (escaped)
+/// and a folder `/^<cwd>/<test>//`, which match it alone. Anything else (a glob, a
+/// `file:line` location, a pattern meant as one) passes through as the submitter wrote it.
+pub fn playwright_filter(cwd: &Path, test: &str) -> String {
+    let rel = test.trim_start_matches("./");
+    let full = cwd.join(rel);
+    let suffix = if full.is_file() {
+        "$"
+    } else if full.is_dir() {
+        if rel.ends_with('/') {
+            ""
+        } else {
+            "/"
+        }
+    } else {
+        return test.to_string();
+    };
+    let mut re = String::from("/^");
+    for c in full.to_string_lossy().chars() {
+        if "\\^$.|?*+()[]{}/".contains(c) {
+            re.push('\\');
+        }
+        re.push(c);
+    }
+    if suffix == "/" {
+        re.push_str("\\/");
+    } else {
+        re.push_str(suffix);
+    }
+    re.push('/');
+    re
 }
 
 /// Quotes `s` for a POSIX shell: unchanged when it only holds safe characters, else in
@@ -274,8 +322,10 @@ where
     cmd.args(inv.argv.iter().skip(1))
         .current_dir(&inv.cwd)
         .env("PLAYWRIGHT_JSON_OUTPUT_NAME", &inv.report_path)
-        // Readable logs: Playwright and most Node tools honour this.
+        // Readable logs: Playwright and most Node tools honour this. NO_COLOR beside it
+        // makes Node print a warning into every job's log.
         .env("FORCE_COLOR", "0")
+        .env_remove("NO_COLOR")
         .envs(inv.env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -635,11 +685,53 @@ mod tests {
     use std::sync::Mutex;
 
     #[test]
+    fn playwright_filters_match_a_file_exactly() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = std::fs::canonicalize(dir.path()).expect("canonical");
+        std::fs::create_dir_all(root.join("tests")).expect("mkdir");
+        for f in ["tests/a.spec.js", "tests/price$5 (v2).spec.js"] {
+            std::fs::write(root.join(f), "").expect("write");
+        }
+        let esc = |p: &Path| {
+            p.to_string_lossy()
+                .chars()
+                .flat_map(|c| {
+                    let e = "\\^$.|?*+()[]{}/".contains(c).then_some('\\');
+                    e.into_iter().chain([c])
+                })
+                .collect::<String>()
+        };
+        let r = esc(&root);
+        assert_eq!(
+            playwright_filter(&root, "tests/a.spec.js"),
+            format!("/^{r}\\/tests\\/a\\.spec\\.js$/")
+        );
+        assert_eq!(
+            playwright_filter(&root, "./tests/price$5 (v2).spec.js"),
+            format!("/^{r}\\/tests\\/price\\$5 \\(v2\\)\\.spec\\.js$/")
+        );
+        assert_eq!(
+            playwright_filter(&root, "tests"),
+            format!("/^{r}\\/tests\\//")
+        );
+        // Not a file here (a glob, a location, a pattern): as the submitter wrote it.
+        assert_eq!(
+            playwright_filter(&root, "tests/a.spec.js:12"),
+            "tests/a.spec.js:12"
+        );
+        assert_eq!(playwright_filter(&root, "login"), "login");
+    }
+
+    #[test]
     fn templates_split_without_a_shell() {
         let t = CommandTemplate::parse(r#"node "my dir/cli.js" test {tests} --grep 'a b' x\ y"#)
             .expect("parses");
         assert_eq!(
-            t.expand(&["a.spec.ts".into(), "b c.spec.ts".into()], "android"),
+            t.expand(
+                &["a.spec.ts".into(), "b c.spec.ts".into()],
+                "android",
+                Path::new("/")
+            ),
             vec![
                 "node",
                 "my dir/cli.js",
@@ -651,9 +743,10 @@ mod tests {
                 "x y"
             ]
         );
+        // The default command passes exact filters: a file that does not exist passes as is.
         let d = CommandTemplate::default();
         assert_eq!(
-            d.expand(&["t.spec.js".into()], "emulator"),
+            d.expand(&["t.spec.js".into()], "emulator", Path::new("/nonexistent")),
             vec![
                 "npx",
                 "appwright",
@@ -667,7 +760,7 @@ mod tests {
         assert_eq!(
             CommandTemplate::parse("sh -c 'run {tests} on {project}'")
                 .expect("parses")
-                .expand(&["a".into(), "b".into()], "p")[2],
+                .expand(&["a".into(), "b".into()], "p", Path::new("/"))[2],
             "run a b on p"
         );
         assert_eq!(
@@ -675,7 +768,8 @@ mod tests {
                 .expect("parses")
                 .expand(
                     &["ok.spec.js".into(), "x; rm -rf ~ 'q'.spec.js".into()],
-                    "p"
+                    "p",
+                    Path::new("/")
                 )[2],
             r#"run ok.spec.js 'x; rm -rf ~ '\''q'\''.spec.js'"#
         );
@@ -791,7 +885,7 @@ mod tests {
         ];
         let argv = CommandTemplate::parse("sh -c 'printf \"[%s]\\n\" {tests}'")
             .expect("parses")
-            .expand(&names, "p");
+            .expand(&names, "p", dir.path());
         let mut i = inv(dir.path(), "", Duration::from_secs(30));
         i.argv = argv;
         let logs = Mutex::new(String::new());
