@@ -244,6 +244,7 @@ struct Watch {
     banner: Option<String>,
     errors_seen: u64,
     last_warning: Option<Instant>,
+    unhealthy_seen: u64,
 }
 
 impl Watch {
@@ -256,11 +257,19 @@ impl Watch {
             banner,
             errors_seen: 0,
             last_warning: None,
+            unhealthy_seen: 0,
         }
     }
 
     fn check(&mut self) {
         let c = self.stats.snapshot();
+        if c.unhealthy > self.unhealthy_seen {
+            eprintln!(
+                "warning: a device is not ready (for adb: not listed, or not in state \
+                 `device`); it takes no jobs until it is"
+            );
+            self.unhealthy_seen = c.unhealthy;
+        }
         if c.registrations >= self.devices {
             if let Some(b) = self.banner.take() {
                 eprintln!("{b}");

@@ -604,6 +604,7 @@ pub struct AgentStats {
     infra_failures: AtomicU64,
     stale_leases: AtomicU64,
     transport_errors: AtomicU64,
+    unhealthy: AtomicU64,
     rejected: AtomicU64,
     last_error: Mutex<Option<String>>,
 }
@@ -634,6 +635,10 @@ pub struct AgentCounters {
     pub transport_errors: u64,
     /// Requests the scheduler rejected.
     pub rejected: u64,
+    /// Times a device was found unhealthy (at start, or after a job reported it lost) and
+    /// taken off the scheduler until it was back.
+    #[serde(default)]
+    pub unhealthy: u64,
 }
 
 impl AgentStats {
@@ -651,6 +656,7 @@ impl AgentStats {
             stale_leases: g(&self.stale_leases),
             transport_errors: g(&self.transport_errors),
             rejected: g(&self.rejected),
+            unhealthy: g(&self.unhealthy),
         }
     }
 
@@ -846,7 +852,7 @@ async fn register(ctx: &Ctx, shutdown: &mut ShutdownSignal) -> Result<bool, Agen
 
 async fn device_loop(ctx: Ctx, mut shutdown: ShutdownSignal) -> Result<(), AgentError> {
     let id = ctx.device.info().id;
-    if !register(&ctx, &mut shutdown).await? {
+    if !until_healthy(&ctx, &mut shutdown).await || !register(&ctx, &mut shutdown).await? {
         return Ok(());
     }
     let mut backoff = Backoff::new(&ctx.cfg);
@@ -879,7 +885,16 @@ async fn device_loop(ctx: Ctx, mut shutdown: ShutdownSignal) -> Result<(), Agent
             Ok(None) => backoff.reset(),
             Ok(Some(lease)) => {
                 backoff.reset();
-                run_lease(&ctx, lease).await;
+                if run_lease(&ctx, lease).await && !ctx.device.healthy().await {
+                    // Gone: off the scheduler (so its jobs and its build's group go to other
+                    // devices, or wait) until it is back.
+                    let _ = ctx.link.unregister(&id).await;
+                    if !until_healthy(&ctx, &mut shutdown).await
+                        || !register(&ctx, &mut shutdown).await?
+                    {
+                        break;
+                    }
+                }
             }
             Err(e @ LinkError::Transport(_)) => {
                 ctx.stats.note(&e);
@@ -938,8 +953,9 @@ async fn heartbeat_loop(ctx: &Ctx, lease: LeaseId, cancel: &CancelSender) {
     }
 }
 
-/// Installs if asked, runs the batch while heartbeating, reports every job.
-async fn run_lease(ctx: &Ctx, lease: Lease) {
+/// Installs if asked, runs the batch while heartbeating, reports every job. Returns whether
+/// the device was reported lost.
+async fn run_lease(ctx: &Ctx, lease: Lease) -> bool {
     AgentStats::bump(&ctx.stats.leases);
     let (cancel_tx, cancel_rx) = CancelWatch::channel();
     let job_ids: Vec<JobId> = lease.jobs.iter().map(|j| j.id).collect();
@@ -963,7 +979,7 @@ async fn run_lease(ctx: &Ctx, lease: Lease) {
         ctx.stats.note(&LinkError::Stale);
         cancel_tx.cancel(&job_ids);
         let _ = work.await;
-        return;
+        return false;
     };
     let results: Vec<(JobId, JobRun)> = match outcome {
         Err(install_failure) => job_ids
@@ -986,13 +1002,38 @@ async fn run_lease(ctx: &Ctx, lease: Lease) {
                 .collect()
         }
     };
+    let lost = results
+        .iter()
+        .any(|(_, r)| matches!(r, Err(f) if f.kind == InfraErrorKind::DeviceLost));
     let reports = report_all(ctx, lease.id, results);
     tokio::pin!(reports);
     tokio::select! {
         () = &mut reports => {}
         () = &mut heartbeat => ctx.stats.note(&LinkError::Stale),
     }
+    lost
 }
+
+/// Waits until the device is healthy, asking every `HEALTH_EVERY`; false when shutdown
+/// came first.
+async fn until_healthy(ctx: &Ctx, shutdown: &mut ShutdownSignal) -> bool {
+    let mut noted = false;
+    loop {
+        if ctx.device.healthy().await {
+            return true;
+        }
+        if !noted {
+            AgentStats::bump(&ctx.stats.unhealthy);
+            noted = true;
+        }
+        if !pause(HEALTH_EVERY, shutdown).await {
+            return false;
+        }
+    }
+}
+
+/// How often an unhealthy device is asked again.
+const HEALTH_EVERY: Duration = Duration::from_secs(3);
 
 /// Reports each job, retrying transport errors; stops at a stale lease.
 async fn report_all(ctx: &Ctx, lease: LeaseId, results: Vec<(JobId, JobRun)>) {

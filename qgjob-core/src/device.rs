@@ -79,4 +79,12 @@ pub trait Device: Send + Sync {
     /// order. Canceled jobs should be stopped and reported as
     /// [`crate::model::InfraErrorKind::Other`] failures (the scheduler ends them canceled).
     async fn run(&self, build: &BuildRef, jobs: &[LeasedJob], cancel: CancelWatch) -> Vec<JobRun>;
+
+    /// Whether the device can take work now (e.g. `adb get-state` says `device`). The agent
+    /// asks before registering the device and after a job reported it lost, and takes no
+    /// work for it until this says yes: a dead device must not take every queued job and
+    /// burn its attempts in seconds. The default says yes.
+    async fn healthy(&self) -> bool {
+        true
+    }
 }

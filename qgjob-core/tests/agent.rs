@@ -1079,3 +1079,109 @@ mod random_labs {
         }
     }
 }
+
+/// A test device that can be unplugged: while `plugged` is false its runs end "device
+/// lost" and it says it is not healthy (no real hardware involved).
+struct Unpluggable {
+    plugged: std::sync::atomic::AtomicBool,
+    runs: AtomicU64,
+}
+
+#[async_trait]
+impl Device for Unpluggable {
+    fn info(&self) -> DeviceInfo {
+        DeviceInfo {
+            id: DeviceId::new("usb-1").unwrap(),
+            target: Target::Emulator,
+            capabilities: Capabilities::default(),
+            installed: None,
+            install_estimate_ms: Some(1_000),
+        }
+    }
+    async fn install(&self, _build: &BuildRef) -> Result<(), InfraFailure> {
+        Ok(())
+    }
+    async fn run(
+        &self,
+        _build: &BuildRef,
+        jobs: &[LeasedJob],
+        _cancel: CancelWatch,
+    ) -> Vec<qgjob_core::device::JobRun> {
+        self.runs.fetch_add(1, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let plugged = self.plugged.load(Ordering::SeqCst);
+        jobs.iter()
+            .map(|_| {
+                if plugged {
+                    Ok(RunReport {
+                        passed: true,
+                        tests: Vec::new(),
+                        duration_ms: 1_000,
+                        error: None,
+                    })
+                } else {
+                    Err(InfraFailure {
+                        kind: InfraErrorKind::DeviceLost,
+                        message: "device usb-1 not found".into(),
+                    })
+                }
+            })
+            .collect()
+    }
+    async fn healthy(&self) -> bool {
+        self.plugged.load(Ordering::SeqCst)
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_unplugged_device_takes_no_jobs_until_it_is_back() {
+    let s = shared(SchedulerConfig::default());
+    let ticker = s.spawn_ticker();
+    let dev = Arc::new(Unpluggable {
+        plugged: std::sync::atomic::AtomicBool::new(false),
+        runs: AtomicU64::new(0),
+    });
+    let ids: Vec<JobId> = (0..3)
+        .map(|i| {
+            s.submit(spec("acme", "v1", &format!("tests/t{i}.spec.js")))
+                .unwrap()
+                .job_id
+        })
+        .collect();
+    let cfg = AgentConfig {
+        max_batch: 1,
+        ..agent_cfg()
+    };
+    let shutdown = Shutdown::new();
+    let agent =
+        Agent::new(Arc::new(s.link()), cfg).with_device(Arc::clone(&dev) as Arc<dyn Device>);
+    let handle = tokio::spawn(agent.run(shutdown.signal()));
+    // Unplugged from the start: it does not even register, so nothing runs.
+    tokio::time::sleep(Duration::from_secs(600)).await;
+    assert_eq!(dev.runs.load(Ordering::SeqCst), 0);
+    // Plugged in: it registers and runs one job; then it goes away mid-run.
+    dev.plugged.store(true, Ordering::SeqCst);
+    wait(&s, "one job passed", |s| {
+        ids.iter()
+            .any(|j| s.get(*j).is_some_and(|j| j.state == JobState::Passed))
+    })
+    .await;
+    dev.plugged.store(false, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(600)).await;
+    // At most the one job it held when it went: the others did not burn their attempts.
+    let attempts: u32 = ids.iter().map(|j| s.get(*j).unwrap().attempt).sum();
+    assert!(attempts <= 4, "attempts {attempts}");
+    assert!(ids
+        .iter()
+        .all(|j| s.get(*j).unwrap().state != JobState::Error));
+    // Back again: everything passes.
+    dev.plugged.store(true, Ordering::SeqCst);
+    wait(&s, "all final", all_final(&ids)).await;
+    for id in &ids {
+        assert_eq!(s.get(*id).unwrap().state, JobState::Passed);
+    }
+    shutdown.trigger();
+    let c = handle.await.unwrap().unwrap();
+    ticker.abort();
+    assert!(c.unhealthy >= 2, "{c:?}");
+}

@@ -323,6 +323,10 @@ impl AdbDevice {
 
 #[async_trait]
 impl Device for AdbDevice {
+    async fn healthy(&self) -> bool {
+        self.online().await
+    }
+
     fn info(&self) -> DeviceInfo {
         let ms = self.install_ms.load(Ordering::Relaxed);
         DeviceInfo {
