@@ -288,7 +288,8 @@ fn wait_exit_codes_and_junit() {
     );
     assert_eq!(code(&o), 3, "{}{}", stdout(&o), stderr(&o));
     let v = json(&o);
-    assert_eq!(keys(&v), vec!["exit_code", "jobs", "status"]);
+    // The same keys as a finished wait's.
+    assert_eq!(keys(&v), vec!["exit_code", "job_id", "jobs", "status"]);
     assert_eq!(v["status"], "timeout");
     assert_eq!(v["jobs"][0]["state"], "queued");
     // ...and once canceled it is final, and canceled is exit 3 too.

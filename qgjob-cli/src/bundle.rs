@@ -129,7 +129,10 @@ pub fn expand_tests(root: &Path, args: &[String]) -> Result<Vec<String>> {
     let mut out = Vec::new();
     for arg in args {
         let mut found: Vec<String> = Vec::new();
-        if has_glob(arg) {
+        // A file that exists under its literal name is that file, even when the name holds
+        // glob characters (`tests/[smoke] login.spec.js`).
+        let literal = root.join(arg).exists();
+        if has_glob(arg) && !literal {
             let pattern = if Path::new(arg).is_absolute() {
                 arg.clone()
             } else {
@@ -299,6 +302,12 @@ mod tests {
         assert_eq!(
             expand_tests(d.path(), &["tests".into()]).unwrap(),
             vec!["tests/auth/login.spec.js", "tests/onboarding.spec.js"]
+        );
+        // A file named with glob characters is itself, not a pattern.
+        std::fs::write(d.path().join("tests/[smoke] a.spec.js"), "").unwrap();
+        assert_eq!(
+            expand_tests(d.path(), &["tests/[smoke] a.spec.js".into()]).unwrap(),
+            vec!["tests/[smoke] a.spec.js"]
         );
     }
 

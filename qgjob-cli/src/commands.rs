@@ -82,7 +82,7 @@ pub fn submit(client: &Client, a: &SubmitArgs) -> Result<u8> {
     let none_here = a
         .tests
         .iter()
-        .all(|t| !bundle::has_glob(t) && !root.join(t).exists());
+        .all(|t| !root.join(t).exists() && !bundle::has_glob(t));
     if none_here && !a.no_bundle {
         eprintln!(
             "note: {} not found under {}; submitting the path{} without a test bundle",
@@ -416,23 +416,8 @@ pub fn wait(client: &Client, a: &WaitArgs) -> Result<u8> {
     }
     // A script reading --json gets a document even when the wait times out: where every
     // job stood (best effort), with the exit code that follows.
-    if let (Err(CliError::Timeout(_)), true) = (&res, a.json) {
-        if let Ok((_, jobs)) = fetch(client, &a.which) {
-            print_json(&serde_json::json!({
-                "status": "timeout",
-                "exit_code": EXIT_INFRA,
-                "jobs": jobs,
-            }))?;
-        }
-    }
-    let (status, jobs) = res?;
-    let title = match (&a.which.job_id, &a.which.run_id) {
-        (Some(j), _) => format!("job {j}"),
-        (_, Some(r)) => format!("run {r}"),
-        _ => String::new(),
-    };
-    let code = report::exit_code(&jobs);
-    if a.json {
+    // The same shape either way: what was waited on, its status, the exit code, the jobs.
+    let document = |status: &str, code: u8, jobs: &[Job]| {
         let mut v = serde_json::json!({
             "status": status,
             "exit_code": code,
@@ -444,7 +429,22 @@ pub fn wait(client: &Client, a: &WaitArgs) -> Result<u8> {
         if let Some(r) = &a.which.run_id {
             v["run_id"] = serde_json::json!(r);
         }
-        print_json(&v)?;
+        v
+    };
+    if let (Err(CliError::Timeout(_)), true) = (&res, a.json) {
+        if let Ok((_, jobs)) = fetch(client, &a.which) {
+            print_json(&document("timeout", EXIT_INFRA, &jobs))?;
+        }
+    }
+    let (status, jobs) = res?;
+    let title = match (&a.which.job_id, &a.which.run_id) {
+        (Some(j), _) => format!("job {j}"),
+        (_, Some(r)) => format!("run {r}"),
+        _ => String::new(),
+    };
+    let code = report::exit_code(&jobs);
+    if a.json {
+        print_json(&document(&status, code, &jobs))?;
     } else {
         let mut o = std::io::stdout().lock();
         let _ = o.write_all(report::summary_table(&jobs, use_color()).as_bytes());

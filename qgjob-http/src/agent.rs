@@ -302,5 +302,9 @@ pub async fn app_build(
         .get_build(&org, &ver)
         .await?
         .map(Json)
-        .ok_or_else(|| ApiError::not_found("no build for that version"))
+        .ok_or_else(|| {
+            ApiError::not_found(format!(
+                "no app build was uploaded for {org}/{ver} (qgjob app upload)"
+            ))
+        })
 }

@@ -211,9 +211,14 @@ impl HttpArtifacts {
         } else {
             let mut resp = resp;
             let body = resp.body_mut().read_to_string().unwrap_or_default();
+            // The server's JSON error says what is wrong in words; show those.
+            let message = serde_json::from_str::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
+                .unwrap_or(body);
             Err(format!(
                 "HTTP {status}: {}",
-                body.chars().take(300).collect::<String>()
+                message.chars().take(300).collect::<String>()
             ))
         }
     }
