@@ -382,8 +382,8 @@ fn device_err(e: DeviceError) -> LinkError {
 
 fn report_err(e: ReportError) -> LinkError {
     match e {
-        ReportError::StaleLease(_) => LinkError::Stale,
-        other => LinkError::Rejected(other.to_string()),
+        // As the HTTP server answers both (409 stale_lease).
+        ReportError::StaleLease(_) | ReportError::NotInLease { .. } => LinkError::Stale,
     }
 }
 
@@ -1035,7 +1035,7 @@ async fn until_healthy(ctx: &Ctx, shutdown: &mut ShutdownSignal) -> bool {
 /// How often an unhealthy device is asked again.
 const HEALTH_EVERY: Duration = Duration::from_secs(3);
 
-/// Reports each job, retrying transport errors; stops at a stale lease.
+/// Reports each job, retrying transport errors; a job the lease no longer holds is skipped.
 async fn report_all(ctx: &Ctx, lease: LeaseId, results: Vec<(JobId, JobRun)>) {
     for (job, run) in results {
         let mut backoff = Backoff::new(&ctx.cfg);
@@ -1058,8 +1058,10 @@ async fn report_all(ctx: &Ctx, lease: LeaseId, results: Vec<(JobId, JobRun)>) {
                     break;
                 }
                 Err(LinkError::Stale) => {
+                    // This job is no longer the lease's (the scheduler ended it, e.g. a
+                    // cancel's grace ran out); the others may still be: go on.
                     ctx.stats.note(&LinkError::Stale);
-                    return;
+                    break;
                 }
                 Err(e @ LinkError::Transport(_)) if attempts < ctx.cfg.report_attempts => {
                     ctx.stats.note(&e);

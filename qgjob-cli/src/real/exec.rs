@@ -267,6 +267,9 @@ impl JobRunner {
             target,
             inv.argv.join(" ")
         ));
+        // A cancel stops the shared process at once (a job is often canceled because it
+        // hangs, and the device must come free); the others then run again on their own,
+        // within this lease, so they keep their attempt.
         let any_canceled = async {
             let mut c = cancel.clone();
             loop {
@@ -291,21 +294,22 @@ impl JobRunner {
         };
         drop(prepared);
         if out.ended == Ended::Canceled {
-            return jobs
-                .iter()
-                .map(|j| Attempt {
-                    run: if cancel.is_canceled(j.id) {
-                        canceled_run()
-                    } else {
-                        // Retried by the scheduler on its own.
-                        Err(infra(
-                            InfraErrorKind::Other,
-                            "stopped: a job sharing its runner process was canceled",
-                        ))
-                    },
-                    output: out.tail.clone(),
-                })
-                .collect();
+            let mut results = Vec::with_capacity(jobs.len());
+            for job in jobs {
+                if cancel.is_canceled(job.id) {
+                    results.push(Attempt {
+                        run: canceled_run(),
+                        output: out.tail.clone(),
+                    });
+                } else {
+                    sink(&format!(
+                        "qgjob: a job sharing the runner was canceled; running {} alone\n",
+                        job.id
+                    ));
+                    results.push(self.run_job(target, device_env, job, cancel.clone()).await);
+                }
+            }
+            return results;
         }
         let whole = judge(&out, timeout);
         let report = match (&whole, out.report.as_deref().map(parse_report)) {
@@ -333,6 +337,13 @@ impl JobRunner {
         }
         let mut results = Vec::with_capacity(jobs.len());
         for (job, tests) in jobs.iter().zip(per_job) {
+            if cancel.is_canceled(job.id) {
+                results.push(Attempt {
+                    run: canceled_run(),
+                    output: out.tail.clone(),
+                });
+                continue;
+            }
             if !report.errors.is_empty() || tests.is_empty() {
                 // Not attributable (a spec that does not load, a file that matched
                 // nothing): run this job on its own.
