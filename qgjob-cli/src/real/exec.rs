@@ -153,7 +153,12 @@ impl JobRunner {
         env.extend(device_env.iter().cloned());
         let timeout = Duration::from_millis(job.spec.timeout_ms);
         let inv = Invocation {
-            argv: self.command.expand(&job.spec.tests, &project, &cwd),
+            argv: self.command.expand(
+                &job.spec.tests,
+                &project,
+                &cwd,
+                &work.path().join("test-results"),
+            ),
             cwd,
             env,
             timeout,
@@ -254,7 +259,12 @@ impl JobRunner {
                 .fold(0u64, u64::saturating_add),
         );
         let inv = Invocation {
-            argv: self.command.expand(&tests, &project, &prepared.cwd),
+            argv: self.command.expand(
+                &tests,
+                &project,
+                &prepared.cwd,
+                &prepared.work.path().join("test-results"),
+            ),
             cwd: prepared.cwd.clone(),
             env,
             timeout,

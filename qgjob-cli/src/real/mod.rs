@@ -5,8 +5,9 @@
 //! bundle is fetched by hash from the server, verified, cached ([`cache`]) and unpacked
 //! safely ([`bundle`]), its npm dependencies installed once per bundle hash; a fresh work
 //! dir gets a copy; the test command (default [`runner::DEFAULT_COMMAND`], i.e.
-//! `npx appwright test {test_filters} --project {project} --reporter=json`) runs there in its own
-//! process group, its output streamed to the server as the job's log; timeout and cancel
+//! `npx appwright test {test_filters} --project {project} --reporter=json --output {output}`)
+//! runs there in its own process group, its output streamed to the server as the job's
+//! log; timeout and cancel
 //! kill the whole group; Playwright's JSON report ([`playwright`]) gives per-test results.
 //!
 //! Environment of the test command (besides the agent's own):
@@ -66,7 +67,9 @@ pub struct RealArgs {
     pub adb: PathBuf,
     /// Test command; {test_filters} becomes one exact Playwright filter per spec file of the
     /// job (Playwright reads bare file arguments as patterns), {tests} the spec files as
-    /// they are (for commands that are not Playwright), {project} the project name.
+    /// they are (for commands that are not Playwright), {project} the project name, {output}
+    /// a folder of the job's own for the runner's artifacts (pass it as Playwright's
+    /// `--output` when jobs share a --project-dir).
     #[arg(long, value_name = "TEMPLATE", default_value = runner::DEFAULT_COMMAND)]
     pub command: String,
     /// AppWright project to run (default: the target's name).

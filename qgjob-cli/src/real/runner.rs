@@ -32,7 +32,7 @@ use super::playwright::parse_report;
 
 /// The default test command: AppWright with Playwright's JSON reporter.
 pub const DEFAULT_COMMAND: &str =
-    "npx appwright test {test_filters} --project {project} --reporter=json";
+    "npx appwright test {test_filters} --project {project} --reporter=json --output {output}";
 
 /// Most stdout kept to look for a JSON report printed there (when no report file appears).
 const MAX_CAPTURE: usize = 64 * 1024 * 1024;
@@ -71,7 +71,9 @@ pub enum TemplateError {
 /// file; inside a longer word (typically a `sh -c '…'` script) `{tests}` becomes the files
 /// shell-quoted and joined by spaces, so a submitter's file name cannot inject shell
 /// syntax. A word that is exactly `{test_filters}` becomes one Playwright filter per test
-/// (see [`playwright_filter`]): what the default command passes.
+/// (see [`playwright_filter`]): what the default command passes. `{output}` is a folder of
+/// the job's own for the runner's artifacts (Playwright's `--output`): jobs running at once
+/// in one `--project-dir` would otherwise share, and wipe, its `test-results/`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CommandTemplate {
     words: Vec<String>,
@@ -108,8 +110,14 @@ impl CommandTemplate {
         Ok(CommandTemplate { words })
     }
 
-    /// The argv for one job run in `cwd`.
-    pub fn expand(&self, tests: &[String], project: &str, cwd: &Path) -> Vec<String> {
+    /// The argv for one job run in `cwd`, with its artifacts under `output`.
+    pub fn expand(
+        &self,
+        tests: &[String],
+        project: &str,
+        cwd: &Path,
+        output: &Path,
+    ) -> Vec<String> {
         let mut argv = Vec::with_capacity(self.words.len() + tests.len());
         // Playwright reports specs by their physical path, as the kernel gives it its cwd.
         let cwd = std::fs::canonicalize(cwd).unwrap_or_else(|_| cwd.to_path_buf());
@@ -122,6 +130,7 @@ impl CommandTemplate {
                 let quoted: Vec<String> = tests.iter().map(|t| shell_quote(t)).collect();
                 argv.push(
                     w.replace("{project}", project)
+                        .replace("{output}", &output.to_string_lossy())
                         .replace("{tests}", &quoted.join(" ")),
                 );
             }
@@ -730,7 +739,8 @@ mod tests {
             t.expand(
                 &["a.spec.ts".into(), "b c.spec.ts".into()],
                 "android",
-                Path::new("/")
+                Path::new("/"),
+                Path::new("/out")
             ),
             vec![
                 "node",
@@ -746,7 +756,12 @@ mod tests {
         // The default command passes exact filters: a file that does not exist passes as is.
         let d = CommandTemplate::default();
         assert_eq!(
-            d.expand(&["t.spec.js".into()], "emulator", Path::new("/nonexistent")),
+            d.expand(
+                &["t.spec.js".into()],
+                "emulator",
+                Path::new("/nonexistent"),
+                Path::new("/work/1/test-results")
+            ),
             vec![
                 "npx",
                 "appwright",
@@ -754,13 +769,20 @@ mod tests {
                 "t.spec.js",
                 "--project",
                 "emulator",
-                "--reporter=json"
+                "--reporter=json",
+                "--output",
+                "/work/1/test-results"
             ]
         );
         assert_eq!(
             CommandTemplate::parse("sh -c 'run {tests} on {project}'")
                 .expect("parses")
-                .expand(&["a".into(), "b".into()], "p", Path::new("/"))[2],
+                .expand(
+                    &["a".into(), "b".into()],
+                    "p",
+                    Path::new("/"),
+                    Path::new("/o")
+                )[2],
             "run a b on p"
         );
         assert_eq!(
@@ -769,7 +791,8 @@ mod tests {
                 .expand(
                     &["ok.spec.js".into(), "x; rm -rf ~ 'q'.spec.js".into()],
                     "p",
-                    Path::new("/")
+                    Path::new("/"),
+                    Path::new("/o")
                 )[2],
             r#"run ok.spec.js 'x; rm -rf ~ '\''q'\''.spec.js'"#
         );
@@ -885,7 +908,7 @@ mod tests {
         ];
         let argv = CommandTemplate::parse("sh -c 'printf \"[%s]\\n\" {tests}'")
             .expect("parses")
-            .expand(&names, "p", dir.path());
+            .expand(&names, "p", dir.path(), dir.path());
         let mut i = inv(dir.path(), "", Duration::from_secs(30));
         i.argv = argv;
         let logs = Mutex::new(String::new());
