@@ -486,8 +486,8 @@ pub struct UpArgs {
     /// Where the embedded store lives.
     #[arg(long, default_value = "qgjob-data", value_name = "DIR")]
     pub data_dir: PathBuf,
-    /// Simulated devices per target.
-    #[arg(long, default_value_t = 2)]
+    /// Simulated devices per target (1 to 64).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub devices: u32,
     /// Simulated install time in seconds.
     #[arg(long, default_value_t = 2.0)]
@@ -500,8 +500,8 @@ pub struct UpArgs {
 /// `qgjob demo`.
 #[derive(Debug, Args)]
 pub struct DemoArgs {
-    /// Simulated devices per target.
-    #[arg(long, default_value_t = 2)]
+    /// Simulated devices per target (1 to 16).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=16))]
     pub devices: u32,
     /// Print the result (jobs and figures) as JSON.
     #[arg(long)]

@@ -31,11 +31,13 @@ fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
 }
 
 fn invalid(e: qgjob_core::InvalidSpec) -> CliError {
-    CliError::Usage(format!(
-        "invalid {}: {}",
-        e.field.replace('_', "-"),
-        e.message
-    ))
+    // Name the flag the user typed, not the API field behind it.
+    let flag = match e.field {
+        "timeout_ms" => "timeout".to_string(),
+        "tests" => "test".to_string(),
+        other => other.replace('_', "-"),
+    };
+    CliError::Usage(format!("invalid --{flag}: {}", e.message))
 }
 
 /// Builds the job specs of a submission (one per test file), validated locally so bad input
@@ -930,7 +932,10 @@ mod tests {
     fn invalid_values_are_input_errors_naming_the_field() {
         let e = build_specs(&args(&["--priority=5000"]), &["a".into()], None).unwrap_err();
         assert_eq!(e.exit_code(), 2);
-        assert!(e.to_string().contains("priority"), "{e}");
+        assert!(e.to_string().contains("invalid --priority"), "{e}");
+        // The flag's name, not the API field's (timeout_ms).
+        let e = build_specs(&args(&["--timeout=0s"]), &["a".into()], None).unwrap_err();
+        assert!(e.to_string().starts_with("invalid --timeout:"), "{e}");
         // Out-of-range attempts never get this far: the flag's own parser refuses them.
         let e = Cli::try_parse_from([
             "qgjob",

@@ -80,12 +80,18 @@ pub fn server(a: &ServerArgs) -> Result<u8> {
     init_logs("info");
     let rt = runtime()?;
     rt.block_on(qgjob_http::run_server(opts))
-        .map_err(|e| match e {
-            // A flag or file to fix: a usage error, exit 2.
-            qgjob_http::ServerError::Config(m) => CliError::Usage(format!("server: {m}")),
-            e => CliError::Other(format!("server: {e}")),
-        })?;
+        .map_err(server_error)?;
     Ok(EXIT_OK)
+}
+
+/// A server error as the command reports it: a flag or file to fix is a usage error
+/// (exit 2), anything else an infrastructure one (exit 3). `server`, `up` and `demo` say
+/// the same thing for the same cause.
+fn server_error(e: qgjob_http::ServerError) -> CliError {
+    match e {
+        qgjob_http::ServerError::Config(m) => CliError::Usage(format!("server: {m}")),
+        e => CliError::Other(format!("server: {e}")),
+    }
 }
 
 /// A server and simulated agents running inside this process.
@@ -113,7 +119,11 @@ impl Lab {
         let rt = runtime()?;
         let listener = rt
             .block_on(tokio::net::TcpListener::bind(addr))
-            .map_err(|e| CliError::io(format!("cannot listen on {addr}"), e))?;
+            .map_err(|e| {
+                server_error(qgjob_http::ServerError::Config(format!(
+                    "cannot listen on {addr}: {e}"
+                )))
+            })?;
         let local = listener
             .local_addr()
             .map_err(|e| CliError::io("reading the bound address", e))?;
@@ -124,7 +134,15 @@ impl Lab {
         }));
         // Agents talk to the server over loopback HTTP, exactly like remote ones.
         let client = Client::new(base.clone(), None);
-        wait_healthy(&client, &server)?;
+        if let Err(e) = wait_healthy(&client, &server) {
+            // A server that stopped says why (a data dir another server holds, say).
+            if server.is_finished() {
+                if let Ok(Err(why)) = rt.block_on(server) {
+                    return Err(server_error(why));
+                }
+            }
+            return Err(e);
+        }
         let agents_stop = Shutdown::new();
         let mut agents = Vec::new();
         let mut devices = Vec::new();

@@ -209,10 +209,30 @@ pub async fn fail(
     ApiPath((lease, job)): ApiPath<(String, String)>,
     ApiJson(failure): ApiJson<InfraFailure>,
 ) -> Result<Json<Value>, ApiError> {
-    report_result(app, caller, &lease, &job, move |s, now, lease, job| {
-        s.fail(now, lease, job, failure)
-    })
-    .await
+    let line = format!("qgjob: {}: {}", failure.kind, failure.message);
+    let answer = report_result(
+        app.clone(),
+        caller,
+        &lease,
+        &job,
+        move |s, now, lease, job| s.fail(now, lease, job, failure),
+    )
+    .await?;
+    // The job's log tells every attempt's story, also one that failed before its tests
+    // printed anything (an install, a lost device). Best effort: the report is already in.
+    if let Ok(id) = parse_job_id(&job) {
+        let state = answer.0["state"].as_str().unwrap_or_default().to_string();
+        let then = match state.as_str() {
+            "queued" => "; it will be retried".to_string(),
+            other => format!("; the job is now {other}"),
+        };
+        let text = format!("{line}{then}\n");
+        let _ = app
+            .store
+            .append_log(id, text.as_bytes(), app.limits.log_bytes)
+            .await;
+    }
+    Ok(answer)
 }
 
 /// A job's result under a lease (complete or fail): fenced by the lease, counted when stale,

@@ -1736,3 +1736,25 @@ fn a_running_job_whose_agent_ignores_the_cancel_ends_canceled() {
     assert_eq!(st, 409);
     assert_eq!(job_state(&c, &id)["state"], "canceled");
 }
+
+#[test]
+fn an_infrastructure_failure_is_written_to_the_job_log() {
+    let s = TestServer::start(memory_opts());
+    let c = s.client(None);
+    c.post("/v1/agent/devices", &device("emu-1"));
+    let id = submit(&c, "qualgent", "v1", "tests/a.spec.js");
+    let (_, l) = lease(&c, "emu-1", 1000);
+    let lid = l["id"].as_u64().unwrap();
+    let (st, v) = c.post(
+        &format!("/v1/agent/leases/{lid}/jobs/{id}/fail"),
+        &json!({"kind": "install_failed", "message": "adb: device offline"}),
+    );
+    assert_eq!((st, v["state"].clone()), (200, json!("queued")), "{v}");
+    let (st, _, body) = c.get_raw(&format!("/v1/jobs/{id}/logs"));
+    assert_eq!(st, 200);
+    let log = String::from_utf8_lossy(&body);
+    assert!(
+        log.contains("install failed: adb: device offline; it will be retried"),
+        "{log}"
+    );
+}
