@@ -616,19 +616,34 @@ async fn sim_device_rates_are_seeded_and_roughly_right() {
     assert!(matches!(&out[0], Err(f) if f.kind == InfraErrorKind::InstallFailed));
 }
 
+/// What the hand-written test devices below say they are: an emulator, nothing installed.
+fn emulator_info(id: &str) -> DeviceInfo {
+    DeviceInfo {
+        id: DeviceId::new(id).unwrap(),
+        target: Target::Emulator,
+        capabilities: Capabilities::default(),
+        installed: None,
+        install_estimate_ms: Some(1_000),
+    }
+}
+
+/// A passing report of a run that took `ms`.
+fn passed_after(ms: u64) -> RunReport {
+    RunReport {
+        passed: true,
+        tests: Vec::new(),
+        duration_ms: ms,
+        error: None,
+    }
+}
+
 /// A test device whose installs always fail (no real hardware involved).
 struct BrokenInstaller;
 
 #[async_trait]
 impl Device for BrokenInstaller {
     fn info(&self) -> DeviceInfo {
-        DeviceInfo {
-            id: DeviceId::new("broken-1").unwrap(),
-            target: Target::Emulator,
-            capabilities: Capabilities::default(),
-            installed: None,
-            install_estimate_ms: Some(1_000),
-        }
+        emulator_info("broken-1")
     }
     async fn install(&self, _build: &BuildRef) -> Result<(), InfraFailure> {
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -1097,13 +1112,7 @@ struct Unpluggable {
 #[async_trait]
 impl Device for Unpluggable {
     fn info(&self) -> DeviceInfo {
-        DeviceInfo {
-            id: DeviceId::new("usb-1").unwrap(),
-            target: Target::Emulator,
-            capabilities: Capabilities::default(),
-            installed: None,
-            install_estimate_ms: Some(1_000),
-        }
+        emulator_info("usb-1")
     }
     async fn install(&self, _build: &BuildRef) -> Result<(), InfraFailure> {
         Ok(())
@@ -1120,12 +1129,7 @@ impl Device for Unpluggable {
         jobs.iter()
             .map(|_| {
                 if plugged {
-                    Ok(RunReport {
-                        passed: true,
-                        tests: Vec::new(),
-                        duration_ms: 1_000,
-                        error: None,
-                    })
+                    Ok(passed_after(1_000))
                 } else {
                     Err(InfraFailure {
                         kind: InfraErrorKind::DeviceLost,
@@ -1200,13 +1204,7 @@ struct Stubborn;
 #[async_trait]
 impl Device for Stubborn {
     fn info(&self) -> DeviceInfo {
-        DeviceInfo {
-            id: DeviceId::new("stubborn-1").unwrap(),
-            target: Target::Emulator,
-            capabilities: Capabilities::default(),
-            installed: None,
-            install_estimate_ms: Some(1_000),
-        }
+        emulator_info("stubborn-1")
     }
     async fn install(&self, _build: &BuildRef) -> Result<(), InfraFailure> {
         Ok(())
@@ -1218,16 +1216,7 @@ impl Device for Stubborn {
         _cancel: CancelWatch,
     ) -> Vec<qgjob_core::device::JobRun> {
         tokio::time::sleep(Duration::from_secs(120)).await;
-        jobs.iter()
-            .map(|_| {
-                Ok(RunReport {
-                    passed: true,
-                    tests: Vec::new(),
-                    duration_ms: 120_000,
-                    error: None,
-                })
-            })
-            .collect()
+        jobs.iter().map(|_| Ok(passed_after(120_000))).collect()
     }
 }
 
