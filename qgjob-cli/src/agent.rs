@@ -464,9 +464,11 @@ fn real_agent(client: Client, a: &AgentArgs) -> Result<u8> {
     };
     match res {
         Ok(c) => {
+            // Installs are counted by the devices' own summary above (adb installs, uploads):
+            // a real device may install while it runs, which the lease does not see.
             eprintln!(
-                "qgjob agent: stopped after {} jobs ({} passed, {} failed, {} infra failures), {} installs",
-                c.jobs_run, c.passed, c.failed, c.infra_failures, c.installs
+                "qgjob agent: stopped after {} jobs ({} passed, {} failed, {} infra failures)",
+                c.jobs_run, c.passed, c.failed, c.infra_failures
             );
             Ok(EXIT_OK)
         }
