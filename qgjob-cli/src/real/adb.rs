@@ -26,6 +26,8 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tokio::process::Command;
 
+use crate::real::cache::Pinned;
+
 use super::exec::{can_share, JobRunner};
 
 /// `adb` could not be run or answered nonsense.
@@ -250,7 +252,7 @@ impl AdbDevice {
         &self,
         build: &BuildRef,
         note: &(dyn Fn(&str) + Send + Sync),
-    ) -> Result<PathBuf, InfraFailure> {
+    ) -> Result<(PathBuf, Pinned), InfraFailure> {
         let (sha, pinned) = self
             .runner
             .cache
@@ -274,7 +276,7 @@ impl AdbDevice {
                 "qgjob: {build} is already installed on {}\n",
                 self.serial
             ));
-            return Ok(path);
+            return Ok((path, pinned));
         }
         let started = Instant::now();
         let apk = path.display().to_string();
@@ -302,7 +304,7 @@ impl AdbDevice {
                     "qgjob: installed {build} on {} in {ms} ms\n",
                     self.serial
                 ));
-                Ok(path)
+                Ok((path, pinned))
             }
             Ok((_, out)) => {
                 let lost = !self.online().await;
@@ -378,7 +380,8 @@ impl Device for AdbDevice {
             let quiet = |_: &str| {};
             let ensure_note: &(dyn Fn(&str) + Send + Sync) =
                 if just_installed { &quiet } else { &note };
-            let apk = match self.ensure(build, ensure_note).await {
+            // The pin keeps the build out of cache eviction while the job may use it.
+            let (apk, _pin) = match self.ensure(build, ensure_note).await {
                 Ok(p) => p,
                 Err(f) => {
                     note(&format!("qgjob: {}\n", f.message));
@@ -437,7 +440,8 @@ impl AdbDevice {
         } else {
             &note
         };
-        let apk = match self.ensure(build, ensure_note).await {
+        // The pin keeps the build out of cache eviction while the jobs may use it.
+        let (apk, _pin) = match self.ensure(build, ensure_note).await {
             Ok(p) => p,
             Err(f) => {
                 note(&format!("qgjob: {}\n", f.message));
