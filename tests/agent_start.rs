@@ -229,6 +229,17 @@ fn an_idle_agent_stops_soon_after_sigterm_or_sigint_and_unregisters() {
     }
 }
 
+/// Submits a job for `target` and waits until an agent runs it; returns its id.
+fn submit_running(url: &str, dir: &Path, target: &str) -> String {
+    let id = submit(url, dir, target);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while job_state(url, dir, &id) != "running" {
+        assert!(Instant::now() < deadline, "the job never ran");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    id
+}
+
 #[test]
 fn a_busy_agent_finishes_its_job_then_a_second_signal_stops_at_once() {
     let dir = project();
@@ -251,12 +262,7 @@ fn a_busy_agent_finishes_its_job_then_a_second_signal_stops_at_once() {
         ],
     );
     wait_for_line(&rx, "serving", Duration::from_secs(20));
-    let id = submit(&url, dir.path(), "busypool");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while job_state(&url, dir.path(), &id) != "running" {
-        assert!(Instant::now() < deadline, "the job never ran");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let id = submit_running(&url, dir.path(), "busypool");
     signal(&p, Signal::SIGTERM);
     let st = wait_exit(&mut p, Duration::from_secs(60)).expect("the agent stops");
     let after = drain(&rx);
@@ -277,12 +283,7 @@ fn a_busy_agent_finishes_its_job_then_a_second_signal_stops_at_once() {
         &["--target", "busypool", "--devices", "1", "--run-s", "600"],
     );
     wait_for_line(&rx, "serving", Duration::from_secs(20));
-    let id = submit(&url, dir.path(), "busypool");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while job_state(&url, dir.path(), &id) != "running" {
-        assert!(Instant::now() < deadline, "the job never ran");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    submit_running(&url, dir.path(), "busypool");
     signal(&p, Signal::SIGINT);
     wait_for_line(&rx, "stopping", Duration::from_secs(10));
     let asked = Instant::now();

@@ -416,9 +416,8 @@ pub fn wait(client: &Client, a: &WaitArgs) -> Result<u8> {
     if let Some(pb) = &bar {
         pb.finish_and_clear();
     }
-    // A script reading --json gets a document even when the wait times out: where every
-    // job stood (best effort), with the exit code that follows.
-    // The same shape either way: what was waited on, its status, the exit code, the jobs.
+    // With --json: what was waited on, its status, the exit code and the jobs, in one shape
+    // whether the wait ended or timed out (then where every job stood, best effort).
     let document = |status: &str, code: u8, jobs: &[Job]| {
         let mut v = serde_json::json!({
             "status": status,

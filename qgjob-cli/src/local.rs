@@ -119,11 +119,8 @@ impl Lab {
         let rt = runtime()?;
         let listener = rt
             .block_on(tokio::net::TcpListener::bind(addr))
-            .map_err(|e| {
-                server_error(qgjob_http::ServerError::Config(format!(
-                    "cannot listen on {addr}: {e}"
-                )))
-            })?;
+            // As `server` reports it: a flag to fix, exit 2.
+            .map_err(|e| CliError::Usage(format!("server: cannot listen on {addr}: {e}")))?;
         let local = listener
             .local_addr()
             .map_err(|e| CliError::io("reading the bound address", e))?;

@@ -448,8 +448,8 @@ impl GroupedScheduler {
         });
         g.head = first;
         let g = &self.groups[gi];
-        let now_idx = g.ready.keys().next().map(|&head| Indexed {
-            head,
+        let now_idx = first.map(|h| Indexed {
+            head: h.key,
             served: g.serving > 0,
         });
         if now_idx == g.indexed {

@@ -488,11 +488,7 @@ impl JobSpec {
         }
         validate_labels(&self.labels)?;
         if let Some(b) = &self.bundle {
-            if b.len() != 64
-                || !b
-                    .bytes()
-                    .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c))
-            {
+            if !is_sha256_hex(b) {
                 return Err(InvalidSpec::new(
                     "bundle",
                     "must be a lower-case sha256 hex digest",
@@ -501,6 +497,14 @@ impl JobSpec {
         }
         Ok(())
     }
+}
+
+/// Whether `s` is a lower-case sha256 hex digest: how bundles and builds are named, on the
+/// server (where it also keeps paths safe) and in an agent's cache.
+pub fn is_sha256_hex(s: &str) -> bool {
+    s.len() == 64
+        && s.bytes()
+            .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c))
 }
 
 /// Checks labels (of a job or a run): at most 64, keys of 1 to 64 characters, values of

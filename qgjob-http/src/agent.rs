@@ -196,10 +196,11 @@ pub async fn complete(
             ));
         }
     }
-    report_result(app, caller, &lease, &job, move |s, now, lease, job| {
+    let (_, state) = report_result(app, caller, &lease, &job, move |s, now, lease, job| {
         s.complete(now, lease, job, report)
     })
-    .await
+    .await?;
+    Ok(Json(json!({ "state": state })))
 }
 
 /// `POST /v1/agent/leases/{lease_id}/jobs/{job_id}/fail`.
@@ -210,7 +211,7 @@ pub async fn fail(
     ApiJson(failure): ApiJson<InfraFailure>,
 ) -> Result<Json<Value>, ApiError> {
     let line = format!("qgjob: {}: {}", failure.kind, failure.message);
-    let answer = report_result(
+    let (id, state) = report_result(
         app.clone(),
         caller,
         &lease,
@@ -220,19 +221,16 @@ pub async fn fail(
     .await?;
     // The job's log tells every attempt's story, also one that failed before its tests
     // printed anything (an install, a lost device). Best effort: the report is already in.
-    if let Ok(id) = parse_job_id(&job) {
-        let state = answer.0["state"].as_str().unwrap_or_default().to_string();
-        let then = match state.as_str() {
-            "queued" => "; it will be retried".to_string(),
-            other => format!("; the job is now {other}"),
-        };
-        let text = format!("{line}{then}\n");
-        let _ = app
-            .store
-            .append_log(id, text.as_bytes(), app.limits.log_bytes)
-            .await;
-    }
-    Ok(answer)
+    let then = match state {
+        qgjob_core::JobState::Queued => "it will be retried".to_string(),
+        other => format!("the job is now {other}"),
+    };
+    let text = format!("{line}; {then}\n");
+    let _ = app
+        .store
+        .append_log(id, text.as_bytes(), app.limits.log_bytes)
+        .await;
+    Ok(Json(json!({ "state": state })))
 }
 
 /// A job's result under a lease (complete or fail): fenced by the lease, counted when stale,
@@ -250,7 +248,7 @@ async fn report_result(
         ) -> Result<qgjob_core::JobState, qgjob_core::ReportError>
         + Send
         + 'static,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<(JobId, qgjob_core::JobState), ApiError> {
     caller.require_agent()?;
     let lease = parse_lease(lease).map_err(|e| count_stale(&app, e))?;
     let job = parse_job_id(job)?;
@@ -261,7 +259,7 @@ async fn report_result(
         .await
         .map_err(|e| count_stale(&app, e))?;
     app.timer.notify_one();
-    Ok(Json(json!({"state": state})))
+    Ok((job, state))
 }
 
 /// `POST /v1/agent/leases/{lease_id}/jobs/{job_id}/logs`: appends raw text to the log.

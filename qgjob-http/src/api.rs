@@ -226,6 +226,7 @@ pub async fn submit_run(
     let org = first.org_id.clone();
     caller.require_org(&org)?;
     let mut keys: HashMap<&str, usize> = HashMap::new();
+    let mut bundles = BTreeSet::new();
     for (i, j) in body.jobs.iter().enumerate() {
         // A bad spec is named before anything else is said about the run.
         j.validate().map_err(|source| {
@@ -245,14 +246,11 @@ pub async fn submit_run(
                 ));
             }
         }
-    }
-    validate_labels(&body.labels).map_err(|e| ApiError::invalid("labels", e.to_string()))?;
-    let mut bundles = BTreeSet::new();
-    for (i, j) in body.jobs.iter().enumerate() {
         if bundles.insert(&j.bundle) {
             check_bundle(&app, j, &format!("jobs[{i}].bundle")).await?;
         }
     }
+    validate_labels(&body.labels).map_err(|e| ApiError::invalid("labels", e.to_string()))?;
     let now = wall_ms();
     let mut rnd = [0u8; 10];
     getrandom::fill(&mut rnd).map_err(ApiError::internal)?;
@@ -328,35 +326,18 @@ pub async fn submit_run(
                 let ids = prior.iter().flatten().map(|(id, _)| *id).collect();
                 return Ok((RunSubmitted::Repeat { run, ids }, Vec::new()));
             }
-            // A mix: name the job that does not fit.
-            let named = |i: usize| match prior[i] {
-                Some((id, Some(r))) => format!("names job {id} of run {r}"),
-                Some((id, None)) => format!("names job {id}, submitted on its own"),
-                None => String::new(),
+            // A mix: name the first job that does not fit the others.
+            let i = alone.or(other_run).or(new).unwrap_or(0);
+            let what = match prior[i] {
+                Some((id, Some(r))) => format!("jobs[{i}]'s key names job {id} of run {r}"),
+                Some((id, None)) => format!("jobs[{i}]'s key names job {id}, submitted on its own"),
+                None => format!("jobs[{i}] is new"),
             };
-            let (i, why) = match (alone, other_run, new, run) {
-                (Some(i), ..) => (i, format!("jobs[{i}]'s idempotency key {}", named(i))),
-                (None, Some(i), ..) => {
-                    let first = prior.iter().position(Option::is_some).unwrap_or(0);
-                    (
-                        i,
-                        format!(
-                            "jobs[{i}]'s idempotency key {}, jobs[{first}]'s {}",
-                            named(i),
-                            named(first)
-                        ),
-                    )
+            let why = match run {
+                Some(r) if prior[i].is_none_or(|(_, own)| own != Some(r)) => {
+                    format!("{what}, while other keys name jobs of run {r}")
                 }
-                (None, None, i, run) => {
-                    let i = i.unwrap_or(0);
-                    let r = run.map(|r| r.to_string()).unwrap_or_default();
-                    (
-                        i,
-                        format!(
-                            "jobs[{i}] is new, while the other jobs' keys name jobs of run {r}"
-                        ),
-                    )
-                }
+                _ => what,
             };
             Err(ApiError::invalid_conflict(
                 format!("jobs[{i}].idempotency_key"),
@@ -394,12 +375,9 @@ pub async fn submit_run(
                     ),
                 ));
             }
-            let mut counts = StateCounts::default();
-            for j in &jobs {
-                counts.add(j.state);
-            }
             tracing::info!(run_id = %run, jobs = ids.len(), "run submitted again");
-            let answer = json!({"run_id": run, "job_ids": ids, "status": run_status(&counts),
+            let status = run_status(&state_counts(&jobs));
+            let answer = json!({"run_id": run, "job_ids": ids, "status": status,
                                 "created": false});
             Ok((StatusCode::OK, Json(answer)).into_response())
         }
@@ -437,6 +415,15 @@ pub fn run_status(counts: &StateCounts) -> &'static str {
     }
 }
 
+/// How many of `jobs` are in each state.
+fn state_counts(jobs: &[Job]) -> StateCounts {
+    let mut counts = StateCounts::default();
+    for j in jobs {
+        counts.add(j.state);
+    }
+    counts
+}
+
 async fn run_jobs(app: &AppState, id: RunId) -> Result<Vec<Job>, ApiError> {
     let mut jobs = app.store.run_jobs(id).await?;
     app.overlay(&mut jobs);
@@ -451,10 +438,7 @@ pub async fn get_run(
 ) -> Result<Json<Value>, ApiError> {
     let run = visible_run(&app, &caller, &id).await?;
     let jobs = run_jobs(&app, run.id).await?;
-    let mut counts = StateCounts::default();
-    for j in &jobs {
-        counts.add(j.state);
-    }
+    let counts = state_counts(&jobs);
     Ok(Json(json!({
         "run_id": run.id,
         "org_id": run.org_id,

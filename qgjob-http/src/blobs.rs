@@ -38,12 +38,7 @@ pub struct Stored {
 /// How much of an upload `check_head` sees.
 pub const HEAD_BYTES: usize = 16;
 
-/// Whether `s` is a lower-case sha256 hex digest (also what keeps paths safe).
-pub fn is_sha256_hex(s: &str) -> bool {
-    s.len() == 64
-        && s.bytes()
-            .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c))
-}
+pub use qgjob_core::is_sha256_hex;
 
 impl Blobs {
     /// Storage under `dir` (created if missing).

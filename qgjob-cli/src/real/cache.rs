@@ -192,7 +192,7 @@ fn claim(dir: &Path) -> Result<(), ArtifactError> {
 }
 
 fn check_sha(sha: &str) -> Result<(), ArtifactError> {
-    if sha.len() == 64 && sha.bytes().all(|b| b.is_ascii_hexdigit()) {
+    if qgjob_core::is_sha256_hex(sha) {
         Ok(())
     } else {
         Err(ArtifactError::BadHash(sha.to_string()))

@@ -147,16 +147,13 @@ impl CommandTemplate {
 /// and a folder `/^<cwd>/<test>//`, which match it alone. Anything else (a glob, a
 /// `file:line` location, a pattern meant as one) passes through as the submitter wrote it.
 pub fn playwright_filter(cwd: &Path, test: &str) -> String {
-    let rel = test.trim_start_matches("./");
+    let rel = test.trim_start_matches("./").trim_end_matches('/');
     let full = cwd.join(rel);
-    let suffix = if full.is_file() {
+    // What follows the escaped path: the end (a file), or a separator (a folder's files).
+    let end = if full.is_file() {
         "$"
     } else if full.is_dir() {
-        if rel.ends_with('/') {
-            ""
-        } else {
-            "/"
-        }
+        "\\/"
     } else {
         return test.to_string();
     };
@@ -167,11 +164,7 @@ pub fn playwright_filter(cwd: &Path, test: &str) -> String {
         }
         re.push(c);
     }
-    if suffix == "/" {
-        re.push_str("\\/");
-    } else {
-        re.push_str(suffix);
-    }
+    re.push_str(end);
     re.push('/');
     re
 }
@@ -722,6 +715,10 @@ mod tests {
         assert_eq!(
             playwright_filter(&root, "tests"),
             format!("/^{r}\\/tests\\//")
+        );
+        assert_eq!(
+            playwright_filter(&root, "tests/"),
+            playwright_filter(&root, "tests")
         );
         // Not a file here (a glob, a location, a pattern): as the submitter wrote it.
         assert_eq!(
