@@ -90,6 +90,7 @@ fn queued(jobs: usize, groups: usize) -> (GroupedScheduler, Vec<DeviceId>) {
             capabilities: Capabilities::default(),
             installed,
             install_estimate_ms: Some(45_000),
+            idle: false,
         };
         s.register_device(Time(0), info).expect("register");
     }

@@ -819,7 +819,15 @@ async fn pause(d: Duration, shutdown: &mut ShutdownSignal) -> bool {
 async fn register(ctx: &Ctx, shutdown: &mut ShutdownSignal) -> Result<bool, AgentError> {
     let mut backoff = Backoff::new(&ctx.cfg);
     loop {
-        let info = ctx.device.info();
+        // The agent registers a device only between leases (at start, after the device came
+        // back, after the scheduler forgot it), so it runs nothing there: a lease the
+        // scheduler still holds for it belongs to a previous run of this agent, or was
+        // granted to a poll whose answer never arrived. Saying so requeues its jobs now
+        // rather than after the lease TTL, while the device sits refused as busy.
+        let info = DeviceInfo {
+            idle: true,
+            ..ctx.device.info()
+        };
         // Not abandoned on shutdown: a registration that lands after we stop listening
         // would leave a device the scheduler counts as idle and spare.
         match ctx.link.register(info.clone()).await {

@@ -125,6 +125,7 @@ struct LeaseRec {
 ///     capabilities: Capabilities::default(),
 ///     installed: None,
 ///     install_estimate_ms: None,
+///     idle: false,
 /// };
 /// s.register_device(Time(0), dev.clone()).unwrap();
 /// let lease = s.lease(Time(1), &dev.id, 1).unwrap().expect("work");
@@ -770,6 +771,23 @@ impl GroupedScheduler {
         }
     }
 
+    /// Ends `lease` because its device will not run it: every job still in it fails as
+    /// [`InfraErrorKind::DeviceLost`] (retried or, out of attempts, `error`).
+    fn abandon_lease(&mut self, now: Time, lease: LeaseId, message: &str) {
+        let Some(rec) = self.leases.get(&lease).cloned() else {
+            return;
+        };
+        let failure = InfraFailure {
+            kind: InfraErrorKind::DeviceLost,
+            message: message.to_string(),
+        };
+        for job in rec.pending {
+            self.detach(lease, job);
+            self.on_infra_failure(now, job, &failure);
+        }
+        self.end_lease(lease);
+    }
+
     fn mark_lost(&mut self, id: &DeviceId) {
         let Some(d) = self.devices.get(id) else {
             return;
@@ -1032,7 +1050,29 @@ impl Scheduler for GroupedScheduler {
     }
 
     fn register_device(&mut self, now: Time, device: DeviceInfo) -> Result<(), DeviceError> {
-        let _ = now;
+        let held = match self.devices.get(&device.id) {
+            Some(d) => d.lease,
+            // A device that held a lease before a restart (of this scheduler) gets it back.
+            None => self
+                .leases
+                .iter()
+                .find(|(_, r)| r.device == device.id)
+                .map(|(id, _)| *id),
+        };
+        let held = match held {
+            Some(lease) if device.idle => {
+                self.abandon_lease(
+                    now,
+                    lease,
+                    &format!(
+                        "device {} came back idle while running it (its agent restarted)",
+                        device.id
+                    ),
+                );
+                None
+            }
+            other => other,
+        };
         if let Some(old) = self.devices.get(&device.id) {
             let (old_info, was_lost) = (old.info.clone(), old.lost);
             if !was_lost {
@@ -1043,12 +1083,7 @@ impl Scheduler for GroupedScheduler {
                 d.lost = false;
             }
         } else {
-            // A device that held a lease before a restart gets it back.
-            let lease = self
-                .leases
-                .iter()
-                .find(|(_, r)| r.device == device.id)
-                .map(|(id, _)| *id);
+            let lease = held;
             self.devices.insert(
                 device.id.clone(),
                 Dev {
@@ -1074,17 +1109,7 @@ impl Scheduler for GroupedScheduler {
             .ok_or_else(|| DeviceError::UnknownDevice(id.clone()))?;
         let (info, lost, lease) = (d.info.clone(), d.lost, d.lease);
         if let Some(lease) = lease {
-            if let Some(rec) = self.leases.get(&lease).cloned() {
-                let failure = InfraFailure {
-                    kind: InfraErrorKind::DeviceLost,
-                    message: format!("device {id} was unregistered"),
-                };
-                for job in rec.pending {
-                    self.detach(lease, job);
-                    self.on_infra_failure(now, job, &failure);
-                }
-                self.end_lease(lease);
-            }
+            self.abandon_lease(now, lease, &format!("device {id} was unregistered"));
         }
         if !lost {
             self.adjust_serving(&info, -1);
@@ -1466,6 +1491,7 @@ mod tests {
             capabilities: Capabilities::default(),
             installed: None,
             install_estimate_ms: Some(30_000),
+            idle: false,
         }
     }
 
@@ -1605,6 +1631,66 @@ mod tests {
             .expect("work");
         assert_eq!(l2.jobs[0].attempt, 2);
         assert!(l2.id > l.id);
+    }
+
+    #[test]
+    fn a_device_registering_idle_gives_its_lease_back_at_once() {
+        let (mut s, job, d, l) = one_leased(spec("acme", "v1", Target::Emulator));
+        // Registering again while running (idle unset) keeps the lease.
+        s.register_device(Time(10), d.clone()).expect("reg");
+        assert!(matches!(
+            s.lease(Time(11), &d.id, 1),
+            Err(DeviceError::Busy { .. })
+        ));
+        assert_eq!(s.get(job).map(|j| j.state), Some(JobState::Running));
+        // Its agent restarted: the device comes back running nothing.
+        let idle = DeviceInfo {
+            idle: true,
+            ..d.clone()
+        };
+        s.register_device(Time(20), idle).expect("reg");
+        let j = s.get(job).expect("job").clone();
+        assert_eq!((j.state, j.attempt), (JobState::Queued, 2));
+        assert!(
+            j.last_error
+                .as_deref()
+                .unwrap_or("")
+                .contains("came back idle"),
+            "{:?}",
+            j.last_error
+        );
+        // The old run's report is stale and changes nothing.
+        assert_eq!(
+            s.complete(Time(21), l.id, job, pass()),
+            Err(ReportError::StaleLease(l.id))
+        );
+        assert_eq!(s.get(job), Some(&j));
+        // No lease TTL to wait out: the retry goes as soon as its backoff ends.
+        let ready = j.not_before.unwrap_or(Time(21));
+        assert!(ready.0 < s.config().lease_ttl_ms, "{ready:?}");
+        s.tick(ready);
+        let l2 = s.lease(ready, &d.id, 1).expect("ok").expect("work");
+        assert_eq!((l2.jobs[0].id, l2.jobs[0].attempt), (job, 2));
+    }
+
+    #[test]
+    fn a_restored_lease_goes_back_to_the_queue_when_its_device_comes_back_idle() {
+        let (s, job, d, l) = one_leased(spec("acme", "v1", Target::Emulator));
+        let saved: Vec<Job> = s.list(&JobFilter::default()).into_iter().cloned().collect();
+        let mut r = GroupedScheduler::restore(s.config().clone(), saved).expect("restore");
+        let idle = DeviceInfo {
+            idle: true,
+            ..d.clone()
+        };
+        r.register_device(Time(5), idle).expect("reg");
+        assert_eq!(
+            r.get(job).map(|j| (j.state, j.attempt)),
+            Some((JobState::Queued, 2))
+        );
+        assert_eq!(
+            r.heartbeat(Time(6), l.id).map(|_| ()),
+            Err(ReportError::StaleLease(l.id))
+        );
     }
 
     #[test]

@@ -35,6 +35,7 @@
 //!             capabilities: Capabilities::default(),
 //!             installed: None,
 //!             install_estimate_ms: Some(0),
+//!             idle: false,
 //!         }
 //!     }
 //!     async fn install(&self, _build: &BuildRef) -> Result<(), InfraFailure> {

@@ -821,6 +821,13 @@ pub struct DeviceInfo {
     /// How long an install takes on it, in ms, as the agent measured or configured it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub install_estimate_ms: Option<u64>,
+    /// The registering agent runs nothing on the device now. A lease the scheduler still
+    /// holds for it was then abandoned (its agent was killed and restarted, or the answer
+    /// that granted it never arrived), so its jobs go back to the queue at once, as an
+    /// infrastructure failure, instead of when the lease expires. False (the default) keeps
+    /// such a lease with the device: an agent re-registering while it still runs the jobs.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub idle: bool,
 }
 
 /// One job inside a lease.

@@ -279,6 +279,7 @@ impl Device for SimDevice {
             capabilities: self.cfg.capabilities.clone(),
             installed: self.installed(),
             install_estimate_ms: Some(self.cfg.install_ms),
+            idle: false,
         }
     }
 

@@ -287,6 +287,50 @@ async fn a_silent_device_loses_its_lease_and_another_finishes_the_job() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_restarted_agent_takes_its_device_back_without_waiting_out_the_old_lease() {
+    // A long TTL, so waiting it out would show.
+    let cfg = SchedulerConfig {
+        lease_ttl_ms: 600_000,
+        ..SchedulerConfig::default()
+    };
+    let s = shared(cfg);
+    let ticker = s.spawn_ticker();
+    let id = s
+        .submit(spec("acme", "v1", "tests/a.spec.js"))
+        .unwrap()
+        .job_id;
+    let slow = Arc::new(SimDevice::new(sim("emu-a", 1_000, 300_000)));
+    let (_s1, first) = spawn_agent(Arc::new(s.link()), &[slow], agent_cfg());
+    wait(&s, "running", |s| {
+        s.get(id).is_some_and(|j| j.state == JobState::Running)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let old_deadline = s.get(id).unwrap().lease_deadline.expect("leased");
+    // The agent is killed: no report, no unregister.
+    first.abort();
+    assert!(first.await.unwrap_err().is_cancelled());
+
+    // It starts again, with the same device.
+    let again = Arc::new(SimDevice::new(sim("emu-a", 1_000, 5_000)));
+    let (s2, second) = spawn_agent(Arc::new(s.link()), &[Arc::clone(&again)], agent_cfg());
+    wait(&s, "job final", all_final(&[id])).await;
+    let job = s.get(id).unwrap();
+    assert_eq!((job.state, job.attempt), (JobState::Passed, 2));
+    assert_eq!(job.device.as_ref().unwrap().as_str(), "emu-a");
+    // Virtual time: the retry ran long before the old lease would have expired.
+    assert!(
+        job.finished_at.unwrap() < old_deadline,
+        "finished {:?}, old lease ran to {old_deadline:?}",
+        job.finished_at
+    );
+    assert_eq!(again.stats().passed, 1);
+    s2.trigger();
+    second.await.unwrap().unwrap();
+    ticker.abort();
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_report_under_a_stale_lease_is_refused_and_changes_nothing() {
     let cfg = SchedulerConfig {
         lease_ttl_ms: 10_000,
@@ -301,6 +345,7 @@ async fn a_report_under_a_stale_lease_is_refused_and_changes_nothing() {
         capabilities: Capabilities::default(),
         installed: None,
         install_estimate_ms: None,
+        idle: false,
     };
     let id = s
         .submit(spec("acme", "v1", "tests/a.spec.js"))
@@ -624,6 +669,7 @@ fn emulator_info(id: &str) -> DeviceInfo {
         capabilities: Capabilities::default(),
         installed: None,
         install_estimate_ms: Some(1_000),
+        idle: false,
     }
 }
 

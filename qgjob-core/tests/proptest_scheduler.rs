@@ -35,8 +35,11 @@ enum Op {
     Restore,
     /// The server drops final jobs from memory once stored (`forget_finished(now)`).
     Forget,
+    /// `idle`: the agent says it runs nothing there, so a lease the device still holds is
+    /// given back at once.
     Register {
         dev: usize,
+        idle: bool,
     },
     Unregister {
         dev: usize,
@@ -77,7 +80,7 @@ fn op_strategy() -> impl Strategy<Value = Op> {
             .prop_map(|(specs, invalid)| Op::SubmitMany { specs, invalid }),
         1 => Just(Op::Restore),
         1 => Just(Op::Forget),
-        1 => (0usize..DEVICES.len()).prop_map(|dev| Op::Register { dev }),
+        1 => (0usize..DEVICES.len(), any::<bool>()).prop_map(|(dev, idle)| Op::Register { dev, idle }),
         1 => (0usize..DEVICES.len()).prop_map(|dev| Op::Unregister { dev }),
         5 => (0usize..DEVICES.len(), 1usize..=3).prop_map(|(dev, batch)| Op::Lease { dev, batch }),
         2 => (0usize..64, proptest::bool::weighted(0.8)).prop_map(|(lease, live)| Op::Heartbeat { lease, live }),
@@ -659,7 +662,7 @@ fn apply(s: &mut GroupedScheduler, m: &mut Model, op: &Op) -> String {
             m.lease_floor = m.leases.keys().next_back().copied().max(restored_floor);
             "restore".to_string()
         }
-        Op::Register { dev } => {
+        Op::Register { dev, idle } => {
             let d = &m.devs[*dev];
             let info = DeviceInfo {
                 id: DeviceId::new(DEVICES[*dev].0).unwrap(),
@@ -671,23 +674,35 @@ fn apply(s: &mut GroupedScheduler, m: &mut Model, op: &Op) -> String {
                     None
                 },
                 install_estimate_ms: None,
+                idle: *idle,
             };
             let got = s.register_device(now, info);
             assert_eq!(got, Ok(()));
-            // A device new to this scheduler gets back a lease it held before a restart.
-            let held = m
-                .leases
-                .iter()
-                .find(|(_, l)| l.device == *dev)
-                .map(|(id, _)| *id);
+            // A device new to this scheduler gets back a lease it held before a restart,
+            // unless it comes back idle: then that lease's jobs go back to the queue.
+            let held = if d.registered {
+                d.lease
+            } else {
+                m.leases
+                    .iter()
+                    .find(|(_, l)| l.device == *dev)
+                    .map(|(id, _)| *id)
+            };
+            let held = match held {
+                Some(l) if *idle => {
+                    m.expire(l, false);
+                    None
+                }
+                other => other,
+            };
             let d = &mut m.devs[*dev];
             if !d.registered {
                 d.installed = None;
-                d.lease = held;
             }
+            d.lease = held;
             d.registered = true;
             d.lost = false;
-            format!("register {dev} {got:?}")
+            format!("register {dev} idle={idle} {got:?}")
         }
         Op::Unregister { dev } => {
             let id = DeviceId::new(DEVICES[*dev].0).unwrap();
@@ -1221,7 +1236,9 @@ fn scenario() -> impl Strategy<Value = (u64, u64, Vec<Op>)> {
     )
         .prop_map(|(seed, backoff, ops)| {
             // Start with the whole lab registered, so most steps do something.
-            let mut all: Vec<Op> = (0..DEVICES.len()).map(|dev| Op::Register { dev }).collect();
+            let mut all: Vec<Op> = (0..DEVICES.len())
+                .map(|dev| Op::Register { dev, idle: true })
+                .collect();
             all.extend(ops);
             (seed, backoff, all)
         })
@@ -1283,6 +1300,7 @@ fn restore_never_reuses_a_lease_id() {
         capabilities: Capabilities::default(),
         installed: None,
         install_estimate_ms: None,
+        idle: false,
     };
     s.submit(Time(0), spec("v1")).unwrap();
     let b = s.submit(Time(0), spec("v2")).unwrap().job_id;

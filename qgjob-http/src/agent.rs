@@ -210,26 +210,11 @@ pub async fn fail(
     ApiPath((lease, job)): ApiPath<(String, String)>,
     ApiJson(failure): ApiJson<InfraFailure>,
 ) -> Result<Json<Value>, ApiError> {
-    let line = format!("qgjob: {}: {}", failure.kind, failure.message);
-    let (id, state) = report_result(
-        app.clone(),
-        caller,
-        &lease,
-        &job,
-        move |s, now, lease, job| s.fail(now, lease, job, failure),
-    )
+    // The job's log gets the failure with the state change (see `AppState::mutate_runs`).
+    let (_, state) = report_result(app, caller, &lease, &job, move |s, now, lease, job| {
+        s.fail(now, lease, job, failure)
+    })
     .await?;
-    // The job's log tells every attempt's story, also one that failed before its tests
-    // printed anything (an install, a lost device). Best effort: the report is already in.
-    let then = match state {
-        qgjob_core::JobState::Queued => "it will be retried".to_string(),
-        other => format!("the job is now {other}"),
-    };
-    let text = format!("{line}; {then}\n");
-    let _ = app
-        .store
-        .append_log(id, text.as_bytes(), app.limits.log_bytes)
-        .await;
     Ok(Json(json!({ "state": state })))
 }
 

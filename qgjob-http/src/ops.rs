@@ -426,6 +426,7 @@ fn schemas() -> Value {
             ),
             ("installed", build_ref.clone()),
             ("install_estimate_ms", int()),
+            ("idle", json!({"type": "boolean"})),
         ],
         2,
     );

@@ -169,7 +169,7 @@ impl App {
             &mut Vec<JobId>,
         ) -> Result<(R, Vec<RunRecord>), ApiError>,
     ) -> Result<R, ApiError> {
-        let (r, ack) = {
+        let (r, ack, endings) = {
             let mut s = self.lock();
             let now = self.now();
             let mut touched = Vec::new();
@@ -193,6 +193,7 @@ impl App {
                     self.metrics.retries.fetch_add(1, Ordering::Relaxed);
                 }
             }
+            let endings = ended_attempts(&s, &events);
             let (tx, rx) = oneshot::channel();
             let req = WriteReq {
                 batch: WriteBatch { jobs, runs },
@@ -207,10 +208,19 @@ impl App {
                 // Agents may lease the new work now: their lease commits after this write.
                 self.work.notify_waiters();
             }
-            (r, rx)
+            (r, rx, endings)
         };
         match ack.await {
-            Ok(Ok(())) => Ok(r),
+            Ok(Ok(())) => {
+                // Best effort: the state change is stored; its log line follows it.
+                for (id, text) in endings {
+                    let _ = self
+                        .store
+                        .append_log(id, text.as_bytes(), self.limits.log_bytes)
+                        .await;
+                }
+                Ok(r)
+            }
             Ok(Err(e)) => Err(ApiError::internal(format!("store write failed: {e}"))),
             Err(_) => Err(ApiError::unavailable("the server is shutting down")),
         }
@@ -343,6 +353,31 @@ async fn writer_task(
             }
         }
     }
+}
+
+/// A log line for every attempt that `events` show ending without its tests' verdict being
+/// final: a retry (`queued` past attempt 1) or an infrastructure `error`. Whatever ended it
+/// (an agent's report, an expired lease, a timeout, a device that went or came back idle),
+/// the job's log then tells why, also for an attempt that failed before printing anything.
+fn ended_attempts(s: &GroupedScheduler, events: &[JobEvent]) -> Vec<(JobId, String)> {
+    events
+        .iter()
+        .filter_map(|e| {
+            let j = s.get(e.job_id)?;
+            let (why, then) = match e.state {
+                JobState::Queued if e.attempt > 1 => {
+                    (j.last_error.clone(), "it will be retried".to_string())
+                }
+                JobState::Error => (
+                    j.outcome.as_ref().and_then(|o| o.error.clone()),
+                    "the job is now error".to_string(),
+                ),
+                _ => return None,
+            };
+            let why = why.unwrap_or_else(|| "the attempt failed".to_string());
+            Some((e.job_id, format!("qgjob: {why}; {then}\n")))
+        })
+        .collect()
 }
 
 async fn timer_task(app: std::sync::Weak<App>, mut shutdown: watch::Receiver<bool>) {

@@ -215,6 +215,16 @@ fn lease_expiry_requeues_and_old_lease_is_stale() {
     let (st, _) = c.post_empty(&format!("/v1/agent/leases/{old}/heartbeat"));
     assert_eq!(st, 409);
     assert_eq!(job_state(&c, &id)["state"], "queued");
+    // The job's log says why its first attempt ended.
+    let log = eventually(5, || {
+        let (_, _, body) = c.get_raw(&format!("/v1/jobs/{id}/logs"));
+        let log = String::from_utf8_lossy(&body).into_owned();
+        log.contains("lease expired").then_some(log)
+    });
+    assert!(
+        log.contains("lease expired: device emu-1 stopped heartbeating; it will be retried"),
+        "{log}"
+    );
 
     // The device was marked lost; once it registers again it gets the job's attempt 2.
     let (st, v) = lease(&c, "emu-1", 0);
@@ -1735,6 +1745,38 @@ fn a_running_job_whose_agent_ignores_the_cancel_ends_canceled() {
     );
     assert_eq!(st, 409);
     assert_eq!(job_state(&c, &id)["state"], "canceled");
+}
+
+#[test]
+fn a_device_registered_idle_gives_back_the_lease_it_held() {
+    let s = TestServer::start(memory_opts());
+    let c = s.client(None);
+    c.post("/v1/agent/devices", &device("emu-1"));
+    let id = submit(&c, "qualgent", "v1", "tests/a.spec.js");
+    let (_, l) = lease(&c, "emu-1", 1000);
+    let old = l["id"].as_u64().unwrap();
+    // Registering again without `idle` (an agent still running the job) keeps the lease.
+    assert_eq!(c.post("/v1/agent/devices", &device("emu-1")).0, 200);
+    assert_eq!(job_state(&c, &id)["state"], "running");
+    assert_eq!(lease(&c, "emu-1", 0).0, 409);
+    // Its agent restarted: the job goes back to the queue now, not when the lease expires.
+    let mut idle = device("emu-1");
+    idle["idle"] = json!(true);
+    assert_eq!(c.post("/v1/agent/devices", &idle).0, 200);
+    let j = job_state(&c, &id);
+    assert_eq!(
+        (j["state"].clone(), j["attempt"].clone()),
+        (json!("queued"), json!(2)),
+        "{j}"
+    );
+    let (st, _) = c.post_empty(&format!("/v1/agent/leases/{old}/heartbeat"));
+    assert_eq!(st, 409);
+    let (_, _, body) = c.get_raw(&format!("/v1/jobs/{id}/logs"));
+    let log = String::from_utf8_lossy(&body);
+    assert!(
+        log.contains("device lost: device emu-1 came back idle while running it (its agent restarted); it will be retried"),
+        "{log}"
+    );
 }
 
 #[test]

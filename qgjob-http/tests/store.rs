@@ -143,6 +143,7 @@ async fn write_get_and_upsert() {
             capabilities: Default::default(),
             installed: None,
             install_estimate_ms: None,
+            idle: false,
         };
         s.register_device(Time(2000), dev.clone()).unwrap();
         let lease = s.lease(Time(2001), &dev.id, 1).unwrap().unwrap();

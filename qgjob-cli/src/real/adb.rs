@@ -341,6 +341,7 @@ impl Device for AdbDevice {
             },
             installed: self.installed().map(|i| i.build),
             install_estimate_ms: (ms > 0).then_some(ms),
+            idle: false,
         }
     }
 

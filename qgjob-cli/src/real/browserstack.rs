@@ -481,6 +481,7 @@ impl Device for BrowserStackDevice {
             capabilities: Capabilities::default(),
             installed: self.inner.installed.lock().ok().and_then(|g| g.clone()),
             install_estimate_ms: None,
+            idle: false,
         }
     }
 

@@ -247,6 +247,7 @@ fn simulate(
             capabilities: Default::default(),
             installed: None,
             install_estimate_ms: Some(install_ms[d.pool]),
+            idle: false,
         };
         sched
             .register_device(Time::ZERO, info)
