@@ -173,6 +173,22 @@ test('hangs with a grandchild', async () => {{
                 ),
             ),
             (
+                "tests/hang_once.spec.js",
+                format!(
+                    r#"const {{ test }} = require('@playwright/test');
+const {{ spawn }} = require('child_process');
+const fs = require('fs');
+test('hangs on its first attempt only', async () => {{
+  test.setTimeout(600000);
+  if (process.env.QGJOB_ATTEMPT !== '1') return;
+  const child = spawn('sleep', ['300'], {{ stdio: 'ignore' }});
+  fs.writeFileSync('{out}/' + process.env.QGJOB_JOB_ID + '.pid', String(child.pid));
+  await new Promise(r => setTimeout(r, 300000));
+}});
+"#
+                ),
+            ),
+            (
                 "tests/slow.spec.js",
                 format!(
                     r#"const {{ test, expect }} = require('@playwright/test');
@@ -1222,33 +1238,9 @@ fn wait_exit(dir: &Path, server: &str, job: &str) -> i32 {
         .expect("exit code")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn real_server_and_agent_run_playwright_specs_end_to_end() {
-    let lab = Lab::new();
-    let (_adb, adb_log) = fake_adb(lab.dir.path());
-    let (_server, url) = start_server(lab.dir.path(), &[]);
-
-    // The project a developer submits from: specs only (they resolve @playwright/test from
-    // the folder the agent's cache lives in, like a checkout with node_modules above it).
-    let project = lab.dir.path().join("project");
-    for (name, text) in lab.specs() {
-        let p = project.join(name);
-        std::fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
-        std::fs::write(p, text).expect("write spec");
-    }
-    let apk = lab.dir.path().join("app-release.apk");
-    std::fs::write(&apk, b"apk-e2e-bytes").expect("apk");
-    run_ok(
-        qgjob(Some(&url), &project)
-            .args([
-                "app",
-                "upload",
-                "--org-id=qualgent",
-                "--app-version-id=xyz123",
-            ])
-            .arg(&apk),
-    );
-
+/// `qgjob agent` on the fake adb's emulator-5554 (cache under the lab dir), with what it
+/// says on stderr collected as it says it.
+fn spawn_real_agent(lab: &Lab, url: &str) -> (Proc, Arc<Mutex<Vec<String>>>) {
     // The agent finds `adb` on PATH: the fake one.
     let path = format!(
         "{}:{}",
@@ -1256,7 +1248,7 @@ async fn real_server_and_agent_run_playwright_specs_end_to_end() {
         std::env::var("PATH").unwrap_or_default()
     );
     let mut agent = Proc(
-        qgjob(Some(&url), lab.dir.path())
+        qgjob(Some(url), lab.dir.path())
             .env("PATH", path)
             .args([
                 "agent",
@@ -1278,18 +1270,99 @@ async fn real_server_and_agent_run_playwright_specs_end_to_end() {
             .spawn()
             .expect("agent starts"),
     );
-    // What the agent says, collected as it says it.
     let said = Arc::new(Mutex::new(Vec::<String>::new()));
-    {
-        let err = agent.0.stderr.take().expect("stderr");
-        let said = Arc::clone(&said);
-        std::thread::spawn(move || {
-            use std::io::BufRead as _;
-            for line in std::io::BufReader::new(err).lines().map_while(Result::ok) {
-                said.lock().unwrap().push(line);
-            }
-        });
+    let err = agent.0.stderr.take().expect("stderr");
+    let lines = Arc::clone(&said);
+    std::thread::spawn(move || {
+        use std::io::BufRead as _;
+        for line in std::io::BufReader::new(err).lines().map_while(Result::ok) {
+            lines.lock().unwrap().push(line);
+        }
+    });
+    (agent, said)
+}
+
+/// The project a developer submits from: the lab's specs, resolving @playwright/test from
+/// the folder above (like a checkout with node_modules higher up); with the build for
+/// qualgent/xyz123 uploaded.
+fn project_with_build(lab: &Lab, url: &str) -> PathBuf {
+    let project = lab.dir.path().join("project");
+    for (name, text) in lab.specs() {
+        let p = project.join(name);
+        std::fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
+        std::fs::write(p, text).expect("write spec");
     }
+    let apk = lab.dir.path().join("app-release.apk");
+    std::fs::write(&apk, b"apk-e2e-bytes").expect("apk");
+    run_ok(
+        qgjob(Some(url), &project)
+            .args([
+                "app",
+                "upload",
+                "--org-id=qualgent",
+                "--app-version-id=xyz123",
+            ])
+            .arg(&apk),
+    );
+    project
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_agent_kills_what_its_killed_predecessor_left_and_retries_at_once() {
+    let lab = Lab::new();
+    let (_adb, _) = fake_adb(lab.dir.path());
+    let (_server, url) = start_server(lab.dir.path(), &[]);
+    let project = project_with_build(&lab, &url);
+    let (mut first, _) = spawn_real_agent(&lab, &url);
+    let out = run_ok(qgjob(Some(&url), &project).args([
+        "submit",
+        "--org-id=qualgent",
+        "--app-version-id=xyz123",
+        "--test=tests/hang_once.spec.js",
+        "--json",
+    ]));
+    let v: serde_json::Value = serde_json::from_str(out.trim()).expect("json");
+    let job = v["job_id"].as_str().expect("id").to_string();
+    let pid = pid_of(&lab, job.parse().expect("uuid")).await;
+
+    // kill -9: the agent cannot stop its test command, which runs on without it.
+    first.0.kill().expect("kill");
+    first.0.wait().expect("reaped");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        alive(pid),
+        "the test's grandchild {pid} died with the agent"
+    );
+
+    let (_second, said) = spawn_real_agent(&lab, &url);
+    assert!(gone_soon(pid).await, "{pid} outlived the restart");
+    assert_eq!(wait_exit(&project, &url, &job), 0);
+    let j = get_json(&format!("{url}/v1/jobs/{job}"));
+    assert_eq!(
+        (j["state"].as_str(), j["attempt"].as_u64()),
+        (Some("passed"), Some(2)),
+        "{j}"
+    );
+    // Requeued when the device came back, not when the old lease ran out.
+    let logs = run_ok(qgjob(Some(&url), &project).args(["logs", "--job-id", &job]));
+    assert!(logs.contains("came back idle"), "{logs}");
+    assert!(!logs.contains("lease expired"), "{logs}");
+    let said = said.lock().unwrap().clone();
+    assert!(
+        said.iter()
+            .any(|l| l.contains("killed 1 test process group(s) that an earlier agent")),
+        "{said:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_server_and_agent_run_playwright_specs_end_to_end() {
+    let lab = Lab::new();
+    let (_adb, adb_log) = fake_adb(lab.dir.path());
+    let (_server, url) = start_server(lab.dir.path(), &[]);
+    let project = project_with_build(&lab, &url);
+
+    let (_agent, said) = spawn_real_agent(&lab, &url);
 
     let submit = |test: &str, extra: &[&str]| -> String {
         let out = run_ok(

@@ -116,6 +116,8 @@ pub struct CacheStats {
     pub npm_installs: AtomicU64,
     /// Entries evicted to stay under the size bound.
     pub evictions: AtomicU64,
+    /// Process groups a killed agent of this cache dir had left running, killed at open.
+    pub orphans_killed: AtomicU64,
 }
 
 #[derive(Debug, Clone)]
@@ -169,26 +171,27 @@ impl Drop for Pinned {
 }
 
 /// Records this process as the cache dir's user, refusing a dir another live process
-/// holds. (A pid file rather than a file lock: simple, and a stale one from a crashed agent
-/// is taken over because its pid is gone.)
-fn claim(dir: &Path) -> Result<(), ArtifactError> {
+/// holds; returns the pid recorded before, if any. (A pid file rather than a file lock:
+/// simple, and a stale one from a crashed agent is taken over because its pid is gone.)
+fn claim(dir: &Path) -> Result<Option<i32>, ArtifactError> {
     let lock = dir.join("agent.pid");
     let me = std::process::id() as i32;
-    if let Ok(text) = std::fs::read_to_string(&lock) {
-        if let Ok(pid) = text.trim().parse::<i32>() {
-            let alive = pid > 0
-                && pid != me
-                && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok();
-            if alive {
-                return Err(ArtifactError::InUse {
-                    dir: dir.to_path_buf(),
-                    pid,
-                });
-            }
+    let previous = std::fs::read_to_string(&lock)
+        .ok()
+        .and_then(|text| text.trim().parse::<i32>().ok());
+    if let Some(pid) = previous {
+        let alive = pid > 0
+            && pid != me
+            && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok();
+        if alive {
+            return Err(ArtifactError::InUse {
+                dir: dir.to_path_buf(),
+                pid,
+            });
         }
     }
     std::fs::write(&lock, me.to_string())?;
-    Ok(())
+    Ok(previous)
 }
 
 fn check_sha(sha: &str) -> Result<(), ArtifactError> {
@@ -252,7 +255,16 @@ impl ArtifactCache {
         for sub in ["builds", "bundles", "tmp", "work"] {
             std::fs::create_dir_all(dir.join(sub))?;
         }
-        claim(&dir)?;
+        // Absolute, so the commands' mark (see `reap`) is the same from any folder.
+        let dir = std::fs::canonicalize(&dir)?;
+        let previous = claim(&dir)?;
+        // A killed agent's test commands may still run (and use the device, and their work
+        // dirs): kill them first. Not when this process held the dir already.
+        let stats = CacheStats::default();
+        if previous != Some(std::process::id() as i32) {
+            let killed = super::reap::reap(&super::reap::mark(&dir).1);
+            stats.orphans_killed.store(killed as u64, Ordering::Relaxed);
+        }
         // Leftovers of a crash: half-done downloads and abandoned work dirs.
         for sub in ["tmp", "work"] {
             for e in std::fs::read_dir(dir.join(sub))?.flatten() {
@@ -299,13 +311,19 @@ impl ArtifactCache {
             limits: Limits::default(),
             index: Mutex::new(index),
             locks: Mutex::new(HashMap::new()),
-            stats: CacheStats::default(),
+            stats,
         }))
     }
 
-    /// The cache's root directory.
+    /// The cache's root directory (absolute).
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The environment variable every command the agent starts must carry, so that a later
+    /// agent of this cache dir can find it if this one is killed (see [`super::reap`]).
+    pub fn process_mark(&self) -> (String, String) {
+        super::reap::mark(&self.dir)
     }
 
     /// Total bytes of cached artifacts, as indexed.
@@ -513,7 +531,7 @@ impl ArtifactCache {
                 .chain(args.iter().map(|s| s.to_string()))
                 .collect(),
             cwd: tree.to_path_buf(),
-            env: Vec::new(),
+            env: vec![self.process_mark()],
             timeout: self.npm.timeout,
             kill_grace: Duration::from_secs(5),
             report_path: tree.join(".qgjob-npm-unused.json"),

@@ -440,6 +440,7 @@ impl JobRunner {
                 job.spec.app_version_id.to_string(),
             ),
             ("CI".into(), "1".into()),
+            self.cache.process_mark(),
         ]
     }
 }

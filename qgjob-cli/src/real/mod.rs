@@ -24,6 +24,7 @@
 //! | `QGJOB_APP_URL` | the `bs://` app URL (BrowserStack only) |
 //! | `PLAYWRIGHT_JSON_OUTPUT_NAME` | where the JSON report is written |
 //! | `CI=1`, `FORCE_COLOR=0` | plain, non-interactive output |
+//! | `QGJOB_AGENT_DIR` | the agent's cache dir: a restarted agent kills what a killed one left running ([`reap`]) |
 //!
 //! A lease of several jobs (`--max-batch`) on an adb device runs them in one invocation of
 //! the test command when they share a bundle and name distinct spec files, saving the
@@ -40,6 +41,7 @@ pub mod cache;
 pub mod exec;
 pub mod link;
 pub mod playwright;
+pub mod reap;
 pub mod runner;
 
 use std::path::PathBuf;
@@ -343,6 +345,17 @@ pub async fn run_real_agent(
         Arc::clone(&logging) as Arc<dyn LogSink>,
     )
     .await?;
+    let orphans = built
+        .cache
+        .stats
+        .orphans_killed
+        .load(std::sync::atomic::Ordering::Relaxed);
+    if orphans > 0 {
+        eprintln!(
+            "qgjob agent: killed {orphans} test process group(s) that an earlier agent of {} left running",
+            built.cache.dir().display()
+        );
+    }
     let mut agent = Agent::new(logging as Arc<dyn AgentLink>, cfg);
     let n = built.devices.len() as u64;
     for d in built.devices {
