@@ -1283,26 +1283,22 @@ fn spawn_real_agent(lab: &Lab, url: &str) -> (Proc, Arc<Mutex<Vec<String>>>) {
 }
 
 /// The project a developer submits from: the lab's specs, resolving @playwright/test from
-/// the folder above (like a checkout with node_modules higher up); with the build for
-/// qualgent/xyz123 uploaded.
-fn project_with_build(lab: &Lab, url: &str) -> PathBuf {
+/// the folder above (like a checkout with node_modules higher up); with `apk` uploaded as
+/// the build of qualgent/`version`.
+fn project_with_build(lab: &Lab, url: &str, version: &str, apk: &[u8]) -> PathBuf {
     let project = lab.dir.path().join("project");
     for (name, text) in lab.specs() {
         let p = project.join(name);
         std::fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
         std::fs::write(p, text).expect("write spec");
     }
-    let apk = lab.dir.path().join("app-release.apk");
-    std::fs::write(&apk, b"apk-e2e-bytes").expect("apk");
+    let file = lab.dir.path().join("app-release.apk");
+    std::fs::write(&file, apk).expect("apk");
     run_ok(
         qgjob(Some(url), &project)
-            .args([
-                "app",
-                "upload",
-                "--org-id=qualgent",
-                "--app-version-id=xyz123",
-            ])
-            .arg(&apk),
+            .args(["app", "upload", "--org-id=qualgent"])
+            .arg(format!("--app-version-id={version}"))
+            .arg(&file),
     );
     project
 }
@@ -1312,7 +1308,7 @@ async fn a_restarted_agent_kills_what_its_killed_predecessor_left_and_retries_at
     let lab = Lab::new();
     let (_adb, _) = fake_adb(lab.dir.path());
     let (_server, url) = start_server(lab.dir.path(), &[]);
-    let project = project_with_build(&lab, &url);
+    let project = project_with_build(&lab, &url, "xyz123", b"apk-e2e-bytes");
     let (mut first, _) = spawn_real_agent(&lab, &url);
     let out = run_ok(qgjob(Some(&url), &project).args([
         "submit",
@@ -1360,7 +1356,7 @@ async fn real_server_and_agent_run_playwright_specs_end_to_end() {
     let lab = Lab::new();
     let (_adb, adb_log) = fake_adb(lab.dir.path());
     let (_server, url) = start_server(lab.dir.path(), &[]);
-    let project = project_with_build(&lab, &url);
+    let project = project_with_build(&lab, &url, "xyz123", b"apk-e2e-bytes");
 
     let (_agent, said) = spawn_real_agent(&lab, &url);
 
@@ -1526,19 +1522,7 @@ async fn real_agent_on_browserstack_uploads_once_and_respects_parallel() {
     let lab = Lab::new();
     let (_server, url) = start_server(lab.dir.path(), &[]);
     let (bs, bs_url) = BrowserStackStandIn::start(lab.dir.path()).await;
-    let project = lab.dir.path().join("project");
-    for (name, text) in lab.specs() {
-        let p = project.join(name);
-        std::fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
-        std::fs::write(p, text).expect("write spec");
-    }
-    let apk = lab.dir.path().join("app-release.apk");
-    std::fs::write(&apk, b"apk-bs-bytes").expect("apk");
-    run_ok(
-        qgjob(Some(&url), &project)
-            .args(["app", "upload", "--org-id=qualgent", "--app-version-id=bs1"])
-            .arg(&apk),
-    );
+    let project = project_with_build(&lab, &url, "bs1", b"apk-bs-bytes");
     let _agent = Proc(
         qgjob(Some(&url), lab.dir.path())
             .env("BROWSERSTACK_USERNAME", "qa-bot")
