@@ -273,7 +273,8 @@ pub enum ServerError {
     /// The configuration is not usable.
     #[error("configuration error: {0}")]
     Config(String),
-    /// The store cannot be had: another server holds it, or its database is unreachable.
+    /// What the server needs cannot be had: its address is taken, another server holds
+    /// its store, its database is unreachable, or a store write failed while serving.
     #[error("{0}")]
     Unavailable(String),
 }

@@ -221,8 +221,25 @@ pub fn app(state: AppState) -> Router {
             state.clone(),
             auth::open_guard,
         ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            refuse_after_store_failure,
+        ))
         .layer(TraceLayer::new_for_http())
         .with_state(state)
+}
+
+/// Once a store write failed for good the scheduler holds changes the store does not, so
+/// nothing is answered from it any more (reads included) while the server stops.
+async fn refuse_after_store_failure(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    match state.fatal.error() {
+        Some(e) => axum::response::IntoResponse::into_response(e),
+        None => next.run(req).await,
+    }
 }
 
 /// A store to close on shutdown.
@@ -454,10 +471,17 @@ async fn run_prepared(
     let (sd_tx, sd_rx) = tokio::sync::watch::channel(false);
     let (state, bg) = App::start(sched, store, blobs, auth, limits, sd_rx);
     let router = app(state.clone());
+    let fatal = Arc::clone(&state.fatal);
     let res = axum::serve(listener, router)
         .with_graceful_shutdown(async move {
-            shutdown.await;
-            tracing::info!("shutting down: finishing in-flight requests");
+            tokio::select! {
+                () = shutdown => {
+                    tracing::info!("shutting down: finishing in-flight requests");
+                }
+                m = fatal.wait() => {
+                    tracing::error!(error = %m, "store write failed for good: shutting down");
+                }
+            }
             let _ = sd_tx.send(true);
         })
         .await;
@@ -470,7 +494,14 @@ async fn run_prepared(
     // Only now may another server open this store.
     drop(guards);
     tracing::info!("server stopped");
-    res.map_err(ServerError::Io)
+    res.map_err(ServerError::Io)?;
+    match state.fatal.get() {
+        Some(m) => Err(ServerError::Unavailable(format!(
+            "stopped because a store write failed: {m} (nothing unwritten was acknowledged; \
+             start the server again once the store is writable)"
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// Binds `opts.addr`, prints `qgjob server listening on http://ADDR` (the bound address)
@@ -486,7 +517,8 @@ pub async fn run_server(opts: ServerOptions) -> Result<(), ServerError> {
         .try_init();
     let listener = TcpListener::bind(opts.addr)
         .await
-        .map_err(|e| ServerError::Config(format!("cannot listen on {}: {e}", opts.addr)))?;
+        // The address is taken or not ours to bind: the machine's state, not a bad flag.
+        .map_err(|e| ServerError::Unavailable(format!("cannot listen on {}: {e}", opts.addr)))?;
     let addr = listener.local_addr()?;
     // Announce only a server that will serve: the store is open and the config checked.
     let ready = prepare(addr, opts).await?;

@@ -7,6 +7,12 @@
 //!   waits for its own acknowledgement: nothing is answered before it is on disk.
 //! - The writer task group-commits: it takes every pending request at once, writes them in
 //!   one store transaction, then publishes their events (SSE) in order and acknowledges.
+//!   A write that keeps failing (a full disk, a database that refuses, a store another
+//!   server took over) stops the server: the scheduler in memory already holds the
+//!   unwritten changes and cannot take them back, so it must not answer from them. The
+//!   writer retries for a few seconds first (a database restart is a blip), then records the
+//!   failure in [`Fatal`]; from then on every request gets 503 and the server shuts down,
+//!   to be started again from what the store holds.
 //! - The timer task sleeps until the scheduler's next deadline (or a kick), then ticks it:
 //!   that expires leases, times jobs out and releases retries. It also makes the scheduler
 //!   forget jobs finished longer ago than the retention window (the store keeps them).
@@ -25,7 +31,7 @@ use crate::auth::Auth;
 use crate::blobs::Blobs;
 use crate::error::ApiError;
 use crate::metrics::Metrics;
-use crate::store::{RunRecord, Store, WriteBatch};
+use crate::store::{RunRecord, Store, StoreError, WriteBatch};
 
 /// How long after a lease ends its agent may still append log lines.
 pub const LOG_GRACE_MS: u64 = 120_000;
@@ -46,6 +52,50 @@ pub struct Limits {
     pub log_bytes: u64,
     /// How long finished jobs stay in the scheduler's memory (ms).
     pub retention_ms: u64,
+}
+
+/// How long the writer keeps retrying a failed write (delays between tries) before it
+/// stops the server.
+const WRITE_RETRY_DELAYS_MS: [u64; 6] = [50, 200, 500, 1_000, 2_000, 4_000];
+
+/// A store failure that stopped the server (see the module docs).
+#[derive(Default)]
+pub struct Fatal {
+    message: std::sync::OnceLock<String>,
+    notify: Notify,
+}
+
+impl Fatal {
+    /// Records the failure (the first one wins) and wakes [`Fatal::wait`].
+    fn set(&self, message: String) {
+        if self.message.set(message).is_ok() {
+            self.notify.notify_one();
+        }
+    }
+
+    /// The failure, once there is one.
+    pub fn get(&self) -> Option<&str> {
+        self.message.get().map(String::as_str)
+    }
+
+    /// Resolves once there is a failure, with its message.
+    pub async fn wait(&self) -> String {
+        loop {
+            if let Some(m) = self.get() {
+                return m.to_string();
+            }
+            self.notify.notified().await;
+        }
+    }
+
+    /// The answer every request gets once the store failed.
+    pub fn error(&self) -> Option<ApiError> {
+        self.get().map(|m| {
+            ApiError::unavailable(format!(
+                "the server is stopping: a store write failed ({m}); it restarts from what is stored"
+            ))
+        })
+    }
 }
 
 struct WriteReq {
@@ -75,6 +125,8 @@ pub struct App {
     pub shutdown: watch::Receiver<bool>,
     /// Limits.
     pub limits: Limits,
+    /// Set when the store failed for good: the server answers nothing more and stops.
+    pub fatal: Arc<Fatal>,
     writer: mpsc::UnboundedSender<WriteReq>,
     last_now: AtomicU64,
     /// Leases granted lately: which jobs each held and until when (ms) it is remembered.
@@ -109,6 +161,7 @@ impl App {
         let (tx, rx) = mpsc::unbounded_channel();
         let (events, _) = broadcast::channel(16 * 1024);
         let metrics = Arc::new(Metrics::default());
+        let fatal = Arc::new(Fatal::default());
         let app = Arc::new(App {
             sched: Mutex::new(sched),
             store: store.clone(),
@@ -120,11 +173,12 @@ impl App {
             timer: Notify::new(),
             shutdown,
             limits,
+            fatal: Arc::clone(&fatal),
             writer: tx,
             last_now: AtomicU64::new(wall_ms()),
             recent_leases: Mutex::new(HashMap::new()),
         });
-        let writer = tokio::spawn(writer_task(rx, store, events, metrics));
+        let writer = tokio::spawn(writer_task(rx, store, events, metrics, fatal));
         let timer = tokio::spawn(timer_task(Arc::downgrade(&app), app.shutdown.clone()));
         (app, Background { writer, timer })
     }
@@ -171,6 +225,10 @@ impl App {
     ) -> Result<R, ApiError> {
         let (r, ack, endings) = {
             let mut s = self.lock();
+            // After a failed write the scheduler is ahead of the store: change nothing more.
+            if let Some(e) = self.fatal.error() {
+                return Err(e);
+            }
             let now = self.now();
             let mut touched = Vec::new();
             let (r, runs) = f(&mut s, now, &mut touched)?;
@@ -309,12 +367,23 @@ async fn writer_task(
     store: Arc<dyn Store>,
     events: broadcast::Sender<JobEvent>,
     metrics: Arc<Metrics>,
+    fatal: Arc<Fatal>,
 ) {
     let mut reqs = Vec::with_capacity(1024);
     loop {
         reqs.clear();
         if rx.recv_many(&mut reqs, 8192).await == 0 {
             return;
+        }
+        if let Some(m) = fatal.get() {
+            // Nothing more is written once a write failed for good: these changes may
+            // build on the ones that were lost.
+            for r in reqs.drain(..) {
+                if let Some(ack) = r.ack {
+                    let _ = ack.send(Err(m.to_string()));
+                }
+            }
+            continue;
         }
         let mut batch = WriteBatch::default();
         for r in reqs.iter_mut() {
@@ -324,7 +393,7 @@ async fn writer_task(
         let res = if batch.jobs.is_empty() && batch.runs.is_empty() {
             Ok(())
         } else {
-            store.write(&batch).await
+            write_retrying(store.as_ref(), &batch).await
         };
         match res {
             Ok(()) => {
@@ -343,14 +412,38 @@ async fn writer_task(
                 }
             }
             Err(e) => {
-                tracing::error!(error = %e, jobs = batch.jobs.len(), "store write failed");
+                tracing::error!(
+                    error = %e,
+                    jobs = batch.jobs.len(),
+                    "store write failed; stopping the server (it restarts from what is stored)"
+                );
                 let msg = e.to_string();
+                fatal.set(msg.clone());
                 for r in reqs.drain(..) {
                     if let Some(ack) = r.ack {
                         let _ = ack.send(Err(msg.clone()));
                     }
                 }
             }
+        }
+    }
+}
+
+/// Writes `batch`, trying again after each of [`WRITE_RETRY_DELAYS_MS`] while it fails,
+/// except when the store was taken over (trying again cannot help).
+async fn write_retrying(store: &dyn Store, batch: &WriteBatch) -> Result<(), StoreError> {
+    let mut delays = WRITE_RETRY_DELAYS_MS.iter();
+    loop {
+        match store.write(batch).await {
+            Ok(()) => return Ok(()),
+            Err(e @ StoreError::Fenced(_)) => return Err(e),
+            Err(e) => match delays.next() {
+                Some(ms) => {
+                    tracing::warn!(error = %e, retry_in_ms = ms, "store write failed; trying again");
+                    tokio::time::sleep(Duration::from_millis(*ms)).await;
+                }
+                None => return Err(e),
+            },
         }
     }
 }

@@ -1800,3 +1800,80 @@ fn an_infrastructure_failure_is_written_to_the_job_log() {
         "{log}"
     );
 }
+
+/// Runs `sql` on the server's SQLite database from outside, as an operator (or a failing
+/// disk) would change it under the running server.
+fn sqlite_exec(dir: &std::path::Path, sql: &str) {
+    let url = format!("sqlite://{}", dir.join("qgjob.sqlite3").display());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+        sqlx::query(sql).execute(&pool).await.unwrap();
+        pool.close().await;
+    });
+}
+
+#[test]
+fn a_store_that_refuses_writes_stops_the_server_and_nothing_unstored_is_answered() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = TestServer::start(sqlite_opts(dir.path()));
+    let c = s.client(None);
+    let id = submit(&c, "qualgent", "v1", "tests/a.spec.js");
+    c.post("/v1/agent/devices", &device("emu-1"));
+    let (st, l) = lease(&c, "emu-1", 1000);
+    assert_eq!(st, 200, "{l}");
+    let lid = l["id"].as_u64().unwrap();
+
+    // From now on the database refuses to store a passed job (as a full disk or a broken
+    // database would refuse every write).
+    sqlite_exec(
+        dir.path(),
+        "CREATE TRIGGER refuse BEFORE UPDATE ON jobs WHEN NEW.state = 'passed' \
+         BEGIN SELECT RAISE(ABORT, 'refused by the test'); END",
+    );
+    let (st, v) = c.post(
+        &format!("/v1/agent/leases/{lid}/jobs/{id}/complete"),
+        &json!({"passed": true}),
+    );
+    assert!(st >= 500, "{st} {v}");
+    // The scheduler had applied the report before the write failed: nothing may be
+    // answered from it now, reads included (503 while the server stops, then no answer).
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    if let Ok(mut r) = agent.get(format!("{}/v1/jobs/{id}", s.base)).call() {
+        let v: Value = r.body_mut().read_json().unwrap();
+        assert_eq!(
+            (r.status().as_u16(), v["error"]["code"].clone()),
+            (503, json!("unavailable")),
+            "{v}"
+        );
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("refused by the test")),
+            "{v}"
+        );
+    }
+    // The server stops by itself, and says why.
+    let err = s
+        .stop()
+        .expect_err("a server whose store failed stops with an error");
+    assert!(err.to_string().contains("store write failed"), "{err}");
+
+    // Started again on what the store holds: the job is still running under its lease,
+    // and the report, sent again, lands once the store takes it.
+    sqlite_exec(dir.path(), "DROP TRIGGER refuse");
+    let s = TestServer::start(sqlite_opts(dir.path()));
+    let c = s.client(None);
+    assert_eq!(job_state(&c, &id)["state"], "running");
+    let (st, v) = c.post(
+        &format!("/v1/agent/leases/{lid}/jobs/{id}/complete"),
+        &json!({"passed": true}),
+    );
+    assert_eq!((st, v["state"].clone()), (200, json!("passed")), "{v}");
+}

@@ -503,3 +503,127 @@ async fn lease_high_water_is_recovered_from_older_databases() {
         pg.close().await;
     }
 }
+
+/// Jobs of a second scheduler: the same sequence numbers as [`scheduler_with`]'s, other ids
+/// (a second server on the same store would hand out exactly these).
+fn other_server_jobs(n: usize) -> Vec<Job> {
+    let mut s = GroupedScheduler::new(SchedulerConfig {
+        seed: 0x5eed,
+        ..SchedulerConfig::default()
+    });
+    for i in 0..n {
+        s.submit(
+            Time(2000 + i as u64),
+            spec("acme", "v9", &format!("o{i}.spec.js")),
+        )
+        .unwrap();
+    }
+    s.list(&JobFilter::default()).into_iter().cloned().collect()
+}
+
+#[tokio::test]
+async fn a_job_row_of_another_server_is_never_overwritten() {
+    let (_, ours) = scheduler_with(3, None);
+    let theirs = other_server_jobs(3);
+    assert_eq!(ours[0].seq, theirs[0].seq);
+    assert_ne!(ours[0].id, theirs[0].id);
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("t.sqlite3");
+    let a = SqliteStore::open(&path, Synchronous::Normal).await.unwrap();
+    let b = SqliteStore::open(&path, Synchronous::Normal).await.unwrap();
+    // Two servers' handles on one store, with what keeps the store alive.
+    type Pair = (&'static str, Arc<dyn Store>, Arc<dyn Store>, Guard);
+    let mut pairs: Vec<Pair> = vec![("sqlite", Arc::new(a), Arc::new(b), Guard::Dir(dir))];
+    if let Some((pa, guard)) = pg_store().await {
+        let Guard::Schema(schema) = &guard else {
+            unreachable!("pg_store returns a schema guard")
+        };
+        let pb = PgStore::connect(&pg_url(), Some(schema)).await.unwrap();
+        pairs.push(("postgres", Arc::new(pa), Arc::new(pb), guard));
+    }
+    for (name, a, b, _guard) in pairs {
+        let batch = |jobs: &[Job]| WriteBatch {
+            jobs: jobs.to_vec(),
+            runs: vec![],
+        };
+        a.write(&batch(&ours)).await.unwrap();
+        let e = b.write(&batch(&theirs)).await.expect_err(name);
+        assert!(matches!(e, StoreError::Fenced(_)), "{name}: {e}");
+        // Nothing of the refused batch landed; the first server's rows are whole.
+        assert_eq!(
+            a.list_jobs(&JobFilter::default()).await.unwrap(),
+            ours,
+            "{name}"
+        );
+        // The owner still updates its own rows.
+        let mut moved = ours.clone();
+        moved[0].attempt = 2;
+        a.write(&batch(&moved)).await.unwrap();
+        assert_eq!(
+            a.get_job(moved[0].id).await.unwrap().as_ref(),
+            Some(&moved[0])
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_postgres_store_that_lost_its_lock_writes_nothing() {
+    let Some((a, guard)) = pg_store().await else {
+        return;
+    };
+    let Guard::Schema(schema) = &guard else {
+        unreachable!("pg_store returns a schema guard")
+    };
+    let _lock = a.lock_exclusive().await.unwrap().expect("a free store");
+    let (_, ours) = scheduler_with(2, None);
+    let batch = |jobs: &[Job]| WriteBatch {
+        jobs: jobs.to_vec(),
+        runs: vec![],
+    };
+    a.write(&batch(&ours)).await.unwrap();
+
+    // The lock's session ends under the server (a database restart, a killed connection).
+    let raw = sqlx::PgPool::connect(&pg_url()).await.unwrap();
+    let killed: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(l.pid) FROM pg_locks l \
+         CROSS JOIN (SELECT hashtext('qgjob:' || $1)::bigint AS k) q \
+         WHERE l.locktype = 'advisory' AND l.objsubid = 1 \
+         AND l.classid::bigint = (q.k >> 32) & 4294967295 AND l.objid::bigint = q.k & 4294967295",
+    )
+    .bind(schema.as_str())
+    .fetch_all(&raw)
+    .await
+    .unwrap();
+    assert_eq!(killed, vec![true]);
+    raw.close().await;
+
+    // A second server takes the store and writes its jobs.
+    let b = PgStore::connect(&pg_url(), Some(schema)).await.unwrap();
+    let mut lock_b = None;
+    for _ in 0..100 {
+        lock_b = b.lock_exclusive().await.unwrap();
+        if lock_b.is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(lock_b.is_some(), "the lock was never released");
+    let theirs = other_server_jobs(3);
+    let e = b
+        .write(&batch(&theirs))
+        .await
+        .expect_err("rows of the first server");
+    assert!(matches!(e, StoreError::Fenced(_)), "{e}");
+    b.write(&batch(&theirs[2..])).await.unwrap();
+
+    // The first server writes nothing more, not even to its own rows.
+    let mut moved = ours.clone();
+    moved[0].attempt = 2;
+    let e = a.write(&batch(&moved)).await.expect_err("lock lost");
+    assert!(e.to_string().contains("lock"), "{e}");
+    assert_eq!(
+        a.get_job(ours[0].id).await.unwrap().as_ref(),
+        Some(&ours[0])
+    );
+}

@@ -43,6 +43,10 @@ pub enum StoreError {
     /// A file-system operation failed.
     #[error("i/o error: {0}")]
     Io(#[from] std::io::Error),
+    /// Another server has written to this store (its lock was lost): writing on would
+    /// overwrite that server's jobs, so nothing was written.
+    #[error("this server no longer owns the store: {0}")]
+    Fenced(String),
 }
 
 /// A run: the jobs one CI build submitted together.
@@ -197,6 +201,21 @@ pub(crate) fn encode_batch(batch: &WriteBatch) -> Result<EncodedBatch<'_>, Store
         .map(|r| Ok((r, encode(r)?)))
         .collect::<Result<Vec<_>, StoreError>>()?;
     Ok((jobs, runs))
+}
+
+/// Checks that a job upsert wrote every row of `chunk`. The SQL stores' upsert updates a
+/// row only when its sequence number belongs to the same job: a row it skipped belongs to
+/// a job of another server on this store, which this one must not overwrite.
+pub(crate) fn check_all_written(rows: u64, chunk: &[(&Job, String)]) -> Result<(), StoreError> {
+    if rows >= chunk.len() as u64 {
+        return Ok(());
+    }
+    let first = chunk.first().map_or(0, |(j, _)| j.seq);
+    Err(StoreError::Fenced(format!(
+        "{} of {} job rows (from seq {first}) belong to jobs another server wrote",
+        chunk.len() as u64 - rows,
+        chunk.len()
+    )))
 }
 
 /// The meta-table key under which the SQL stores keep [`Store::lease_high_water`].

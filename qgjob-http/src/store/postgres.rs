@@ -2,6 +2,7 @@
 //! share one database. Same schema and semantics as the SQLite store; ids are `uuid`.
 
 use std::str::FromStr;
+use std::sync::{Arc, OnceLock};
 
 use async_trait::async_trait;
 use qgjob_core::{AppVersionId, Job, JobFilter, JobId, OrgId, RunId, Time};
@@ -9,8 +10,9 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Postgres, QueryBuilder, Row};
 
 use super::{
-    batch_lease_high_water, decode_job, encode_batch, i64_of, BuildRecord, RunRecord, Store,
-    StoreError, TokenKind, TokenRecord, WriteBatch, DEFAULT_LIST_LIMIT, LEASE_HIGH_WATER,
+    batch_lease_high_water, check_all_written, decode_job, encode_batch, i64_of, BuildRecord,
+    RunRecord, Store, StoreError, TokenKind, TokenRecord, WriteBatch, DEFAULT_LIST_LIMIT,
+    LEASE_HIGH_WATER,
 };
 
 const SCHEMA: &[&str] = &[
@@ -66,6 +68,9 @@ const CHUNK: usize = 500;
 #[derive(Debug, Clone)]
 pub struct PgStore {
     pool: PgPool,
+    /// The session holding [`PgLock`] (backend pid, lock key), once taken: every write
+    /// checks it still holds it.
+    lock: Arc<OnceLock<(i32, i64)>>,
 }
 
 /// Holds a PostgreSQL session-level advisory lock on the store's schema: while one server
@@ -81,12 +86,17 @@ impl PgStore {
     /// another session holds it.
     pub async fn lock_exclusive(&self) -> Result<Option<PgLock>, StoreError> {
         let mut conn = self.pool.acquire().await?.detach();
-        let got: bool = sqlx::query_scalar(
-            "SELECT pg_try_advisory_lock(hashtext('qgjob:' || current_schema()))",
+        let (got, key, pid): (bool, i64, i32) = sqlx::query_as(
+            "SELECT pg_try_advisory_lock(k), k, pg_backend_pid() \
+             FROM (SELECT hashtext('qgjob:' || current_schema())::bigint AS k) q",
         )
         .fetch_one(&mut conn)
         .await?;
-        Ok(got.then_some(PgLock { _conn: conn }))
+        if !got {
+            return Ok(None);
+        }
+        let _ = self.lock.set((pid, key));
+        Ok(Some(PgLock { _conn: conn }))
     }
 
     /// Connects to `url` (e.g. `postgres://postgres@127.0.0.1:5432/qgjob`), using `schema`
@@ -136,7 +146,10 @@ impl PgStore {
             .execute(&pool)
             .await?;
         }
-        Ok(PgStore { pool })
+        Ok(PgStore {
+            pool,
+            lock: Arc::new(OnceLock::new()),
+        })
     }
 
     /// Closes the pool.
@@ -164,6 +177,26 @@ impl Store for PgStore {
     async fn write(&self, batch: &WriteBatch) -> Result<(), StoreError> {
         let (rows, runs) = encode_batch(batch)?;
         let mut tx = self.pool.begin().await?;
+        // The lock's session can end under a running server (a database restart or
+        // failover, a killed connection), and another server may then take the store.
+        // Checked in the transaction, so nothing is written after the lock is gone.
+        if let Some((pid, key)) = self.lock.get() {
+            let held: bool = sqlx::query_scalar(
+                "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted \
+                 AND pid = $1 AND objsubid = 1 \
+                 AND classid::bigint = ($2 >> 32) & 4294967295 \
+                 AND objid::bigint = $2 & 4294967295)",
+            )
+            .bind(pid)
+            .bind(key)
+            .fetch_one(&mut *tx)
+            .await?;
+            if !held {
+                return Err(StoreError::Fenced(format!(
+                    "its lock on the PostgreSQL store (session {pid}) was lost"
+                )));
+            }
+        }
         for chunk in rows.chunks(CHUNK) {
             let mut qb: QueryBuilder<Postgres> = QueryBuilder::new(
                 "INSERT INTO jobs (seq, id, org, state, run, app, target, finished_at, idem, body) ",
@@ -182,9 +215,11 @@ impl Store for PgStore {
             });
             qb.push(
                 " ON CONFLICT (seq) DO UPDATE SET state = excluded.state, \
-                 finished_at = excluded.finished_at, body = excluded.body",
+                 finished_at = excluded.finished_at, body = excluded.body \
+                 WHERE jobs.id = excluded.id",
             );
-            qb.build().execute(&mut *tx).await?;
+            let written = qb.build().execute(&mut *tx).await?;
+            check_all_written(written.rows_affected(), chunk)?;
         }
         for (r, body) in runs {
             sqlx::query(

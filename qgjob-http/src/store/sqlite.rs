@@ -19,8 +19,9 @@ use sqlx::sqlite::{
 use sqlx::{QueryBuilder, Row, Sqlite};
 
 use super::{
-    batch_lease_high_water, decode_job, encode_batch, i64_of, BuildRecord, RunRecord, Store,
-    StoreError, TokenKind, TokenRecord, WriteBatch, DEFAULT_LIST_LIMIT, LEASE_HIGH_WATER,
+    batch_lease_high_water, check_all_written, decode_job, encode_batch, i64_of, BuildRecord,
+    RunRecord, Store, StoreError, TokenKind, TokenRecord, WriteBatch, DEFAULT_LIST_LIMIT,
+    LEASE_HIGH_WATER,
 };
 
 /// How hard SQLite works to keep commits on disk.
@@ -175,9 +176,11 @@ impl Store for SqliteStore {
             });
             qb.push(
                 " ON CONFLICT(seq) DO UPDATE SET state = excluded.state, \
-                 finished_at = excluded.finished_at, body = excluded.body",
+                 finished_at = excluded.finished_at, body = excluded.body \
+                 WHERE jobs.id = excluded.id",
             );
-            qb.build().persistent(true).execute(&mut *tx).await?;
+            let written = qb.build().persistent(true).execute(&mut *tx).await?;
+            check_all_written(written.rows_affected(), chunk)?;
         }
         for (r, body) in runs {
             sqlx::query(
