@@ -551,8 +551,10 @@ pub struct AgentConfig {
     pub retry_min: Duration,
     /// Longest delay between retries.
     pub retry_max: Duration,
-    /// Attempts at delivering one report before giving up (the lease then expires and the
-    /// scheduler requeues the job).
+    /// Attempts at delivering one report once the agent is stopping (the lease then
+    /// expires and the scheduler requeues the job; see [`AgentCounters::unreported`]). While
+    /// it runs, the agent keeps trying: a finished test's result outlives a server restart
+    /// (the server extends restored leases), and the device has nothing better to do.
     pub report_attempts: u32,
     /// On shutdown, how long a long poll that is not cancel-safe (see
     /// [`AgentLink::lease_is_cancel_safe`]) still gets to answer, so that a lease whose answer
@@ -568,7 +570,7 @@ impl Default for AgentConfig {
             heartbeat_interval: Duration::from_secs(5),
             lease_wait: Duration::from_secs(30),
             retry_min: Duration::from_millis(200),
-            retry_max: Duration::from_secs(10),
+            retry_max: Duration::from_secs(5),
             report_attempts: 10,
             shutdown_grace: Duration::from_millis(500),
         }
@@ -601,7 +603,9 @@ pub struct AgentStats {
     jobs_run: AtomicU64,
     passed: AtomicU64,
     failed: AtomicU64,
+    canceled: AtomicU64,
     infra_failures: AtomicU64,
+    unreported: AtomicU64,
     stale_leases: AtomicU64,
     transport_errors: AtomicU64,
     unhealthy: AtomicU64,
@@ -627,8 +631,16 @@ pub struct AgentCounters {
     pub passed: u64,
     /// Of those, reports that ended the job failed.
     pub failed: u64,
-    /// Infrastructure failures reported (the scheduler may have retried them).
+    /// Of those, jobs stopped because they were canceled.
+    #[serde(default)]
+    pub canceled: u64,
+    /// Infrastructure failures reported (the scheduler may have retried them); cancels are
+    /// not counted here.
     pub infra_failures: u64,
+    /// Results that could not be delivered before the agent stopped (the scheduler was
+    /// unreachable): their jobs run again once their leases expire.
+    #[serde(default)]
+    pub unreported: u64,
     /// Leases abandoned because the scheduler no longer knew them.
     pub stale_leases: u64,
     /// Transport errors seen (each one retried).
@@ -652,7 +664,9 @@ impl AgentStats {
             jobs_run: g(&self.jobs_run),
             passed: g(&self.passed),
             failed: g(&self.failed),
+            canceled: g(&self.canceled),
             infra_failures: g(&self.infra_failures),
+            unreported: g(&self.unreported),
             stale_leases: g(&self.stale_leases),
             transport_errors: g(&self.transport_errors),
             rejected: g(&self.rejected),
@@ -728,6 +742,8 @@ struct Ctx {
     device: Arc<dyn Device>,
     cfg: AgentConfig,
     stats: Arc<AgentStats>,
+    /// The device loop's stop switch (reports give up only once it is on).
+    stopping: ShutdownSignal,
 }
 
 impl Agent {
@@ -774,6 +790,7 @@ impl Agent {
                 device,
                 cfg: self.cfg.clone(),
                 stats: Arc::clone(&self.stats),
+                stopping: stop.signal(),
             };
             tasks.spawn(device_loop(ctx, stop.signal()));
         }
@@ -864,6 +881,8 @@ async fn device_loop(ctx: Ctx, mut shutdown: ShutdownSignal) -> Result<(), Agent
         return Ok(());
     }
     let mut backoff = Backoff::new(&ctx.cfg);
+    // Whether the last step was a registration after a refused poll.
+    let mut reregistered = false;
     while !shutdown.is_triggered() {
         let poll = ctx.link.lease(&id, ctx.cfg.max_batch, ctx.cfg.lease_wait);
         let polled = if ctx.link.lease_is_cancel_safe() {
@@ -912,16 +931,21 @@ async fn device_loop(ctx: Ctx, mut shutdown: ShutdownSignal) -> Result<(), Agent
             }
             Err(e) => {
                 // Most likely the device was marked lost (a missed heartbeat) or forgotten
-                // (a server restart): register again and carry on.
+                // (a server restart): register again at once and carry on. Only a refusal
+                // right after registering (something else is wrong) waits, with backoff,
+                // so a scheduler that keeps refusing is not hammered.
                 ctx.stats.note(&e);
-                if !pause(backoff.next(), &mut shutdown).await {
+                if reregistered && !pause(backoff.next(), &mut shutdown).await {
                     break;
                 }
                 if !register(&ctx, &mut shutdown).await? {
                     break;
                 }
+                reregistered = true;
+                continue;
             }
         }
+        reregistered = false;
     }
     // Best effort: if this fails the scheduler still expires the device's leases.
     let mut backoff = Backoff::new(&ctx.cfg);
@@ -1058,6 +1082,7 @@ async fn report_all(ctx: &Ctx, lease: LeaseId, results: Vec<(JobId, JobRun)>) {
                 Ok(state) => {
                     AgentStats::bump(&ctx.stats.jobs_run);
                     match (&run, state) {
+                        (Err(_), JobState::Canceled) => AgentStats::bump(&ctx.stats.canceled),
                         (Err(_), _) => AgentStats::bump(&ctx.stats.infra_failures),
                         (Ok(_), JobState::Passed) => AgentStats::bump(&ctx.stats.passed),
                         (Ok(_), JobState::Failed) => AgentStats::bump(&ctx.stats.failed),
@@ -1071,8 +1096,12 @@ async fn report_all(ctx: &Ctx, lease: LeaseId, results: Vec<(JobId, JobRun)>) {
                     ctx.stats.note(&LinkError::Stale);
                     break;
                 }
-                Err(e @ LinkError::Transport(_)) if attempts < ctx.cfg.report_attempts => {
+                Err(e @ LinkError::Transport(_)) => {
                     ctx.stats.note(&e);
+                    if ctx.stopping.is_triggered() && attempts >= ctx.cfg.report_attempts {
+                        AgentStats::bump(&ctx.stats.unreported);
+                        break;
+                    }
                     tokio::time::sleep(backoff.next()).await;
                 }
                 Err(e) => {

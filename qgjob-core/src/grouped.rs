@@ -758,7 +758,7 @@ impl GroupedScheduler {
             kind,
             message: match kind {
                 InfraErrorKind::Timeout => "job ran past its timeout".into(),
-                _ => format!("lease expired: device {} stopped heartbeating", rec.device),
+                _ => format!("device {} stopped heartbeating", rec.device),
             },
         };
         for job in rec.pending.clone() {

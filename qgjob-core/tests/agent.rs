@@ -229,9 +229,11 @@ async fn canceling_a_running_job_stops_it_on_the_device() {
     let st = dev.stats();
     assert_eq!((st.canceled, st.passed, st.failed), (1, 0, 0));
     shutdown.trigger();
-    handle.await.unwrap().unwrap();
+    let c = handle.await.unwrap().unwrap();
     ticker.abort();
     assert!(s.read(|s| s.devices().is_empty()));
+    // A cancel is not an infrastructure failure.
+    assert_eq!((c.canceled, c.infra_failures), (1, 0), "{c:?}");
 }
 
 #[tokio::test(start_paused = true)]
@@ -488,6 +490,8 @@ struct TestNet {
     refuse: Option<DeviceId>,
     /// Registrations (of other devices) that fail with a transport error first.
     transport_failures: AtomicU64,
+    /// The scheduler is unreachable: every call fails with a transport error.
+    down: std::sync::atomic::AtomicBool,
 }
 
 impl TestNet {
@@ -500,17 +504,27 @@ impl TestNet {
             lease_delay: Duration::ZERO,
             refuse: None,
             transport_failures: AtomicU64::new(0),
+            down: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
     fn drop_this_one(&self) -> bool {
         self.lossy && self.calls.fetch_add(1, Ordering::SeqCst) % 3 == 1
     }
+
+    fn unreachable(&self) -> Result<(), LinkError> {
+        if self.down.load(Ordering::SeqCst) {
+            Err(LinkError::Transport("connection refused".into()))
+        } else {
+            Ok(())
+        }
+    }
 }
 
 #[async_trait]
 impl AgentLink for TestNet {
     async fn register(&self, device: DeviceInfo) -> Result<(), LinkError> {
+        self.unreachable()?;
         if self.refuse.as_ref() == Some(&device.id) {
             return Err(LinkError::Rejected("unknown token".into()));
         }
@@ -522,6 +536,7 @@ impl AgentLink for TestNet {
         self.inner.register(device).await
     }
     async fn unregister(&self, device: &DeviceId) -> Result<(), LinkError> {
+        self.unreachable()?;
         self.inner.unregister(device).await
     }
     async fn lease(
@@ -530,6 +545,7 @@ impl AgentLink for TestNet {
         max_batch: usize,
         wait: Duration,
     ) -> Result<Option<Lease>, LinkError> {
+        self.unreachable()?;
         if self.drop_this_one() {
             return Err(LinkError::Transport("connection reset".into()));
         }
@@ -540,6 +556,7 @@ impl AgentLink for TestNet {
         got
     }
     async fn heartbeat(&self, lease: LeaseId) -> Result<HeartbeatAck, LinkError> {
+        self.unreachable()?;
         if self.drop_this_one() {
             return Err(LinkError::Transport("timed out".into()));
         }
@@ -551,6 +568,7 @@ impl AgentLink for TestNet {
         job: JobId,
         report: RunReport,
     ) -> Result<JobState, LinkError> {
+        self.unreachable()?;
         // With a lossy network, every first report is lost on the way.
         if self.lossy && self.failed_once.lock().unwrap().insert(job) {
             return Err(LinkError::Transport("502 bad gateway".into()));
@@ -563,8 +581,91 @@ impl AgentLink for TestNet {
         job: JobId,
         failure: InfraFailure,
     ) -> Result<JobState, LinkError> {
+        self.unreachable()?;
         self.inner.fail(lease, job, failure).await
     }
+}
+
+/// A scheduler whose leases outlive a long outage, as a restarted server's do (it extends
+/// the leases it restores), with one job on an agent that reaches it through a [`TestNet`].
+async fn one_job_behind_a_network() -> (Shared, Arc<TestNet>, JobId) {
+    let s = shared(SchedulerConfig {
+        lease_ttl_ms: 3_600_000,
+        ..SchedulerConfig::default()
+    });
+    let net = Arc::new(TestNet::new(s.link()));
+    let id = s
+        .submit(spec("acme", "v1", "tests/a.spec.js"))
+        .unwrap()
+        .job_id;
+    (s, net, id)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_finished_job_is_reported_after_a_long_outage() {
+    let (s, net, id) = one_job_behind_a_network().await;
+    let ticker = s.spawn_ticker();
+    let dev = Arc::new(SimDevice::new(sim("emu-1", 1_000, 10_000)));
+    let (shutdown, handle) =
+        spawn_agent(Arc::clone(&net) as Arc<dyn AgentLink>, &[dev], agent_cfg());
+    wait(&s, "running", |s| {
+        s.get(id).is_some_and(|j| j.state == JobState::Running)
+    })
+    .await;
+    // The server goes away while the test runs, and comes back ten minutes later.
+    net.down.store(true, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(600)).await;
+    net.down.store(false, Ordering::SeqCst);
+    wait(&s, "job final", all_final(&[id])).await;
+    let job = s.get(id).unwrap();
+    assert_eq!((job.state, job.attempt), (JobState::Passed, 1), "{job:?}");
+    shutdown.trigger();
+    let c = handle.await.unwrap().unwrap();
+    ticker.abort();
+    assert_eq!((c.passed, c.unreported), (1, 0), "{c:?}");
+    assert!(c.transport_errors > 20, "{c:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_agent_stopping_during_an_outage_gives_up_and_counts_what_it_could_not_report() {
+    let (s, net, id) = one_job_behind_a_network().await;
+    let dev = Arc::new(SimDevice::new(sim("emu-1", 1_000, 10_000)));
+    let (shutdown, handle) =
+        spawn_agent(Arc::clone(&net) as Arc<dyn AgentLink>, &[dev], agent_cfg());
+    wait(&s, "running", |s| {
+        s.get(id).is_some_and(|j| j.state == JobState::Running)
+    })
+    .await;
+    net.down.store(true, Ordering::SeqCst);
+    shutdown.trigger();
+    let c = handle.await.unwrap().unwrap();
+    assert_eq!((c.jobs_run, c.unreported), (0, 1), "{c:?}");
+    assert_eq!(s.get(id).unwrap().state, JobState::Running);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_forgotten_device_registers_again_at_once() {
+    let s = shared(SchedulerConfig::default());
+    let dev = Arc::new(SimDevice::new(sim("emu-1", 1_000, 1_000)));
+    let cfg = AgentConfig {
+        lease_wait: Duration::from_secs(1),
+        ..agent_cfg()
+    };
+    let (shutdown, handle) = spawn_agent(Arc::new(s.link()), &[dev], cfg.clone());
+    wait(&s, "registered", |s| s.devices().len() == 1).await;
+    // The scheduler forgets it (as a restarted server forgets every device).
+    s.update(|s, now| s.unregister_device(now, &DeviceId::new("emu-1").unwrap()))
+        .unwrap();
+    let forgot = tokio::time::Instant::now();
+    wait(&s, "registered again", |s| s.devices().len() == 1).await;
+    // Virtual time: the waiting poll's refusal, then straight to registering, no backoff.
+    assert!(
+        forgot.elapsed() < cfg.retry_min,
+        "took {:?}",
+        forgot.elapsed()
+    );
+    shutdown.trigger();
+    handle.await.unwrap().unwrap();
 }
 
 #[tokio::test(start_paused = true)]

@@ -225,6 +225,7 @@ fn lease_expiry_requeues_and_old_lease_is_stale() {
         log.contains("lease expired: device emu-1 stopped heartbeating; it will be retried"),
         "{log}"
     );
+    assert!(!log.contains("lease expired: lease expired"), "{log}");
 
     // The device was marked lost; once it registers again it gets the job's attempt 2.
     let (st, v) = lease(&c, "emu-1", 0);

@@ -102,7 +102,9 @@ impl PgStore {
     /// Connects to `url` (e.g. `postgres://postgres@127.0.0.1:5432/qgjob`), using `schema`
     /// when given (created if missing), and creates the tables if needed.
     pub async fn connect(url: &str, schema: Option<&str>) -> Result<Self, StoreError> {
-        let mut opts = PgConnectOptions::from_str(url)?;
+        // Without this, every start logs a NOTICE per `CREATE ... IF NOT EXISTS` it skips.
+        let mut opts =
+            PgConnectOptions::from_str(url)?.options([("client_min_messages", "warning")]);
         if let Some(s) = schema {
             if !s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') || s.is_empty() {
                 return Err(StoreError::Corrupt(format!("bad schema name {s:?}")));
