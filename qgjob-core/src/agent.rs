@@ -1069,6 +1069,9 @@ const HEALTH_EVERY: Duration = Duration::from_secs(3);
 
 /// Reports each job, retrying transport errors; a job the lease no longer holds is skipped.
 async fn report_all(ctx: &Ctx, lease: LeaseId, results: Vec<(JobId, JobRun)>) {
+    // Once a stopping agent gave up one report, the scheduler is unreachable: the rest of
+    // the batch gets one try each, so the agent does not wait out every job's retries.
+    let mut gave_up = false;
     for (job, run) in results {
         let mut backoff = Backoff::new(&ctx.cfg);
         let mut attempts = 0;
@@ -1098,8 +1101,11 @@ async fn report_all(ctx: &Ctx, lease: LeaseId, results: Vec<(JobId, JobRun)>) {
                 }
                 Err(e @ LinkError::Transport(_)) => {
                     ctx.stats.note(&e);
-                    if ctx.stopping.is_triggered() && attempts >= ctx.cfg.report_attempts {
+                    if ctx.stopping.is_triggered()
+                        && (gave_up || attempts >= ctx.cfg.report_attempts)
+                    {
                         AgentStats::bump(&ctx.stats.unreported);
+                        gave_up = true;
                         break;
                     }
                     tokio::time::sleep(backoff.next()).await;

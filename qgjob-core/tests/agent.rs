@@ -629,18 +629,35 @@ async fn a_finished_job_is_reported_after_a_long_outage() {
 #[tokio::test(start_paused = true)]
 async fn an_agent_stopping_during_an_outage_gives_up_and_counts_what_it_could_not_report() {
     let (s, net, id) = one_job_behind_a_network().await;
-    let dev = Arc::new(SimDevice::new(sim("emu-1", 1_000, 10_000)));
-    let (shutdown, handle) =
-        spawn_agent(Arc::clone(&net) as Arc<dyn AgentLink>, &[dev], agent_cfg());
+    let mut ids = vec![id];
+    for t in ["tests/b.spec.js", "tests/c.spec.js"] {
+        ids.push(s.submit(spec("acme", "v1", t)).unwrap().job_id);
+    }
+    let dev = Arc::new(SimDevice::new(sim("emu-1", 1_000, 100)));
+    let cfg = AgentConfig {
+        max_batch: 3,
+        ..agent_cfg()
+    };
+    let (shutdown, handle) = spawn_agent(Arc::clone(&net) as Arc<dyn AgentLink>, &[dev], cfg);
     wait(&s, "running", |s| {
-        s.get(id).is_some_and(|j| j.state == JobState::Running)
+        ids.iter()
+            .all(|id| s.get(*id).is_some_and(|j| j.state == JobState::Running))
     })
     .await;
     net.down.store(true, Ordering::SeqCst);
     shutdown.trigger();
+    let stopping = tokio::time::Instant::now();
     let c = handle.await.unwrap().unwrap();
-    assert_eq!((c.jobs_run, c.unreported), (0, 1), "{c:?}");
-    assert_eq!(s.get(id).unwrap().state, JobState::Running);
+    assert_eq!((c.jobs_run, c.unreported), (0, 3), "{c:?}");
+    for id in &ids {
+        assert_eq!(s.get(*id).unwrap().state, JobState::Running);
+    }
+    // Virtual time: one job's retries (about 26 s), not three times that.
+    assert!(
+        stopping.elapsed() < Duration::from_secs(40),
+        "took {:?}",
+        stopping.elapsed()
+    );
 }
 
 #[tokio::test(start_paused = true)]
