@@ -6,6 +6,7 @@ use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{ChildStdout, Command, Output, Stdio};
+use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -64,6 +65,11 @@ fn keys(v: &Value) -> Vec<String> {
 
 /// Reads lines from a child's stdout until `done` says so (bounded by time and count).
 fn read_lines_until(out: ChildStdout, done: impl Fn(&str) -> bool) -> Vec<String> {
+    recv_until(&line_channel(out), done)
+}
+
+/// The lines a child writes to `out`, as they come.
+fn line_channel(out: impl Read + Send + 'static) -> Receiver<String> {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(out).lines() {
@@ -73,6 +79,12 @@ fn read_lines_until(out: ChildStdout, done: impl Fn(&str) -> bool) -> Vec<String
             }
         }
     });
+    rx
+}
+
+/// Lines from `rx` up to the first that `done` accepts (bounded: a minute, 100 lines, or
+/// the end of the output).
+fn recv_until(rx: &Receiver<String>, done: impl Fn(&str) -> bool) -> Vec<String> {
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut lines = Vec::new();
     while lines.len() < 100 {
@@ -89,6 +101,26 @@ fn read_lines_until(out: ChildStdout, done: impl Fn(&str) -> bool) -> Vec<String
         }
     }
     lines
+}
+
+/// Waits (bounded) for a child to exit; its exit code.
+fn exit_code_of(p: &mut Proc, what: &str) -> i32 {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(s) = p.0.try_wait().expect("try_wait") {
+            return s
+                .code()
+                .unwrap_or_else(|| panic!("{what} died of a signal: {s:?}"));
+        }
+        assert!(Instant::now() < deadline, "{what} did not exit");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Sends `sig` to a child.
+fn signal(p: &Proc, sig: nix::sys::signal::Signal) {
+    let pid = i32::try_from(p.0.id()).expect("pid");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig).expect("signal sent");
 }
 
 #[test]
@@ -1103,6 +1135,79 @@ fn up_serves_the_readme_flow_and_stops_on_sigterm() {
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(status.success(), "{status:?}");
+}
+
+/// ctrl-c on `up` says what it waits for and for how long; a second one stops it at once,
+/// says so and exits 3, as `qgjob agent` does.
+#[test]
+fn up_says_what_it_waits_for_and_a_second_ctrl_c_stops_it_at_once() {
+    let dir = project();
+    let mut child = qgjob(None, dir.path())
+        .args(["up", "--addr", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path().join("data"))
+        // Jobs far longer than the test: one is still running at the second ctrl-c.
+        .args(["--install-s", "0", "--run-s", "600"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("up starts");
+    let out = child.stdout.take().expect("stdout");
+    let errs = line_channel(child.stderr.take().expect("stderr"));
+    let mut up = Proc(child);
+    let lines = read_lines_until(out, |l| l.starts_with("ctrl-c"));
+    let url = lines
+        .iter()
+        .find_map(|l| l.trim().strip_prefix("export QGJOB_SERVER="))
+        .unwrap_or_else(|| panic!("no address in {lines:?}"))
+        .to_string();
+    let o = run(
+        Some(&url),
+        dir.path(),
+        &[
+            "submit",
+            "--org-id=acme",
+            "--app-version-id=v1",
+            "--test=tests/cart.spec.js",
+            "--json",
+        ],
+    );
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let id = json(&o)["job_id"].as_str().expect("id").to_string();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let o = run(
+            Some(&url),
+            dir.path(),
+            &["status", &format!("--job-id={id}"), "--json"],
+        );
+        if json(&o)["state"] == "running" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the job never started");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    signal(&up, nix::sys::signal::Signal::SIGINT);
+    let said = recv_until(&errs, |l| l.contains("stopping"));
+    let stopping = said.last().expect("a line");
+    // 600 s × 1.3 (the most jitter) + 5 s to report.
+    assert_eq!(
+        stopping,
+        "qgjob up: stopping (waiting up to 13m05s for running jobs to finish; ctrl-c again \
+         to stop at once)"
+    );
+    signal(&up, nix::sys::signal::Signal::SIGINT);
+    assert_eq!(exit_code_of(&mut up, "qgjob up"), 3);
+    // Everything else it said, up to the end of its output.
+    let rest = recv_until(&errs, |_| false);
+    assert_eq!(
+        rest,
+        vec![
+            "error: stopped at once: running jobs were abandoned (they are retried when the \
+             server next runs)"
+        ],
+    );
 }
 
 #[test]
