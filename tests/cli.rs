@@ -1137,6 +1137,111 @@ fn up_serves_the_readme_flow_and_stops_on_sigterm() {
     assert!(status.success(), "{status:?}");
 }
 
+/// POSTs `body` (JSON, or text when it is a string) to the server as an agent would; the
+/// status and the JSON answer (`null` when there is none).
+fn agent_post(url: &str, body: &Value) -> (u16, Value) {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(30)))
+        .build()
+        .into();
+    let res = match body {
+        Value::String(text) => agent
+            .post(url)
+            .header("content-type", "text/plain; charset=utf-8")
+            .send(text.as_bytes()),
+        _ => agent.post(url).send_json(body),
+    };
+    let mut res = res.unwrap_or_else(|e| panic!("POST {url}: {e}"));
+    let status = res.status().as_u16();
+    let text = res.body_mut().read_to_string().unwrap_or_default();
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+/// `logs --follow` outlives a server restart like `wait` does: it says once that it is
+/// reconnecting, then goes on from the last byte it printed, so no line is printed twice
+/// or lost.
+#[test]
+fn logs_follow_reconnects_across_a_server_restart() {
+    let dir = project();
+    let data = dir.path().join("data");
+    let data = data.to_str().expect("utf-8 path");
+    // The embedded store, so the job and its log outlive the restart.
+    let (mut server, url) =
+        spawn_server(dir.path(), &["--addr", "127.0.0.1:0", "--data-dir", data]);
+    let o = run(
+        Some(&url),
+        dir.path(),
+        &[
+            "submit",
+            "--org-id=acme",
+            "--app-version-id=v1",
+            "--test=tests/cart.spec.js",
+            "--json",
+        ],
+    );
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let id = json(&o)["job_id"].as_str().expect("id").to_string();
+
+    // This test is the job's agent, so it decides what the log says and when.
+    let (st, v) = agent_post(
+        &format!("{url}/v1/agent/devices"),
+        &serde_json::json!({"id": "logs-emu", "target": "emulator"}),
+    );
+    assert!((200..300).contains(&st), "{st} {v}");
+    let (st, lease) = agent_post(
+        &format!("{url}/v1/agent/lease"),
+        &serde_json::json!({"device_id": "logs-emu", "max_batch": 1, "wait_ms": 10_000}),
+    );
+    assert_eq!(st, 200, "{lease}");
+    assert_eq!(lease["jobs"][0]["id"], id.as_str(), "{lease}");
+    let job_url =
+        |base: &str, what: &str| format!("{base}/v1/agent/leases/{}/jobs/{id}/{what}", lease["id"]);
+    let (st, v) = agent_post(&job_url(&url, "logs"), &Value::from("first line\n"));
+    assert_eq!(st, 204, "{v}");
+
+    let mut child = qgjob(Some(&url), dir.path())
+        .args(["logs", &format!("--job-id={id}"), "--follow"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("logs starts");
+    let out = line_channel(child.stdout.take().expect("stdout"));
+    let errs = line_channel(child.stderr.take().expect("stderr"));
+    let mut logs = Proc(child);
+    assert_eq!(recv_until(&out, |l| l == "first line"), vec!["first line"]);
+
+    // The server dies; the follower notices (it polls) and says it is reconnecting.
+    server.0.kill().expect("SIGKILL");
+    server.0.wait().expect("reaped");
+    let said = recv_until(&errs, |l| l.contains("cannot reach"));
+    // Refused, or reset on a pooled connection.
+    let note = format!("note: cannot reach qgjob server at {url}: ");
+    assert!(
+        said.len() == 1 && said[0].starts_with(&note) && said[0].ends_with("; reconnecting"),
+        "{said:?}"
+    );
+
+    // Back on the same address and data dir: the lease still holds the job.
+    let addr = url.strip_prefix("http://").expect("http URL");
+    let (_server, url2) = spawn_server(dir.path(), &["--addr", addr, "--data-dir", data]);
+    assert_eq!(url2, url);
+    let (st, v) = agent_post(&job_url(&url, "logs"), &Value::from("second line\n"));
+    assert_eq!(st, 204, "{v}");
+    let (st, v) = agent_post(
+        &job_url(&url, "complete"),
+        &serde_json::json!({"passed": true}),
+    );
+    assert_eq!(st, 200, "{v}");
+
+    assert_eq!(exit_code_of(&mut logs, "qgjob logs --follow"), 0);
+    let printed = recv_until(&out, |_| false);
+    assert_eq!(printed, vec!["second line"]);
+    // Said once, however long the restart took.
+    let rest = recv_until(&errs, |_| false);
+    assert!(rest.is_empty(), "{rest:?}");
+}
+
 /// ctrl-c on `up` says what it waits for and for how long; a second one stops it at once,
 /// says so and exits 3, as `qgjob agent` does.
 #[test]
