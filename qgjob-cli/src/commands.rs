@@ -849,8 +849,14 @@ pub fn logs(client: &Client, a: &LogsArgs) -> Result<u8> {
         offset += bytes.len() as u64;
         if !a.follow {
             if offset == 0 {
-                // Simulated devices, for one, write no log: say so rather than nothing.
-                eprintln!("(job {} has no log output yet)", a.job_id);
+                // Simulated devices, for one, write no log: say so rather than nothing,
+                // and promise nothing of a job that is over.
+                let yet = if client.job(&a.job_id)?.state.is_final() {
+                    ""
+                } else {
+                    " yet"
+                };
+                eprintln!("(job {} has no log output{yet})", a.job_id);
             }
             return Ok(EXIT_OK);
         }
