@@ -23,6 +23,32 @@ fn run(server: Option<&str>, cwd: &Path, args: &[&str]) -> Output {
         .expect("qgjob runs")
 }
 
+/// [`run`] without a server, for a command expected to end by itself: fails the test
+/// instead of waiting for ever if it does not end within a minute.
+fn run_bounded(cwd: &Path, args: &[&str]) -> Output {
+    let child = qgjob(None, cwd)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("qgjob runs");
+    let mut p = Proc(child);
+    exit_code_of(&mut p, &format!("qgjob {args:?}"));
+    let mut out = Vec::new();
+    let mut err = Vec::new();
+    if let Some(mut s) = p.0.stdout.take() {
+        s.read_to_end(&mut out).expect("stdout");
+    }
+    if let Some(mut s) = p.0.stderr.take() {
+        s.read_to_end(&mut err).expect("stderr");
+    }
+    Output {
+        status: p.0.wait().expect("exit status"),
+        stdout: out,
+        stderr: err,
+    }
+}
+
 fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
@@ -666,6 +692,25 @@ fn unreachable_server_and_bad_input_give_clean_errors() {
         vec!["status"],
         vec!["frobnicate"],
         vec!["server", "--addr", "127.0.0.1:0", "--store", "postgres"],
+        // A database URL beside a store that uses none: refused, not ignored.
+        vec![
+            "server",
+            "--addr",
+            "127.0.0.1:0",
+            "--store",
+            "memory",
+            "--database-url",
+            "postgres://qgjob@127.0.0.1:1/qgjob",
+        ],
+        vec![
+            "server",
+            "--addr",
+            "127.0.0.1:0",
+            "--store",
+            "embedded",
+            "--database-url",
+            "postgres://qgjob@127.0.0.1:1/qgjob",
+        ],
         // An empty --test would otherwise submit every spec under the project.
         vec!["submit", "--org-id=a", "--app-version-id=b", "--test="],
         vec![
@@ -683,9 +728,19 @@ fn unreachable_server_and_bad_input_give_clean_errors() {
             "--junit=missing-dir/report.xml",
         ],
     ] {
-        let o = run(None, dir.path(), &args);
+        // Bounded: a server that took its flags would otherwise serve forever.
+        let o = run_bounded(dir.path(), &args);
         assert_eq!(code(&o), 2, "{args:?}: {}", stderr(&o));
         assert!(stderr(&o).starts_with("error:"), "{args:?}: {}", stderr(&o));
+        if args.contains(&"--database-url") {
+            // One line naming both flags, so the user knows which two disagree.
+            assert_eq!(stderr(&o).lines().count(), 1, "{}", stderr(&o));
+            assert!(
+                stderr(&o).contains("--store ") && stderr(&o).contains("--database-url"),
+                "{}",
+                stderr(&o)
+            );
+        }
     }
 
     // Input errors found by us or by the server: exit 2, one line.

@@ -53,18 +53,34 @@ fn init_logs(default: &str) {
         .try_init();
 }
 
+/// The store `qgjob server` opens: `--store` as given, else PostgreSQL when a database URL
+/// is set, else the embedded one. A URL beside a store that uses no database is refused
+/// rather than ignored (the server would run on another store than the one meant).
+fn store_kind(store: Option<StoreKind>, database_url: Option<&str>) -> Result<StoreKind> {
+    // An empty variable (`QGJOB_DATABASE_URL=`) names no database.
+    let url = database_url.is_some_and(|u| !u.is_empty());
+    let without_db = |name: &str| {
+        CliError::Usage(format!(
+            "--store {name} and --database-url (or QGJOB_DATABASE_URL) contradict each other: \
+             the {name} store uses no database (drop one of them, or use --store postgres)"
+        ))
+    };
+    match (store, url) {
+        (None, false) => Ok(StoreKind::Embedded),
+        (None, true) => Ok(StoreKind::Postgres),
+        (Some(kind), false) if kind != StoreKind::Postgres => Ok(kind),
+        (Some(StoreKind::Postgres), true) => Ok(StoreKind::Postgres),
+        (Some(StoreKind::Postgres), false) => Err(CliError::Usage(
+            "--store postgres needs --database-url (or QGJOB_DATABASE_URL)".into(),
+        )),
+        (Some(StoreKind::Memory), _) => Err(without_db("memory")),
+        (Some(StoreKind::Embedded), _) => Err(without_db("embedded")),
+    }
+}
+
 /// `qgjob server`.
 pub fn server(a: &ServerArgs) -> Result<u8> {
-    let kind = a.store.unwrap_or(if a.database_url.is_some() {
-        StoreKind::Postgres
-    } else {
-        StoreKind::Embedded
-    });
-    if kind == StoreKind::Postgres && a.database_url.is_none() {
-        return Err(CliError::Usage(
-            "--store postgres needs --database-url (or QGJOB_DATABASE_URL)".into(),
-        ));
-    }
+    let kind = store_kind(a.store, a.database_url.as_deref())?;
     let opts = ServerOptions {
         addr: parse_addr(&a.addr)?,
         data_dir: Some(a.data_dir.clone()),
@@ -773,6 +789,30 @@ mod tests {
              retried when the server next runs)"
         );
         assert!(jobs_left(None, "1m25s").starts_with("stopped after waiting 1m25s: jobs "));
+    }
+
+    #[test]
+    fn store_flags_pick_one_store_or_are_refused_naming_both() {
+        use StoreKind::{Embedded, Memory, Postgres};
+        let url = Some("postgres://qgjob@db/qgjob");
+        assert_eq!(store_kind(None, None).unwrap(), Embedded);
+        assert_eq!(store_kind(None, Some("")).unwrap(), Embedded);
+        assert_eq!(store_kind(None, url).unwrap(), Postgres);
+        assert_eq!(store_kind(Some(Embedded), None).unwrap(), Embedded);
+        assert_eq!(store_kind(Some(Memory), None).unwrap(), Memory);
+        assert_eq!(store_kind(Some(Postgres), url).unwrap(), Postgres);
+        let e = store_kind(Some(Postgres), None).unwrap_err();
+        assert_eq!(e.exit_code(), 2);
+        assert!(e.to_string().contains("--database-url"), "{e}");
+        for (kind, name) in [(Memory, "memory"), (Embedded, "embedded")] {
+            let e = store_kind(Some(kind), url).unwrap_err();
+            assert_eq!(e.exit_code(), 2);
+            let m = e.to_string();
+            assert!(
+                m.starts_with(&format!("--store {name} and --database-url")),
+                "{m}"
+            );
+        }
     }
 
     #[test]
