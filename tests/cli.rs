@@ -259,6 +259,33 @@ fn a_retried_ci_step_waits_on_the_run_it_submitted_before() {
     assert_eq!(step(), first);
     let out = submit(&[]);
     assert!(out.contains("(2 jobs, submitted before)"), "{out}");
+
+    // One test makes one job, not a run; a repeat says it is the earlier job, in JSON as
+    // the server does and in words.
+    let one = |extra: &[&str]| {
+        let base = [
+            "submit",
+            "--org-id=acme",
+            "--app-version-id=v1",
+            "--test=tests/cart.spec.js",
+            "--idempotency-key=ci-43",
+        ];
+        let o = run(Some(&url), dir.path(), &[&base[..], extra].concat());
+        assert_eq!(code(&o), 0, "{}{}", stdout(&o), stderr(&o));
+        o
+    };
+    let v = json(&one(&["--json"]));
+    assert_eq!(keys(&v), vec!["created", "job_id", "status"]);
+    assert_eq!(v["created"], true, "{v}");
+    let id = v["job_id"].as_str().expect("id").to_string();
+    let again = json(&one(&["--json"]));
+    assert_eq!(keys(&again), vec!["created", "job_id", "status"]);
+    assert_eq!(again["created"], false, "{again}");
+    assert_eq!(again["job_id"], id.as_str());
+    let out = stdout(&one(&[]));
+    let words: Vec<&str> = out.split_whitespace().collect();
+    assert_eq!(&words[..2], &["job", id.as_str()], "{out}");
+    assert!(out.trim_end().ends_with(" (submitted before)"), "{out}");
 }
 
 #[test]
@@ -280,8 +307,9 @@ fn wait_exit_codes_and_junit() {
         let o = run(Some(&url), dir.path(), &args);
         assert_eq!(code(&o), 0, "{}", stderr(&o));
         let v = json(&o);
-        assert_eq!(keys(&v), vec!["job_id", "status"]);
+        assert_eq!(keys(&v), vec!["created", "job_id", "status"]);
         assert_eq!(v["status"], "queued");
+        assert_eq!(v["created"], true);
         v["job_id"].as_str().expect("id").to_string()
     };
 

@@ -116,9 +116,16 @@ pub fn submit(client: &Client, a: &SubmitArgs) -> Result<u8> {
             eprintln!("note: {w}");
         }
         if a.json {
-            print_json(&serde_json::json!({"job_id": r.job_id, "status": r.status}))?;
+            // `created` as the server says it: false when --idempotency-key named an
+            // earlier job, whose current state `status` then is.
+            print_json(&serde_json::json!({
+                "job_id": r.job_id,
+                "status": r.status,
+                "created": r.created,
+            }))?;
         } else {
-            out!("job {} {}", r.job_id, r.status);
+            let again = if r.created { "" } else { " (submitted before)" };
+            out!("job {} {}{again}", r.job_id, r.status);
         }
         Which {
             job_id: Some(r.job_id.to_string()),
