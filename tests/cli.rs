@@ -811,7 +811,7 @@ fn unreachable_server_and_bad_input_give_clean_errors() {
 /// A server announces itself only once its store is open and its configuration checked,
 /// and each start error is one line with the right exit code: a missing tokens file is a
 /// usage error (2); a data dir another server holds is refused (3), because two servers on
-/// one store would overwrite each other's acknowledged jobs.
+/// one store would overwrite each other's acknowledged jobs; an address in use is 3 too.
 #[test]
 fn server_start_errors_are_one_line_and_announce_nothing() {
     let dir = project();
@@ -850,6 +850,24 @@ fn server_start_errors_are_one_line_and_announce_nothing() {
         "{}",
         stderr(&o)
     );
+
+    // An address in use is the machine's state too, not a bad flag: 3, for `server` and
+    // `up` alike.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("a port");
+    let addr = taken.local_addr().expect("its address").to_string();
+    for cmd in ["server", "up"] {
+        let other = dir.path().join(format!("data-{cmd}"));
+        let other = other.to_str().expect("utf-8 path");
+        let o = run_bounded(dir.path(), &[cmd, "--addr", &addr, "--data-dir", other]);
+        assert_eq!(code(&o), 3, "{cmd}: {}", stderr(&o));
+        assert!(stdout(&o).is_empty(), "{cmd}: {}", stdout(&o));
+        assert_eq!(stderr(&o).lines().count(), 1, "{cmd}: {}", stderr(&o));
+        assert!(
+            stderr(&o).starts_with(&format!("error: server: cannot listen on {addr}: ")),
+            "{cmd}: {}",
+            stderr(&o)
+        );
+    }
 }
 
 #[test]
