@@ -6,6 +6,7 @@ use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{ChildStdout, Command, Output, Stdio};
+use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -20,6 +21,32 @@ fn run(server: Option<&str>, cwd: &Path, args: &[&str]) -> Output {
         .stdin(Stdio::null())
         .output()
         .expect("qgjob runs")
+}
+
+/// [`run`] without a server, for a command expected to end by itself: fails the test
+/// instead of waiting for ever if it does not end within a minute.
+fn run_bounded(cwd: &Path, args: &[&str]) -> Output {
+    let child = qgjob(None, cwd)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("qgjob runs");
+    let mut p = Proc(child);
+    exit_code_of(&mut p, &format!("qgjob {args:?}"));
+    let mut out = Vec::new();
+    let mut err = Vec::new();
+    if let Some(mut s) = p.0.stdout.take() {
+        s.read_to_end(&mut out).expect("stdout");
+    }
+    if let Some(mut s) = p.0.stderr.take() {
+        s.read_to_end(&mut err).expect("stderr");
+    }
+    Output {
+        status: p.0.wait().expect("exit status"),
+        stdout: out,
+        stderr: err,
+    }
 }
 
 fn stdout(o: &Output) -> String {
@@ -64,6 +91,11 @@ fn keys(v: &Value) -> Vec<String> {
 
 /// Reads lines from a child's stdout until `done` says so (bounded by time and count).
 fn read_lines_until(out: ChildStdout, done: impl Fn(&str) -> bool) -> Vec<String> {
+    recv_until(&line_channel(out), done)
+}
+
+/// The lines a child writes to `out`, as they come.
+fn line_channel(out: impl Read + Send + 'static) -> Receiver<String> {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(out).lines() {
@@ -73,6 +105,12 @@ fn read_lines_until(out: ChildStdout, done: impl Fn(&str) -> bool) -> Vec<String
             }
         }
     });
+    rx
+}
+
+/// Lines from `rx` up to the first that `done` accepts (bounded: a minute, 100 lines, or
+/// the end of the output).
+fn recv_until(rx: &Receiver<String>, done: impl Fn(&str) -> bool) -> Vec<String> {
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut lines = Vec::new();
     while lines.len() < 100 {
@@ -89,6 +127,26 @@ fn read_lines_until(out: ChildStdout, done: impl Fn(&str) -> bool) -> Vec<String
         }
     }
     lines
+}
+
+/// Waits (bounded) for a child to exit; its exit code.
+fn exit_code_of(p: &mut Proc, what: &str) -> i32 {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(s) = p.0.try_wait().expect("try_wait") {
+            return s
+                .code()
+                .unwrap_or_else(|| panic!("{what} died of a signal: {s:?}"));
+        }
+        assert!(Instant::now() < deadline, "{what} did not exit");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Sends `sig` to a child.
+fn signal(p: &Proc, sig: nix::sys::signal::Signal) {
+    let pid = i32::try_from(p.0.id()).expect("pid");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig).expect("signal sent");
 }
 
 #[test]
@@ -201,6 +259,33 @@ fn a_retried_ci_step_waits_on_the_run_it_submitted_before() {
     assert_eq!(step(), first);
     let out = submit(&[]);
     assert!(out.contains("(2 jobs, submitted before)"), "{out}");
+
+    // One test makes one job, not a run; a repeat says it is the earlier job, in JSON as
+    // the server does and in words.
+    let one = |extra: &[&str]| {
+        let base = [
+            "submit",
+            "--org-id=acme",
+            "--app-version-id=v1",
+            "--test=tests/cart.spec.js",
+            "--idempotency-key=ci-43",
+        ];
+        let o = run(Some(&url), dir.path(), &[&base[..], extra].concat());
+        assert_eq!(code(&o), 0, "{}{}", stdout(&o), stderr(&o));
+        o
+    };
+    let v = json(&one(&["--json"]));
+    assert_eq!(keys(&v), vec!["created", "job_id", "status"]);
+    assert_eq!(v["created"], true, "{v}");
+    let id = v["job_id"].as_str().expect("id").to_string();
+    let again = json(&one(&["--json"]));
+    assert_eq!(keys(&again), vec!["created", "job_id", "status"]);
+    assert_eq!(again["created"], false, "{again}");
+    assert_eq!(again["job_id"], id.as_str());
+    let out = stdout(&one(&[]));
+    let words: Vec<&str> = out.split_whitespace().collect();
+    assert_eq!(&words[..2], &["job", id.as_str()], "{out}");
+    assert!(out.trim_end().ends_with(" (submitted before)"), "{out}");
 }
 
 #[test]
@@ -222,8 +307,9 @@ fn wait_exit_codes_and_junit() {
         let o = run(Some(&url), dir.path(), &args);
         assert_eq!(code(&o), 0, "{}", stderr(&o));
         let v = json(&o);
-        assert_eq!(keys(&v), vec!["job_id", "status"]);
+        assert_eq!(keys(&v), vec!["created", "job_id", "status"]);
         assert_eq!(v["status"], "queued");
+        assert_eq!(v["created"], true);
         v["job_id"].as_str().expect("id").to_string()
     };
 
@@ -268,6 +354,14 @@ fn wait_exit_codes_and_junit() {
 
     // 3: no device serves `device`, so waiting times out...
     let stuck = submit(&["--target=device"]);
+    // (Its log is empty so far, and may not be later.)
+    let o = run(
+        Some(&url),
+        dir.path(),
+        &["logs", &format!("--job-id={stuck}")],
+    );
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert_eq!(stderr(&o), format!("(job {stuck} has no log output yet)\n"));
     let o = run(
         Some(&url),
         dir.path(),
@@ -481,9 +575,9 @@ fn glob_submits_a_run_and_json_shapes_are_stable() {
         &["logs", &format!("--job-id={first_job}")],
     );
     assert_eq!(code(&o), 0, "{}", stderr(&o));
-    // No output at all is said on stderr, not left blank.
+    // No output at all is said on stderr, not left blank; the job is over, so no "yet".
     assert!(
-        !stdout(&o).is_empty() || stderr(&o).contains("no log output"),
+        !stdout(&o).is_empty() || stderr(&o) == format!("(job {first_job} has no log output)\n"),
         "{}",
         stderr(&o)
     );
@@ -626,6 +720,25 @@ fn unreachable_server_and_bad_input_give_clean_errors() {
         vec!["status"],
         vec!["frobnicate"],
         vec!["server", "--addr", "127.0.0.1:0", "--store", "postgres"],
+        // A database URL beside a store that uses none: refused, not ignored.
+        vec![
+            "server",
+            "--addr",
+            "127.0.0.1:0",
+            "--store",
+            "memory",
+            "--database-url",
+            "postgres://qgjob@127.0.0.1:1/qgjob",
+        ],
+        vec![
+            "server",
+            "--addr",
+            "127.0.0.1:0",
+            "--store",
+            "embedded",
+            "--database-url",
+            "postgres://qgjob@127.0.0.1:1/qgjob",
+        ],
         // An empty --test would otherwise submit every spec under the project.
         vec!["submit", "--org-id=a", "--app-version-id=b", "--test="],
         vec![
@@ -643,9 +756,19 @@ fn unreachable_server_and_bad_input_give_clean_errors() {
             "--junit=missing-dir/report.xml",
         ],
     ] {
-        let o = run(None, dir.path(), &args);
+        // Bounded: a server that took its flags would otherwise serve forever.
+        let o = run_bounded(dir.path(), &args);
         assert_eq!(code(&o), 2, "{args:?}: {}", stderr(&o));
         assert!(stderr(&o).starts_with("error:"), "{args:?}: {}", stderr(&o));
+        if args.contains(&"--database-url") {
+            // One line naming both flags, so the user knows which two disagree.
+            assert_eq!(stderr(&o).lines().count(), 1, "{}", stderr(&o));
+            assert!(
+                stderr(&o).contains("--store ") && stderr(&o).contains("--database-url"),
+                "{}",
+                stderr(&o)
+            );
+        }
     }
 
     // Input errors found by us or by the server: exit 2, one line.
@@ -688,7 +811,7 @@ fn unreachable_server_and_bad_input_give_clean_errors() {
 /// A server announces itself only once its store is open and its configuration checked,
 /// and each start error is one line with the right exit code: a missing tokens file is a
 /// usage error (2); a data dir another server holds is refused (3), because two servers on
-/// one store would overwrite each other's acknowledged jobs.
+/// one store would overwrite each other's acknowledged jobs; an address in use is 3 too.
 #[test]
 fn server_start_errors_are_one_line_and_announce_nothing() {
     let dir = project();
@@ -727,6 +850,24 @@ fn server_start_errors_are_one_line_and_announce_nothing() {
         "{}",
         stderr(&o)
     );
+
+    // An address in use is the machine's state too, not a bad flag: 3, for `server` and
+    // `up` alike.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("a port");
+    let addr = taken.local_addr().expect("its address").to_string();
+    for cmd in ["server", "up"] {
+        let other = dir.path().join(format!("data-{cmd}"));
+        let other = other.to_str().expect("utf-8 path");
+        let o = run_bounded(dir.path(), &[cmd, "--addr", &addr, "--data-dir", other]);
+        assert_eq!(code(&o), 3, "{cmd}: {}", stderr(&o));
+        assert!(stdout(&o).is_empty(), "{cmd}: {}", stdout(&o));
+        assert_eq!(stderr(&o).lines().count(), 1, "{cmd}: {}", stderr(&o));
+        assert!(
+            stderr(&o).starts_with(&format!("error: server: cannot listen on {addr}: ")),
+            "{cmd}: {}",
+            stderr(&o)
+        );
+    }
 }
 
 #[test]
@@ -1103,6 +1244,184 @@ fn up_serves_the_readme_flow_and_stops_on_sigterm() {
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(status.success(), "{status:?}");
+}
+
+/// POSTs `body` (JSON, or text when it is a string) to the server as an agent would; the
+/// status and the JSON answer (`null` when there is none).
+fn agent_post(url: &str, body: &Value) -> (u16, Value) {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(30)))
+        .build()
+        .into();
+    let res = match body {
+        Value::String(text) => agent
+            .post(url)
+            .header("content-type", "text/plain; charset=utf-8")
+            .send(text.as_bytes()),
+        _ => agent.post(url).send_json(body),
+    };
+    let mut res = res.unwrap_or_else(|e| panic!("POST {url}: {e}"));
+    let status = res.status().as_u16();
+    let text = res.body_mut().read_to_string().unwrap_or_default();
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+/// `logs --follow` outlives a server restart like `wait` does: it says once that it is
+/// reconnecting, then goes on from the last byte it printed, so no line is printed twice
+/// or lost.
+#[test]
+fn logs_follow_reconnects_across_a_server_restart() {
+    let dir = project();
+    let data = dir.path().join("data");
+    let data = data.to_str().expect("utf-8 path");
+    // The embedded store, so the job and its log outlive the restart.
+    let (mut server, url) =
+        spawn_server(dir.path(), &["--addr", "127.0.0.1:0", "--data-dir", data]);
+    let o = run(
+        Some(&url),
+        dir.path(),
+        &[
+            "submit",
+            "--org-id=acme",
+            "--app-version-id=v1",
+            "--test=tests/cart.spec.js",
+            "--json",
+        ],
+    );
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let id = json(&o)["job_id"].as_str().expect("id").to_string();
+
+    // This test is the job's agent, so it decides what the log says and when.
+    let (st, v) = agent_post(
+        &format!("{url}/v1/agent/devices"),
+        &serde_json::json!({"id": "logs-emu", "target": "emulator"}),
+    );
+    assert!((200..300).contains(&st), "{st} {v}");
+    let (st, lease) = agent_post(
+        &format!("{url}/v1/agent/lease"),
+        &serde_json::json!({"device_id": "logs-emu", "max_batch": 1, "wait_ms": 10_000}),
+    );
+    assert_eq!(st, 200, "{lease}");
+    assert_eq!(lease["jobs"][0]["id"], id.as_str(), "{lease}");
+    let job_url =
+        |base: &str, what: &str| format!("{base}/v1/agent/leases/{}/jobs/{id}/{what}", lease["id"]);
+    let (st, v) = agent_post(&job_url(&url, "logs"), &Value::from("first line\n"));
+    assert_eq!(st, 204, "{v}");
+
+    let mut child = qgjob(Some(&url), dir.path())
+        .args(["logs", &format!("--job-id={id}"), "--follow"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("logs starts");
+    let out = line_channel(child.stdout.take().expect("stdout"));
+    let errs = line_channel(child.stderr.take().expect("stderr"));
+    let mut logs = Proc(child);
+    assert_eq!(recv_until(&out, |l| l == "first line"), vec!["first line"]);
+
+    // The server dies; the follower notices (it polls) and says it is reconnecting.
+    server.0.kill().expect("SIGKILL");
+    server.0.wait().expect("reaped");
+    let said = recv_until(&errs, |l| l.contains("cannot reach"));
+    // Refused, or reset on a pooled connection.
+    let note = format!("note: cannot reach qgjob server at {url}: ");
+    assert!(
+        said.len() == 1 && said[0].starts_with(&note) && said[0].ends_with("; reconnecting"),
+        "{said:?}"
+    );
+
+    // Back on the same address and data dir: the lease still holds the job.
+    let addr = url.strip_prefix("http://").expect("http URL");
+    let (_server, url2) = spawn_server(dir.path(), &["--addr", addr, "--data-dir", data]);
+    assert_eq!(url2, url);
+    let (st, v) = agent_post(&job_url(&url, "logs"), &Value::from("second line\n"));
+    assert_eq!(st, 204, "{v}");
+    let (st, v) = agent_post(
+        &job_url(&url, "complete"),
+        &serde_json::json!({"passed": true}),
+    );
+    assert_eq!(st, 200, "{v}");
+
+    assert_eq!(exit_code_of(&mut logs, "qgjob logs --follow"), 0);
+    let printed = recv_until(&out, |_| false);
+    assert_eq!(printed, vec!["second line"]);
+    // Said once, however long the restart took.
+    let rest = recv_until(&errs, |_| false);
+    assert!(rest.is_empty(), "{rest:?}");
+}
+
+/// ctrl-c on `up` says what it waits for and for how long; a second one stops it at once,
+/// says so and exits 3, as `qgjob agent` does.
+#[test]
+fn up_says_what_it_waits_for_and_a_second_ctrl_c_stops_it_at_once() {
+    let dir = project();
+    let mut child = qgjob(None, dir.path())
+        .args(["up", "--addr", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path().join("data"))
+        // Jobs far longer than the test: one is still running at the second ctrl-c.
+        .args(["--install-s", "0", "--run-s", "600"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("up starts");
+    let out = child.stdout.take().expect("stdout");
+    let errs = line_channel(child.stderr.take().expect("stderr"));
+    let mut up = Proc(child);
+    let lines = read_lines_until(out, |l| l.starts_with("ctrl-c"));
+    let url = lines
+        .iter()
+        .find_map(|l| l.trim().strip_prefix("export QGJOB_SERVER="))
+        .unwrap_or_else(|| panic!("no address in {lines:?}"))
+        .to_string();
+    let o = run(
+        Some(&url),
+        dir.path(),
+        &[
+            "submit",
+            "--org-id=acme",
+            "--app-version-id=v1",
+            "--test=tests/cart.spec.js",
+            "--json",
+        ],
+    );
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let id = json(&o)["job_id"].as_str().expect("id").to_string();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let o = run(
+            Some(&url),
+            dir.path(),
+            &["status", &format!("--job-id={id}"), "--json"],
+        );
+        if json(&o)["state"] == "running" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the job never started");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    signal(&up, nix::sys::signal::Signal::SIGINT);
+    let said = recv_until(&errs, |l| l.contains("stopping"));
+    let stopping = said.last().expect("a line");
+    // 600 s × 1.3 (the most jitter) + 5 s to report.
+    assert_eq!(
+        stopping,
+        "qgjob up: stopping (waiting up to 13m05s for running jobs to finish; ctrl-c again \
+         to stop at once)"
+    );
+    signal(&up, nix::sys::signal::Signal::SIGINT);
+    assert_eq!(exit_code_of(&mut up, "qgjob up"), 3);
+    // Everything else it said, up to the end of its output.
+    let rest = recv_until(&errs, |_| false);
+    assert_eq!(
+        rest,
+        vec![
+            "error: stopped at once: running jobs were abandoned (they are retried when the \
+             server next runs)"
+        ],
+    );
 }
 
 #[test]

@@ -99,29 +99,6 @@ fn secs_to_ms(s: f64, what: &str) -> Result<u64> {
     Ok((s * 1000.0).round() as u64)
 }
 
-/// Resolves when ctrl-c or SIGTERM arrives.
-pub async fn stop_signal() {
-    #[cfg(unix)]
-    {
-        let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate());
-        match term {
-            Ok(mut t) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = t.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
-}
-
 /// Ctrl-c and SIGTERM, caught from the moment this is made (so one sent while the agent is
 /// busy stopping is not lost), one [`StopListener::recv`] per signal.
 struct StopListener {
@@ -177,20 +154,22 @@ impl StopListener {
     }
 }
 
-/// How the agent's run ended, as far as the command is concerned.
-enum Ended<T> {
-    /// The agent returned (after a shutdown, or on its own with an error).
+/// How a run stopped by [`run_until_stopped`] ended, as far as the command is concerned.
+pub(crate) enum Ended<T> {
+    /// The run returned (after a shutdown, or on its own, say with an error).
     Returned(T),
     /// A second stop signal came while it was still finishing.
     Forced,
 }
 
-/// Runs `run` until it returns or a stop signal arrives; then fires `stop` and waits for it
-/// to finish, unless a second signal asks to stop at once. `tick` runs every 200 ms
-/// meanwhile (for the banner and warnings).
-async fn run_until_stopped<T>(
+/// Runs `run` until it returns or a stop signal arrives; then prints `stopping` (what the
+/// command now waits for), fires `stop` and waits for `run` to finish, unless a second
+/// signal asks to stop at once. `tick` runs every 200 ms meanwhile (for the banner and
+/// warnings). `qgjob agent` and `qgjob up` stop this way.
+pub(crate) async fn run_until_stopped<T>(
     run: impl Future<Output = T>,
     stop: &Shutdown,
+    stopping: &str,
     mut tick: impl FnMut(),
 ) -> Ended<T> {
     tokio::pin!(run);
@@ -204,7 +183,7 @@ async fn run_until_stopped<T>(
             _ = ticks.tick() => tick(),
         }
     }
-    eprintln!("qgjob agent: stopping (finishing running jobs; ctrl-c again to stop at once)");
+    eprintln!("{stopping}");
     stop.trigger();
     // Keep listening: tokio catches SIGINT/SIGTERM for good once asked to, so without this
     // a second signal would do nothing at all.
@@ -217,14 +196,19 @@ async fn run_until_stopped<T>(
     }
 }
 
-/// What the command says after a forced stop.
-fn forced() -> CliError {
-    CliError::Other(
-        "stopped at once: running jobs were abandoned (the server retries them when their \
-         leases expire)"
-            .into(),
-    )
+/// What the agent says as it starts to stop.
+const AGENT_STOPPING: &str =
+    "qgjob agent: stopping (finishing running jobs; ctrl-c again to stop at once)";
+
+/// What a command says after a forced stop; `retried` says when the abandoned jobs run again.
+pub(crate) fn forced(retried: &str) -> CliError {
+    CliError::Other(format!(
+        "stopped at once: running jobs were abandoned ({retried})"
+    ))
 }
+
+/// When the jobs an agent abandons run again.
+const AGENT_RETRIED: &str = "the server retries them when their leases expire";
 
 /// An agent error as a command error: a refused registration is the operator's to fix (a
 /// token, a device description), so a usage error; anything else is infrastructure.
@@ -297,7 +281,7 @@ impl Watch {
 /// shutdown may hold one for up to its whole wait, and its answer is no longer wanted.
 /// `settle` is how long tasks still running may take to be dropped (real devices kill their
 /// test commands when dropped); zero when nothing is left that needs it.
-fn drop_runtime(rt: tokio::runtime::Runtime, settle: Duration) {
+pub(crate) fn drop_runtime(rt: tokio::runtime::Runtime, settle: Duration) {
     if settle.is_zero() {
         rt.shutdown_background();
     } else {
@@ -372,7 +356,7 @@ pub fn agent(client: Client, a: &AgentArgs) -> Result<u8> {
     let ended = rt.block_on(async move {
         let shutdown = Shutdown::new();
         let mut run = tokio::spawn(agent.run(shutdown.signal()));
-        let ended = run_until_stopped(&mut run, &shutdown, || watch.check()).await;
+        let ended = run_until_stopped(&mut run, &shutdown, AGENT_STOPPING, || watch.check()).await;
         if matches!(ended, Ended::Forced) {
             run.abort();
         }
@@ -390,7 +374,7 @@ pub fn agent(client: Client, a: &AgentArgs) -> Result<u8> {
         }
         Ended::Returned(Ok(Err(e))) => Err(agent_error(e)),
         Ended::Returned(Err(e)) => Err(CliError::Other(format!("agent task failed: {e}"))),
-        Ended::Forced => Err(forced()),
+        Ended::Forced => Err(forced(AGENT_RETRIED)),
     }
 }
 
@@ -436,7 +420,7 @@ fn real_agent(client: Client, a: &AgentArgs) -> Result<u8> {
         );
         // Dropping `run` on a forced stop drops its device tasks, and with them the test
         // commands' process-group guards, which kill what is still running.
-        run_until_stopped(run, &shutdown, || {
+        run_until_stopped(run, &shutdown, AGENT_STOPPING, || {
             if watch.is_none() {
                 if let Some((stats, n)) = started.get() {
                     let banner = format!(
@@ -460,7 +444,7 @@ fn real_agent(client: Client, a: &AgentArgs) -> Result<u8> {
     drop_runtime(rt, settle);
     let res = match ended {
         Ended::Returned(r) => r,
-        Ended::Forced => return Err(forced()),
+        Ended::Forced => return Err(forced(AGENT_RETRIED)),
     };
     match res {
         Ok(c) => {

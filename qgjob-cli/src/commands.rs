@@ -116,9 +116,16 @@ pub fn submit(client: &Client, a: &SubmitArgs) -> Result<u8> {
             eprintln!("note: {w}");
         }
         if a.json {
-            print_json(&serde_json::json!({"job_id": r.job_id, "status": r.status}))?;
+            // `created` as the server says it: false when --idempotency-key named an
+            // earlier job, whose current state `status` then is.
+            print_json(&serde_json::json!({
+                "job_id": r.job_id,
+                "status": r.status,
+                "created": r.created,
+            }))?;
         } else {
-            out!("job {} {}", r.job_id, r.status);
+            let again = if r.created { "" } else { " (submitted before)" };
+            out!("job {} {}{again}", r.job_id, r.status);
         }
         Which {
             job_id: Some(r.job_id.to_string()),
@@ -275,8 +282,9 @@ pub fn wait_final_with(
     }
 }
 
-/// How long `wait` and `status --watch` keep trying to reach a server they were talking to
-/// (a restart, a deploy): the server is durable, so the job is still there when it is back.
+/// How long `wait`, `status --watch` and `logs --follow` keep trying to reach a server they
+/// were talking to (a restart, a deploy): the server is durable, so the job is still there
+/// when it is back.
 const RECONNECT_GRACE: Duration = Duration::from_secs(120);
 
 /// Reconnection state of a command that follows a job or run.
@@ -827,32 +835,55 @@ pub fn cancel(client: &Client, a: &CancelArgs) -> Result<u8> {
 
 /// `qgjob logs`.
 pub fn logs(client: &Client, a: &LogsArgs) -> Result<u8> {
+    // What has been printed: after a reconnect, `--follow` goes on from here, so no byte is
+    // printed twice or skipped.
     let mut offset = 0u64;
+    // Like `wait`, `--follow` rides out a server restart (a single read has nothing to
+    // ride out: it fails at once).
+    let mut link = Reconnect::default();
+    let no_deadline = || CliError::Timeout(String::new());
+    let print = |bytes: &[u8]| {
+        let mut o = std::io::stdout().lock();
+        let _ = o.write_all(bytes);
+        let _ = o.flush();
+    };
     loop {
-        let (bytes, size) = client.logs(&a.job_id, offset)?;
-        if !bytes.is_empty() {
-            let mut o = std::io::stdout().lock();
-            let _ = o.write_all(&bytes);
-            let _ = o.flush();
-        }
-        offset = size.max(offset + bytes.len() as u64);
+        let Some((bytes, _)) = link.attempt(client.logs(&a.job_id, offset), None, no_deadline)?
+        else {
+            continue;
+        };
+        print(&bytes);
+        offset += bytes.len() as u64;
         if !a.follow {
             if offset == 0 {
-                // Simulated devices, for one, write no log: say so rather than nothing.
-                eprintln!("(job {} has no log output yet)", a.job_id);
+                // Simulated devices, for one, write no log: say so rather than nothing,
+                // and promise nothing of a job that is over.
+                let yet = if client.job(&a.job_id)?.state.is_final() {
+                    ""
+                } else {
+                    " yet"
+                };
+                eprintln!("(job {} has no log output{yet})", a.job_id);
             }
             return Ok(EXIT_OK);
         }
-        if bytes.is_empty() && client.job(&a.job_id)?.state.is_final() {
+        if !bytes.is_empty() {
+            continue;
+        }
+        let Some(job) = link.attempt(client.job(&a.job_id), None, no_deadline)? else {
+            continue;
+        };
+        if job.state.is_final() {
             // One last read: output may have landed between the two calls.
-            let (rest, _) = client.logs(&a.job_id, offset)?;
-            let mut o = std::io::stdout().lock();
-            let _ = o.write_all(&rest);
+            let Some((rest, _)) =
+                link.attempt(client.logs(&a.job_id, offset), None, no_deadline)?
+            else {
+                continue;
+            };
+            print(&rest);
             return Ok(EXIT_OK);
         }
-        if bytes.is_empty() {
-            std::thread::sleep(Duration::from_millis(500));
-        }
+        std::thread::sleep(Duration::from_millis(500));
     }
 }
 

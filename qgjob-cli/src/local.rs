@@ -3,6 +3,7 @@
 //! results and the schedule's figures against the lower bound).
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -18,13 +19,13 @@ use qgjob_core::{
 use qgjob_http::{ServerOptions, StoreKind as HttpStore};
 use serde::Serialize;
 
-use crate::agent::{runtime, stop_signal};
+use crate::agent::{drop_runtime, forced, run_until_stopped, runtime, Ended};
 use crate::cli::{DemoArgs, ServerArgs, StoreKind, UpArgs};
 use crate::client::Client;
 use crate::error::{CliError, Result, EXIT_OK};
 use crate::link::HttpLink;
 use crate::report;
-use crate::util::{use_color, use_progress};
+use crate::util::{fmt_ms, use_color, use_progress};
 
 /// The three built-in targets, in display order.
 pub const TARGETS: [Target; 3] = [Target::Emulator, Target::Device, Target::Browserstack];
@@ -52,18 +53,34 @@ fn init_logs(default: &str) {
         .try_init();
 }
 
+/// The store `qgjob server` opens: `--store` as given, else PostgreSQL when a database URL
+/// is set, else the embedded one. A URL beside a store that uses no database is refused
+/// rather than ignored (the server would run on another store than the one meant).
+fn store_kind(store: Option<StoreKind>, database_url: Option<&str>) -> Result<StoreKind> {
+    // An empty variable (`QGJOB_DATABASE_URL=`) names no database.
+    let url = database_url.is_some_and(|u| !u.is_empty());
+    let without_db = |name: &str| {
+        CliError::Usage(format!(
+            "--store {name} and --database-url (or QGJOB_DATABASE_URL) contradict each other: \
+             the {name} store uses no database (drop one of them, or use --store postgres)"
+        ))
+    };
+    match (store, url) {
+        (None, false) => Ok(StoreKind::Embedded),
+        (None, true) => Ok(StoreKind::Postgres),
+        (Some(kind), false) if kind != StoreKind::Postgres => Ok(kind),
+        (Some(StoreKind::Postgres), true) => Ok(StoreKind::Postgres),
+        (Some(StoreKind::Postgres), false) => Err(CliError::Usage(
+            "--store postgres needs --database-url (or QGJOB_DATABASE_URL)".into(),
+        )),
+        (Some(StoreKind::Memory), _) => Err(without_db("memory")),
+        (Some(StoreKind::Embedded), _) => Err(without_db("embedded")),
+    }
+}
+
 /// `qgjob server`.
 pub fn server(a: &ServerArgs) -> Result<u8> {
-    let kind = a.store.unwrap_or(if a.database_url.is_some() {
-        StoreKind::Postgres
-    } else {
-        StoreKind::Embedded
-    });
-    if kind == StoreKind::Postgres && a.database_url.is_none() {
-        return Err(CliError::Usage(
-            "--store postgres needs --database-url (or QGJOB_DATABASE_URL)".into(),
-        ));
-    }
+    let kind = store_kind(a.store, a.database_url.as_deref())?;
     let opts = ServerOptions {
         addr: parse_addr(&a.addr)?,
         data_dir: Some(a.data_dir.clone()),
@@ -85,14 +102,23 @@ pub fn server(a: &ServerArgs) -> Result<u8> {
 }
 
 /// A server error as the command reports it: a flag or file to fix is a usage error
-/// (exit 2), anything else an infrastructure one (exit 3). `server`, `up` and `demo` say
-/// the same thing for the same cause.
+/// (exit 2), anything else an infrastructure one (exit 3). An address it cannot listen on
+/// (a port in use, say) is the machine's state, like a data dir another server holds, so
+/// 3 as well. `server`, `up` and `demo` say the same thing for the same cause.
 fn server_error(e: qgjob_http::ServerError) -> CliError {
     match e {
+        // The server reports a failed bind as a configuration error; only its message
+        // tells it apart (the end-to-end tests pin it).
+        qgjob_http::ServerError::Config(m) if m.starts_with(CANNOT_LISTEN) => {
+            CliError::Other(format!("server: {m}"))
+        }
         qgjob_http::ServerError::Config(m) => CliError::Usage(format!("server: {m}")),
         e => CliError::Other(format!("server: {e}")),
     }
 }
+
+/// How a failed bind starts its message, in the server and here.
+const CANNOT_LISTEN: &str = "cannot listen on ";
 
 /// A server and simulated agents running inside this process.
 struct Lab {
@@ -119,8 +145,8 @@ impl Lab {
         let rt = runtime()?;
         let listener = rt
             .block_on(tokio::net::TcpListener::bind(addr))
-            // As `server` reports it: a flag to fix, exit 2.
-            .map_err(|e| CliError::Usage(format!("server: cannot listen on {addr}: {e}")))?;
+            // As `server` reports it (exit 3).
+            .map_err(|e| CliError::Other(format!("server: {CANNOT_LISTEN}{addr}: {e}")))?;
         let local = listener
             .local_addr()
             .map_err(|e| CliError::io("reading the bound address", e))?;
@@ -183,31 +209,92 @@ impl Lab {
         })
     }
 
-    /// Stops agents (they finish and unregister), then the server, with a bounded wait.
-    fn stop(mut self) -> Result<()> {
-        self.agents_stop.trigger();
+    /// The lab's stop as a future that starts once `agents_stop` fires: the agents finish
+    /// their running jobs (waiting at most `grace`) and unregister, then the server stops.
+    fn stopping(&mut self, grace: Duration) -> impl Future<Output = Result<Stopped>> + 'static {
+        let mut fired = self.agents_stop.signal();
         let agents = std::mem::take(&mut self.agents);
         let server = self.server.take();
         let stop = self.server_stop.take();
-        self.rt.block_on(async move {
-            let all = futures_join(agents);
-            let _ = tokio::time::timeout(Duration::from_secs(10), all).await;
+        let client = Client::new(self.base.clone(), None);
+        async move {
+            fired.triggered().await;
+            let stopped = match tokio::time::timeout(grace, futures_join(agents)).await {
+                Ok(()) => Stopped::Clean,
+                Err(_) => {
+                    // Asked while the server still runs; the client blocks, so off the
+                    // async threads.
+                    let left = tokio::task::spawn_blocking(move || running_jobs(&client))
+                        .await
+                        .ok()
+                        .flatten();
+                    match left {
+                        // Agents slow to unregister leave no job behind.
+                        Some(0) => Stopped::Clean,
+                        n => Stopped::JobsLeft(n),
+                    }
+                }
+            };
             if let Some(s) = stop {
                 let _ = s.send(());
             }
             if let Some(h) = server {
-                match tokio::time::timeout(Duration::from_secs(10), h).await {
-                    Ok(Ok(Err(e))) => Err(CliError::Other(format!("server: {e}"))),
-                    _ => Ok(()),
+                if let Ok(Ok(Err(e))) = tokio::time::timeout(SERVER_STOP, h).await {
+                    return Err(server_error(e));
                 }
-            } else {
-                Ok(())
             }
-        })?;
-        // Abandoned long polls run on blocking threads; don't wait for them.
-        self.rt.shutdown_timeout(Duration::from_millis(200));
-        Ok(())
+            Ok(stopped)
+        }
     }
+
+    /// Stops the lab now, without waiting for a signal (the demo, once its run is over):
+    /// see [`Lab::stopping`].
+    fn stop(mut self, grace: Duration) -> Result<Stopped> {
+        self.agents_stop.trigger();
+        let stopping = self.stopping(grace);
+        let stopped = self.rt.block_on(stopping);
+        // Abandoned long polls run on blocking threads; don't wait for them.
+        drop_runtime(self.rt, Duration::from_millis(200));
+        stopped
+    }
+}
+
+/// How long the server gets to stop once the agents are done (it ends its event streams
+/// and long polls itself; this only bounds a stop that hangs).
+const SERVER_STOP: Duration = Duration::from_secs(10);
+
+/// How a lab's stop went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stopped {
+    /// Every agent finished its running jobs and unregistered, and the server stopped.
+    Clean,
+    /// The wait ran out with jobs still running: this many, when the server could say.
+    JobsLeft(Option<usize>),
+}
+
+/// How many jobs the server has running (`None` when it cannot say).
+fn running_jobs(client: &Client) -> Option<usize> {
+    let page = client
+        .list(&crate::client::ListQuery {
+            state: Some(JobState::Running.as_str().to_string()),
+            limit: Some(1000),
+            ..Default::default()
+        })
+        .ok()?;
+    Some(page.jobs.len())
+}
+
+/// How long `up` waits for running jobs to finish once asked to stop: long enough for a
+/// job leased just then to install, run (with the most jitter) and report, and at least
+/// 10 s.
+fn stop_grace(devs: &LabDevices) -> Duration {
+    let run = devs.run_ms as f64 * (1.0 + devs.run_jitter.clamp(0.0, 1.0));
+    let ms = devs
+        .install_ms
+        .saturating_add(run.ceil() as u64)
+        .saturating_add(5_000);
+    // Whole seconds: it is shown to people.
+    Duration::from_secs(ms.div_ceil(1000).max(10))
 }
 
 async fn futures_join(hs: Vec<tokio::task::JoinHandle<()>>) {
@@ -251,34 +338,70 @@ pub fn up(a: &UpArgs) -> Result<u8> {
         run_jitter: 0.3,
         scripted: Vec::new(),
     };
-    let lab = Lab::start(opts.addr, opts, &devs)?;
-    let mut o = std::io::stdout().lock();
-    let _ = writeln!(
-        o,
-        "qgjob up: server on {} (API, /metrics, /openapi.json), data in {}",
-        lab.base,
-        a.data_dir.display()
-    );
-    let _ = writeln!(
-        o,
-        "simulated agents: {n} emulator, {n} device, {n} browserstack (install {:.1} s, run {:.1} s)",
+    let mut lab = Lab::start(opts.addr, opts, &devs)?;
+    let mut banner = Some(format!(
+        "qgjob up: server on {base} (API, /metrics, /openapi.json), data in {}\n\
+         simulated agents: {n} emulator, {n} device, {n} browserstack (install {:.1} s, run {:.1} s)\n\
+         try, in another terminal:\n  \
+         export QGJOB_SERVER={base}\n  \
+         qgjob submit --org-id=qualgent --app-version-id=xyz123 --test=tests/onboarding.spec.js --wait\n\
+         ctrl-c stops everything",
+        a.data_dir.display(),
         a.install_s,
         a.run_s,
+        base = lab.base,
         n = devs.per_target
+    ));
+    let grace = stop_grace(&devs);
+    let waited = fmt_ms(grace.as_millis() as u64);
+    let stopping = lab.stopping(grace);
+    let line = format!(
+        "qgjob up: stopping (waiting up to {waited} for running jobs to finish; ctrl-c again \
+         to stop at once)"
     );
-    let _ = writeln!(o, "try, in another terminal:");
-    let _ = writeln!(
-        o,
-        "  export QGJOB_SERVER={}\n  qgjob submit --org-id=qualgent --app-version-id=xyz123 --test=tests/onboarding.spec.js --wait",
-        lab.base
-    );
-    let _ = writeln!(o, "ctrl-c stops everything");
-    let _ = o.flush();
-    drop(o);
-    lab.rt.block_on(stop_signal());
-    eprintln!("qgjob up: stopping");
-    lab.stop()?;
-    Ok(EXIT_OK)
+    let ended = lab.rt.block_on(run_until_stopped(
+        stopping,
+        &lab.agents_stop,
+        &line,
+        // Printed on the first tick, once ctrl-c is caught: "ctrl-c stops everything" is
+        // then true from the moment it is shown.
+        || {
+            if let Some(b) = banner.take() {
+                let mut o = std::io::stdout().lock();
+                let _ = writeln!(o, "{b}");
+                let _ = o.flush();
+            }
+        },
+    ));
+    // Simulated devices leave nothing behind when their tasks are dropped.
+    let settle = match ended {
+        Ended::Forced => Duration::ZERO,
+        Ended::Returned(_) => Duration::from_millis(200),
+    };
+    drop_runtime(lab.rt, settle);
+    match ended {
+        Ended::Returned(Ok(Stopped::Clean)) => {
+            eprintln!("qgjob up: stopped");
+            Ok(EXIT_OK)
+        }
+        Ended::Returned(Ok(Stopped::JobsLeft(n))) => Err(CliError::Other(jobs_left(n, &waited))),
+        Ended::Returned(Err(e)) => Err(e),
+        Ended::Forced => Err(forced(UP_RETRIED)),
+    }
+}
+
+/// When the jobs `up` leaves running are retried: its store keeps them, and its agents'
+/// devices register idle at the next start, which hands their old leases back at once.
+const UP_RETRIED: &str = "they are retried when the server next runs";
+
+/// What `up` says when its wait for running jobs ran out after `waited`.
+fn jobs_left(n: Option<usize>, waited: &str) -> String {
+    let what = match n {
+        Some(1) => "1 job still running was left behind (it is".to_string(),
+        Some(n) => format!("{n} jobs still running were left behind (they are"),
+        None => "jobs still running were left behind (they are".to_string(),
+    };
+    format!("stopped after waiting {waited}: {what} retried when the server next runs)")
 }
 
 /// The demo's run: several app versions, every target, one failing and one flaky test.
@@ -382,12 +505,12 @@ pub fn figures(
 
 /// `qgjob demo`.
 pub fn demo(a: &DemoArgs) -> Result<u8> {
-    let data =
-        tempfile::tempdir().map_err(|e| CliError::io("creating a temporary directory", e))?;
     let install_ms = 1_500;
     let opts = ServerOptions {
         addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-        data_dir: Some(data.path().to_path_buf()),
+        // A memory store keeps uploads in memory too: no directory to leave behind when
+        // ctrl-c ends the demo at once.
+        data_dir: None,
         store: HttpStore::Memory,
         scheduler: SchedulerConfig {
             // Short backoff keeps a retried job inside the demo's few seconds.
@@ -412,7 +535,8 @@ pub fn demo(a: &DemoArgs) -> Result<u8> {
     let human = !a.json;
     let lab = Lab::start(opts.addr, opts, &devs)?;
     let result = run_demo(&lab, &devs, human);
-    let stopped = lab.stop();
+    // Jobs a failed demo leaves running die with its memory store: nothing to report.
+    let stopped = lab.stop(stop_grace(&devs));
     let (jobs, figs, status, run_id) = result?;
     stopped?;
     if a.json {
@@ -596,6 +720,108 @@ mod tests {
         // Emulator pool: 1 s + 1 s of work and two installs on one device = 4 s.
         assert_eq!(f.lower_bound_s, 4.0);
         assert_eq!(f.min_installs, 3);
+    }
+
+    /// A lab on a memory store with one simulated device per target whose jobs take
+    /// `run_ms`.
+    fn small_lab(run_ms: u64) -> Lab {
+        let opts = ServerOptions {
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            data_dir: None,
+            store: HttpStore::Memory,
+            ..ServerOptions::default()
+        };
+        let devs = LabDevices {
+            per_target: 1,
+            install_ms: 0,
+            run_ms,
+            run_jitter: 0.0,
+            scripted: Vec::new(),
+        };
+        Lab::start(opts.addr, opts, &devs).unwrap()
+    }
+
+    /// Submits a job to `lab` and waits (bounded) until it runs.
+    fn start_job(lab: &Lab) {
+        let client = Client::new(lab.base.clone(), None);
+        let spec = JobSpec::new(
+            OrgId::new("acme").unwrap(),
+            AppVersionId::new("v1").unwrap(),
+            vec!["t.spec.js".into()],
+        );
+        let id = client.submit_job(&spec).unwrap().job_id.to_string();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while client.job(&id).unwrap().state != JobState::Running {
+            assert!(Instant::now() < deadline, "the job never started");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    #[test]
+    fn a_stop_lets_running_jobs_finish_within_the_wait() {
+        let lab = small_lab(300);
+        start_job(&lab);
+        assert_eq!(lab.stop(Duration::from_secs(60)).unwrap(), Stopped::Clean);
+    }
+
+    #[test]
+    fn a_stop_whose_wait_runs_out_counts_the_jobs_left_running() {
+        // A job far longer than the wait.
+        let lab = small_lab(600_000);
+        start_job(&lab);
+        assert_eq!(
+            lab.stop(Duration::from_millis(300)).unwrap(),
+            Stopped::JobsLeft(Some(1))
+        );
+    }
+
+    #[test]
+    fn the_stop_wait_covers_a_whole_simulated_job_and_says_what_was_left() {
+        let devs = |install_ms, run_ms| LabDevices {
+            per_target: 1,
+            install_ms,
+            run_ms,
+            run_jitter: 0.3,
+            scripted: Vec::new(),
+        };
+        assert_eq!(stop_grace(&devs(2_000, 1_000)), Duration::from_secs(10));
+        // 30 s install + 60 s × 1.3 + 5 s to report.
+        assert_eq!(stop_grace(&devs(30_000, 60_000)), Duration::from_secs(113));
+        assert_eq!(
+            jobs_left(Some(1), "10.0s"),
+            "stopped after waiting 10.0s: 1 job still running was left behind (it is retried \
+             when the server next runs)"
+        );
+        assert_eq!(
+            jobs_left(Some(3), "10.0s"),
+            "stopped after waiting 10.0s: 3 jobs still running were left behind (they are \
+             retried when the server next runs)"
+        );
+        assert!(jobs_left(None, "1m25s").starts_with("stopped after waiting 1m25s: jobs "));
+    }
+
+    #[test]
+    fn store_flags_pick_one_store_or_are_refused_naming_both() {
+        use StoreKind::{Embedded, Memory, Postgres};
+        let url = Some("postgres://qgjob@db/qgjob");
+        assert_eq!(store_kind(None, None).unwrap(), Embedded);
+        assert_eq!(store_kind(None, Some("")).unwrap(), Embedded);
+        assert_eq!(store_kind(None, url).unwrap(), Postgres);
+        assert_eq!(store_kind(Some(Embedded), None).unwrap(), Embedded);
+        assert_eq!(store_kind(Some(Memory), None).unwrap(), Memory);
+        assert_eq!(store_kind(Some(Postgres), url).unwrap(), Postgres);
+        let e = store_kind(Some(Postgres), None).unwrap_err();
+        assert_eq!(e.exit_code(), 2);
+        assert!(e.to_string().contains("--database-url"), "{e}");
+        for (kind, name) in [(Memory, "memory"), (Embedded, "embedded")] {
+            let e = store_kind(Some(kind), url).unwrap_err();
+            assert_eq!(e.exit_code(), 2);
+            let m = e.to_string();
+            assert!(
+                m.starts_with(&format!("--store {name} and --database-url")),
+                "{m}"
+            );
+        }
     }
 
     #[test]

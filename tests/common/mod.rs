@@ -42,13 +42,14 @@ impl Drop for Proc {
 }
 
 /// A `qgjob` command run in `cwd` with a clean environment (no inherited server, token,
-/// config, GitHub or colour settings), talking to `server` when given.
+/// config, database, GitHub or colour settings), talking to `server` when given.
 pub fn qgjob(server: Option<&str>, cwd: &Path) -> Command {
     let mut c = Command::new(BIN);
     c.current_dir(cwd)
         .env_remove("QGJOB_SERVER")
         .env_remove("QGJOB_TOKEN")
         .env_remove("QGJOB_CONFIG")
+        .env_remove("QGJOB_DATABASE_URL")
         .env_remove("GITHUB_ACTIONS")
         .env("HOME", cwd)
         .env("XDG_CONFIG_HOME", cwd.join(".config"))
