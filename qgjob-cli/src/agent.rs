@@ -366,16 +366,33 @@ pub fn agent(client: Client, a: &AgentArgs) -> Result<u8> {
     drop_runtime(rt, Duration::ZERO);
     match ended {
         Ended::Returned(Ok(Ok(c))) => {
-            eprintln!(
-                "qgjob agent: stopped after {} jobs ({} passed, {} failed, {} infra failures), {} installs",
-                c.jobs_run, c.passed, c.failed, c.infra_failures, c.installs
-            );
+            eprintln!("{}, {} installs", closing_line(&c), c.installs);
             Ok(EXIT_OK)
         }
         Ended::Returned(Ok(Err(e))) => Err(agent_error(e)),
         Ended::Returned(Err(e)) => Err(CliError::Other(format!("agent task failed: {e}"))),
         Ended::Forced => Err(forced(AGENT_RETRIED)),
     }
+}
+
+/// What the agent says when it stops: the jobs it reported, and the results it could not
+/// deliver (the scheduler was unreachable until the end), if any.
+fn closing_line(c: &qgjob_core::agent::AgentCounters) -> String {
+    let mut s = format!(
+        "qgjob agent: stopped after {} jobs ({} passed, {} failed, ",
+        c.jobs_run, c.passed, c.failed
+    );
+    if c.canceled > 0 {
+        s.push_str(&format!("{} canceled, ", c.canceled));
+    }
+    s.push_str(&format!("{} infra failures)", c.infra_failures));
+    if c.unreported > 0 {
+        s.push_str(&format!(
+            "; {} results could not be reported (the server runs those jobs again)",
+            c.unreported
+        ));
+    }
+    s
 }
 
 /// `qgjob agent` without `--simulate`: adb devices or BrowserStack sessions.
@@ -450,10 +467,7 @@ fn real_agent(client: Client, a: &AgentArgs) -> Result<u8> {
         Ok(c) => {
             // Installs are counted by the devices' own summary above (adb installs, uploads):
             // a real device may install while it runs, which the lease does not see.
-            eprintln!(
-                "qgjob agent: stopped after {} jobs ({} passed, {} failed, {} infra failures)",
-                c.jobs_run, c.passed, c.failed, c.infra_failures
-            );
+            eprintln!("{}", closing_line(&c));
             Ok(EXIT_OK)
         }
         // Setup problems the operator must fix are usage errors; the rest is infrastructure.
@@ -467,5 +481,31 @@ fn real_agent(client: Client, a: &AgentArgs) -> Result<u8> {
         ) => Err(CliError::Usage(e.to_string())),
         Err(RealError::Agent(e)) => Err(agent_error(e)),
         Err(e) => Err(CliError::Other(e.to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_closing_line_names_cancels_and_undelivered_results_only_when_there_are_some() {
+        let mut c = qgjob_core::agent::AgentCounters {
+            jobs_run: 3,
+            passed: 2,
+            failed: 1,
+            ..qgjob_core::agent::AgentCounters::default()
+        };
+        assert_eq!(
+            closing_line(&c),
+            "qgjob agent: stopped after 3 jobs (2 passed, 1 failed, 0 infra failures)"
+        );
+        c.canceled = 1;
+        c.unreported = 2;
+        assert_eq!(
+            closing_line(&c),
+            "qgjob agent: stopped after 3 jobs (2 passed, 1 failed, 1 canceled, 0 infra failures); \
+             2 results could not be reported (the server runs those jobs again)"
+        );
     }
 }

@@ -104,21 +104,14 @@ pub fn server(a: &ServerArgs) -> Result<u8> {
 /// A server error as the command reports it: a flag or file to fix is a usage error
 /// (exit 2), anything else an infrastructure one (exit 3). An address it cannot listen on
 /// (a port in use, say) is the machine's state, like a data dir another server holds, so
-/// 3 as well. `server`, `up` and `demo` say the same thing for the same cause.
+/// 3 as well (the server reports it as unavailable). `server`, `up` and `demo` say the
+/// same thing for the same cause.
 fn server_error(e: qgjob_http::ServerError) -> CliError {
     match e {
-        // The server reports a failed bind as a configuration error; only its message
-        // tells it apart (the end-to-end tests pin it).
-        qgjob_http::ServerError::Config(m) if m.starts_with(CANNOT_LISTEN) => {
-            CliError::Other(format!("server: {m}"))
-        }
         qgjob_http::ServerError::Config(m) => CliError::Usage(format!("server: {m}")),
         e => CliError::Other(format!("server: {e}")),
     }
 }
-
-/// How a failed bind starts its message, in the server and here.
-const CANNOT_LISTEN: &str = "cannot listen on ";
 
 /// A server and simulated agents running inside this process.
 struct Lab {
@@ -146,7 +139,7 @@ impl Lab {
         let listener = rt
             .block_on(tokio::net::TcpListener::bind(addr))
             // As `server` reports it (exit 3).
-            .map_err(|e| CliError::Other(format!("server: {CANNOT_LISTEN}{addr}: {e}")))?;
+            .map_err(|e| CliError::Other(format!("server: cannot listen on {addr}: {e}")))?;
         let local = listener
             .local_addr()
             .map_err(|e| CliError::io("reading the bound address", e))?;
