@@ -477,6 +477,10 @@ async fn timer_task(app: std::sync::Weak<App>, mut shutdown: watch::Receiver<boo
     let mut last_forget = wall_ms();
     loop {
         let Some(a) = app.upgrade() else { return };
+        if a.fatal.get().is_some() {
+            // Nothing can be stored any more; the server is stopping.
+            return;
+        }
         let now = wall_ms();
         let next = a.lock().next_wakeup();
         let due = next.is_some_and(|t| t.0 <= now);
