@@ -1193,26 +1193,39 @@ fn tokens_scope_users_and_agents() {
     assert_eq!(code(&o), 2, "{}", stderr(&o));
 }
 
-#[test]
-fn up_serves_the_readme_flow_and_stops_on_sigterm() {
-    let dir = project();
-    let mut child = qgjob(None, dir.path())
+/// `qgjob up` in `dir` (data under `dir/data`) with these simulated install and run
+/// seconds and its stderr going to `stderr`, once its banner is out: the process, the
+/// banner's lines and the server's address.
+fn start_up(
+    dir: &Path,
+    install_s: &str,
+    run_s: &str,
+    stderr: Stdio,
+) -> (Proc, Vec<String>, String) {
+    let mut child = qgjob(None, dir)
         .args(["up", "--addr", "127.0.0.1:0", "--data-dir"])
-        .arg(dir.path().join("data"))
-        .args(["--install-s", "0.2", "--run-s", "0.2"])
+        .arg(dir.join("data"))
+        .args(["--install-s", install_s, "--run-s", run_s])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(stderr)
         .spawn()
         .expect("up starts");
     let out = child.stdout.take().expect("stdout");
-    let mut up = Proc(child);
+    let up = Proc(child);
     let lines = read_lines_until(out, |l| l.starts_with("ctrl-c"));
     let url = lines
         .iter()
         .find_map(|l| l.trim().strip_prefix("export QGJOB_SERVER="))
         .unwrap_or_else(|| panic!("no address in {lines:?}"))
         .to_string();
+    (up, lines, url)
+}
+
+#[test]
+fn up_serves_the_readme_flow_and_stops_on_sigterm() {
+    let dir = project();
+    let (mut up, lines, url) = start_up(dir.path(), "0.2", "0.2", Stdio::null());
     // The ready-to-paste submit line works as printed.
     let paste = lines
         .iter()
@@ -1356,25 +1369,9 @@ fn logs_follow_reconnects_across_a_server_restart() {
 #[test]
 fn up_says_what_it_waits_for_and_a_second_ctrl_c_stops_it_at_once() {
     let dir = project();
-    let mut child = qgjob(None, dir.path())
-        .args(["up", "--addr", "127.0.0.1:0", "--data-dir"])
-        .arg(dir.path().join("data"))
-        // Jobs far longer than the test: one is still running at the second ctrl-c.
-        .args(["--install-s", "0", "--run-s", "600"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("up starts");
-    let out = child.stdout.take().expect("stdout");
-    let errs = line_channel(child.stderr.take().expect("stderr"));
-    let mut up = Proc(child);
-    let lines = read_lines_until(out, |l| l.starts_with("ctrl-c"));
-    let url = lines
-        .iter()
-        .find_map(|l| l.trim().strip_prefix("export QGJOB_SERVER="))
-        .unwrap_or_else(|| panic!("no address in {lines:?}"))
-        .to_string();
+    // Jobs far longer than the test: one is still running at the second ctrl-c.
+    let (mut up, _, url) = start_up(dir.path(), "0", "600", Stdio::piped());
+    let errs = line_channel(up.0.stderr.take().expect("stderr"));
     let o = run(
         Some(&url),
         dir.path(),
