@@ -1193,6 +1193,23 @@ fn tokens_scope_users_and_agents() {
     assert_eq!(code(&o), 2, "{}", stderr(&o));
 }
 
+/// Submits acme/v1's `tests/cart.spec.js` from `dir`; returns the job id.
+fn submit_cart(url: &str, dir: &Path) -> String {
+    let o = run(
+        Some(url),
+        dir,
+        &[
+            "submit",
+            "--org-id=acme",
+            "--app-version-id=v1",
+            "--test=tests/cart.spec.js",
+            "--json",
+        ],
+    );
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    json(&o)["job_id"].as_str().expect("id").to_string()
+}
+
 /// `qgjob up` in `dir` (data under `dir/data`) with these simulated install and run
 /// seconds and its stderr going to `stderr`, once its banner is out: the process, the
 /// banner's lines and the server's address.
@@ -1291,19 +1308,7 @@ fn logs_follow_reconnects_across_a_server_restart() {
     // The embedded store, so the job and its log outlive the restart.
     let (mut server, url) =
         spawn_server(dir.path(), &["--addr", "127.0.0.1:0", "--data-dir", data]);
-    let o = run(
-        Some(&url),
-        dir.path(),
-        &[
-            "submit",
-            "--org-id=acme",
-            "--app-version-id=v1",
-            "--test=tests/cart.spec.js",
-            "--json",
-        ],
-    );
-    assert_eq!(code(&o), 0, "{}", stderr(&o));
-    let id = json(&o)["job_id"].as_str().expect("id").to_string();
+    let id = submit_cart(&url, dir.path());
 
     // This test is the job's agent, so it decides what the log says and when.
     let (st, v) = agent_post(
@@ -1372,19 +1377,7 @@ fn up_says_what_it_waits_for_and_a_second_ctrl_c_stops_it_at_once() {
     // Jobs far longer than the test: one is still running at the second ctrl-c.
     let (mut up, _, url) = start_up(dir.path(), "0", "600", Stdio::piped());
     let errs = line_channel(up.0.stderr.take().expect("stderr"));
-    let o = run(
-        Some(&url),
-        dir.path(),
-        &[
-            "submit",
-            "--org-id=acme",
-            "--app-version-id=v1",
-            "--test=tests/cart.spec.js",
-            "--json",
-        ],
-    );
-    assert_eq!(code(&o), 0, "{}", stderr(&o));
-    let id = json(&o)["job_id"].as_str().expect("id").to_string();
+    let id = submit_cart(&url, dir.path());
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let o = run(
