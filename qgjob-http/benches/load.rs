@@ -3,7 +3,8 @@
 //! lease latency p50/p99, status-query latency p50, and RSS per queued job at 10^6 jobs.
 //!
 //! Run: `cargo bench -p qgjob-http --bench load` (add `-- --quick` for small counts,
-//! `-- --no-rss` to skip the 10^6-job memory figure). The server runs in-process on
+//! `-- --no-rss` to skip the 10^6-job memory figure, `-- --postgres=URL` to measure
+//! submissions on PostgreSQL too, in a scratch database made and dropped through `URL`). The server runs in-process on
 //! 127.0.0.1:0 with its own 2-thread runtime. Throughput clients are async keep-alive
 //! connections on one thread (see `RawConn`); latency probes use the blocking test client.
 //! Counts are fixed, so every run is bounded.
@@ -256,6 +257,36 @@ fn child_server(dir: &std::path::Path) -> (std::process::Child, String) {
     (child, base)
 }
 
+/// Submissions/s (1 and 32 clients) on a server whose store is a scratch PostgreSQL
+/// database, created through `admin_url` (whose database it replaces) and dropped after.
+fn postgres_submissions(admin_url: &str, scale: usize) -> (f64, f64) {
+    let db = format!("qgjob_load_{}", std::process::id());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let admin = |sql: String| {
+        rt.block_on(async {
+            let pool = sqlx::PgPool::connect(admin_url).await.unwrap();
+            sqlx::query(&sql).execute(&pool).await.unwrap();
+            pool.close().await;
+        })
+    };
+    admin(format!("CREATE DATABASE {db}"));
+    let base = admin_url.rsplit_once('/').map_or(admin_url, |(b, _)| b);
+    let dir = tempfile::tempdir().unwrap();
+    let s = TestServer::start(ServerOptions {
+        store: StoreKind::Postgres,
+        postgres_url: Some(format!("{base}/{db}")),
+        ..opts(dir.path(), Synchronous::Normal)
+    });
+    let one = submissions(&s.base, 1, 3000 / scale);
+    let many = submissions(&s.base, 32, 20_000 / 32 / scale);
+    s.stop().unwrap();
+    admin(format!("DROP DATABASE {db}"));
+    (one, many)
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if let Some(dir) = args.iter().find_map(|a| a.strip_prefix("--child-server=")) {
@@ -298,6 +329,15 @@ fn main() {
             out.insert("batch_jobs_per_s".into(), json!(b.round()));
         }
         s.stop().unwrap();
+    }
+
+    if let Some(url) = args.iter().find_map(|a| a.strip_prefix("--postgres=")) {
+        if part("submit") {
+            let (one, many) = postgres_submissions(url, scale);
+            println!("submit/s [postgres]: 1 client {one:.0}, 32 clients {many:.0}");
+            out.insert("submit_per_s_1_postgres".into(), json!(one.round()));
+            out.insert("submit_per_s_32_postgres".into(), json!(many.round()));
+        }
     }
 
     if part("dispatch") {

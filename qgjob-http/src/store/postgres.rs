@@ -160,6 +160,28 @@ impl PgStore {
     }
 }
 
+/// Pushes a condition true while session `pid` holds the advisory lock `key` (a bigint
+/// key shows in `pg_locks` as its high and low 32 bits, `objsubid` 1).
+fn push_lock_held(qb: &mut QueryBuilder<'_, Postgres>, pid: i32, key: i64) {
+    qb.push(
+        "EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted \
+         AND objsubid = 1 AND pid = ",
+    )
+    .push_bind(pid)
+    .push(" AND classid::bigint = (")
+    .push_bind(key)
+    .push(" >> 32) & 4294967295 AND objid::bigint = ")
+    .push_bind(key)
+    .push(" & 4294967295)");
+}
+
+/// Whether session `pid` still holds the advisory lock `key`.
+async fn lock_held(conn: &mut sqlx::PgConnection, pid: i32, key: i64) -> Result<bool, StoreError> {
+    let mut qb: QueryBuilder<Postgres> = QueryBuilder::new("SELECT ");
+    push_lock_held(&mut qb, pid, key);
+    Ok(qb.build_query_scalar().fetch_one(conn).await?)
+}
+
 /// The stored lease high-water mark; `None` in a database written before it was kept.
 async fn stored_lease_high_water(pool: &PgPool) -> Result<Option<i64>, StoreError> {
     Ok(sqlx::query_scalar("SELECT v FROM meta WHERE k = $1")
@@ -179,29 +201,10 @@ impl Store for PgStore {
     async fn write(&self, batch: &WriteBatch) -> Result<(), StoreError> {
         let (rows, runs) = encode_batch(batch)?;
         let mut tx = self.pool.begin().await?;
-        // The lock's session can end under a running server (a database restart or
-        // failover, a killed connection), and another server may then take the store.
-        // Checked in the transaction, so nothing is written after the lock is gone.
-        if let Some((pid, key)) = self.lock.get() {
-            let held: bool = sqlx::query_scalar(
-                "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted \
-                 AND pid = $1 AND objsubid = 1 \
-                 AND classid::bigint = ($2 >> 32) & 4294967295 \
-                 AND objid::bigint = $2 & 4294967295)",
-            )
-            .bind(pid)
-            .bind(key)
-            .fetch_one(&mut *tx)
-            .await?;
-            if !held {
-                return Err(StoreError::Fenced(format!(
-                    "its lock on the PostgreSQL store (session {pid}) was lost"
-                )));
-            }
-        }
         for chunk in rows.chunks(CHUNK) {
             let mut qb: QueryBuilder<Postgres> = QueryBuilder::new(
-                "INSERT INTO jobs (seq, id, org, state, run, app, target, finished_at, idem, body) ",
+                "INSERT INTO jobs (seq, id, org, state, run, app, target, finished_at, idem, body) \
+                 SELECT * FROM (",
             );
             qb.push_values(chunk, |mut b, (j, body)| {
                 b.push_bind(i64_of(j.seq))
@@ -215,13 +218,32 @@ impl Store for PgStore {
                     .push_bind(j.spec.idempotency_key.as_deref())
                     .push_bind(body.as_str());
             });
+            qb.push(") AS v (seq, id, org, state, run, app, target, finished_at, idem, body)");
+            // The lock's session can end under a running server (a database restart or
+            // failover, a killed connection), and another server may then take the store:
+            // rows are written only while this server's session still holds the lock.
+            // Checked in the statement itself, so it costs no extra round trip.
+            if let Some((pid, key)) = self.lock.get() {
+                qb.push(" WHERE ");
+                push_lock_held(&mut qb, *pid, *key);
+            }
             qb.push(
                 " ON CONFLICT (seq) DO UPDATE SET state = excluded.state, \
                  finished_at = excluded.finished_at, body = excluded.body \
                  WHERE jobs.id = excluded.id",
             );
             let written = qb.build().execute(&mut *tx).await?;
-            check_all_written(written.rows_affected(), chunk)?;
+            if let Err(e) = check_all_written(written.rows_affected(), chunk) {
+                // Say which guard it was: the lock, or rows of another server's jobs.
+                return Err(match self.lock.get() {
+                    Some((pid, key)) if !lock_held(&mut tx, *pid, *key).await? => {
+                        StoreError::Fenced(format!(
+                            "its lock on the PostgreSQL store (session {pid}) was lost"
+                        ))
+                    }
+                    _ => e,
+                });
+            }
         }
         for (r, body) in runs {
             sqlx::query(
