@@ -88,14 +88,19 @@ impl Fatal {
         }
     }
 
-    /// The answer every request gets once the store failed.
+    /// The answer every request gets once the store failed (the detail is in the
+    /// server's log, not sent: it may name server internals).
     pub fn error(&self) -> Option<ApiError> {
-        self.get().map(|m| {
-            ApiError::unavailable(format!(
-                "the server is stopping: a store write failed ({m}); it restarts from what is stored"
-            ))
-        })
+        self.get().map(|_| store_failed())
     }
+}
+
+/// The answer to a request whose change could not be stored, and to every request after.
+fn store_failed() -> ApiError {
+    ApiError::unavailable(
+        "the server could not store a change and is stopping (its log says why); \
+         nothing unstored was acknowledged: retry once it runs again",
+    )
 }
 
 struct WriteReq {
@@ -279,7 +284,12 @@ impl App {
                 }
                 Ok(r)
             }
-            Ok(Err(e)) => Err(ApiError::internal(format!("store write failed: {e}"))),
+            Ok(Err(e)) => {
+                // Logged with its detail; the client learns it may retry once the server
+                // is back (the change was not acknowledged).
+                tracing::error!(error = %e, "store write failed");
+                Err(store_failed())
+            }
             Err(_) => Err(ApiError::unavailable("the server is shutting down")),
         }
     }
