@@ -3,7 +3,12 @@
 //! A bundle comes from a user, so nothing in it may write outside the target directory:
 //! absolute paths, `..` components, links of any kind pointing out of the tree, device
 //! files and FIFOs are refused, as are archives whose entries or total size exceed a bound
-//! (a gzip bomb stops at the bound, not at the disk's end).
+//! (a gzip bomb stops at the bound, not at the disk's end). Nothing is ever written
+//! through a link: every directory on an entry's path must be a real directory (made here
+//! if missing), and an entry's own name is replaced, never followed, when it already
+//! exists. Checking link targets as text cannot do that on its own: chained links that
+//! each look harmless (`a/b/l -> ../..`, `esc -> a/b/l/../../..`) resolve out of the tree
+//! together.
 
 use std::fs;
 use std::io::Read;
@@ -124,7 +129,8 @@ pub fn unpack_reader<R: Read>(r: R, dest: &Path, limits: Limits) -> Result<u64, 
         use tar::EntryType as T;
         match kind {
             T::Directory => {
-                fs::create_dir_all(&target)?;
+                real_parent(dest, &rel, &shown)?;
+                ensure_real_dir(&target, &shown)?;
             }
             T::Regular | T::Continuous | T::GNUSparse => {
                 let size = entry.header().size()?;
@@ -134,12 +140,10 @@ pub fn unpack_reader<R: Read>(r: R, dest: &Path, limits: Limits) -> Result<u64, 
                         limits.max_entry_bytes
                     )));
                 }
-                make_parent(dest, &target, &shown)?;
+                real_parent(dest, &rel, &shown)?;
                 // Never write through an existing link (a previous entry could have
                 // planted one).
-                if fs::symlink_metadata(&target).is_ok() {
-                    fs::remove_file(&target)?;
-                }
+                replace(&target, &shown)?;
                 let mut out = fs::File::create(&target)?;
                 // The header's size can lie about what the gzip stream holds: bound the copy.
                 let budget = limits
@@ -171,7 +175,7 @@ pub fn unpack_reader<R: Read>(r: R, dest: &Path, limits: Limits) -> Result<u64, 
                         link.display()
                     )));
                 }
-                make_parent(dest, &target, &shown)?;
+                real_parent(dest, &rel, &shown)?;
                 if fs::symlink_metadata(&target).is_ok() {
                     return Err(BundleError::UnsafePath(format!("{shown} appears twice")));
                 }
@@ -185,18 +189,17 @@ pub fn unpack_reader<R: Read>(r: R, dest: &Path, limits: Limits) -> Result<u64, 
                 let unsafe_link =
                     || BundleError::UnsafeLink(format!("{shown} -> {}", link.display()));
                 let src_rel = safe_relative(&link).ok_or_else(unsafe_link)?;
-                let src = dest.join(&src_rel);
-                // A hard link is a copy of a file unpacked before it, inside the tree (its
-                // path may pass through links unpacked earlier: resolve and check).
-                let real_src = src.canonicalize().map_err(|_| unsafe_link())?;
-                if !real_src.starts_with(dest.canonicalize()?) {
+                // A hard link is a copy of a regular file unpacked before it, reached
+                // through real directories only.
+                if !is_real_path(dest, &src_rel) {
                     return Err(unsafe_link());
                 }
-                let meta = fs::symlink_metadata(&real_src).map_err(|_| unsafe_link())?;
+                let src = dest.join(&src_rel);
+                let meta = fs::symlink_metadata(&src).map_err(|_| unsafe_link())?;
                 if !meta.is_file() {
                     return Err(unsafe_link());
                 }
-                make_parent(dest, &target, &shown)?;
+                real_parent(dest, &rel, &shown)?;
                 total += meta.len();
                 if total > limits.max_total_bytes {
                     return Err(BundleError::TooLarge(format!(
@@ -204,7 +207,11 @@ pub fn unpack_reader<R: Read>(r: R, dest: &Path, limits: Limits) -> Result<u64, 
                         limits.max_total_bytes
                     )));
                 }
-                fs::copy(&real_src, &target)?;
+                if src == target {
+                    continue;
+                }
+                replace(&target, &shown)?;
+                fs::copy(&src, &target)?;
             }
             T::XGlobalHeader | T::XHeader | T::GNULongName | T::GNULongLink => {}
             _ => return Err(BundleError::SpecialFile(shown)),
@@ -214,14 +221,56 @@ pub fn unpack_reader<R: Read>(r: R, dest: &Path, limits: Limits) -> Result<u64, 
     Ok(total)
 }
 
-/// Creates the directory `target` goes in, and checks it did not land outside `dest`
-/// through a link unpacked earlier.
-fn make_parent(dest: &Path, target: &Path, shown: &str) -> Result<(), BundleError> {
-    if let Some(parent) = target.parent() {
-        fs::create_dir_all(parent)?;
-        ensure_inside(dest, parent, shown)?;
+/// Makes the directories the entry `rel` goes in under `dest`, one at a time, refusing a
+/// path through anything but real directories (a link unpacked earlier, or a file).
+fn real_parent(dest: &Path, rel: &Path, shown: &str) -> Result<(), BundleError> {
+    let mut dir = dest.to_path_buf();
+    if let Some(parent) = rel.parent() {
+        for c in parent.components() {
+            dir.push(c);
+            ensure_real_dir(&dir, shown)?;
+        }
     }
     Ok(())
+}
+
+/// Makes `dir` unless it exists; refuses it when it exists as anything but a directory
+/// (a link to a directory included).
+fn ensure_real_dir(dir: &Path, shown: &str) -> Result<(), BundleError> {
+    match fs::symlink_metadata(dir) {
+        Ok(m) if m.file_type().is_dir() => Ok(()),
+        Ok(m) if m.file_type().is_symlink() => Err(BundleError::UnsafeLink(format!(
+            "{shown} (its path goes through a link)"
+        ))),
+        Ok(_) => Err(BundleError::UnsafePath(format!(
+            "{shown} (its path goes through a file)"
+        ))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(fs::create_dir(dir)?),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Whether every directory on the path to `rel` under `dest` is a real directory.
+fn is_real_path(dest: &Path, rel: &Path) -> bool {
+    let mut dir = dest.to_path_buf();
+    rel.parent().is_none_or(|parent| {
+        parent.components().all(|c| {
+            dir.push(c);
+            fs::symlink_metadata(&dir).is_ok_and(|m| m.file_type().is_dir())
+        })
+    })
+}
+
+/// Removes whatever is at `path` (a file or a link, never followed), so the next write
+/// creates a fresh file there.
+fn replace(path: &Path, shown: &str) -> Result<(), BundleError> {
+    match fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_dir() => Err(BundleError::UnsafePath(format!(
+            "{shown} is both a directory and a file"
+        ))),
+        Ok(_) => Ok(fs::remove_file(path)?),
+        Err(_) => Ok(()),
+    }
 }
 
 /// Every link must resolve inside `root`: each was checked on its own, but a chain of
@@ -247,18 +296,6 @@ fn verify_links(root: &Path, dir: &Path) -> Result<(), BundleError> {
         }
     }
     Ok(())
-}
-
-/// Refuses a parent directory that resolves (through a symlink unpacked earlier) outside
-/// `root`.
-fn ensure_inside(root: &Path, dir: &Path, shown: &str) -> Result<(), BundleError> {
-    let root = root.canonicalize()?;
-    let real = dir.canonicalize()?;
-    if real.starts_with(&root) {
-        Ok(())
-    } else {
-        Err(BundleError::UnsafeLink(shown.to_string()))
-    }
 }
 
 #[cfg(test)]
@@ -381,6 +418,73 @@ mod tests {
         let (_d, r) = unpack_bytes(&bytes, Limits::default());
         assert!(matches!(r, Err(BundleError::UnsafeLink(_))), "{r:?}");
         assert!(!outside.path().join("evil.js").exists());
+    }
+
+    /// Links that each stay inside on their own but climb out together, then `last`, an
+    /// entry written through them: `<d dirs>/l1 -> ..` × d (the root) and
+    /// `esc -> <d dirs>/l1/` + `..` × (d + 1) + `victim`, where `d` exceeds the root's
+    /// depth below `/`, so `esc` resolves to `/victim`.
+    fn chained_escape(
+        victim: &Path,
+        root_depth: usize,
+        last: (&str, tar::EntryType, &[u8], Option<&str>),
+    ) -> Vec<u8> {
+        let d = root_depth + 1;
+        let deep: Vec<String> = (0..d).map(|i| format!("a{i}")).collect();
+        let deep = deep.join("/");
+        let up = |n: usize| vec![".."; n].join("/");
+        let l1 = format!("{deep}/l1");
+        let root = up(d);
+        let esc = format!("{l1}/{}/{}", up(d + 1), victim.to_str().expect("utf8"));
+        archive(&[
+            ("payload", T::Regular, b"OVERWRITTEN", None),
+            (l1.as_str(), T::Symlink, b"", Some(root.as_str())),
+            ("esc", T::Symlink, b"", Some(esc.as_str())),
+            last,
+        ])
+    }
+
+    #[test]
+    fn chained_links_never_let_an_entry_write_outside() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let dest = dir.path().join("out");
+        // How deep `dest` is below `/`.
+        let depth = dest.components().count() - 1;
+        let victim = dir.path().join("victim.txt");
+        std::fs::write(&victim, "original").expect("victim");
+        let rel = |p: &Path| p.strip_prefix("/").expect("absolute").to_path_buf();
+        for last in [
+            ("esc", T::Link, &b""[..], Some("payload")),
+            ("esc", T::Regular, &b"OVERWRITTEN"[..], None),
+            ("esc/sub/", T::Directory, &b""[..], None),
+        ] {
+            let bytes = chained_escape(&rel(&victim), depth, last);
+            let _ = std::fs::remove_dir_all(&dest);
+            // Refused, or `esc` replaced by a file of the tree: either way not followed.
+            let r = unpack_reader(&bytes[..], &dest, Limits::default());
+            if r.is_ok() {
+                assert!(dest.join("esc").is_file(), "{last:?}");
+            }
+            assert_eq!(
+                std::fs::read_to_string(&victim).expect("victim"),
+                "original",
+                "{last:?} wrote outside"
+            );
+        }
+        // A link to where nothing exists yet creates nothing there either.
+        let fresh = dir.path().join("fresh.txt");
+        let bytes = chained_escape(&rel(&fresh), depth, ("esc", T::Link, b"", Some("payload")));
+        let _ = std::fs::remove_dir_all(&dest);
+        let _ = unpack_reader(&bytes[..], &dest, Limits::default());
+        assert!(!fresh.exists());
+        let bytes = chained_escape(
+            &rel(&dir.path().join("newdir")),
+            depth,
+            ("esc/sub/", T::Directory, b"", None),
+        );
+        let _ = std::fs::remove_dir_all(&dest);
+        let _ = unpack_reader(&bytes[..], &dest, Limits::default());
+        assert!(!dir.path().join("newdir").exists());
     }
 
     #[test]
