@@ -135,6 +135,11 @@ fn base64(input: &[u8]) -> String {
 }
 
 impl Apps {
+    /// The account's credentials (for the sessions the tests open).
+    pub fn credentials(&self) -> &Credentials {
+        &self.creds
+    }
+
     /// Upload state kept in `state_dir`; app URLs older than `ttl` are re-uploaded.
     pub fn new(creds: Credentials, ttl: Duration, state_dir: &Path) -> Self {
         let file = state_dir.join("browserstack-apps.json");
@@ -442,10 +447,18 @@ impl Inner {
                 }
             };
             note(&format!("qgjob: {build} is {url} on BrowserStack\n"));
+            // AppWright opens BrowserStack sessions with these credentials, so BrowserStack
+            // tests get them (the agent keeps them from every other command).
+            let creds = self.shared.apps.credentials();
             let env = vec![
                 ("QGJOB_APP_URL".to_string(), url.clone()),
                 ("QGJOB_BUILD_PATH".to_string(), url.clone()),
                 ("QGJOB_DEVICE_SERIAL".to_string(), self.id.to_string()),
+                ("BROWSERSTACK_USERNAME".to_string(), creds.username.clone()),
+                (
+                    "BROWSERSTACK_ACCESS_KEY".to_string(),
+                    creds.access_key.clone(),
+                ),
             ];
             let attempt = self
                 .runner

@@ -10,7 +10,9 @@
 //! log; timeout and cancel
 //! kill the whole group; Playwright's JSON report ([`playwright`]) gives per-test results.
 //!
-//! Environment of the test command (besides the agent's own):
+//! Environment of the test command (the agent's own, without its secrets: see
+//! [`runner::SCRUBBED_ENV`]; BrowserStack devices pass the account's credentials back in,
+//! for AppWright's sessions), plus:
 //!
 //! | variable | value |
 //! |---|---|

@@ -308,19 +308,23 @@ impl Drop for GroupGuard {
     }
 }
 
-/// Runs `inv`, sending its output to `log` in chunks (stdout and stderr interleaved as they
-/// arrive), until it exits, times out or `cancel` resolves.
-pub async fn run_command<C>(
-    inv: &Invocation,
-    log: &(dyn Fn(&str) + Send + Sync),
-    cancel: C,
-) -> Result<RunOutcome, SpawnError>
-where
-    C: Future<Output = ()>,
-{
-    let program = inv.argv.first().cloned().unwrap_or_default();
-    let _ = std::fs::remove_file(&inv.report_path);
-    let mut cmd = Command::new(&program);
+/// The agent's secrets, kept out of every command it runs: test code comes from users and
+/// its output is the job's log. A device that needs one for its tests (BrowserStack's
+/// credentials, for AppWright to open sessions) passes it in [`Invocation::env`].
+pub const SCRUBBED_ENV: [&str; 4] = [
+    "QGJOB_TOKEN",
+    "QGJOB_DATABASE_URL",
+    "BROWSERSTACK_USERNAME",
+    "BROWSERSTACK_ACCESS_KEY",
+];
+
+/// The command for `inv`: the agent's environment without [`SCRUBBED_ENV`], plus the
+/// invocation's own, in a process group of its own.
+fn command(inv: &Invocation) -> Command {
+    let mut cmd = Command::new(inv.argv.first().map_or("", String::as_str));
+    for k in SCRUBBED_ENV {
+        cmd.env_remove(k);
+    }
     cmd.args(inv.argv.iter().skip(1))
         .current_dir(&inv.cwd)
         .env("PLAYWRIGHT_JSON_OUTPUT_NAME", &inv.report_path)
@@ -335,6 +339,22 @@ where
         // Its own group, so timeout/cancel can kill everything it started.
         .process_group(0)
         .kill_on_drop(true);
+    cmd
+}
+
+/// Runs `inv`, sending its output to `log` in chunks (stdout and stderr interleaved as they
+/// arrive), until it exits, times out or `cancel` resolves.
+pub async fn run_command<C>(
+    inv: &Invocation,
+    log: &(dyn Fn(&str) + Send + Sync),
+    cancel: C,
+) -> Result<RunOutcome, SpawnError>
+where
+    C: Future<Output = ()>,
+{
+    let program = inv.argv.first().cloned().unwrap_or_default();
+    let _ = std::fs::remove_file(&inv.report_path);
+    let mut cmd = command(inv);
     let started = Instant::now();
     let mut child = cmd.spawn().map_err(|source| SpawnError {
         program: program.clone(),
@@ -857,6 +877,34 @@ mod tests {
         );
         assert_eq!(json_on_stdout("no report here\n"), None);
         assert_eq!(json_on_stdout("{ cut off"), None);
+    }
+
+    #[test]
+    fn the_agents_secrets_stay_out_of_commands_unless_the_device_passes_them() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let mut i = inv(dir.path(), "true", Duration::from_secs(5));
+        i.env
+            .push(("BROWSERSTACK_ACCESS_KEY".into(), "for-appwright".into()));
+        let cmd = command(&i);
+        let envs: std::collections::HashMap<String, Option<String>> = cmd
+            .as_std()
+            .get_envs()
+            .map(|(k, v)| {
+                (
+                    k.to_string_lossy().into_owned(),
+                    v.map(|v| v.to_string_lossy().into_owned()),
+                )
+            })
+            .collect();
+        // Removed (None) from what the agent's own environment passes on.
+        for k in ["QGJOB_TOKEN", "QGJOB_DATABASE_URL", "BROWSERSTACK_USERNAME"] {
+            assert_eq!(envs.get(k), Some(&None), "{k}: {envs:?}");
+        }
+        assert_eq!(
+            envs.get("BROWSERSTACK_ACCESS_KEY"),
+            Some(&Some("for-appwright".to_string()))
+        );
+        assert_eq!(envs.get("QGJOB_JOB_ID"), Some(&Some("job-1".to_string())));
     }
 
     fn inv(dir: &std::path::Path, script: &str, timeout: Duration) -> Invocation {
