@@ -80,7 +80,7 @@ pub async fn submit_job(
     }
     spec.validate()
         .map_err(|e| ApiError::invalid(e.field, e.to_string()))?;
-    check_bundle(&app, &spec, "bundle").await?;
+    check_bundle(&app, &caller, &spec, "bundle").await?;
     if let Some(old) = forgotten_match(&app, &spec, "idempotency_key").await? {
         return Ok((
             StatusCode::OK,
@@ -115,13 +115,32 @@ pub async fn submit_job(
 
 /// A job's bundle must have been uploaded: otherwise every agent would fail the job, and
 /// only after it had waited for a device.
-async fn check_bundle(app: &AppState, spec: &JobSpec, field: &str) -> Result<(), ApiError> {
-    match &spec.bundle {
-        Some(b) if !app.blobs.exists(b).await => Err(ApiError::invalid(
+/// A job's bundle must be one its org uploaded: bundles are stored once for everyone, and
+/// an org must neither run another org's tests by their hash nor learn which hashes exist.
+/// An admin (or an open server) may name any stored bundle.
+async fn check_bundle(
+    app: &AppState,
+    caller: &Caller,
+    spec: &JobSpec,
+    field: &str,
+) -> Result<(), ApiError> {
+    let Some(b) = &spec.bundle else {
+        return Ok(());
+    };
+    let uploaded = match caller {
+        Caller::Org(org) => app.store.has_bundle(org, b).await?,
+        _ => app.blobs.exists(b).await,
+    };
+    if uploaded {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(
             field,
-            format!("no bundle {b} was uploaded (PUT /v1/bundles first)"),
-        )),
-        _ => Ok(()),
+            format!(
+                "no bundle {b} was uploaded for org {} (PUT /v1/bundles first)",
+                spec.org_id
+            ),
+        ))
     }
 }
 
@@ -247,7 +266,7 @@ pub async fn submit_run(
             }
         }
         if bundles.insert(&j.bundle) {
-            check_bundle(&app, j, &format!("jobs[{i}].bundle")).await?;
+            check_bundle(&app, &caller, j, &format!("jobs[{i}].bundle")).await?;
         }
     }
     validate_labels(&body.labels).map_err(|e| ApiError::invalid("labels", e.to_string()))?;
@@ -812,7 +831,7 @@ pub async fn put_app(
     let (org, ver) = parse_build_path(&org, &ver)?;
     caller.require_org(&org)?;
     let expect = expected_sha(&headers);
-    let stored = app
+    let mut stored = app
         .blobs
         .put(body, app.limits.artifact_bytes, expect.as_deref(), |head| {
             if head.is_empty() {
@@ -822,6 +841,12 @@ pub async fn put_app(
             }
         })
         .await?;
+    // For an org, `created` says whether this version already had these bytes, never
+    // whether another org uploaded them.
+    if caller.user_scope()?.is_some() {
+        let before = app.store.get_build(&org, &ver).await?;
+        stored.created = before.is_none_or(|b| b.sha256 != stored.sha256);
+    }
     app.store
         .put_build(
             &org,
@@ -890,9 +915,9 @@ pub async fn put_bundle(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<Stored>, ApiError> {
-    caller.user_scope()?;
+    let org = caller.user_scope()?.cloned();
     let expect = expected_sha(&headers);
-    let stored = app
+    let mut stored = app
         .blobs
         .put(body, app.limits.artifact_bytes, expect.as_deref(), |head| {
             // Only the gzip magic is checked: the server unpacks nothing.
@@ -906,6 +931,11 @@ pub async fn put_bundle(
             }
         })
         .await?;
+    // The org's own record: `created` says whether this org had uploaded it, not whether
+    // another org had.
+    if let Some(org) = org {
+        stored.created = app.store.add_bundle(&org, &stored.sha256).await?;
+    }
     Ok(Json(stored))
 }
 

@@ -1882,3 +1882,57 @@ fn a_store_that_refuses_writes_stops_the_server_and_nothing_unstored_is_answered
     );
     assert_eq!((st, v["state"].clone()), (200, json!("passed")), "{v}");
 }
+
+#[test]
+fn an_org_uses_only_the_bundles_it_uploaded_and_learns_nothing_of_others() {
+    let s = authed_server();
+    let acme = s.client(Some(ACME));
+    let globex = s.client(Some(GLOBEX));
+    let bundle = tar_gz(&[("tests/secret.spec.js", b"test('acme only')")]);
+    let (st, up) = acme.put_raw("/v1/bundles", &bundle, &[]);
+    assert_eq!((st, up["created"].clone()), (200, json!(true)), "{up}");
+    let sha = up["sha256"].as_str().unwrap().to_string();
+    let with_bundle = |org: &str| {
+        let mut sp = spec(org, "v1", "tests/secret.spec.js");
+        sp["bundle"] = json!(sha);
+        sp
+    };
+    // Acme runs its bundle; globex cannot run it by its hash, and is told exactly what it
+    // would be told of a hash nobody uploaded.
+    assert_eq!(acme.post("/v1/jobs", &with_bundle("acme")).0, 201);
+    let (st, v) = globex.post("/v1/jobs", &with_bundle("globex"));
+    let refused = assert_field((st, v), 422, "bundle");
+    let unknown = "0".repeat(64);
+    let mut sp = spec("globex", "v1", "tests/secret.spec.js");
+    sp["bundle"] = json!(unknown);
+    let (st, v) = globex.post("/v1/jobs", &sp);
+    let never = assert_field((st, v), 422, "bundle");
+    assert_eq!(
+        refused["error"]["message"]
+            .as_str()
+            .unwrap()
+            .replace(&sha, "H"),
+        never["error"]["message"]
+            .as_str()
+            .unwrap()
+            .replace(&unknown, "H")
+    );
+    let (st, v) = globex.post("/v1/runs", &json!({"jobs": [with_bundle("globex")]}));
+    assert_field((st, v), 422, "jobs[0].bundle");
+    // Uploading the same bytes is new for globex (and then usable), not a sign of acme's.
+    let (_, up) = globex.put_raw("/v1/bundles", &bundle, &[]);
+    assert_eq!(up["created"], true, "{up}");
+    assert_eq!(globex.post("/v1/jobs", &with_bundle("globex")).0, 201);
+    let (_, up) = globex.put_raw("/v1/bundles", &bundle, &[]);
+    assert_eq!(up["created"], false, "{up}");
+    // An app build is not a bundle.
+    let (_, b) = acme.put_raw("/v1/apps/acme/v2", b"apk-bytes", &[]);
+    let mut sp = spec("acme", "v2", "tests/a.spec.js");
+    sp["bundle"] = b["sha256"].clone();
+    assert_field(acme.post("/v1/jobs", &sp), 422, "bundle");
+    // Builds: the same bytes under another org's version are new to that org.
+    let (_, b) = globex.put_raw("/v1/apps/globex/v2", b"apk-bytes", &[]);
+    assert_eq!(b["created"], true, "{b}");
+    let (_, b) = globex.put_raw("/v1/apps/globex/v2", b"apk-bytes", &[]);
+    assert_eq!(b["created"], false, "{b}");
+}

@@ -627,3 +627,20 @@ async fn a_postgres_store_that_lost_its_lock_writes_nothing() {
         Some(&ours[0])
     );
 }
+
+#[tokio::test]
+async fn bundles_are_recorded_per_org() {
+    for (name, st, _dir) in stores().await {
+        let (acme, globex) = (OrgId::new("acme").unwrap(), OrgId::new("globex").unwrap());
+        let sha = "c".repeat(64);
+        assert!(!st.has_bundle(&acme, &sha).await.unwrap(), "{name}");
+        assert!(st.add_bundle(&acme, &sha).await.unwrap(), "{name}");
+        assert!(
+            !st.add_bundle(&acme, &sha).await.unwrap(),
+            "{name}: second upload"
+        );
+        assert!(st.has_bundle(&acme, &sha).await.unwrap(), "{name}");
+        assert!(!st.has_bundle(&globex, &sha).await.unwrap(), "{name}");
+        assert!(st.add_bundle(&globex, &sha).await.unwrap(), "{name}");
+    }
+}

@@ -19,6 +19,7 @@ struct Inner {
     runs: HashMap<RunId, RunRecord>,
     logs: HashMap<JobId, Vec<u8>>,
     builds: HashMap<(OrgId, AppVersionId), BuildRecord>,
+    bundles: std::collections::HashSet<(OrgId, String)>,
     tokens: Vec<TokenRecord>,
     lease_high_water: u64,
 }
@@ -153,6 +154,20 @@ impl Store for MemoryStore {
         app: &AppVersionId,
     ) -> Result<Option<BuildRecord>, StoreError> {
         Ok(self.lock().builds.get(&(org.clone(), app.clone())).cloned())
+    }
+
+    async fn add_bundle(&self, org: &OrgId, sha256: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .lock()
+            .bundles
+            .insert((org.clone(), sha256.to_string())))
+    }
+
+    async fn has_bundle(&self, org: &OrgId, sha256: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .lock()
+            .bundles
+            .contains(&(org.clone(), sha256.to_string())))
     }
 
     async fn add_token(&self, token: &TokenRecord) -> Result<(), StoreError> {

@@ -160,6 +160,15 @@ pub trait Store: Send + Sync + 'static {
         app: &AppVersionId,
     ) -> Result<Option<BuildRecord>, StoreError>;
 
+    /// Records that `org` uploaded the test bundle `sha256`; returns whether this is the
+    /// org's first upload of it. Bundles are stored once whoever uploads them; this record
+    /// is what lets an org use one (and say whether it was new) without learning what
+    /// other orgs uploaded.
+    async fn add_bundle(&self, org: &OrgId, sha256: &str) -> Result<bool, StoreError>;
+
+    /// Whether `org` uploaded the test bundle `sha256`.
+    async fn has_bundle(&self, org: &OrgId, sha256: &str) -> Result<bool, StoreError>;
+
     /// Stores a token created through the admin API.
     async fn add_token(&self, token: &TokenRecord) -> Result<(), StoreError>;
 

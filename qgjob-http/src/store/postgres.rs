@@ -50,6 +50,11 @@ const SCHEMA: &[&str] = &[
         size BIGINT NOT NULL,
         PRIMARY KEY (org, app)
     )",
+    "CREATE TABLE IF NOT EXISTS bundles (
+        org TEXT NOT NULL,
+        sha256 TEXT NOT NULL,
+        PRIMARY KEY (org, sha256)
+    )",
     "CREATE TABLE IF NOT EXISTS tokens (
         hash TEXT PRIMARY KEY,
         kind TEXT NOT NULL,
@@ -437,6 +442,25 @@ impl Store for PgStore {
             })),
             None => Ok(None),
         }
+    }
+
+    async fn add_bundle(&self, org: &OrgId, sha256: &str) -> Result<bool, StoreError> {
+        let done =
+            sqlx::query("INSERT INTO bundles (org, sha256) VALUES ($1, $2) ON CONFLICT DO NOTHING")
+                .bind(org.as_str())
+                .bind(sha256)
+                .execute(&self.pool)
+                .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn has_bundle(&self, org: &OrgId, sha256: &str) -> Result<bool, StoreError> {
+        let row = sqlx::query("SELECT 1 FROM bundles WHERE org = $1 AND sha256 = $2")
+            .bind(org.as_str())
+            .bind(sha256)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.is_some())
     }
 
     async fn add_token(&self, token: &TokenRecord) -> Result<(), StoreError> {

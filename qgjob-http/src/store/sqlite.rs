@@ -69,6 +69,11 @@ const SCHEMA: &[&str] = &[
         size INTEGER NOT NULL,
         PRIMARY KEY (org, app)
     )",
+    "CREATE TABLE IF NOT EXISTS bundles (
+        org TEXT NOT NULL,
+        sha256 TEXT NOT NULL,
+        PRIMARY KEY (org, sha256)
+    )",
     "CREATE TABLE IF NOT EXISTS tokens (
         hash TEXT PRIMARY KEY,
         kind TEXT NOT NULL,
@@ -368,6 +373,25 @@ impl Store for SqliteStore {
             })),
             None => Ok(None),
         }
+    }
+
+    async fn add_bundle(&self, org: &OrgId, sha256: &str) -> Result<bool, StoreError> {
+        let done =
+            sqlx::query("INSERT INTO bundles (org, sha256) VALUES (?, ?) ON CONFLICT DO NOTHING")
+                .bind(org.as_str())
+                .bind(sha256)
+                .execute(&self.pool)
+                .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn has_bundle(&self, org: &OrgId, sha256: &str) -> Result<bool, StoreError> {
+        let row = sqlx::query("SELECT 1 FROM bundles WHERE org = ? AND sha256 = ?")
+            .bind(org.as_str())
+            .bind(sha256)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.is_some())
     }
 
     async fn add_token(&self, token: &TokenRecord) -> Result<(), StoreError> {
