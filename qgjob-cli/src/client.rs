@@ -190,6 +190,20 @@ impl std::fmt::Debug for Client {
     }
 }
 
+/// `url` without user info (`http://user:pass@host` → `http://host`), for messages.
+fn without_credentials(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => {
+            let host_end = rest.find('/').unwrap_or(rest.len());
+            match rest[..host_end].rfind('@') {
+                Some(at) => format!("{scheme}://{}", &rest[at + 1..]),
+                None => url.to_string(),
+            }
+        }
+        None => url.to_string(),
+    }
+}
+
 impl Client {
     /// A client for the server at `base` (e.g. `http://127.0.0.1:7878`).
     pub fn new(base: impl Into<String>, token: Option<String>) -> Self {
@@ -245,7 +259,7 @@ impl Client {
             other => other.to_string(),
         };
         CliError::Unreachable {
-            url: self.base.clone(),
+            url: without_credentials(&self.base),
             reason,
         }
     }
@@ -608,7 +622,7 @@ impl EventStream {
                     CliError::Timeout("waiting for events".into())
                 } else {
                     CliError::Unreachable {
-                        url: self.base.clone(),
+                        url: without_credentials(&self.base),
                         reason: format!("event stream broke: {e}"),
                     }
                 }
@@ -652,6 +666,20 @@ impl EventStream {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn server_urls_in_messages_carry_no_credentials() {
+        assert_eq!(
+            super::without_credentials("http://u:pw@lab:7878/base"),
+            "http://lab:7878/base"
+        );
+        assert_eq!(
+            super::without_credentials("http://lab:7878/a@b"),
+            "http://lab:7878/a@b"
+        );
+        assert_eq!(super::without_credentials("lab:7878"), "lab:7878");
+    }
+
     use super::*;
 
     #[test]

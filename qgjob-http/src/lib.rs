@@ -292,12 +292,23 @@ fn lock_data_dir(opts: &ServerOptions) -> Result<(PathBuf, std::fs::File), Serve
     }
 }
 
-/// The database URL without its password, for messages.
+/// The database URL (or key=value connection string) without its credentials, for
+/// messages: no user info, and no `password=` value, whether in a query or a DSN.
 fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
+    let mut out = match (url.find("://"), url.rfind('@')) {
         (Some(s), Some(at)) if at > s => format!("{}{}", &url[..s + 3], &url[at + 1..]),
         _ => url.to_string(),
+    };
+    let mut from = 0;
+    while let Some(i) = out[from..].to_ascii_lowercase().find("password=") {
+        let start = from + i + "password=".len();
+        let end = out[start..]
+            .find(|c: char| c == '&' || c.is_whitespace())
+            .map_or(out.len(), |e| start + e);
+        out.replace_range(start..end, "***");
+        from = start + 3;
     }
+    out
 }
 
 async fn open_store(opts: &ServerOptions) -> Result<Opened, ServerError> {
@@ -551,5 +562,27 @@ pub async fn shutdown_signal() {
     tokio::select! {
         _ = ctrl_c => {}
         _ = term => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact;
+
+    #[test]
+    fn redact_drops_every_form_of_database_password() {
+        assert_eq!(
+            redact("postgres://bob:s3cret@db:5432/q"),
+            "postgres://db:5432/q"
+        );
+        assert_eq!(
+            redact("postgres://db/q?user=bob&password=s3cret&sslmode=require"),
+            "postgres://db/q?user=bob&password=***&sslmode=require"
+        );
+        assert_eq!(
+            redact("host=db PASSWORD=s3cret dbname=q"),
+            "host=db PASSWORD=*** dbname=q"
+        );
+        assert_eq!(redact("postgres://db/q"), "postgres://db/q");
     }
 }
