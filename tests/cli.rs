@@ -463,6 +463,93 @@ fn wait_exit_codes_and_junit() {
     assert_eq!(md.matches("| browserstack |").count(), 2, "{md}");
 }
 
+/// A wait that times out under GitHub Actions still leaves every report behind (JUnit, job
+/// summary, annotations, step outputs with the run id so a later step can cancel the run),
+/// then exits 3 saying it timed out.
+#[test]
+fn a_timed_out_wait_still_writes_every_report() {
+    let dir = project();
+    // No agent serves `device`: the jobs stay queued.
+    let (_server, url) = start_server(dir.path(), &[]);
+    let gh = |name: &str| {
+        let summary = dir.path().join(format!("{name}-summary.md"));
+        let output = dir.path().join(format!("{name}-output"));
+        let mut c = qgjob(Some(&url), dir.path());
+        c.env("GITHUB_ACTIONS", "true")
+            .env("GITHUB_STEP_SUMMARY", &summary)
+            .env("GITHUB_OUTPUT", &output);
+        (c, summary, output)
+    };
+    let check = |o: &Output, junit: &Path, summary: &Path, output: &Path| -> String {
+        assert_eq!(code(o), 3, "{}{}", stdout(o), stderr(o));
+        // (After a note that no agent serves the target.)
+        let last = stderr(o).lines().last().unwrap_or_default().to_string();
+        assert!(last.starts_with("error: timed out"), "{}", stderr(o));
+        let (suites, cases, failures) = parse_junit(&junit.to_path_buf());
+        assert_eq!((suites, cases, failures), (2, 2, 0));
+        let xml = std::fs::read_to_string(junit).expect("junit");
+        assert_eq!(
+            xml.matches("did not finish (still queued)").count(),
+            4,
+            "{xml}"
+        );
+        let md = std::fs::read_to_string(summary).expect("summary written");
+        assert!(md.contains("timed out"), "{md}");
+        assert_eq!(md.matches("| queued |").count(), 2, "{md}");
+        let annotations = stdout(o)
+            .lines()
+            .filter(|l| l.starts_with("::error "))
+            .count();
+        assert_eq!(annotations, 2, "{}", stdout(o));
+        let outputs = std::fs::read_to_string(output).expect("step outputs written");
+        let run_id = outputs
+            .lines()
+            .find_map(|l| l.strip_prefix("run-id="))
+            .unwrap_or_else(|| panic!("no run-id in {outputs:?}"))
+            .to_string();
+        assert!(outputs.contains("passed=0\n"), "{outputs}");
+        run_id
+    };
+
+    let junit = dir.path().join("submit.xml");
+    let (mut c, summary, output) = gh("submit");
+    let o = c
+        .args([
+            "submit",
+            "--org-id=acme",
+            "--app-version-id=v1",
+            "--test=tests/auth/*.spec.js",
+            "--target=device",
+            "--wait",
+            "--wait-timeout=2s",
+            "--junit",
+            junit.to_str().expect("utf-8"),
+        ])
+        .output()
+        .expect("runs");
+    let run_id = check(&o, &junit, &summary, &output);
+    assert!(
+        stdout(&o).starts_with(&format!("run {run_id} queued")),
+        "{}",
+        stdout(&o)
+    );
+
+    // `qgjob wait` on the same run, with its own timeout.
+    let junit = dir.path().join("wait.xml");
+    let (mut c, summary, output) = gh("wait");
+    let o = c
+        .args([
+            "wait",
+            &format!("--run-id={run_id}"),
+            "--timeout=1s",
+            "--junit",
+            junit.to_str().expect("utf-8"),
+        ])
+        .output()
+        .expect("runs");
+    assert_eq!(check(&o, &junit, &summary, &output), run_id);
+}
+
 /// Counts testsuite, testcase and failure elements; panics on malformed XML.
 fn parse_junit(path: &PathBuf) -> (usize, usize, usize) {
     let xml = std::fs::read_to_string(path).expect("junit written");

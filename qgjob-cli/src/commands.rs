@@ -440,18 +440,33 @@ pub fn wait(client: &Client, a: &WaitArgs) -> Result<u8> {
         }
         v
     };
-    if let (Err(CliError::Timeout(_)), true) = (&res, a.json) {
-        if let Ok((_, jobs)) = fetch(client, &a.which) {
-            print_json(&document("timeout", EXIT_INFRA, &jobs))?;
-        }
-    }
-    let (status, jobs) = res?;
     let title = match (&a.which.job_id, &a.which.run_id) {
         (Some(j), _) => format!("job {j}"),
         (_, Some(r)) => format!("run {r}"),
         _ => String::new(),
     };
-    let code = report::exit_code(&jobs);
+    let id = a.which.run_id.as_deref().or(a.which.job_id.as_deref());
+    // A timeout still writes every report, with the jobs as they stand (unfinished ones
+    // show as such), so CI keeps its JUnit, summary and the run id to cancel it; the
+    // timeout error comes last.
+    let (status, jobs, timed_out) = match res {
+        Ok((status, jobs)) => (status, jobs, None),
+        Err(e @ CliError::Timeout(_)) => match fetch(client, &a.which) {
+            Ok((_, jobs)) => ("timeout".to_string(), jobs, Some(e)),
+            Err(_) => {
+                // The jobs are out of reach; the id alone still lets a later step cancel.
+                if github_enabled(a.github) {
+                    write_github_outputs(id, None)?;
+                }
+                return Err(e);
+            }
+        },
+        Err(e) => return Err(e),
+    };
+    let code = match timed_out {
+        Some(_) => EXIT_INFRA,
+        None => report::exit_code(&jobs),
+    };
     if a.json {
         print_json(&document(&status, code, &jobs))?;
     } else {
@@ -459,35 +474,44 @@ pub fn wait(client: &Client, a: &WaitArgs) -> Result<u8> {
         let _ = o.write_all(report::summary_table(&jobs, use_color()).as_bytes());
     }
     if github_enabled(a.github) {
-        write_github(&title, &jobs)?;
-        let id = a.which.run_id.as_deref().or(a.which.job_id.as_deref());
-        write_github_outputs(id, &jobs)?;
+        let heading = match &timed_out {
+            Some(e) => format!("{title} ({e})"),
+            None => title.clone(),
+        };
+        write_github(&heading, &jobs)?;
+        write_github_outputs(id, Some(&jobs))?;
     }
     // Last, so that the summary is printed even when the report cannot be written.
     if let Some(path) = &a.junit {
         std::fs::write(path, report::junit_xml(&title, &jobs))
             .map_err(|e| CliError::input(format!("writing {}", path.display()), e))?;
     }
-    Ok(code)
+    match timed_out {
+        Some(e) => Err(e),
+        None => Ok(code),
+    }
 }
 
-/// Appends step outputs (`run-id`, per-state counts) to `$GITHUB_OUTPUT`, for later steps.
-fn write_github_outputs(id: Option<&str>, jobs: &[Job]) -> Result<()> {
+/// Appends step outputs (`run-id`, and per-state counts when the jobs are known) to
+/// `$GITHUB_OUTPUT`, for later steps.
+fn write_github_outputs(id: Option<&str>, jobs: Option<&[Job]>) -> Result<()> {
     let Some(path) = std::env::var_os("GITHUB_OUTPUT").filter(|p| !p.is_empty()) else {
         return Ok(());
     };
-    let count = |s: JobState| jobs.iter().filter(|j| j.state == s).count();
     let mut text = String::new();
     if let Some(id) = id {
         text.push_str(&format!("run-id={id}\n"));
     }
-    for s in [
-        JobState::Passed,
-        JobState::Failed,
-        JobState::Error,
-        JobState::Canceled,
-    ] {
-        text.push_str(&format!("{}={}\n", s.as_str(), count(s)));
+    if let Some(jobs) = jobs {
+        for s in [
+            JobState::Passed,
+            JobState::Failed,
+            JobState::Error,
+            JobState::Canceled,
+        ] {
+            let n = jobs.iter().filter(|j| j.state == s).count();
+            text.push_str(&format!("{}={n}\n", s.as_str()));
+        }
     }
     std::fs::OpenOptions::new()
         .create(true)
