@@ -860,6 +860,41 @@ fn unreachable_server_and_bad_input_give_clean_errors() {
 
     // Input errors found by us or by the server: exit 2, one line.
     let (_server, url) = start_server(dir.path(), &[]);
+    // A report that could not be written is refused before anything is submitted, so no
+    // job is left running with no one waiting for it.
+    let submit_wait = [
+        "submit",
+        "--org-id=acme",
+        "--app-version-id=v1",
+        "--test=tests/auth/*.spec.js",
+        "--wait",
+        // No agent runs here: bounded, should the check ever come too late.
+        "--wait-timeout=5s",
+    ];
+    let missing = dir.path().join("missing-dir/x");
+    for (junit, env) in [
+        (Some("--junit=missing-dir/report.xml"), None),
+        (Some("--junit=tests"), None),
+        (None, Some(("GITHUB_OUTPUT", &missing))),
+        (None, Some(("GITHUB_STEP_SUMMARY", &missing))),
+    ] {
+        let mut c = qgjob(Some(&url), dir.path());
+        c.args(submit_wait).args(junit);
+        if let Some((var, path)) = env {
+            c.env("GITHUB_ACTIONS", "true").env(var, path);
+        }
+        let o = c.output().expect("runs");
+        assert_eq!(code(&o), 2, "{junit:?} {env:?}: {}", stderr(&o));
+        assert_eq!(stderr(&o).lines().count(), 1, "{}", stderr(&o));
+        assert!(stderr(&o).starts_with("error: "), "{}", stderr(&o));
+    }
+    let o = run(Some(&url), dir.path(), &["list", "--json"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert_eq!(
+        json(&o)["jobs"],
+        serde_json::json!([]),
+        "nothing was submitted"
+    );
     let o = run(
         Some(&url),
         dir.path(),

@@ -77,6 +77,11 @@ pub fn build_specs(
 
 /// `qgjob submit`.
 pub fn submit(client: &Client, a: &SubmitArgs) -> Result<u8> {
+    // Found only after submitting, a bad report path would leave the jobs running with
+    // no one waiting for them.
+    if a.wait {
+        check_report_paths(a.junit.as_deref(), a.github)?;
+    }
     let root =
         std::env::current_dir().map_err(|e| CliError::io("reading the current directory", e))?;
     // The original tool sent test paths as they were: keep that working when none of the
@@ -374,17 +379,41 @@ fn write_github(title: &str, jobs: &[Job]) -> Result<()> {
     Ok(())
 }
 
+/// Refuses, before anything is submitted or waited on, a report file that could not be
+/// written afterwards: the `--junit` file, and under GitHub Actions the job summary and
+/// step output files named by the environment.
+fn check_report_paths(junit: Option<&Path>, github: bool) -> Result<()> {
+    let check = |what: &str, path: &Path| {
+        if path.is_dir() {
+            return Err(CliError::Usage(format!(
+                "{what}: {} is a folder, not a file",
+                path.display()
+            )));
+        }
+        match path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() && !dir.is_dir() => Err(CliError::Usage(
+                format!("{what}: folder {} does not exist", dir.display()),
+            )),
+            _ => Ok(()),
+        }
+    };
+    if let Some(path) = junit {
+        check("--junit", path)?;
+    }
+    if github_enabled(github) {
+        for var in ["GITHUB_STEP_SUMMARY", "GITHUB_OUTPUT"] {
+            if let Some(path) = std::env::var_os(var).filter(|p| !p.is_empty()) {
+                check(var, Path::new(&path))?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// `qgjob wait`.
 pub fn wait(client: &Client, a: &WaitArgs) -> Result<u8> {
     // A report path that cannot be written should fail now, not after a long wait.
-    if let Some(dir) = a.junit.as_deref().and_then(Path::parent) {
-        if !dir.as_os_str().is_empty() && !dir.is_dir() {
-            return Err(CliError::Usage(format!(
-                "--junit: folder {} does not exist",
-                dir.display()
-            )));
-        }
-    }
+    check_report_paths(a.junit.as_deref(), a.github)?;
     // A live bar for runs on a terminal; CI logs and --json get nothing extra.
     let mut bar: Option<indicatif::ProgressBar> = None;
     let mut states: std::collections::HashMap<qgjob_core::JobId, JobState> =
