@@ -461,6 +461,21 @@ fn wait_exit_codes_and_junit() {
     let md = std::fs::read_to_string(&summary).expect("summary written");
     assert!(md.contains("| Test | App | Target |"), "{md}");
     assert_eq!(md.matches("| browserstack |").count(), 2, "{md}");
+    // With --json stdout stays one JSON object per line: the annotations go to stderr,
+    // where the runner reads workflow commands too.
+    let o = qgjob(Some(&url), dir.path())
+        .env("GITHUB_ACTIONS", "true")
+        .env("GITHUB_STEP_SUMMARY", &summary)
+        .args(["wait", &format!("--run-id={failing_run}"), "--json"])
+        .output()
+        .expect("runs");
+    assert_eq!(code(&o), 1, "{}", stderr(&o));
+    assert_eq!(json(&o)["status"], "failed");
+    let on_stderr = stderr(&o)
+        .lines()
+        .filter(|l| l.starts_with("::error "))
+        .count();
+    assert_eq!(on_stderr, failures, "{}", stderr(&o));
 }
 
 /// A wait that times out under GitHub Actions still leaves every report behind (JUnit, job
@@ -548,6 +563,34 @@ fn a_timed_out_wait_still_writes_every_report() {
         .output()
         .expect("runs");
     assert_eq!(check(&o, &junit, &summary, &output), run_id);
+
+    // `submit --wait --json`: two JSON lines on stdout, the annotations on stderr.
+    let (mut c, _, _) = gh("json");
+    let o = c
+        .args([
+            "submit",
+            "--org-id=acme",
+            "--app-version-id=v1",
+            "--test=tests/auth/*.spec.js",
+            "--target=device",
+            "--wait",
+            "--wait-timeout=1s",
+            "--json",
+        ])
+        .output()
+        .expect("runs");
+    assert_eq!(code(&o), 3, "{}", stderr(&o));
+    let lines: Vec<Value> = stdout(&o)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l:?}")))
+        .collect();
+    assert_eq!(lines.len(), 2, "{}", stdout(&o));
+    assert_eq!(lines[1]["status"], "timeout");
+    let on_stderr = stderr(&o)
+        .lines()
+        .filter(|l| l.starts_with("::error "))
+        .count();
+    assert_eq!(on_stderr, 2, "{}", stderr(&o));
 }
 
 /// Counts testsuite, testcase and failure elements; panics on malformed XML.

@@ -362,10 +362,15 @@ fn github_enabled(flag: bool) -> bool {
 }
 
 /// Writes the GitHub job summary (to `$GITHUB_STEP_SUMMARY`, appended) and prints
-/// annotations.
-fn write_github(title: &str, jobs: &[Job]) -> Result<()> {
+/// annotations: on stderr with `json`, so stdout stays one JSON object per line (the runner
+/// reads workflow commands from both).
+fn write_github(title: &str, jobs: &[Job], json: bool) -> Result<()> {
     for a in report::github_annotations(jobs) {
-        out!("{a}");
+        if json {
+            eprintln!("{a}");
+        } else {
+            out!("{a}");
+        }
     }
     if let Some(path) = std::env::var_os("GITHUB_STEP_SUMMARY").filter(|p| !p.is_empty()) {
         let mut f = std::fs::OpenOptions::new()
@@ -507,7 +512,7 @@ pub fn wait(client: &Client, a: &WaitArgs) -> Result<u8> {
             Some(e) => format!("{title} ({e})"),
             None => title.clone(),
         };
-        write_github(&heading, &jobs)?;
+        write_github(&heading, &jobs, a.json)?;
         write_github_outputs(id, Some(&jobs))?;
     }
     // Last, so that the summary is printed even when the report cannot be written.
