@@ -461,6 +461,136 @@ fn wait_exit_codes_and_junit() {
     let md = std::fs::read_to_string(&summary).expect("summary written");
     assert!(md.contains("| Test | App | Target |"), "{md}");
     assert_eq!(md.matches("| browserstack |").count(), 2, "{md}");
+    // With --json stdout stays one JSON object per line: the annotations go to stderr,
+    // where the runner reads workflow commands too.
+    let o = qgjob(Some(&url), dir.path())
+        .env("GITHUB_ACTIONS", "true")
+        .env("GITHUB_STEP_SUMMARY", &summary)
+        .args(["wait", &format!("--run-id={failing_run}"), "--json"])
+        .output()
+        .expect("runs");
+    assert_eq!(code(&o), 1, "{}", stderr(&o));
+    assert_eq!(json(&o)["status"], "failed");
+    let on_stderr = stderr(&o)
+        .lines()
+        .filter(|l| l.starts_with("::error "))
+        .count();
+    assert_eq!(on_stderr, failures, "{}", stderr(&o));
+}
+
+/// A wait that times out under GitHub Actions still leaves every report behind (JUnit, job
+/// summary, annotations, step outputs with the run id so a later step can cancel the run),
+/// then exits 3 saying it timed out.
+#[test]
+fn a_timed_out_wait_still_writes_every_report() {
+    let dir = project();
+    // No agent serves `device`: the jobs stay queued.
+    let (_server, url) = start_server(dir.path(), &[]);
+    let gh = |name: &str| {
+        let summary = dir.path().join(format!("{name}-summary.md"));
+        let output = dir.path().join(format!("{name}-output"));
+        let mut c = qgjob(Some(&url), dir.path());
+        c.env("GITHUB_ACTIONS", "true")
+            .env("GITHUB_STEP_SUMMARY", &summary)
+            .env("GITHUB_OUTPUT", &output);
+        (c, summary, output)
+    };
+    let check = |o: &Output, junit: &Path, summary: &Path, output: &Path| -> String {
+        assert_eq!(code(o), 3, "{}{}", stdout(o), stderr(o));
+        // (After a note that no agent serves the target.)
+        let last = stderr(o).lines().last().unwrap_or_default().to_string();
+        assert!(last.starts_with("error: timed out"), "{}", stderr(o));
+        let (suites, cases, failures) = parse_junit(&junit.to_path_buf());
+        assert_eq!((suites, cases, failures), (2, 2, 0));
+        let xml = std::fs::read_to_string(junit).expect("junit");
+        assert_eq!(
+            xml.matches("did not finish (still queued)").count(),
+            4,
+            "{xml}"
+        );
+        let md = std::fs::read_to_string(summary).expect("summary written");
+        assert!(md.contains("timed out"), "{md}");
+        assert_eq!(md.matches("| queued |").count(), 2, "{md}");
+        let annotations = stdout(o)
+            .lines()
+            .filter(|l| l.starts_with("::error "))
+            .count();
+        assert_eq!(annotations, 2, "{}", stdout(o));
+        let outputs = std::fs::read_to_string(output).expect("step outputs written");
+        let run_id = outputs
+            .lines()
+            .find_map(|l| l.strip_prefix("run-id="))
+            .unwrap_or_else(|| panic!("no run-id in {outputs:?}"))
+            .to_string();
+        assert!(outputs.contains("passed=0\n"), "{outputs}");
+        run_id
+    };
+
+    let junit = dir.path().join("submit.xml");
+    let (mut c, summary, output) = gh("submit");
+    let o = c
+        .args([
+            "submit",
+            "--org-id=acme",
+            "--app-version-id=v1",
+            "--test=tests/auth/*.spec.js",
+            "--target=device",
+            "--wait",
+            "--wait-timeout=2s",
+            "--junit",
+            junit.to_str().expect("utf-8"),
+        ])
+        .output()
+        .expect("runs");
+    let run_id = check(&o, &junit, &summary, &output);
+    assert!(
+        stdout(&o).starts_with(&format!("run {run_id} queued")),
+        "{}",
+        stdout(&o)
+    );
+
+    // `qgjob wait` on the same run, with its own timeout.
+    let junit = dir.path().join("wait.xml");
+    let (mut c, summary, output) = gh("wait");
+    let o = c
+        .args([
+            "wait",
+            &format!("--run-id={run_id}"),
+            "--timeout=1s",
+            "--junit",
+            junit.to_str().expect("utf-8"),
+        ])
+        .output()
+        .expect("runs");
+    assert_eq!(check(&o, &junit, &summary, &output), run_id);
+
+    // `submit --wait --json`: two JSON lines on stdout, the annotations on stderr.
+    let (mut c, _, _) = gh("json");
+    let o = c
+        .args([
+            "submit",
+            "--org-id=acme",
+            "--app-version-id=v1",
+            "--test=tests/auth/*.spec.js",
+            "--target=device",
+            "--wait",
+            "--wait-timeout=1s",
+            "--json",
+        ])
+        .output()
+        .expect("runs");
+    assert_eq!(code(&o), 3, "{}", stderr(&o));
+    let lines: Vec<Value> = stdout(&o)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l:?}")))
+        .collect();
+    assert_eq!(lines.len(), 2, "{}", stdout(&o));
+    assert_eq!(lines[1]["status"], "timeout");
+    let on_stderr = stderr(&o)
+        .lines()
+        .filter(|l| l.starts_with("::error "))
+        .count();
+    assert_eq!(on_stderr, 2, "{}", stderr(&o));
 }
 
 /// Counts testsuite, testcase and failure elements; panics on malformed XML.
@@ -773,6 +903,41 @@ fn unreachable_server_and_bad_input_give_clean_errors() {
 
     // Input errors found by us or by the server: exit 2, one line.
     let (_server, url) = start_server(dir.path(), &[]);
+    // A report that could not be written is refused before anything is submitted, so no
+    // job is left running with no one waiting for it.
+    let submit_wait = [
+        "submit",
+        "--org-id=acme",
+        "--app-version-id=v1",
+        "--test=tests/auth/*.spec.js",
+        "--wait",
+        // No agent runs here: bounded, should the check ever come too late.
+        "--wait-timeout=5s",
+    ];
+    let missing = dir.path().join("missing-dir/x");
+    for (junit, env) in [
+        (Some("--junit=missing-dir/report.xml"), None),
+        (Some("--junit=tests"), None),
+        (None, Some(("GITHUB_OUTPUT", &missing))),
+        (None, Some(("GITHUB_STEP_SUMMARY", &missing))),
+    ] {
+        let mut c = qgjob(Some(&url), dir.path());
+        c.args(submit_wait).args(junit);
+        if let Some((var, path)) = env {
+            c.env("GITHUB_ACTIONS", "true").env(var, path);
+        }
+        let o = c.output().expect("runs");
+        assert_eq!(code(&o), 2, "{junit:?} {env:?}: {}", stderr(&o));
+        assert_eq!(stderr(&o).lines().count(), 1, "{}", stderr(&o));
+        assert!(stderr(&o).starts_with("error: "), "{}", stderr(&o));
+    }
+    let o = run(Some(&url), dir.path(), &["list", "--json"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert_eq!(
+        json(&o)["jobs"],
+        serde_json::json!([]),
+        "nothing was submitted"
+    );
     let o = run(
         Some(&url),
         dir.path(),

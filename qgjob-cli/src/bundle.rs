@@ -122,13 +122,23 @@ pub fn relative_to_root(root: &Path, path: &Path) -> Result<String> {
     Ok(parts.join("/"))
 }
 
+/// Whether a relative path (`/` separators) lies under a `node_modules` folder.
+fn in_node_modules(rel: &str) -> bool {
+    rel.split('/').any(|c| c == "node_modules")
+}
+
 /// Expands the `--test` arguments (paths or globs, relative to `root`) into relative file
-/// paths, keeping the given order and dropping duplicates.
+/// paths, keeping the given order and dropping duplicates. Folders and globs skip anything
+/// under `node_modules` (dependencies' own specs), as Playwright does, unless the argument
+/// itself names `node_modules`.
 pub fn expand_tests(root: &Path, args: &[String]) -> Result<Vec<String>> {
     let mut seen = BTreeSet::new();
     let mut out = Vec::new();
     for arg in args {
         let mut found: Vec<String> = Vec::new();
+        let keep = |rel: &str| {
+            !in_node_modules(rel) || arg.split(['/', '\\']).any(|c| c == "node_modules")
+        };
         // A file that exists under its literal name is that file, even when the name holds
         // glob characters (`tests/[smoke] login.spec.js`).
         let literal = root.join(arg).exists();
@@ -145,7 +155,10 @@ pub fn expand_tests(root: &Path, args: &[String]) -> Result<Vec<String>> {
                     let p = p.map_err(|e| CliError::Usage(format!("reading {arg:?}: {e}")))?;
                     if p.is_file() {
                         let abs = if p.is_absolute() { p } else { root.join(p) };
-                        found.push(relative_to_root(root, &abs)?);
+                        let rel = relative_to_root(root, &abs)?;
+                        if keep(&rel) {
+                            found.push(rel);
+                        }
                     }
                 }
             }
@@ -172,7 +185,10 @@ pub fn expand_tests(root: &Path, args: &[String]) -> Result<Vec<String>> {
                     .map_err(|e| CliError::Usage(format!("invalid folder {arg:?}: {e}")))?;
                 for p in paths.flatten() {
                     if p.is_file() {
-                        found.push(relative_to_root(root, &p)?);
+                        let rel = relative_to_root(root, &p)?;
+                        if keep(&rel) {
+                            found.push(rel);
+                        }
                     }
                 }
                 if found.is_empty() {
@@ -308,6 +324,39 @@ mod tests {
         assert_eq!(
             expand_tests(d.path(), &["tests/[smoke] a.spec.js".into()]).unwrap(),
             vec!["tests/[smoke] a.spec.js"]
+        );
+    }
+
+    #[test]
+    fn folders_and_globs_skip_node_modules() {
+        let d = project();
+        for f in [
+            "node_modules/dep/test/lib.spec.js",
+            "tests/node_modules/x/y.spec.js",
+        ] {
+            let p = d.path().join(f);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(&p, "").unwrap();
+        }
+        let specs = vec!["tests/auth/login.spec.js", "tests/onboarding.spec.js"];
+        assert_eq!(expand_tests(d.path(), &[".".into()]).unwrap(), specs);
+        assert_eq!(expand_tests(d.path(), &["tests".into()]).unwrap(), specs);
+        assert_eq!(
+            expand_tests(d.path(), &["**/*.spec.js".into()]).unwrap(),
+            specs
+        );
+        // Named explicitly, it is taken as asked.
+        assert_eq!(
+            expand_tests(d.path(), &["node_modules/dep/test/lib.spec.js".into()]).unwrap(),
+            vec!["node_modules/dep/test/lib.spec.js"]
+        );
+        assert_eq!(
+            expand_tests(d.path(), &["node_modules/dep".into()]).unwrap(),
+            vec!["node_modules/dep/test/lib.spec.js"]
+        );
+        assert_eq!(
+            expand_tests(d.path(), &["node_modules/**/*.spec.js".into()]).unwrap(),
+            vec!["node_modules/dep/test/lib.spec.js"]
         );
     }
 

@@ -77,6 +77,11 @@ pub fn build_specs(
 
 /// `qgjob submit`.
 pub fn submit(client: &Client, a: &SubmitArgs) -> Result<u8> {
+    // Found only after submitting, a bad report path would leave the jobs running with
+    // no one waiting for them.
+    if a.wait {
+        check_report_paths(a.junit.as_deref(), a.github)?;
+    }
     let root =
         std::env::current_dir().map_err(|e| CliError::io("reading the current directory", e))?;
     // The original tool sent test paths as they were: keep that working when none of the
@@ -357,10 +362,15 @@ fn github_enabled(flag: bool) -> bool {
 }
 
 /// Writes the GitHub job summary (to `$GITHUB_STEP_SUMMARY`, appended) and prints
-/// annotations.
-fn write_github(title: &str, jobs: &[Job]) -> Result<()> {
+/// annotations: on stderr with `json`, so stdout stays one JSON object per line (the runner
+/// reads workflow commands from both).
+fn write_github(title: &str, jobs: &[Job], json: bool) -> Result<()> {
     for a in report::github_annotations(jobs) {
-        out!("{a}");
+        if json {
+            eprintln!("{a}");
+        } else {
+            out!("{a}");
+        }
     }
     if let Some(path) = std::env::var_os("GITHUB_STEP_SUMMARY").filter(|p| !p.is_empty()) {
         let mut f = std::fs::OpenOptions::new()
@@ -374,17 +384,41 @@ fn write_github(title: &str, jobs: &[Job]) -> Result<()> {
     Ok(())
 }
 
+/// Refuses, before anything is submitted or waited on, a report file that could not be
+/// written afterwards: the `--junit` file, and under GitHub Actions the job summary and
+/// step output files named by the environment.
+fn check_report_paths(junit: Option<&Path>, github: bool) -> Result<()> {
+    let check = |what: &str, path: &Path| {
+        if path.is_dir() {
+            return Err(CliError::Usage(format!(
+                "{what}: {} is a folder, not a file",
+                path.display()
+            )));
+        }
+        match path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() && !dir.is_dir() => Err(CliError::Usage(
+                format!("{what}: folder {} does not exist", dir.display()),
+            )),
+            _ => Ok(()),
+        }
+    };
+    if let Some(path) = junit {
+        check("--junit", path)?;
+    }
+    if github_enabled(github) {
+        for var in ["GITHUB_STEP_SUMMARY", "GITHUB_OUTPUT"] {
+            if let Some(path) = std::env::var_os(var).filter(|p| !p.is_empty()) {
+                check(var, Path::new(&path))?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// `qgjob wait`.
 pub fn wait(client: &Client, a: &WaitArgs) -> Result<u8> {
     // A report path that cannot be written should fail now, not after a long wait.
-    if let Some(dir) = a.junit.as_deref().and_then(Path::parent) {
-        if !dir.as_os_str().is_empty() && !dir.is_dir() {
-            return Err(CliError::Usage(format!(
-                "--junit: folder {} does not exist",
-                dir.display()
-            )));
-        }
-    }
+    check_report_paths(a.junit.as_deref(), a.github)?;
     // A live bar for runs on a terminal; CI logs and --json get nothing extra.
     let mut bar: Option<indicatif::ProgressBar> = None;
     let mut states: std::collections::HashMap<qgjob_core::JobId, JobState> =
@@ -440,18 +474,33 @@ pub fn wait(client: &Client, a: &WaitArgs) -> Result<u8> {
         }
         v
     };
-    if let (Err(CliError::Timeout(_)), true) = (&res, a.json) {
-        if let Ok((_, jobs)) = fetch(client, &a.which) {
-            print_json(&document("timeout", EXIT_INFRA, &jobs))?;
-        }
-    }
-    let (status, jobs) = res?;
     let title = match (&a.which.job_id, &a.which.run_id) {
         (Some(j), _) => format!("job {j}"),
         (_, Some(r)) => format!("run {r}"),
         _ => String::new(),
     };
-    let code = report::exit_code(&jobs);
+    let id = a.which.run_id.as_deref().or(a.which.job_id.as_deref());
+    // A timeout still writes every report, with the jobs as they stand (unfinished ones
+    // show as such), so CI keeps its JUnit, summary and the run id to cancel it; the
+    // timeout error comes last.
+    let (status, jobs, timed_out) = match res {
+        Ok((status, jobs)) => (status, jobs, None),
+        Err(e @ CliError::Timeout(_)) => match fetch(client, &a.which) {
+            Ok((_, jobs)) => ("timeout".to_string(), jobs, Some(e)),
+            Err(_) => {
+                // The jobs are out of reach; the id alone still lets a later step cancel.
+                if github_enabled(a.github) {
+                    write_github_outputs(id, None)?;
+                }
+                return Err(e);
+            }
+        },
+        Err(e) => return Err(e),
+    };
+    let code = match timed_out {
+        Some(_) => EXIT_INFRA,
+        None => report::exit_code(&jobs),
+    };
     if a.json {
         print_json(&document(&status, code, &jobs))?;
     } else {
@@ -459,35 +508,44 @@ pub fn wait(client: &Client, a: &WaitArgs) -> Result<u8> {
         let _ = o.write_all(report::summary_table(&jobs, use_color()).as_bytes());
     }
     if github_enabled(a.github) {
-        write_github(&title, &jobs)?;
-        let id = a.which.run_id.as_deref().or(a.which.job_id.as_deref());
-        write_github_outputs(id, &jobs)?;
+        let heading = match &timed_out {
+            Some(e) => format!("{title} ({e})"),
+            None => title.clone(),
+        };
+        write_github(&heading, &jobs, a.json)?;
+        write_github_outputs(id, Some(&jobs))?;
     }
     // Last, so that the summary is printed even when the report cannot be written.
     if let Some(path) = &a.junit {
         std::fs::write(path, report::junit_xml(&title, &jobs))
             .map_err(|e| CliError::input(format!("writing {}", path.display()), e))?;
     }
-    Ok(code)
+    match timed_out {
+        Some(e) => Err(e),
+        None => Ok(code),
+    }
 }
 
-/// Appends step outputs (`run-id`, per-state counts) to `$GITHUB_OUTPUT`, for later steps.
-fn write_github_outputs(id: Option<&str>, jobs: &[Job]) -> Result<()> {
+/// Appends step outputs (`run-id`, and per-state counts when the jobs are known) to
+/// `$GITHUB_OUTPUT`, for later steps.
+fn write_github_outputs(id: Option<&str>, jobs: Option<&[Job]>) -> Result<()> {
     let Some(path) = std::env::var_os("GITHUB_OUTPUT").filter(|p| !p.is_empty()) else {
         return Ok(());
     };
-    let count = |s: JobState| jobs.iter().filter(|j| j.state == s).count();
     let mut text = String::new();
     if let Some(id) = id {
         text.push_str(&format!("run-id={id}\n"));
     }
-    for s in [
-        JobState::Passed,
-        JobState::Failed,
-        JobState::Error,
-        JobState::Canceled,
-    ] {
-        text.push_str(&format!("{}={}\n", s.as_str(), count(s)));
+    if let Some(jobs) = jobs {
+        for s in [
+            JobState::Passed,
+            JobState::Failed,
+            JobState::Error,
+            JobState::Canceled,
+        ] {
+            let n = jobs.iter().filter(|j| j.state == s).count();
+            text.push_str(&format!("{}={n}\n", s.as_str()));
+        }
     }
     std::fs::OpenOptions::new()
         .create(true)

@@ -6,6 +6,7 @@ use std::fmt::Write as _;
 use qgjob_core::{Job, JobState, TestResult, TestStatus};
 
 use crate::error::{EXIT_INFRA, EXIT_OK, EXIT_TEST_FAILED};
+use crate::real::playwright::strip_ansi;
 use crate::util::{fmt_ms, paint};
 
 /// One line of the summary table.
@@ -161,8 +162,11 @@ pub fn exit_code(jobs: &[Job]) -> u8 {
     }
 }
 
-/// Escapes text for XML attributes and content; drops characters XML 1.0 forbids.
+/// Escapes text for XML attributes and content; drops ANSI escape codes (test runners
+/// colour titles and messages; dropping only the ESC byte left `[31m` behind) and
+/// characters XML 1.0 forbids.
 pub fn xml_escape(s: &str) -> String {
+    let s = strip_ansi(s);
     let mut o = String::with_capacity(s.len());
     for c in s.chars() {
         match c {
@@ -214,7 +218,13 @@ fn case_of_job(job: &Job) -> Case {
         JobState::Passed => Case::Pass,
         JobState::Failed => Case::Failure(err().unwrap_or_else(|| "a test failed".into())),
         JobState::Error => Case::Error(err().unwrap_or_else(|| "infrastructure error".into())),
-        JobState::Canceled => Case::Skipped("canceled".into()),
+        // An error, not a skip: dashboards show skipped cases green, and a canceled run did
+        // not pass.
+        JobState::Canceled => Case::Error(match err() {
+            Some(e) if e.contains("cancel") => e,
+            Some(e) => format!("canceled ({e})"),
+            None => "canceled before it finished".into(),
+        }),
         JobState::Queued | JobState::Running => {
             Case::Error(format!("did not finish (still {})", job.state))
         }
@@ -344,9 +354,10 @@ pub fn junit_xml(name: &str, jobs: &[Job]) -> String {
     )
 }
 
-/// Escapes a GitHub workflow-command message.
+/// Escapes a GitHub workflow-command message (ANSI codes dropped).
 fn gh_data(s: &str) -> String {
-    s.replace('%', "%25")
+    strip_ansi(s)
+        .replace('%', "%25")
         .replace('\r', "%0D")
         .replace('\n', "%0A")
 }
@@ -386,9 +397,8 @@ pub fn github_annotations(jobs: &[Job]) -> Vec<String> {
             continue;
         }
         let msg = match case_of_job(job) {
-            Case::Pass | Case::Skipped(_) if job.state != JobState::Canceled => continue,
-            Case::Failure(m) | Case::Error(m) | Case::Skipped(m) => m,
-            Case::Pass => continue,
+            Case::Pass | Case::Skipped(_) => continue,
+            Case::Failure(m) | Case::Error(m) => m,
         };
         out.push(format!(
             "::error file={},title={}::{}",
@@ -458,9 +468,9 @@ pub fn github_summary(title: &str, jobs: &[Job]) -> String {
     s
 }
 
-/// Escapes Markdown table cells.
+/// Escapes Markdown table cells (ANSI codes dropped).
 fn md(s: &str) -> String {
-    s.replace('|', "\\|").replace('\n', " ")
+    strip_ansi(s).replace('|', "\\|").replace('\n', " ")
 }
 
 #[cfg(test)]
@@ -598,6 +608,49 @@ mod tests {
         assert_eq!(failure_msg, "expected 1");
         assert!(xml.contains("tests=\"3\" failures=\"1\" errors=\"1\" skipped=\"0\""));
         assert!(xml.contains("&lt;bad&gt; &amp; &quot;wrong&quot;"));
+    }
+
+    #[test]
+    fn junit_reports_canceled_jobs_as_errors_and_strips_ansi() {
+        let coloured = TestResult {
+            title: "\u{1b}[1mlogin\u{1b}[22m › works".into(),
+            file: "tests/login.spec.js".into(),
+            status: TestStatus::Failed,
+            duration_ms: 10,
+            error: Some("\u{1b}[31mexpected\u{1b}[39m 1".into()),
+        };
+        let skipped = TestResult {
+            title: "later".into(),
+            status: TestStatus::Skipped,
+            error: None,
+            ..coloured.clone()
+        };
+        let jobs = vec![
+            job(1, "tests/a.spec.js", JobState::Canceled, vec![]),
+            job(2, "tests/login.spec.js", JobState::Failed, vec![coloured]),
+            job(3, "tests/b.spec.js", JobState::Passed, vec![skipped]),
+        ];
+        let xml = junit_xml("run x", &jobs);
+        assert!(
+            xml.contains("tests=\"3\" failures=\"1\" errors=\"1\" skipped=\"1\""),
+            "{xml}"
+        );
+        assert!(
+            xml.contains("<error message=\"job canceled\" type=\"error\">"),
+            "{xml}"
+        );
+        assert!(xml.contains("name=\"login › works\""), "{xml}");
+        assert!(xml.contains("<failure message=\"expected 1\""), "{xml}");
+        assert!(!xml.contains("[31m") && !xml.contains("[1m"), "{xml}");
+        // A canceled job without a reason still says what happened.
+        let mut bare = job(4, "tests/c.spec.js", JobState::Canceled, vec![]);
+        bare.outcome = None;
+        assert!(junit_xml("x", &[bare]).contains("<error message=\"canceled before it finished\""));
+        let ann = github_annotations(&jobs);
+        assert_eq!(ann.len(), 2, "{ann:?}");
+        assert!(ann.iter().all(|a| !a.contains('\u{1b}')), "{ann:?}");
+        let md = github_summary("run x", &jobs);
+        assert!(md.contains("**login › works**"), "{md}");
     }
 
     #[test]
