@@ -228,18 +228,22 @@ fn a_retried_ci_step_waits_on_the_run_it_submitted_before() {
     let dir = project();
     let (_server, url) = start_server(dir.path(), &[]);
     let _agent = start_agent(&url, dir.path(), "emulator", &[]);
-    let submit = |extra: &[&str]| {
+    // `qgjob submit` of acme/v1's `test` with idempotency key `key`, plus `extra`: must
+    // succeed.
+    let submit_keyed = |test: &str, key: &str, extra: &[&str]| {
         let base = [
-            "submit",
-            "--org-id=acme",
-            "--app-version-id=v1",
-            "--test=tests/auth",
-            "--idempotency-key=ci-42",
+            "submit".to_string(),
+            "--org-id=acme".into(),
+            "--app-version-id=v1".into(),
+            format!("--test={test}"),
+            format!("--idempotency-key={key}"),
         ];
+        let base: Vec<&str> = base.iter().map(String::as_str).collect();
         let o = run(Some(&url), dir.path(), &[&base[..], extra].concat());
         assert_eq!(code(&o), 0, "{}{}", stdout(&o), stderr(&o));
-        stdout(&o)
+        o
     };
+    let submit = |extra: &[&str]| stdout(&submit_keyed("tests/auth", "ci-42", extra));
     let step = || {
         let out = submit(&["--wait", "--wait-timeout=60s", "--json"]);
         // Two documents: the submit's answer, then the wait's.
@@ -262,18 +266,7 @@ fn a_retried_ci_step_waits_on_the_run_it_submitted_before() {
 
     // One test makes one job, not a run; a repeat says it is the earlier job, in JSON as
     // the server does and in words.
-    let one = |extra: &[&str]| {
-        let base = [
-            "submit",
-            "--org-id=acme",
-            "--app-version-id=v1",
-            "--test=tests/cart.spec.js",
-            "--idempotency-key=ci-43",
-        ];
-        let o = run(Some(&url), dir.path(), &[&base[..], extra].concat());
-        assert_eq!(code(&o), 0, "{}{}", stdout(&o), stderr(&o));
-        o
-    };
+    let one = |extra: &[&str]| submit_keyed("tests/cart.spec.js", "ci-43", extra);
     let v = json(&one(&["--json"]));
     assert_eq!(keys(&v), vec!["created", "job_id", "status"]);
     assert_eq!(v["created"], true, "{v}");
