@@ -474,6 +474,56 @@ fn wait_exit_codes_and_junit() {
 /// A wait that times out under GitHub Actions still leaves every report behind (JUnit, job
 /// summary, annotations, step outputs with the run id so a later step can cancel the run),
 /// then exits 3 saying it timed out.
+/// Under GitHub Actions, `submit --wait` hands out the run id as soon as the run exists, so
+/// a later step can cancel it even when this one is killed mid-wait (a job time limit).
+#[test]
+fn submit_wait_gives_the_run_id_before_it_waits() {
+    let dir = project();
+    // No agent: the jobs stay queued and the wait goes on until it is killed.
+    let (_server, url) = start_server(dir.path(), &[]);
+    let output = dir.path().join("output");
+    let child = qgjob(Some(&url), dir.path())
+        .env("GITHUB_ACTIONS", "true")
+        .env("GITHUB_OUTPUT", &output)
+        .args([
+            "submit",
+            "--org-id=acme",
+            "--app-version-id=v1",
+            "--test=tests/auth",
+            "--wait",
+            "--wait-timeout=10m",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("submit starts");
+    let mut waiting = Proc(child);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let run_id = loop {
+        let text = std::fs::read_to_string(&output).unwrap_or_default();
+        if let Some(id) = text.lines().find_map(|l| l.strip_prefix("run-id=")) {
+            break id.to_string();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no run-id while waiting: {text:?}"
+        );
+        assert!(
+            matches!(waiting.0.try_wait(), Ok(None)),
+            "submit --wait ended before the run id was out"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    waiting.0.kill().expect("kill");
+    // The id is the run's: a later step cancels it.
+    let o = run(
+        Some(&url),
+        dir.path(),
+        &["cancel", &format!("--run-id={run_id}")],
+    );
+    assert_eq!(code(&o), 0, "{}{}", stdout(&o), stderr(&o));
+}
+
 #[test]
 fn a_timed_out_wait_still_writes_every_report() {
     let dir = project();

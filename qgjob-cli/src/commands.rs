@@ -161,6 +161,11 @@ pub fn submit(client: &Client, a: &SubmitArgs) -> Result<u8> {
             run_id: Some(r.run_id.to_string()),
         }
     };
+    // A later step can cancel the run even when this one is killed while it waits (a
+    // job's time limit): the id goes out now, not only once the wait ends.
+    if a.wait && github_enabled(a.github) {
+        write_github_outputs(which.run_id.as_deref().or(which.job_id.as_deref()), None)?;
+    }
     if !a.wait {
         // A hint for people, never for scripts (stderr, and only on a terminal).
         if !a.json && crate::util::stderr_is_tty() {
