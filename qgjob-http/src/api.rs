@@ -939,6 +939,37 @@ pub async fn put_bundle(
     Ok(Json(stored))
 }
 
+/// Body of `POST /v1/admin/tokens/revoke`.
+#[derive(Debug, Deserialize)]
+pub struct RevokeToken {
+    token: String,
+}
+
+/// `POST /v1/admin/tokens/revoke`: deletes a token created through the API (admin only);
+/// it stops working at once. A token from the server's configuration (tokens file, flags)
+/// is refused with 409: it would come back at the next start.
+pub async fn revoke_token(
+    State(app): State<AppState>,
+    caller: Caller,
+    ApiJson(req): ApiJson<RevokeToken>,
+) -> Result<StatusCode, ApiError> {
+    caller.require_admin()?;
+    let hash = crate::auth::hash_token(&req.token);
+    if !app.auth.knows(&hash) {
+        return Err(ApiError::not_found("no such token"));
+    }
+    if !app.store.remove_token(&hash).await? {
+        return Err(ApiError::conflict(
+            "conflict",
+            "this token comes from the server's configuration (tokens file or flags): \
+             remove it there and restart the server",
+        ));
+    }
+    app.auth.remove(&hash);
+    tracing::info!("token revoked");
+    Ok(StatusCode::NO_CONTENT)
+}
+
 /// Body of `POST /v1/admin/tokens`.
 #[derive(Debug, Deserialize)]
 pub struct NewToken {

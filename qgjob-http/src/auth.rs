@@ -229,6 +229,23 @@ impl Auth {
         g.push(rec);
     }
 
+    /// Forgets the token with this hash; returns whether it was known.
+    pub fn remove(&self, hash: &str) -> bool {
+        let mut g = self.tokens.write().unwrap_or_else(|e| e.into_inner());
+        let before = g.len();
+        g.retain(|t| t.hash != hash);
+        g.len() < before
+    }
+
+    /// Whether a token with this hash is known.
+    pub fn knows(&self, hash: &str) -> bool {
+        self.tokens
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .any(|t| t.hash == hash)
+    }
+
     /// Who presents `authorization` (the header's value, if any).
     pub fn caller(&self, authorization: Option<&str>) -> Result<Caller, ApiError> {
         if self.open {

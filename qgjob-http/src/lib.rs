@@ -172,6 +172,7 @@ pub fn app(state: AppState) -> Router {
         )
         .route("/v1/bundles", put(api::put_bundle))
         .route("/v1/admin/tokens", post(api::create_token))
+        .route("/v1/admin/tokens/revoke", post(api::revoke_token))
         .route("/v1/agent/devices", post(agent::register_device))
         .route(
             "/v1/agent/devices/{device_id}",

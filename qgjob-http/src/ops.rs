@@ -162,6 +162,14 @@ pub const ROUTES: &[(&str, &str, &str, &str, &str, &str)] = &[
     ),
     (
         "post",
+        "/v1/admin/tokens/revoke",
+        "admin",
+        "Revoke a token created through the API (409 for a configured one)",
+        "RevokeToken",
+        "204",
+    ),
+    (
+        "post",
         "/v1/agent/devices",
         "agent",
         "Register or refresh a device",
@@ -474,6 +482,7 @@ fn schemas() -> Value {
         "Lease": lease,
         "RunSubmit": object(&[("jobs", array_of(reference("JobSpec"))), ("labels", labels.clone())], 1),
         "NewToken": object(&[("kind", json!({"enum": ["admin", "org", "agent"]})), ("org_id", string())], 1),
+        "RevokeToken": object(&[("token", string())], 1),
         "LeaseRequest": object(&[("device_id", string()), ("max_batch", int()), ("wait_ms", int())], 1),
         "RunReport": object(
             &[("passed", json!({"type": "boolean"})), ("tests", array_of(reference("TestResult"))),

@@ -1936,3 +1936,45 @@ fn an_org_uses_only_the_bundles_it_uploaded_and_learns_nothing_of_others() {
     let (_, b) = globex.put_raw("/v1/apps/globex/v2", b"apk-bytes", &[]);
     assert_eq!(b["created"], false, "{b}");
 }
+
+#[test]
+fn an_admin_revokes_a_created_token_for_good_but_not_a_configured_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let tf = dir.path().join("tokens");
+    std::fs::write(&tf, format!("admin {ADMIN}\norg acme {ACME}\n")).unwrap();
+    let opts = ServerOptions {
+        tokens_file: Some(tf),
+        ..sqlite_opts(&dir.path().join("data"))
+    };
+    let s = TestServer::start(opts.clone());
+    let admin = s.client(Some(ADMIN));
+    let (_, t) = admin.post(
+        "/v1/admin/tokens",
+        &json!({"kind": "org", "org_id": "globex"}),
+    );
+    let token = t["token"].as_str().unwrap().to_string();
+    let globex = s.client(Some(&token));
+    submit(&globex, "globex", "v1", "tests/a.spec.js");
+    // Only an admin revokes.
+    let acme = s.client(Some(ACME));
+    let (st, _) = acme.post("/v1/admin/tokens/revoke", &json!({"token": token}));
+    assert_eq!(st, 403);
+    let (st, v) = admin.post("/v1/admin/tokens/revoke", &json!({"token": token}));
+    assert_eq!(st, 204, "{v}");
+    // It stops working at once, and stays revoked across a restart.
+    assert_eq!(globex.get("/v1/jobs").0, 401);
+    let (st, v) = admin.post("/v1/admin/tokens/revoke", &json!({"token": token}));
+    assert_eq!((st, v["error"]["code"].clone()), (404, json!("not_found")));
+    // A configured token would come back at the next start: refused, and still valid.
+    let (st, v) = admin.post("/v1/admin/tokens/revoke", &json!({"token": ACME}));
+    assert_eq!(
+        (st, v["error"]["code"].clone()),
+        (409, json!("conflict")),
+        "{v}"
+    );
+    assert_eq!(acme.get("/v1/jobs").0, 200);
+    s.stop().unwrap();
+    let s = TestServer::start(opts);
+    assert_eq!(s.client(Some(&token)).get("/v1/jobs").0, 401);
+    assert_eq!(s.client(Some(ACME)).get("/v1/jobs").0, 200);
+}

@@ -180,4 +180,11 @@ impl Store for MemoryStore {
     async fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
         Ok(self.lock().tokens.clone())
     }
+
+    async fn remove_token(&self, hash: &str) -> Result<bool, StoreError> {
+        let mut g = self.lock();
+        let before = g.tokens.len();
+        g.tokens.retain(|t| t.hash != hash);
+        Ok(g.tokens.len() < before)
+    }
 }

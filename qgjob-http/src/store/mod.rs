@@ -174,6 +174,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// Every stored token.
     async fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError>;
+
+    /// Deletes the stored token with this hash; returns whether there was one.
+    async fn remove_token(&self, hash: &str) -> Result<bool, StoreError>;
 }
 
 /// The limit a listing uses when the filter names none.

@@ -481,6 +481,14 @@ impl Store for PgStore {
         Ok(())
     }
 
+    async fn remove_token(&self, hash: &str) -> Result<bool, StoreError> {
+        let done = sqlx::query("DELETE FROM tokens WHERE hash = $1")
+            .bind(hash)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
     async fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
         let rows = sqlx::query("SELECT hash, kind, org FROM tokens ORDER BY hash")
             .fetch_all(&self.pool)

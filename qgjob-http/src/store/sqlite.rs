@@ -412,6 +412,14 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    async fn remove_token(&self, hash: &str) -> Result<bool, StoreError> {
+        let done = sqlx::query("DELETE FROM tokens WHERE hash = ?")
+            .bind(hash)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
     async fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
         let rows = sqlx::query("SELECT hash, kind, org FROM tokens ORDER BY hash")
             .fetch_all(&self.pool)
