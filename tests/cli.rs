@@ -1401,6 +1401,55 @@ fn tokens_scope_users_and_agents() {
     assert_eq!(code(&o), 2, "{}", stderr(&o));
 }
 
+/// `up` stops, and says why, when its embedded server stops because the store refused a
+/// write (rather than running on with agents and no server).
+#[test]
+fn up_stops_when_its_server_cannot_store() {
+    let dir = project();
+    let (mut up, _, url) = start_up(dir.path(), "0.2", "0.2", Stdio::piped());
+    let errs = line_channel(up.0.stderr.take().expect("stderr"));
+    // The database refuses every new job, as a full disk would.
+    let db = format!(
+        "sqlite://{}",
+        dir.path().join("data/qgjob.sqlite3").display()
+    );
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(async {
+            let pool = sqlx::SqlitePool::connect(&db)
+                .await
+                .expect("open the store");
+            sqlx::query(
+                "CREATE TRIGGER refuse BEFORE INSERT ON jobs \
+                 BEGIN SELECT RAISE(ABORT, 'refused by the test'); END",
+            )
+            .execute(&pool)
+            .await
+            .expect("trigger");
+            pool.close().await;
+        });
+    let o = run(
+        Some(&url),
+        dir.path(),
+        &[
+            "submit",
+            "--org-id=acme",
+            "--app-version-id=v1",
+            "--test=tests/cart.spec.js",
+        ],
+    );
+    assert_eq!(code(&o), 3, "{}{}", stdout(&o), stderr(&o));
+    assert_eq!(exit_code_of(&mut up, "qgjob up"), 3);
+    let said = recv_until(&errs, |_| false);
+    assert!(
+        said.iter()
+            .any(|l| l.contains("stopped because a store write failed")),
+        "{said:?}"
+    );
+}
+
 /// Submits acme/v1's `tests/cart.spec.js` from `dir`; returns the job id.
 fn submit_cart(url: &str, dir: &Path) -> String {
     let o = run(

@@ -207,11 +207,25 @@ impl Lab {
     fn stopping(&mut self, grace: Duration) -> impl Future<Output = Result<Stopped>> + 'static {
         let mut fired = self.agents_stop.signal();
         let agents = std::mem::take(&mut self.agents);
-        let server = self.server.take();
+        let mut server = self.server.take();
         let stop = self.server_stop.take();
         let client = Client::new(self.base.clone(), None);
         async move {
-            fired.triggered().await;
+            // The server may stop on its own first (its store refused a write): then the
+            // lab is over, and its agents go with the runtime.
+            if let Some(h) = server.as_mut() {
+                tokio::select! {
+                    () = fired.triggered() => {}
+                    ended = h => {
+                        return Err(match ended {
+                            Ok(Err(e)) => server_error(e),
+                            _ => CliError::Other("server: stopped unexpectedly".into()),
+                        });
+                    }
+                }
+            } else {
+                fired.triggered().await;
+            }
             let stopped = match tokio::time::timeout(grace, futures_join(agents)).await {
                 Ok(()) => Stopped::Clean,
                 Err(_) => {

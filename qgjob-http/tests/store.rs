@@ -388,7 +388,10 @@ async fn builds_and_tokens() {
         got.sort_by(|x, y| x.hash.cmp(&y.hash));
         assert_eq!(got, vec![t.clone(), a.clone()], "{name}");
         assert!(st.remove_token(&t.hash).await.unwrap(), "{name}");
-        assert!(!st.remove_token(&t.hash).await.unwrap(), "{name}: removed twice");
+        assert!(
+            !st.remove_token(&t.hash).await.unwrap(),
+            "{name}: removed twice"
+        );
         assert_eq!(st.tokens().await.unwrap(), vec![a], "{name}");
     }
 }
