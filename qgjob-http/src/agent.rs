@@ -210,7 +210,7 @@ pub async fn fail(
     ApiPath((lease, job)): ApiPath<(String, String)>,
     ApiJson(failure): ApiJson<InfraFailure>,
 ) -> Result<Json<Value>, ApiError> {
-    // The job's log gets the failure with the state change (see `AppState::mutate_runs`).
+    // The job's log gets the failure with the state change (see `App::mutate_runs`).
     let (_, state) = report_result(app, caller, &lease, &job, move |s, now, lease, job| {
         s.fail(now, lease, job, failure)
     })

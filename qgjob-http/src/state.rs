@@ -217,7 +217,7 @@ impl App {
             .await
     }
 
-    /// [`AppState::mutate`] where `f` also decides which runs to record, from what it found
+    /// [`App::mutate`] where `f` also decides which runs to record, from what it found
     /// under the lock (a repeated run submission records none).
     pub async fn mutate_runs<R>(
         &self,
