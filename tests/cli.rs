@@ -912,6 +912,16 @@ fn unreachable_server_and_bad_input_give_clean_errors() {
             "--database-url",
             "postgres://qgjob@127.0.0.1:1/qgjob",
         ],
+        // A data dir for a store that keeps nothing on disk: refused, not ignored.
+        vec![
+            "server",
+            "--addr",
+            "127.0.0.1:0",
+            "--store",
+            "memory",
+            "--data-dir",
+            "somewhere",
+        ],
         // An empty --test would otherwise submit every spec under the project.
         vec!["submit", "--org-id=a", "--app-version-id=b", "--test="],
         vec![

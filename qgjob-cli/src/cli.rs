@@ -376,9 +376,10 @@ pub struct ServerArgs {
     /// Address to listen on (port 0 picks a free port).
     #[arg(long, default_value = "127.0.0.1:7878")]
     pub addr: String,
-    /// Where the embedded store and uploads live.
-    #[arg(long, default_value = "qgjob-data", value_name = "DIR")]
-    pub data_dir: PathBuf,
+    /// Where the embedded store and uploads live (default: qgjob-data; the memory store
+    /// keeps nothing on disk and takes none).
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
     /// Store kind (default: embedded, or postgres when --database-url is given).
     #[arg(long, value_enum)]
     pub store: Option<StoreKind>,

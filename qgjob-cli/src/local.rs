@@ -81,9 +81,20 @@ fn store_kind(store: Option<StoreKind>, database_url: Option<&str>) -> Result<St
 /// `qgjob server`.
 pub fn server(a: &ServerArgs) -> Result<u8> {
     let kind = store_kind(a.store, a.database_url.as_deref())?;
+    if kind == StoreKind::Memory && a.data_dir.is_some() {
+        // It would be ignored: nothing of a memory store touches the disk.
+        return Err(CliError::Usage(
+            "--store memory keeps nothing on disk: drop --data-dir (or use the embedded store)"
+                .into(),
+        ));
+    }
     let opts = ServerOptions {
         addr: parse_addr(&a.addr)?,
-        data_dir: Some(a.data_dir.clone()),
+        data_dir: Some(
+            a.data_dir
+                .clone()
+                .unwrap_or_else(|| std::path::PathBuf::from("qgjob-data")),
+        ),
         store: match kind {
             StoreKind::Embedded => HttpStore::Sqlite,
             StoreKind::Memory => HttpStore::Memory,

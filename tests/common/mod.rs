@@ -61,12 +61,10 @@ pub fn qgjob(server: Option<&str>, cwd: &Path) -> Command {
     c
 }
 
-/// A server (memory store, data under `dir/server-data`, plus `extra` flags) on a free
-/// loopback port; returns it with its base URL, read from the first line it prints.
+/// A server (memory store, plus `extra` flags) on a free loopback port; returns it with its
+/// base URL, read from the first line it prints.
 pub fn start_server(dir: &Path, extra: &[&str]) -> (Proc, String) {
-    let data = dir.join("server-data");
-    let mut args = vec!["--addr", "127.0.0.1:0", "--store", "memory", "--data-dir"];
-    args.push(data.to_str().expect("utf-8 path"));
+    let mut args = vec!["--addr", "127.0.0.1:0", "--store", "memory"];
     args.extend_from_slice(extra);
     spawn_server(dir, &args)
 }
