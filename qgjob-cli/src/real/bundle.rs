@@ -106,7 +106,15 @@ pub fn unpack(archive: &Path, dest: &Path, limits: Limits) -> Result<u64, Bundle
 /// [`unpack`] from any reader of `.tar.gz` bytes.
 pub fn unpack_reader<R: Read>(r: R, dest: &Path, limits: Limits) -> Result<u64, BundleError> {
     fs::create_dir_all(dest)?;
-    let mut ar = tar::Archive::new(GzDecoder::new(r));
+    // The tar reader takes long-name and PAX header entries into memory whole, before any
+    // per-entry bound applies: bound the whole decompressed stream instead (the files'
+    // bytes, plus a header block and some slack per entry). A stream cut short is a tar
+    // error, not a partial success: the last entry comes out short or missing.
+    let stream_cap = limits
+        .max_total_bytes
+        .saturating_add((limits.max_entries as u64).saturating_mul(4 * 512))
+        .saturating_add(1 << 20);
+    let mut ar = tar::Archive::new(GzDecoder::new(r).take(stream_cap));
     let mut total: u64 = 0;
     let mut count = 0usize;
     for entry in ar.entries()? {
@@ -499,6 +507,54 @@ mod tests {
         let bytes = archive(&[("dangling", T::Symlink, b"", Some("later/x"))]);
         let (_d, r) = unpack_bytes(&bytes, Limits::default());
         assert!(matches!(r, Err(BundleError::UnsafeLink(_))), "{r:?}");
+    }
+
+    #[test]
+    fn a_huge_extended_header_stops_at_the_stream_bound() {
+        // A 64 MiB PAX header (the tar reader holds it in memory whole, before any
+        // per-entry bound), then a small file: without a bound on the whole stream this
+        // unpacks "fine" after the agent took the 64 MiB.
+        let value_len: usize = 64 << 20;
+        let body_len = value_len + " comment=\n".len();
+        // A PAX record's length counts its own digits.
+        let mut record_len = body_len + 1;
+        while record_len.to_string().len() + body_len != record_len {
+            record_len = record_len.to_string().len() + body_len;
+        }
+        let mut record = format!("{record_len} comment=").into_bytes();
+        record.extend(std::iter::repeat_n(b'a', value_len));
+        record.push(b'\n');
+        let mut b = tar::Builder::new(GzEncoder::new(Vec::new(), flate2::Compression::fast()));
+        let mut h = tar::Header::new_ustar();
+        h.set_path("pax").expect("path");
+        h.set_entry_type(T::XHeader);
+        h.set_size(record.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append(&h, &record[..]).expect("append pax");
+        let mut h = tar::Header::new_ustar();
+        h.set_path("ok.txt").expect("path");
+        h.set_size(2);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append(&h, &b"ok"[..]).expect("append file");
+        let bytes = b.into_inner().expect("tar").finish().expect("gz");
+        let limits = Limits {
+            max_entry_bytes: 1 << 20,
+            max_total_bytes: 1 << 20,
+            max_entries: 100,
+        };
+        let (_d, r) = unpack_bytes(&bytes, limits);
+        assert!(r.is_err(), "{r:?}");
+        // Within the bound, the same kind of header is fine.
+        let (_d, r) = unpack_bytes(
+            &bytes,
+            Limits {
+                max_total_bytes: 128 << 20,
+                ..limits
+            },
+        );
+        assert!(r.is_ok(), "{r:?}");
     }
 
     #[test]
