@@ -1515,6 +1515,11 @@ async fn real_server_and_agent_run_playwright_specs_end_to_end() {
         .expect("work dir root")
         .collect();
     assert!(left.is_empty(), "work dirs left behind: {left:?}");
+    // And no record of a running process group is left for a later agent to act on.
+    let groups: Vec<_> = std::fs::read_dir(lab.dir.path().join("agent-cache/groups"))
+        .expect("groups dir")
+        .collect();
+    assert!(groups.is_empty(), "groups still recorded: {groups:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -252,7 +252,7 @@ impl ArtifactCache {
         npm: NpmConfig,
     ) -> Result<Arc<Self>, ArtifactError> {
         let dir = dir.into();
-        for sub in ["builds", "bundles", "tmp", "work"] {
+        for sub in ["builds", "bundles", "tmp", "work", "groups"] {
             std::fs::create_dir_all(dir.join(sub))?;
         }
         // Absolute, so the commands' mark (see `reap`) is the same from any folder.
@@ -262,7 +262,7 @@ impl ArtifactCache {
         // dirs): kill them first. Not when this process held the dir already.
         let stats = CacheStats::default();
         if previous != Some(std::process::id() as i32) {
-            let killed = super::reap::reap(&super::reap::mark(&dir).1);
+            let killed = super::reap::reap(&super::reap::mark(&dir).1, &dir.join("groups"));
             stats.orphans_killed.store(killed as u64, Ordering::Relaxed);
         }
         // Leftovers of a crash: half-done downloads and abandoned work dirs.
@@ -324,6 +324,12 @@ impl ArtifactCache {
     /// agent of this cache dir can find it if this one is killed (see [`super::reap`]).
     pub fn process_mark(&self) -> (String, String) {
         super::reap::mark(&self.dir)
+    }
+
+    /// Where the process groups of the commands running now are recorded
+    /// ([`super::runner::Invocation::groups_dir`]).
+    pub fn groups_dir(&self) -> PathBuf {
+        self.dir.join("groups")
     }
 
     /// Total bytes of cached artifacts, as indexed.
@@ -535,6 +541,7 @@ impl ArtifactCache {
             timeout: self.npm.timeout,
             kill_grace: Duration::from_secs(5),
             report_path: tree.join(".qgjob-npm-unused.json"),
+            groups_dir: Some(self.groups_dir()),
         };
         let out = super::runner::run_command(&inv, log, std::future::pending())
             .await

@@ -164,6 +164,7 @@ impl JobRunner {
             timeout,
             kill_grace: self.kill_grace,
             report_path: work.path().join(".qgjob-report.json"),
+            groups_dir: Some(self.cache.groups_dir()),
         };
         sink(&format!(
             "qgjob: running {} (attempt {}) on {}: {}\n",
@@ -270,6 +271,7 @@ impl JobRunner {
             timeout,
             kill_grace: self.kill_grace,
             report_path: prepared.work.path().join(".qgjob-report.json"),
+            groups_dir: Some(self.cache.groups_dir()),
         };
         sink(&format!(
             "qgjob: running {} jobs in one runner on {}: {}\n",

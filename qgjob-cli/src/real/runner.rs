@@ -252,6 +252,9 @@ pub struct Invocation {
     pub kill_grace: Duration,
     /// Where Playwright is told to write its JSON report (`PLAYWRIGHT_JSON_OUTPUT_NAME`).
     pub report_path: PathBuf,
+    /// Where the command's process group is recorded while it runs, so that a later agent
+    /// can kill it if this one is killed first (see [`super::reap`]).
+    pub groups_dir: Option<PathBuf>,
 }
 
 /// How the command ended.
@@ -292,10 +295,18 @@ pub struct SpawnError {
 }
 
 /// Kills a process group when dropped, so an abandoned run (its future dropped) leaves no
-/// processes behind.
-struct GroupGuard(Pid);
+/// processes behind; while it lives, the group is recorded (its id, as a file in the
+/// groups dir) for a later agent to find if this one dies without dropping it.
+struct GroupGuard(Pid, Option<PathBuf>);
 
 impl GroupGuard {
+    fn new(pgid: Pid, groups_dir: Option<&Path>) -> Self {
+        let record = groups_dir.map(|d| d.join(pgid.as_raw().to_string()));
+        // Best effort: without the record, only a crash of this agent would leak the group.
+        let record = record.filter(|r| std::fs::write(r, b"").is_ok());
+        GroupGuard(pgid, record)
+    }
+
     fn signal(&self, sig: Signal) {
         // ESRCH (the group is already gone) is the normal case at the end of a run.
         let _ = killpg(self.0, sig);
@@ -305,6 +316,9 @@ impl GroupGuard {
 impl Drop for GroupGuard {
     fn drop(&mut self) {
         self.signal(Signal::SIGKILL);
+        if let Some(r) = &self.1 {
+            let _ = std::fs::remove_file(r);
+        }
     }
 }
 
@@ -360,7 +374,9 @@ where
         program: program.clone(),
         source,
     })?;
-    let guard = child.id().map(|id| GroupGuard(Pid::from_raw(id as i32)));
+    let guard = child
+        .id()
+        .map(|id| GroupGuard::new(Pid::from_raw(id as i32), inv.groups_dir.as_deref()));
 
     let (tx, mut rx) = mpsc::unbounded_channel::<(bool, String)>();
     if let Some(out) = child.stdout.take() {
@@ -915,6 +931,7 @@ mod tests {
             timeout,
             kill_grace: Duration::from_millis(500),
             report_path: dir.join("report.json"),
+            groups_dir: None,
         }
     }
 
