@@ -479,10 +479,11 @@ impl JobSpec {
             ));
         }
         if let Some(k) = &self.idempotency_key {
-            if k.is_empty() || k.len() > 256 {
+            // Stores keep the key in a text column of its own: PostgreSQL refuses NUL there.
+            if k.is_empty() || k.len() > 256 || k.chars().any(char::is_control) {
                 return Err(InvalidSpec::new(
                     "idempotency_key",
-                    "must be 1 to 256 characters",
+                    "must be 1 to 256 characters, none of them control characters",
                 ));
             }
         }

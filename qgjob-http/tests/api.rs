@@ -695,6 +695,10 @@ fn error_statuses_have_the_json_shape() {
     p["priority"] = json!(5000);
     let v = assert_field(c.post("/v1/jobs", &p), 422, "priority");
     assert_eq!(v["error"]["code"], "invalid_field");
+    // A NUL in a key the stores index (PostgreSQL refuses it: a 500 before).
+    let mut p = spec("qualgent", "v1", "tests/a.spec.js");
+    p["idempotency_key"] = json!("ci\u{0}42");
+    assert_field(c.post("/v1/jobs", &p), 422, "idempotency_key");
     assert_field(
         c.post(
             "/v1/jobs",
