@@ -180,9 +180,13 @@ fn claim(dir: &Path) -> Result<Option<i32>, ArtifactError> {
         .ok()
         .and_then(|text| text.trim().parse::<i32>().ok());
     if let Some(pid) = previous {
+        // EPERM: the process exists, under another user.
         let alive = pid > 0
             && pid != me
-            && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok();
+            && matches!(
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
+                Ok(()) | Err(nix::errno::Errno::EPERM)
+            );
         if alive {
             return Err(ArtifactError::InUse {
                 dir: dir.to_path_buf(),
