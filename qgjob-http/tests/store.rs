@@ -632,6 +632,10 @@ async fn a_postgres_store_that_lost_its_lock_writes_nothing() {
         a.get_job(ours[0].id).await.unwrap().as_ref(),
         Some(&ours[0])
     );
+    // Closed while this runtime runs, before the guard drops the schema under them.
+    drop(lock_b);
+    a.close().await;
+    b.close().await;
 }
 
 #[tokio::test]

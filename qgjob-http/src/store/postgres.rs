@@ -240,14 +240,18 @@ impl Store for PgStore {
             let written = qb.build().execute(&mut *tx).await?;
             if let Err(e) = check_all_written(written.rows_affected(), chunk) {
                 // Say which guard it was: the lock, or rows of another server's jobs.
-                return Err(match self.lock.get() {
+                let e = match self.lock.get() {
                     Some((pid, key)) if !lock_held(&mut tx, *pid, *key).await? => {
                         StoreError::Fenced(format!(
                             "its lock on the PostgreSQL store (session {pid}) was lost"
                         ))
                     }
                     _ => e,
-                });
+                };
+                // Now, not whenever the pool next uses the connection: the insert holds
+                // locks on the table until then.
+                tx.rollback().await?;
+                return Err(e);
             }
         }
         for (r, body) in runs {

@@ -185,7 +185,12 @@ impl Store for SqliteStore {
                  WHERE jobs.id = excluded.id",
             );
             let written = qb.build().persistent(true).execute(&mut *tx).await?;
-            check_all_written(written.rows_affected(), chunk)?;
+            if let Err(e) = check_all_written(written.rows_affected(), chunk) {
+                // Now, not whenever the pool next uses the connection: the write lock is
+                // held until then.
+                tx.rollback().await?;
+                return Err(e);
+            }
         }
         for (r, body) in runs {
             sqlx::query(
