@@ -569,16 +569,20 @@ fn a_timed_out_wait_still_writes_every_report() {
         run_id
     };
 
+    // `submit --wait` of a run nothing serves, plus `extra`.
+    const SUBMIT: [&str; 6] = [
+        "submit",
+        "--org-id=acme",
+        "--app-version-id=v1",
+        "--test=tests/auth/*.spec.js",
+        "--target=device",
+        "--wait",
+    ];
     let junit = dir.path().join("submit.xml");
     let (mut c, summary, output) = gh("submit");
     let o = c
+        .args(SUBMIT)
         .args([
-            "submit",
-            "--org-id=acme",
-            "--app-version-id=v1",
-            "--test=tests/auth/*.spec.js",
-            "--target=device",
-            "--wait",
             "--wait-timeout=2s",
             "--junit",
             junit.to_str().expect("utf-8"),
@@ -610,16 +614,8 @@ fn a_timed_out_wait_still_writes_every_report() {
     // `submit --wait --json`: two JSON lines on stdout, the annotations on stderr.
     let (mut c, _, _) = gh("json");
     let o = c
-        .args([
-            "submit",
-            "--org-id=acme",
-            "--app-version-id=v1",
-            "--test=tests/auth/*.spec.js",
-            "--target=device",
-            "--wait",
-            "--wait-timeout=1s",
-            "--json",
-        ])
+        .args(SUBMIT)
+        .args(["--wait-timeout=1s", "--json"])
         .output()
         .expect("runs");
     assert_eq!(code(&o), 3, "{}", stderr(&o));
