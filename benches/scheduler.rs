@@ -91,6 +91,8 @@ fn queued(jobs: usize, groups: usize) -> (GroupedScheduler, Vec<DeviceId>) {
             installed,
             install_estimate_ms: Some(45_000),
             idle: false,
+            session: None,
+            replaces: None,
         };
         s.register_device(Time(0), info).expect("register");
     }

@@ -1,7 +1,8 @@
 //! End-to-end tests of how `qgjob agent` starts and stops: a server that refuses the agent's
 //! token ends it at once with one line (exit 2), an idle agent stops within about a second
 //! of SIGTERM or SIGINT (and unregisters its devices), a busy one finishes its job first
-//! unless a second signal says otherwise, and an agent whose server goes away says so.
+//! unless a second signal says otherwise, an agent whose server goes away (or is not there
+//! yet) says so and waits for it, and a second agent under the same name stops.
 //!
 //! Bounds on time are generous on purpose (the machines running these are shared); each test
 //! prints what it measured.
@@ -315,4 +316,94 @@ fn an_agent_whose_server_goes_away_warns_while_it_retries() {
     signal(&p, Signal::SIGTERM);
     let st = wait_exit(&mut p, Duration::from_secs(30)).expect("the agent stops");
     assert!(st.success(), "{st:?} {:?}", drain(&rx));
+}
+
+#[test]
+fn an_agent_started_before_its_server_waits_for_it() {
+    let dir = project();
+    // A loopback port nothing listens on yet.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let url = format!("http://127.0.0.1:{port}");
+    let (mut p, rx) = agent(
+        &url,
+        dir.path(),
+        Some(AGENT_TOKEN),
+        &["--target", "emulator", "--devices", "1"],
+    );
+    let lines = wait_for_line(&rx, "warning:", Duration::from_secs(20));
+    let warning = lines.last().expect("a line");
+    assert!(
+        warning.contains("cannot reach qgjob server") && warning.contains("retrying"),
+        "{warning}"
+    );
+    assert!(p.0.try_wait().expect("try_wait").is_none(), "it waits");
+    let tokens = dir.path().join("tokens");
+    let addr = format!("127.0.0.1:{port}");
+    let (_server, url2) = common::spawn_server(
+        dir.path(),
+        &[
+            "--addr",
+            &addr,
+            "--store",
+            "memory",
+            "--tokens-file",
+            tokens.to_str().expect("utf-8"),
+        ],
+    );
+    assert_eq!(url2, url);
+    wait_for_line(&rx, "serving", Duration::from_secs(20));
+    let id = submit(&url, dir.path(), "emulator");
+    let t0 = Instant::now();
+    while job_state(&url, dir.path(), &id) != "passed" {
+        assert!(t0.elapsed() < Duration::from_secs(60), "job never passed");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    signal(&p, Signal::SIGTERM);
+    let st = wait_exit(&mut p, Duration::from_secs(30)).expect("the agent stops");
+    assert!(st.success(), "{st:?} {:?}", drain(&rx));
+}
+
+/// Slow on purpose (about a minute): the second agent gives the first its whole patience
+/// (`AgentConfig::held_patience`, 60 s) to go quiet before it stops.
+#[test]
+fn a_second_agent_under_the_same_name_stops_with_one_clear_line() {
+    let dir = project();
+    let (_server, url) = server_with_tokens(dir.path());
+    let args = ["--target", "emulator", "--devices", "1"];
+    let (mut first, first_rx) = agent(&url, dir.path(), Some(AGENT_TOKEN), &args);
+    wait_for_line(&first_rx, "serving", Duration::from_secs(20));
+    let t0 = Instant::now();
+    let (mut twin, rx) = agent(&url, dir.path(), Some(AGENT_TOKEN), &args);
+    let lines = wait_for_line(&rx, "warning:", Duration::from_secs(20));
+    let warning = lines.last().expect("a line");
+    assert!(
+        warning.contains("vm/emulator-1 is registered by another agent"),
+        "{warning}"
+    );
+    let st = wait_exit(&mut twin, Duration::from_secs(120)).expect("the twin stops");
+    let took = t0.elapsed();
+    let rest = drain(&rx);
+    assert_eq!(st.code(), Some(2), "{rest:?}");
+    let last = rest.last().expect("an error line");
+    assert!(
+        last.starts_with("error: device vm/emulator-1 could not register")
+            && last.contains("same --name"),
+        "{rest:?}"
+    );
+    eprintln!("the twin stopped after {took:?}");
+    // The first agent still has its device and runs jobs.
+    let id = submit(&url, dir.path(), "emulator");
+    let t1 = Instant::now();
+    while job_state(&url, dir.path(), &id) != "passed" {
+        assert!(t1.elapsed() < Duration::from_secs(60), "job never passed");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(first.0.try_wait().expect("try_wait").is_none());
+    signal(&first, Signal::SIGTERM);
+    let st = wait_exit(&mut first, Duration::from_secs(30)).expect("the agent stops");
+    assert!(st.success(), "{st:?} {:?}", drain(&first_rx));
 }

@@ -1714,3 +1714,131 @@ fn nums_jobs(table: &str) -> f64 {
         .and_then(|n| n.parse().ok())
         .expect("a totals line")
 }
+
+/// The test TLS files: a CA, and a server certificate it signed for 127.0.0.1.
+fn tls_file(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/tls")
+        .join(name)
+}
+
+/// A TLS terminator on a free loopback port in front of the plain-HTTP server at
+/// `backend` (`127.0.0.1:PORT`), serving the test certificate; returns its https URL. It
+/// lives as long as the test process.
+fn tls_front(backend: &str) -> String {
+    use tokio_rustls::rustls;
+    use tokio_rustls::rustls::pki_types::pem::PemObject as _;
+    let pem = |name: &str| std::fs::read(tls_file(name)).expect("test TLS file");
+    let certs = rustls::pki_types::CertificateDer::pem_slice_iter(&pem("server.pem"))
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .expect("certificate");
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(&pem("server.key")).expect("key");
+    let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .expect("server config");
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.set_nonblocking(true).expect("nonblocking");
+    let port = listener.local_addr().expect("addr").port();
+    let backend = backend.to_string();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    continue;
+                };
+                let (acceptor, backend) = (acceptor.clone(), backend.clone());
+                tokio::spawn(async move {
+                    // A client that refuses our certificate ends the handshake: fine.
+                    let Ok(mut tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    if let Ok(mut plain) = tokio::net::TcpStream::connect(&backend).await {
+                        let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
+                    }
+                });
+            }
+        });
+    });
+    format!("https://127.0.0.1:{port}")
+}
+
+#[test]
+fn an_https_server_is_checked_against_the_ca_the_user_names() {
+    let dir = project();
+    let (_server, url) = start_server(dir.path(), &[]);
+    let https = tls_front(url.strip_prefix("http://").expect("http URL"));
+    let ca = tls_file("ca.pem");
+
+    // Our test CA is not one of the built-in roots: refused, one line, exit 3.
+    let o = run(Some(&https), dir.path(), &["list"]);
+    assert_eq!(code(&o), 3, "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(
+        err.starts_with(&format!("error: cannot reach qgjob server at {https}: "))
+            && err.to_lowercase().contains("certificate")
+            && err.lines().count() == 1,
+        "{err}"
+    );
+
+    // Named with QGJOB_CA_CERT, the whole flow runs over https: submit, an agent, wait.
+    let with_ca = |args: &[&str]| {
+        qgjob(Some(&https), dir.path())
+            .env("QGJOB_CA_CERT", &ca)
+            .args(args)
+            .output()
+            .expect("runs")
+    };
+    let o = with_ca(&[
+        "submit",
+        "--org-id=acme",
+        "--app-version-id=v1",
+        "--test=tests/onboarding.spec.js",
+        "--json",
+    ]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let id = json(&o)["job_id"].as_str().expect("id").to_string();
+    let _agent = Proc(
+        qgjob(Some(&https), dir.path())
+            .env("QGJOB_CA_CERT", &ca)
+            .args([
+                "agent",
+                "--target",
+                "emulator",
+                "--simulate",
+                "--devices",
+                "1",
+            ])
+            .args(["--install-s", "0.1", "--run-s", "0.1"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("agent starts"),
+    );
+    let o = with_ca(&["wait", &format!("--job-id={id}"), "--timeout=60s"]);
+    assert_eq!(code(&o), 0, "{}{}", stdout(&o), stderr(&o));
+
+    // A CA file that is missing or holds no certificate is a usage error, said at once.
+    let missing = dir.path().join("nope.pem");
+    let key = tls_file("server.key");
+    for (file, says) in [(&missing, "QGJOB_CA_CERT"), (&key, "holds no certificate")] {
+        let o = qgjob(Some(&https), dir.path())
+            .env("QGJOB_CA_CERT", file)
+            .arg("list")
+            .output()
+            .expect("runs");
+        assert_eq!(code(&o), 2, "{}", stderr(&o));
+        let err = stderr(&o);
+        assert!(err.contains(says) && err.lines().count() == 1, "{err}");
+    }
+}

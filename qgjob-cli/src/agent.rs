@@ -67,6 +67,27 @@ pub fn sim_devices(spec: &SimSpec) -> Result<Vec<Arc<dyn Device>>> {
     Ok(out)
 }
 
+/// Waits until the server answers its health check. An agent may well start before its
+/// server (both at boot), and must outlive the server anyway, so an unreachable server is
+/// retried with a warning now and then (ctrl-c stops the agent meanwhile); any other
+/// answer (an https URL this build cannot speak, a server error) ends it.
+fn wait_for_server(client: &Client) -> Result<()> {
+    let mut warned: Option<Instant> = None;
+    loop {
+        match client.health() {
+            Ok(_) => return Ok(()),
+            Err(e @ CliError::Unreachable { .. }) => {
+                if warned.is_none_or(|t| t.elapsed() >= Watch::WARN_EVERY) {
+                    eprintln!("warning: {e}; retrying until it answers (ctrl-c to stop)");
+                    warned = Some(Instant::now());
+                }
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// A device-id-safe name for this machine.
 pub fn default_agent_name() -> String {
     let raw = std::env::var("HOSTNAME")
@@ -214,10 +235,16 @@ const AGENT_RETRIED: &str = "the server retries them when their leases expire";
 /// token, a device description), so a usage error; anything else is infrastructure.
 fn agent_error(e: AgentError) -> CliError {
     match e {
+        AgentError::Register { ref message, .. } if message.contains(HELD) => CliError::Usage(
+            format!("{e}; is another agent running under the same --name? Give each its own"),
+        ),
         AgentError::Register { .. } => CliError::Usage(e.to_string()),
         AgentError::Panicked(_) => CliError::Other(e.to_string()),
     }
 }
+
+/// What the server says of a device another agent session holds.
+const HELD: &str = "registered by another agent";
 
 /// Watches an agent's counters from the command: prints the banner once every device has
 /// registered, and a warning (at most every [`Watch::WARN_EVERY`]) while requests to the
@@ -229,6 +256,7 @@ struct Watch {
     errors_seen: u64,
     last_warning: Option<Instant>,
     unhealthy_seen: u64,
+    held_seen: bool,
 }
 
 impl Watch {
@@ -242,11 +270,23 @@ impl Watch {
             errors_seen: 0,
             last_warning: None,
             unhealthy_seen: 0,
+            held_seen: false,
         }
     }
 
     fn check(&mut self) {
         let c = self.stats.snapshot();
+        if c.held > 0 && !self.held_seen {
+            let last = self.stats.last_error().unwrap_or_default();
+            let last = last
+                .strip_prefix("held by another agent: ")
+                .unwrap_or(&last);
+            eprintln!(
+                "warning: {last}; waiting for it (an agent killed a moment ago lets go within \
+                 that time, another running agent under this --name never does)"
+            );
+            self.held_seen = true;
+        }
         if c.unhealthy > self.unhealthy_seen {
             eprintln!(
                 "warning: a device is not ready (for adb: not listed, or not in state \
@@ -329,8 +369,7 @@ pub fn agent(client: Client, a: &AgentArgs) -> Result<u8> {
         ));
     }
     let devices = sim_devices(&spec)?;
-    // Fail fast with a clean message when the server is not there at all.
-    client.health()?;
+    wait_for_server(&client)?;
     let rt = runtime()?;
     let base = client.base().to_string();
     let link = Arc::new(HttpLink::new(client));
@@ -408,7 +447,7 @@ fn real_agent(client: Client, a: &AgentArgs) -> Result<u8> {
         .parse()
         .map_err(|e: qgjob_core::InvalidSpec| CliError::Usage(e.message))?;
     let name = a.name.clone().unwrap_or_else(default_agent_name);
-    client.health()?;
+    wait_for_server(&client)?;
     let base = client.base().to_string();
     let token = client.token().map(String::from);
     let link: Arc<dyn qgjob_core::agent::AgentLink> = Arc::new(HttpLink::new(client));

@@ -42,8 +42,10 @@ fn label(s: &str) -> Result<(String, String), String> {
     about,
     long_about = None,
     after_help = "Server address: --server, then QGJOB_SERVER, then the config file \
-($QGJOB_CONFIG or ~/.config/qgjob/config.toml, keys `server` and `token`), then \
-http://127.0.0.1:7878.\nExit codes: 0 all passed, 1 a test failed, 2 usage or input error, \
+($QGJOB_CONFIG, else $XDG_CONFIG_HOME/qgjob/config.toml or ~/.config/qgjob/config.toml; keys \
+`server` and `token`), then \
+http://127.0.0.1:7878. An https server is checked against Mozilla's roots, or against the \
+CA certificates of the PEM file named by QGJOB_CA_CERT.\nExit codes: 0 all passed, 1 a test failed, 2 usage or input error, \
 3 server or infrastructure error (also error/canceled jobs and timeouts).\nTry it all locally: qgjob demo"
 )]
 pub struct Cli {

@@ -4,7 +4,10 @@
 //! failure becomes one [`CliError`] line with the right exit code.
 
 use std::io::{BufRead, BufReader, Read};
+use std::sync::OnceLock;
 use std::time::Duration;
+
+use ureq::tls::{PemItem, RootCerts, TlsConfig};
 
 use qgjob_core::{
     DeviceId, DeviceInfo, HeartbeatAck, InfraFailure, Job, JobEvent, JobId, JobSpec, JobState,
@@ -204,10 +207,60 @@ fn without_credentials(url: &str) -> String {
     }
 }
 
+/// The environment variable naming a PEM file of CA certificates to trust for an https
+/// server instead of the built-in (Mozilla) roots: a server behind a private CA, or with a
+/// self-signed certificate.
+pub const CA_CERT_ENV: &str = "QGJOB_CA_CERT";
+
+static SERVER_ROOTS: OnceLock<RootCerts> = OnceLock::new();
+
+/// Reads [`CA_CERT_ENV`] once, before the first client is made; a file that cannot be read
+/// or holds no certificate is a usage error (exit 2) rather than a failed TLS handshake
+/// later.
+pub fn load_server_roots() -> Result<()> {
+    if SERVER_ROOTS.get().is_some() {
+        return Ok(());
+    }
+    let Some(path) = std::env::var_os(CA_CERT_ENV).filter(|p| !p.is_empty()) else {
+        return Ok(());
+    };
+    let shown = std::path::Path::new(&path).display().to_string();
+    let pem =
+        std::fs::read(&path).map_err(|e| CliError::Usage(format!("{CA_CERT_ENV} {shown}: {e}")))?;
+    let mut certs = Vec::new();
+    for item in ureq::tls::parse_pem(&pem) {
+        match item {
+            Ok(PemItem::Certificate(c)) => certs.push(c),
+            Ok(_) => {}
+            Err(e) => {
+                return Err(CliError::Usage(format!(
+                    "{CA_CERT_ENV} {shown}: not a PEM certificate file: {e}"
+                )))
+            }
+        }
+    }
+    if certs.is_empty() {
+        return Err(CliError::Usage(format!(
+            "{CA_CERT_ENV} {shown}: holds no certificate"
+        )));
+    }
+    let _ = SERVER_ROOTS.set(RootCerts::new_with_certs(&certs));
+    Ok(())
+}
+
+/// TLS settings for talking to the qgjob server: the roots [`load_server_roots`] read, or
+/// the built-in ones.
+pub fn server_tls() -> TlsConfig {
+    TlsConfig::builder()
+        .root_certs(SERVER_ROOTS.get().cloned().unwrap_or(RootCerts::WebPki))
+        .build()
+}
+
 impl Client {
-    /// A client for the server at `base` (e.g. `http://127.0.0.1:7878`).
+    /// A client for the server at `base` (e.g. `http://127.0.0.1:7878`, or an https URL).
     pub fn new(base: impl Into<String>, token: Option<String>) -> Self {
         let agent: ureq::Agent = ureq::Agent::config_builder()
+            .tls_config(server_tls())
             .http_status_as_error(false)
             .timeout_connect(Some(Duration::from_secs(5)))
             .user_agent(concat!("qgjob/", env!("CARGO_PKG_VERSION")))
@@ -486,12 +539,13 @@ impl Client {
     }
 
     /// Removes a device.
-    pub fn unregister_device(&self, id: &DeviceId) -> Result<()> {
+    pub fn unregister_device(&self, id: &DeviceId, session: Option<&str>) -> Result<()> {
+        let mut path = format!("/v1/agent/devices/{}", enc(id.as_str()));
+        if let Some(s) = session {
+            path.push_str(&format!("?session={}", enc(s)));
+        }
         let req = self
-            .auth(
-                self.agent
-                    .delete(self.url(&format!("/v1/agent/devices/{}", enc(id.as_str())))),
-            )
+            .auth(self.agent.delete(self.url(&path)))
             .config()
             .timeout_global(Some(CALL_TIMEOUT))
             .build();
@@ -503,11 +557,13 @@ impl Client {
     pub fn lease(
         &self,
         device: &DeviceId,
+        session: Option<&str>,
         max_batch: usize,
         wait: Duration,
     ) -> Result<Option<Lease>> {
         let body = serde_json::json!({
             "device_id": device,
+            "session": session,
             "max_batch": max_batch,
             "wait_ms": wait.as_millis() as u64,
         });

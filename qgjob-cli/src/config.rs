@@ -112,17 +112,11 @@ pub fn normalize_server(s: &str) -> Result<String> {
     if s.is_empty() {
         return Err(CliError::Usage("the server address is empty".into()));
     }
-    if s.starts_with("https://") {
-        return Err(CliError::Usage(format!(
-            "server {s}: https is not supported by this build; put qgjob behind a plain-HTTP \
-             address or a local proxy"
-        )));
-    }
-    if s.starts_with("http://") {
+    if s.starts_with("http://") || s.starts_with("https://") {
         Ok(s.to_string())
     } else if s.contains("://") {
         Err(CliError::Usage(format!(
-            "server {s}: only http:// addresses are supported"
+            "server {s}: only http:// and https:// addresses are supported"
         )))
     } else {
         Ok(format!("http://{s}"))
@@ -152,6 +146,6 @@ mod tests {
         );
         assert_eq!(normalize_server("http://a:1").unwrap(), "http://a:1");
         assert!(normalize_server("ftp://a").is_err());
-        assert!(normalize_server("https://a").is_err());
+        assert_eq!(normalize_server("https://a/").unwrap(), "https://a");
     }
 }

@@ -39,6 +39,11 @@ pub fn link_error(e: CliError) -> LinkError {
             let _ = message;
             LinkError::Stale
         }
+        CliError::Api {
+            status: 409,
+            code,
+            message,
+        } if code == "device_held" => LinkError::Held(message),
         // A timeout or rate limit says "later", not "never": retry them like a 5xx.
         CliError::Api {
             status: 408 | 429, ..
@@ -73,19 +78,24 @@ impl AgentLink for HttpLink {
             .await
     }
 
-    async fn unregister(&self, device: &DeviceId) -> Result<(), LinkError> {
+    async fn unregister(&self, device: &DeviceId, session: Option<&str>) -> Result<(), LinkError> {
         let d = device.clone();
-        self.call(move |c| c.unregister_device(&d)).await
+        let s = session.map(String::from);
+        self.call(move |c| c.unregister_device(&d, s.as_deref()))
+            .await
     }
 
     async fn lease(
         &self,
         device: &DeviceId,
+        session: Option<&str>,
         max_batch: usize,
         wait: Duration,
     ) -> Result<Option<Lease>, LinkError> {
         let d = device.clone();
-        self.call(move |c| c.lease(&d, max_batch, wait)).await
+        let s = session.map(String::from);
+        self.call(move |c| c.lease(&d, s.as_deref(), max_batch, wait))
+            .await
     }
 
     async fn heartbeat(&self, lease: LeaseId) -> Result<HeartbeatAck, LinkError> {
@@ -128,6 +138,14 @@ mod tests {
             message: "m".into(),
         };
         assert_eq!(link_error(api(409, "stale_lease")), LinkError::Stale);
+        assert_eq!(
+            link_error(api(409, "device_held")),
+            LinkError::Held("m".into())
+        );
+        assert_eq!(
+            link_error(api(409, "device_taken")),
+            LinkError::Rejected("m".into())
+        );
         assert_eq!(
             link_error(api(404, "not_found")),
             LinkError::Rejected("m".into())

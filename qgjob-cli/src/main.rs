@@ -15,6 +15,7 @@ use qgjob_cli::error::{CliError, Result};
 fn client(after: &Conn, before: &Conn) -> Result<Client> {
     let conn = after.or(before);
     let s = config::resolve(conn.server, conn.token)?;
+    qgjob_cli::client::load_server_roots()?;
     Ok(Client::new(s.server, s.token))
 }
 

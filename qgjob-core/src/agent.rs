@@ -49,6 +49,13 @@ pub enum LinkError {
     /// a refused registration stops the agent.
     #[error("rejected: {0}")]
     Rejected(String),
+    /// A registration was refused because another agent session holds the device and is
+    /// still in touch with the scheduler. The device is free once that agent has been silent
+    /// for a lease TTL, so the agent retries for [`AgentConfig::held_patience`] before it
+    /// gives up: a restarted agent waits out its killed predecessor this way, while a second
+    /// agent running under the same name stops with this message.
+    #[error("held by another agent: {0}")]
+    Held(String),
 }
 
 /// The interface between an agent and a scheduler: [`LocalLink`] in process, an HTTP client
@@ -58,14 +65,19 @@ pub trait AgentLink: Send + Sync {
     /// Adds or refreshes a device (also how a device marked lost comes back).
     async fn register(&self, device: DeviceInfo) -> Result<(), LinkError>;
 
-    /// Removes a device; jobs it still held are requeued by the scheduler.
-    async fn unregister(&self, device: &DeviceId) -> Result<(), LinkError>;
+    /// Removes a device; jobs it still held are requeued by the scheduler. With a
+    /// `session`, refused when another agent session has registered the device since (it is
+    /// no longer ours to remove).
+    async fn unregister(&self, device: &DeviceId, session: Option<&str>) -> Result<(), LinkError>;
 
     /// Long-polls for work: returns as soon as the scheduler has a lease for the device, or
-    /// `None` once `wait` has passed without one.
+    /// `None` once `wait` has passed without one. With a `session`, refused when another
+    /// agent session has registered the device since; while it waits, the poll keeps the
+    /// device in touch (see [`Scheduler::touch_device`]).
     async fn lease(
         &self,
         device: &DeviceId,
+        session: Option<&str>,
         max_batch: usize,
         wait: Duration,
     ) -> Result<Option<Lease>, LinkError>;
@@ -376,8 +388,17 @@ impl<S> Clone for LocalLink<S> {
     }
 }
 
+/// How often a long poll re-asks, so that a waiting agent stays in touch: a third of the
+/// lease TTL, at least 10 ms.
+pub fn touch_interval(lease_ttl_ms: u64) -> Duration {
+    Duration::from_millis((lease_ttl_ms / 3).max(10))
+}
+
 fn device_err(e: DeviceError) -> LinkError {
-    LinkError::Rejected(e.to_string())
+    match e {
+        DeviceError::Held { .. } => LinkError::Held(e.to_string()),
+        other => LinkError::Rejected(other.to_string()),
+    }
 }
 
 fn report_err(e: ReportError) -> LinkError {
@@ -395,15 +416,19 @@ impl<S: Scheduler + Send + 'static> AgentLink for LocalLink<S> {
             .map_err(device_err)
     }
 
-    async fn unregister(&self, device: &DeviceId) -> Result<(), LinkError> {
+    async fn unregister(&self, device: &DeviceId, session: Option<&str>) -> Result<(), LinkError> {
         self.shared
-            .update(|s, now| s.unregister_device(now, device))
+            .update(|s, now| {
+                s.touch_device(now, device, session)?;
+                s.unregister_device(now, device)
+            })
             .map_err(device_err)
     }
 
     async fn lease(
         &self,
         device: &DeviceId,
+        session: Option<&str>,
         max_batch: usize,
         wait: Duration,
     ) -> Result<Option<Lease>, LinkError> {
@@ -413,18 +438,26 @@ impl<S: Scheduler + Send + 'static> AgentLink for LocalLink<S> {
             tokio::pin!(notified);
             // Register interest before asking, so a submit right after the ask still wakes us.
             notified.as_mut().enable();
-            let got = {
+            let (got, ttl) = {
                 let mut s = self.shared.lock();
                 let now = self.shared.now();
-                s.lease(now, device, max_batch).map_err(device_err)?
+                s.touch_device(now, device, session).map_err(device_err)?;
+                let got = s.lease(now, device, max_batch).map_err(device_err)?;
+                (got, s.lease_ttl_ms())
             };
             if let Some(lease) = got {
                 self.shared.notify();
                 return Ok(Some(lease));
             }
+            // Ask again well within a lease TTL, which keeps the device in touch while idle.
+            let touch = tokio::time::Instant::now() + touch_interval(ttl);
             tokio::select! {
                 _ = &mut notified => {}
-                _ = tokio::time::sleep_until(deadline) => return Ok(None),
+                _ = tokio::time::sleep_until(touch.min(deadline)) => {
+                    if touch >= deadline {
+                        return Ok(None);
+                    }
+                }
             }
         }
     }
@@ -561,6 +594,11 @@ pub struct AgentConfig {
     /// is already on its way is run rather than handed back. Keep it above the link's round
     /// trip and well under `lease_wait`: it is how long an idle agent takes to stop.
     pub shutdown_grace: Duration,
+    /// How long a device whose registration is refused as held by another agent session
+    /// ([`LinkError::Held`]) keeps trying before the agent stops with that error. Keep it
+    /// above the scheduler's lease TTL: a restarted agent that cannot name its predecessor
+    /// (see [`Agent::replacing`]) waits until the killed one has been silent that long.
+    pub held_patience: Duration,
 }
 
 impl Default for AgentConfig {
@@ -573,6 +611,7 @@ impl Default for AgentConfig {
             retry_max: Duration::from_secs(5),
             report_attempts: 10,
             shutdown_grace: Duration::from_millis(500),
+            held_patience: Duration::from_secs(60),
         }
     }
 }
@@ -610,6 +649,7 @@ pub struct AgentStats {
     transport_errors: AtomicU64,
     unhealthy: AtomicU64,
     rejected: AtomicU64,
+    held: AtomicU64,
     last_error: Mutex<Option<String>>,
 }
 
@@ -651,6 +691,10 @@ pub struct AgentCounters {
     /// taken off the scheduler until it was back.
     #[serde(default)]
     pub unhealthy: u64,
+    /// Registrations refused because another agent session held the device (two agents
+    /// sharing a name, or this agent's killed predecessor not yet silent for a lease TTL).
+    #[serde(default)]
+    pub held: u64,
 }
 
 impl AgentStats {
@@ -671,6 +715,7 @@ impl AgentStats {
             transport_errors: g(&self.transport_errors),
             rejected: g(&self.rejected),
             unhealthy: g(&self.unhealthy),
+            held: g(&self.held),
         }
     }
 
@@ -691,6 +736,7 @@ impl AgentStats {
             LinkError::Transport(_) => Self::bump(&self.transport_errors),
             LinkError::Rejected(_) => Self::bump(&self.rejected),
             LinkError::Stale => Self::bump(&self.stale_leases),
+            LinkError::Held(_) => Self::bump(&self.held),
         }
         *self
             .last_error
@@ -733,6 +779,8 @@ pub struct Agent {
     devices: Vec<Arc<dyn Device>>,
     cfg: AgentConfig,
     stats: Arc<AgentStats>,
+    session: Arc<str>,
+    replaces: Option<Arc<str>>,
 }
 
 /// Everything one device loop needs, cheap to clone into its task.
@@ -744,17 +792,37 @@ struct Ctx {
     stats: Arc<AgentStats>,
     /// The device loop's stop switch (reports give up only once it is on).
     stopping: ShutdownSignal,
+    session: Arc<str>,
+    replaces: Option<Arc<str>>,
 }
 
 impl Agent {
-    /// An agent with no devices yet.
+    /// An agent with no devices yet, under a fresh session (a version-7 UUID): its devices
+    /// register under it, and the scheduler refuses them to any other running agent.
     pub fn new(link: Arc<dyn AgentLink>, cfg: AgentConfig) -> Self {
         Agent {
             link,
             devices: Vec::new(),
             cfg,
             stats: Arc::new(AgentStats::default()),
+            session: uuid::Uuid::now_v7().to_string().into(),
+            replaces: None,
         }
+    }
+
+    /// This run's session, to record where the next run can find it (see
+    /// [`Agent::replacing`]).
+    pub fn session(&self) -> &str {
+        &self.session
+    }
+
+    /// Names the session of this agent's previous run, which the caller knows has ended
+    /// (e.g. it now holds a lock that run held): devices that run still holds are taken over
+    /// at once instead of once it has been silent for a lease TTL. Naming a session that is
+    /// still running takes its devices from it, so only name one known to be over.
+    pub fn replacing(mut self, previous: Option<String>) -> Self {
+        self.replaces = previous.map(Into::into);
+        self
     }
 
     /// Adds a device (builder style).
@@ -791,6 +859,8 @@ impl Agent {
                 cfg: self.cfg.clone(),
                 stats: Arc::clone(&self.stats),
                 stopping: stop.signal(),
+                session: Arc::clone(&self.session),
+                replaces: self.replaces.clone(),
             };
             tasks.spawn(device_loop(ctx, stop.signal()));
         }
@@ -835,6 +905,8 @@ async fn pause(d: Duration, shutdown: &mut ShutdownSignal) -> bool {
 /// comes back; the agent must outlive it). Ok(false) when shutdown came first.
 async fn register(ctx: &Ctx, shutdown: &mut ShutdownSignal) -> Result<bool, AgentError> {
     let mut backoff = Backoff::new(&ctx.cfg);
+    // When a refusal as held by another session began.
+    let mut held_since: Option<tokio::time::Instant> = None;
     loop {
         // The agent registers a device only between leases (at start, after the device came
         // back, after the scheduler forgot it), so it runs nothing there: a lease the
@@ -843,6 +915,8 @@ async fn register(ctx: &Ctx, shutdown: &mut ShutdownSignal) -> Result<bool, Agen
         // rather than after the lease TTL, while the device sits refused as busy.
         let info = DeviceInfo {
             idle: true,
+            session: Some(ctx.session.to_string()),
+            replaces: ctx.replaces.as_deref().map(String::from),
             ..ctx.device.info()
         };
         // Not abandoned on shutdown: a registration that lands after we stop listening
@@ -858,12 +932,26 @@ async fn register(ctx: &Ctx, shutdown: &mut ShutdownSignal) -> Result<bool, Agen
                     return Ok(false);
                 }
             }
+            // Another session holds the device: our killed predecessor, whose silence
+            // frees it within a lease TTL, or another live agent under the same name,
+            // which will not. Wait for the first; stop for the second.
+            Err(LinkError::Held(m))
+                if held_since
+                    .get_or_insert_with(tokio::time::Instant::now)
+                    .elapsed()
+                    < ctx.cfg.held_patience =>
+            {
+                ctx.stats.note(&LinkError::Held(m));
+                if !pause(backoff.next(), shutdown).await {
+                    return Ok(false);
+                }
+            }
             Err(e) => {
                 ctx.stats.note(&e);
                 // The scheduler's own words, without our "rejected: " prefix: this is what
                 // the operator reads.
                 let message = match e {
-                    LinkError::Rejected(m) => m,
+                    LinkError::Rejected(m) | LinkError::Held(m) => m,
                     other => other.to_string(),
                 };
                 return Err(AgentError::Register {
@@ -884,7 +972,12 @@ async fn device_loop(ctx: Ctx, mut shutdown: ShutdownSignal) -> Result<(), Agent
     // Whether the last step was a registration after a refused poll.
     let mut reregistered = false;
     while !shutdown.is_triggered() {
-        let poll = ctx.link.lease(&id, ctx.cfg.max_batch, ctx.cfg.lease_wait);
+        let poll = ctx.link.lease(
+            &id,
+            Some(&ctx.session),
+            ctx.cfg.max_batch,
+            ctx.cfg.lease_wait,
+        );
         let polled = if ctx.link.lease_is_cancel_safe() {
             tokio::select! {
                 biased;
@@ -915,7 +1008,7 @@ async fn device_loop(ctx: Ctx, mut shutdown: ShutdownSignal) -> Result<(), Agent
                 if run_lease(&ctx, lease).await && !ctx.device.healthy().await {
                     // Gone: off the scheduler (so its jobs and its build's group go to other
                     // devices, or wait) until it is back.
-                    let _ = ctx.link.unregister(&id).await;
+                    let _ = ctx.link.unregister(&id, Some(&ctx.session)).await;
                     if !until_healthy(&ctx, &mut shutdown).await
                         || !register(&ctx, &mut shutdown).await?
                     {
@@ -950,7 +1043,7 @@ async fn device_loop(ctx: Ctx, mut shutdown: ShutdownSignal) -> Result<(), Agent
     // Best effort: if this fails the scheduler still expires the device's leases.
     let mut backoff = Backoff::new(&ctx.cfg);
     for _ in 0..3 {
-        match ctx.link.unregister(&id).await {
+        match ctx.link.unregister(&id, Some(&ctx.session)).await {
             Err(e @ LinkError::Transport(_)) => {
                 ctx.stats.note(&e);
                 tokio::time::sleep(backoff.next()).await;

@@ -67,6 +67,25 @@ pub enum DeviceError {
     /// The device's lease expired: it must register again before it gets work.
     #[error("device {0} was marked lost; register it again")]
     Lost(DeviceId),
+    /// Another agent session registered the device and is still in touch with the scheduler:
+    /// most likely two running agents share a name. It becomes free once that agent has
+    /// been silent for a lease TTL (or unregisters the device).
+    #[error(
+        "device {device} is registered by another agent, which was in touch {quiet_ms} ms ago; \
+         it is free once that agent has been silent for {ttl_ms} ms"
+    )]
+    Held {
+        /// The device.
+        device: DeviceId,
+        /// How long ago the holding agent was last heard from.
+        quiet_ms: u64,
+        /// How long it must stay silent before the device can be taken over.
+        ttl_ms: u64,
+    },
+    /// The device was registered since by another agent session: this agent no longer has
+    /// it.
+    #[error("device {0} was registered since by another agent")]
+    TakenOver(DeviceId),
     /// A registration field is invalid.
     #[error(transparent)]
     Invalid(#[from] InvalidSpec),

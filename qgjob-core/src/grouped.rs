@@ -93,6 +93,9 @@ struct Dev {
     lease: Option<LeaseId>,
     lost: bool,
     installs: u64,
+    /// When its agent was last heard from (register, poll, heartbeat): another agent
+    /// session may take the device over only once this is a lease TTL old.
+    seen: Time,
 }
 
 #[derive(Debug, Clone)]
@@ -126,6 +129,8 @@ struct LeaseRec {
 ///     installed: None,
 ///     install_estimate_ms: None,
 ///     idle: false,
+///     session: None,
+///     replaces: None,
 /// };
 /// s.register_device(Time(0), dev.clone()).unwrap();
 /// let lease = s.lease(Time(1), &dev.id, 1).unwrap().expect("work");
@@ -1050,6 +1055,22 @@ impl Scheduler for GroupedScheduler {
     }
 
     fn register_device(&mut self, now: Time, device: DeviceInfo) -> Result<(), DeviceError> {
+        device.validate()?;
+        if let Some(d) = self.devices.get(&device.id) {
+            let ttl = self.cfg.lease_ttl_ms;
+            let quiet_ms = now.since(d.seen);
+            let other = match (&d.info.session, &device.session) {
+                (Some(old), Some(new)) => old != new && device.replaces.as_ref() != Some(old),
+                _ => false,
+            };
+            if other && quiet_ms < ttl {
+                return Err(DeviceError::Held {
+                    device: device.id.clone(),
+                    quiet_ms,
+                    ttl_ms: ttl,
+                });
+            }
+        }
         let held = match self.devices.get(&device.id) {
             Some(d) => d.lease,
             // A device that held a lease before a restart (of this scheduler) gets it back.
@@ -1081,6 +1102,7 @@ impl Scheduler for GroupedScheduler {
             if let Some(d) = self.devices.get_mut(&device.id) {
                 d.info = device.clone();
                 d.lost = false;
+                d.seen = now;
             }
         } else {
             let lease = held;
@@ -1091,6 +1113,7 @@ impl Scheduler for GroupedScheduler {
                     lease,
                     lost: false,
                     installs: 0,
+                    seen: now,
                 },
             );
         }
@@ -1099,6 +1122,25 @@ impl Scheduler for GroupedScheduler {
             p.install_ms = Some(ewma(p.install_ms, ms as f64));
         }
         self.adjust_serving(&device, 1);
+        Ok(())
+    }
+
+    fn touch_device(
+        &mut self,
+        now: Time,
+        id: &DeviceId,
+        session: Option<&str>,
+    ) -> Result<(), DeviceError> {
+        let d = self
+            .devices
+            .get_mut(id)
+            .ok_or_else(|| DeviceError::UnknownDevice(id.clone()))?;
+        if let (Some(ours), Some(holder)) = (session, d.info.session.as_deref()) {
+            if ours != holder {
+                return Err(DeviceError::TakenOver(id.clone()));
+            }
+        }
+        d.seen = now;
         Ok(())
     }
 
@@ -1126,8 +1168,10 @@ impl Scheduler for GroupedScheduler {
     ) -> Result<Option<Lease>, DeviceError> {
         let dev = self
             .devices
-            .get(device)
+            .get_mut(device)
             .ok_or_else(|| DeviceError::UnknownDevice(device.clone()))?;
+        dev.seen = now;
+        let dev = &self.devices[device];
         if dev.lost {
             return Err(DeviceError::Lost(device.clone()));
         }
@@ -1246,6 +1290,9 @@ impl Scheduler for GroupedScheduler {
         rec.deadline = rec.deadline.max(now.plus_ms(ttl));
         let deadline = rec.deadline;
         let pending = rec.pending.clone();
+        if let Some(d) = self.devices.get_mut(&rec.device) {
+            d.seen = now;
+        }
         self.lease_deadlines.remove(&(old, lease));
         self.lease_deadlines.insert((deadline, lease));
         let mut cancel = Vec::new();
@@ -1401,6 +1448,10 @@ impl Scheduler for GroupedScheduler {
         }
     }
 
+    fn lease_ttl_ms(&self) -> u64 {
+        self.cfg.lease_ttl_ms
+    }
+
     fn next_wakeup(&self) -> Option<Time> {
         [
             self.backoff.first().map(|x| x.0),
@@ -1492,6 +1543,8 @@ mod tests {
             installed: None,
             install_estimate_ms: Some(30_000),
             idle: false,
+            session: None,
+            replaces: None,
         }
     }
 
@@ -2012,5 +2065,118 @@ mod tests {
             out
         };
         assert_eq!(run(), run());
+    }
+
+    fn with_session(id: &str, session: &str) -> DeviceInfo {
+        DeviceInfo {
+            session: Some(session.into()),
+            idle: true,
+            ..device(id, Target::Emulator)
+        }
+    }
+
+    #[test]
+    fn a_device_in_touch_is_refused_to_another_session() {
+        let mut s = sched();
+        let ttl = s.config().lease_ttl_ms;
+        let job = s
+            .submit(Time(0), spec("acme", "v1", Target::Emulator))
+            .expect("submit")
+            .job_id;
+        s.register_device(Time(0), with_session("d1", "a"))
+            .expect("first");
+        let l = s.lease(Time(0), &d("d1"), 1).expect("ok").expect("work");
+        // Heartbeats keep the device in touch well past one TTL.
+        s.heartbeat(Time(ttl - 1), l.id).expect("beat");
+        let err = s
+            .register_device(Time(ttl + 1), with_session("d1", "b"))
+            .expect_err("held");
+        assert_eq!(
+            err,
+            DeviceError::Held {
+                device: d("d1"),
+                quiet_ms: 2,
+                ttl_ms: ttl
+            }
+        );
+        // Nothing changed: the lease and its job are still the first agent's.
+        assert_eq!(s.get(job).expect("job").state, JobState::Running);
+        s.complete(Time(ttl + 2), l.id, job, pass())
+            .expect("report");
+        // The holder's own session registers again freely.
+        s.register_device(Time(ttl + 3), with_session("d1", "a"))
+            .expect("same session");
+        // A session naming the holder as its predecessor takes over at once.
+        s.register_device(
+            Time(ttl + 4),
+            DeviceInfo {
+                replaces: Some("a".into()),
+                ..with_session("d1", "b")
+            },
+        )
+        .expect("successor");
+        assert_eq!(
+            s.touch_device(Time(ttl + 5), &d("d1"), Some("a")),
+            Err(DeviceError::TakenOver(d("d1")))
+        );
+        s.touch_device(Time(ttl + 5), &d("d1"), Some("b"))
+            .expect("holder");
+        // Agents that name no session are not checked.
+        s.touch_device(Time(ttl + 5), &d("d1"), None).expect("none");
+        s.register_device(Time(ttl + 6), device("d1", Target::Emulator))
+            .expect("no session");
+    }
+
+    #[test]
+    fn a_silent_or_lost_device_goes_to_another_session() {
+        let mut s = sched();
+        let ttl = s.config().lease_ttl_ms;
+        s.register_device(Time(0), with_session("d1", "a"))
+            .expect("first");
+        // Polling keeps it in touch...
+        s.lease(Time(ttl), &d("d1"), 1).expect("poll");
+        assert!(matches!(
+            s.register_device(Time(2 * ttl - 1), with_session("d1", "b")),
+            Err(DeviceError::Held { .. })
+        ));
+        // ...until it has been silent for a TTL.
+        s.register_device(Time(2 * ttl), with_session("d1", "b"))
+            .expect("silent");
+
+        // A device whose lease expired (marked lost) was silent for a TTL: free.
+        let job = s
+            .submit(Time(2 * ttl), spec("acme", "v1", Target::Emulator))
+            .expect("submit")
+            .job_id;
+        s.lease(Time(2 * ttl), &d("d1"), 1)
+            .expect("ok")
+            .expect("work");
+        s.tick(Time(3 * ttl + 1));
+        assert_eq!(s.get(job).expect("job").attempt, 2);
+        s.register_device(Time(3 * ttl + 1), with_session("d1", "c"))
+            .expect("lost");
+
+        // Unregistering frees the name too.
+        s.unregister_device(Time(3 * ttl + 2), &d("d1"))
+            .expect("unregister");
+        s.register_device(Time(3 * ttl + 3), with_session("d1", "a"))
+            .expect("free");
+    }
+
+    #[test]
+    fn session_names_are_checked() {
+        let mut s = sched();
+        let err = s
+            .register_device(Time(0), with_session("d1", "has space"))
+            .expect_err("invalid");
+        assert!(
+            matches!(err, DeviceError::Invalid(ref i) if i.field == "session"),
+            "{err:?}"
+        );
+        assert!(s.devices().is_empty());
+    }
+
+    fn d(id: &str) -> DeviceId {
+        DeviceId::new(id).expect("id")
     }
 }

@@ -36,6 +36,8 @@
 //!             installed: None,
 //!             install_estimate_ms: Some(0),
 //!             idle: false,
+//!             session: None,
+//!             replaces: None,
 //!         }
 //!     }
 //!     async fn install(&self, _build: &BuildRef) -> Result<(), InfraFailure> {

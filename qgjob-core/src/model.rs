@@ -829,6 +829,32 @@ pub struct DeviceInfo {
     /// such a lease with the device: an agent re-registering while it still runs the jobs.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub idle: bool,
+    /// The registering agent's session: a name it picks afresh each time it starts (a
+    /// UUID). While the device's agent stays in touch (within one lease TTL), a registration
+    /// from another session is refused ([`DeviceError::Held`](crate::DeviceError::Held)), and
+    /// once another session holds the device, leasing for it under the old one is refused:
+    /// two agents given the same name would otherwise take each other's leases. `None`
+    /// (older agents) skips both checks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<String>,
+    /// The session of this agent's previous run, known to have ended (the agent holds a lock
+    /// its predecessor held). A device that session holds is taken over at once instead of
+    /// once it has been silent for a lease TTL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replaces: Option<String>,
+}
+
+impl DeviceInfo {
+    /// Checks the fields a scheduler cannot check by type: the session names.
+    pub fn validate(&self) -> Result<(), InvalidSpec> {
+        if let Some(s) = &self.session {
+            validate_name(s, "session")?;
+        }
+        if let Some(s) = &self.replaces {
+            validate_name(s, "replaces")?;
+        }
+        Ok(())
+    }
 }
 
 /// One job inside a lease.

@@ -116,8 +116,21 @@ pub trait Scheduler {
     ) -> Result<Vec<Submitted>, SubmitError>;
 
     /// Adds a device (or refreshes it: a lost device comes back this way). A device that
-    /// re-registers while holding a lease keeps it.
+    /// re-registers while holding a lease keeps it, unless it says it is idle. A device
+    /// another agent session holds and still keeps in touch is refused
+    /// ([`DeviceError::Held`]; see [`DeviceInfo::session`]).
     fn register_device(&mut self, now: Time, device: DeviceInfo) -> Result<(), DeviceError>;
+
+    /// The device's agent is alive and polling under `session`: refused with
+    /// [`DeviceError::TakenOver`] when another session has registered the device since.
+    /// Agents call it with each lease poll (and during long polls), which keeps the device
+    /// in touch; a lease or a heartbeat does too.
+    fn touch_device(
+        &mut self,
+        now: Time,
+        id: &DeviceId,
+        session: Option<&str>,
+    ) -> Result<(), DeviceError>;
 
     /// Removes a device; jobs it was running go back to the queue as infrastructure failures.
     fn unregister_device(&mut self, now: Time, id: &DeviceId) -> Result<(), DeviceError>;
@@ -164,6 +177,10 @@ pub trait Scheduler {
 
     /// The earliest time at which [`Scheduler::tick`] has something to do.
     fn next_wakeup(&self) -> Option<Time>;
+
+    /// How long a lease lasts without a heartbeat, in ms; also how long a device's agent may
+    /// stay silent before another agent session may register the device.
+    fn lease_ttl_ms(&self) -> u64;
 
     /// Takes the state changes recorded since the last call, in order.
     fn take_events(&mut self) -> Vec<JobEvent>;

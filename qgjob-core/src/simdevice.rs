@@ -280,6 +280,8 @@ impl Device for SimDevice {
             installed: self.installed(),
             install_estimate_ms: Some(self.cfg.install_ms),
             idle: false,
+            session: None,
+            replaces: None,
         }
     }
 

@@ -64,6 +64,14 @@ async fn wait(s: &Shared, what: &str, pred: impl FnMut(&GroupedScheduler) -> boo
     }
 }
 
+/// Awaits an agent's end, with the same generous virtual deadline as [`wait`].
+async fn ended<T>(what: &str, handle: tokio::task::JoinHandle<T>) -> T {
+    match tokio::time::timeout(Duration::from_secs(24 * 3600), handle).await {
+        Ok(r) => r.unwrap(),
+        Err(_) => panic!("never ended: {what}"),
+    }
+}
+
 fn all_final(ids: &[JobId]) -> impl FnMut(&GroupedScheduler) -> bool + '_ {
     move |s| {
         ids.iter()
@@ -79,10 +87,22 @@ fn spawn_agent(
     Shutdown,
     tokio::task::JoinHandle<Result<AgentCounters, qgjob_core::agent::AgentError>>,
 ) {
-    let mut agent = Agent::new(link, cfg);
+    spawn_built(with_devices(Agent::new(link, cfg), devices))
+}
+
+fn with_devices(mut agent: Agent, devices: &[Arc<SimDevice>]) -> Agent {
     for d in devices {
         agent.add_device(Arc::clone(d) as Arc<dyn Device>);
     }
+    agent
+}
+
+fn spawn_built(
+    agent: Agent,
+) -> (
+    Shutdown,
+    tokio::task::JoinHandle<Result<AgentCounters, qgjob_core::agent::AgentError>>,
+) {
     let shutdown = Shutdown::new();
     let handle = tokio::spawn(agent.run(shutdown.signal()));
     (shutdown, handle)
@@ -302,7 +322,9 @@ async fn a_restarted_agent_takes_its_device_back_without_waiting_out_the_old_lea
         .unwrap()
         .job_id;
     let slow = Arc::new(SimDevice::new(sim("emu-a", 1_000, 300_000)));
-    let (_s1, first) = spawn_agent(Arc::new(s.link()), &[slow], agent_cfg());
+    let agent = with_devices(Agent::new(Arc::new(s.link()), agent_cfg()), &[slow]);
+    let predecessor = agent.session().to_string();
+    let (_s1, first) = spawn_built(agent);
     wait(&s, "running", |s| {
         s.get(id).is_some_and(|j| j.state == JobState::Running)
     })
@@ -313,9 +335,11 @@ async fn a_restarted_agent_takes_its_device_back_without_waiting_out_the_old_lea
     first.abort();
     assert!(first.await.unwrap_err().is_cancelled());
 
-    // It starts again, with the same device.
+    // It starts again, with the same device, and names the run it follows (as `qgjob
+    // agent` does from its cache dir's lock), so the device is not held from it.
     let again = Arc::new(SimDevice::new(sim("emu-a", 1_000, 5_000)));
-    let (s2, second) = spawn_agent(Arc::new(s.link()), &[Arc::clone(&again)], agent_cfg());
+    let agent = Agent::new(Arc::new(s.link()), agent_cfg()).replacing(Some(predecessor));
+    let (s2, second) = spawn_built(with_devices(agent, &[Arc::clone(&again)]));
     wait(&s, "job final", all_final(&[id])).await;
     let job = s.get(id).unwrap();
     assert_eq!((job.state, job.attempt), (JobState::Passed, 2));
@@ -329,6 +353,143 @@ async fn a_restarted_agent_takes_its_device_back_without_waiting_out_the_old_lea
     assert_eq!(again.stats().passed, 1);
     s2.trigger();
     second.await.unwrap().unwrap();
+    ticker.abort();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_restarted_agent_that_cannot_name_its_predecessor_waits_until_it_is_silent() {
+    let cfg = SchedulerConfig {
+        lease_ttl_ms: 20_000,
+        ..SchedulerConfig::default()
+    };
+    let s = shared(cfg);
+    let ticker = s.spawn_ticker();
+    let id = s
+        .submit(spec("acme", "v1", "tests/a.spec.js"))
+        .unwrap()
+        .job_id;
+    let slow = Arc::new(SimDevice::new(sim("emu-a", 1_000, 300_000)));
+    let (_s1, first) = spawn_agent(Arc::new(s.link()), &[slow], agent_cfg());
+    wait(&s, "running", |s| {
+        s.get(id).is_some_and(|j| j.state == JobState::Running)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    first.abort();
+    assert!(first.await.unwrap_err().is_cancelled());
+    let killed = s.now();
+
+    let again = Arc::new(SimDevice::new(sim("emu-a", 1_000, 5_000)));
+    let (s2, second) = spawn_agent(Arc::new(s.link()), &[Arc::clone(&again)], agent_cfg());
+    wait(&s, "job final", all_final(&[id])).await;
+    let job = s.get(id).unwrap();
+    assert_eq!((job.state, job.attempt), (JobState::Passed, 2));
+    // The killed agent's last heartbeat came at most 5 s before it died; the device was
+    // refused to the new session until that was a TTL old.
+    assert!(
+        job.started_at.unwrap().since(killed) >= 15_000,
+        "restarted {:?} after the kill at {killed:?}",
+        job.started_at
+    );
+    s2.trigger();
+    let c = second.await.unwrap().unwrap();
+    assert!(c.held >= 1, "{c:?}");
+    assert_eq!(c.jobs_run, 1);
+    ticker.abort();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_second_agent_under_the_same_name_stops_and_leaves_the_first_alone() {
+    let s = shared(SchedulerConfig::default());
+    let ticker = s.spawn_ticker();
+    let ids: Vec<JobId> = (0..6)
+        .map(|i| {
+            s.submit(spec("acme", "v1", &format!("tests/{i}.spec.js")))
+                .unwrap()
+                .job_id
+        })
+        .collect();
+    let mine = Arc::new(SimDevice::new(sim("emu-a", 1_000, 10_000)));
+    let (s1, first) = spawn_agent(Arc::new(s.link()), &[Arc::clone(&mine)], agent_cfg());
+    wait(&s, "running", |s| {
+        s.get(ids[0]).is_some_and(|j| j.state == JobState::Running)
+    })
+    .await;
+    let started = tokio::time::Instant::now();
+    let twin = Arc::new(SimDevice::new(sim("emu-a", 1_000, 10_000)));
+    let (_s2, second) = spawn_agent(Arc::new(s.link()), &[Arc::clone(&twin)], agent_cfg());
+    match ended("the twin", second).await {
+        Err(AgentError::Register { device, message }) => {
+            assert_eq!(device.as_str(), "emu-a");
+            assert!(message.contains("registered by another agent"), "{message}");
+        }
+        other => panic!("the twin should stop: {other:?}"),
+    }
+    // It gave the holder the whole patience to go quiet (virtual time).
+    assert!(started.elapsed() >= AgentConfig::default().held_patience);
+    assert_eq!(twin.stats().passed, 0);
+
+    wait(&s, "all final", all_final(&ids)).await;
+    for id in &ids {
+        let j = s.get(*id).unwrap();
+        assert_eq!((j.state, j.attempt), (JobState::Passed, 1), "{j:?}");
+    }
+    s1.trigger();
+    let c = first.await.unwrap().unwrap();
+    assert_eq!((c.jobs_run, c.infra_failures, c.stale_leases), (6, 0, 0));
+    ticker.abort();
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_agent_whose_device_was_taken_while_it_was_cut_off_stops() {
+    let s = shared(SchedulerConfig::default());
+    let ticker = s.spawn_ticker();
+    let net = Arc::new(TestNet::new(s.link()));
+    let cfg = AgentConfig {
+        lease_wait: Duration::from_secs(1),
+        ..agent_cfg()
+    };
+    let gone = Arc::new(SimDevice::new(sim("emu-a", 1_000, 10_000)));
+    let agent = with_devices(
+        Agent::new(Arc::clone(&net) as Arc<dyn AgentLink>, cfg),
+        &[gone],
+    );
+    let cut_off = agent.session().to_string();
+    let (_s1, first) = spawn_built(agent);
+    wait(&s, "registered", |s| !s.devices().is_empty()).await;
+    // Cut off for longer than a TTL: another agent may then take the device.
+    net.down.store(true, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(35)).await;
+    let taker = Arc::new(SimDevice::new(sim("emu-a", 1_000, 10_000)));
+    let (s2, second) = spawn_agent(Arc::new(s.link()), &[Arc::clone(&taker)], agent_cfg());
+    wait(&s, "taken over", |s| {
+        s.devices()
+            .iter()
+            .any(|d| d.info.session.as_ref().is_some_and(|x| *x != cut_off))
+    })
+    .await;
+    net.down.store(false, Ordering::SeqCst);
+    // Back in touch, the first agent learns from its next poll that the device is no
+    // longer its own, and stops rather than take leases from the agent that has it now.
+    match ended("the cut-off agent", first).await {
+        Err(AgentError::Register { device, .. }) => assert_eq!(device.as_str(), "emu-a"),
+        other => panic!("the cut-off agent should stop: {other:?}"),
+    }
+    let ids: Vec<JobId> = (0..3)
+        .map(|i| {
+            s.submit(spec("acme", "v1", &format!("tests/{i}.spec.js")))
+                .unwrap()
+                .job_id
+        })
+        .collect();
+    wait(&s, "all final", all_final(&ids)).await;
+    for id in &ids {
+        let j = s.get(*id).unwrap();
+        assert_eq!((j.state, j.attempt), (JobState::Passed, 1), "{j:?}");
+    }
+    s2.trigger();
+    let c = second.await.unwrap().unwrap();
+    assert_eq!((c.jobs_run, c.infra_failures), (3, 0));
     ticker.abort();
 }
 
@@ -348,6 +509,8 @@ async fn a_report_under_a_stale_lease_is_refused_and_changes_nothing() {
         installed: None,
         install_estimate_ms: None,
         idle: false,
+        session: None,
+        replaces: None,
     };
     let id = s
         .submit(spec("acme", "v1", "tests/a.spec.js"))
@@ -355,7 +518,7 @@ async fn a_report_under_a_stale_lease_is_refused_and_changes_nothing() {
         .job_id;
     link.register(dev.clone()).await.unwrap();
     let first = link
-        .lease(&dev.id, 1, Duration::ZERO)
+        .lease(&dev.id, None, 1, Duration::ZERO)
         .await
         .unwrap()
         .unwrap();
@@ -382,12 +545,12 @@ async fn a_report_under_a_stale_lease_is_refused_and_changes_nothing() {
 
     // The device was marked lost: it registers again and gets the second attempt.
     assert!(matches!(
-        link.lease(&dev.id, 1, Duration::ZERO).await,
+        link.lease(&dev.id, None, 1, Duration::ZERO).await,
         Err(LinkError::Rejected(_))
     ));
     link.register(dev.clone()).await.unwrap();
     let second = link
-        .lease(&dev.id, 1, Duration::ZERO)
+        .lease(&dev.id, None, 1, Duration::ZERO)
         .await
         .unwrap()
         .unwrap();
@@ -535,13 +698,14 @@ impl AgentLink for TestNet {
         }
         self.inner.register(device).await
     }
-    async fn unregister(&self, device: &DeviceId) -> Result<(), LinkError> {
+    async fn unregister(&self, device: &DeviceId, session: Option<&str>) -> Result<(), LinkError> {
         self.unreachable()?;
-        self.inner.unregister(device).await
+        self.inner.unregister(device, session).await
     }
     async fn lease(
         &self,
         device: &DeviceId,
+        session: Option<&str>,
         max_batch: usize,
         wait: Duration,
     ) -> Result<Option<Lease>, LinkError> {
@@ -549,7 +713,7 @@ impl AgentLink for TestNet {
         if self.drop_this_one() {
             return Err(LinkError::Transport("connection reset".into()));
         }
-        let got = self.inner.lease(device, max_batch, wait).await;
+        let got = self.inner.lease(device, session, max_batch, wait).await;
         if !self.lease_delay.is_zero() {
             tokio::time::sleep(self.lease_delay).await;
         }
@@ -788,6 +952,8 @@ fn emulator_info(id: &str) -> DeviceInfo {
         installed: None,
         install_estimate_ms: Some(1_000),
         idle: false,
+        session: None,
+        replaces: None,
     }
 }
 

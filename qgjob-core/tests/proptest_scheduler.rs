@@ -675,6 +675,8 @@ fn apply(s: &mut GroupedScheduler, m: &mut Model, op: &Op) -> String {
                 },
                 install_estimate_ms: None,
                 idle: *idle,
+                session: None,
+                replaces: None,
             };
             let got = s.register_device(now, info);
             assert_eq!(got, Ok(()));
@@ -1301,6 +1303,8 @@ fn restore_never_reuses_a_lease_id() {
         installed: None,
         install_estimate_ms: None,
         idle: false,
+        session: None,
+        replaces: None,
     };
     s.submit(Time(0), spec("v1")).unwrap();
     let b = s.submit(Time(0), spec("v2")).unwrap().job_id;

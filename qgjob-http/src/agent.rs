@@ -10,10 +10,11 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use qgjob_core::agent::touch_interval;
 use qgjob_core::{
     DeviceId, DeviceInfo, HeartbeatAck, InfraFailure, JobId, LeaseId, RunReport, Scheduler,
     TestStatus,
@@ -50,15 +51,26 @@ fn parse_device(s: &str) -> Result<DeviceId, ApiError> {
     DeviceId::new(s).map_err(|e| ApiError::invalid("device_id", e.to_string()))
 }
 
+/// Query of `DELETE /v1/agent/devices/{device_id}`.
+#[derive(Debug, Deserialize)]
+pub struct UnregisterQuery {
+    /// The unregistering agent's session: refused (409 `device_taken`) when another session
+    /// registered the device since.
+    pub session: Option<String>,
+}
+
 /// `DELETE /v1/agent/devices/{device_id}`.
 pub async fn unregister_device(
     State(app): State<AppState>,
     caller: Caller,
     ApiPath(id): ApiPath<String>,
+    query: Result<Query<UnregisterQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<StatusCode, ApiError> {
     caller.require_agent()?;
+    let Query(q) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
     let id = parse_device(&id)?;
     app.mutate(Vec::new(), true, |s, now, _| {
+        s.touch_device(now, &id, q.session.as_deref())?;
         s.unregister_device(now, &id).map_err(ApiError::from)
     })
     .await?;
@@ -78,6 +90,10 @@ fn default_wait() -> u64 {
 pub struct LeaseRequest {
     /// The device asking.
     pub device_id: DeviceId,
+    /// The asking agent's session (as it registered the device): refused (409
+    /// `device_taken`) when another session registered the device since.
+    #[serde(default)]
+    pub session: Option<String>,
     /// Most jobs wanted in one lease.
     #[serde(default = "default_batch")]
     pub max_batch: usize,
@@ -107,8 +123,11 @@ pub async fn lease(
         tokio::pin!(notified);
         notified.as_mut().enable();
         let metrics = app.metrics.clone();
+        let mut ttl = 0;
         let got = app
             .mutate(Vec::new(), false, |s, now, _| {
+                s.touch_device(now, &req.device_id, req.session.as_deref())?;
+                ttl = s.lease_ttl_ms();
                 let lease = s.lease(now, &req.device_id, req.max_batch)?;
                 if let Some(l) = &lease {
                     for j in &l.jobs {
@@ -133,9 +152,12 @@ pub async fn lease(
         if *shutdown.borrow() || tokio::time::Instant::now() >= deadline {
             return Ok(StatusCode::NO_CONTENT.into_response());
         }
+        // Ask again well within a lease TTL even when nothing changes: that keeps a waiting
+        // agent's device in touch, so no other agent session can take it over.
+        let touch = tokio::time::Instant::now() + touch_interval(ttl);
         tokio::select! {
             _ = &mut notified => {}
-            _ = tokio::time::sleep_until(deadline) => {}
+            _ = tokio::time::sleep_until(touch.min(deadline)) => {}
             _ = shutdown.changed() => {}
         }
     }

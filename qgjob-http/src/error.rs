@@ -165,6 +165,8 @@ impl From<DeviceError> for ApiError {
             }
             DeviceError::Lost(_) => ApiError::conflict("device_lost", e.to_string()),
             DeviceError::Busy { .. } => ApiError::conflict("conflict", e.to_string()),
+            DeviceError::Held { .. } => ApiError::conflict("device_held", e.to_string()),
+            DeviceError::TakenOver(_) => ApiError::conflict("device_taken", e.to_string()),
             DeviceError::Invalid(i) => i.into(),
         }
     }

@@ -1982,3 +1982,103 @@ fn an_admin_revokes_a_created_token_for_good_but_not_a_configured_one() {
     assert_eq!(s.client(Some(&token)).get("/v1/jobs").0, 401);
     assert_eq!(s.client(Some(ACME)).get("/v1/jobs").0, 200);
 }
+
+fn with_session(id: &str, session: &str) -> Value {
+    let mut d = device(id);
+    d["session"] = json!(session);
+    d["idle"] = json!(true);
+    d
+}
+
+fn session_lease(c: &Client, dev: &str, session: &str, wait_ms: u64) -> (u16, Value) {
+    c.post(
+        "/v1/agent/lease",
+        &json!({"device_id": dev, "session": session, "max_batch": 1, "wait_ms": wait_ms}),
+    )
+}
+
+#[test]
+fn a_device_is_refused_to_a_second_agent_session_while_its_agent_is_in_touch() {
+    let s = TestServer::start(ServerOptions {
+        scheduler: SchedulerConfig {
+            backoff_base_ms: 0,
+            backoff_max_ms: 0,
+            ..SchedulerConfig::default()
+        },
+        ..memory_opts()
+    });
+    let c = s.client(None);
+    assert_eq!(
+        c.post("/v1/agent/devices", &with_session("emu-1", "a")).0,
+        200
+    );
+    let id = submit(&c, "qualgent", "v1", "tests/a.spec.js");
+    let (st, l) = session_lease(&c, "emu-1", "a", 1000);
+    assert_eq!(st, 200, "{l}");
+
+    // Another agent under the same name: refused, and the running job is left alone.
+    let (st, v) = c.post("/v1/agent/devices", &with_session("emu-1", "b"));
+    assert_eq!(
+        (st, v["error"]["code"].clone()),
+        (409, json!("device_held")),
+        "{v}"
+    );
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("registered by another agent"), "{msg}");
+    assert_eq!(job_state(&c, &id)["state"], "running");
+
+    // The same agent's next run, naming the one it follows, takes the device at once.
+    let mut next = with_session("emu-1", "b");
+    next["replaces"] = json!("a");
+    assert_eq!(c.post("/v1/agent/devices", &next).0, 200);
+    assert_eq!(job_state(&c, &id)["attempt"], 2);
+    // The old session may neither poll for the device nor remove it any more.
+    let (st, v) = session_lease(&c, "emu-1", "a", 0);
+    assert_eq!(
+        (st, v["error"]["code"].clone()),
+        (409, json!("device_taken")),
+        "{v}"
+    );
+    let (st, v) = c.delete("/v1/agent/devices/emu-1?session=a");
+    assert_eq!(
+        (st, v["error"]["code"].clone()),
+        (409, json!("device_taken")),
+        "{v}"
+    );
+    let (st, l) = session_lease(&c, "emu-1", "b", 1000);
+    assert_eq!((st, l["jobs"][0]["id"].clone()), (200, json!(id)), "{l}");
+    // A bad session name is a 422 naming the field.
+    assert_field(
+        c.post("/v1/agent/devices", &with_session("emu-2", "a b")),
+        422,
+        "session",
+    );
+}
+
+#[test]
+fn a_long_poll_keeps_its_device_in_touch() {
+    // A 300 ms TTL against a 2 s poll: without the poll's own touches the device would
+    // look silent, and free to take, long before the poll ends.
+    let s = TestServer::start(short_ttl_opts());
+    let c = s.client(None);
+    assert_eq!(
+        c.post("/v1/agent/devices", &with_session("emu-1", "a")).0,
+        200
+    );
+    let poller = s.client(None);
+    let poll = std::thread::spawn(move || session_lease(&poller, "emu-1", "a", 2000));
+    std::thread::sleep(std::time::Duration::from_millis(1200));
+    let (st, v) = c.post("/v1/agent/devices", &with_session("emu-1", "b"));
+    assert_eq!(
+        (st, v["error"]["code"].clone()),
+        (409, json!("device_held")),
+        "{v}"
+    );
+    assert_eq!(poll.join().unwrap().0, 204);
+    // Once its agent stops polling, the device is free after a TTL.
+    std::thread::sleep(std::time::Duration::from_millis(400));
+    assert_eq!(
+        c.post("/v1/agent/devices", &with_session("emu-1", "b")).0,
+        200
+    );
+}

@@ -144,6 +144,8 @@ async fn write_get_and_upsert() {
             installed: None,
             install_estimate_ms: None,
             idle: false,
+            session: None,
+            replaces: None,
         };
         s.register_device(Time(2000), dev.clone()).unwrap();
         let lease = s.lease(Time(2001), &dev.id, 1).unwrap().unwrap();

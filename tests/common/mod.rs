@@ -50,6 +50,7 @@ pub fn qgjob(server: Option<&str>, cwd: &Path) -> Command {
         .env_remove("QGJOB_TOKEN")
         .env_remove("QGJOB_CONFIG")
         .env_remove("QGJOB_DATABASE_URL")
+        .env_remove("QGJOB_CA_CERT")
         .env_remove("GITHUB_ACTIONS")
         .env("HOME", cwd)
         .env("XDG_CONFIG_HOME", cwd.join(".config"))

@@ -342,6 +342,8 @@ impl Device for AdbDevice {
             installed: self.installed().map(|i| i.build),
             install_estimate_ms: (ms > 0).then_some(ms),
             idle: false,
+            session: None,
+            replaces: None,
         }
     }
 

@@ -495,6 +495,8 @@ impl Device for BrowserStackDevice {
             installed: self.inner.installed.lock().ok().and_then(|g| g.clone()),
             install_estimate_ms: None,
             idle: false,
+            session: None,
+            replaces: None,
         }
     }
 

@@ -7,10 +7,14 @@
 //!
 //! Layout under the cache dir: `builds/<sha256>` (files), `bundles/<sha256>/` (unpacked
 //! trees), `tmp/` (downloads in flight), `work/<job>-<attempt>/` (per-job work dirs,
-//! removed after the job).
+//! removed after the job), `groups/` (process groups of running commands, see
+//! [`super::reap`]) and `agent.lock`: the running agent holds an exclusive lock on it for as
+//! long as the cache is open, and writes its pid and its scheduler session there, so the
+//! next agent of this dir knows the previous one has ended and which session it ran.
 
 use std::collections::HashMap;
-use std::io::Read;
+use std::fs::File;
+use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -136,6 +140,10 @@ struct Index {
 /// The cache. Share it (`Arc`) between all devices of an agent.
 pub struct ArtifactCache {
     dir: PathBuf,
+    /// `agent.lock`, locked while the cache is open (the lock goes with the file).
+    lock: File,
+    /// What the previous holder of the dir wrote there, if anything.
+    previous: Option<Holder>,
     max_bytes: u64,
     source: Arc<dyn ArtifactSource>,
     npm: NpmConfig,
@@ -170,32 +178,64 @@ impl Drop for Pinned {
     }
 }
 
-/// Records this process as the cache dir's user, refusing a dir another live process
-/// holds; returns the pid recorded before, if any. (A pid file rather than a file lock:
-/// simple, and a stale one from a crashed agent is taken over because its pid is gone.)
-fn claim(dir: &Path) -> Result<Option<i32>, ArtifactError> {
-    let lock = dir.join("agent.pid");
-    let me = std::process::id() as i32;
-    let previous = std::fs::read_to_string(&lock)
-        .ok()
-        .and_then(|text| text.trim().parse::<i32>().ok());
-    if let Some(pid) = previous {
-        // EPERM: the process exists, under another user.
-        let alive = pid > 0
-            && pid != me
-            && matches!(
-                nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
-                Ok(()) | Err(nix::errno::Errno::EPERM)
-            );
-        if alive {
+/// What an agent wrote in `agent.lock`: `<pid> [<session>]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Holder {
+    pid: i32,
+    session: Option<String>,
+}
+
+impl Holder {
+    fn parse(text: &str) -> Option<Holder> {
+        let mut words = text.split_whitespace();
+        let pid = words.next()?.parse().ok()?;
+        Some(Holder {
+            pid,
+            session: words.next().map(String::from),
+        })
+    }
+}
+
+/// Takes the cache dir for this process: an exclusive lock on `agent.lock`, which the
+/// kernel releases however the process ends, so a killed agent's dir is free at once and
+/// two agents starting together cannot both have it. Returns the locked file and what the
+/// previous holder (now certainly gone) wrote there.
+fn claim(dir: &Path) -> Result<(File, Option<Holder>), ArtifactError> {
+    let path = dir.join("agent.lock");
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)?;
+    let mut text = String::new();
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            // The holder writes its pid right after locking: a moment's race shows 0.
+            let _ = file.read_to_string(&mut text);
             return Err(ArtifactError::InUse {
                 dir: dir.to_path_buf(),
-                pid,
+                pid: Holder::parse(&text).map_or(0, |h| h.pid),
             });
         }
+        Err(std::fs::TryLockError::Error(e)) => return Err(e.into()),
     }
-    std::fs::write(&lock, me.to_string())?;
-    Ok(previous)
+    file.read_to_string(&mut text)?;
+    let previous = Holder::parse(&text);
+    write_holder(&file, None)?;
+    Ok((file, previous))
+}
+
+fn write_holder(mut file: &File, session: Option<&str>) -> std::io::Result<()> {
+    file.set_len(0)?;
+    file.rewind()?;
+    let line = match session {
+        Some(s) => format!("{} {s}\n", std::process::id()),
+        None => format!("{}\n", std::process::id()),
+    };
+    file.write_all(line.as_bytes())?;
+    file.flush()
 }
 
 fn check_sha(sha: &str) -> Result<(), ArtifactError> {
@@ -261,11 +301,11 @@ impl ArtifactCache {
         }
         // Absolute, so the commands' mark (see `reap`) is the same from any folder.
         let dir = std::fs::canonicalize(&dir)?;
-        let previous = claim(&dir)?;
+        let (lock, previous) = claim(&dir)?;
         // A killed agent's test commands may still run (and use the device, and their work
         // dirs): kill them first. Not when this process held the dir already.
         let stats = CacheStats::default();
-        if previous != Some(std::process::id() as i32) {
+        if previous.as_ref().map(|h| h.pid) != Some(std::process::id() as i32) {
             let killed = super::reap::reap(&super::reap::mark(&dir).1, &dir.join("groups"));
             stats.orphans_killed.store(killed as u64, Ordering::Relaxed);
         }
@@ -309,6 +349,8 @@ impl ArtifactCache {
         }
         Ok(Arc::new(ArtifactCache {
             dir,
+            lock,
+            previous,
             max_bytes,
             source,
             npm,
@@ -322,6 +364,18 @@ impl ArtifactCache {
     /// The cache's root directory (absolute).
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The scheduler session of the agent that held this dir before, which has ended (the
+    /// lock was free): this agent takes over its devices at once
+    /// ([`qgjob_core::agent::Agent::replacing`]).
+    pub fn previous_session(&self) -> Option<String> {
+        self.previous.as_ref().and_then(|h| h.session.clone())
+    }
+
+    /// Writes this agent's scheduler session next to its pid, for the next agent of the dir.
+    pub fn record_session(&self, session: &str) -> Result<(), ArtifactError> {
+        Ok(write_holder(&self.lock, Some(session))?)
     }
 
     /// The environment variable every command the agent starts must carry, so that a later
@@ -862,28 +916,60 @@ mod tests {
     }
 
     #[test]
-    fn a_cache_dir_held_by_a_live_process_is_refused() {
+    fn a_cache_dir_held_by_an_open_cache_is_refused_and_free_once_it_closes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let src: Arc<dyn ArtifactSource> = Arc::new(DirSource::new(dir.path().join("src")));
+        let cache_dir = dir.path().join("cache");
+        let open = || ArtifactCache::open(&cache_dir, 1 << 20, src.clone(), NpmConfig::default());
+        let first = open().expect("first");
+        assert_eq!(first.previous_session(), None);
+        first.record_session("session-1").expect("record");
+        // Each open takes its own lock, so a second one, in this process or another, fails.
+        let me = std::process::id() as i32;
+        match open() {
+            Err(ArtifactError::InUse { pid, .. }) => assert_eq!(pid, me),
+            other => panic!("expected InUse, got {:?}", other.err()),
+        }
+        drop(first);
+        // Its holder is gone: the dir is taken over, and the old session is known.
+        let second = open().expect("taken over");
+        assert_eq!(second.previous_session().as_deref(), Some("session-1"));
+    }
+
+    #[test]
+    fn a_killed_agent_leaves_its_cache_dir_free() {
+        // A process of its own holds the lock (flock(1) from util-linux) and is killed.
         let dir = tempfile::tempdir().expect("tempdir");
         let src: Arc<dyn ArtifactSource> = Arc::new(DirSource::new(dir.path().join("src")));
         let cache_dir = dir.path().join("cache");
         std::fs::create_dir_all(&cache_dir).expect("mkdir");
-        // A live process that is not this one: a child we start and stop ourselves.
-        let mut child = std::process::Command::new("sleep")
-            .arg("30")
+        let lock = cache_dir.join("agent.lock");
+        std::fs::write(&lock, "1 old-session\n").expect("write");
+        // --no-fork: the process that holds the lock is the one we kill.
+        let mut holder = std::process::Command::new("flock")
+            .arg("--no-fork")
+            .arg(&lock)
+            .args(["sleep", "30"])
             .spawn()
-            .expect("sleep");
-        std::fs::write(cache_dir.join("agent.pid"), child.id().to_string()).expect("pid");
-        let r = ArtifactCache::open(&cache_dir, 1 << 20, src.clone(), NpmConfig::default());
+            .expect("flock(1)");
+        let open = || ArtifactCache::open(&cache_dir, 1 << 20, src.clone(), NpmConfig::default());
+        // Until flock(1) has the lock (a probe that does not touch the file's content).
+        let probe = std::fs::File::open(&lock).expect("open");
+        for _ in 0..500 {
+            match probe.try_lock_shared() {
+                Ok(()) => probe.unlock().expect("unlock"),
+                Err(_) => break,
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
         assert!(
-            matches!(r, Err(ArtifactError::InUse { .. })),
-            "{:?}",
-            r.err()
+            matches!(open(), Err(ArtifactError::InUse { pid: 1, .. })),
+            "a live holder's dir was taken"
         );
-        let _ = child.kill();
-        let _ = child.wait();
-        // Its owner is gone: the dir is taken over.
-        let r = ArtifactCache::open(&cache_dir, 1 << 20, src, NpmConfig::default());
-        assert!(r.is_ok(), "{:?}", r.err());
+        holder.kill().expect("kill");
+        holder.wait().expect("wait");
+        let c = open().expect("free after the kill");
+        assert_eq!(c.previous_session().as_deref(), Some("old-session"));
     }
 
     #[tokio::test]

@@ -97,17 +97,18 @@ impl AgentLink for LoggingLink {
         self.inner.register(device).await
     }
 
-    async fn unregister(&self, device: &DeviceId) -> Result<(), LinkError> {
-        self.inner.unregister(device).await
+    async fn unregister(&self, device: &DeviceId, session: Option<&str>) -> Result<(), LinkError> {
+        self.inner.unregister(device, session).await
     }
 
     async fn lease(
         &self,
         device: &DeviceId,
+        session: Option<&str>,
         max_batch: usize,
         wait: Duration,
     ) -> Result<Option<Lease>, LinkError> {
-        let got = self.inner.lease(device, max_batch, wait).await?;
+        let got = self.inner.lease(device, session, max_batch, wait).await?;
         if let Some(lease) = &got {
             if let Ok(mut m) = self.leases.lock() {
                 for j in &lease.jobs {
@@ -184,6 +185,7 @@ impl HttpArtifacts {
     /// token.
     pub fn new(base: &str, token: Option<String>) -> Self {
         let agent: ureq::Agent = ureq::Agent::config_builder()
+            .tls_config(crate::client::server_tls())
             .http_status_as_error(false)
             .timeout_connect(Some(Duration::from_secs(10)))
             // A server that stops answering must not hang the job forever; a big build

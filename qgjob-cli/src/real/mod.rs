@@ -358,7 +358,11 @@ pub async fn run_real_agent(
             built.cache.dir().display()
         );
     }
-    let mut agent = Agent::new(logging as Arc<dyn AgentLink>, cfg);
+    // The agent that held the cache dir before has ended (we hold its lock now): its
+    // devices are ours at once, without waiting until it has been silent for a lease TTL.
+    let mut agent =
+        Agent::new(logging as Arc<dyn AgentLink>, cfg).replacing(built.cache.previous_session());
+    built.cache.record_session(agent.session())?;
     let n = built.devices.len() as u64;
     for d in built.devices {
         agent.add_device(d);

@@ -248,6 +248,8 @@ fn simulate(
             installed: None,
             install_estimate_ms: Some(install_ms[d.pool]),
             idle: false,
+            session: None,
+            replaces: None,
         };
         sched
             .register_device(Time::ZERO, info)
