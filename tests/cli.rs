@@ -726,7 +726,11 @@ fn glob_submits_a_run_and_json_shapes_are_stable() {
         .map(|l| serde_json::from_str(l).expect("JSON line"))
         .collect();
     assert_eq!(docs.len(), 2);
-    assert_eq!(keys(&docs[0]), vec!["job_ids", "run_id", "status"]);
+    assert_eq!(
+        keys(&docs[0]),
+        vec!["created", "job_ids", "run_id", "status"]
+    );
+    assert_eq!(docs[0]["created"], true);
     assert_eq!(docs[0]["job_ids"].as_array().map(Vec::len), Some(2));
     assert_eq!(
         keys(&docs[1]),

@@ -177,14 +177,15 @@ pub struct SubmitArgs {
     /// Priority, -1000..1000 (higher runs sooner).
     #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     pub priority: i32,
-    /// Device pool: emulator, device or browserstack.
+    /// Device pool: emulator, device, browserstack, or another pool's lower-case name (a job
+    /// for a pool no agent serves waits, with a note).
     #[arg(long, default_value = "emulator", value_parser = target)]
     pub target: String,
-    /// Attempts allowed for infrastructure failures (1 to 20).
+    /// Attempts allowed for infrastructure failures (1 to 20; default 3).
     #[arg(long, value_name = "N",
           value_parser = clap::value_parser!(u32).range(1..=i64::from(qgjob_core::MAX_ATTEMPTS_LIMIT)))]
     pub max_attempts: Option<u32>,
-    /// Per-attempt timeout (e.g. 90s, 10m).
+    /// Per-attempt timeout (e.g. 90s, 10m; default 30m).
     #[arg(long, value_parser = duration, value_name = "DURATION")]
     pub timeout: Option<Duration>,
     /// Submitting the same key again returns the same job.
@@ -412,7 +413,7 @@ pub struct AgentArgs {
     /// Drive simulated devices (no real device needed).
     #[arg(long)]
     pub simulate: bool,
-    /// Simulated devices to run.
+    /// Simulated devices to run (1 to 1000).
     #[arg(long, default_value_t = 2, requires = "simulate")]
     pub devices: u32,
     /// Simulated install time in seconds.
@@ -436,7 +437,7 @@ pub struct AgentArgs {
     /// Agent name (prefix of its device ids); default: the host name.
     #[arg(long)]
     pub name: Option<String>,
-    /// Most jobs of one build a device takes per lease.
+    /// Most jobs of one build a device takes per lease (1 to 64).
     #[arg(long, default_value_t = 1)]
     pub max_batch: usize,
     /// Real-device options (ignored with --simulate).

@@ -50,8 +50,7 @@ pub struct RunSubmitted {
     /// `queued` for a new run; for a repeat, the earlier run's status now.
     pub status: String,
     /// False when the idempotency keys named an earlier run: this is that run again.
-    /// Printed (as `"created": false`) only then, so the usual JSON keeps its shape.
-    #[serde(default = "created_default", skip_serializing_if = "is_true")]
+    #[serde(default = "created_default")]
     pub created: bool,
     /// Set when no agent serves one of the jobs' targets yet.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -60,10 +59,6 @@ pub struct RunSubmitted {
 
 fn created_default() -> bool {
     true
-}
-
-fn is_true(b: &bool) -> bool {
-    *b
 }
 
 /// A run as `GET /v1/runs/{id}` shows it.

@@ -532,10 +532,14 @@ pub async fn list_jobs(
         target: opt_parse::<Target>(&q.target, "target")?,
         run_id: opt_parse::<RunId>(&q.run_id, "run_id")?,
         after_seq: opt_parse::<u64>(&q.cursor, "cursor")?,
-        limit: Some(limit),
+        // One more than asked: whether it exists says whether there is a next page, so
+        // the last page never points at an empty one.
+        limit: Some(limit + 1),
     };
-    let jobs = app.store.list_jobs(&filter).await?;
-    let next = (jobs.len() == limit)
+    let mut jobs = app.store.list_jobs(&filter).await?;
+    let more = jobs.len() > limit;
+    jobs.truncate(limit);
+    let next = more
         .then(|| jobs.last().map(|j| j.seq.to_string()))
         .flatten();
     Ok(Json(json!({"jobs": jobs, "next_cursor": next})))

@@ -434,7 +434,9 @@ fn list_filters_and_cursor_pagination() {
 
     let mut seen = Vec::new();
     let mut cursor: Option<String> = None;
+    let mut pages = 0;
     for _ in 0..10 {
+        pages += 1;
         let path = match &cursor {
             Some(cur) => format!("/v1/jobs?org_id=qualgent&app_version_id=v1&limit=2&cursor={cur}"),
             None => "/v1/jobs?org_id=qualgent&app_version_id=v1&limit=2".to_string(),
@@ -450,6 +452,11 @@ fn list_filters_and_cursor_pagination() {
         }
     }
     assert_eq!(seen, ids, "every job once, in submission order");
+    assert_eq!(pages, 3, "2 + 2 + 1, and no empty page after the last");
+    // A page that holds exactly what is left has no next page either.
+    let (_, page) = c.get("/v1/jobs?org_id=qualgent&app_version_id=v1&limit=5");
+    assert_eq!(page["jobs"].as_array().unwrap().len(), 5);
+    assert_eq!(page["next_cursor"], Value::Null, "{page}");
 
     let (_, page) = c.get("/v1/jobs?target=browserstack");
     let got: Vec<&str> = page["jobs"]

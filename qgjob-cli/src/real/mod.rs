@@ -383,11 +383,19 @@ pub fn summary(
     bs: Option<&browserstack::Shared>,
 ) -> String {
     use std::sync::atomic::Ordering::Relaxed;
+    // BrowserStack agents install nothing with adb: their uploads are counted below.
+    let adb = if bs.is_some() {
+        String::new()
+    } else {
+        format!(
+            "adb installs {} (skipped {}, failed {}); ",
+            installs.installs.load(Relaxed),
+            installs.skipped.load(Relaxed),
+            installs.failures.load(Relaxed),
+        )
+    };
     let mut s = format!(
-        "qgjob agent: adb installs {} (skipped {}, failed {}); downloads: {} builds, {} bundles; npm installs {}; cache {} MB",
-        installs.installs.load(Relaxed),
-        installs.skipped.load(Relaxed),
-        installs.failures.load(Relaxed),
+        "qgjob agent: {adb}downloads: {} builds, {} bundles; npm installs {}; cache {} MB",
         cache.stats.build_downloads.load(Relaxed),
         cache.stats.bundle_downloads.load(Relaxed),
         cache.stats.npm_installs.load(Relaxed),
