@@ -375,3 +375,69 @@ fn the_action_passes_a_green_run_and_fails_a_red_one() {
         red.summary
     );
 }
+
+/// Runs the action's step `id` (a `run:` step whose only input is `github.action_path`)
+/// against `action_path`; returns what it wrote to `GITHUB_OUTPUT`.
+fn run_step_against(id: &str, action_path: &Path, scratch: &Path) -> String {
+    let action = load_yaml("action.yml");
+    let step = action["runs"]["steps"]
+        .as_sequence()
+        .expect("steps")
+        .iter()
+        .find(|s| s["id"].as_str() == Some(id))
+        .unwrap_or_else(|| panic!("no step {id}"));
+    let output = scratch.join("output");
+    std::fs::write(&output, "").expect("touch");
+    let out = Command::new("bash")
+        .arg("-e")
+        .arg("-c")
+        .arg(step["run"].as_str().expect("run step"))
+        .current_dir(scratch)
+        .env("ACTION_PATH", action_path)
+        .env("GITHUB_OUTPUT", &output)
+        .stdin(Stdio::null())
+        .output()
+        .expect("bash runs");
+    assert!(out.status.success(), "{out:?}");
+    std::fs::read_to_string(&output).expect("GITHUB_OUTPUT")
+}
+
+/// The cached binary is keyed by the action's source, not by the ref it was used at: a
+/// branch or a moved tag with new code must not get the old binary.
+#[test]
+fn the_cache_key_changes_exactly_when_the_source_does() {
+    let action = load_yaml("action.yml");
+    let steps = action["runs"]["steps"].as_sequence().expect("steps");
+    let cache = steps
+        .iter()
+        .find(|s| {
+            s["uses"]
+                .as_str()
+                .is_some_and(|u| u.starts_with("actions/cache"))
+        })
+        .expect("a cache step");
+    let key = cache["with"]["key"].as_str().expect("key");
+    assert!(key.contains("steps.source.outputs.hash"), "{key}");
+    assert!(!key.contains("action_ref"), "{key}");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = dir.path().join("action");
+    let scratch = dir.path().join("scratch");
+    std::fs::create_dir_all(src.join("qgjob-cli/src")).expect("mkdir");
+    std::fs::create_dir_all(src.join("target/release")).expect("mkdir");
+    std::fs::create_dir_all(&scratch).expect("mkdir");
+    std::fs::write(src.join("Cargo.toml"), "[workspace]\n").expect("write");
+    std::fs::write(src.join("qgjob-cli/src/main.rs"), "fn main() {}\n").expect("write");
+    let first = run_step_against("source", &src, &scratch);
+    assert!(
+        first.starts_with("hash=") && first.trim().len() == 5 + 32,
+        "{first:?}"
+    );
+    assert_eq!(run_step_against("source", &src, &scratch), first, "stable");
+    // Build output does not count...
+    std::fs::write(src.join("target/release/qgjob"), "binary").expect("write");
+    assert_eq!(run_step_against("source", &src, &scratch), first);
+    // ...a changed source file does.
+    std::fs::write(src.join("qgjob-cli/src/main.rs"), "fn main() { }\n").expect("write");
+    assert_ne!(run_step_against("source", &src, &scratch), first);
+}
