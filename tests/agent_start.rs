@@ -407,3 +407,42 @@ fn a_second_agent_under_the_same_name_stops_with_one_clear_line() {
     let st = wait_exit(&mut first, Duration::from_secs(30)).expect("the agent stops");
     assert!(st.success(), "{st:?} {:?}", drain(&first_rx));
 }
+
+/// A proxy in front of a server that is down answers 502: the agent waits, as for a
+/// refused connection, rather than ending.
+#[test]
+fn an_agent_behind_a_proxy_whose_server_is_down_waits() {
+    use std::io::{Read as _, Write as _};
+    let dir = project();
+    let proxy = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let url = format!("http://{}", proxy.local_addr().expect("addr"));
+    std::thread::spawn(move || {
+        for conn in proxy.incoming() {
+            let Ok(mut conn) = conn else { return };
+            let mut buf = [0u8; 4096];
+            let _ = conn.read(&mut buf);
+            let body = "<html>502 Bad Gateway</html>";
+            let _ = write!(
+                conn,
+                "HTTP/1.1 502 Bad Gateway\r\ncontent-type: text/html\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    let (mut p, rx) = agent(
+        &url,
+        dir.path(),
+        Some(AGENT_TOKEN),
+        &["--target", "emulator", "--devices", "1"],
+    );
+    let lines = wait_for_line(&rx, "warning:", Duration::from_secs(20));
+    let warning = lines.last().expect("a line");
+    assert!(
+        warning.contains("502") && warning.contains("retrying"),
+        "{warning}"
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(p.0.try_wait().expect("try_wait").is_none(), "it waits");
+    signal(&p, Signal::SIGTERM);
+    wait_exit(&mut p, Duration::from_secs(30)).expect("the agent stops");
+}

@@ -68,15 +68,22 @@ pub fn sim_devices(spec: &SimSpec) -> Result<Vec<Arc<dyn Device>>> {
 }
 
 /// Waits until the server answers its health check. An agent may well start before its
-/// server (both at boot), and must outlive the server anyway, so an unreachable server is
-/// retried with a warning now and then (ctrl-c stops the agent meanwhile); any other
-/// answer (an https URL this build cannot speak, a server error) ends it.
+/// server (both at boot), and must outlive the server anyway, so an unreachable server, or a
+/// proxy in front of it answering 5xx, 408 or 429 while it is down, is retried with a
+/// warning now and then (ctrl-c stops the agent meanwhile); anything else (a certificate the
+/// agent does not trust, a URL that is not a qgjob server's) ends it.
 fn wait_for_server(client: &Client) -> Result<()> {
     let mut warned: Option<Instant> = None;
     loop {
         match client.health() {
             Ok(_) => return Ok(()),
-            Err(e @ CliError::Unreachable { .. }) => {
+            Err(
+                e @ (CliError::Unreachable { .. }
+                | CliError::Api {
+                    status: 408 | 429 | 500..=599,
+                    ..
+                }),
+            ) => {
                 if warned.is_none_or(|t| t.elapsed() >= Watch::WARN_EVERY) {
                     eprintln!("warning: {e}; retrying until it answers (ctrl-c to stop)");
                     warned = Some(Instant::now());

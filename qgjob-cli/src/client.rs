@@ -291,6 +291,21 @@ impl Client {
     }
 
     fn transport(&self, e: ureq::Error) -> CliError {
+        let tls = match &e {
+            ureq::Error::Rustls(r) => Some(r.to_string()),
+            ureq::Error::Tls(t) => Some((*t).to_string()),
+            ureq::Error::Io(io) => io
+                .get_ref()
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+                .map(ToString::to_string),
+            _ => None,
+        };
+        if let Some(reason) = tls {
+            return CliError::Tls {
+                url: without_credentials(&self.base),
+                reason,
+            };
+        }
         let reason = match &e {
             ureq::Error::Io(io) => match io.kind() {
                 std::io::ErrorKind::ConnectionRefused => "connection refused".to_string(),

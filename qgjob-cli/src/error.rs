@@ -25,6 +25,18 @@ pub enum CliError {
         /// Why, in a few words (e.g. `connection refused`).
         reason: String,
     },
+    /// The TLS handshake with an https server failed (an untrusted certificate, or https
+    /// to a plain-HTTP port): waiting will not help.
+    #[error(
+        "TLS with qgjob server at {url} failed: {reason} (a server with a private CA's \
+         certificate needs that CA in QGJOB_CA_CERT)"
+    )]
+    Tls {
+        /// The server's base URL.
+        url: String,
+        /// What rustls said.
+        reason: String,
+    },
     /// The server answered with an error document.
     #[error("{message}")]
     Api {

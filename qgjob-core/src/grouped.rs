@@ -108,6 +108,13 @@ struct LeaseRec {
     deadline: Time,
     /// Backstop: the lease fails its remaining jobs as timed out after this.
     hard_deadline: Time,
+    /// The agent session it was granted to; `None` when unknown (restored after a restart,
+    /// or granted to an agent that names no session).
+    session: Option<String>,
+    /// When its agent was last heard from (the grant, a heartbeat; for a restored lease, its
+    /// extended deadline minus a TTL): while the scheduler has forgotten the device (after
+    /// a restart), this keeps another session from registering it.
+    seen: Time,
 }
 
 /// The in-memory scheduler. See the [crate docs](crate) for the contract.
@@ -214,6 +221,7 @@ impl GroupedScheduler {
         cfg: SchedulerConfig,
         jobs: impl IntoIterator<Item = Job>,
     ) -> Result<Self, RestoreError> {
+        let cfg_ttl = cfg.lease_ttl_ms;
         let mut s = GroupedScheduler::new(cfg);
         let mut all: Vec<Job> = jobs.into_iter().collect();
         all.sort_by_key(|j| j.seq);
@@ -269,6 +277,8 @@ impl GroupedScheduler {
                         pending: Vec::new(),
                         deadline,
                         hard_deadline: hard,
+                        session: None,
+                        seen: Time(deadline.0.saturating_sub(cfg_ttl)),
                     });
                     rec.pending.push(job.id);
                     rec.deadline = rec.deadline.max(deadline);
@@ -1056,19 +1066,29 @@ impl Scheduler for GroupedScheduler {
 
     fn register_device(&mut self, now: Time, device: DeviceInfo) -> Result<(), DeviceError> {
         device.validate()?;
-        if let Some(d) = self.devices.get(&device.id) {
-            let ttl = self.cfg.lease_ttl_ms;
-            let quiet_ms = now.since(d.seen);
-            let other = match (&d.info.session, &device.session) {
-                (Some(old), Some(new)) => old != new && device.replaces.as_ref() != Some(old),
-                _ => false,
+        if let Some(new) = &device.session {
+            // Who holds the device: its registration, or, once a restart forgot the
+            // device, a lease restored for it, whose session is unknown (any session is
+            // then another one: the agent running it registers only after reporting).
+            let holder = match self.devices.get(&device.id) {
+                Some(d) => d.info.session.as_ref().map(|h| (Some(h), d.seen)),
+                None => self
+                    .leases
+                    .values()
+                    .find(|r| r.device == device.id)
+                    .map(|r| (r.session.as_ref(), r.seen)),
             };
-            if other && quiet_ms < ttl {
-                return Err(DeviceError::Held {
-                    device: device.id.clone(),
-                    quiet_ms,
-                    ttl_ms: ttl,
-                });
+            if let Some((held_by, seen)) = holder {
+                let ttl = self.cfg.lease_ttl_ms;
+                let quiet_ms = now.since(seen);
+                let other = held_by.is_none_or(|h| h != new && device.replaces.as_ref() != Some(h));
+                if other && quiet_ms < ttl {
+                    return Err(DeviceError::Held {
+                        device: device.id.clone(),
+                        quiet_ms,
+                        ttl_ms: ttl,
+                    });
+                }
             }
         }
         let held = match self.devices.get(&device.id) {
@@ -1263,6 +1283,8 @@ impl Scheduler for GroupedScheduler {
                 pending: picked.iter().map(|(_, j)| *j).collect(),
                 deadline,
                 hard_deadline,
+                session: dev_info.session.clone(),
+                seen: now,
             },
         );
         self.lease_deadlines.insert((deadline, id));
@@ -1288,6 +1310,7 @@ impl Scheduler for GroupedScheduler {
             .ok_or(ReportError::StaleLease(lease))?;
         let old = rec.deadline;
         rec.deadline = rec.deadline.max(now.plus_ms(ttl));
+        rec.seen = now;
         let deadline = rec.deadline;
         let pending = rec.pending.clone();
         if let Some(d) = self.devices.get_mut(&rec.device) {
@@ -2161,6 +2184,55 @@ mod tests {
             .expect("unregister");
         s.register_device(Time(3 * ttl + 3), with_session("d1", "a"))
             .expect("free");
+    }
+
+    #[test]
+    fn a_restored_lease_keeps_its_device_from_other_sessions_while_it_is_heartbeated() {
+        let mut s = sched();
+        let ttl = s.config().lease_ttl_ms;
+        let job = s
+            .submit(Time(0), spec("acme", "v1", Target::Emulator))
+            .expect("submit")
+            .job_id;
+        s.register_device(Time(0), with_session("d1", "a"))
+            .expect("register");
+        let l = s.lease(Time(0), &d("d1"), 1).expect("ok").expect("work");
+        // A restart: the lease comes back, the device does not.
+        let jobs: Vec<Job> = s.list(&JobFilter::default()).into_iter().cloned().collect();
+        let mut s = GroupedScheduler::restore(s.config().clone(), jobs).expect("restore");
+        assert!(s.devices().is_empty());
+        // Its agent keeps heartbeating the restored lease: another session is refused.
+        s.heartbeat(Time(ttl / 2), l.id).expect("beat");
+        assert!(matches!(
+            s.register_device(Time(ttl), with_session("d1", "b")),
+            Err(DeviceError::Held { .. })
+        ));
+        assert_eq!(s.get(job).expect("job").state, JobState::Running);
+        s.complete(Time(ttl + 1), l.id, job, pass())
+            .expect("report");
+        // Once reported, the lease is gone and the device registers freely.
+        s.register_device(Time(ttl + 2), with_session("d1", "a"))
+            .expect("its own agent");
+
+        // A restored lease nobody heartbeats is free a TTL after the restart.
+        let mut s = sched();
+        let job = s
+            .submit(Time(0), spec("acme", "v1", Target::Emulator))
+            .expect("submit")
+            .job_id;
+        s.register_device(Time(0), with_session("d1", "a"))
+            .expect("register");
+        s.lease(Time(0), &d("d1"), 1).expect("ok").expect("work");
+        let jobs: Vec<Job> = s.list(&JobFilter::default()).into_iter().cloned().collect();
+        let mut s = GroupedScheduler::restore(s.config().clone(), jobs).expect("restore");
+        assert!(matches!(
+            s.register_device(Time(ttl - 1), with_session("d1", "b")),
+            Err(DeviceError::Held { .. })
+        ));
+        s.register_device(Time(ttl), with_session("d1", "b"))
+            .expect("silent");
+        let j = s.get(job).expect("job");
+        assert_eq!((j.state, j.attempt), (JobState::Queued, 2));
     }
 
     #[test]

@@ -125,12 +125,16 @@ pub trait Scheduler {
     /// [`DeviceError::TakenOver`] when another session has registered the device since.
     /// Agents call it with each lease poll (and during long polls), which keeps the device
     /// in touch; a lease or a heartbeat does too.
+    /// The default, for schedulers that do not track sessions, accepts every agent.
     fn touch_device(
         &mut self,
         now: Time,
         id: &DeviceId,
         session: Option<&str>,
-    ) -> Result<(), DeviceError>;
+    ) -> Result<(), DeviceError> {
+        let _ = (now, id, session);
+        Ok(())
+    }
 
     /// Removes a device; jobs it was running go back to the queue as infrastructure failures.
     fn unregister_device(&mut self, now: Time, id: &DeviceId) -> Result<(), DeviceError>;
@@ -180,7 +184,9 @@ pub trait Scheduler {
 
     /// How long a lease lasts without a heartbeat, in ms; also how long a device's agent may
     /// stay silent before another agent session may register the device.
-    fn lease_ttl_ms(&self) -> u64;
+    fn lease_ttl_ms(&self) -> u64 {
+        SchedulerConfig::default().lease_ttl_ms
+    }
 
     /// Takes the state changes recorded since the last call, in order.
     fn take_events(&mut self) -> Vec<JobEvent>;

@@ -435,6 +435,8 @@ fn schemas() -> Value {
             ("installed", build_ref.clone()),
             ("install_estimate_ms", int()),
             ("idle", json!({"type": "boolean"})),
+            ("session", string()),
+            ("replaces", string()),
         ],
         2,
     );
@@ -483,7 +485,7 @@ fn schemas() -> Value {
         "RunSubmit": object(&[("jobs", array_of(reference("JobSpec"))), ("labels", labels.clone())], 1),
         "NewToken": object(&[("kind", json!({"enum": ["admin", "org", "agent"]})), ("org_id", string())], 1),
         "RevokeToken": object(&[("token", string())], 1),
-        "LeaseRequest": object(&[("device_id", string()), ("max_batch", int()), ("wait_ms", int())], 1),
+        "LeaseRequest": object(&[("device_id", string()), ("session", string()), ("max_batch", int()), ("wait_ms", int())], 1),
         "RunReport": object(
             &[("passed", json!({"type": "boolean"})), ("tests", array_of(reference("TestResult"))),
               ("duration_ms", int()), ("error", string())],
@@ -572,6 +574,12 @@ pub fn openapi_doc() -> Value {
         if (*method, *path) == ("post", "/v1/agent/lease") {
             op["responses"]["204"] = json!({"description": "no work within wait_ms"});
         }
+        if path.starts_with("/v1/agent/devices") || *path == "/v1/agent/lease" {
+            op["responses"]["409"] = json!({"description":
+                "device_held: another agent session holds the device and is in touch; \
+                 device_taken: another session registered it since (also device_lost, \
+                 conflict)"});
+        }
         let query: &[(&str, Value)] = match (*method, *path) {
             ("get", "/v1/jobs") => &[
                 ("org_id", string()),
@@ -589,6 +597,7 @@ pub fn openapi_doc() -> Value {
                 ),
             ],
             ("get", "/v1/jobs/{job_id}/logs") => &[("offset", int())],
+            ("delete", "/v1/agent/devices/{device_id}") => &[("session", string())],
             _ => &[],
         };
         if let Some(ps) = op["parameters"].as_array_mut() {

@@ -1207,6 +1207,25 @@ fn openapi_lists_every_endpoint_and_metrics_render() {
     ] {
         assert!(doc["paths"][path][method].is_object(), "{method} {path}");
     }
+    // The agent protocol's sessions are described.
+    let schemas = &doc["components"]["schemas"];
+    for (schema, field) in [
+        ("DeviceInfo", "session"),
+        ("DeviceInfo", "replaces"),
+        ("LeaseRequest", "session"),
+    ] {
+        assert!(
+            schemas[schema]["properties"][field].is_object(),
+            "{schema}.{field}"
+        );
+    }
+    let delete = &doc["paths"]["/v1/agent/devices/{device_id}"]["delete"];
+    assert!(
+        delete["parameters"]
+            .as_array()
+            .is_some_and(|ps| ps.iter().any(|p| p["name"] == "session")),
+        "{delete}"
+    );
     // Every documented route is really served: no fallback 404 or 405 for any of them.
     let uuid = "0190b2a4-1c1f-7a31-9b5e-3c1d2e4f5a6b";
     for (method, path, _, _, body, _) in qgjob_http::ops::ROUTES {

@@ -178,22 +178,63 @@ impl Drop for Pinned {
     }
 }
 
-/// What an agent wrote in `agent.lock`: `<pid> [<session>]`.
+/// What an agent wrote in `agent.lock`: `<pid> <session or -> <boot id or ->`. The session
+/// is the one whose devices the scheduler may still hold for this dir: the holder's own once
+/// it has one, else the one it took over (an agent that died starting up passes it on).
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Holder {
     pid: i32,
     session: Option<String>,
+    boot: Option<String>,
 }
 
 impl Holder {
     fn parse(text: &str) -> Option<Holder> {
         let mut words = text.split_whitespace();
         let pid = words.next()?.parse().ok()?;
+        let word = |w: Option<&str>| w.filter(|w| *w != "-").map(String::from);
         Some(Holder {
             pid,
-            session: words.next().map(String::from),
+            session: word(words.next()),
+            boot: word(words.next()),
         })
     }
+
+    /// The session to take over: only one written since this machine booted. A cache dir
+    /// copied from another machine (a cloned disk) names a session that may be running
+    /// there, and taking over its devices would stop it.
+    fn session_to_replace(&self) -> Option<String> {
+        let boot = boot_id()?;
+        (self.boot.as_deref() == Some(boot.as_str()))
+            .then(|| self.session.clone())
+            .flatten()
+    }
+}
+
+/// This boot of this machine (Linux); `None` where it cannot be told.
+fn boot_id() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty() && !s.contains(char::is_whitespace))
+}
+
+/// An agent of a release before `agent.lock` recorded itself in `agent.pid` instead: one
+/// still running there holds the dir.
+fn legacy_holder(dir: &Path) -> Option<i32> {
+    let pid = std::fs::read_to_string(dir.join("agent.pid"))
+        .ok()?
+        .trim()
+        .parse::<i32>()
+        .ok()?;
+    // EPERM: the process exists, under another user.
+    let alive = pid > 0
+        && pid != std::process::id() as i32
+        && matches!(
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
+            Ok(()) | Err(nix::errno::Errno::EPERM)
+        );
+    alive.then_some(pid)
 }
 
 /// Takes the cache dir for this process: an exclusive lock on `agent.lock`, which the
@@ -221,19 +262,30 @@ fn claim(dir: &Path) -> Result<(File, Option<Holder>), ArtifactError> {
         }
         Err(std::fs::TryLockError::Error(e)) => return Err(e.into()),
     }
+    if let Some(pid) = legacy_holder(dir) {
+        return Err(ArtifactError::InUse {
+            dir: dir.to_path_buf(),
+            pid,
+        });
+    }
+    let _ = std::fs::remove_file(dir.join("agent.pid"));
     file.read_to_string(&mut text)?;
     let previous = Holder::parse(&text);
-    write_holder(&file, None)?;
+    // Until this agent has a session of its own, pass the previous one on.
+    let carried = previous.as_ref().and_then(Holder::session_to_replace);
+    write_holder(&file, carried.as_deref())?;
     Ok((file, previous))
 }
 
 fn write_holder(mut file: &File, session: Option<&str>) -> std::io::Result<()> {
     file.set_len(0)?;
     file.rewind()?;
-    let line = match session {
-        Some(s) => format!("{} {s}\n", std::process::id()),
-        None => format!("{}\n", std::process::id()),
-    };
+    let line = format!(
+        "{} {} {}\n",
+        std::process::id(),
+        session.unwrap_or("-"),
+        boot_id().as_deref().unwrap_or("-")
+    );
     file.write_all(line.as_bytes())?;
     file.flush()
 }
@@ -367,10 +419,10 @@ impl ArtifactCache {
     }
 
     /// The scheduler session of the agent that held this dir before, which has ended (the
-    /// lock was free): this agent takes over its devices at once
-    /// ([`qgjob_core::agent::Agent::replacing`]).
+    /// lock was free), if it ran since this machine booted: this agent takes over its
+    /// devices at once ([`qgjob_core::agent::Agent::replacing`]).
     pub fn previous_session(&self) -> Option<String> {
-        self.previous.as_ref().and_then(|h| h.session.clone())
+        self.previous.as_ref().and_then(Holder::session_to_replace)
     }
 
     /// Writes this agent's scheduler session next to its pid, for the next agent of the dir.
@@ -934,6 +986,39 @@ mod tests {
         // Its holder is gone: the dir is taken over, and the old session is known.
         let second = open().expect("taken over");
         assert_eq!(second.previous_session().as_deref(), Some("session-1"));
+        // An agent that ends before it has a session passes the old one on.
+        drop(second);
+        let third = open().expect("again");
+        assert_eq!(third.previous_session().as_deref(), Some("session-1"));
+        drop(third);
+        // A session written on another boot (a disk copied from a running machine) is not
+        // taken over: that agent may be running there.
+        std::fs::write(cache_dir.join("agent.lock"), "1 session-1 another-boot\n").expect("write");
+        assert_eq!(open().expect("open").previous_session(), None);
+    }
+
+    #[test]
+    fn an_agent_of_the_pid_file_release_still_holds_its_dir() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let src: Arc<dyn ArtifactSource> = Arc::new(DirSource::new(dir.path().join("src")));
+        let cache_dir = dir.path().join("cache");
+        std::fs::create_dir_all(&cache_dir).expect("mkdir");
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("sleep");
+        std::fs::write(cache_dir.join("agent.pid"), child.id().to_string()).expect("pid");
+        let open = || ArtifactCache::open(&cache_dir, 1 << 20, src.clone(), NpmConfig::default());
+        match open() {
+            Err(ArtifactError::InUse { pid, .. }) => assert_eq!(pid, child.id() as i32),
+            other => panic!("expected InUse, got {:?}", other.err()),
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        // Gone: the dir is taken over and the old file removed.
+        let c = open().expect("taken over");
+        assert!(!cache_dir.join("agent.pid").exists());
+        drop(c);
     }
 
     #[test]
@@ -944,7 +1029,8 @@ mod tests {
         let cache_dir = dir.path().join("cache");
         std::fs::create_dir_all(&cache_dir).expect("mkdir");
         let lock = cache_dir.join("agent.lock");
-        std::fs::write(&lock, "1 old-session\n").expect("write");
+        let boot = boot_id().expect("a Linux boot id");
+        std::fs::write(&lock, format!("1 old-session {boot}\n")).expect("write");
         // --no-fork: the process that holds the lock is the one we kill.
         let mut holder = std::process::Command::new("flock")
             .arg("--no-fork")
