@@ -144,6 +144,23 @@ fn job_state(url: &str, dir: &Path, id: &str) -> String {
     v["state"].as_str().expect("state").to_string()
 }
 
+/// Waits (at most a minute) until job `id` has passed.
+fn wait_passed(url: &str, dir: &Path, id: &str) {
+    let t0 = Instant::now();
+    while job_state(url, dir, id) != "passed" {
+        assert!(t0.elapsed() < Duration::from_secs(60), "job never passed");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The agent still runs; SIGTERM stops it, with success.
+fn still_running_then_stop(p: &mut Proc, rx: &Receiver<String>) {
+    assert!(p.0.try_wait().expect("try_wait").is_none(), "it still runs");
+    signal(p, Signal::SIGTERM);
+    let st = wait_exit(p, Duration::from_secs(30)).expect("the agent stops");
+    assert!(st.success(), "{st:?} {:?}", drain(rx));
+}
+
 fn submit(url: &str, dir: &Path, target: &str) -> String {
     let o = qgjob(Some(url), dir)
         .args(["--token", ORG_TOKEN])
@@ -312,10 +329,7 @@ fn an_agent_whose_server_goes_away_warns_while_it_retries() {
     let warning = lines.last().expect("a line");
     assert!(warning.contains("retrying"), "{warning}");
     // Still running: a server restart must not end the agent.
-    assert!(p.0.try_wait().expect("try_wait").is_none());
-    signal(&p, Signal::SIGTERM);
-    let st = wait_exit(&mut p, Duration::from_secs(30)).expect("the agent stops");
-    assert!(st.success(), "{st:?} {:?}", drain(&rx));
+    still_running_then_stop(&mut p, &rx);
 }
 
 #[test]
@@ -357,14 +371,8 @@ fn an_agent_started_before_its_server_waits_for_it() {
     assert_eq!(url2, url);
     wait_for_line(&rx, "serving", Duration::from_secs(20));
     let id = submit(&url, dir.path(), "emulator");
-    let t0 = Instant::now();
-    while job_state(&url, dir.path(), &id) != "passed" {
-        assert!(t0.elapsed() < Duration::from_secs(60), "job never passed");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    signal(&p, Signal::SIGTERM);
-    let st = wait_exit(&mut p, Duration::from_secs(30)).expect("the agent stops");
-    assert!(st.success(), "{st:?} {:?}", drain(&rx));
+    wait_passed(&url, dir.path(), &id);
+    still_running_then_stop(&mut p, &rx);
 }
 
 /// Slow on purpose (about a minute): the second agent gives the first its whole patience
@@ -397,15 +405,8 @@ fn a_second_agent_under_the_same_name_stops_with_one_clear_line() {
     eprintln!("the twin stopped after {took:?}");
     // The first agent still has its device and runs jobs.
     let id = submit(&url, dir.path(), "emulator");
-    let t1 = Instant::now();
-    while job_state(&url, dir.path(), &id) != "passed" {
-        assert!(t1.elapsed() < Duration::from_secs(60), "job never passed");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert!(first.0.try_wait().expect("try_wait").is_none());
-    signal(&first, Signal::SIGTERM);
-    let st = wait_exit(&mut first, Duration::from_secs(30)).expect("the agent stops");
-    assert!(st.success(), "{st:?} {:?}", drain(&first_rx));
+    wait_passed(&url, dir.path(), &id);
+    still_running_then_stop(&mut first, &first_rx);
 }
 
 /// A proxy in front of a server that is down answers 502: the agent waits, as for a

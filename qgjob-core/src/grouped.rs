@@ -2098,17 +2098,29 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_device_in_touch_is_refused_to_another_session() {
+    /// `s` as a server restart brings it back: from its jobs alone.
+    fn restarted(s: &GroupedScheduler) -> GroupedScheduler {
+        let jobs: Vec<Job> = s.list(&JobFilter::default()).into_iter().cloned().collect();
+        GroupedScheduler::restore(s.config().clone(), jobs).expect("restore")
+    }
+
+    /// A job leased at 0 to emulator `d1`, registered under session `a`.
+    fn leased_to_session_a() -> (GroupedScheduler, JobId, Lease) {
         let mut s = sched();
-        let ttl = s.config().lease_ttl_ms;
         let job = s
             .submit(Time(0), spec("acme", "v1", Target::Emulator))
             .expect("submit")
             .job_id;
         s.register_device(Time(0), with_session("d1", "a"))
-            .expect("first");
+            .expect("register");
         let l = s.lease(Time(0), &d("d1"), 1).expect("ok").expect("work");
+        (s, job, l)
+    }
+
+    #[test]
+    fn a_device_in_touch_is_refused_to_another_session() {
+        let (mut s, job, l) = leased_to_session_a();
+        let ttl = s.config().lease_ttl_ms;
         // Heartbeats keep the device in touch well past one TTL.
         s.heartbeat(Time(ttl - 1), l.id).expect("beat");
         let err = s
@@ -2188,18 +2200,10 @@ mod tests {
 
     #[test]
     fn a_restored_lease_keeps_its_device_from_other_sessions_while_it_is_heartbeated() {
-        let mut s = sched();
+        let (s, job, l) = leased_to_session_a();
         let ttl = s.config().lease_ttl_ms;
-        let job = s
-            .submit(Time(0), spec("acme", "v1", Target::Emulator))
-            .expect("submit")
-            .job_id;
-        s.register_device(Time(0), with_session("d1", "a"))
-            .expect("register");
-        let l = s.lease(Time(0), &d("d1"), 1).expect("ok").expect("work");
         // A restart: the lease comes back, the device does not.
-        let jobs: Vec<Job> = s.list(&JobFilter::default()).into_iter().cloned().collect();
-        let mut s = GroupedScheduler::restore(s.config().clone(), jobs).expect("restore");
+        let mut s = restarted(&s);
         assert!(s.devices().is_empty());
         // Its agent keeps heartbeating the restored lease: another session is refused.
         s.heartbeat(Time(ttl / 2), l.id).expect("beat");
@@ -2215,16 +2219,8 @@ mod tests {
             .expect("its own agent");
 
         // A restored lease nobody heartbeats is free a TTL after the restart.
-        let mut s = sched();
-        let job = s
-            .submit(Time(0), spec("acme", "v1", Target::Emulator))
-            .expect("submit")
-            .job_id;
-        s.register_device(Time(0), with_session("d1", "a"))
-            .expect("register");
-        s.lease(Time(0), &d("d1"), 1).expect("ok").expect("work");
-        let jobs: Vec<Job> = s.list(&JobFilter::default()).into_iter().cloned().collect();
-        let mut s = GroupedScheduler::restore(s.config().clone(), jobs).expect("restore");
+        let (s, job, _) = leased_to_session_a();
+        let mut s = restarted(&s);
         assert!(matches!(
             s.register_device(Time(ttl - 1), with_session("d1", "b")),
             Err(DeviceError::Held { .. })

@@ -308,6 +308,28 @@ async fn a_silent_device_loses_its_lease_and_another_finishes_the_job() {
     ticker.abort();
 }
 
+/// Submits a job, runs it on an agent with one slow device (`emu-a`), and kills the agent
+/// (no report, no unregister) `after` the job started; returns the job and the agent's
+/// session.
+async fn killed_mid_job(s: &Shared, after: Duration) -> (JobId, String) {
+    let id = s
+        .submit(spec("acme", "v1", "tests/a.spec.js"))
+        .unwrap()
+        .job_id;
+    let slow = Arc::new(SimDevice::new(sim("emu-a", 1_000, 300_000)));
+    let agent = with_devices(Agent::new(Arc::new(s.link()), agent_cfg()), &[slow]);
+    let session = agent.session().to_string();
+    let (_stop, run) = spawn_built(agent);
+    wait(s, "running", |s| {
+        s.get(id).is_some_and(|j| j.state == JobState::Running)
+    })
+    .await;
+    tokio::time::sleep(after).await;
+    run.abort();
+    assert!(run.await.unwrap_err().is_cancelled());
+    (id, session)
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_restarted_agent_takes_its_device_back_without_waiting_out_the_old_lease() {
     // A long TTL, so waiting it out would show.
@@ -317,23 +339,8 @@ async fn a_restarted_agent_takes_its_device_back_without_waiting_out_the_old_lea
     };
     let s = shared(cfg);
     let ticker = s.spawn_ticker();
-    let id = s
-        .submit(spec("acme", "v1", "tests/a.spec.js"))
-        .unwrap()
-        .job_id;
-    let slow = Arc::new(SimDevice::new(sim("emu-a", 1_000, 300_000)));
-    let agent = with_devices(Agent::new(Arc::new(s.link()), agent_cfg()), &[slow]);
-    let predecessor = agent.session().to_string();
-    let (_s1, first) = spawn_built(agent);
-    wait(&s, "running", |s| {
-        s.get(id).is_some_and(|j| j.state == JobState::Running)
-    })
-    .await;
-    tokio::time::sleep(Duration::from_secs(20)).await;
+    let (id, predecessor) = killed_mid_job(&s, Duration::from_secs(20)).await;
     let old_deadline = s.get(id).unwrap().lease_deadline.expect("leased");
-    // The agent is killed: no report, no unregister.
-    first.abort();
-    assert!(first.await.unwrap_err().is_cancelled());
 
     // It starts again, with the same device, and names the run it follows (as `qgjob
     // agent` does from its cache dir's lock), so the device is not held from it.
@@ -364,19 +371,7 @@ async fn a_restarted_agent_that_cannot_name_its_predecessor_waits_until_it_is_si
     };
     let s = shared(cfg);
     let ticker = s.spawn_ticker();
-    let id = s
-        .submit(spec("acme", "v1", "tests/a.spec.js"))
-        .unwrap()
-        .job_id;
-    let slow = Arc::new(SimDevice::new(sim("emu-a", 1_000, 300_000)));
-    let (_s1, first) = spawn_agent(Arc::new(s.link()), &[slow], agent_cfg());
-    wait(&s, "running", |s| {
-        s.get(id).is_some_and(|j| j.state == JobState::Running)
-    })
-    .await;
-    tokio::time::sleep(Duration::from_secs(12)).await;
-    first.abort();
-    assert!(first.await.unwrap_err().is_cancelled());
+    let (id, _) = killed_mid_job(&s, Duration::from_secs(12)).await;
     let killed = s.now();
 
     let again = Arc::new(SimDevice::new(sim("emu-a", 1_000, 5_000)));
