@@ -340,6 +340,11 @@ pub(crate) fn drop_runtime(rt: tokio::runtime::Runtime, settle: Duration) {
 pub fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        // Each agent device may hold three blocking HTTP calls at once (a long poll of up
+        // to 20 s, a heartbeat, a report). Past tokio's default of 512 threads, the
+        // heartbeats of a big agent queued behind idle devices' polls. Threads are made
+        // only when needed and leave after 10 s idle.
+        .max_blocking_threads(4096)
         .build()
         .map_err(|e| CliError::io("starting the async runtime", e))
 }
