@@ -2241,6 +2241,13 @@ mod tests {
             matches!(err, DeviceError::Invalid(ref i) if i.field == "session"),
             "{err:?}"
         );
+        let mut long = device("d1", Target::Emulator);
+        long.capabilities.model = Some("x".repeat(129));
+        let err = s.register_device(Time(0), long).expect_err("too long");
+        assert!(
+            matches!(err, DeviceError::Invalid(ref i) if i.field == "capabilities.model"),
+            "{err:?}"
+        );
         assert!(s.devices().is_empty());
     }
 

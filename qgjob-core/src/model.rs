@@ -845,8 +845,24 @@ pub struct DeviceInfo {
 }
 
 impl DeviceInfo {
-    /// Checks the fields a scheduler cannot check by type: the session names.
+    /// Checks the fields a scheduler cannot check by type: the session names, and the
+    /// capability strings (at most 128 characters, none of them control characters, so one
+    /// registration cannot hold megabytes of the scheduler's memory).
     pub fn validate(&self) -> Result<(), InvalidSpec> {
+        for (field, value) in [
+            ("capabilities.model", &self.capabilities.model),
+            ("capabilities.os_version", &self.capabilities.os_version),
+        ] {
+            if value
+                .as_ref()
+                .is_some_and(|v| v.len() > 128 || v.chars().any(char::is_control))
+            {
+                return Err(InvalidSpec::new(
+                    field,
+                    "must be at most 128 characters, none of them control characters",
+                ));
+            }
+        }
         if let Some(s) = &self.session {
             validate_name(s, "session")?;
         }

@@ -57,6 +57,7 @@ pub mod agent;
 pub mod api;
 pub mod auth;
 pub mod blobs;
+pub mod conn;
 pub mod error;
 pub mod metrics;
 pub mod ops;
@@ -145,6 +146,8 @@ impl Default for Limits {
             artifact_bytes: 2 * 1024 * 1024 * 1024,
             log_bytes: 16 * 1024 * 1024,
             retention_ms: 3600 * 1000,
+            header_read_timeout_ms: conn::HEADER_READ_TIMEOUT.as_millis() as u64,
+            max_connections: conn::MAX_CONNECTIONS,
         }
     }
 }
@@ -484,19 +487,20 @@ async fn run_prepared(
     let (state, bg) = App::start(sched, store, blobs, auth, limits, sd_rx);
     let router = app(state.clone());
     let fatal = Arc::clone(&state.fatal);
-    let res = axum::serve(listener, router)
-        .with_graceful_shutdown(async move {
-            tokio::select! {
-                () = shutdown => {
-                    tracing::info!("shutting down: finishing in-flight requests");
-                }
-                m = fatal.wait() => {
-                    tracing::error!(error = %m, "store write failed for good: shutting down");
-                }
+    let cap = conn::connection_cap().min(limits.max_connections);
+    let header_timeout = std::time::Duration::from_millis(limits.header_read_timeout_ms);
+    conn::serve(listener, router, cap, header_timeout, async move {
+        tokio::select! {
+            () = shutdown => {
+                tracing::info!("shutting down: finishing in-flight requests");
             }
-            let _ = sd_tx.send(true);
-        })
-        .await;
+            m = fatal.wait() => {
+                tracing::error!(error = %m, "store write failed for good: shutting down");
+            }
+        }
+        let _ = sd_tx.send(true);
+    })
+    .await;
     bg.finish(&state).await;
     match closer {
         Some(Closer::Sqlite(db)) => db.close().await,
@@ -506,7 +510,6 @@ async fn run_prepared(
     // Only now may another server open this store.
     drop(guards);
     tracing::info!("server stopped");
-    res.map_err(ServerError::Io)?;
     match state.fatal.get() {
         Some(m) => Err(ServerError::Unavailable(format!(
             "stopped because a store write failed: {m} (nothing unwritten was acknowledged; \

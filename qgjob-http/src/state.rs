@@ -52,6 +52,11 @@ pub struct Limits {
     pub log_bytes: u64,
     /// How long finished jobs stay in the scheduler's memory (ms).
     pub retention_ms: u64,
+    /// How long a connection may take to send a request's headers, and how long an idle
+    /// keep-alive connection stays open (ms).
+    pub header_read_timeout_ms: u64,
+    /// Most connections open at once (lowered to fit the open-files limit).
+    pub max_connections: usize,
 }
 
 /// How long the writer keeps retrying a failed write (delays between tries) before it

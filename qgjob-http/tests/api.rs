@@ -2108,3 +2108,67 @@ fn a_long_poll_keeps_its_device_in_touch() {
         200
     );
 }
+
+fn short_connection_limits(max_connections: usize) -> ServerOptions {
+    let mut opts = memory_opts();
+    opts.limits.header_read_timeout_ms = 500;
+    opts.limits.max_connections = max_connections;
+    opts
+}
+
+/// Reads until the server closes the connection (or 20 s pass); returns what it sent.
+fn read_until_closed(stream: &mut std::net::TcpStream) -> Option<Vec<u8>> {
+    use std::io::Read as _;
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(20)))
+        .expect("timeout");
+    let mut got = Vec::new();
+    match stream.read_to_end(&mut got) {
+        Ok(_) => Some(got),
+        // Reset by the server counts as closed too.
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => Some(got),
+        Err(_) => None,
+    }
+}
+
+#[test]
+fn silent_and_half_sent_connections_are_closed() {
+    let s = TestServer::start(short_connection_limits(64));
+    let addr = s.base.strip_prefix("http://").unwrap().to_string();
+    // Nothing at all, half a request line with a header, and an idle keep-alive
+    // connection after one answered request: each is closed once the timeout passes.
+    let mut silent = std::net::TcpStream::connect(&addr).unwrap();
+    let mut half = std::net::TcpStream::connect(&addr).unwrap();
+    half.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+    let mut idle = std::net::TcpStream::connect(&addr).unwrap();
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        .unwrap();
+    assert!(
+        read_until_closed(&mut silent).is_some(),
+        "silent one closed"
+    );
+    assert!(
+        read_until_closed(&mut half).is_some(),
+        "half-sent one closed"
+    );
+    let answered = read_until_closed(&mut idle).expect("idle one closed");
+    assert!(
+        String::from_utf8_lossy(&answered).starts_with("HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&answered)
+    );
+}
+
+#[test]
+fn connections_past_the_cap_wait_rather_than_fail() {
+    let s = TestServer::start(short_connection_limits(2));
+    let addr = s.base.strip_prefix("http://").unwrap().to_string();
+    // Two silent connections fill the cap; a real request still gets its answer once the
+    // timeout has closed them, instead of the server answering no one.
+    let _a = std::net::TcpStream::connect(&addr).unwrap();
+    let _b = std::net::TcpStream::connect(&addr).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let (st, v) = s.client(None).get("/healthz");
+    assert_eq!((st, v["status"].clone()), (200, json!("ok")));
+}

@@ -1,0 +1,111 @@
+//! Accepting connections: a header-read and idle timeout, a cap on open connections, accept
+//! errors logged, and a graceful stop that lets in-flight requests finish.
+//!
+//! `axum::serve` sets none of these, so a client that opened connections and sent nothing
+//! (or half a header) held them for ever, and enough of them used up the process's file
+//! descriptors: the server then answered no one.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+/// The default of [`crate::state::Limits::header_read_timeout_ms`]: how long a connection
+/// may take to send a request's headers, and how long an idle keep-alive connection stays
+/// open (HTTP clients drop theirs sooner: ureq after 15 s).
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The default of [`crate::state::Limits::max_connections`]: most connections open at
+/// once; more wait in the listen backlog until one closes.
+pub const MAX_CONNECTIONS: usize = 4096;
+
+/// Raises the soft open-files limit toward the hard one, and returns the connection cap
+/// that leaves room under it for the store, blobs and logs.
+pub fn connection_cap() -> usize {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return 1024;
+    };
+    let want = hard.min(2 * MAX_CONNECTIONS as u64 + 256);
+    let soft = if want > soft && setrlimit(Resource::RLIMIT_NOFILE, want, hard).is_ok() {
+        want
+    } else {
+        soft
+    };
+    (soft.saturating_sub(256) as usize / 2).clamp(16, MAX_CONNECTIONS)
+}
+
+/// Serves `router` on `listener` until `shutdown` completes, then stops accepting and waits
+/// for the open connections' requests to finish.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    cap: usize,
+    header_timeout: Duration,
+    shutdown: impl Future<Output = ()> + Send,
+) {
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .keep_alive(true);
+    let graceful = GracefulShutdown::new();
+    let permits = Arc::new(Semaphore::new(cap.max(1)));
+    // At most one warning a minute while clients keep the server at its cap.
+    let mut warned: Option<tokio::time::Instant> = None;
+    tokio::pin!(shutdown);
+    loop {
+        let permit = match Arc::clone(&permits).try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                if warned.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+                    tracing::warn!(
+                        connections = cap,
+                        "connection limit reached: new connections wait until one closes"
+                    );
+                    warned = Some(tokio::time::Instant::now());
+                }
+                tokio::select! {
+                    p = Arc::clone(&permits).acquire_owned() => match p {
+                        Ok(p) => p,
+                        Err(_) => break,
+                    },
+                    () = &mut shutdown => break,
+                }
+            }
+        };
+        let stream = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // EMFILE and friends: say so, and give the process a moment to close
+                    // something rather than spin.
+                    tracing::warn!(error = %e, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let conn = builder.serve_connection(
+            TokioIo::new(stream),
+            TowerToHyperService::new(router.clone()),
+        );
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+            drop(permit);
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+}
