@@ -280,7 +280,9 @@ pub async fn upload_logs(
     let lease = parse_lease(&lease)?;
     let job: JobId = parse_job_id(&job)?;
     let body = body.map_err(|e| {
-        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        if let Some(refused) = crate::intake::refused_body(&e) {
+            refused
+        } else if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::too_large("log chunk is too large")
         } else {
             ApiError::bad_request(e.body_text())

@@ -184,7 +184,9 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
         let bytes = Bytes::from_request(req, state).await.map_err(|rej| {
-            if rej.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            if let Some(e) = crate::intake::refused_body(&rej) {
+                e
+            } else if rej.status() == StatusCode::PAYLOAD_TOO_LARGE {
                 ApiError::too_large("request body is too large")
             } else {
                 ApiError::bad_request(rej.body_text())

@@ -59,6 +59,7 @@ pub mod auth;
 pub mod blobs;
 pub mod conn;
 pub mod error;
+pub mod intake;
 pub mod metrics;
 pub mod ops;
 pub mod state;
@@ -147,6 +148,8 @@ impl Default for Limits {
             log_bytes: 16 * 1024 * 1024,
             retention_ms: 3600 * 1000,
             header_read_timeout_ms: conn::HEADER_READ_TIMEOUT.as_millis() as u64,
+            body_timeout_ms: 60_000,
+            intake_bytes: 256 * 1024 * 1024,
             max_connections: conn::MAX_CONNECTIONS,
         }
     }
@@ -228,6 +231,13 @@ pub fn app(state: AppState) -> Router {
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             refuse_after_store_failure,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::new(intake::Intake::new(
+                limits.intake_bytes,
+                std::time::Duration::from_millis(limits.body_timeout_ms),
+            )),
+            intake::guard,
         ))
         .layer(TraceLayer::new_for_http())
         .with_state(state)

@@ -57,6 +57,11 @@ pub struct Limits {
     pub header_read_timeout_ms: u64,
     /// Most connections open at once (lowered to fit the open-files limit).
     pub max_connections: usize,
+    /// How long a request's body (not an upload's) may take to arrive, in ms (408 after).
+    pub body_timeout_ms: u64,
+    /// Most bytes all request bodies in flight (not uploads) may hold together; a body that
+    /// would pass it is refused with 503.
+    pub intake_bytes: usize,
 }
 
 /// How long the writer keeps retrying a failed write (delays between tries) before it

@@ -2172,3 +2172,47 @@ fn connections_past_the_cap_wait_rather_than_fail() {
     let (st, v) = s.client(None).get("/healthz");
     assert_eq!((st, v["status"].clone()), (200, json!("ok")));
 }
+
+/// Sends `head` and `first` of a body, then waits for the answer (at most 20 s).
+fn send_partial(addr: &str, head: &str, first: &[u8]) -> String {
+    let mut conn = std::net::TcpStream::connect(addr).unwrap();
+    conn.write_all(head.as_bytes()).unwrap();
+    conn.write_all(first).unwrap();
+    let got = read_until_closed(&mut conn).unwrap_or_default();
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+#[test]
+fn a_stalled_request_body_is_cut_off_and_a_greedy_one_refused() {
+    let mut opts = memory_opts();
+    opts.limits.body_timeout_ms = 500;
+    opts.limits.intake_bytes = 64 * 1024;
+    let s = TestServer::start(opts);
+    let addr = s.base.strip_prefix("http://").unwrap().to_string();
+    // Half a body, then nothing: 408 once the deadline passes, in the JSON error shape.
+    let answer = send_partial(
+        &addr,
+        &format!(
+            "POST /v1/jobs HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+             Content-Length: 1000\r\nConnection: close\r\n\r\n"
+        ),
+        b"{\"org_id\": \"acme\",",
+    );
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("\"request_timeout\""), "{answer}");
+
+    // A body bigger than what all bodies together may hold: 503, nothing submitted.
+    let big = json!({"jobs": (0..2000)
+        .map(|i| spec("qualgent", "v1", &format!("tests/{i}.spec.js")))
+        .collect::<Vec<_>>()});
+    let (st, v) = s.client(None).post("/v1/runs", &big);
+    assert_eq!(
+        (st, v["error"]["code"].clone()),
+        (503, json!("unavailable")),
+        "{v}"
+    );
+    let (_, page) = s.client(None).get("/v1/jobs");
+    assert_eq!(page["jobs"].as_array().unwrap().len(), 0);
+    // An ordinary request still goes through.
+    submit(&s.client(None), "qualgent", "v1", "tests/a.spec.js");
+}
