@@ -1861,3 +1861,67 @@ fn an_https_server_is_checked_against_the_ca_the_user_names() {
         assert!(err.contains(says) && err.lines().count() == 1, "{err}");
     }
 }
+
+/// A log longer than one answer (the server sends at most 1 MiB at a time) is printed
+/// whole, by `logs` and by `logs --follow`.
+#[test]
+fn logs_print_a_log_longer_than_one_answer() {
+    let dir = project();
+    let (_server, url) = start_server(dir.path(), &[]);
+    let id = submit_cart(&url, dir.path());
+    let (st, v) = agent_post(
+        &format!("{url}/v1/agent/devices"),
+        &serde_json::json!({"id": "long-emu", "target": "emulator"}),
+    );
+    assert!((200..300).contains(&st), "{st} {v}");
+    let (st, lease) = agent_post(
+        &format!("{url}/v1/agent/lease"),
+        &serde_json::json!({"device_id": "long-emu", "max_batch": 1, "wait_ms": 10_000}),
+    );
+    assert_eq!(st, 200, "{lease}");
+    let logs = format!("{url}/v1/agent/leases/{}/jobs/{id}/logs", lease["id"]);
+    // Three chunks of 900 KiB, each line numbered, so a lost or doubled piece shows.
+    let mut want = String::new();
+    for chunk in 0..3 {
+        let mut text = String::new();
+        let mut line = 0;
+        while text.len() < 900 * 1024 {
+            text.push_str(&format!(
+                "chunk {chunk} line {line:06} {}\n",
+                "x".repeat(40)
+            ));
+            line += 1;
+        }
+        let (st, v) = agent_post(&logs, &Value::from(text.clone()));
+        assert_eq!(st, 204, "{v}");
+        want.push_str(&text);
+    }
+    let o = run(Some(&url), dir.path(), &["logs", &format!("--job-id={id}")]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert!(
+        stdout(&o) == want,
+        "{} bytes printed of {}",
+        o.stdout.len(),
+        want.len()
+    );
+    // The job ends; --follow prints the same and stops.
+    let (st, v) = agent_post(
+        &format!("{url}/v1/agent/leases/{}/jobs/{id}/complete", lease["id"]),
+        &serde_json::json!({"passed": true}),
+    );
+    assert_eq!(st, 200, "{v}");
+    // (Not run_bounded: it reads the output only after the exit, and 2.7 MB would fill the
+    // pipe first.)
+    let o = run(
+        Some(&url),
+        dir.path(),
+        &["logs", &format!("--job-id={id}"), "--follow"],
+    );
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert!(
+        stdout(&o) == want,
+        "{} bytes printed of {}",
+        o.stdout.len(),
+        want.len()
+    );
+}

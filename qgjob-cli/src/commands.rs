@@ -911,12 +911,17 @@ pub fn logs(client: &Client, a: &LogsArgs) -> Result<u8> {
         let _ = o.flush();
     };
     loop {
-        let Some((bytes, _)) = link.attempt(client.logs(&a.job_id, offset), None, no_deadline)?
+        let Some((bytes, size)) =
+            link.attempt(client.logs(&a.job_id, offset), None, no_deadline)?
         else {
             continue;
         };
         print(&bytes);
         offset += bytes.len() as u64;
+        // An answer carries at most 1 MiB: ask again while the log goes further.
+        if !bytes.is_empty() && offset < size {
+            continue;
+        }
         if !a.follow {
             if offset == 0 {
                 // Simulated devices, for one, write no log: say so rather than nothing,
@@ -937,14 +942,19 @@ pub fn logs(client: &Client, a: &LogsArgs) -> Result<u8> {
             continue;
         };
         if job.state.is_final() {
-            // One last read: output may have landed between the two calls.
-            let Some((rest, _)) =
-                link.attempt(client.logs(&a.job_id, offset), None, no_deadline)?
-            else {
-                continue;
-            };
-            print(&rest);
-            return Ok(EXIT_OK);
+            // Last reads: output may have landed between the two calls.
+            loop {
+                let Some((rest, size)) =
+                    link.attempt(client.logs(&a.job_id, offset), None, no_deadline)?
+                else {
+                    continue;
+                };
+                print(&rest);
+                offset += rest.len() as u64;
+                if rest.is_empty() || offset >= size {
+                    return Ok(EXIT_OK);
+                }
+            }
         }
         std::thread::sleep(Duration::from_millis(500));
     }

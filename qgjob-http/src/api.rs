@@ -613,6 +613,10 @@ pub struct LogQuery {
     offset: Option<String>,
 }
 
+/// Most log bytes one answer carries; a reader asks again from where it got to (the
+/// header `x-qgjob-log-size` says how far the log goes), so a slow reader holds at most this.
+pub const MAX_LOG_ANSWER: usize = 1024 * 1024;
+
 /// `GET /v1/jobs/{job_id}/logs`.
 pub async fn job_logs(
     State(app): State<AppState>,
@@ -623,7 +627,7 @@ pub async fn job_logs(
     let Query(q) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
     let job = visible_job(&app, &caller, &id).await?;
     let offset: u64 = opt_parse(&q.offset, "offset")?.unwrap_or(0);
-    let (bytes, size) = app.store.read_log(job.id, offset).await?;
+    let (bytes, size) = app.store.read_log(job.id, offset, MAX_LOG_ANSWER).await?;
     let mut resp = Response::new(Body::from(bytes));
     resp.headers_mut().insert(
         header::CONTENT_TYPE,

@@ -336,16 +336,34 @@ async fn logs_append_read_and_limit() {
             other => panic!("{name}: expected LogFull, got {other:?}"),
         }
         assert_eq!(
-            st.read_log(a, 0).await.unwrap(),
+            st.read_log(a, 0, usize::MAX).await.unwrap(),
             (b"hello world\n".to_vec(), 12),
             "{name}"
         );
-        assert_eq!(st.read_log(a, 6).await.unwrap(), (b"world\n".to_vec(), 12));
-        assert_eq!(st.read_log(a, 99).await.unwrap(), (Vec::new(), 12));
         assert_eq!(
-            st.read_log(jobs[1].id, 0).await.unwrap().0,
+            st.read_log(a, 6, usize::MAX).await.unwrap(),
+            (b"world\n".to_vec(), 12)
+        );
+        assert_eq!(
+            st.read_log(a, 99, usize::MAX).await.unwrap(),
+            (Vec::new(), 12)
+        );
+        assert_eq!(
+            st.read_log(jobs[1].id, 0, usize::MAX).await.unwrap().0,
             b"other".to_vec()
         );
+        // At most `max` bytes, from any offset, across chunk boundaries.
+        for offset in 0..=12u64 {
+            for max in [0, 1, 3, 5, 6, 7, 100] {
+                let want = &b"hello world\n"[(offset as usize).min(12)..];
+                let want = &want[..want.len().min(max)];
+                assert_eq!(
+                    st.read_log(a, offset, max).await.unwrap(),
+                    (want.to_vec(), 12),
+                    "{name}: offset {offset}, max {max}"
+                );
+            }
+        }
     }
 }
 
@@ -416,7 +434,7 @@ async fn sqlite_data_survives_reopen() {
     }
     let st = SqliteStore::open(&path, Synchronous::Normal).await.unwrap();
     assert_eq!(st.list_jobs(&JobFilter::default()).await.unwrap(), jobs);
-    assert_eq!(st.read_log(jobs[0].id, 0).await.unwrap().1, 1);
+    assert_eq!(st.read_log(jobs[0].id, 0, usize::MAX).await.unwrap().1, 1);
 }
 
 #[tokio::test]

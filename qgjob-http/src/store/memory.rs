@@ -129,11 +129,17 @@ impl Store for MemoryStore {
         Ok(log.len() as u64)
     }
 
-    async fn read_log(&self, job: JobId, offset: u64) -> Result<(Vec<u8>, u64), StoreError> {
+    async fn read_log(
+        &self,
+        job: JobId,
+        offset: u64,
+        max: usize,
+    ) -> Result<(Vec<u8>, u64), StoreError> {
         let g = self.lock();
         let log = g.logs.get(&job).map(Vec::as_slice).unwrap_or_default();
         let start = usize::try_from(offset).unwrap_or(usize::MAX).min(log.len());
-        Ok((log[start..].to_vec(), log.len() as u64))
+        let end = start.saturating_add(max).min(log.len());
+        Ok((log[start..end].to_vec(), log.len() as u64))
     }
 
     async fn put_build(

@@ -142,8 +142,13 @@ pub trait Store: Send + Sync + 'static {
     /// Returns the log's new size.
     async fn append_log(&self, job: JobId, data: &[u8], limit: u64) -> Result<u64, StoreError>;
 
-    /// A job's log from byte `offset`, and the log's total size.
-    async fn read_log(&self, job: JobId, offset: u64) -> Result<(Vec<u8>, u64), StoreError>;
+    /// At most `max` bytes of a job's log from byte `offset`, and the log's total size.
+    async fn read_log(
+        &self,
+        job: JobId,
+        offset: u64,
+        max: usize,
+    ) -> Result<(Vec<u8>, u64), StoreError>;
 
     /// Registers (or replaces) the build of an org's app version.
     async fn put_build(
@@ -255,4 +260,31 @@ pub(crate) fn dedup_jobs(jobs: &[Job]) -> Vec<&Job> {
         .filter(|(i, j)| last.get(&j.id) == Some(i))
         .map(|(_, j)| j)
         .collect()
+}
+
+/// Which stored log chunks a read of `max` bytes from `offset` needs, given every chunk's
+/// sequence number and length in order: the log's total size, and the first and last chunk
+/// to load with the bytes to skip in the first (none when the read is past the end). Only
+/// those chunks are loaded, so a reader near the end of a 16 MiB log does not cost 16 MiB.
+pub(crate) fn log_window(
+    chunks: &[(i64, u64)],
+    offset: u64,
+    max: usize,
+) -> (u64, Option<(i64, i64, usize)>) {
+    let total = chunks.iter().map(|c| c.1).sum();
+    let end = offset.saturating_add(max as u64);
+    let (mut at, mut first, mut last) = (0u64, None, None);
+    for &(n, len) in chunks {
+        let (from, to) = (at, at + len);
+        if to > offset && from < end && len > 0 {
+            first.get_or_insert((n, usize::try_from(offset.saturating_sub(from)).unwrap_or(0)));
+            last = Some(n);
+        }
+        at = to;
+    }
+    let window = match (first, last) {
+        (Some((a, skip)), Some(b)) => Some((a, b, skip)),
+        _ => None,
+    };
+    (total, window)
 }

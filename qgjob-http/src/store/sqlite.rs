@@ -328,18 +328,40 @@ impl Store for SqliteStore {
         Ok(new)
     }
 
-    async fn read_log(&self, job: JobId, offset: u64) -> Result<(Vec<u8>, u64), StoreError> {
-        let rows = sqlx::query("SELECT data FROM job_logs WHERE job = ? ORDER BY n")
-            .bind(job.0)
-            .fetch_all(&self.pool)
-            .await?;
-        let mut all = Vec::new();
+    async fn read_log(
+        &self,
+        job: JobId,
+        offset: u64,
+        max: usize,
+    ) -> Result<(Vec<u8>, u64), StoreError> {
+        let sizes: Vec<(i64, i64)> =
+            sqlx::query_as("SELECT n, length(data) FROM job_logs WHERE job = ? ORDER BY n")
+                .bind(job.0)
+                .fetch_all(&self.pool)
+                .await?;
+        let sizes: Vec<(i64, u64)> = sizes
+            .into_iter()
+            .map(|(n, len)| (n, u64::try_from(len).unwrap_or(0)))
+            .collect();
+        let (total, window) = super::log_window(&sizes, offset, max);
+        let Some((first, last, skip)) = window else {
+            return Ok((Vec::new(), total));
+        };
+        let rows =
+            sqlx::query("SELECT data FROM job_logs WHERE job = ? AND n >= ? AND n <= ? ORDER BY n")
+                .bind(job.0)
+                .bind(first)
+                .bind(last)
+                .fetch_all(&self.pool)
+                .await?;
+        let mut out = Vec::new();
         for r in rows {
-            all.extend_from_slice(r.try_get::<&[u8], _>("data")?);
+            out.extend_from_slice(r.try_get::<&[u8], _>("data")?);
         }
-        let size = all.len() as u64;
-        let start = usize::try_from(offset).unwrap_or(usize::MAX).min(all.len());
-        Ok((all.split_off(start), size))
+        let skip = skip.min(out.len());
+        out.drain(..skip);
+        out.truncate(max);
+        Ok((out, total))
     }
 
     async fn put_build(
