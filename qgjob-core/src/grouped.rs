@@ -171,6 +171,8 @@ pub struct GroupedScheduler {
     backoff: BTreeSet<(Time, u64, JobId)>,
     /// Final jobs by finish time (what `forget_finished` walks).
     finished: BTreeSet<(Time, u64, JobId)>,
+    /// When `tick` next looks for silent devices (with `forget_silent_devices_ms`).
+    next_sweep: Option<Time>,
     events: Vec<JobEvent>,
 }
 
@@ -197,6 +199,7 @@ impl GroupedScheduler {
             cancel_deadlines: BTreeSet::new(),
             backoff: BTreeSet::new(),
             finished: BTreeSet::new(),
+            next_sweep: None,
             events: Vec::new(),
         }
     }
@@ -212,6 +215,32 @@ impl GroupedScheduler {
         self.devices
             .values()
             .any(|d| !d.lost && d.info.target == *target)
+    }
+
+    /// With `forget_silent_devices_ms`, drops devices without a lease whose agent has been
+    /// silent that long. A sweep over the devices, at most twice per that time: devices
+    /// number in the thousands at most, and polls then only stamp a time.
+    fn forget_silent_devices(&mut self, now: Time) {
+        let Some(after) = self.cfg.forget_silent_devices_ms else {
+            return;
+        };
+        if self.next_sweep.is_some_and(|t| now < t) {
+            return;
+        }
+        self.next_sweep = Some(now.plus_ms((after / 2).max(1)));
+        let silent: Vec<DeviceId> = self
+            .devices
+            .iter()
+            .filter(|(_, d)| d.lease.is_none() && now.since(d.seen) >= after)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in silent {
+            if let Some(d) = self.devices.remove(&id) {
+                if !d.lost {
+                    self.adjust_serving(&d.info, -1);
+                }
+            }
+        }
     }
 
     /// Rebuilds a scheduler from persisted jobs (any order). Queued jobs queue again in their
@@ -1137,6 +1166,9 @@ impl Scheduler for GroupedScheduler {
                 },
             );
         }
+        if let (Some(after), None) = (self.cfg.forget_silent_devices_ms, self.next_sweep) {
+            self.next_sweep = Some(now.plus_ms(after));
+        }
         if let Some(ms) = device.install_estimate_ms {
             let p = self.pool_mut(&device.target);
             p.install_ms = Some(ewma(p.install_ms, ms as f64));
@@ -1469,6 +1501,7 @@ impl Scheduler for GroupedScheduler {
                 self.finish(now, id, canceled_outcome(why));
             }
         }
+        self.forget_silent_devices(now);
     }
 
     fn lease_ttl_ms(&self) -> u64 {
@@ -1481,6 +1514,7 @@ impl Scheduler for GroupedScheduler {
             self.lease_deadlines.first().map(|x| x.0),
             self.hard_deadlines.first().map(|x| x.0),
             self.cancel_deadlines.first().map(|x| x.0),
+            self.next_sweep.filter(|_| !self.devices.is_empty()),
         ]
         .into_iter()
         .flatten()
@@ -2229,6 +2263,50 @@ mod tests {
             .expect("silent");
         let j = s.get(job).expect("job");
         assert_eq!((j.state, j.attempt), (JobState::Queued, 2));
+    }
+
+    #[test]
+    fn silent_devices_are_forgotten_when_asked() {
+        let mut s = GroupedScheduler::new(SchedulerConfig {
+            forget_silent_devices_ms: Some(1_000),
+            ..SchedulerConfig::default()
+        });
+        s.register_device(Time(0), device("quiet", Target::Emulator))
+            .expect("register");
+        s.register_device(Time(0), device("polling", Target::Emulator))
+            .expect("register");
+        s.register_device(Time(0), device("busy", Target::Emulator))
+            .expect("register");
+        s.submit(Time(0), spec("acme", "v1", Target::Emulator))
+            .expect("submit");
+        s.lease(Time(0), &d("busy"), 1).expect("ok").expect("work");
+        // Polling keeps a device; a lease keeps it too (its expiry deals with silence).
+        s.touch_device(Time(600), &d("polling"), None)
+            .expect("touch");
+        assert_eq!(s.next_wakeup(), Some(Time(1_000)), "the first sweep is due");
+        s.tick(Time(1_000));
+        let left = |s: &GroupedScheduler| -> Vec<String> {
+            s.devices().iter().map(|d| d.info.id.to_string()).collect()
+        };
+        assert_eq!(left(&s), vec!["busy", "polling"]);
+        s.tick(Time(2_000));
+        assert!(s.serves_target(&Target::Emulator));
+        assert_eq!(left(&s), vec!["busy"]);
+        // A forgotten device's agent gets "unknown device" and registers it again.
+        assert_eq!(
+            s.lease(Time(2_001), &d("quiet"), 1),
+            Err(DeviceError::UnknownDevice(d("quiet")))
+        );
+        s.register_device(Time(2_002), device("quiet", Target::Emulator))
+            .expect("again");
+
+        // Without the setting (the simulator's), nothing is forgotten.
+        let mut s = sched();
+        s.register_device(Time(0), device("quiet", Target::Emulator))
+            .expect("register");
+        s.tick(Time(10_000_000));
+        assert_eq!(s.devices().len(), 1);
+        assert_eq!(s.next_wakeup(), None);
     }
 
     #[test]

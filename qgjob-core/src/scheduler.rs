@@ -75,6 +75,14 @@ pub struct SchedulerConfig {
     /// "running" until its timeout.
     #[serde(default = "default_cancel_grace_ms")]
     pub cancel_grace_ms: u64,
+    /// A device without a lease whose agent has been silent this long (no registration,
+    /// poll or heartbeat) is forgotten by [`Scheduler::tick`], as if unregistered: its agent
+    /// was killed or cut off, and a dead device must not count as capacity or as serving
+    /// its build. Its agent, if it comes back, registers it again. `None` (the default, and
+    /// what the simulator needs: its devices ask only when something happens) keeps
+    /// devices until they unregister.
+    #[serde(default)]
+    pub forget_silent_devices_ms: Option<u64>,
 }
 
 fn default_cancel_grace_ms() -> u64 {
@@ -95,6 +103,7 @@ impl Default for SchedulerConfig {
             max_batch_limit: 64,
             seed: 0x5eed,
             cancel_grace_ms: default_cancel_grace_ms(),
+            forget_silent_devices_ms: None,
         }
     }
 }

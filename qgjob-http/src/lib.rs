@@ -132,7 +132,12 @@ impl Default for ServerOptions {
             postgres_url: None,
             tokens: Vec::new(),
             tokens_file: None,
-            scheduler: SchedulerConfig::default(),
+            scheduler: SchedulerConfig {
+                // Agents poll or heartbeat every few seconds: a device silent for three
+                // lease TTLs has no agent any more.
+                forget_silent_devices_ms: Some(3 * SchedulerConfig::default().lease_ttl_ms),
+                ..SchedulerConfig::default()
+            },
             synchronous: Synchronous::Normal,
             limits: Limits::default(),
         }
