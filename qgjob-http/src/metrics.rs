@@ -4,7 +4,7 @@
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use qgjob_core::{JobState, StateCounts, Target};
+use qgjob_core::{JobState, StateCounts};
 
 /// Upper bounds (seconds) of the dispatch latency histogram buckets.
 const BUCKETS: [f64; 12] = [
@@ -52,7 +52,7 @@ impl Metrics {
     /// Renders everything in the Prometheus text format.
     pub fn render(
         &self,
-        depth: &[(Target, StateCounts)],
+        depth: &[(String, StateCounts)],
         active_leases: u64,
         devices: u64,
         in_memory: u64,
@@ -71,7 +71,7 @@ impl Metrics {
                 let _ = writeln!(
                     out,
                     "qgjob_jobs{{target=\"{}\",state=\"{}\"}} {}",
-                    t.as_str(),
+                    t,
                     st.as_str(),
                     c.get(st)
                 );

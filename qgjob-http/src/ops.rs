@@ -20,13 +20,61 @@ pub async fn healthz(State(app): State<AppState>) -> Json<Value> {
     Json(json!({"status": status}))
 }
 
+/// The `target` label of `qgjob_jobs`: the built-in pools and those a device serves keep
+/// their names; jobs of every other target (a name any org may invent when it submits)
+/// are summed under `_other`, so the number of series stays bounded.
+fn metric_targets(
+    depth: Vec<(qgjob_core::Target, qgjob_core::StateCounts)>,
+    served: &std::collections::BTreeSet<&str>,
+) -> Vec<(String, qgjob_core::StateCounts)> {
+    let mut out: Vec<(String, qgjob_core::StateCounts)> = Vec::new();
+    let mut other = qgjob_core::StateCounts::default();
+    let mut any_other = false;
+    for (t, c) in depth {
+        let name = t.as_str();
+        if matches!(name, "emulator" | "device" | "browserstack") || served.contains(name) {
+            out.push((name.to_string(), c));
+        } else {
+            any_other = true;
+            for st in qgjob_core::JobState::ALL {
+                other = add_counts(other, st, c.get(st));
+            }
+        }
+    }
+    if any_other {
+        out.push(("_other".to_string(), other));
+    }
+    out
+}
+
+fn add_counts(
+    mut c: qgjob_core::StateCounts,
+    st: qgjob_core::JobState,
+    n: u64,
+) -> qgjob_core::StateCounts {
+    use qgjob_core::JobState::*;
+    let slot = match st {
+        Queued => &mut c.queued,
+        Running => &mut c.running,
+        Passed => &mut c.passed,
+        Failed => &mut c.failed,
+        Error => &mut c.error,
+        Canceled => &mut c.canceled,
+    };
+    *slot += n;
+    c
+}
+
 /// `GET /metrics`.
 pub async fn metrics(State(app): State<AppState>) -> Response {
     let (depth, leases, devices, in_memory) = {
         let s = app.lock();
         let devs = s.devices();
         let leases = devs.iter().filter(|d| d.lease.is_some()).count() as u64;
-        (s.queue_depth(), leases, devs.len() as u64, s.len() as u64)
+        let served: std::collections::BTreeSet<&str> =
+            devs.iter().map(|d| d.info.target.as_str()).collect();
+        let depth = metric_targets(s.queue_depth(), &served);
+        (depth, leases, devs.len() as u64, s.len() as u64)
     };
     let body = app.metrics.render(&depth, leases, devices, in_memory);
     let mut resp = body.into_response();

@@ -2216,3 +2216,38 @@ fn a_stalled_request_body_is_cut_off_and_a_greedy_one_refused() {
     // An ordinary request still goes through.
     submit(&s.client(None), "qualgent", "v1", "tests/a.spec.js");
 }
+
+#[test]
+fn metrics_name_only_the_targets_the_lab_serves() {
+    let s = TestServer::start(memory_opts());
+    let c = s.client(None);
+    for t in ["ipad", "watch-7", "typo"] {
+        let mut sp = spec("qualgent", "v1", "tests/a.spec.js");
+        sp["target"] = json!(t);
+        assert_eq!(c.post("/v1/jobs", &sp).0, 201);
+    }
+    let metrics = |c: &Client| -> String {
+        let (_, _, body) = c.get_raw("/metrics");
+        String::from_utf8(body).unwrap()
+    };
+    let m = metrics(&c);
+    // Targets any org may invent are summed, not a series each.
+    assert!(
+        m.contains("qgjob_jobs{target=\"_other\",state=\"queued\"} 3"),
+        "{m}"
+    );
+    assert!(!m.contains("target=\"ipad\""), "{m}");
+    // Once a device serves one, it has its own series.
+    let mut d = device("ipad-1");
+    d["target"] = json!("ipad");
+    assert_eq!(c.post("/v1/agent/devices", &d).0, 200);
+    let m = metrics(&c);
+    assert!(
+        m.contains("qgjob_jobs{target=\"ipad\",state=\"queued\"} 1"),
+        "{m}"
+    );
+    assert!(
+        m.contains("qgjob_jobs{target=\"_other\",state=\"queued\"} 2"),
+        "{m}"
+    );
+}
