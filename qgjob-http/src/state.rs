@@ -508,17 +508,29 @@ async fn timer_task(app: std::sync::Weak<App>, mut shutdown: watch::Receiver<boo
             let res = a
                 .mutate(Vec::new(), false, |s, now, _| {
                     // A tick never starts a job, so every running job it removes was a
-                    // lease expiry or a timeout.
-                    let running = |s: &GroupedScheduler| -> u64 {
-                        s.queue_depth().iter().map(|(_, c)| c.running).sum()
+                    // lease expiry or a timeout, or a cancel its agent did not carry out
+                    // in time (those end canceled, and are not expirations).
+                    let counts = |s: &GroupedScheduler| -> (u64, u64) {
+                        s.queue_depth()
+                            .iter()
+                            .fold((0, 0), |(r, c), (_, n)| (r + n.running, c + n.canceled))
                     };
-                    let before = running(s);
+                    let (running_before, canceled_before) = counts(s);
                     s.tick(now);
-                    let gone = before.saturating_sub(running(s));
-                    if gone > 0 {
-                        tracing::info!(jobs = gone, "leases expired or jobs timed out");
+                    let (running_after, canceled_after) = counts(s);
+                    let gone = running_before.saturating_sub(running_after);
+                    let canceled = canceled_after.saturating_sub(canceled_before);
+                    let expired = gone.saturating_sub(canceled);
+                    if expired > 0 {
+                        tracing::info!(jobs = expired, "leases expired or jobs timed out");
                     }
-                    a.metrics.expirations.fetch_add(gone, Ordering::Relaxed);
+                    if canceled > 0 {
+                        tracing::info!(
+                            jobs = canceled,
+                            "canceled jobs ended: their agents did not stop them in time"
+                        );
+                    }
+                    a.metrics.expirations.fetch_add(expired, Ordering::Relaxed);
                     Ok(())
                 })
                 .await;

@@ -1776,6 +1776,10 @@ fn a_running_job_whose_agent_ignores_the_cancel_ends_canceled() {
     );
     assert_eq!(st, 409);
     assert_eq!(job_state(&c, &id)["state"], "canceled");
+    // Ended by the server, but not a lease expiry.
+    let (_, _, m) = c.get_raw("/metrics");
+    let m = String::from_utf8(m).unwrap();
+    assert!(m.contains("qgjob_lease_expirations_total 0"), "{m}");
 }
 
 #[test]
