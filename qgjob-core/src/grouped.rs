@@ -209,6 +209,11 @@ impl GroupedScheduler {
         &self.cfg
     }
 
+    /// The pool of a registered device.
+    pub fn device_target(&self, id: &DeviceId) -> Option<&Target> {
+        self.devices.get(id).map(|d| &d.info.target)
+    }
+
     /// Whether a registered device (not lost) serves `target`: a job for a pool no device
     /// serves waits until an agent for it registers.
     pub fn serves_target(&self, target: &Target) -> bool {

@@ -116,12 +116,23 @@ pub async fn lease(
     let deadline =
         tokio::time::Instant::now() + Duration::from_millis(req.wait_ms.min(MAX_WAIT_MS));
     let mut shutdown = app.shutdown.clone();
+    // The device's pool, whose changes wake this poll (an unknown device is refused by the
+    // first lease below).
+    let pool = app
+        .lock()
+        .device_target(&req.device_id)
+        .map(|t| app.target_work(t));
     loop {
         // Register interest before looking, so a submit between the look and the wait
         // still wakes us.
         let notified = app.work.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
+        let pool_notified = pool.as_ref().map(|n| n.notified());
+        let mut pool_notified = pool_notified.map(Box::pin);
+        if let Some(n) = pool_notified.as_mut() {
+            n.as_mut().enable();
+        }
         let metrics = app.metrics.clone();
         let mut ttl = 0;
         let got = app
@@ -155,8 +166,15 @@ pub async fn lease(
         // Ask again well within a lease TTL even when nothing changes: that keeps a waiting
         // agent's device in touch, so no other agent session can take it over.
         let touch = tokio::time::Instant::now() + touch_interval(ttl);
+        let pool_woke = async {
+            match pool_notified.as_mut() {
+                Some(n) => n.as_mut().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             _ = &mut notified => {}
+            _ = pool_woke => {}
             _ = tokio::time::sleep_until(touch.min(deadline)) => {}
             _ = shutdown.changed() => {}
         }

@@ -17,13 +17,13 @@
 //!   that expires leases, times jobs out and releases retries. It also makes the scheduler
 //!   forget jobs finished longer ago than the retention window (the store keeps them).
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use qgjob_core::{
-    GroupedScheduler, Job, JobEvent, JobId, JobState, Lease, LeaseId, Scheduler, Time,
+    GroupedScheduler, Job, JobEvent, JobId, JobState, Lease, LeaseId, Scheduler, Target, Time,
 };
 use tokio::sync::{broadcast, mpsc, oneshot, watch, Notify};
 
@@ -132,8 +132,12 @@ pub struct App {
     pub metrics: Arc<Metrics>,
     /// Job state changes, published after they are committed.
     pub events: broadcast::Sender<JobEvent>,
-    /// Woken when work may be available (long-polling agents wait on it).
+    /// Woken when work may be available in any pool (the timer's expiries and retries).
     pub work: Notify,
+    /// Woken when a job of that pool changed: a long poll waits on its device's pool's
+    /// (and on `work`), so a change in one pool does not wake every idle device of the lab.
+    /// Entries are made by the long polls only, so a target no device polls costs nothing.
+    pub work_by_target: Mutex<HashMap<Target, Arc<Notify>>>,
     /// Woken when the timer should look at the deadlines again.
     pub timer: Notify,
     /// Flips to true when the server begins shutting down.
@@ -185,6 +189,7 @@ impl App {
             metrics: metrics.clone(),
             events: events.clone(),
             work: Notify::new(),
+            work_by_target: Mutex::new(HashMap::new()),
             timer: Notify::new(),
             shutdown,
             limits,
@@ -196,6 +201,34 @@ impl App {
         let writer = tokio::spawn(writer_task(rx, store, events, metrics, fatal));
         let timer = tokio::spawn(timer_task(Arc::downgrade(&app), app.shutdown.clone()));
         (app, Background { writer, timer })
+    }
+
+    /// The notify a long poll for a device of `target` waits on (made on first use).
+    pub fn target_work(&self, target: &Target) -> Arc<Notify> {
+        let mut m = self
+            .work_by_target
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        Arc::clone(
+            m.entry(target.clone())
+                .or_insert_with(|| Arc::new(Notify::new())),
+        )
+    }
+
+    /// Wakes the long polls of these pools.
+    fn wake_targets(&self, targets: &BTreeSet<Target>) {
+        if targets.is_empty() {
+            return;
+        }
+        let m = self
+            .work_by_target
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for t in targets {
+            if let Some(n) = m.get(t) {
+                n.notify_waiters();
+            }
+        }
     }
 
     /// Locks the scheduler. A panic while it was held leaves a consistent-enough state for
@@ -257,10 +290,15 @@ impl App {
                     jobs.push(j.clone());
                 }
             }
-            // Any state change can change what the policy gives an idle device (new work,
-            // or a group whose spread now allows one more device), so every change wakes
-            // the long polls; they re-ask and go back to waiting if nothing is theirs.
-            let wake = !events.is_empty();
+            // Any state change can change what the policy gives an idle device of its pool
+            // (new work, or a group whose spread now allows one more device), so a change
+            // wakes the long polls of that pool; they re-ask and go back to waiting if
+            // nothing is theirs.
+            let wake: BTreeSet<Target> = jobs
+                .iter()
+                .filter(|j| events.iter().any(|e| e.job_id == j.id))
+                .map(|j| j.spec.target.clone())
+                .collect();
             for e in &events {
                 if e.state == JobState::Queued && e.attempt > 1 {
                     self.metrics.retries.fetch_add(1, Ordering::Relaxed);
@@ -277,10 +315,8 @@ impl App {
                 return Err(ApiError::unavailable("the server is shutting down"));
             }
             drop(s);
-            if wake {
-                // Agents may lease the new work now: their lease commits after this write.
-                self.work.notify_waiters();
-            }
+            // Agents may lease the new work now: their lease commits after this write.
+            self.wake_targets(&wake);
             (r, rx, endings)
         };
         match ack.await {

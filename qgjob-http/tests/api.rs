@@ -2255,3 +2255,36 @@ fn metrics_name_only_the_targets_the_lab_serves() {
         "{m}"
     );
 }
+
+#[test]
+fn a_waiting_long_poll_is_woken_by_work_for_its_pool() {
+    // A long TTL, so the poll's own periodic re-ask (a third of it) cannot be what finds
+    // the job: only the submit's wake-up can, before the poll's 20 s run out.
+    let s = TestServer::start(ServerOptions {
+        scheduler: SchedulerConfig {
+            lease_ttl_ms: 600_000,
+            ..SchedulerConfig::default()
+        },
+        ..memory_opts()
+    });
+    let c = s.client(None);
+    assert_eq!(c.post("/v1/agent/devices", &device("emu-1")).0, 200);
+    let poller = s.client(None);
+    let poll = std::thread::spawn(move || lease(&poller, "emu-1", 20_000));
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    // Work for another pool first: the emulator's poll goes on waiting.
+    let mut other = spec("qualgent", "v1", "tests/a.spec.js");
+    other["target"] = json!("browserstack");
+    assert_eq!(c.post("/v1/jobs", &other).0, 201);
+    let submitted = std::time::Instant::now();
+    let id = submit(&c, "qualgent", "v1", "tests/b.spec.js");
+    let (st, l) = poll.join().unwrap();
+    assert_eq!((st, l["jobs"][0]["id"].clone()), (200, json!(id)), "{l}");
+    // Not a speed check: a poll that was not woken re-asks only when its 20 s run out, so
+    // an answer before then can only come from the wake-up.
+    let took = submitted.elapsed();
+    assert!(
+        took < std::time::Duration::from_secs(19),
+        "answered after {took:?}"
+    );
+}
