@@ -1100,17 +1100,21 @@ impl Scheduler for GroupedScheduler {
 
     fn register_device(&mut self, now: Time, device: DeviceInfo) -> Result<(), DeviceError> {
         device.validate()?;
+        // The lease the device holds: its registration's, or, once a restart (of this
+        // scheduler) forgot the device, one restored for it, which it gets back.
+        let known = self.devices.get(&device.id);
+        let restored = match known {
+            Some(_) => None,
+            None => self.leases.iter().find(|(_, r)| r.device == device.id),
+        };
         if let Some(new) = &device.session {
-            // Who holds the device: its registration, or, once a restart forgot the
-            // device, a lease restored for it, whose session is unknown (any session is
-            // then another one: the agent running it registers only after reporting).
-            let holder = match self.devices.get(&device.id) {
-                Some(d) => d.info.session.as_ref().map(|h| (Some(h), d.seen)),
-                None => self
-                    .leases
-                    .values()
-                    .find(|r| r.device == device.id)
-                    .map(|r| (r.session.as_ref(), r.seen)),
+            // Who holds the device: its registration, or a restored lease, whose session
+            // is unknown (any session is then another one: the agent running it registers
+            // only after reporting).
+            let holder = match (known, restored) {
+                (Some(d), _) => d.info.session.as_ref().map(|h| (Some(h), d.seen)),
+                (None, Some((_, r))) => Some((r.session.as_ref(), r.seen)),
+                (None, None) => None,
             };
             if let Some((held_by, seen)) = holder {
                 let ttl = self.cfg.lease_ttl_ms;
@@ -1125,14 +1129,9 @@ impl Scheduler for GroupedScheduler {
                 }
             }
         }
-        let held = match self.devices.get(&device.id) {
+        let held = match known {
             Some(d) => d.lease,
-            // A device that held a lease before a restart (of this scheduler) gets it back.
-            None => self
-                .leases
-                .iter()
-                .find(|(_, r)| r.device == device.id)
-                .map(|(id, _)| *id),
+            None => restored.map(|(id, _)| *id),
         };
         let held = match held {
             Some(lease) if device.idle => {

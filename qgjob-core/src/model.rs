@@ -958,6 +958,13 @@ impl StateCounts {
         *s = s.saturating_sub(1);
     }
 
+    /// Adds `other`'s counts to these.
+    pub fn merge(&mut self, other: &StateCounts) {
+        for state in JobState::ALL {
+            *self.slot(state) += other.get(state);
+        }
+    }
+
     /// The count for `state`.
     pub fn get(&self, state: JobState) -> u64 {
         match state {

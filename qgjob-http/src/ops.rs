@@ -36,33 +36,13 @@ fn metric_targets(
             out.push((name.to_string(), c));
         } else {
             any_other = true;
-            for st in qgjob_core::JobState::ALL {
-                other = add_counts(other, st, c.get(st));
-            }
+            other.merge(&c);
         }
     }
     if any_other {
         out.push(("_other".to_string(), other));
     }
     out
-}
-
-fn add_counts(
-    mut c: qgjob_core::StateCounts,
-    st: qgjob_core::JobState,
-    n: u64,
-) -> qgjob_core::StateCounts {
-    use qgjob_core::JobState::*;
-    let slot = match st {
-        Queued => &mut c.queued,
-        Running => &mut c.running,
-        Passed => &mut c.passed,
-        Failed => &mut c.failed,
-        Error => &mut c.error,
-        Canceled => &mut c.canceled,
-    };
-    *slot += n;
-    c
 }
 
 /// `GET /metrics`.

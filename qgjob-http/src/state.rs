@@ -284,21 +284,25 @@ impl App {
             if events.is_empty() && touched.is_empty() && runs.is_empty() && !barrier {
                 return Ok(r);
             }
-            let mut jobs: Vec<Job> = Vec::with_capacity(events.len() + touched.len());
-            for id in events.iter().map(|e| &e.job_id).chain(touched.iter()) {
-                if let Some(j) = s.get(*id) {
-                    jobs.push(j.clone());
-                }
-            }
             // Any state change can change what the policy gives an idle device of its pool
             // (new work, or a group whose spread now allows one more device), so a change
             // wakes the long polls of that pool; they re-ask and go back to waiting if
             // nothing is theirs.
-            let wake: BTreeSet<Target> = jobs
-                .iter()
-                .filter(|j| events.iter().any(|e| e.job_id == j.id))
-                .map(|j| j.spec.target.clone())
-                .collect();
+            let mut wake: BTreeSet<Target> = BTreeSet::new();
+            let mut jobs: Vec<Job> = Vec::with_capacity(events.len() + touched.len());
+            for e in &events {
+                if let Some(j) = s.get(e.job_id) {
+                    if !wake.contains(&j.spec.target) {
+                        wake.insert(j.spec.target.clone());
+                    }
+                    jobs.push(j.clone());
+                }
+            }
+            for id in &touched {
+                if let Some(j) = s.get(*id) {
+                    jobs.push(j.clone());
+                }
+            }
             for e in &events {
                 if e.state == JobState::Queued && e.attempt > 1 {
                     self.metrics.retries.fetch_add(1, Ordering::Relaxed);
