@@ -893,6 +893,8 @@ fn unreachable_server_and_bad_input_give_clean_errors() {
         vec!["status"],
         vec!["frobnicate"],
         vec!["server", "--addr", "127.0.0.1:0", "--store", "postgres"],
+        // Only servers on one database can take over from each other.
+        vec!["server", "--addr", "127.0.0.1:0", "--standby"],
         // A database URL beside a store that uses none: refused, not ignored.
         vec![
             "server",

@@ -368,7 +368,7 @@ pub enum StoreKind {
     Embedded,
     /// Memory only: everything is lost at exit (tests, demos).
     Memory,
-    /// PostgreSQL at --database-url (uploads still go under --data-dir).
+    /// PostgreSQL at --database-url, uploads included.
     #[value(alias = "postgresql")]
     Postgres,
 }
@@ -380,7 +380,8 @@ pub struct ServerArgs {
     #[arg(long, default_value = "127.0.0.1:7878")]
     pub addr: String,
     /// Where the embedded store and uploads live (default: qgjob-data; the memory store
-    /// keeps nothing on disk and takes none).
+    /// keeps nothing on disk and takes none; on PostgreSQL, uploads an earlier release
+    /// kept here are imported into the database).
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
     /// Store kind (default: embedded, or postgres when --database-url is given).
@@ -399,6 +400,10 @@ pub struct ServerArgs {
     /// without tokens the server only runs on a loopback address.
     #[arg(long, value_name = "FILE")]
     pub tokens_file: Option<PathBuf>,
+    /// PostgreSQL store only: when another server holds the store, stand by (answering
+    /// 503) and take over when it stops, instead of exiting.
+    #[arg(long)]
+    pub standby: bool,
 }
 
 /// `qgjob agent`.

@@ -268,7 +268,7 @@ pub fn wait_final_with(
                     Err(_) => break,
                 }
             },
-            Err(e @ CliError::Unreachable { .. }) => {
+            Err(e) if e.is_server_away() => {
                 link.pause(e, deadline, timed_out)?;
                 continue;
             }
@@ -293,8 +293,9 @@ pub fn wait_final_with(
 }
 
 /// How long `wait`, `status --watch` and `logs --follow` keep trying to reach a server they
-/// were talking to (a restart, a deploy): the server is durable, so the job is still there
-/// when it is back.
+/// were talking to (a restart, a deploy, a standby taking over; see
+/// [`CliError::is_server_away`]): the server is durable, so the job is still there when it
+/// is back.
 const RECONNECT_GRACE: Duration = Duration::from_secs(120);
 
 /// Reconnection state of a command that follows a job or run.
@@ -325,7 +326,7 @@ impl Reconnect {
                 self.noted = false;
                 Ok(Some(v))
             }
-            Err(e @ CliError::Unreachable { .. }) => {
+            Err(e) if e.is_server_away() => {
                 self.pause(e, deadline, timed_out)?;
                 Ok(None)
             }
@@ -342,7 +343,9 @@ impl Reconnect {
         deadline: Option<Instant>,
         timed_out: impl Fn() -> CliError,
     ) -> Result<()> {
-        if !self.reached {
+        // Something answering 5xx is at the right address (a standby, a proxy whose server
+        // restarts); nothing answering at the first try is more likely a wrong one.
+        if !self.reached && matches!(e, CliError::Unreachable { .. }) {
             return Err(e);
         }
         let now = Instant::now();

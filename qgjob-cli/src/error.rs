@@ -68,6 +68,20 @@ pub enum CliError {
 }
 
 impl CliError {
+    /// Whether the server is away for now rather than saying no: unreachable, or an answer
+    /// of 502, 503 or 504 (a proxy with no server behind it, a server stopping, a standby
+    /// about to take over). Commands that follow a job wait through these.
+    pub fn is_server_away(&self) -> bool {
+        matches!(
+            self,
+            CliError::Unreachable { .. }
+                | CliError::Api {
+                    status: 502..=504,
+                    ..
+                }
+        )
+    }
+
     /// The process exit code for this error (2 usage/input, 3 server/infrastructure; see the README).
     pub fn exit_code(&self) -> u8 {
         match self {
@@ -108,6 +122,8 @@ mod tests {
             code: "x".into(),
             message: "m".into(),
         };
+        assert!(api(503).is_server_away() && api(502).is_server_away());
+        assert!(!api(500).is_server_away() && !api(404).is_server_away());
         assert_eq!(api(404).exit_code(), EXIT_USAGE);
         assert_eq!(api(409).exit_code(), EXIT_USAGE);
         assert_eq!(api(503).exit_code(), EXIT_INFRA);

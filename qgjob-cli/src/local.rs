@@ -81,6 +81,13 @@ fn store_kind(store: Option<StoreKind>, database_url: Option<&str>) -> Result<St
 /// `qgjob server`.
 pub fn server(a: &ServerArgs) -> Result<u8> {
     let kind = store_kind(a.store, a.database_url.as_deref())?;
+    if a.standby && kind != StoreKind::Postgres {
+        return Err(CliError::Usage(
+            "--standby needs the PostgreSQL store (--database-url): only servers on one \
+             database can take over from each other"
+                .into(),
+        ));
+    }
     if kind == StoreKind::Memory && a.data_dir.is_some() {
         // It would be ignored: nothing of a memory store touches the disk.
         return Err(CliError::Usage(
@@ -102,6 +109,7 @@ pub fn server(a: &ServerArgs) -> Result<u8> {
         },
         postgres_url: a.database_url.clone(),
         tokens_file: a.tokens_file.clone(),
+        standby: a.standby,
         ..ServerOptions::default()
     };
     // Installed first, so the server's own default subscriber is not used.

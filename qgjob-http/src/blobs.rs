@@ -1,19 +1,35 @@
 //! Content-addressed artifact storage (app builds and test bundles), by sha256.
 //!
-//! On disk: `DATA_DIR/artifacts/sha256/<hex>`, written to a temp file while hashing the
-//! stream, then renamed into place, so a reader never sees a partial file and a crash leaves
-//! at most a stray temp file. Identical uploads are stored once. The server unpacks nothing.
+//! One contract ([`Blobs::put`], [`Blobs::exists`], [`Blobs::get`]), three backends:
+//!
+//! - **Dir** (the SQLite store): `DATA_DIR/artifacts/sha256/<hex>`, written to a temp file
+//!   while hashing the stream, then renamed into place, so a reader never sees a partial file
+//!   and a crash leaves at most a stray temp file.
+//! - **Postgres** (`--store postgres`): in the database, so a standby on another machine
+//!   finds every artifact the primary stored. An upload is written as it arrives, in parts of
+//!   [`PART_BYTES`], to `blob_parts(upload, n, data)` under a fresh random upload key; once it
+//!   is complete and its digest known, one transaction inserts `blobs(sha256, upload, size)`,
+//!   which names the upload holding that content. A reader looks only through `blobs`, so it
+//!   never sees a partial artifact. Parts no `blobs` row names are leftovers: a failed upload
+//!   removes its own at once, and [`Blobs::sweep_unfinished`] removes those a crash left.
+//!   Reads fetch one part at a time, so neither side ever holds a whole artifact in memory.
+//! - **Memory** (`--store memory`).
+//!
+//! Identical uploads are stored once. The server unpacks nothing.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use axum::body::{Body, Bytes};
-use futures_util::StreamExt;
+use axum::http::StatusCode;
+use futures_util::{Stream, StreamExt};
 use sha2::{Digest, Sha256};
+use sqlx::PgPool;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::error::ApiError;
+use crate::store::{PgStore, StoreError};
 
 /// Where artifacts live.
 #[derive(Debug, Clone)]
@@ -22,6 +38,8 @@ pub enum Blobs {
     Dir(PathBuf),
     /// In memory (for `--store memory`).
     Memory(Arc<Mutex<HashMap<String, Bytes>>>),
+    /// In the PostgreSQL database of a [`PgStore`] (tables `blobs` and `blob_parts`).
+    Postgres(PgPool),
 }
 
 /// The result of storing an upload.
@@ -38,6 +56,17 @@ pub struct Stored {
 /// How much of an upload `check_head` sees.
 pub const HEAD_BYTES: usize = 16;
 
+/// The size of one stored part on PostgreSQL (the last part of an upload may be shorter):
+/// what an upload buffers before it writes, and what a read fetches at a time.
+pub const PART_BYTES: usize = 1024 * 1024;
+
+/// How much of a file one read takes (serving from a directory, importing).
+const FILE_READ_BYTES: usize = 256 * 1024;
+
+/// Serialises finishing uploads (shared) against sweeping unfinished ones (exclusive) on
+/// one schema, so a sweep never removes the parts of an upload that is being finished.
+const BLOB_LOCK_KEY: &str = "hashtext('qgjob:blobs:' || current_schema())::bigint";
+
 pub use qgjob_core::is_sha256_hex;
 
 impl Blobs {
@@ -53,10 +82,16 @@ impl Blobs {
         Blobs::Memory(Arc::default())
     }
 
+    /// Storage in the database of `store` (its tables exist once the store is connected).
+    pub fn postgres(store: &PgStore) -> Self {
+        Blobs::Postgres(store.pool().clone())
+    }
+
     /// Streams `body` into storage, hashing as it goes; refuses more than `limit` bytes
     /// (413) and, when `expect` is given, content whose digest differs (422).
     /// `check_head` sees the first [`HEAD_BYTES`] bytes, or all of a shorter upload (e.g. to
     /// check a gzip header), however the body was split into chunks.
+    /// Nothing of a refused or failed upload stays stored.
     pub async fn put(
         &self,
         body: Body,
@@ -64,26 +99,46 @@ impl Blobs {
         expect: Option<&str>,
         check_head: impl Fn(&[u8]) -> Result<(), ApiError>,
     ) -> Result<Stored, ApiError> {
-        let mut stream = body.into_data_stream();
+        let stream = body.into_data_stream().map(|c| {
+            c.map_err(|e| Failure::Refused(ApiError::bad_request(format!("upload: {e}"))))
+        });
+        self.put_stream(stream, limit, expect, check_head)
+            .await
+            .map_err(Failure::into_api)
+    }
+
+    /// [`Blobs::put`] for any stream of chunks, with the cause of a failure kept.
+    async fn put_stream(
+        &self,
+        stream: impl Stream<Item = Result<Bytes, Failure>>,
+        limit: u64,
+        expect: Option<&str>,
+        check_head: impl Fn(&[u8]) -> Result<(), ApiError>,
+    ) -> Result<Stored, Failure> {
+        let mut stream = std::pin::pin!(stream);
         let mut hasher = Sha256::new();
         let mut size: u64 = 0;
         let mut head: Vec<u8> = Vec::with_capacity(HEAD_BYTES);
         let mut checked = false;
         let mut sink = match self {
             Blobs::Dir(dir) => {
-                let mut name = [0u8; 12];
-                getrandom::fill(&mut name).map_err(ApiError::internal)?;
-                let tmp = dir.join("tmp").join(hex::encode(name));
-                let f = tokio::fs::File::create(&tmp)
-                    .await
-                    .map_err(ApiError::internal)?;
-                Sink::File(f, tmp)
+                let tmp = dir.join("tmp").join(random_hex::<12>()?);
+                let f = tokio::fs::File::create(&tmp).await?;
+                Sink::File {
+                    f,
+                    tmp,
+                    dir: dir.clone(),
+                }
             }
-            Blobs::Memory(_) => Sink::Mem(Vec::new()),
+            Blobs::Memory(m) => Sink::Mem {
+                buf: Vec::new(),
+                map: m.clone(),
+            },
+            Blobs::Postgres(pool) => Sink::Pg(PgUpload::new(pool.clone())?),
         };
-        let res: Result<(), ApiError> = async {
+        let res: Result<(), Failure> = async {
             while let Some(chunk) = stream.next().await {
-                let chunk = chunk.map_err(|e| ApiError::bad_request(format!("upload: {e}")))?;
+                let chunk = chunk?;
                 if !checked {
                     let take = chunk.len().min(HEAD_BYTES - head.len());
                     head.extend_from_slice(&chunk[..take]);
@@ -94,13 +149,10 @@ impl Blobs {
                 }
                 size += chunk.len() as u64;
                 if size > limit {
-                    return Err(ApiError::too_large(format!("upload exceeds {limit} bytes")));
+                    return Err(ApiError::too_large(format!("upload exceeds {limit} bytes")).into());
                 }
                 hasher.update(&chunk);
-                match &mut sink {
-                    Sink::File(f, _) => f.write_all(&chunk).await.map_err(ApiError::internal)?,
-                    Sink::Mem(v) => v.extend_from_slice(&chunk),
-                }
+                sink.write(&chunk).await?;
             }
             if !checked {
                 check_head(&head)?;
@@ -113,60 +165,20 @@ impl Blobs {
             Some(e) if !e.eq_ignore_ascii_case(&sha256) => Err(ApiError::invalid(
                 "sha256",
                 format!("content hashes to {sha256}, not {e}"),
-            )),
+            )
+            .into()),
             _ => Ok(()),
         });
-        match sink {
-            Sink::File(mut f, tmp) => {
-                let done = async {
-                    res?;
-                    f.flush().await.map_err(ApiError::internal)?;
-                    // The file must be on disk before the registry points at it.
-                    f.sync_all().await.map_err(ApiError::internal)?;
-                    drop(f);
-                    let Blobs::Dir(dir) = self else {
-                        return Err(ApiError::internal("blob storage changed kind"));
-                    };
-                    let path = dir.join("sha256").join(&sha256);
-                    if tokio::fs::try_exists(&path).await.unwrap_or(false) {
-                        Ok(false)
-                    } else {
-                        tokio::fs::rename(&tmp, &path)
-                            .await
-                            .map_err(ApiError::internal)?;
-                        Ok(true)
-                    }
-                }
-                .await;
-                // Whatever happened, no temp file stays behind (already gone after rename).
-                let _ = tokio::fs::remove_file(&tmp).await;
-                let created = done?;
-                Ok(Stored {
-                    sha256,
-                    size,
-                    created,
-                })
-            }
-            Sink::Mem(v) => {
-                res?;
-                let Blobs::Memory(m) = self else {
-                    return Err(ApiError::internal("blob storage changed kind"));
-                };
-                let mut g = m.lock().unwrap_or_else(|e| e.into_inner());
-                let created = !g.contains_key(&sha256);
-                if created {
-                    g.insert(sha256.clone(), Bytes::from(v));
-                }
-                Ok(Stored {
-                    sha256,
-                    size,
-                    created,
-                })
-            }
-        }
+        let created = sink.finish(res, &sha256, size).await?;
+        Ok(Stored {
+            sha256,
+            size,
+            created,
+        })
     }
 
-    /// Whether content with this digest is stored.
+    /// Whether content with this digest is stored (false too when the database cannot say;
+    /// that failure is logged).
     pub async fn exists(&self, sha256: &str) -> bool {
         if !is_sha256_hex(sha256) {
             return false;
@@ -179,6 +191,19 @@ impl Blobs {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .contains_key(sha256),
+            Blobs::Postgres(pool) => {
+                match sqlx::query_scalar::<_, i32>("SELECT 1 FROM blobs WHERE sha256 = $1")
+                    .bind(sha256)
+                    .fetch_optional(pool)
+                    .await
+                {
+                    Ok(row) => row.is_some(),
+                    Err(e) => {
+                        tracing::error!(error = %e, sha256, "cannot look up an artifact");
+                        false
+                    }
+                }
+            }
         }
     }
 
@@ -196,30 +221,465 @@ impl Blobs {
                     Err(e) => return Err(ApiError::internal(e)),
                 };
                 let size = f.metadata().await.map_err(ApiError::internal)?.len();
-                let stream = futures_util::stream::unfold(Some(f), |f| async move {
-                    let mut f = f?;
-                    let mut buf = vec![0u8; 64 * 1024];
-                    match f.read(&mut buf).await {
-                        Ok(0) => None,
-                        Ok(n) => {
-                            buf.truncate(n);
-                            Some((Ok::<_, std::io::Error>(Bytes::from(buf)), Some(f)))
-                        }
-                        Err(e) => Some((Err(e), None)),
-                    }
-                });
-                Ok(Some((Body::from_stream(stream), size)))
+                Ok(Some((Body::from_stream(file_chunks(f)), size)))
             }
             Blobs::Memory(m) => {
                 let g = m.lock().unwrap_or_else(|e| e.into_inner());
                 Ok(g.get(sha256)
                     .map(|b| (Body::from(b.clone()), b.len() as u64)))
             }
+            Blobs::Postgres(pool) => {
+                let row: Option<(String, i64)> =
+                    sqlx::query_as("SELECT upload, size FROM blobs WHERE sha256 = $1")
+                        .bind(sha256)
+                        .fetch_optional(pool)
+                        .await
+                        .map_err(ApiError::internal)?;
+                let Some((upload, size)) = row else {
+                    return Ok(None);
+                };
+                let size = u64::try_from(size).map_err(|_| {
+                    ApiError::internal(format!("artifact {sha256}: negative size {size}"))
+                })?;
+                let parts = PartCursor {
+                    pool: pool.clone(),
+                    sha256: sha256.to_string(),
+                    upload,
+                    after: -1,
+                    sent: 0,
+                    size,
+                };
+                Ok(Some((Body::from_stream(parts.into_stream()), size)))
+            }
+        }
+    }
+
+    /// Removes what uploads that never finished left behind: on PostgreSQL every part no
+    /// `blobs` row names, in a directory every temp file. Returns how many parts or files
+    /// it removed.
+    ///
+    /// **Precondition**: call it only at start-up, before serving, from the one server that
+    /// holds the store's lock ([`PgStore::lock_exclusive`], or the data dir's lock). It
+    /// cannot tell an upload in progress elsewhere from an abandoned one, and removes both;
+    /// an upload whose parts it removed fails when it finishes (500), it never stores a
+    /// partial artifact.
+    pub async fn sweep_unfinished(&self) -> Result<u64, StoreError> {
+        match self {
+            Blobs::Dir(dir) => {
+                let mut removed = 0;
+                let mut entries = match tokio::fs::read_dir(dir.join("tmp")).await {
+                    Ok(e) => e,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+                    Err(e) => return Err(e.into()),
+                };
+                while let Some(entry) = entries.next_entry().await? {
+                    if entry.file_type().await?.is_file() {
+                        tokio::fs::remove_file(entry.path()).await?;
+                        removed += 1;
+                    }
+                }
+                Ok(removed)
+            }
+            Blobs::Memory(_) => Ok(0),
+            Blobs::Postgres(pool) => {
+                let mut tx = pool.begin().await?;
+                // Waits for uploads being finished, so the delete below (its own statement,
+                // hence its own snapshot) sees their `blobs` rows.
+                sqlx::query(&format!("SELECT pg_advisory_xact_lock({BLOB_LOCK_KEY})"))
+                    .execute(&mut *tx)
+                    .await?;
+                let done = sqlx::query(
+                    "DELETE FROM blob_parts p \
+                     WHERE NOT EXISTS (SELECT 1 FROM blobs b WHERE b.upload = p.upload)",
+                )
+                .execute(&mut *tx)
+                .await?;
+                tx.commit().await?;
+                Ok(done.rows_affected())
+            }
+        }
+    }
+
+    /// Imports every file `dir/sha256/<hex>` whose digest is not stored yet (for artifacts an
+    /// earlier release kept under the data dir), streaming each. A file whose content does not
+    /// hash to its name is skipped with a warning, as is a name that is not a lowercase hex
+    /// sha256. Returns how many artifacts it stored; a missing `dir/sha256` imports none.
+    pub async fn import_dir(&self, dir: &Path) -> Result<usize, StoreError> {
+        let src = dir.join("sha256");
+        let mut entries = match tokio::fs::read_dir(&src).await {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(e.into()),
+        };
+        let mut imported = 0;
+        while let Some(entry) = entries.next_entry().await? {
+            let path = entry.path();
+            let name = entry.file_name();
+            let Some(name) = name.to_str().filter(|n| is_sha256_hex(n)) else {
+                tracing::warn!(path = %path.display(), "not importing: the name is not a sha256");
+                continue;
+            };
+            if !entry.file_type().await?.is_file() || self.exists(name).await {
+                continue;
+            }
+            let f = tokio::fs::File::open(&path).await?;
+            let chunks = file_chunks(f).map(|c| c.map_err(Failure::Io));
+            match self
+                .put_stream(chunks, u64::MAX, Some(name), |_| Ok(()))
+                .await
+            {
+                Ok(stored) => imported += usize::from(stored.created),
+                Err(Failure::Refused(e)) if e.status == StatusCode::UNPROCESSABLE_ENTITY => {
+                    tracing::warn!(path = %path.display(), reason = %e.message, "not importing: the content does not match its name");
+                }
+                Err(e) => return Err(e.into_store()),
+            }
+        }
+        Ok(imported)
+    }
+}
+
+/// Why an upload failed, kept apart until the caller says what it becomes: an answer for
+/// [`Blobs::put`], a [`StoreError`] for [`Blobs::import_dir`].
+#[derive(Debug, thiserror::Error)]
+enum Failure {
+    /// Refused for what was sent (too large, wrong digest, bad head, broken body).
+    #[error("{}", .0.message)]
+    Refused(ApiError),
+    /// A file operation failed.
+    #[error("i/o error: {0}")]
+    Io(#[from] std::io::Error),
+    /// The database failed.
+    #[error("database error: {0}")]
+    Db(#[from] sqlx::Error),
+    /// The stored upload is not what was written (its parts were swept meanwhile).
+    #[error("{0}")]
+    Lost(String),
+}
+
+impl From<ApiError> for Failure {
+    fn from(e: ApiError) -> Self {
+        Failure::Refused(e)
+    }
+}
+
+impl Failure {
+    fn into_api(self) -> ApiError {
+        match self {
+            Failure::Refused(e) => e,
+            other => ApiError::internal(other),
+        }
+    }
+
+    fn into_store(self) -> StoreError {
+        match self {
+            Failure::Io(e) => StoreError::Io(e),
+            Failure::Db(e) => StoreError::Db(e),
+            Failure::Refused(e) => StoreError::Corrupt(e.message),
+            Failure::Lost(m) => StoreError::Corrupt(m),
         }
     }
 }
 
+/// `N` random bytes as hex (temp file names, upload keys).
+fn random_hex<const N: usize>() -> Result<String, Failure> {
+    let mut b = [0u8; N];
+    getrandom::fill(&mut b).map_err(|e| Failure::Io(std::io::Error::other(e.to_string())))?;
+    Ok(hex::encode(b))
+}
+
+/// A file's content as a stream of chunks.
+fn file_chunks(f: tokio::fs::File) -> impl Stream<Item = std::io::Result<Bytes>> + Send {
+    futures_util::stream::unfold(Some(f), |f| async move {
+        let mut f = f?;
+        let mut buf = vec![0u8; FILE_READ_BYTES];
+        match f.read(&mut buf).await {
+            Ok(0) => None,
+            Ok(n) => {
+                buf.truncate(n);
+                Some((Ok(Bytes::from(buf)), Some(f)))
+            }
+            Err(e) => Some((Err(e), None)),
+        }
+    })
+}
+
+/// Where an upload's bytes go while it streams in.
 enum Sink {
-    File(tokio::fs::File, PathBuf),
-    Mem(Vec<u8>),
+    File {
+        f: tokio::fs::File,
+        tmp: PathBuf,
+        dir: PathBuf,
+    },
+    Mem {
+        buf: Vec<u8>,
+        map: Arc<Mutex<HashMap<String, Bytes>>>,
+    },
+    Pg(PgUpload),
+}
+
+impl Sink {
+    async fn write(&mut self, chunk: &[u8]) -> Result<(), Failure> {
+        match self {
+            Sink::File { f, .. } => f.write_all(chunk).await?,
+            Sink::Mem { buf, .. } => buf.extend_from_slice(chunk),
+            Sink::Pg(up) => up.write(chunk).await?,
+        }
+        Ok(())
+    }
+
+    /// Stores the upload under `sha256` when `res` is Ok, else removes what was written.
+    /// Returns whether the content is new.
+    async fn finish(
+        self,
+        res: Result<(), Failure>,
+        sha256: &str,
+        size: u64,
+    ) -> Result<bool, Failure> {
+        match self {
+            Sink::File { mut f, tmp, dir } => {
+                let done = async {
+                    res?;
+                    f.flush().await?;
+                    // The file must be on disk before the registry points at it.
+                    f.sync_all().await?;
+                    drop(f);
+                    let path = dir.join("sha256").join(sha256);
+                    if tokio::fs::try_exists(&path).await.unwrap_or(false) {
+                        Ok(false)
+                    } else {
+                        tokio::fs::rename(&tmp, &path).await?;
+                        Ok(true)
+                    }
+                }
+                .await;
+                // Whatever happened, no temp file stays behind (already gone after rename).
+                let _ = tokio::fs::remove_file(&tmp).await;
+                done
+            }
+            Sink::Mem { buf, map } => {
+                res?;
+                let mut g = map.lock().unwrap_or_else(|e| e.into_inner());
+                let created = !g.contains_key(sha256);
+                if created {
+                    g.insert(sha256.to_string(), Bytes::from(buf));
+                }
+                Ok(created)
+            }
+            Sink::Pg(mut up) => {
+                let done = match res {
+                    Ok(()) => up.commit(sha256, size).await,
+                    Err(e) => Err(e),
+                };
+                match done {
+                    Ok(created) => {
+                        up.pending = false;
+                        Ok(created)
+                    }
+                    Err(e) => {
+                        up.discard().await;
+                        Err(e)
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// One upload streaming into `blob_parts` on PostgreSQL.
+struct PgUpload {
+    pool: PgPool,
+    /// The random key its parts are stored under.
+    key: String,
+    /// Bytes not yet written (less than [`PART_BYTES`]).
+    buf: Vec<u8>,
+    /// Parts written so far, which is the next part's number.
+    parts: i32,
+    /// Whether parts of it may be stored that nothing will remove unless it does: true
+    /// until it is stored or discarded, so a dropped (cancelled) upload cleans up too.
+    pending: bool,
+}
+
+impl PgUpload {
+    fn new(pool: PgPool) -> Result<Self, Failure> {
+        Ok(PgUpload {
+            pool,
+            key: random_hex::<16>()?,
+            buf: Vec::new(),
+            parts: 0,
+            pending: true,
+        })
+    }
+
+    /// Buffers `data`, writing each full part as soon as it is full.
+    async fn write(&mut self, mut data: &[u8]) -> Result<(), Failure> {
+        while !data.is_empty() {
+            let take = (PART_BYTES - self.buf.len()).min(data.len());
+            self.buf.extend_from_slice(&data[..take]);
+            data = &data[take..];
+            if self.buf.len() == PART_BYTES {
+                self.flush().await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the buffered bytes as the next part.
+    async fn flush(&mut self) -> Result<(), Failure> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let next = self
+            .parts
+            .checked_add(1)
+            .ok_or_else(|| Failure::Lost("upload has too many parts".into()))?;
+        sqlx::query("INSERT INTO blob_parts (upload, n, data) VALUES ($1, $2, $3)")
+            .bind(&self.key)
+            .bind(self.parts)
+            .bind(self.buf.as_slice())
+            .execute(&self.pool)
+            .await?;
+        self.parts = next;
+        self.buf.clear();
+        Ok(())
+    }
+
+    /// Writes the last part, then makes the upload the content of `sha256` unless that
+    /// is stored already (then its parts go). Returns whether the content is new.
+    async fn commit(&mut self, sha256: &str, size: u64) -> Result<bool, Failure> {
+        self.flush().await?;
+        self.buf = Vec::new();
+        let size = i64::try_from(size).map_err(|_| Failure::Lost(format!("size {size}")))?;
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(&format!(
+            "SELECT pg_advisory_xact_lock_shared({BLOB_LOCK_KEY})"
+        ))
+        .execute(&mut *tx)
+        .await?;
+        // Under the lock no sweep runs; one that ran before may have removed these parts
+        // (it took the store from this server): then nothing partial may be stored.
+        let (count, bytes): (i64, i64) = sqlx::query_as(
+            "SELECT COUNT(*), COALESCE(SUM(octet_length(data)), 0)::BIGINT \
+             FROM blob_parts WHERE upload = $1",
+        )
+        .bind(&self.key)
+        .fetch_one(&mut *tx)
+        .await?;
+        if count != i64::from(self.parts) || bytes != size {
+            return Err(Failure::Lost(format!(
+                "upload {} of {sha256}: {count} of {} parts, {bytes} of {size} bytes are stored \
+                 (swept by a server that took the store?)",
+                self.key, self.parts
+            )));
+        }
+        let created = sqlx::query(
+            "INSERT INTO blobs (sha256, upload, size) VALUES ($1, $2, $3) \
+             ON CONFLICT (sha256) DO NOTHING",
+        )
+        .bind(sha256)
+        .bind(&self.key)
+        .bind(size)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        if !created {
+            delete_parts(&mut *tx, &self.key).await?;
+        }
+        tx.commit().await?;
+        Ok(created)
+    }
+
+    /// Removes every part of this upload (on failure). Should that fail too, it is
+    /// logged and tried once more when the upload is dropped; the next start-up sweep
+    /// removes whatever is left.
+    async fn discard(&mut self) {
+        self.buf = Vec::new();
+        match delete_parts(&self.pool, &self.key).await {
+            Ok(()) => self.pending = false,
+            Err(e) => {
+                tracing::warn!(error = %e, upload = %self.key, "cannot remove the parts of a failed upload")
+            }
+        }
+    }
+}
+
+impl Drop for PgUpload {
+    fn drop(&mut self) {
+        if !self.pending {
+            return;
+        }
+        // Dropped before it finished: the request was cancelled (its client went away).
+        // Nothing can be awaited here, so the parts are removed in the background. A part
+        // whose insert was cut off may still land afterwards; the start-up sweep takes it.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let pool = self.pool.clone();
+            let key = std::mem::take(&mut self.key);
+            rt.spawn(async move {
+                if let Err(e) = delete_parts(&pool, &key).await {
+                    tracing::warn!(error = %e, upload = %key, "cannot remove the parts of a cancelled upload");
+                }
+            });
+        }
+    }
+}
+
+/// Deletes the parts of `upload`.
+async fn delete_parts<'c>(
+    conn: impl sqlx::PgExecutor<'c>,
+    upload: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("DELETE FROM blob_parts WHERE upload = $1")
+        .bind(upload)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Reads a stored artifact's parts one at a time, in order.
+struct PartCursor {
+    pool: PgPool,
+    sha256: String,
+    upload: String,
+    /// The number of the last part sent (-1 before the first).
+    after: i32,
+    sent: u64,
+    size: u64,
+}
+
+impl PartCursor {
+    /// The parts as a body stream. Each step looks up the next part by number, so parts
+    /// of any size read back, and it checks the bytes add up to the recorded size.
+    fn into_stream(self) -> impl Stream<Item = std::io::Result<Bytes>> + Send {
+        futures_util::stream::unfold(Some(self), |c| async move {
+            let mut c = c?;
+            let row: Result<Option<(i32, Vec<u8>)>, _> = sqlx::query_as(
+                "SELECT n, data FROM blob_parts WHERE upload = $1 AND n > $2 ORDER BY n LIMIT 1",
+            )
+            .bind(&c.upload)
+            .bind(c.after)
+            .fetch_optional(&c.pool)
+            .await;
+            let err = |msg: String| {
+                tracing::error!(sha256 = %c.sha256, error = %msg, "cannot read an artifact");
+                Some((Err(std::io::Error::other(msg)), None))
+            };
+            match row {
+                Err(e) => err(format!("database error: {e}")),
+                Ok(None) if c.sent == c.size => None,
+                Ok(None) => err(format!("only {} of {} bytes are stored", c.sent, c.size)),
+                Ok(Some((n, data))) => {
+                    c.sent += data.len() as u64;
+                    if c.sent > c.size {
+                        return err(format!(
+                            "more than the recorded {} bytes are stored",
+                            c.size
+                        ));
+                    }
+                    c.after = n;
+                    Some((Ok(Bytes::from(data)), Some(c)))
+                }
+            }
+        })
+    }
 }

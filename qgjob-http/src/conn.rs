@@ -50,6 +50,22 @@ pub async fn serve(
     header_timeout: Duration,
     shutdown: impl Future<Output = ()> + Send,
 ) {
+    let graceful = accept(&listener, router, cap, header_timeout, shutdown).await;
+    // Closed before the wait, so new clients are refused rather than left in the backlog.
+    drop(listener);
+    graceful.shutdown().await;
+}
+
+/// Accepts connections on `listener` for `router` until `shutdown` completes; the caller
+/// keeps the listener (a standby hands it on to the server it becomes) and waits on the
+/// returned handle for the open connections to finish.
+pub async fn accept(
+    listener: &TcpListener,
+    router: Router,
+    cap: usize,
+    header_timeout: Duration,
+    shutdown: impl Future<Output = ()> + Send,
+) -> GracefulShutdown {
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
@@ -106,6 +122,5 @@ pub async fn serve(
             drop(permit);
         });
     }
-    drop(listener);
-    graceful.shutdown().await;
+    graceful
 }

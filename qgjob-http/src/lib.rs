@@ -35,14 +35,19 @@
 //! - **Reads**: a job is read from the scheduler when it holds it, else from the store;
 //!   listings and runs come from the store (everything acknowledged is there).
 //! - **Logs** are stored in the database, appended per job, size-limited.
-//! - **Artifacts** are files under `DATA_DIR/artifacts/sha256/<hex>` (in memory with
-//!   `--store memory`); the build registry maps (org, app version) to a digest.
+//! - **Artifacts** are files under `DATA_DIR/artifacts/sha256/<hex>`, rows of 1 MiB parts
+//!   in the database on PostgreSQL (so any server of the store has them), or in memory with
+//!   `--store memory`; the build registry maps (org, app version) to a digest.
 //! - **Store trait**: [`store::Store`], implemented by [`store::SqliteStore`] (default),
 //!   [`store::PgStore`] (PostgreSQL) and [`store::MemoryStore`]; one generic test suite runs
-//!   against all three. Several servers on one store are not supported: each holds its own
-//!   scheduler in memory. A server therefore locks its data dir (`DATA_DIR/lock`) and, on
+//!   against all three. Several servers do not serve one store at once: each holds its own
+//!   scheduler in memory. A server therefore locks its data dir (`DATA_DIR/lock`) or, on
 //!   PostgreSQL, takes an advisory lock on the store's schema; a second server on the same
 //!   store is refused before it listens ([`ServerError::Unavailable`]).
+//! - **Standby** ([`ServerOptions::standby`], PostgreSQL only): the second server waits for
+//!   the lock instead, answering every request `503 standby`, and then starts as a restarted
+//!   server would. A serving server checks every few seconds that it still holds the lock
+//!   and stops when it does not, so it never answers beside the one that took over.
 //! - **Start-up order**: [`run_server`] binds, opens and locks the store, loads the tokens
 //!   and restores the scheduler, and only then prints its `listening` line, so a script or
 //!   supervisor waiting for that line never sees a server that is about to fail.
@@ -95,7 +100,8 @@ pub enum StoreKind {
     Sqlite,
     /// Memory only: everything is lost when the server stops.
     Memory,
-    /// PostgreSQL at `ServerOptions::postgres_url` (artifacts still go under the data dir).
+    /// PostgreSQL at `ServerOptions::postgres_url`, artifacts included (the data dir is
+    /// only read once, for artifacts an earlier release kept there).
     Postgres,
 }
 
@@ -104,7 +110,8 @@ pub enum StoreKind {
 pub struct ServerOptions {
     /// Where [`run_server`] binds (ignored by [`serve`], which gets a listener).
     pub addr: SocketAddr,
-    /// Where the SQLite store and artifacts live (default `./qgjob-data`).
+    /// Where the SQLite store and artifacts live (default `./qgjob-data`). On PostgreSQL,
+    /// only where artifacts an earlier release kept on disk are imported from.
     pub data_dir: Option<PathBuf>,
     /// Which store.
     pub store: StoreKind,
@@ -121,6 +128,10 @@ pub struct ServerOptions {
     pub synchronous: Synchronous,
     /// Size limits and the retention of finished jobs in memory.
     pub limits: Limits,
+    /// With [`StoreKind::Postgres`]: when another server holds the store, stand by
+    /// (answering every request 503 `standby`) and take over once it stops, rather than
+    /// refusing to start. A server that finds the store free starts at once either way.
+    pub standby: bool,
 }
 
 impl Default for ServerOptions {
@@ -140,6 +151,7 @@ impl Default for ServerOptions {
             },
             synchronous: Synchronous::Normal,
             limits: Limits::default(),
+            standby: false,
         }
     }
 }
@@ -268,13 +280,13 @@ enum Closer {
 }
 
 /// What keeps a second server off this one's state until this one stops: a lock on the
-/// data dir, and on PostgreSQL also a lock in the database. Two servers on one store would
+/// data dir, or on PostgreSQL a lock in the database. Two servers on one store would
 /// each restore their own scheduler and hand out the same sequence numbers, so one's
 /// acknowledged jobs would overwrite the other's.
 #[derive(Default)]
 struct Guards {
     _dir: Option<std::fs::File>,
-    _pg: Option<store::PgLock>,
+    pg: Option<store::PgLock>,
 }
 
 /// The store, artifacts, what to close and what to hold while serving.
@@ -330,54 +342,163 @@ fn redact(url: &str) -> String {
     out
 }
 
-async fn open_store(opts: &ServerOptions) -> Result<Opened, ServerError> {
-    match opts.store {
-        StoreKind::Memory => Ok(Opened {
+/// What a server waiting on its store stops for: the shutdown it was given.
+type Shutdown = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// Opens and locks the store. `None` when a standby was told to stop before it took over.
+async fn open_store(
+    opts: &ServerOptions,
+    listener: &TcpListener,
+    shutdown: &mut Shutdown,
+) -> Result<Option<Opened>, ServerError> {
+    if opts.standby && opts.store != StoreKind::Postgres {
+        return Err(ServerError::Config(
+            "standing by needs the PostgreSQL store: servers on other stores cannot share it"
+                .into(),
+        ));
+    }
+    let opened = match opts.store {
+        StoreKind::Memory => Opened {
             store: Arc::new(MemoryStore::new()),
             blobs: Blobs::memory(),
             closer: None,
             guards: Guards::default(),
-        }),
+        },
         StoreKind::Sqlite => {
             let (dir, lock) = lock_data_dir(opts)?;
             let db = SqliteStore::open(&dir.join("qgjob.sqlite3"), opts.synchronous).await?;
             let blobs = Blobs::dir(dir.join("artifacts"))?;
-            Ok(Opened {
+            Opened {
                 store: Arc::new(db.clone()),
                 blobs,
                 closer: Some(Closer::Sqlite(db)),
                 guards: Guards {
                     _dir: Some(lock),
-                    _pg: None,
+                    pg: None,
                 },
-            })
+            }
         }
         StoreKind::Postgres => {
             let url = opts.postgres_url.as_deref().ok_or_else(|| {
                 ServerError::Config("the postgres store needs a database URL".into())
             })?;
-            let (dir, lock) = lock_data_dir(opts)?;
             let db = PgStore::connect(url, None).await.map_err(|e| {
                 ServerError::Unavailable(format!("PostgreSQL at {}: {e}", redact(url)))
             })?;
-            let pg = db.lock_exclusive().await?.ok_or_else(|| {
-                ServerError::Unavailable(format!(
-                    "the PostgreSQL store at {} is in use by another qgjob server",
-                    redact(url)
-                ))
-            })?;
-            let blobs = Blobs::dir(dir.join("artifacts"))?;
-            Ok(Opened {
+            let pg = match db.lock_exclusive().await? {
+                Some(pg) => pg,
+                None if opts.standby => {
+                    match stand_by(&db, listener, &opts.limits, &redact(url), shutdown).await {
+                        Some(pg) => pg,
+                        None => {
+                            db.close().await;
+                            return Ok(None);
+                        }
+                    }
+                }
+                None => {
+                    return Err(ServerError::Unavailable(format!(
+                        "the PostgreSQL store at {} is in use by another qgjob server \
+                         (start this one with --standby to take over when it stops)",
+                        redact(url)
+                    )))
+                }
+            };
+            // Artifacts live in the database too, so whichever server holds the store has
+            // them all (a standby on another machine included); the data dir is only read
+            // for what an earlier release kept there.
+            let blobs = Blobs::postgres(&db);
+            let swept = blobs.sweep_unfinished().await?;
+            if swept > 0 {
+                tracing::info!(parts = swept, "removed the parts of unfinished uploads");
+            }
+            if let Some(dir) = &opts.data_dir {
+                let old = dir.join("artifacts");
+                let imported = blobs.import_dir(&old).await?;
+                if imported > 0 {
+                    tracing::info!(
+                        artifacts = imported,
+                        from = %old.display(),
+                        "imported artifacts an earlier release kept on disk into the database"
+                    );
+                }
+            }
+            Opened {
                 store: Arc::new(db.clone()),
                 blobs,
                 closer: Some(Closer::Postgres(db)),
                 guards: Guards {
-                    _dir: Some(lock),
-                    _pg: Some(pg),
+                    _dir: None,
+                    pg: Some(pg),
                 },
-            })
+            }
         }
+    };
+    Ok(Some(opened))
+}
+
+/// How often a standby asks for the store's lock.
+const STANDBY_POLL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// How often a server on PostgreSQL checks it still holds the store's lock.
+const LOCK_CHECK: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Waits for the store's lock while answering every request on `listener` with 503
+/// `standby` (so a load balancer's health check skips this server and a client is told
+/// why). `None` when `shutdown` came first.
+async fn stand_by(
+    db: &PgStore,
+    listener: &TcpListener,
+    limits: &Limits,
+    what: &str,
+    shutdown: &mut Shutdown,
+) -> Option<store::PgLock> {
+    tracing::info!(
+        store = what,
+        "another qgjob server holds the store: standing by, answering 503 until it stops"
+    );
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let router = Router::new().fallback(|| async { standby_answer() });
+    let accepting = conn::accept(
+        listener,
+        router,
+        conn::connection_cap().min(limits.max_connections),
+        std::time::Duration::from_millis(limits.header_read_timeout_ms),
+        async {
+            let _ = stop_rx.await;
+        },
+    );
+    let waiting = async {
+        let got = tokio::select! {
+            l = db.lock_when_free(STANDBY_POLL, |e| {
+                tracing::warn!(error = %e, "standby: cannot reach the store; still waiting");
+            }) => Some(l),
+            () = &mut *shutdown => None,
+        };
+        let _ = stop_tx.send(());
+        got
+    };
+    let (graceful, got) = tokio::join!(accepting, waiting);
+    graceful.shutdown().await;
+    if got.is_some() {
+        tracing::info!(store = what, "the store is free: taking over");
     }
+    got
+}
+
+/// Every answer of a standby.
+fn standby_answer() -> axum::response::Response {
+    let mut r = axum::response::IntoResponse::into_response(ApiError::new(
+        axum::http::StatusCode::SERVICE_UNAVAILABLE,
+        "standby",
+        "this qgjob server is a standby: another server holds the store, and this one \
+         takes over when it stops; retry shortly",
+    ));
+    r.headers_mut().insert(
+        axum::http::header::RETRY_AFTER,
+        axum::http::HeaderValue::from_static("1"),
+    );
+    r
 }
 
 /// A fresh random value from the standard library's per-process hash keys (seeded by the
@@ -412,13 +533,31 @@ pub fn open_mode(local: SocketAddr, tokens: usize) -> Result<bool, ServerError> 
 /// Runs the server on `listener` until `shutdown` resolves, then stops gracefully: new
 /// connections are refused, long polls and event streams end, in-flight requests finish
 /// and every acknowledged change is on disk before this returns.
+///
+/// With [`ServerOptions::standby`], a server that finds its store held stands by on
+/// `listener` (see the field) until it can take over, or until `shutdown`.
 pub async fn serve(
     listener: TcpListener,
     opts: ServerOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
+    serve_announced(listener, opts, Box::pin(shutdown), |_| Ok(())).await
+}
+
+/// [`serve`], calling `announce` once the server is about to serve (after any standby).
+async fn serve_announced(
+    listener: TcpListener,
+    opts: ServerOptions,
+    mut shutdown: Shutdown,
+    announce: impl FnOnce(SocketAddr) -> std::io::Result<()>,
+) -> Result<(), ServerError> {
     let local = listener.local_addr()?;
-    let ready = prepare(local, opts).await?;
+    let Some(opened) = open_store(&opts, &listener, &mut shutdown).await? else {
+        tracing::info!("stopped while standing by");
+        return Ok(());
+    };
+    let ready = prepare(local, opts, opened).await?;
+    announce(local)?;
     run_prepared(listener, ready, shutdown).await
 }
 
@@ -431,8 +570,11 @@ struct Prepared {
     limits: Limits,
 }
 
-async fn prepare(local: SocketAddr, mut opts: ServerOptions) -> Result<Prepared, ServerError> {
-    let opened = open_store(&opts).await?;
+async fn prepare(
+    local: SocketAddr,
+    mut opts: ServerOptions,
+    opened: Opened,
+) -> Result<Prepared, ServerError> {
     let store = &opened.store;
 
     // Tokens: configured ones plus those created through the admin API earlier.
@@ -496,10 +638,26 @@ async fn run_prepared(
         store,
         blobs,
         closer,
-        guards,
+        mut guards,
     } = opened;
     let (sd_tx, sd_rx) = tokio::sync::watch::channel(false);
     let (state, bg) = App::start(sched, store, blobs, auth, limits, sd_rx);
+    // On PostgreSQL the lock is checked while serving: a server that lost it (its session
+    // ended) may already have a successor, so it stops rather than answer from memory.
+    let (release_tx, release_rx) = tokio::sync::oneshot::channel::<()>();
+    let holder = guards.pg.take().map(|pg| {
+        let fatal = Arc::clone(&state.fatal);
+        tokio::spawn(pg.hold(
+            LOCK_CHECK,
+            async {
+                let _ = release_rx.await;
+            },
+            move |why| {
+                tracing::error!(reason = %why, "lost the store's lock");
+                fatal.set(format!("it lost the store's lock: {why}"));
+            },
+        ))
+    });
     let router = app(state.clone());
     let fatal = Arc::clone(&state.fatal);
     let cap = conn::connection_cap().min(limits.max_connections);
@@ -510,7 +668,7 @@ async fn run_prepared(
                 tracing::info!("shutting down: finishing in-flight requests");
             }
             m = fatal.wait() => {
-                tracing::error!(error = %m, "store write failed for good: shutting down");
+                tracing::error!(reason = %m, "shutting down: the store cannot be trusted from here");
             }
         }
         let _ = sd_tx.send(true);
@@ -523,11 +681,15 @@ async fn run_prepared(
         None => {}
     }
     // Only now may another server open this store.
+    let _ = release_tx.send(());
+    if let Some(h) = holder {
+        let _ = h.await;
+    }
     drop(guards);
     tracing::info!("server stopped");
     match state.fatal.get() {
         Some(m) => Err(ServerError::Unavailable(format!(
-            "stopped because a store write failed: {m} (nothing unwritten was acknowledged; \
+            "stopped because {m} (nothing unwritten was acknowledged; \
              start the server again once the store is writable)"
         ))),
         None => Ok(()),
@@ -549,15 +711,14 @@ pub async fn run_server(opts: ServerOptions) -> Result<(), ServerError> {
         .await
         // The address is taken or not ours to bind: the machine's state, not a bad flag.
         .map_err(|e| ServerError::Unavailable(format!("cannot listen on {}: {e}", opts.addr)))?;
-    let addr = listener.local_addr()?;
-    // Announce only a server that will serve: the store is open and the config checked.
-    let ready = prepare(addr, opts).await?;
-    {
+    // Announce only a server that will serve: the store is open and the config checked
+    // (a standby announces when it takes over).
+    serve_announced(listener, opts, Box::pin(shutdown_signal()), |addr| {
         let mut out = std::io::stdout().lock();
         writeln!(out, "qgjob server listening on http://{addr}")?;
-        out.flush()?;
-    }
-    run_prepared(listener, ready, shutdown_signal()).await
+        out.flush()
+    })
+    .await
 }
 
 /// Resolves on ctrl-c or SIGTERM.

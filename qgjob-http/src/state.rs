@@ -77,7 +77,7 @@ pub struct Fatal {
 
 impl Fatal {
     /// Records the failure (the first one wins) and wakes [`Fatal::wait`].
-    fn set(&self, message: String) {
+    pub(crate) fn set(&self, message: String) {
         if self.message.set(message).is_ok() {
             self.notify.notify_one();
         }
@@ -478,7 +478,7 @@ async fn writer_task(
                     "store write failed; stopping the server (it restarts from what is stored)"
                 );
                 let msg = e.to_string();
-                fatal.set(msg.clone());
+                fatal.set(format!("a store write failed: {msg}"));
                 for r in reqs.drain(..) {
                     if let Some(ack) = r.ack {
                         let _ = ack.send(Err(msg.clone()));

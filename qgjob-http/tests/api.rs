@@ -1068,6 +1068,180 @@ fn a_postgres_store_serves_one_server_at_a_time() {
     });
 }
 
+/// A standby on the same PostgreSQL store answers every request 503 `standby` (changing
+/// nothing) while the primary runs, and takes over when it stops: acknowledged jobs, a
+/// running lease and its log are all there, and the agent's next report under that lease
+/// is accepted.
+#[test]
+fn a_standby_takes_over_when_the_primary_stops() {
+    with_pg_schema("standby test", |pg_url, dir| {
+        let primary = TestServer::start(pg_opts(pg_url, dir));
+        let c = primary.client(None);
+        let ids: Vec<String> = (0..3)
+            .map(|i| submit(&c, "qualgent", "v1", &format!("tests/{i}.spec.js")))
+            .collect();
+        c.post("/v1/agent/devices", &device("emu-1"));
+        let (_, l) = lease(&c, "emu-1", 1000);
+        let lid = l["id"].as_u64().unwrap();
+        assert_eq!(l["jobs"][0]["id"], ids[0].as_str());
+        let (st, _) = c.post_raw(
+            &format!("/v1/agent/leases/{lid}/jobs/{}/logs", ids[0]),
+            b"before the failover\n",
+        );
+        assert_eq!(st, 204);
+        // A build of several 1 MiB parts, which the standby must serve too.
+        let build: Vec<u8> = (0..2_500_000u32).map(|i| (i * 13 % 251) as u8).collect();
+        assert_eq!(c.put_raw("/v1/apps/qualgent/v1", &build, &[]).0, 200);
+
+        let other = tempfile::tempdir().unwrap();
+        let standby = TestServer::spawn(ServerOptions {
+            standby: true,
+            ..pg_opts(pg_url, other.path())
+        });
+        let sc = standby.client(None);
+        let (_, health) = eventually(30, || {
+            let (st, v) = sc.get("/healthz");
+            (st == 503).then_some((st, v))
+        });
+        assert_eq!(health["error"]["code"], "standby", "{health}");
+        let (st, v) = sc.post("/v1/jobs", &spec("qualgent", "v1", "tests/lost.spec.js"));
+        assert_eq!(
+            (st, v["error"]["code"].as_str()),
+            (503, Some("standby")),
+            "{v}"
+        );
+        let (st, _, _) = sc.get_raw(&format!("/v1/jobs/{}", ids[1]));
+        assert_eq!(st, 503);
+        // The primary still serves, alone.
+        assert_eq!(job_state(&c, &ids[1])["state"], "queued");
+
+        primary.stop().unwrap();
+        eventually(30, || (sc.get("/healthz").0 == 200).then_some(()));
+        assert_eq!(job_state(&sc, &ids[0])["state"], "running");
+        assert_eq!(job_state(&sc, &ids[1])["state"], "queued");
+        let (_, _, log) = sc.get_raw(&format!("/v1/jobs/{}/logs", ids[0]));
+        assert_eq!(log, b"before the failover\n");
+        let (st, _, got) = sc.get_raw("/v1/apps/qualgent/v1/build");
+        assert_eq!(st, 200);
+        assert!(
+            got == build,
+            "the standby serves the build the primary stored"
+        );
+        // The agent finds the new server and reports under the lease it had.
+        sc.post("/v1/agent/devices", &device("emu-1"));
+        let (st, v) = sc.post(
+            &format!("/v1/agent/leases/{lid}/jobs/{}/complete", ids[0]),
+            &json!({"passed": true}),
+        );
+        assert_eq!(st, 200, "{v}");
+        assert_eq!(job_state(&sc, &ids[0])["state"], "passed");
+        // What the standby refused was not created.
+        let (_, page) = sc.get("/v1/jobs?limit=100");
+        assert_eq!(page["jobs"].as_array().unwrap().len(), 3, "{page}");
+        standby.stop().unwrap();
+    });
+}
+
+/// On PostgreSQL artifacts live in the database; those an earlier release kept under the
+/// data dir are imported at start, so builds uploaded before the upgrade still download.
+#[test]
+fn a_postgres_server_imports_artifacts_an_earlier_release_kept_on_disk() {
+    with_pg_schema("artifact import test", |pg_url, dir| {
+        let build = b"an apk uploaded before the upgrade".to_vec();
+        let digest = hex::encode(Sha256::digest(&build));
+        let old = dir.join("artifacts/sha256");
+        std::fs::create_dir_all(&old).unwrap();
+        std::fs::write(old.join(&digest), &build).unwrap();
+        let s = TestServer::start(pg_opts(pg_url, dir));
+        let c = s.client(None);
+        let (st, _, got) = c.get_raw(&format!("/v1/agent/builds/{digest}"));
+        assert_eq!((st, got), (200, build.clone()));
+        s.stop().unwrap();
+        // From the database now: the files are not needed any more.
+        std::fs::remove_dir_all(dir.join("artifacts")).unwrap();
+        let s = TestServer::start(pg_opts(pg_url, dir));
+        let (st, _, got) = s
+            .client(None)
+            .get_raw(&format!("/v1/agent/builds/{digest}"));
+        assert_eq!((st, got), (200, build));
+    });
+}
+
+/// A standby told to stop before it took over stops at once and cleanly, and leaves the
+/// primary serving.
+#[test]
+fn a_standby_stops_while_standing_by() {
+    with_pg_schema("standby stop test", |pg_url, dir| {
+        let primary = TestServer::start(pg_opts(pg_url, dir));
+        let other = tempfile::tempdir().unwrap();
+        let standby = TestServer::spawn(ServerOptions {
+            standby: true,
+            ..pg_opts(pg_url, other.path())
+        });
+        let sc = standby.client(None);
+        eventually(30, || (sc.get("/healthz").0 == 503).then_some(()));
+        standby.stop().unwrap();
+        let c = primary.client(None);
+        submit(&c, "qualgent", "v1", "tests/a.spec.js");
+        primary.stop().unwrap();
+    });
+}
+
+/// A server whose database session (and with it the store's lock) ends stops within a
+/// few seconds, even with nothing to write, so it never answers beside the standby that
+/// takes over; the standby then serves everything the first acknowledged.
+#[test]
+fn a_server_that_loses_the_store_lock_stops_and_the_standby_takes_over() {
+    with_pg_schema("lock loss test", |pg_url, dir| {
+        let first = TestServer::start(pg_opts(pg_url, dir));
+        let c = first.client(None);
+        let id = submit(&c, "qualgent", "v1", "tests/a.spec.js");
+        let other = tempfile::tempdir().unwrap();
+        let standby = TestServer::spawn(ServerOptions {
+            standby: true,
+            ..pg_opts(pg_url, other.path())
+        });
+        let sc = standby.client(None);
+        eventually(30, || (sc.get("/healthz").0 == 503).then_some(()));
+
+        // End the lock holder's session, as the database does when the server's machine
+        // stops answering its keepalives.
+        let schema = pg_url.rsplit('=').next().unwrap().to_string();
+        let base = pg_url.split('?').next().unwrap().to_string();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let ended: i64 = rt.block_on(async {
+            let pool = sqlx::PgPool::connect(&base).await.unwrap();
+            let n: i64 = sqlx::query_scalar(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_locks \
+                 WHERE locktype = 'advisory' AND granted AND objsubid = 1 \
+                 AND objid::bigint = (hashtext('qgjob:' || $1)::bigint & 4294967295)",
+            )
+            .bind(&schema)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+            pool.close().await;
+            n
+        });
+        assert_eq!(ended, 1, "exactly one session held the store's lock");
+
+        // The first server stops on its own, saying why.
+        eventually(30, || {
+            c.try_get("/healthz")
+                .is_none_or(|(st, _)| st != 200)
+                .then_some(())
+        });
+        let err = first.stop().expect_err("stops on losing the lock");
+        assert!(err.to_string().contains("lost the store's lock"), "{err}");
+        eventually(30, || (sc.get("/healthz").0 == 200).then_some(()));
+        assert_eq!(job_state(&sc, &id)["state"], "queued");
+        standby.stop().unwrap();
+    });
+}
+
 /// The scheduler's id generator is seeded: a server seeds it afresh on every start, so
 /// the random part of job ids does not repeat from one run (or one server) to the next.
 #[test]

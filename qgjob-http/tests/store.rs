@@ -674,3 +674,45 @@ async fn bundles_are_recorded_per_org() {
         assert!(st.add_bundle(&globex, &sha).await.unwrap(), "{name}");
     }
 }
+
+/// A server and its standby started together on a new database both create the tables:
+/// neither may fail on the other's `CREATE TABLE IF NOT EXISTS`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn servers_starting_together_on_a_new_database_both_open_it() {
+    // The schema exists; its tables do not yet.
+    let Some((first, guard)) = pg_store().await else {
+        return;
+    };
+    let Guard::Schema(schema) = &guard else {
+        unreachable!("pg_store guards a schema")
+    };
+    first.close().await;
+    for round in 0..5 {
+        let fresh = format!("{schema}_{round}");
+        let admin = sqlx::PgPool::connect(&pg_url()).await.unwrap();
+        sqlx::query(&format!("CREATE SCHEMA {fresh}"))
+            .execute(&admin)
+            .await
+            .unwrap();
+        let url = format!("{}?options[search_path]={fresh}", pg_url());
+        let opens: Vec<_> = (0..4)
+            .map(|_| {
+                let url = url.clone();
+                tokio::spawn(async move { PgStore::connect(&url, None).await })
+            })
+            .collect();
+        let mut failures = Vec::new();
+        for o in opens {
+            match o.await.unwrap() {
+                Ok(s) => s.close().await,
+                Err(e) => failures.push(e.to_string()),
+            }
+        }
+        sqlx::query(&format!("DROP SCHEMA {fresh} CASCADE"))
+            .execute(&admin)
+            .await
+            .unwrap();
+        admin.close().await;
+        assert!(failures.is_empty(), "round {round}: {failures:?}");
+    }
+}

@@ -1,5 +1,7 @@
 //! [`PgStore`]: the store on PostgreSQL (sqlx, runtime queries only), for servers that
 //! share one database. Same schema and semantics as the SQLite store; ids are `uuid`.
+//! It also holds artifacts (tables `blobs` and `blob_parts`, written and read by
+//! [`crate::blobs::Blobs::postgres`]), so every server on the database finds them.
 
 use std::str::FromStr;
 use std::sync::{Arc, OnceLock};
@@ -64,6 +66,18 @@ const SCHEMA: &[&str] = &[
         k TEXT PRIMARY KEY,
         v BIGINT NOT NULL
     )",
+    // Artifacts (crate::blobs): a stored digest names the upload whose parts hold it.
+    "CREATE TABLE IF NOT EXISTS blobs (
+        sha256 TEXT PRIMARY KEY,
+        upload TEXT NOT NULL UNIQUE,
+        size BIGINT NOT NULL
+    )",
+    "CREATE TABLE IF NOT EXISTS blob_parts (
+        upload TEXT NOT NULL,
+        n INT NOT NULL,
+        data BYTEA NOT NULL,
+        PRIMARY KEY (upload, n)
+    )",
 ];
 
 /// Rows per multi-row upsert statement (10 parameters each, far below PostgreSQL's limit).
@@ -83,25 +97,138 @@ pub struct PgStore {
 /// sequence numbers). Dropping it closes its connection, which releases the lock.
 #[derive(Debug)]
 pub struct PgLock {
-    _conn: sqlx::PgConnection,
+    conn: sqlx::PgConnection,
 }
+
+impl PgLock {
+    /// Holds the lock until `stop` resolves, checking every `every` that this session
+    /// still has it. When a check fails, times out or finds the lock gone (the database
+    /// ended the session, or an operator did), `lost` is told why, once: another server
+    /// may own the store by then, so this one must stop. Returns when `stop` resolves,
+    /// releasing the lock.
+    pub async fn hold(
+        mut self,
+        every: std::time::Duration,
+        stop: impl std::future::Future<Output = ()>,
+        lost: impl FnOnce(String),
+    ) {
+        tokio::pin!(stop);
+        let mut lost = Some(lost);
+        loop {
+            tokio::select! {
+                () = &mut stop => break,
+                () = tokio::time::sleep(every) => {}
+            }
+            if lost.is_none() {
+                continue;
+            }
+            let check = tokio::time::timeout(every.max(std::time::Duration::from_secs(5)), async {
+                let (pid, key): (i32, i64) = sqlx::query_as(
+                    "SELECT pg_backend_pid(), hashtext('qgjob:' || current_schema())::bigint",
+                )
+                .fetch_one(&mut self.conn)
+                .await?;
+                lock_held(&mut self.conn, pid, key).await
+            })
+            .await;
+            let why = match check {
+                Ok(Ok(true)) => continue,
+                Ok(Ok(false)) => {
+                    "the database no longer gives this server the store's lock".to_string()
+                }
+                Ok(Err(e)) => format!("cannot check the store's lock: {e}"),
+                Err(_) => "the store's lock did not answer a check in time".to_string(),
+            };
+            if let Some(f) = lost.take() {
+                f(why);
+            }
+        }
+        // Closing the connection releases the lock.
+        let _ = sqlx::Connection::close(self.conn).await;
+    }
+}
+
+/// How long PostgreSQL lets the lock's connection stay silent before it probes it, the
+/// probes' interval, and how many may go unanswered: a server whose machine vanished
+/// (no TCP reset) loses the lock in about 25 s, not after the system's two hours, so a
+/// standby can take over.
+const LOCK_KEEPALIVES: [(&str, u32); 3] = [
+    ("tcp_keepalives_idle", 10),
+    ("tcp_keepalives_interval", 5),
+    ("tcp_keepalives_count", 3),
+];
 
 impl PgStore {
     /// Takes the store's exclusive lock on a connection of its own, or `Ok(None)` when
     /// another session holds it.
     pub async fn lock_exclusive(&self) -> Result<Option<PgLock>, StoreError> {
+        let mut conn = self.lock_connection().await?;
+        Ok(self
+            .try_lock_on(&mut conn)
+            .await?
+            .then_some(PgLock { conn }))
+    }
+
+    /// Waits until the store's exclusive lock is free and takes it, asking every `poll` on
+    /// one connection of its own (a standby). A failed attempt (the database restarting,
+    /// say) is reported to `failed` and tried again with a fresh connection.
+    pub async fn lock_when_free(
+        &self,
+        poll: std::time::Duration,
+        mut failed: impl FnMut(&StoreError),
+    ) -> PgLock {
+        let mut conn: Option<sqlx::PgConnection> = None;
+        loop {
+            let attempt = async {
+                let c = match conn.as_mut() {
+                    Some(c) => c,
+                    None => conn.insert(self.lock_connection().await?),
+                };
+                self.try_lock_on(c).await
+            };
+            match attempt.await {
+                Ok(true) => {
+                    if let Some(conn) = conn {
+                        return PgLock { conn };
+                    }
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    failed(&e);
+                    conn = None;
+                }
+            }
+            tokio::time::sleep(poll).await;
+        }
+    }
+
+    /// A connection outside the pool for the lock, with keepalives (see
+    /// [`LOCK_KEEPALIVES`]).
+    async fn lock_connection(&self) -> Result<sqlx::PgConnection, StoreError> {
         let mut conn = self.pool.acquire().await?.detach();
+        for (name, value) in LOCK_KEEPALIVES {
+            // Settings, not values: they cannot be bound, and both are constants here.
+            sqlx::query(&format!("SET {name} = {value}"))
+                .execute(&mut conn)
+                .await?;
+        }
+        Ok(conn)
+    }
+
+    /// Tries the lock on `conn` once; on success, every later write checks this session
+    /// still holds it.
+    async fn try_lock_on(&self, conn: &mut sqlx::PgConnection) -> Result<bool, StoreError> {
         let (got, key, pid): (bool, i64, i32) = sqlx::query_as(
             "SELECT pg_try_advisory_lock(k), k, pg_backend_pid() \
              FROM (SELECT hashtext('qgjob:' || current_schema())::bigint AS k) q",
         )
-        .fetch_one(&mut conn)
+        .fetch_one(&mut *conn)
         .await?;
-        if !got {
-            return Ok(None);
+        if got {
+            // A store locks once: a standby's store has no lock until it takes one.
+            let _ = self.lock.set((pid, key));
         }
-        let _ = self.lock.set((pid, key));
-        Ok(Some(PgLock { _conn: conn }))
+        Ok(got)
     }
 
     /// Connects to `url` (e.g. `postgres://postgres@127.0.0.1:5432/qgjob`), using `schema`
@@ -133,30 +260,47 @@ impl PgStore {
             .acquire_timeout(std::time::Duration::from_secs(10))
             .connect_with(opts)
             .await?;
-        sqlx::query(SCHEMA[0]).execute(&pool).await?;
+        // Two servers started together on a new database (a server and its standby) would
+        // race in `CREATE TABLE IF NOT EXISTS`, which is not safe against itself: one
+        // transaction under a lock of its own makes the schema one server's at a time.
+        let mut tx = pool.begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtext('qgjob:schema:' || current_schema()))")
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(SCHEMA[0]).execute(&mut *tx).await?;
         // Databases made before the idempotency column existed get it now.
         sqlx::query("ALTER TABLE jobs ADD COLUMN IF NOT EXISTS idem TEXT")
-            .execute(&pool)
+            .execute(&mut *tx)
             .await?;
         for stmt in &SCHEMA[1..] {
-            sqlx::query(stmt).execute(&pool).await?;
+            sqlx::query(stmt).execute(&mut *tx).await?;
         }
         // A database written before the lease high-water mark was kept: take it from the
         // job bodies, once.
-        if stored_lease_high_water(&pool).await?.is_none() {
+        let high_water: Option<i64> = sqlx::query_scalar("SELECT v FROM meta WHERE k = $1")
+            .bind(LEASE_HIGH_WATER)
+            .fetch_optional(&mut *tx)
+            .await?;
+        if high_water.is_none() {
             sqlx::query(
                 "INSERT INTO meta (k, v) SELECT $1, COALESCE(MAX(GREATEST(COALESCE((body::jsonb->>'lease')::bigint, 0), \
                  COALESCE((body::jsonb->>'last_lease')::bigint, 0))), 0) FROM jobs \
                  ON CONFLICT (k) DO NOTHING",
             )
             .bind(LEASE_HIGH_WATER)
-            .execute(&pool)
+            .execute(&mut *tx)
             .await?;
         }
+        tx.commit().await?;
         Ok(PgStore {
             pool,
             lock: Arc::new(OnceLock::new()),
         })
+    }
+
+    /// The connection pool (artifacts live in the same database).
+    pub(crate) fn pool(&self) -> &PgPool {
+        &self.pool
     }
 
     /// Closes the pool.

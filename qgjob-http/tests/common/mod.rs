@@ -19,8 +19,25 @@ pub struct TestServer {
 }
 
 impl TestServer {
-    /// Starts a server with `opts` on 127.0.0.1:0.
+    /// Starts a server with `opts` on 127.0.0.1:0 and waits until `/healthz` answers 200.
     pub fn start(opts: ServerOptions) -> TestServer {
+        let s = Self::spawn(opts);
+        // serve() opens the store before accepting; wait until it answers.
+        let c = s.client(None);
+        let t0 = Instant::now();
+        while c.get("/healthz").0 != 200 {
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "server never came up"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        s
+    }
+
+    /// Starts a server with `opts` on 127.0.0.1:0 without waiting for it to serve (a
+    /// standby answers 503 until it takes over).
+    pub fn spawn(opts: ServerOptions) -> TestServer {
         let (addr_tx, addr_rx) = std::sync::mpsc::channel::<Result<SocketAddr, String>>();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::spawn(move || {
@@ -41,22 +58,11 @@ impl TestServer {
             .recv_timeout(Duration::from_secs(30))
             .expect("server thread reports its address")
             .expect("bind");
-        let s = TestServer {
+        TestServer {
             base: format!("http://{addr}"),
             stop: Some(stop_tx),
             thread: Some(thread),
-        };
-        // serve() opens the store before accepting; wait until it answers.
-        let c = s.client(None);
-        let t0 = Instant::now();
-        while c.get("/healthz").0 != 200 {
-            assert!(
-                t0.elapsed() < Duration::from_secs(30),
-                "server never came up"
-            );
-            std::thread::sleep(Duration::from_millis(10));
         }
-        s
     }
 
     /// A client, optionally with a bearer token.
@@ -141,6 +147,16 @@ impl Client {
             serde_json::from_str(&text).unwrap_or(Value::String(text))
         };
         (status, v)
+    }
+
+    /// GET returning status and JSON, or `None` when no server answers (it stopped).
+    pub fn try_get(&self, path: &str) -> Option<(u16, Value)> {
+        let mut r = self.agent.get(format!("{}{path}", self.base));
+        if let Some(a) = self.auth() {
+            r = r.header("Authorization", a);
+        }
+        let resp = r.call().ok()?;
+        Some(Self::finish(Ok(resp)))
     }
 
     /// GET returning status and JSON (or the text as a JSON string).

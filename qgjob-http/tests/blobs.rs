@@ -1,0 +1,555 @@
+//! The artifact storage contract ([`Blobs`]), run against every backend: a directory,
+//! memory and PostgreSQL (a fresh schema on `QGJOB_TEST_PG_URL`; no server answering is a
+//! failure unless `QGJOB_SKIP_PG=1`), plus what only PostgreSQL does: parts, the sweep of
+//! unfinished uploads, and importing a directory an earlier release wrote.
+
+use std::time::{Duration, Instant};
+
+use axum::body::{Body, Bytes};
+use axum::http::StatusCode;
+use futures_util::StreamExt;
+use qgjob_http::blobs::{Blobs, Stored, HEAD_BYTES, PART_BYTES};
+use qgjob_http::store::PgStore;
+use sha2::{Digest, Sha256};
+
+/// The PostgreSQL server the tests use (a fresh schema per test):
+/// `QGJOB_TEST_PG_URL`, by default the local server with trust auth.
+fn pg_url() -> String {
+    std::env::var("QGJOB_TEST_PG_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_string())
+}
+
+/// Keeps a backend's backing alive during a test and removes it afterwards.
+enum Guard {
+    None,
+    Dir(tempfile::TempDir),
+    Schema(String),
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if let Guard::Schema(schema) = self {
+            let schema = schema.clone();
+            // Drop runs inside the test's runtime: use a thread with its own.
+            let _ = std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                rt.block_on(async {
+                    if let Ok(pool) = sqlx::PgPool::connect(&pg_url()).await {
+                        let _ = sqlx::query(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+                            .execute(&pool)
+                            .await;
+                        pool.close().await;
+                    }
+                });
+            })
+            .join();
+        }
+    }
+}
+
+/// Fresh PostgreSQL storage in its own schema (with the schema's name). No server
+/// answering is a failure (CI starts one), unless `QGJOB_SKIP_PG=1` asks to leave it out.
+async fn pg_blobs() -> Option<(Blobs, Guard, String)> {
+    let mut rnd = [0u8; 8];
+    getrandom::fill(&mut rnd).unwrap();
+    let schema = format!("qgjob_test_{}", hex::encode(rnd));
+    match PgStore::connect(&pg_url(), Some(&schema)).await {
+        Ok(s) => Some((Blobs::postgres(&s), Guard::Schema(schema.clone()), schema)),
+        Err(e) if std::env::var("QGJOB_SKIP_PG").is_ok_and(|v| v == "1") => {
+            eprintln!(
+                "QGJOB_SKIP_PG=1: skipping the PostgreSQL blob tests ({} : {e})",
+                pg_url()
+            );
+            None
+        }
+        Err(e) => panic!(
+            "PostgreSQL not reachable at {} ({e}); start it, point QGJOB_TEST_PG_URL at one, \
+             or set QGJOB_SKIP_PG=1 to leave it out",
+            pg_url()
+        ),
+    }
+}
+
+/// Every backend, each fresh, with what keeps its backing alive.
+async fn backends() -> Vec<(&'static str, Blobs, Guard)> {
+    let dir = tempfile::tempdir().unwrap();
+    let mut out = vec![
+        (
+            "dir",
+            Blobs::dir(dir.path().join("artifacts")).unwrap(),
+            Guard::Dir(dir),
+        ),
+        ("memory", Blobs::memory(), Guard::None),
+    ];
+    if let Some((b, g, _)) = pg_blobs().await {
+        out.push(("postgres", b, g));
+    }
+    out
+}
+
+/// Deterministic, non-repeating-looking content.
+fn content(len: usize, seed: u8) -> Vec<u8> {
+    let mut x: u32 = 0x9e37_79b9 ^ u32::from(seed);
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+fn sha(data: &[u8]) -> String {
+    hex::encode(Sha256::digest(data))
+}
+
+/// `data` as a body split into chunks of the given sizes, repeated.
+fn chunked(data: &[u8], sizes: &[usize]) -> Body {
+    let mut chunks = Vec::new();
+    let mut at = 0;
+    let mut i = 0;
+    while at < data.len() {
+        let n = sizes[i % sizes.len()].min(data.len() - at);
+        chunks.push(Ok::<_, std::io::Error>(Bytes::copy_from_slice(
+            &data[at..at + n],
+        )));
+        at += n;
+        i += 1;
+    }
+    Body::from_stream(futures_util::stream::iter(chunks))
+}
+
+async fn read_all(body: Body) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut s = body.into_data_stream();
+    while let Some(c) = s.next().await {
+        out.extend_from_slice(&c.unwrap());
+    }
+    out
+}
+
+/// Rows in `table` of `schema`.
+async fn count(schema: &str, table: &str) -> i64 {
+    let pool = sqlx::PgPool::connect(&pg_url()).await.unwrap();
+    let n: i64 = sqlx::query_scalar(&format!("SELECT COUNT(*) FROM {schema}.{table}"))
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+    n
+}
+
+/// Parts that no `blobs` row names.
+async fn orphan_parts(schema: &str) -> i64 {
+    let pool = sqlx::PgPool::connect(&pg_url()).await.unwrap();
+    let n: i64 = sqlx::query_scalar(&format!(
+        "SELECT COUNT(*) FROM {schema}.blob_parts p \
+         WHERE NOT EXISTS (SELECT 1 FROM {schema}.blobs b WHERE b.upload = p.upload)"
+    ))
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    pool.close().await;
+    n
+}
+
+/// What a failed upload may leave: temp files in a directory (PostgreSQL is checked with
+/// [`orphan_parts`]).
+fn leftovers(guard: &Guard) -> usize {
+    match guard {
+        Guard::Dir(d) => std::fs::read_dir(d.path().join("artifacts/tmp"))
+            .unwrap()
+            .count(),
+        _ => 0,
+    }
+}
+
+#[tokio::test]
+async fn round_trip_in_odd_chunks_and_dedup() {
+    // Three and a bit parts, so parts are full, split across chunks, and short at the end.
+    let data = content(3 * PART_BYTES + 12_345, 1);
+    let digest = sha(&data);
+    for (name, blobs, guard) in backends().await {
+        let seen = std::sync::Mutex::new(Vec::new());
+        let stored = blobs
+            .put(
+                chunked(&data, &[7, 1, 65_537, 333_333, 1_048_579]),
+                u64::MAX,
+                Some(&digest.to_uppercase()),
+                |head| {
+                    seen.lock().unwrap().push(head.to_vec());
+                    Ok(())
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            stored,
+            Stored {
+                sha256: digest.clone(),
+                size: data.len() as u64,
+                created: true
+            },
+            "{name}"
+        );
+        // check_head saw the first HEAD_BYTES once, though the first chunks were shorter.
+        assert_eq!(
+            *seen.lock().unwrap(),
+            vec![data[..HEAD_BYTES].to_vec()],
+            "{name}"
+        );
+        assert!(blobs.exists(&digest).await, "{name}");
+        let (body, size) = blobs.get(&digest).await.unwrap().unwrap();
+        assert_eq!(size, data.len() as u64, "{name}");
+        let back = read_all(body).await;
+        assert!(back == data, "{name}: content differs");
+        assert_eq!(sha(&back), digest, "{name}");
+
+        // The same content again, split otherwise: stored once.
+        let again = blobs
+            .put(chunked(&data, &[PART_BYTES + 1, 3]), u64::MAX, None, |_| {
+                Ok(())
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            again,
+            Stored {
+                sha256: digest.clone(),
+                size: data.len() as u64,
+                created: false
+            },
+            "{name}"
+        );
+        assert_eq!(leftovers(&guard), 0, "{name}");
+        if let Guard::Schema(schema) = &guard {
+            assert_eq!(count(schema, "blobs").await, 1);
+            assert_eq!(count(schema, "blob_parts").await, 4);
+            assert_eq!(
+                orphan_parts(schema).await,
+                0,
+                "the second upload's parts stay"
+            );
+        }
+        let back = read_all(blobs.get(&digest).await.unwrap().unwrap().0).await;
+        assert!(
+            back == data,
+            "{name}: content differs after the second upload"
+        );
+    }
+}
+
+#[tokio::test]
+async fn short_and_empty_uploads() {
+    for (name, blobs, _guard) in backends().await {
+        for data in [Vec::new(), b"abc".to_vec()] {
+            let seen = std::sync::Mutex::new(Vec::new());
+            let stored = blobs
+                .put(Body::from(data.clone()), 10, None, |head| {
+                    seen.lock().unwrap().push(head.to_vec());
+                    Ok(())
+                })
+                .await
+                .unwrap();
+            assert_eq!(stored.sha256, sha(&data), "{name}");
+            assert_eq!(stored.size, data.len() as u64, "{name}");
+            // A shorter upload shows check_head all of it.
+            assert_eq!(*seen.lock().unwrap(), vec![data.clone()], "{name}");
+            let (body, size) = blobs.get(&stored.sha256).await.unwrap().unwrap();
+            assert_eq!(size, data.len() as u64, "{name}");
+            assert_eq!(read_all(body).await, data, "{name}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn over_the_limit_is_413_and_leaves_nothing() {
+    let data = content(3 * PART_BYTES, 2);
+    for (name, blobs, guard) in backends().await {
+        // Two full parts are written before the limit is passed.
+        let limit = (2 * PART_BYTES + 100) as u64;
+        let e = blobs
+            .put(chunked(&data, &[100_003]), limit, None, |_| Ok(()))
+            .await
+            .unwrap_err();
+        assert_eq!(e.status, StatusCode::PAYLOAD_TOO_LARGE, "{name}");
+        assert_eq!(e.code, "too_large", "{name}");
+        assert!(!blobs.exists(&sha(&data)).await, "{name}");
+        assert_eq!(leftovers(&guard), 0, "{name}");
+        if let Guard::Schema(schema) = &guard {
+            assert_eq!(count(schema, "blob_parts").await, 0);
+            assert_eq!(count(schema, "blobs").await, 0);
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_wrong_digest_is_422_and_leaves_nothing() {
+    let data = content(2 * PART_BYTES + 7, 3);
+    let wrong = sha(b"something else");
+    for (name, blobs, guard) in backends().await {
+        let e = blobs
+            .put(
+                chunked(&data, &[65_536]),
+                u64::MAX,
+                Some(&wrong),
+                |_| Ok(()),
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(e.status, StatusCode::UNPROCESSABLE_ENTITY, "{name}");
+        assert_eq!(e.code, "invalid_field", "{name}");
+        assert_eq!(e.field.as_deref(), Some("sha256"), "{name}");
+        assert!(!blobs.exists(&sha(&data)).await, "{name}");
+        assert!(!blobs.exists(&wrong).await, "{name}");
+        assert_eq!(leftovers(&guard), 0, "{name}");
+        if let Guard::Schema(schema) = &guard {
+            assert_eq!(count(schema, "blob_parts").await, 0);
+            assert_eq!(count(schema, "blobs").await, 0);
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_refused_head_and_a_broken_body_leave_nothing() {
+    let data = content(3 * PART_BYTES + 7, 4);
+    for (name, blobs, guard) in backends().await {
+        let e = blobs
+            .put(chunked(&data, &[5, 5, 5, 5]), u64::MAX, None, |_| {
+                Err(qgjob_http::ApiError::invalid("body", "not a gzip"))
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("body"), "{name}");
+
+        // The client goes away after two and a half parts.
+        let mut chunks: Vec<Result<Bytes, std::io::Error>> = data[..PART_BYTES * 5 / 2]
+            .chunks(77_777)
+            .map(|c| Ok(Bytes::copy_from_slice(c)))
+            .collect();
+        chunks.push(Err(std::io::Error::other("connection reset")));
+        let e = blobs
+            .put(
+                Body::from_stream(futures_util::stream::iter(chunks)),
+                u64::MAX,
+                None,
+                |_| Ok(()),
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(e.status, StatusCode::BAD_REQUEST, "{name}");
+        assert!(!blobs.exists(&sha(&data)).await, "{name}");
+        assert_eq!(leftovers(&guard), 0, "{name}");
+        if let Guard::Schema(schema) = &guard {
+            assert_eq!(count(schema, "blob_parts").await, 0);
+            assert_eq!(count(schema, "blobs").await, 0);
+        }
+    }
+}
+
+#[tokio::test]
+async fn unknown_and_malformed_digests_are_absent() {
+    for (name, blobs, _guard) in backends().await {
+        let unknown = sha(b"never stored");
+        assert!(!blobs.exists(&unknown).await, "{name}");
+        assert!(blobs.get(&unknown).await.unwrap().is_none(), "{name}");
+        for bad in ["", "abc", "../etc/passwd", &unknown.to_uppercase()] {
+            assert!(!blobs.exists(bad).await, "{name} {bad:?}");
+            assert!(blobs.get(bad).await.unwrap().is_none(), "{name} {bad:?}");
+        }
+        let stored = blobs
+            .put(Body::from("hello"), 100, None, |_| Ok(()))
+            .await
+            .unwrap();
+        assert!(blobs.exists(&stored.sha256).await, "{name}");
+        assert!(!blobs.exists(&unknown).await, "{name}");
+    }
+}
+
+/// An upload whose body arrives through a channel, so a test can act between chunks.
+fn channel_body() -> (
+    tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>,
+    Body,
+) {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let body = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
+    (tx, body)
+}
+
+async fn wait_until<F: std::future::Future<Output = bool>>(what: &str, f: impl Fn() -> F) {
+    let start = Instant::now();
+    while !f().await {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "timed out waiting until {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_cancelled_upload_removes_its_parts() {
+    let Some((blobs, guard, schema)) = pg_blobs().await else {
+        return;
+    };
+    let (tx, body) = channel_body();
+    let b = blobs.clone();
+    let task = tokio::spawn(async move { b.put(body, u64::MAX, None, |_| Ok(())).await });
+    let data = content(2 * PART_BYTES + 1, 5);
+    for c in data.chunks(65_536) {
+        tx.send(Ok(Bytes::copy_from_slice(c))).await.unwrap();
+    }
+    wait_until("two parts are written", || async {
+        count(&schema, "blob_parts").await == 2
+    })
+    .await;
+    // What hyper does to a request whose connection closed: the handler future is dropped.
+    task.abort();
+    assert!(task.await.unwrap_err().is_cancelled());
+    wait_until("the parts are removed", || async {
+        count(&schema, "blob_parts").await == 0
+    })
+    .await;
+    assert_eq!(count(&schema, "blobs").await, 0);
+    drop(guard);
+}
+
+#[tokio::test]
+async fn sweep_removes_orphan_parts_only() {
+    let Some((blobs, guard, schema)) = pg_blobs().await else {
+        return;
+    };
+    let data = content(PART_BYTES + 10, 6);
+    let stored = blobs
+        .put(chunked(&data, &[4096]), u64::MAX, None, |_| Ok(()))
+        .await
+        .unwrap();
+    // What a crash mid-upload leaves: parts under a key no `blobs` row names.
+    let pool = sqlx::PgPool::connect(&pg_url()).await.unwrap();
+    for n in 0..3 {
+        sqlx::query(&format!(
+            "INSERT INTO {schema}.blob_parts (upload, n, data) VALUES ('crashed', $1, $2)"
+        ))
+        .bind(n)
+        .bind(vec![n as u8; 1000])
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+    pool.close().await;
+    assert_eq!(orphan_parts(&schema).await, 3);
+    assert_eq!(blobs.sweep_unfinished().await.unwrap(), 3);
+    assert_eq!(orphan_parts(&schema).await, 0);
+    assert_eq!(count(&schema, "blob_parts").await, 2);
+    let (body, size) = blobs.get(&stored.sha256).await.unwrap().unwrap();
+    assert_eq!(size, data.len() as u64);
+    assert!(read_all(body).await == data);
+    // Nothing left to sweep.
+    assert_eq!(blobs.sweep_unfinished().await.unwrap(), 0);
+    drop(guard);
+}
+
+#[tokio::test]
+async fn an_upload_swept_midway_fails_rather_than_store_a_partial_artifact() {
+    let Some((blobs, guard, schema)) = pg_blobs().await else {
+        return;
+    };
+    let (tx, body) = channel_body();
+    let b = blobs.clone();
+    let task = tokio::spawn(async move { b.put(body, u64::MAX, None, |_| Ok(())).await });
+    let data = content(3 * PART_BYTES, 7);
+    let (first, rest) = data.split_at(2 * PART_BYTES);
+    for c in first.chunks(65_536) {
+        tx.send(Ok(Bytes::copy_from_slice(c))).await.unwrap();
+    }
+    wait_until("two parts are written", || async {
+        count(&schema, "blob_parts").await == 2
+    })
+    .await;
+    // Another server took the store and swept while this upload was under way.
+    assert_eq!(blobs.sweep_unfinished().await.unwrap(), 2);
+    for c in rest.chunks(65_536) {
+        tx.send(Ok(Bytes::copy_from_slice(c))).await.unwrap();
+    }
+    drop(tx);
+    let e = task.await.unwrap().unwrap_err();
+    assert_eq!(e.status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert!(!blobs.exists(&sha(&data)).await);
+    assert_eq!(count(&schema, "blobs").await, 0);
+    assert_eq!(count(&schema, "blob_parts").await, 0);
+    drop(guard);
+}
+
+#[tokio::test]
+async fn sweep_in_a_directory_removes_temp_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let blobs = Blobs::dir(dir.path().join("artifacts")).unwrap();
+    let stored = blobs
+        .put(Body::from("kept"), 100, None, |_| Ok(()))
+        .await
+        .unwrap();
+    std::fs::write(dir.path().join("artifacts/tmp/0123abcd"), b"half an upload").unwrap();
+    assert_eq!(blobs.sweep_unfinished().await.unwrap(), 1);
+    assert_eq!(leftovers(&Guard::Dir(dir)), 0);
+    assert_eq!(Blobs::memory().sweep_unfinished().await.unwrap(), 0);
+    let _ = stored;
+}
+
+#[tokio::test]
+async fn import_dir_imports_good_files_and_skips_bad_ones() {
+    let Some((blobs, guard, schema)) = pg_blobs().await else {
+        return;
+    };
+    // What an earlier release left under DATA_DIR/artifacts.
+    let old = tempfile::tempdir().unwrap();
+    let src = old.path().join("sha256");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::create_dir_all(old.path().join("tmp")).unwrap();
+    let big = content(2 * PART_BYTES + 999, 8);
+    let small = b"a small bundle".to_vec();
+    for d in [&big, &small] {
+        std::fs::write(src.join(sha(d)), d).unwrap();
+    }
+    // Content that does not hash to its name, and a name that is no digest.
+    let liar = sha(b"what the name promises");
+    std::fs::write(src.join(&liar), b"something else").unwrap();
+    std::fs::write(src.join("README"), b"not an artifact").unwrap();
+    // One is in the database already.
+    blobs
+        .put(Body::from(small.clone()), u64::MAX, None, |_| Ok(()))
+        .await
+        .unwrap();
+
+    assert_eq!(blobs.import_dir(old.path()).await.unwrap(), 1);
+    let (body, size) = blobs.get(&sha(&big)).await.unwrap().unwrap();
+    assert_eq!(size, big.len() as u64);
+    assert!(read_all(body).await == big);
+    assert!(!blobs.exists(&liar).await);
+    assert_eq!(count(&schema, "blobs").await, 2);
+    assert_eq!(orphan_parts(&schema).await, 0);
+    // Again: nothing new.
+    assert_eq!(blobs.import_dir(old.path()).await.unwrap(), 0);
+    // No directory at all: nothing to import.
+    assert_eq!(
+        blobs.import_dir(&old.path().join("missing")).await.unwrap(),
+        0
+    );
+    drop(guard);
+}
+
+#[tokio::test]
+async fn import_dir_works_for_every_backend() {
+    let old = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(old.path().join("sha256")).unwrap();
+    let data = content(PART_BYTES / 2 + 3, 9);
+    std::fs::write(old.path().join("sha256").join(sha(&data)), &data).unwrap();
+    for (name, blobs, _guard) in backends().await {
+        assert_eq!(blobs.import_dir(old.path()).await.unwrap(), 1, "{name}");
+        let (body, _) = blobs.get(&sha(&data)).await.unwrap().unwrap();
+        assert!(read_all(body).await == data, "{name}");
+    }
+}
