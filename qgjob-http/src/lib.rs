@@ -438,7 +438,7 @@ async fn open_store(
 }
 
 /// How often a standby asks for the store's lock.
-const STANDBY_POLL: std::time::Duration = std::time::Duration::from_secs(1);
+const STANDBY_POLL: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// How often a server on PostgreSQL checks it still holds the store's lock.
 const LOCK_CHECK: std::time::Duration = std::time::Duration::from_secs(2);
