@@ -383,7 +383,7 @@ pub fn agent(client: Client, a: &AgentArgs) -> Result<u8> {
     let devices = sim_devices(&spec)?;
     wait_for_server(&client)?;
     let rt = runtime()?;
-    let base = client.base().to_string();
+    let base = client.servers();
     let link = Arc::new(HttpLink::new(client));
     let cfg = AgentConfig {
         max_batch: a.max_batch,
@@ -460,7 +460,7 @@ fn real_agent(client: Client, a: &AgentArgs) -> Result<u8> {
         .map_err(|e: qgjob_core::InvalidSpec| CliError::Usage(e.message))?;
     let name = a.name.clone().unwrap_or_else(default_agent_name);
     wait_for_server(&client)?;
-    let base = client.base().to_string();
+    let base = client.servers();
     let token = client.token().map(String::from);
     let link: Arc<dyn qgjob_core::agent::AgentLink> = Arc::new(HttpLink::new(client));
     let cfg = AgentConfig {

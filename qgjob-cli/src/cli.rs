@@ -64,8 +64,9 @@ pub struct Cli {
 /// [`crate::config::resolve`], not by clap, so that a flag in either place beats it.
 #[derive(Debug, Clone, Default, Args)]
 pub struct Conn {
-    /// Server URL (else QGJOB_SERVER, the config file, or http://127.0.0.1:7878).
-    #[arg(long, value_name = "URL", help_heading = "Connection")]
+    /// Server URL (else QGJOB_SERVER, the config file, or http://127.0.0.1:7878); a
+    /// comma-separated list names a server and its standbys, tried in turn.
+    #[arg(long, value_name = "URL[,URL…]", help_heading = "Connection")]
     pub server: Option<String>,
     /// Bearer token (else QGJOB_TOKEN or the config file).
     #[arg(long, value_name = "TOKEN", help_heading = "Connection")]

@@ -4,7 +4,8 @@
 //! failure becomes one [`CliError`] line with the right exit code.
 
 use std::io::{BufRead, BufReader, Read};
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use ureq::tls::{PemItem, RootCerts, TlsConfig};
@@ -173,19 +174,46 @@ pub struct ListQuery {
     pub limit: Option<usize>,
 }
 
-/// A connection to one qgjob server. Cheap to clone (the connection pool is shared).
+/// A connection to a qgjob server: one, or a list of servers of which one serves at a time
+/// (a server and its standbys). Cheap to clone (the connection pool and the choice of
+/// server are shared).
 #[derive(Clone)]
 pub struct Client {
-    base: String,
+    servers: Arc<Servers>,
     token: Option<String>,
     agent: ureq::Agent,
+}
+
+/// The servers of a [`Client`] and which one answered last.
+#[derive(Debug)]
+struct Servers {
+    urls: Vec<String>,
+    current: AtomicUsize,
 }
 
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // The token stays out of debug output (it may end up in logs).
-        f.debug_struct("Client").field("base", &self.base).finish()
+        f.debug_struct("Client")
+            .field("servers", &self.servers.urls)
+            .finish()
     }
+}
+
+/// Whether a request failed before anything of it reached a server, so sending it to
+/// another one cannot make it happen twice.
+fn not_sent(e: &ureq::Error) -> bool {
+    match e {
+        ureq::Error::Io(io) => io.kind() == std::io::ErrorKind::ConnectionRefused,
+        ureq::Error::HostNotFound | ureq::Error::ConnectionFailed => true,
+        ureq::Error::Timeout(t) => matches!(t, ureq::Timeout::Resolve | ureq::Timeout::Connect),
+        _ => false,
+    }
+}
+
+/// A standby's answer: it did nothing with the request.
+fn is_standby(e: &CliError) -> bool {
+    matches!(e, CliError::Api { status: 503, code, .. } if code == "standby")
 }
 
 /// `url` without user info (`http://user:pass@host` → `http://host`), for messages.
@@ -252,7 +280,10 @@ pub fn server_tls() -> TlsConfig {
 }
 
 impl Client {
-    /// A client for the server at `base` (e.g. `http://127.0.0.1:7878`, or an https URL).
+    /// A client for the server at `base` (e.g. `http://127.0.0.1:7878`, or an https URL),
+    /// or for any of a comma-separated list of them (a server and its standbys: each
+    /// request goes to the one that answered last, and moves on to the next when that one
+    /// is down or standing by).
     pub fn new(base: impl Into<String>, token: Option<String>) -> Self {
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .tls_config(server_tls())
@@ -262,16 +293,35 @@ impl Client {
             .max_idle_connections_per_host(16)
             .build()
             .into();
+        let base = base.into();
+        let mut urls: Vec<String> = base
+            .split(',')
+            .map(|u| u.trim().trim_end_matches('/').to_string())
+            .filter(|u| !u.is_empty())
+            .collect();
+        if urls.is_empty() {
+            // Refused with a clear message at the first request.
+            urls.push(base);
+        }
         Client {
-            base: base.into().trim_end_matches('/').to_string(),
+            servers: Arc::new(Servers {
+                urls,
+                current: AtomicUsize::new(0),
+            }),
             token,
             agent,
         }
     }
 
-    /// The server's base URL.
+    /// The base URL of the server in use (the one that answered last).
     pub fn base(&self) -> &str {
-        &self.base
+        let urls = &self.servers.urls;
+        &urls[self.servers.current.load(Ordering::Relaxed) % urls.len()]
+    }
+
+    /// Every server's base URL, comma-separated, as the client was given them.
+    pub fn servers(&self) -> String {
+        self.servers.urls.join(",")
     }
 
     /// The bearer token, if any.
@@ -279,8 +329,39 @@ impl Client {
         self.token.as_deref()
     }
 
-    fn url(&self, path: &str) -> String {
-        format!("{}{}", self.base, path)
+    /// Sends the request `call` makes for a full URL, to the server in use. With several
+    /// servers, one that refuses the connection or answers as a standby is passed over for
+    /// the next (nothing of the request reached it); after any other sign of a server
+    /// away (see [`CliError::is_server_away`]) the error is returned, since the request
+    /// may have been carried out, and the next request starts with the next server.
+    fn send(
+        &self,
+        path: &str,
+        call: impl Fn(String) -> std::result::Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+    ) -> Result<ureq::http::Response<ureq::Body>> {
+        let urls = &self.servers.urls;
+        let n = urls.len();
+        let first = self.servers.current.load(Ordering::Relaxed) % n;
+        let mut last = None;
+        for k in 0..n {
+            let i = (first + k) % n;
+            let res = call(format!("{}{path}", urls[i]));
+            let unsent = matches!(&res, Err(e) if not_sent(e));
+            match self.check_at(&urls[i], res) {
+                Ok(r) => {
+                    self.servers.current.store(i, Ordering::Relaxed);
+                    return Ok(r);
+                }
+                Err(e) if n > 1 && (unsent || is_standby(&e)) => last = Some(e),
+                Err(e) => {
+                    if n > 1 && e.is_server_away() {
+                        self.servers.current.store((i + 1) % n, Ordering::Relaxed);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| CliError::Usage("no server address given".into())))
     }
 
     fn auth<B>(&self, req: ureq::RequestBuilder<B>) -> ureq::RequestBuilder<B> {
@@ -291,6 +372,11 @@ impl Client {
     }
 
     fn transport(&self, e: ureq::Error) -> CliError {
+        self.transport_at(self.base(), e)
+    }
+
+    /// [`Client::transport`] for the server at `base`.
+    fn transport_at(&self, base: &str, e: ureq::Error) -> CliError {
         let tls = match &e {
             ureq::Error::Rustls(r) => Some(r.to_string()),
             ureq::Error::Tls(t) => Some((*t).to_string()),
@@ -302,7 +388,7 @@ impl Client {
         };
         if let Some(reason) = tls {
             return CliError::Tls {
-                url: without_credentials(&self.base),
+                url: without_credentials(base),
                 reason,
             };
         }
@@ -317,22 +403,24 @@ impl Client {
             ureq::Error::HostNotFound => "host not found".to_string(),
             ureq::Error::ConnectionFailed => "connection failed".to_string(),
             ureq::Error::BadUri(u) => {
-                return CliError::Usage(format!("invalid server address {}: {u}", self.base))
+                return CliError::Usage(format!("invalid server address {base}: {u}"))
             }
             other => other.to_string(),
         };
         CliError::Unreachable {
-            url: without_credentials(&self.base),
+            url: without_credentials(base),
             reason,
         }
     }
 
-    /// Turns a response into `Ok(response)` for 2xx and a [`CliError::Api`] otherwise.
-    fn check(
+    /// Turns the response of the server at `base` into `Ok(response)` for 2xx and a
+    /// [`CliError::Api`] otherwise.
+    fn check_at(
         &self,
+        base: &str,
         res: std::result::Result<ureq::http::Response<ureq::Body>, ureq::Error>,
     ) -> Result<ureq::http::Response<ureq::Body>> {
-        let mut res = res.map_err(|e| self.transport(e))?;
+        let mut res = res.map_err(|e| self.transport_at(base, e))?;
         let status = res.status().as_u16();
         if status < 400 {
             return Ok(res);
@@ -378,43 +466,47 @@ impl Client {
     }
 
     fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
-        let req = self
-            .auth(self.agent.get(self.url(path)))
-            .config()
-            .timeout_global(Some(CALL_TIMEOUT))
-            .build();
-        let res = self.check(req.call())?;
+        let res = self.send(path, |url| {
+            self.auth(self.agent.get(url))
+                .config()
+                .timeout_global(Some(CALL_TIMEOUT))
+                .build()
+                .call()
+        })?;
         self.json(res)
     }
 
     fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T> {
-        let req = self
-            .auth(self.agent.post(self.url(path)))
-            .config()
-            .timeout_global(Some(CALL_TIMEOUT))
-            .build();
-        let res = self.check(req.send_json(body))?;
+        let res = self.send(path, |url| {
+            self.auth(self.agent.post(url))
+                .config()
+                .timeout_global(Some(CALL_TIMEOUT))
+                .build()
+                .send_json(body)
+        })?;
         self.json(res)
     }
 
     fn post_empty<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
-        let req = self
-            .auth(self.agent.post(self.url(path)))
-            .config()
-            .timeout_global(Some(CALL_TIMEOUT))
-            .build();
-        let res = self.check(req.send_empty())?;
+        let res = self.send(path, |url| {
+            self.auth(self.agent.post(url))
+                .config()
+                .timeout_global(Some(CALL_TIMEOUT))
+                .build()
+                .send_empty()
+        })?;
         self.json(res)
     }
 
     fn put_bytes<T: DeserializeOwned>(&self, path: &str, bytes: &[u8]) -> Result<T> {
-        let req = self
-            .auth(self.agent.put(self.url(path)))
-            .header("content-type", "application/octet-stream")
-            .config()
-            .timeout_global(Some(Duration::from_secs(600)))
-            .build();
-        let res = self.check(req.send(bytes))?;
+        let res = self.send(path, |url| {
+            self.auth(self.agent.put(url))
+                .header("content-type", "application/octet-stream")
+                .config()
+                .timeout_global(Some(Duration::from_secs(600)))
+                .build()
+                .send(bytes)
+        })?;
         self.json(res)
     }
 
@@ -447,7 +539,6 @@ impl Client {
 
     /// A page of jobs.
     pub fn list(&self, q: &ListQuery) -> Result<JobPage> {
-        let mut req = self.auth(self.agent.get(self.url("/v1/jobs")));
         let pairs = [
             ("org_id", q.org_id.clone()),
             ("state", q.state.clone()),
@@ -457,13 +548,18 @@ impl Client {
             ("cursor", q.cursor.clone()),
             ("limit", q.limit.map(|l| l.to_string())),
         ];
-        for (k, v) in pairs {
-            if let Some(v) = v {
-                req = req.query(k, v);
+        let res = self.send("/v1/jobs", |url| {
+            let mut req = self.auth(self.agent.get(url));
+            for (k, v) in &pairs {
+                if let Some(v) = v {
+                    req = req.query(*k, v);
+                }
             }
-        }
-        let req = req.config().timeout_global(Some(CALL_TIMEOUT)).build();
-        let res = self.check(req.call())?;
+            req.config()
+                .timeout_global(Some(CALL_TIMEOUT))
+                .build()
+                .call()
+        })?;
         self.json(res)
     }
 
@@ -484,16 +580,13 @@ impl Client {
 
     /// A job's log bytes from `offset`; returns them and the log's total size.
     pub fn logs(&self, id: &str, offset: u64) -> Result<(Vec<u8>, u64)> {
-        let req = self
-            .auth(
-                self.agent
-                    .get(self.url(&format!("/v1/jobs/{}/logs", enc(id))))
-                    .query("offset", offset.to_string()),
-            )
-            .config()
-            .timeout_global(Some(CALL_TIMEOUT))
-            .build();
-        let mut res = self.check(req.call())?;
+        let mut res = self.send(&format!("/v1/jobs/{}/logs", enc(id)), |url| {
+            self.auth(self.agent.get(url).query("offset", offset.to_string()))
+                .config()
+                .timeout_global(Some(CALL_TIMEOUT))
+                .build()
+                .call()
+        })?;
         let size_header = res
             .headers()
             .get("x-qgjob-log-size")
@@ -527,16 +620,17 @@ impl Client {
         } else {
             format!("/v1/jobs/{}/events", enc(id))
         };
-        let req = self
-            .auth(self.agent.get(self.url(&path)))
-            .header("accept", "text/event-stream")
-            .config()
-            .timeout_global(timeout)
-            .build();
-        let res = self.check(req.call())?;
+        let res = self.send(&path, |url| {
+            self.auth(self.agent.get(url))
+                .header("accept", "text/event-stream")
+                .config()
+                .timeout_global(timeout)
+                .build()
+                .call()
+        })?;
         Ok(EventStream {
             reader: Box::new(BufReader::new(res.into_body().into_reader())),
-            base: self.base.clone(),
+            base: self.base().to_string(),
         })
     }
 
@@ -554,12 +648,13 @@ impl Client {
         if let Some(s) = session {
             path.push_str(&format!("?session={}", enc(s)));
         }
-        let req = self
-            .auth(self.agent.delete(self.url(&path)))
-            .config()
-            .timeout_global(Some(CALL_TIMEOUT))
-            .build();
-        self.check(req.call())?;
+        self.send(&path, |url| {
+            self.auth(self.agent.delete(url))
+                .config()
+                .timeout_global(Some(CALL_TIMEOUT))
+                .build()
+                .call()
+        })?;
         Ok(())
     }
 
@@ -577,12 +672,13 @@ impl Client {
             "max_batch": max_batch,
             "wait_ms": wait.as_millis() as u64,
         });
-        let req = self
-            .auth(self.agent.post(self.url("/v1/agent/lease")))
-            .config()
-            .timeout_global(Some(wait + Duration::from_secs(15)))
-            .build();
-        let res = self.check(req.send_json(&body))?;
+        let res = self.send("/v1/agent/lease", |url| {
+            self.auth(self.agent.post(url))
+                .config()
+                .timeout_global(Some(wait + Duration::from_secs(15)))
+                .build()
+                .send_json(&body)
+        })?;
         if res.status().as_u16() == 204 {
             return Ok(None);
         }
@@ -614,30 +710,29 @@ impl Client {
 
     /// Appends log text to a job.
     pub fn append_log(&self, lease: LeaseId, job: JobId, text: &str) -> Result<()> {
-        let req = self
-            .auth(
-                self.agent
-                    .post(self.url(&format!("/v1/agent/leases/{lease}/jobs/{job}/logs"))),
-            )
-            .header("content-type", "text/plain; charset=utf-8")
-            .config()
-            .timeout_global(Some(CALL_TIMEOUT))
-            .build();
-        self.check(req.send(text.as_bytes()))?;
+        self.send(
+            &format!("/v1/agent/leases/{lease}/jobs/{job}/logs"),
+            |url| {
+                self.auth(self.agent.post(url))
+                    .header("content-type", "text/plain; charset=utf-8")
+                    .config()
+                    .timeout_global(Some(CALL_TIMEOUT))
+                    .build()
+                    .send(text.as_bytes())
+            },
+        )?;
         Ok(())
     }
 
     /// Downloads a build or bundle by hash (`kind` is `builds` or `bundles`).
     pub fn download(&self, kind: &str, sha256: &str) -> Result<Vec<u8>> {
-        let req = self
-            .auth(
-                self.agent
-                    .get(self.url(&format!("/v1/agent/{kind}/{}", enc(sha256)))),
-            )
-            .config()
-            .timeout_global(Some(Duration::from_secs(600)))
-            .build();
-        let mut res = self.check(req.call())?;
+        let mut res = self.send(&format!("/v1/agent/{kind}/{}", enc(sha256)), |url| {
+            self.auth(self.agent.get(url))
+                .config()
+                .timeout_global(Some(Duration::from_secs(600)))
+                .build()
+                .call()
+        })?;
         res.body_mut()
             .with_config()
             .limit(4 * 1024 * 1024 * 1024)
@@ -779,5 +874,85 @@ mod tests {
             "cannot reach qgjob server at http://127.0.0.1:1: connection refused"
         );
         assert_eq!(e.exit_code(), 3);
+    }
+}
+
+#[cfg(test)]
+mod server_list_tests {
+    use std::io::{Read, Write};
+    use std::net::TcpListener;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    use super::Client;
+
+    /// A one-thread HTTP stand-in on 127.0.0.1 that answers every request with `status`
+    /// and `body` (or, with `status` 0, closes the connection after reading the request),
+    /// counting the requests it got.
+    fn stand_in(status: u16, body: &'static str) -> (String, Arc<AtomicUsize>) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", l.local_addr().unwrap());
+        let seen = Arc::new(AtomicUsize::new(0));
+        let count = Arc::clone(&seen);
+        std::thread::spawn(move || {
+            for s in l.incoming() {
+                let Ok(mut s) = s else { continue };
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf);
+                count.fetch_add(1, Ordering::SeqCst);
+                if status == 0 {
+                    continue; // dropped: the connection closes unanswered
+                }
+                let _ = write!(
+                    s,
+                    "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\n\
+                     content-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        });
+        (url, seen)
+    }
+
+    /// A port nothing listens on.
+    fn refused() -> String {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", l.local_addr().unwrap())
+    }
+
+    #[test]
+    fn a_request_moves_past_a_refusing_server_and_a_standby() {
+        let (standby, standby_seen) = stand_in(
+            503,
+            r#"{"error":{"code":"standby","message":"standing by"}}"#,
+        );
+        let (serving, serving_seen) = stand_in(200, r#"{"status":"ok"}"#);
+        let c = Client::new(format!("{},{standby},{serving}/", refused()), None);
+        assert_eq!(c.health().unwrap()["status"], "ok");
+        assert_eq!(c.base(), serving);
+        // The next request goes straight to the server that answered.
+        c.health().unwrap();
+        assert_eq!(standby_seen.load(Ordering::SeqCst), 1);
+        assert_eq!(serving_seen.load(Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn a_request_that_may_have_been_carried_out_is_not_sent_again() {
+        // The first server reads the submit, then drops the connection: it may have
+        // stored the job, so sending it to the next server could make it twice.
+        let (dropping, dropping_seen) = stand_in(0, "");
+        let (serving, serving_seen) = stand_in(201, r#"{"job_id":"x","status":"queued"}"#);
+        let c = Client::new(format!("{dropping},{serving}"), None);
+        let spec = qgjob_core::JobSpec::new(
+            qgjob_core::OrgId::new("acme").unwrap(),
+            qgjob_core::AppVersionId::new("v1").unwrap(),
+            vec!["a.spec.js".into()],
+        );
+        let err = c.submit_job(&spec).unwrap_err();
+        assert!(err.is_server_away(), "{err}");
+        assert_eq!(dropping_seen.load(Ordering::SeqCst), 1);
+        assert_eq!(serving_seen.load(Ordering::SeqCst), 0);
+        // The next request starts with the other server.
+        assert_eq!(c.base(), serving);
     }
 }

@@ -106,8 +106,18 @@ pub fn resolve(server: Option<String>, token: Option<String>) -> Result<Settings
     Ok(Settings { server, token })
 }
 
-/// Checks a server URL and strips trailing slashes; a bare `host:port` gets `http://`.
+/// Checks a server URL, or a comma-separated list of them (a server and its standbys),
+/// and strips trailing slashes; a bare `host:port` gets `http://`.
 pub fn normalize_server(s: &str) -> Result<String> {
+    if s.contains(',') {
+        let each: Result<Vec<String>> = s.split(',').map(normalize_one).collect();
+        return Ok(each?.join(","));
+    }
+    normalize_one(s)
+}
+
+/// [`normalize_server`] for one URL.
+fn normalize_one(s: &str) -> Result<String> {
     let s = s.trim().trim_end_matches('/');
     if s.is_empty() {
         return Err(CliError::Usage("the server address is empty".into()));
@@ -147,5 +157,11 @@ mod tests {
         assert_eq!(normalize_server("http://a:1").unwrap(), "http://a:1");
         assert!(normalize_server("ftp://a").is_err());
         assert_eq!(normalize_server("https://a/").unwrap(), "https://a");
+        assert_eq!(
+            normalize_server("http://a:1/, b:2").unwrap(),
+            "http://a:1,http://b:2"
+        );
+        assert!(normalize_server("http://a:1,").is_err());
+        assert!(normalize_server("http://a:1,ftp://b").is_err());
     }
 }

@@ -160,7 +160,9 @@ impl AgentLink for LoggingLink {
 /// `GET /v1/agent/apps/{org}/{app_version_id}`, `/v1/agent/builds/{sha256}`,
 /// `/v1/agent/bundles/{sha256}`), streaming them to disk.
 pub struct HttpArtifacts {
-    base: String,
+    /// The servers (a server and its standbys), tried in turn from the last that answered.
+    bases: Vec<String>,
+    current: std::sync::atomic::AtomicUsize,
     token: Option<String>,
     agent: ureq::Agent,
 }
@@ -181,8 +183,8 @@ fn enc(s: &str) -> String {
 }
 
 impl HttpArtifacts {
-    /// A source for the server at `base` (e.g. `http://127.0.0.1:7878`) with an agent
-    /// token.
+    /// A source for the server at `base` (e.g. `http://127.0.0.1:7878`, or a
+    /// comma-separated list of a server and its standbys) with an agent token.
     pub fn new(base: &str, token: Option<String>) -> Self {
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .tls_config(crate::client::server_tls())
@@ -195,18 +197,52 @@ impl HttpArtifacts {
             .build()
             .into();
         HttpArtifacts {
-            base: base.trim_end_matches('/').to_string(),
+            bases: base
+                .split(',')
+                .map(|b| b.trim().trim_end_matches('/').to_string())
+                .filter(|b| !b.is_empty())
+                .collect(),
+            current: std::sync::atomic::AtomicUsize::new(0),
             token,
             agent,
         }
     }
 
+    /// GETs `path` from the server that answered last; a download changes nothing, so when
+    /// that server is down or away (502-504, a standby) the others are asked in turn.
     fn get(&self, path: &str) -> Result<ureq::http::Response<ureq::Body>, String> {
-        let mut req = self.agent.get(format!("{}{}", self.base, path));
+        use std::sync::atomic::Ordering;
+        let n = self.bases.len();
+        if n == 0 {
+            return Err("no server address given".into());
+        }
+        let first = self.current.load(Ordering::Relaxed) % n;
+        let mut last = String::new();
+        for k in 0..n {
+            let i = (first + k) % n;
+            match self.get_from(&self.bases[i], path) {
+                Ok(r) => {
+                    self.current.store(i, Ordering::Relaxed);
+                    return Ok(r);
+                }
+                Err((away, e)) if away => last = e,
+                Err((_, e)) => return Err(e),
+            }
+        }
+        Err(last)
+    }
+
+    /// One GET from the server at `base`; on failure, whether the server was away and why.
+    fn get_from(
+        &self,
+        base: &str,
+        path: &str,
+    ) -> Result<ureq::http::Response<ureq::Body>, (bool, String)> {
+        let mut req = self.agent.get(format!("{base}{path}"));
         if let Some(t) = &self.token {
             req = req.header("Authorization", &format!("Bearer {t}"));
         }
-        let resp = req.call().map_err(|e| e.to_string())?;
+        let resp = req.call().map_err(|e| (true, e.to_string()))?;
         let status = resp.status().as_u16();
         if (200..300).contains(&status) {
             Ok(resp)
@@ -218,9 +254,12 @@ impl HttpArtifacts {
                 .ok()
                 .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
                 .unwrap_or(body);
-            Err(format!(
-                "HTTP {status}: {}",
-                message.chars().take(300).collect::<String>()
+            Err((
+                (502..=504).contains(&status),
+                format!(
+                    "HTTP {status}: {}",
+                    message.chars().take(300).collect::<String>()
+                ),
             ))
         }
     }
