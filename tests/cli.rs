@@ -1186,7 +1186,10 @@ fn connection_flags_go_before_or_after_the_command_and_beat_the_environment() {
             .output()
             .expect("runs");
         let help = String::from_utf8_lossy(&o.stdout);
-        assert!(help.contains("--server <URL[,URL…]>"), "{cmd} --help: {help}");
+        assert!(
+            help.contains("--server <URL[,URL…]>"),
+            "{cmd} --help: {help}"
+        );
     }
     let o = qgjob(None, dir.path())
         .args(["--server", &url, "simulate", "--generate", "uniform"])

@@ -121,7 +121,7 @@ impl Pair {
             )
         });
         let t0 = Instant::now();
-        while status_of(&format!("{standby_url}/healthz")) != Some(503) {
+        while status_of(&format!("{standby_url}/readyz")) != Some(503) {
             assert!(
                 t0.elapsed() < Duration::from_secs(30),
                 "the standby never stood by"

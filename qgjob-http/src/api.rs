@@ -129,7 +129,8 @@ async fn check_bundle(
     };
     let uploaded = match caller {
         Caller::Org(org) => app.store.has_bundle(org, b).await?,
-        _ => app.blobs.exists(b).await,
+        // A storage failure is the server's (5xx), never "not uploaded" (422).
+        _ => app.blobs.exists(b).await?,
     };
     if uploaded {
         Ok(())

@@ -10,9 +10,25 @@
 //!   [`PART_BYTES`], to `blob_parts(upload, n, data)` under a fresh random upload key; once it
 //!   is complete and its digest known, one transaction inserts `blobs(sha256, upload, size)`,
 //!   which names the upload holding that content. A reader looks only through `blobs`, so it
-//!   never sees a partial artifact. Parts no `blobs` row names are leftovers: a failed upload
-//!   removes its own at once, and [`Blobs::sweep_unfinished`] removes those a crash left.
-//!   Reads fetch one part at a time, so neither side ever holds a whole artifact in memory.
+//!   never sees a partial artifact. Parts no `blobs` row names are leftovers: a failed or
+//!   cancelled upload removes its own, and [`Blobs::sweep_unfinished`] removes those a crash
+//!   left. Reads fetch one part at a time, so neither side ever holds a whole artifact in
+//!   memory.
+//!
+//!   A request can be dropped at any await (its client went away), even while its COMMIT is
+//!   on the wire, so whether the upload was stored is unknown when its cleanup starts. The
+//!   cleanup therefore takes the blob lock exclusively (finishing holds it shared for its
+//!   whole transaction, so the cleanup waits for a commit in flight) and removes only parts
+//!   no `blobs` row names: it never takes the parts of a stored artifact. Each part is
+//!   written by a task of its own that the cleanup waits for, so a part whose INSERT was in
+//!   flight when the request was dropped is removed too. Known limit: the cleanup runs in
+//!   the background; if it fails, or the server stops first, the parts stay until the next
+//!   start-up sweep.
+//!
+//!   Defence in depth: a `blobs` row whose parts are missing or do not add up to its size
+//!   (a database restored in part, a hand-made delete) counts as absent for
+//!   [`Blobs::exists`], makes [`Blobs::get`] fail (500) rather than stream short, and is
+//!   repaired by the next upload of that content, which takes its place.
 //! - **Memory** (`--store memory`).
 //!
 //! Identical uploads are stored once. The server unpacks nothing.
@@ -82,9 +98,10 @@ impl Blobs {
         Blobs::Memory(Arc::default())
     }
 
-    /// Storage in the database of `store` (its tables exist once the store is connected).
+    /// Storage in the database of `store` (its tables exist once the store is connected),
+    /// on the store's pool for artifact transfers, so that they never hold back job writes.
     pub fn postgres(store: &PgStore) -> Self {
-        Blobs::Postgres(store.pool().clone())
+        Blobs::Postgres(store.blob_pool().clone())
     }
 
     /// Streams `body` into storage, hashing as it goes; refuses more than `limit` bytes
@@ -177,33 +194,28 @@ impl Blobs {
         })
     }
 
-    /// Whether content with this digest is stored (false too when the database cannot say;
-    /// that failure is logged).
-    pub async fn exists(&self, sha256: &str) -> bool {
+    /// Whether content with this digest is stored whole; an error when the storage cannot
+    /// say (so a caller answers 5xx, not "absent"). On PostgreSQL a row whose parts are
+    /// missing or do not add up to its size counts as absent (logged): [`Blobs::get`]
+    /// could not serve it, and an upload of that content repairs it.
+    pub async fn exists(&self, sha256: &str) -> Result<bool, StoreError> {
         if !is_sha256_hex(sha256) {
-            return false;
+            return Ok(false);
         }
         match self {
-            Blobs::Dir(dir) => tokio::fs::try_exists(dir.join("sha256").join(sha256))
-                .await
-                .unwrap_or(false),
-            Blobs::Memory(m) => m
+            Blobs::Dir(dir) => Ok(tokio::fs::try_exists(dir.join("sha256").join(sha256)).await?),
+            Blobs::Memory(m) => Ok(m
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .contains_key(sha256),
-            Blobs::Postgres(pool) => {
-                match sqlx::query_scalar::<_, i32>("SELECT 1 FROM blobs WHERE sha256 = $1")
-                    .bind(sha256)
-                    .fetch_optional(pool)
-                    .await
-                {
-                    Ok(row) => row.is_some(),
-                    Err(e) => {
-                        tracing::error!(error = %e, sha256, "cannot look up an artifact");
-                        false
-                    }
+                .contains_key(sha256)),
+            Blobs::Postgres(pool) => Ok(match stored_row(pool, sha256).await? {
+                None => false,
+                Some(row) if row.whole() => true,
+                Some(row) => {
+                    tracing::error!(sha256, upload = %row.upload, stored = row.bytes, size = row.size, "artifact is incomplete: its parts are missing");
+                    false
                 }
-            }
+            }),
         }
     }
 
@@ -229,22 +241,24 @@ impl Blobs {
                     .map(|b| (Body::from(b.clone()), b.len() as u64)))
             }
             Blobs::Postgres(pool) => {
-                let row: Option<(String, i64)> =
-                    sqlx::query_as("SELECT upload, size FROM blobs WHERE sha256 = $1")
-                        .bind(sha256)
-                        .fetch_optional(pool)
-                        .await
-                        .map_err(ApiError::internal)?;
-                let Some((upload, size)) = row else {
+                let Some(row) = stored_row(pool, sha256).await.map_err(ApiError::internal)? else {
                     return Ok(None);
                 };
-                let size = u64::try_from(size).map_err(|_| {
-                    ApiError::internal(format!("artifact {sha256}: negative size {size}"))
+                // Checked before answering: once the headers are out, missing parts could
+                // only show as a body cut short under its Content-Length.
+                if !row.whole() {
+                    return Err(ApiError::internal(format!(
+                        "artifact {sha256}: only {} of {} bytes are stored (upload {})",
+                        row.bytes, row.size, row.upload
+                    )));
+                }
+                let size = u64::try_from(row.size).map_err(|_| {
+                    ApiError::internal(format!("artifact {sha256}: negative size {}", row.size))
                 })?;
                 let parts = PartCursor {
                     pool: pool.clone(),
                     sha256: sha256.to_string(),
-                    upload,
+                    upload: row.upload,
                     after: -1,
                     sent: 0,
                     size,
@@ -319,7 +333,7 @@ impl Blobs {
                 tracing::warn!(path = %path.display(), "not importing: the name is not a sha256");
                 continue;
             };
-            if !entry.file_type().await?.is_file() || self.exists(name).await {
+            if !entry.file_type().await?.is_file() || self.exists(name).await? {
                 continue;
             }
             let f = tokio::fs::File::open(&path).await?;
@@ -352,7 +366,8 @@ enum Failure {
     /// The database failed.
     #[error("database error: {0}")]
     Db(#[from] sqlx::Error),
-    /// The stored upload is not what was written (its parts were swept meanwhile).
+    /// The stored upload is not what was written (its parts were swept meanwhile, or
+    /// writing a part was cut off).
     #[error("{0}")]
     Lost(String),
 }
@@ -495,6 +510,9 @@ struct PgUpload {
     buf: Vec<u8>,
     /// Parts written so far, which is the next part's number.
     parts: i32,
+    /// The part INSERT under way, if any. It runs as a task of its own, so a dropped upload
+    /// can hand it to its cleanup to wait for: a dropped statement may still land.
+    inflight: Option<tokio::task::JoinHandle<Result<(), sqlx::Error>>>,
     /// Whether parts of it may be stored that nothing will remove unless it does: true
     /// until it is stored or discarded, so a dropped (cancelled) upload cleans up too.
     pending: bool,
@@ -507,6 +525,7 @@ impl PgUpload {
             key: random_hex::<16>()?,
             buf: Vec::new(),
             parts: 0,
+            inflight: None,
             pending: true,
         })
     }
@@ -533,19 +552,40 @@ impl PgUpload {
             .parts
             .checked_add(1)
             .ok_or_else(|| Failure::Lost("upload has too many parts".into()))?;
-        sqlx::query("INSERT INTO blob_parts (upload, n, data) VALUES ($1, $2, $3)")
-            .bind(&self.key)
-            .bind(self.parts)
-            .bind(self.buf.as_slice())
-            .execute(&self.pool)
-            .await?;
+        let (pool, key, n, data) = (
+            self.pool.clone(),
+            self.key.clone(),
+            self.parts,
+            std::mem::take(&mut self.buf),
+        );
+        self.inflight = Some(tokio::spawn(async move {
+            sqlx::query("INSERT INTO blob_parts (upload, n, data) VALUES ($1, $2, $3)")
+                .bind(key)
+                .bind(n)
+                .bind(data)
+                .execute(&pool)
+                .await
+                .map(drop)
+        }));
+        self.settle().await?;
         self.parts = next;
-        self.buf.clear();
+        Ok(())
+    }
+
+    /// Waits for the part INSERT under way, if any. Cancel-safe: dropped while waiting,
+    /// the task stays in `inflight` for the cleanup.
+    async fn settle(&mut self) -> Result<(), Failure> {
+        if let Some(task) = self.inflight.as_mut() {
+            let res = task.await;
+            self.inflight = None;
+            res.map_err(|e| Failure::Lost(format!("writing part {}: {e}", self.parts)))??;
+        }
         Ok(())
     }
 
     /// Writes the last part, then makes the upload the content of `sha256` unless that
-    /// is stored already (then its parts go). Returns whether the content is new.
+    /// is stored whole already (then its parts go). Returns whether the content is new,
+    /// which it also is when it replaces a stored row whose parts were missing.
     async fn commit(&mut self, sha256: &str, size: u64) -> Result<bool, Failure> {
         self.flush().await?;
         self.buf = Vec::new();
@@ -558,13 +598,7 @@ impl PgUpload {
         .await?;
         // Under the lock no sweep runs; one that ran before may have removed these parts
         // (it took the store from this server): then nothing partial may be stored.
-        let (count, bytes): (i64, i64) = sqlx::query_as(
-            "SELECT COUNT(*), COALESCE(SUM(octet_length(data)), 0)::BIGINT \
-             FROM blob_parts WHERE upload = $1",
-        )
-        .bind(&self.key)
-        .fetch_one(&mut *tx)
-        .await?;
+        let (count, bytes) = part_totals(&mut *tx, &self.key).await?;
         if count != i64::from(self.parts) || bytes != size {
             return Err(Failure::Lost(format!(
                 "upload {} of {sha256}: {count} of {} parts, {bytes} of {size} bytes are stored \
@@ -572,7 +606,7 @@ impl PgUpload {
                 self.key, self.parts
             )));
         }
-        let created = sqlx::query(
+        let inserted = sqlx::query(
             "INSERT INTO blobs (sha256, upload, size) VALUES ($1, $2, $3) \
              ON CONFLICT (sha256) DO NOTHING",
         )
@@ -583,19 +617,46 @@ impl PgUpload {
         .await?
         .rows_affected()
             == 1;
-        if !created {
-            delete_parts(&mut *tx, &self.key).await?;
-        }
+        let created = if inserted {
+            true
+        } else {
+            // Stored already: trusted only if its parts are all there. FOR UPDATE makes
+            // concurrent uploads of this content take turns, the later one seeing the
+            // earlier one's repair.
+            let (old, old_size): (String, i64) =
+                sqlx::query_as("SELECT upload, size FROM blobs WHERE sha256 = $1 FOR UPDATE")
+                    .bind(sha256)
+                    .fetch_one(&mut *tx)
+                    .await?;
+            let (_, old_bytes) = part_totals(&mut *tx, &old).await?;
+            if old_size == size && old_bytes == size {
+                delete_parts(&mut *tx, &self.key).await?;
+                false
+            } else {
+                tracing::warn!(sha256, upload = %old, stored = old_bytes, size = old_size, "repairing an incomplete artifact with a new upload of it");
+                sqlx::query("UPDATE blobs SET upload = $2, size = $3 WHERE sha256 = $1")
+                    .bind(sha256)
+                    .bind(&self.key)
+                    .bind(size)
+                    .execute(&mut *tx)
+                    .await?;
+                delete_parts(&mut *tx, &old).await?;
+                true
+            }
+        };
         tx.commit().await?;
         Ok(created)
     }
 
-    /// Removes every part of this upload (on failure). Should that fail too, it is
-    /// logged and tried once more when the upload is dropped; the next start-up sweep
-    /// removes whatever is left.
+    /// Removes the parts of this upload (on failure) unless it was stored after all (a
+    /// commit whose answer was lost). Should that fail too, it is logged and tried once
+    /// more when the upload is dropped; the next start-up sweep removes whatever is left.
     async fn discard(&mut self) {
         self.buf = Vec::new();
-        match delete_parts(&self.pool, &self.key).await {
+        if let Err(e) = self.settle().await {
+            tracing::warn!(error = %e, upload = %self.key, "a part of a failed upload may not be removed");
+        }
+        match remove_unless_stored(&self.pool, &self.key).await {
             Ok(()) => self.pending = false,
             Err(e) => {
                 tracing::warn!(error = %e, upload = %self.key, "cannot remove the parts of a failed upload")
@@ -609,19 +670,95 @@ impl Drop for PgUpload {
         if !self.pending {
             return;
         }
-        // Dropped before it finished: the request was cancelled (its client went away).
-        // Nothing can be awaited here, so the parts are removed in the background. A part
-        // whose insert was cut off may still land afterwards; the start-up sweep takes it.
+        // Dropped before it finished: the request was cancelled (its client went away),
+        // perhaps while its commit was on the wire. Nothing can be awaited here, so the
+        // parts are removed in the background, after the part INSERT under way if any, and
+        // only if no commit stored them.
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             let pool = self.pool.clone();
             let key = std::mem::take(&mut self.key);
+            let inflight = self.inflight.take();
             rt.spawn(async move {
-                if let Err(e) = delete_parts(&pool, &key).await {
+                if let Some(task) = inflight {
+                    // Its outcome does not matter: whatever landed is removed below.
+                    let _ = task.await;
+                }
+                if let Err(e) = remove_unless_stored(&pool, &key).await {
                     tracing::warn!(error = %e, upload = %key, "cannot remove the parts of a cancelled upload");
                 }
             });
         }
     }
+}
+
+/// Deletes the parts of an upload that failed or was cancelled, unless a `blobs` row names
+/// it: a commit may have landed although its caller never learnt so (cancelled while
+/// awaiting it, or its answer lost).
+async fn remove_unless_stored(pool: &PgPool, upload: &str) -> Result<(), sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    // Exclusive: waits for every upload being finished (they hold it shared until their
+    // transaction ends), so the delete below, a statement of its own and hence with its own
+    // snapshot, sees a `blobs` row such a commit made.
+    sqlx::query(&format!("SELECT pg_advisory_xact_lock({BLOB_LOCK_KEY})"))
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query(
+        "DELETE FROM blob_parts WHERE upload = $1 \
+         AND NOT EXISTS (SELECT 1 FROM blobs WHERE upload = $1)",
+    )
+    .bind(upload)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await
+}
+
+/// How many parts of `upload` are stored and how many bytes they hold (`octet_length`
+/// reads no TOASTed data, so this is cheap).
+async fn part_totals<'c>(
+    conn: impl sqlx::PgExecutor<'c>,
+    upload: &str,
+) -> Result<(i64, i64), sqlx::Error> {
+    sqlx::query_as(
+        "SELECT COUNT(*), COALESCE(SUM(octet_length(data)), 0)::BIGINT \
+         FROM blob_parts WHERE upload = $1",
+    )
+    .bind(upload)
+    .fetch_one(conn)
+    .await
+}
+
+/// A `blobs` row and what its parts hold.
+struct StoredRow {
+    upload: String,
+    /// The recorded size.
+    size: i64,
+    /// The bytes its parts hold.
+    bytes: i64,
+}
+
+impl StoredRow {
+    /// Whether its parts add up to its size (an empty artifact has none).
+    fn whole(&self) -> bool {
+        self.bytes == self.size
+    }
+}
+
+/// The `blobs` row of `sha256` with the bytes its parts hold, in one query.
+async fn stored_row(pool: &PgPool, sha256: &str) -> Result<Option<StoredRow>, sqlx::Error> {
+    let row: Option<(String, i64, i64)> = sqlx::query_as(
+        "SELECT b.upload, b.size, \
+         (SELECT COALESCE(SUM(octet_length(p.data)), 0)::BIGINT \
+          FROM blob_parts p WHERE p.upload = b.upload) \
+         FROM blobs b WHERE b.sha256 = $1",
+    )
+    .bind(sha256)
+    .fetch_optional(pool)
+    .await?;
+    Ok(row.map(|(upload, size, bytes)| StoredRow {
+        upload,
+        size,
+        bytes,
+    }))
 }
 
 /// Deletes the parts of `upload`.

@@ -25,6 +25,34 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// once; more wait in the listen backlog until one closes.
 pub const MAX_CONNECTIONS: usize = 4096;
 
+/// How long a stopping server waits for requests in flight before it closes their
+/// connections: a slow download must not keep the store's lock from a standby (nor a
+/// deploy waiting) for minutes. Long polls and event streams end at once on their own.
+pub const DRAIN_LIMIT: Duration = Duration::from_secs(15);
+
+/// Connections being served: wait for them to finish with [`Draining::finish`].
+pub struct Draining {
+    graceful: GracefulShutdown,
+    force: tokio::sync::watch::Sender<bool>,
+}
+
+impl Draining {
+    /// Waits for the open connections' requests to finish, for at most `limit`; then
+    /// closes those still open.
+    pub async fn finish(self, limit: Duration) {
+        if tokio::time::timeout(limit, self.graceful.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                waited_s = limit.as_secs(),
+                "requests still in flight after the drain limit: closing their connections"
+            );
+            let _ = self.force.send(true);
+        }
+    }
+}
+
 /// Raises the soft open-files limit toward the hard one, and returns the connection cap
 /// that leaves room under it for the store, blobs and logs.
 pub fn connection_cap() -> usize {
@@ -42,18 +70,19 @@ pub fn connection_cap() -> usize {
 }
 
 /// Serves `router` on `listener` until `shutdown` completes, then stops accepting and waits
-/// for the open connections' requests to finish.
+/// for the open connections' requests to finish, for at most `drain`.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     cap: usize,
     header_timeout: Duration,
+    drain: Duration,
     shutdown: impl Future<Output = ()> + Send,
 ) {
-    let graceful = accept(&listener, router, cap, header_timeout, shutdown).await;
+    let draining = accept(&listener, router, cap, header_timeout, shutdown).await;
     // Closed before the wait, so new clients are refused rather than left in the backlog.
     drop(listener);
-    graceful.shutdown().await;
+    draining.finish(drain).await;
 }
 
 /// Accepts connections on `listener` for `router` until `shutdown` completes; the caller
@@ -65,7 +94,8 @@ pub async fn accept(
     cap: usize,
     header_timeout: Duration,
     shutdown: impl Future<Output = ()> + Send,
-) -> GracefulShutdown {
+) -> Draining {
+    let (force, forced) = tokio::sync::watch::channel(false);
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
@@ -115,12 +145,19 @@ pub async fn accept(
             TowerToHyperService::new(router.clone()),
         );
         let conn = graceful.watch(conn);
+        let mut forced = forced.clone();
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "connection ended with an error");
+            tokio::select! {
+                r = conn => {
+                    if let Err(e) = r {
+                        tracing::debug!(error = %e, "connection ended with an error");
+                    }
+                }
+                // Dropping the connection closes it.
+                _ = forced.wait_for(|f| *f) => {}
             }
             drop(permit);
         });
     }
-    graceful
+    Draining { graceful, force }
 }

@@ -168,6 +168,7 @@ impl Default for Limits {
             body_timeout_ms: 60_000,
             intake_bytes: 256 * 1024 * 1024,
             max_connections: conn::MAX_CONNECTIONS,
+            drain_ms: conn::DRAIN_LIMIT.as_millis() as u64,
         }
     }
 }
@@ -225,6 +226,7 @@ pub fn app(state: AppState) -> Router {
             get(agent::app_build),
         )
         .route("/healthz", get(ops::healthz))
+        .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))
         .route("/openapi.json", get(ops::openapi))
         .layer(DefaultBodyLimit::max(limits.body_bytes));
@@ -350,6 +352,7 @@ async fn open_store(
     opts: &ServerOptions,
     listener: &TcpListener,
     shutdown: &mut Shutdown,
+    configured_tokens: usize,
 ) -> Result<Option<Opened>, ServerError> {
     if opts.standby && opts.store != StoreKind::Postgres {
         return Err(ServerError::Config(
@@ -385,9 +388,13 @@ async fn open_store(
             let db = PgStore::connect(url, None).await.map_err(|e| {
                 ServerError::Unavailable(format!("PostgreSQL at {}: {e}", redact(url)))
             })?;
-            let pg = match db.lock_exclusive().await? {
+            let mut pg = match db.lock_exclusive().await? {
                 Some(pg) => pg,
                 None if opts.standby => {
+                    // What would stop it when it takes over is checked now: a standby
+                    // that cannot serve is no standby.
+                    let stored = db.tokens().await?.len();
+                    open_mode(listener.local_addr()?, configured_tokens + stored)?;
                     match stand_by(&db, listener, &opts.limits, &redact(url), shutdown).await {
                         Some(pg) => pg,
                         None => {
@@ -404,6 +411,13 @@ async fn open_store(
                     )))
                 }
             };
+            let ended = db.take_over(&mut pg).await?;
+            if ended > 0 {
+                tracing::info!(
+                    sessions = ended,
+                    "ended the sessions an earlier server left"
+                );
+            }
             // Artifacts live in the database too, so whichever server holds the store has
             // them all (a standby on another machine included); the data dir is only read
             // for what an earlier release kept there.
@@ -458,7 +472,26 @@ async fn stand_by(
         "another qgjob server holds the store: standing by, answering 503 until it stops"
     );
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let router = Router::new().fallback(|| async { standby_answer() });
+    let router = Router::new()
+        // Alive, but not ready: a liveness probe leaves it be, a load balancer passes it
+        // over.
+        .route(
+            "/healthz",
+            get(|| async { axum::Json(serde_json::json!({"status": "standby"})) }),
+        )
+        .route(
+            "/metrics",
+            get(|| async {
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4; charset=utf-8",
+                    )],
+                    ops::STANDBY_METRICS,
+                )
+            }),
+        )
+        .fallback(|| async { standby_answer() });
     let accepting = conn::accept(
         listener,
         router,
@@ -478,8 +511,10 @@ async fn stand_by(
         let _ = stop_tx.send(());
         got
     };
-    let (graceful, got) = tokio::join!(accepting, waiting);
-    graceful.shutdown().await;
+    let (draining, got) = tokio::join!(accepting, waiting);
+    draining
+        .finish(std::time::Duration::from_millis(limits.drain_ms))
+        .await;
     if got.is_some() {
         tracing::info!(store = what, "the store is free: taking over");
     }
@@ -552,11 +587,12 @@ async fn serve_announced(
     announce: impl FnOnce(SocketAddr) -> std::io::Result<()>,
 ) -> Result<(), ServerError> {
     let local = listener.local_addr()?;
-    let Some(opened) = open_store(&opts, &listener, &mut shutdown).await? else {
+    let configured = configured_tokens(&opts)?;
+    let Some(opened) = open_store(&opts, &listener, &mut shutdown, configured.len()).await? else {
         tracing::info!("stopped while standing by");
         return Ok(());
     };
-    let ready = prepare(local, opts, opened).await?;
+    let ready = prepare(local, opts, opened, configured).await?;
     announce(local)?;
     run_prepared(listener, ready, shutdown).await
 }
@@ -570,22 +606,26 @@ struct Prepared {
     limits: Limits,
 }
 
-async fn prepare(
-    local: SocketAddr,
-    mut opts: ServerOptions,
-    opened: Opened,
-) -> Result<Prepared, ServerError> {
-    let store = &opened.store;
-
-    // Tokens: configured ones plus those created through the admin API earlier.
-    let mut records = Vec::new();
+/// The tokens of the options and of the tokens file: read before the store is opened, so
+/// a bad file stops a standby at once rather than when it takes over.
+fn configured_tokens(opts: &ServerOptions) -> Result<Vec<store::TokenRecord>, ServerError> {
     let mut specs = opts.tokens.clone();
     if let Some(f) = &opts.tokens_file {
         specs.extend(TokenSpec::load_file(f)?);
     }
-    for t in &specs {
-        records.push(t.record()?);
-    }
+    specs.iter().map(TokenSpec::record).collect()
+}
+
+async fn prepare(
+    local: SocketAddr,
+    mut opts: ServerOptions,
+    opened: Opened,
+    configured: Vec<store::TokenRecord>,
+) -> Result<Prepared, ServerError> {
+    let store = &opened.store;
+
+    // Tokens: configured ones plus those created through the admin API earlier.
+    let mut records = configured;
     records.extend(store.tokens().await?);
     let open = open_mode(local, records.len())?;
     if open {
@@ -662,7 +702,8 @@ async fn run_prepared(
     let fatal = Arc::clone(&state.fatal);
     let cap = conn::connection_cap().min(limits.max_connections);
     let header_timeout = std::time::Duration::from_millis(limits.header_read_timeout_ms);
-    conn::serve(listener, router, cap, header_timeout, async move {
+    let drain = std::time::Duration::from_millis(limits.drain_ms);
+    conn::serve(listener, router, cap, header_timeout, drain, async move {
         tokio::select! {
             () = shutdown => {
                 tracing::info!("shutting down: finishing in-flight requests");

@@ -1,4 +1,4 @@
-//! Operations endpoints: `/healthz`, Prometheus `/metrics`, and `/openapi.json` (a
+//! Operations endpoints: `/healthz`, `/readyz`, Prometheus `/metrics`, and `/openapi.json` (a
 //! hand-written OpenAPI 3.1 document listing every endpoint, kept next to the router).
 
 use axum::extract::State;
@@ -19,6 +19,20 @@ pub async fn healthz(State(app): State<AppState>) -> Json<Value> {
     };
     Json(json!({"status": status}))
 }
+
+/// `GET /readyz`: 200 while the server serves; 503 while it stops, and on a standby (which
+/// answers it with code `standby`). For a load balancer's check; `/healthz` is liveness.
+pub async fn readyz(State(app): State<AppState>) -> Response {
+    if *app.shutdown.borrow() {
+        crate::error::ApiError::unavailable("the server is stopping").into_response()
+    } else {
+        Json(json!({"status": "ok"})).into_response()
+    }
+}
+
+/// `qgjob_standby` as a standby reports it (its only metric).
+pub const STANDBY_METRICS: &str = "# HELP qgjob_standby 1 while this server stands by for \
+another on the same store, 0 while it serves.\n# TYPE qgjob_standby gauge\nqgjob_standby 1\n";
 
 /// The `target` label of `qgjob_jobs`: the built-in pools and those a device serves keep
 /// their names; jobs of every other target (a name any org may invent when it submits)
@@ -56,7 +70,11 @@ pub async fn metrics(State(app): State<AppState>) -> Response {
         let depth = metric_targets(s.queue_depth(), &served);
         (depth, leases, devs.len() as u64, s.len() as u64)
     };
-    let body = app.metrics.render(&depth, leases, devices, in_memory);
+    let mut body = app.metrics.render(&depth, leases, devices, in_memory);
+    if !body.ends_with('\n') {
+        body.push('\n');
+    }
+    body.push_str(&STANDBY_METRICS.replace("qgjob_standby 1", "qgjob_standby 0"));
     let mut resp = body.into_response();
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -276,7 +294,22 @@ pub const ROUTES: &[(&str, &str, &str, &str, &str, &str)] = &[
         "",
         "200",
     ),
-    ("get", "/healthz", "none", "Liveness", "", "200"),
+    (
+        "get",
+        "/healthz",
+        "none",
+        "Liveness (also 200 on a standby, with status standby)",
+        "",
+        "200",
+    ),
+    (
+        "get",
+        "/readyz",
+        "none",
+        "Readiness: 503 while stopping, and on a standby",
+        "",
+        "200",
+    ),
     ("get", "/metrics", "none", "Prometheus metrics", "", "200"),
     ("get", "/openapi.json", "none", "This document", "", "200"),
 ];

@@ -62,6 +62,9 @@ pub struct Limits {
     /// Most bytes all request bodies in flight (not uploads) may hold together; a body that
     /// would pass it is refused with 503.
     pub intake_bytes: usize,
+    /// How long a stopping server waits for requests in flight (ms) before it closes their
+    /// connections (see [`crate::conn::DRAIN_LIMIT`]).
+    pub drain_ms: u64,
 }
 
 /// How long the writer keeps retrying a failed write (delays between tries) before it

@@ -1099,11 +1099,17 @@ fn a_standby_takes_over_when_the_primary_stops() {
             ..pg_opts(pg_url, other.path())
         });
         let sc = standby.client(None);
-        let (_, health) = eventually(30, || {
-            let (st, v) = sc.get("/healthz");
+        let (_, ready) = eventually(30, || {
+            let (st, v) = sc.get("/readyz");
             (st == 503).then_some((st, v))
         });
-        assert_eq!(health["error"]["code"], "standby", "{health}");
+        assert_eq!(ready["error"]["code"], "standby", "{ready}");
+        // Alive all the same (a liveness probe must not restart it), and it says so.
+        let (st, health) = sc.get("/healthz");
+        assert_eq!((st, health["status"].as_str()), (200, Some("standby")));
+        let (st, _, metrics) = sc.get_raw("/metrics");
+        assert_eq!(st, 200);
+        assert!(String::from_utf8_lossy(&metrics).contains("qgjob_standby 1"));
         let (st, v) = sc.post("/v1/jobs", &spec("qualgent", "v1", "tests/lost.spec.js"));
         assert_eq!(
             (st, v["error"]["code"].as_str()),
@@ -1116,7 +1122,9 @@ fn a_standby_takes_over_when_the_primary_stops() {
         assert_eq!(job_state(&c, &ids[1])["state"], "queued");
 
         primary.stop().unwrap();
-        eventually(30, || (sc.get("/healthz").0 == 200).then_some(()));
+        eventually(30, || (sc.get("/readyz").0 == 200).then_some(()));
+        let (_, _, metrics) = sc.get_raw("/metrics");
+        assert!(String::from_utf8_lossy(&metrics).contains("qgjob_standby 0"));
         assert_eq!(job_state(&sc, &ids[0])["state"], "running");
         assert_eq!(job_state(&sc, &ids[1])["state"], "queued");
         let (_, _, log) = sc.get_raw(&format!("/v1/jobs/{}/logs", ids[0]));
@@ -1167,6 +1175,113 @@ fn a_postgres_server_imports_artifacts_an_earlier_release_kept_on_disk() {
     });
 }
 
+/// A write the first server began before it lost the store (it passed its lock check,
+/// then stalled) must not commit behind the standby's back: the standby ends the first
+/// server's sessions and waits for its transactions before it restores, so the stalled
+/// submit is never acknowledged, and the standby's own writes go on.
+#[test]
+fn a_write_in_flight_when_the_store_changes_hands_is_not_acknowledged() {
+    use sqlx::Connection as _;
+    with_pg_schema("takeover race test", |pg_url, dir| {
+        let first = TestServer::start(pg_opts(pg_url, dir));
+        let c = first.client(None);
+        let before = submit(&c, "qualgent", "v1", "tests/before.spec.js");
+        let other = tempfile::tempdir().unwrap();
+        let standby = TestServer::spawn(ServerOptions {
+            standby: true,
+            ..pg_opts(pg_url, other.path())
+        });
+        let sc = standby.client(None);
+        eventually(30, || (sc.get("/readyz").0 == 503).then_some(()));
+
+        let schema = pg_url.rsplit('=').next().unwrap().to_string();
+        let base = pg_url.split('?').next().unwrap().to_string();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        // Stall the first server's next run submission after its jobs are inserted: the
+        // run row waits on this lock.
+        let mut admin = rt.block_on(sqlx::PgConnection::connect(pg_url)).unwrap();
+        rt.block_on(async {
+            sqlx::query("BEGIN").execute(&mut admin).await.unwrap();
+            sqlx::query("LOCK TABLE runs IN SHARE MODE")
+                .execute(&mut admin)
+                .await
+                .unwrap();
+        });
+        let base_url = first.base.clone();
+        let stalled = std::thread::spawn(move || {
+            let c = Client::new(&base_url, None);
+            c.try_post(
+                "/v1/runs",
+                &json!({"jobs": [spec("qualgent", "v1", "tests/stalled.spec.js")]}),
+            )
+        });
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        // The first server's lock session ends (as when its machine drops off the network).
+        rt.block_on(async {
+            let pool = sqlx::PgPool::connect(&base).await.unwrap();
+            sqlx::query(
+                "SELECT pg_terminate_backend(pid) FROM pg_locks \
+                 WHERE locktype = 'advisory' AND granted AND objsubid = 1 \
+                 AND objid::bigint = (hashtext('qgjob:' || $1)::bigint & 4294967295)",
+            )
+            .bind(&schema)
+            .execute(&pool)
+            .await
+            .unwrap();
+            pool.close().await;
+        });
+        eventually(30, || (sc.get("/readyz").0 == 200).then_some(()));
+        rt.block_on(async {
+            sqlx::query("ROLLBACK").execute(&mut admin).await.unwrap();
+        });
+        let answer = stalled.join().unwrap();
+        assert!(
+            answer.as_ref().is_none_or(|(st, _)| *st >= 500),
+            "the stalled submit was acknowledged: {answer:?}"
+        );
+        // Only what the first server acknowledged is there, and the standby goes on.
+        let (_, page) = sc.get("/v1/jobs?limit=100");
+        let ids: Vec<&str> = page["jobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|j| j["id"].as_str().unwrap())
+            .collect();
+        assert_eq!(ids, [before.as_str()], "{page}");
+        let after = submit(&sc, "qualgent", "v1", "tests/after.spec.js");
+        assert_eq!(job_state(&sc, &after)["state"], "queued");
+        assert_eq!(sc.get("/readyz").0, 200);
+        let _ = first.stop();
+        standby.stop().unwrap();
+    });
+}
+
+/// A standby whose configuration could not serve (here a bad tokens file) is refused when
+/// it starts, not when it is needed.
+#[test]
+fn a_misconfigured_standby_is_refused_at_once() {
+    with_pg_schema("standby config test", |pg_url, dir| {
+        let primary = TestServer::start(pg_opts(pg_url, dir));
+        let other = tempfile::tempdir().unwrap();
+        let tokens = other.path().join("tokens");
+        std::fs::write(&tokens, "superuser x\n").unwrap();
+        let err = try_serve(ServerOptions {
+            standby: true,
+            tokens_file: Some(tokens),
+            ..pg_opts(pg_url, other.path())
+        })
+        .expect_err("a bad tokens file");
+        assert!(
+            matches!(err, qgjob_http::ServerError::Config(_)),
+            "wrong error: {err}"
+        );
+        primary.stop().unwrap();
+    });
+}
+
 /// A standby told to stop before it took over stops at once and cleanly, and leaves the
 /// primary serving.
 #[test]
@@ -1179,7 +1294,7 @@ fn a_standby_stops_while_standing_by() {
             ..pg_opts(pg_url, other.path())
         });
         let sc = standby.client(None);
-        eventually(30, || (sc.get("/healthz").0 == 503).then_some(()));
+        eventually(30, || (sc.get("/readyz").0 == 503).then_some(()));
         standby.stop().unwrap();
         let c = primary.client(None);
         submit(&c, "qualgent", "v1", "tests/a.spec.js");
@@ -1202,7 +1317,7 @@ fn a_server_that_loses_the_store_lock_stops_and_the_standby_takes_over() {
             ..pg_opts(pg_url, other.path())
         });
         let sc = standby.client(None);
-        eventually(30, || (sc.get("/healthz").0 == 503).then_some(()));
+        eventually(30, || (sc.get("/readyz").0 == 503).then_some(()));
 
         // End the lock holder's session, as the database does when the server's machine
         // stops answering its keepalives.
@@ -1230,13 +1345,13 @@ fn a_server_that_loses_the_store_lock_stops_and_the_standby_takes_over() {
 
         // The first server stops on its own, saying why.
         eventually(30, || {
-            c.try_get("/healthz")
+            c.try_get("/readyz")
                 .is_none_or(|(st, _)| st != 200)
                 .then_some(())
         });
         let err = first.stop().expect_err("stops on losing the lock");
         assert!(err.to_string().contains("lost the store's lock"), "{err}");
-        eventually(30, || (sc.get("/healthz").0 == 200).then_some(()));
+        eventually(30, || (sc.get("/readyz").0 == 200).then_some(()));
         assert_eq!(job_state(&sc, &id)["state"], "queued");
         standby.stop().unwrap();
     });
@@ -2484,4 +2599,39 @@ fn a_waiting_long_poll_is_woken_by_work_for_its_pool() {
         took < std::time::Duration::from_secs(19),
         "answered after {took:?}"
     );
+}
+
+/// A stopping server waits for requests in flight only up to its drain limit: a download
+/// whose client stopped reading must not keep it (and its store's lock, which a standby
+/// waits for) for ever.
+#[test]
+fn a_stalled_download_does_not_hold_up_a_stop() {
+    use std::io::{Read as _, Write as _};
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = sqlite_opts(dir.path());
+    opts.limits.drain_ms = 500;
+    let s = TestServer::start(opts);
+    let c = s.client(None);
+    let build: Vec<u8> = (0..24_000_000u32).map(|i| (i % 251) as u8).collect();
+    assert_eq!(c.put_raw("/v1/apps/qualgent/v1", &build, &[]).0, 200);
+    let addr = s.base.trim_start_matches("http://").to_string();
+    let mut stalled = std::net::TcpStream::connect(&addr).unwrap();
+    write!(
+        stalled,
+        "GET /v1/apps/qualgent/v1/build HTTP/1.1\r\nhost: {addr}\r\n\r\n"
+    )
+    .unwrap();
+    let mut first = [0u8; 1024];
+    let got = stalled.read(&mut first).unwrap();
+    assert!(got > 0, "the download started");
+    // The client reads no more; the server stops.
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done_tx.send(s.stop());
+    });
+    let stopped = done_rx
+        .recv_timeout(std::time::Duration::from_secs(60))
+        .expect("the server stops although a download is stalled");
+    stopped.unwrap();
+    drop(stalled);
 }

@@ -3,6 +3,8 @@
 //! failure unless `QGJOB_SKIP_PG=1`), plus what only PostgreSQL does: parts, the sweep of
 //! unfinished uploads, and importing a directory an earlier release wrote.
 
+mod common;
+
 use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
@@ -202,7 +204,7 @@ async fn round_trip_in_odd_chunks_and_dedup() {
             vec![data[..HEAD_BYTES].to_vec()],
             "{name}"
         );
-        assert!(blobs.exists(&digest).await, "{name}");
+        assert!(blobs.exists(&digest).await.unwrap(), "{name}");
         let (body, size) = blobs.get(&digest).await.unwrap().unwrap();
         assert_eq!(size, data.len() as u64, "{name}");
         let back = read_all(body).await;
@@ -278,7 +280,7 @@ async fn over_the_limit_is_413_and_leaves_nothing() {
             .unwrap_err();
         assert_eq!(e.status, StatusCode::PAYLOAD_TOO_LARGE, "{name}");
         assert_eq!(e.code, "too_large", "{name}");
-        assert!(!blobs.exists(&sha(&data)).await, "{name}");
+        assert!(!blobs.exists(&sha(&data)).await.unwrap(), "{name}");
         assert_eq!(leftovers(&guard), 0, "{name}");
         if let Guard::Schema(schema) = &guard {
             assert_eq!(count(schema, "blob_parts").await, 0);
@@ -304,8 +306,8 @@ async fn a_wrong_digest_is_422_and_leaves_nothing() {
         assert_eq!(e.status, StatusCode::UNPROCESSABLE_ENTITY, "{name}");
         assert_eq!(e.code, "invalid_field", "{name}");
         assert_eq!(e.field.as_deref(), Some("sha256"), "{name}");
-        assert!(!blobs.exists(&sha(&data)).await, "{name}");
-        assert!(!blobs.exists(&wrong).await, "{name}");
+        assert!(!blobs.exists(&sha(&data)).await.unwrap(), "{name}");
+        assert!(!blobs.exists(&wrong).await.unwrap(), "{name}");
         assert_eq!(leftovers(&guard), 0, "{name}");
         if let Guard::Schema(schema) = &guard {
             assert_eq!(count(schema, "blob_parts").await, 0);
@@ -342,7 +344,7 @@ async fn a_refused_head_and_a_broken_body_leave_nothing() {
             .await
             .unwrap_err();
         assert_eq!(e.status, StatusCode::BAD_REQUEST, "{name}");
-        assert!(!blobs.exists(&sha(&data)).await, "{name}");
+        assert!(!blobs.exists(&sha(&data)).await.unwrap(), "{name}");
         assert_eq!(leftovers(&guard), 0, "{name}");
         if let Guard::Schema(schema) = &guard {
             assert_eq!(count(schema, "blob_parts").await, 0);
@@ -355,18 +357,18 @@ async fn a_refused_head_and_a_broken_body_leave_nothing() {
 async fn unknown_and_malformed_digests_are_absent() {
     for (name, blobs, _guard) in backends().await {
         let unknown = sha(b"never stored");
-        assert!(!blobs.exists(&unknown).await, "{name}");
+        assert!(!blobs.exists(&unknown).await.unwrap(), "{name}");
         assert!(blobs.get(&unknown).await.unwrap().is_none(), "{name}");
         for bad in ["", "abc", "../etc/passwd", &unknown.to_uppercase()] {
-            assert!(!blobs.exists(bad).await, "{name} {bad:?}");
+            assert!(!blobs.exists(bad).await.unwrap(), "{name} {bad:?}");
             assert!(blobs.get(bad).await.unwrap().is_none(), "{name} {bad:?}");
         }
         let stored = blobs
             .put(Body::from("hello"), 100, None, |_| Ok(()))
             .await
             .unwrap();
-        assert!(blobs.exists(&stored.sha256).await, "{name}");
-        assert!(!blobs.exists(&unknown).await, "{name}");
+        assert!(blobs.exists(&stored.sha256).await.unwrap(), "{name}");
+        assert!(!blobs.exists(&unknown).await.unwrap(), "{name}");
     }
 }
 
@@ -478,7 +480,7 @@ async fn an_upload_swept_midway_fails_rather_than_store_a_partial_artifact() {
     drop(tx);
     let e = task.await.unwrap().unwrap_err();
     assert_eq!(e.status, StatusCode::INTERNAL_SERVER_ERROR);
-    assert!(!blobs.exists(&sha(&data)).await);
+    assert!(!blobs.exists(&sha(&data)).await.unwrap());
     assert_eq!(count(&schema, "blobs").await, 0);
     assert_eq!(count(&schema, "blob_parts").await, 0);
     drop(guard);
@@ -528,7 +530,7 @@ async fn import_dir_imports_good_files_and_skips_bad_ones() {
     let (body, size) = blobs.get(&sha(&big)).await.unwrap().unwrap();
     assert_eq!(size, big.len() as u64);
     assert!(read_all(body).await == big);
-    assert!(!blobs.exists(&liar).await);
+    assert!(!blobs.exists(&liar).await.unwrap());
     assert_eq!(count(&schema, "blobs").await, 2);
     assert_eq!(orphan_parts(&schema).await, 0);
     // Again: nothing new.
@@ -552,4 +554,293 @@ async fn import_dir_works_for_every_backend() {
         let (body, _) = blobs.get(&sha(&data)).await.unwrap().unwrap();
         assert!(read_all(body).await == data, "{name}");
     }
+}
+
+/// A session-level advisory lock the test holds; triggers made with [`Gate::install`] wait
+/// on it, so a test can stop the server's SQL at a chosen statement and act meanwhile.
+struct Gate {
+    conn: sqlx::PgConnection,
+    key: i64,
+}
+
+impl Gate {
+    /// A gate on a random key, closed (held by the test).
+    async fn closed() -> Gate {
+        use sqlx::Connection as _;
+        let mut rnd = [0u8; 4];
+        getrandom::fill(&mut rnd).unwrap();
+        // Below 2^31, so pg_locks shows it as classid 0, objid = key.
+        let key = i64::from(u32::from_le_bytes(rnd) >> 1) + 1;
+        let mut conn = sqlx::PgConnection::connect(&pg_url()).await.unwrap();
+        sqlx::query("SELECT pg_advisory_lock($1)")
+            .bind(key)
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        Gate { conn, key }
+    }
+
+    /// Makes `trigger` (SQL with `{f}` where the function's name goes) wait for the gate.
+    async fn install(&mut self, schema: &str, trigger: &str) {
+        let f = format!("{schema}.wait_for_gate");
+        sqlx::query(&format!(
+            "CREATE FUNCTION {f}() RETURNS trigger LANGUAGE plpgsql AS \
+             $$ BEGIN PERFORM pg_advisory_xact_lock({}); RETURN NEW; END $$",
+            self.key
+        ))
+        .execute(&mut self.conn)
+        .await
+        .unwrap();
+        sqlx::query(&trigger.replace("{f}", &f))
+            .execute(&mut self.conn)
+            .await
+            .unwrap();
+    }
+
+    async fn open(&mut self) {
+        sqlx::query("SELECT pg_advisory_unlock($1)")
+            .bind(self.key)
+            .execute(&mut self.conn)
+            .await
+            .unwrap();
+    }
+
+    /// Closes the gate again, once every session that was waiting at it went through
+    /// (they queue ahead of this request) and ended its transaction.
+    async fn close(&mut self) {
+        sqlx::query("SELECT pg_advisory_lock($1)")
+            .bind(self.key)
+            .execute(&mut self.conn)
+            .await
+            .unwrap();
+    }
+}
+
+/// Sessions waiting for the advisory lock `key` (below 2^31).
+async fn waiting_at(key: i64) -> i64 {
+    let pool = sqlx::PgPool::connect(&pg_url()).await.unwrap();
+    let n: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
+         AND classid::bigint = 0 AND objid::bigint = $1 AND objsubid = 1",
+    )
+    .bind(key)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    pool.close().await;
+    n
+}
+
+/// A client that leaves while its upload's COMMIT is on the wire must not leave a broken
+/// artifact: the COMMIT lands, so the cleanup of the dropped request must keep the parts
+/// (before the fix it deleted them, leaving a `blobs` row with no parts).
+#[tokio::test]
+async fn a_client_leaving_during_the_commit_leaves_the_artifact_whole() {
+    let Some((blobs, guard, schema)) = pg_blobs().await else {
+        return;
+    };
+    let mut gate = Gate::closed().await;
+    // The COMMIT of a new artifact waits at the gate (what a slow commit looks like).
+    gate.install(
+        &schema,
+        &format!(
+            "CREATE CONSTRAINT TRIGGER gate AFTER INSERT ON {schema}.blobs \
+             DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION {{f}}()"
+        ),
+    )
+    .await;
+    let (tx, body) = channel_body();
+    let b = blobs.clone();
+    let task = tokio::spawn(async move { b.put(body, u64::MAX, None, |_| Ok(())).await });
+    let data = content(2 * PART_BYTES + 5, 10);
+    for c in data.chunks(65_536) {
+        tx.send(Ok(Bytes::copy_from_slice(c))).await.unwrap();
+    }
+    drop(tx);
+    let key = gate.key;
+    wait_until("the commit is under way", || async move {
+        waiting_at(key).await == 1
+    })
+    .await;
+    // The client goes away: hyper drops the handler future, mid-COMMIT.
+    task.abort();
+    assert!(task.await.unwrap_err().is_cancelled());
+    gate.open().await;
+    wait_until("the commit lands", || async {
+        count(&schema, "blobs").await == 1
+    })
+    .await;
+    // Time for the cleanup of the dropped upload to do whatever it does.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(count(&schema, "blob_parts").await, 3, "the parts stay");
+    assert_eq!(orphan_parts(&schema).await, 0);
+    assert!(blobs.exists(&sha(&data)).await.unwrap());
+    let (body, size) = blobs.get(&sha(&data)).await.unwrap().unwrap();
+    assert_eq!(size, data.len() as u64);
+    assert!(read_all(body).await == data, "content differs");
+    // Uploading it again stores nothing new.
+    let again = blobs
+        .put(chunked(&data, &[65_536]), u64::MAX, None, |_| Ok(()))
+        .await
+        .unwrap();
+    assert!(!again.created);
+    assert_eq!(count(&schema, "blob_parts").await, 3);
+    drop(guard);
+}
+
+/// A part whose INSERT was in flight when its upload was cancelled lands after the
+/// request is gone; the cleanup waits for it, so it does not stay behind.
+#[tokio::test]
+async fn a_cancelled_upload_also_removes_the_part_it_was_writing() {
+    let Some((blobs, guard, schema)) = pg_blobs().await else {
+        return;
+    };
+    let mut gate = Gate::closed().await;
+    gate.install(
+        &schema,
+        &format!(
+            "CREATE TRIGGER gate BEFORE INSERT ON {schema}.blob_parts \
+             FOR EACH ROW EXECUTE FUNCTION {{f}}()"
+        ),
+    )
+    .await;
+    let (tx, body) = channel_body();
+    let b = blobs.clone();
+    let task = tokio::spawn(async move { b.put(body, u64::MAX, None, |_| Ok(())).await });
+    // Exactly one part: the upload takes every chunk, then waits at the gate in its INSERT.
+    let data = content(PART_BYTES, 12);
+    for c in data.chunks(65_536) {
+        tx.send(Ok(Bytes::copy_from_slice(c))).await.unwrap();
+    }
+    let key = gate.key;
+    wait_until("the first part's INSERT is under way", || async move {
+        waiting_at(key).await == 1
+    })
+    .await;
+    task.abort();
+    assert!(task.await.unwrap_err().is_cancelled());
+    // Time for a cleanup that does not wait for the INSERT to run (and find nothing).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    gate.open().await;
+    // Once the gate can be closed again, the INSERT has committed.
+    gate.close().await;
+    assert_eq!(waiting_at(gate.key).await, 0);
+    wait_until("the landed part is removed", || async {
+        count(&schema, "blob_parts").await == 0
+    })
+    .await;
+    assert_eq!(count(&schema, "blobs").await, 0);
+    drop(tx);
+    drop(guard);
+}
+
+/// Defence in depth against a `blobs` row whose parts are gone (however that came about):
+/// a download fails before it answers instead of streaming 0 bytes under the full
+/// Content-Length, `exists` says absent, and a new upload of the content repairs the row.
+#[tokio::test]
+async fn an_artifact_missing_parts_is_refused_then_repaired_by_an_upload() {
+    let Some((blobs, guard, schema)) = pg_blobs().await else {
+        return;
+    };
+    let data = content(2 * PART_BYTES + 99, 11);
+    let digest = sha(&data);
+    let first = blobs
+        .put(chunked(&data, &[65_536]), u64::MAX, None, |_| Ok(()))
+        .await
+        .unwrap();
+    assert!(first.created);
+    let pool = sqlx::PgPool::connect(&pg_url()).await.unwrap();
+    for lost in ["TRUE", "n = 2"] {
+        let gone = sqlx::query(&format!("DELETE FROM {schema}.blob_parts WHERE {lost}"))
+            .execute(&pool)
+            .await
+            .unwrap();
+        assert!(gone.rows_affected() > 0, "{lost}");
+        let e = blobs.get(&digest).await.expect_err("a download fails");
+        assert_eq!(e.status, StatusCode::INTERNAL_SERVER_ERROR, "{lost}");
+        assert!(!blobs.exists(&digest).await.unwrap(), "{lost}");
+
+        let again = blobs
+            .put(chunked(&data, &[100_000]), u64::MAX, None, |_| Ok(()))
+            .await
+            .unwrap();
+        assert!(again.created, "{lost}: the row is repaired, not trusted");
+        assert!(blobs.exists(&digest).await.unwrap(), "{lost}");
+        let (body, size) = blobs.get(&digest).await.unwrap().unwrap();
+        assert_eq!(size, data.len() as u64, "{lost}");
+        assert!(read_all(body).await == data, "{lost}: content differs");
+        assert_eq!(count(&schema, "blobs").await, 1, "{lost}");
+        assert_eq!(count(&schema, "blob_parts").await, 3, "{lost}");
+        assert_eq!(orphan_parts(&schema).await, 0, "{lost}");
+    }
+    // Whole again: another upload is a duplicate.
+    let third = blobs
+        .put(chunked(&data, &[65_536]), u64::MAX, None, |_| Ok(()))
+        .await
+        .unwrap();
+    assert!(!third.created);
+    assert_eq!(count(&schema, "blob_parts").await, 3);
+    pool.close().await;
+    drop(guard);
+}
+
+/// A database failure is an error, never "not stored".
+#[tokio::test]
+async fn a_database_failure_is_an_error_not_absence() {
+    let Some((blobs, guard, schema)) = pg_blobs().await else {
+        return;
+    };
+    let stored = blobs
+        .put(Body::from("kept"), 100, None, |_| Ok(()))
+        .await
+        .unwrap();
+    assert!(blobs.exists(&stored.sha256).await.unwrap());
+    let pool = sqlx::PgPool::connect(&pg_url()).await.unwrap();
+    sqlx::query(&format!("ALTER TABLE {schema}.blobs RENAME TO blobs_gone"))
+        .execute(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+    assert!(blobs.exists(&stored.sha256).await.is_err());
+    let e = blobs.get(&stored.sha256).await.expect_err("get fails");
+    assert_eq!(e.status, StatusCode::INTERNAL_SERVER_ERROR);
+    drop(guard);
+}
+
+/// The same through the API: a submit naming a bundle gets a 5xx, not 422 "no bundle was
+/// uploaded", when the database cannot say whether it was.
+#[test]
+fn a_submit_naming_a_bundle_gets_a_5xx_when_the_database_fails() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let Some((_, guard, schema)) = rt.block_on(pg_blobs()) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let s = common::TestServer::start(qgjob_http::ServerOptions {
+        store: qgjob_http::StoreKind::Postgres,
+        postgres_url: Some(format!("{}?options[search_path]={schema}", pg_url())),
+        data_dir: Some(dir.path().to_path_buf()),
+        ..qgjob_http::ServerOptions::default()
+    });
+    let c = s.client(None);
+    let mut sp = common::spec("qualgent", "v1", "tests/a.spec.js");
+    sp["bundle"] = serde_json::json!("ab".repeat(32));
+    let (st, v) = c.post("/v1/jobs", &sp);
+    assert_eq!(st, 422, "never uploaded: {v}");
+    rt.block_on(async {
+        let pool = sqlx::PgPool::connect(&pg_url()).await.unwrap();
+        sqlx::query(&format!("ALTER TABLE {schema}.blobs RENAME TO blobs_gone"))
+            .execute(&pool)
+            .await
+            .unwrap();
+        pool.close().await;
+    });
+    let (st, v) = c.post("/v1/jobs", &sp);
+    assert_eq!(st, 500, "{v}");
+    assert_eq!(v["error"]["code"], "internal", "{v}");
+    s.stop().unwrap();
+    drop(guard);
 }

@@ -716,3 +716,35 @@ async fn servers_starting_together_on_a_new_database_both_open_it() {
         assert!(failures.is_empty(), "round {round}: {failures:?}");
     }
 }
+
+/// A server (a standby, say) opening a store another one is writing to must not lock its
+/// tables: `ALTER TABLE` would wait behind the writer's transaction, and every later write
+/// of the serving server behind it. A database at this release's schema gets no DDL.
+#[tokio::test]
+async fn opening_a_current_store_does_not_wait_on_its_writers() {
+    use sqlx::Connection as _;
+    let Some((first, guard)) = pg_store().await else {
+        return;
+    };
+    let Guard::Schema(schema) = &guard else {
+        unreachable!("pg_store guards a schema")
+    };
+    let url = format!("{}?options[search_path]={schema}", pg_url());
+    // A writer's transaction, as the serving server's job insert holds it.
+    let mut writer = sqlx::PgConnection::connect(&url).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut writer).await.unwrap();
+    sqlx::query("LOCK TABLE jobs IN ROW EXCLUSIVE MODE")
+        .execute(&mut writer)
+        .await
+        .unwrap();
+    let opened = tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        PgStore::connect(&url, None),
+    )
+    .await
+    .expect("opening the store waited on the writer's transaction")
+    .unwrap();
+    sqlx::query("ROLLBACK").execute(&mut writer).await.unwrap();
+    opened.close().await;
+    first.close().await;
+}

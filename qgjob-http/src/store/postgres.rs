@@ -87,9 +87,13 @@ const CHUNK: usize = 500;
 #[derive(Debug, Clone)]
 pub struct PgStore {
     pool: PgPool,
+    /// See [`PgStore::blob_pool`].
+    blob_pool: PgPool,
     /// The session holding [`PgLock`] (backend pid, lock key), once taken: every write
     /// checks it still holds it.
     lock: Arc<OnceLock<(i32, i64)>>,
+    /// This server's name among the sessions of the database (see [`app_name_sql`]).
+    instance: Arc<str>,
 }
 
 /// Holds a PostgreSQL session-level advisory lock on the store's schema: while one server
@@ -122,7 +126,9 @@ impl PgLock {
             if lost.is_none() {
                 continue;
             }
-            let check = tokio::time::timeout(every.max(std::time::Duration::from_secs(5)), async {
+            // Generous: a database pausing for a checkpoint must not stop a server that
+            // still holds its lock (writes are fenced meanwhile, see `PgStore::take_over`).
+            let check = tokio::time::timeout(every.max(LOCK_CHECK_TIMEOUT), async {
                 let (pid, key): (i32, i64) = sqlx::query_as(
                     "SELECT pg_backend_pid(), hashtext('qgjob:' || current_schema())::bigint",
                 )
@@ -148,15 +154,44 @@ impl PgLock {
     }
 }
 
-/// How long PostgreSQL lets the lock's connection stay silent before it probes it, the
-/// probes' interval, and how many may go unanswered: a server whose machine vanished
-/// (no TCP reset) loses the lock in about 25 s, not after the system's two hours, so a
-/// standby can take over.
-const LOCK_KEEPALIVES: [(&str, u32); 3] = [
-    ("tcp_keepalives_idle", 10),
-    ("tcp_keepalives_interval", 5),
-    ("tcp_keepalives_count", 3),
+/// How long a check that this server still holds the store's lock may take.
+const LOCK_CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// Settings every connection of a server asks for at start-up. The keepalives (probe after
+/// 10 s of silence, every 5 s, give up after 3) and the user timeout (unacknowledged data
+/// for 25 s) make PostgreSQL end the sessions of a server whose machine vanished (no TCP
+/// reset) in about 25 s instead of the system's two hours: its lock is released, so a
+/// standby can take over. The idle-in-transaction timeout ends a transaction its server
+/// stopped driving (a partition mid-write), so nothing it holds blocks the next server.
+const SESSION_SETTINGS: [(&str, &str); 5] = [
+    ("tcp_keepalives_idle", "10"),
+    ("tcp_keepalives_interval", "5"),
+    ("tcp_keepalives_count", "3"),
+    ("tcp_user_timeout", "25000"),
+    ("idle_in_transaction_session_timeout", "30000"),
 ];
+
+/// The advisory lock every write transaction holds shared, and a server taking over the
+/// store takes exclusively once (see [`PgStore::take_over`]).
+const WRITE_FENCE_KEY: &str = "hashtext('qgjob:write:' || current_schema())::bigint";
+
+/// The schema this release writes; a database that records it needs no DDL at start-up
+/// (which would lock the tables a running server uses, see `PgStore::connect`).
+const SCHEMA_VERSION: i64 = 1;
+
+/// The `meta` key of [`SCHEMA_VERSION`].
+const SCHEMA_VERSION_KEY: &str = "schema_version";
+
+/// `application_name` of a server's connections, for [`PgStore::take_over`]: the store (a
+/// hash of its schema; several stores may share a database) and the server's instance, and
+/// for a standby's lock connection the word `standby` (a standby is never ended).
+fn app_name_sql(standby: bool) -> String {
+    format!(
+        "SELECT set_config('application_name', 'qgjob ' || left(md5(current_schema()), 8) || \
+         '{}' || $1, false)",
+        if standby { " standby " } else { " " }
+    )
+}
 
 impl PgStore {
     /// Takes the store's exclusive lock on a connection of its own, or `Ok(None)` when
@@ -202,16 +237,14 @@ impl PgStore {
         }
     }
 
-    /// A connection outside the pool for the lock, with keepalives (see
-    /// [`LOCK_KEEPALIVES`]).
+    /// A connection outside the pool for the lock (with the pool's [`SESSION_SETTINGS`]),
+    /// named as a standby's until it has the lock.
     async fn lock_connection(&self) -> Result<sqlx::PgConnection, StoreError> {
         let mut conn = self.pool.acquire().await?.detach();
-        for (name, value) in LOCK_KEEPALIVES {
-            // Settings, not values: they cannot be bound, and both are constants here.
-            sqlx::query(&format!("SET {name} = {value}"))
-                .execute(&mut conn)
-                .await?;
-        }
+        sqlx::query(&app_name_sql(true))
+            .bind(&*self.instance)
+            .execute(&mut conn)
+            .await?;
         Ok(conn)
     }
 
@@ -225,10 +258,86 @@ impl PgStore {
         .fetch_one(&mut *conn)
         .await?;
         if got {
+            // The holder is not a standby any more: a later server may end its session.
+            sqlx::query(&app_name_sql(false))
+                .bind(&*self.instance)
+                .execute(&mut *conn)
+                .await?;
             // A store locks once: a standby's store has no lock until it takes one.
             let _ = self.lock.set((pid, key));
         }
         Ok(got)
+    }
+
+    /// Makes the store this server's alone, once it holds the lock and before it reads
+    /// anything: ends every session an earlier server of this store left (a server cut
+    /// off from the database may still have a write in flight, and its transactions may
+    /// hold locks this server would wait on), then waits until no write transaction that
+    /// began before is still open. Every write holds [`WRITE_FENCE_KEY`] shared and checks
+    /// the lock inside its transaction, so a write of an earlier server either committed
+    /// before this returns, and is restored, or fails its check. Returns how many sessions
+    /// it ended. Ending them needs the same database role (or `pg_signal_backend`); without
+    /// it this only waits, for at most the earlier server's idle-in-transaction timeout.
+    pub async fn take_over(&self, lock: &mut PgLock) -> Result<u64, StoreError> {
+        let ended = sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity \
+             WHERE datname = current_database() AND pid <> pg_backend_pid() \
+             AND application_name LIKE 'qgjob ' || left(md5(current_schema()), 8) || ' %' \
+             AND application_name NOT LIKE 'qgjob ' || left(md5(current_schema()), 8) || ' standby %' \
+             AND application_name <> 'qgjob ' || left(md5(current_schema()), 8) || ' ' || $1",
+        )
+        .bind(&*self.instance)
+        .fetch_one(&mut lock.conn)
+        .await;
+        let ended = match ended {
+            Ok(n) => u64::try_from(n).unwrap_or(0),
+            Err(e) => {
+                tracing::warn!(
+                    error = %e,
+                    "cannot end the sessions an earlier server left; waiting for them instead"
+                );
+                0
+            }
+        };
+        let barrier = async {
+            sqlx::query(&format!("SELECT pg_advisory_lock({WRITE_FENCE_KEY})"))
+                .execute(&mut lock.conn)
+                .await?;
+            sqlx::query(&format!("SELECT pg_advisory_unlock({WRITE_FENCE_KEY})"))
+                .execute(&mut lock.conn)
+                .await?;
+            Ok::<_, StoreError>(())
+        };
+        tokio::pin!(barrier);
+        loop {
+            match tokio::time::timeout(std::time::Duration::from_secs(10), &mut barrier).await {
+                Ok(r) => break r?,
+                Err(_) => {
+                    tracing::warn!("waiting for the write transactions of an earlier server to end")
+                }
+            }
+        }
+        Ok(ended)
+    }
+
+    /// A transaction for a write: it holds the write fence shared and, once this store
+    /// holds the lock, fails with [`StoreError::Fenced`] unless it still does.
+    async fn fenced(&self) -> Result<sqlx::Transaction<'static, Postgres>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        if let Some((pid, key)) = self.lock.get() {
+            sqlx::query(&format!(
+                "SELECT pg_advisory_xact_lock_shared({WRITE_FENCE_KEY})"
+            ))
+            .execute(&mut *tx)
+            .await?;
+            if !lock_held(&mut tx, *pid, *key).await? {
+                tx.rollback().await?;
+                return Err(StoreError::Fenced(format!(
+                    "its lock on the PostgreSQL store (session {pid}) was lost"
+                )));
+            }
+        }
+        Ok(tx)
     }
 
     /// Connects to `url` (e.g. `postgres://postgres@127.0.0.1:5432/qgjob`), using `schema`
@@ -253,13 +362,57 @@ impl PgStore {
             admin.close().await;
             opts = opts.options([("search_path", s)]);
         }
+        opts = opts.options(SESSION_SETTINGS);
+        let mut rnd = [0u8; 8];
+        getrandom::fill(&mut rnd)
+            .map_err(|e| StoreError::Corrupt(format!("no randomness for an instance name: {e}")))?;
+        let instance: Arc<str> = hex::encode(rnd).into();
+        let named = |pool: PgPoolOptions| {
+            let instance = Arc::clone(&instance);
+            pool.after_connect(move |conn, _| {
+                let instance = Arc::clone(&instance);
+                Box::pin(async move {
+                    sqlx::query(&app_name_sql(false))
+                        .bind(&*instance)
+                        .execute(conn)
+                        .await?;
+                    Ok(())
+                })
+            })
+        };
         // Fail in seconds, not the default half minute, when the database is unreachable:
         // the server opens its store before it listens.
-        let pool = PgPoolOptions::new()
+        let pool = named(PgPoolOptions::new())
             .max_connections(8)
             .acquire_timeout(std::time::Duration::from_secs(10))
-            .connect_with(opts)
+            .connect_with(opts.clone())
             .await?;
+        let blob_pool = named(PgPoolOptions::new())
+            .max_connections(4)
+            .acquire_timeout(std::time::Duration::from_secs(30))
+            .connect_lazy_with(opts);
+        // `ALTER TABLE` locks its table even when there is nothing to do, and `CREATE INDEX
+        // IF NOT EXISTS` may too: a standby (re)starting beside a serving server must not
+        // stall its writes, so a database at this schema version gets no DDL.
+        let current: Option<i64> = sqlx::query_scalar(
+            "SELECT v FROM meta WHERE to_regclass('meta') IS NOT NULL AND k = $1",
+        )
+        .bind(SCHEMA_VERSION_KEY)
+        .fetch_optional(&pool)
+        .await
+        .or_else(|e| match &e {
+            // No `meta` table at all: a new database.
+            sqlx::Error::Database(d) if d.code().as_deref() == Some("42P01") => Ok(None),
+            _ => Err(e),
+        })?;
+        if current.is_some_and(|v| v >= SCHEMA_VERSION) {
+            return Ok(PgStore {
+                pool,
+                blob_pool,
+                lock: Arc::new(OnceLock::new()),
+                instance,
+            });
+        }
         // Two servers started together on a new database (a server and its standby) would
         // race in `CREATE TABLE IF NOT EXISTS`, which is not safe against itself: one
         // transaction under a lock of its own makes the schema one server's at a time.
@@ -291,20 +444,31 @@ impl PgStore {
             .execute(&mut *tx)
             .await?;
         }
+        sqlx::query(
+            "INSERT INTO meta (k, v) VALUES ($1, $2) ON CONFLICT (k) DO UPDATE SET v = excluded.v",
+        )
+        .bind(SCHEMA_VERSION_KEY)
+        .bind(SCHEMA_VERSION)
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
         Ok(PgStore {
             pool,
+            blob_pool,
             lock: Arc::new(OnceLock::new()),
+            instance,
         })
     }
 
-    /// The connection pool (artifacts live in the same database).
-    pub(crate) fn pool(&self) -> &PgPool {
-        &self.pool
+    /// The connections artifact transfers use: a pool of their own, so that uploads and
+    /// downloads never hold back a job write.
+    pub(crate) fn blob_pool(&self) -> &PgPool {
+        &self.blob_pool
     }
 
-    /// Closes the pool.
+    /// Closes the pools.
     pub async fn close(&self) {
+        self.blob_pool.close().await;
         self.pool.close().await;
     }
 }
@@ -350,6 +514,15 @@ impl Store for PgStore {
     async fn write(&self, batch: &WriteBatch) -> Result<(), StoreError> {
         let (rows, runs) = encode_batch(batch)?;
         let mut tx = self.pool.begin().await?;
+        if self.lock.get().is_some() {
+            // Held until commit: a server taking the store over waits for this transaction
+            // to end before it restores (see `PgStore::take_over`).
+            sqlx::query(&format!(
+                "SELECT pg_advisory_xact_lock_shared({WRITE_FENCE_KEY})"
+            ))
+            .execute(&mut *tx)
+            .await?;
+        }
         for chunk in rows.chunks(CHUNK) {
             let mut qb: QueryBuilder<Postgres> = QueryBuilder::new(
                 "INSERT INTO jobs (seq, id, org, state, run, app, target, finished_at, idem, body) \
@@ -513,7 +686,7 @@ impl Store for PgStore {
     }
 
     async fn append_log(&self, job: JobId, data: &[u8], limit: u64) -> Result<u64, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.fenced().await?;
         // Serialise appends to one job's log, so two cannot both pass the size check.
         sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1::text, 0))")
             .bind(job.0)
@@ -584,6 +757,7 @@ impl Store for PgStore {
         app: &AppVersionId,
         build: &BuildRecord,
     ) -> Result<(), StoreError> {
+        let mut tx = self.fenced().await?;
         sqlx::query(
             "INSERT INTO builds (org, app, sha256, size) VALUES ($1, $2, $3, $4) \
              ON CONFLICT (org, app) DO UPDATE SET sha256 = excluded.sha256, size = excluded.size",
@@ -592,8 +766,9 @@ impl Store for PgStore {
         .bind(app.as_str())
         .bind(&build.sha256)
         .bind(i64_of(build.size))
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
+        tx.commit().await?;
         Ok(())
     }
 
@@ -617,12 +792,14 @@ impl Store for PgStore {
     }
 
     async fn add_bundle(&self, org: &OrgId, sha256: &str) -> Result<bool, StoreError> {
+        let mut tx = self.fenced().await?;
         let done =
             sqlx::query("INSERT INTO bundles (org, sha256) VALUES ($1, $2) ON CONFLICT DO NOTHING")
                 .bind(org.as_str())
                 .bind(sha256)
-                .execute(&self.pool)
+                .execute(&mut *tx)
                 .await?;
+        tx.commit().await?;
         Ok(done.rows_affected() == 1)
     }
 
@@ -641,6 +818,7 @@ impl Store for PgStore {
             TokenKind::Org => "org",
             TokenKind::Agent => "agent",
         };
+        let mut tx = self.fenced().await?;
         sqlx::query(
             "INSERT INTO tokens (hash, kind, org) VALUES ($1, $2, $3) \
              ON CONFLICT (hash) DO UPDATE SET kind = excluded.kind, org = excluded.org",
@@ -648,16 +826,19 @@ impl Store for PgStore {
         .bind(&token.hash)
         .bind(kind)
         .bind(token.org_id.as_ref().map(|o| o.as_str()))
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
+        tx.commit().await?;
         Ok(())
     }
 
     async fn remove_token(&self, hash: &str) -> Result<bool, StoreError> {
+        let mut tx = self.fenced().await?;
         let done = sqlx::query("DELETE FROM tokens WHERE hash = $1")
             .bind(hash)
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await?;
+        tx.commit().await?;
         Ok(done.rows_affected() > 0)
     }
 

@@ -25,7 +25,7 @@ impl TestServer {
         // serve() opens the store before accepting; wait until it answers.
         let c = s.client(None);
         let t0 = Instant::now();
-        while c.get("/healthz").0 != 200 {
+        while c.get("/readyz").0 != 200 {
             assert!(
                 t0.elapsed() < Duration::from_secs(30),
                 "server never came up"
@@ -156,6 +156,16 @@ impl Client {
             r = r.header("Authorization", a);
         }
         let resp = r.call().ok()?;
+        Some(Self::finish(Ok(resp)))
+    }
+
+    /// POST JSON returning status and JSON, or `None` when the request got no answer.
+    pub fn try_post(&self, path: &str, body: &Value) -> Option<(u16, Value)> {
+        let mut r = self.agent.post(format!("{}{path}", self.base));
+        if let Some(a) = self.auth() {
+            r = r.header("Authorization", a);
+        }
+        let resp = r.send_json(body).ok()?;
         Some(Self::finish(Ok(resp)))
     }
 
