@@ -983,8 +983,7 @@ fn pg_opts(pg_url: &str, dir: &std::path::Path) -> ServerOptions {
 /// temporary dir, then drops the schema. No server answering fails the test unless
 /// `QGJOB_SKIP_PG=1` says to leave PostgreSQL out.
 fn with_pg_schema(what: &str, test: impl FnOnce(&str, &std::path::Path)) {
-    let url = std::env::var("QGJOB_TEST_PG_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_string());
+    let url = common::pg_url();
     let mut rnd = [0u8; 8];
     getrandom::fill(&mut rnd).unwrap();
     let schema = format!("qgjob_test_{}", hex::encode(rnd));
@@ -1068,6 +1067,44 @@ fn a_postgres_store_serves_one_server_at_a_time() {
     });
 }
 
+/// A standby beside the server on `pg_url` (its own temporary dir, returned to be kept),
+/// once it stands by.
+fn standby_on(pg_url: &str) -> (TestServer, Client, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let standby = TestServer::spawn(ServerOptions {
+        standby: true,
+        ..pg_opts(pg_url, dir.path())
+    });
+    let c = standby.client(None);
+    eventually(30, || (c.get("/readyz").0 == 503).then_some(()));
+    (standby, c, dir)
+}
+
+/// Ends the session holding the store lock of the schema `pg_url` names; returns how many
+/// sessions that was.
+fn end_lock_session(pg_url: &str) -> i64 {
+    let schema = pg_url.rsplit('=').next().unwrap().to_string();
+    let base = pg_url.split('?').next().unwrap().to_string();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let pool = sqlx::PgPool::connect(&base).await.unwrap();
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_locks \
+             WHERE locktype = 'advisory' AND granted AND objsubid = 1 \
+             AND objid::bigint = (hashtext('qgjob:' || $1)::bigint & 4294967295)",
+        )
+        .bind(&schema)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        pool.close().await;
+        n
+    })
+}
+
 /// A standby on the same PostgreSQL store answers every request 503 `standby` (changing
 /// nothing) while the primary runs, and takes over when it stops: acknowledged jobs, a
 /// running lease and its log are all there, and the agent's next report under that lease
@@ -1077,32 +1114,13 @@ fn a_standby_takes_over_when_the_primary_stops() {
     with_pg_schema("standby test", |pg_url, dir| {
         let primary = TestServer::start(pg_opts(pg_url, dir));
         let c = primary.client(None);
-        let ids: Vec<String> = (0..3)
-            .map(|i| submit(&c, "qualgent", "v1", &format!("tests/{i}.spec.js")))
-            .collect();
-        c.post("/v1/agent/devices", &device("emu-1"));
-        let (_, l) = lease(&c, "emu-1", 1000);
-        let lid = l["id"].as_u64().unwrap();
-        assert_eq!(l["jobs"][0]["id"], ids[0].as_str());
-        let (st, _) = c.post_raw(
-            &format!("/v1/agent/leases/{lid}/jobs/{}/logs", ids[0]),
-            b"before the failover\n",
-        );
-        assert_eq!(st, 204);
+        let (ids, lid) = first_job_running_with_log(&c, 3, b"before the failover\n");
         // A build of several 1 MiB parts, which the standby must serve too.
         let build: Vec<u8> = (0..2_500_000u32).map(|i| (i * 13 % 251) as u8).collect();
         assert_eq!(c.put_raw("/v1/apps/qualgent/v1", &build, &[]).0, 200);
 
-        let other = tempfile::tempdir().unwrap();
-        let standby = TestServer::spawn(ServerOptions {
-            standby: true,
-            ..pg_opts(pg_url, other.path())
-        });
-        let sc = standby.client(None);
-        let (_, ready) = eventually(30, || {
-            let (st, v) = sc.get("/readyz");
-            (st == 503).then_some((st, v))
-        });
+        let (standby, sc, _other) = standby_on(pg_url);
+        let (_, ready) = sc.get("/readyz");
         assert_eq!(ready["error"]["code"], "standby", "{ready}");
         // Alive all the same (a liveness probe must not restart it), and it says so.
         let (st, health) = sc.get("/healthz");
@@ -1186,16 +1204,8 @@ fn a_write_in_flight_when_the_store_changes_hands_is_not_acknowledged() {
         let first = TestServer::start(pg_opts(pg_url, dir));
         let c = first.client(None);
         let before = submit(&c, "qualgent", "v1", "tests/before.spec.js");
-        let other = tempfile::tempdir().unwrap();
-        let standby = TestServer::spawn(ServerOptions {
-            standby: true,
-            ..pg_opts(pg_url, other.path())
-        });
-        let sc = standby.client(None);
-        eventually(30, || (sc.get("/readyz").0 == 503).then_some(()));
+        let (standby, sc, _other) = standby_on(pg_url);
 
-        let schema = pg_url.rsplit('=').next().unwrap().to_string();
-        let base = pg_url.split('?').next().unwrap().to_string();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -1220,19 +1230,7 @@ fn a_write_in_flight_when_the_store_changes_hands_is_not_acknowledged() {
         });
         std::thread::sleep(std::time::Duration::from_millis(500));
         // The first server's lock session ends (as when its machine drops off the network).
-        rt.block_on(async {
-            let pool = sqlx::PgPool::connect(&base).await.unwrap();
-            sqlx::query(
-                "SELECT pg_terminate_backend(pid) FROM pg_locks \
-                 WHERE locktype = 'advisory' AND granted AND objsubid = 1 \
-                 AND objid::bigint = (hashtext('qgjob:' || $1)::bigint & 4294967295)",
-            )
-            .bind(&schema)
-            .execute(&pool)
-            .await
-            .unwrap();
-            pool.close().await;
-        });
+        assert_eq!(end_lock_session(pg_url), 1);
         eventually(30, || (sc.get("/readyz").0 == 200).then_some(()));
         rt.block_on(async {
             sqlx::query("ROLLBACK").execute(&mut admin).await.unwrap();
@@ -1288,13 +1286,7 @@ fn a_misconfigured_standby_is_refused_at_once() {
 fn a_standby_stops_while_standing_by() {
     with_pg_schema("standby stop test", |pg_url, dir| {
         let primary = TestServer::start(pg_opts(pg_url, dir));
-        let other = tempfile::tempdir().unwrap();
-        let standby = TestServer::spawn(ServerOptions {
-            standby: true,
-            ..pg_opts(pg_url, other.path())
-        });
-        let sc = standby.client(None);
-        eventually(30, || (sc.get("/readyz").0 == 503).then_some(()));
+        let (standby, _, _other) = standby_on(pg_url);
         standby.stop().unwrap();
         let c = primary.client(None);
         submit(&c, "qualgent", "v1", "tests/a.spec.js");
@@ -1311,37 +1303,15 @@ fn a_server_that_loses_the_store_lock_stops_and_the_standby_takes_over() {
         let first = TestServer::start(pg_opts(pg_url, dir));
         let c = first.client(None);
         let id = submit(&c, "qualgent", "v1", "tests/a.spec.js");
-        let other = tempfile::tempdir().unwrap();
-        let standby = TestServer::spawn(ServerOptions {
-            standby: true,
-            ..pg_opts(pg_url, other.path())
-        });
-        let sc = standby.client(None);
-        eventually(30, || (sc.get("/readyz").0 == 503).then_some(()));
+        let (standby, sc, _other) = standby_on(pg_url);
 
         // End the lock holder's session, as the database does when the server's machine
         // stops answering its keepalives.
-        let schema = pg_url.rsplit('=').next().unwrap().to_string();
-        let base = pg_url.split('?').next().unwrap().to_string();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let ended: i64 = rt.block_on(async {
-            let pool = sqlx::PgPool::connect(&base).await.unwrap();
-            let n: i64 = sqlx::query_scalar(
-                "SELECT count(pg_terminate_backend(pid)) FROM pg_locks \
-                 WHERE locktype = 'advisory' AND granted AND objsubid = 1 \
-                 AND objid::bigint = (hashtext('qgjob:' || $1)::bigint & 4294967295)",
-            )
-            .bind(&schema)
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-            pool.close().await;
-            n
-        });
-        assert_eq!(ended, 1, "exactly one session held the store's lock");
+        assert_eq!(
+            end_lock_session(pg_url),
+            1,
+            "exactly one session held the store's lock"
+        );
 
         // The first server stops on its own, saying why.
         eventually(30, || {
@@ -1376,21 +1346,25 @@ fn job_ids_do_not_repeat_between_server_runs() {
     assert_ne!(first[0], first[1]);
 }
 
+/// Submits `n` jobs, leases the first to device `emu-1` and appends `log` to it; returns
+/// the jobs' ids and the lease id.
+fn first_job_running_with_log(c: &Client, n: usize, log: &[u8]) -> (Vec<String>, u64) {
+    let ids: Vec<String> = (0..n)
+        .map(|i| submit(c, "qualgent", "v1", &format!("tests/{i}.spec.js")))
+        .collect();
+    c.post("/v1/agent/devices", &device("emu-1"));
+    let (_, l) = lease(c, "emu-1", 1000);
+    let lid = l["id"].as_u64().unwrap();
+    assert_eq!(l["jobs"][0]["id"], ids[0].as_str());
+    let (st, _) = c.post_raw(&format!("/v1/agent/leases/{lid}/jobs/{}/logs", ids[0]), log);
+    assert_eq!(st, 204);
+    (ids, lid)
+}
+
 fn restart_check(opts: ServerOptions) {
     let s = TestServer::start(opts.clone());
     let c = s.client(None);
-    let ids: Vec<String> = (0..4)
-        .map(|i| submit(&c, "qualgent", "v1", &format!("tests/{i}.spec.js")))
-        .collect();
-    c.post("/v1/agent/devices", &device("emu-1"));
-    let (_, l) = lease(&c, "emu-1", 1000);
-    let lid = l["id"].as_u64().unwrap();
-    assert_eq!(l["jobs"][0]["id"], ids[0].as_str());
-    let (st, _) = c.post_raw(
-        &format!("/v1/agent/leases/{lid}/jobs/{}/logs", ids[0]),
-        b"hello\n",
-    );
-    assert_eq!(st, 204);
+    let (ids, lid) = first_job_running_with_log(&c, 4, b"hello\n");
     s.stop().unwrap();
 
     let s = TestServer::start(opts);

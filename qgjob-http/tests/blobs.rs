@@ -11,68 +11,15 @@ use axum::body::{Body, Bytes};
 use axum::http::StatusCode;
 use futures_util::StreamExt;
 use qgjob_http::blobs::{Blobs, Stored, HEAD_BYTES, PART_BYTES};
-use qgjob_http::store::PgStore;
 use sha2::{Digest, Sha256};
 
-/// The PostgreSQL server the tests use (a fresh schema per test):
-/// `QGJOB_TEST_PG_URL`, by default the local server with trust auth.
-fn pg_url() -> String {
-    std::env::var("QGJOB_TEST_PG_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_string())
-}
-
-/// Keeps a backend's backing alive during a test and removes it afterwards.
-enum Guard {
-    None,
-    Dir(tempfile::TempDir),
-    Schema(String),
-}
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        if let Guard::Schema(schema) = self {
-            let schema = schema.clone();
-            // Drop runs inside the test's runtime: use a thread with its own.
-            let _ = std::thread::spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .unwrap();
-                rt.block_on(async {
-                    if let Ok(pool) = sqlx::PgPool::connect(&pg_url()).await {
-                        let _ = sqlx::query(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
-                            .execute(&pool)
-                            .await;
-                        pool.close().await;
-                    }
-                });
-            })
-            .join();
-        }
-    }
-}
+use common::{pg_url, Guard};
 
 /// Fresh PostgreSQL storage in its own schema (with the schema's name). No server
 /// answering is a failure (CI starts one), unless `QGJOB_SKIP_PG=1` asks to leave it out.
 async fn pg_blobs() -> Option<(Blobs, Guard, String)> {
-    let mut rnd = [0u8; 8];
-    getrandom::fill(&mut rnd).unwrap();
-    let schema = format!("qgjob_test_{}", hex::encode(rnd));
-    match PgStore::connect(&pg_url(), Some(&schema)).await {
-        Ok(s) => Some((Blobs::postgres(&s), Guard::Schema(schema.clone()), schema)),
-        Err(e) if std::env::var("QGJOB_SKIP_PG").is_ok_and(|v| v == "1") => {
-            eprintln!(
-                "QGJOB_SKIP_PG=1: skipping the PostgreSQL blob tests ({} : {e})",
-                pg_url()
-            );
-            None
-        }
-        Err(e) => panic!(
-            "PostgreSQL not reachable at {} ({e}); start it, point QGJOB_TEST_PG_URL at one, \
-             or set QGJOB_SKIP_PG=1 to leave it out",
-            pg_url()
-        ),
-    }
+    let (store, guard, schema) = common::fresh_pg_store("blob tests").await?;
+    Some((Blobs::postgres(&store), guard, schema))
 }
 
 /// Every backend, each fresh, with what keeps its backing alive.
@@ -167,6 +114,16 @@ fn leftovers(guard: &Guard) -> usize {
             .unwrap()
             .count(),
         _ => 0,
+    }
+}
+
+/// After a refused upload of `data`: it is not stored, and nothing of it is left behind.
+async fn assert_nothing_stored(name: &str, blobs: &Blobs, data: &[u8], guard: &Guard) {
+    assert!(!blobs.exists(&sha(data)).await.unwrap(), "{name}");
+    assert_eq!(leftovers(guard), 0, "{name}");
+    if let Guard::Schema(schema) = guard {
+        assert_eq!(count(schema, "blob_parts").await, 0);
+        assert_eq!(count(schema, "blobs").await, 0);
     }
 }
 
@@ -280,12 +237,7 @@ async fn over_the_limit_is_413_and_leaves_nothing() {
             .unwrap_err();
         assert_eq!(e.status, StatusCode::PAYLOAD_TOO_LARGE, "{name}");
         assert_eq!(e.code, "too_large", "{name}");
-        assert!(!blobs.exists(&sha(&data)).await.unwrap(), "{name}");
-        assert_eq!(leftovers(&guard), 0, "{name}");
-        if let Guard::Schema(schema) = &guard {
-            assert_eq!(count(schema, "blob_parts").await, 0);
-            assert_eq!(count(schema, "blobs").await, 0);
-        }
+        assert_nothing_stored(name, &blobs, &data, &guard).await;
     }
 }
 
@@ -306,13 +258,8 @@ async fn a_wrong_digest_is_422_and_leaves_nothing() {
         assert_eq!(e.status, StatusCode::UNPROCESSABLE_ENTITY, "{name}");
         assert_eq!(e.code, "invalid_field", "{name}");
         assert_eq!(e.field.as_deref(), Some("sha256"), "{name}");
-        assert!(!blobs.exists(&sha(&data)).await.unwrap(), "{name}");
         assert!(!blobs.exists(&wrong).await.unwrap(), "{name}");
-        assert_eq!(leftovers(&guard), 0, "{name}");
-        if let Guard::Schema(schema) = &guard {
-            assert_eq!(count(schema, "blob_parts").await, 0);
-            assert_eq!(count(schema, "blobs").await, 0);
-        }
+        assert_nothing_stored(name, &blobs, &data, &guard).await;
     }
 }
 
@@ -344,12 +291,7 @@ async fn a_refused_head_and_a_broken_body_leave_nothing() {
             .await
             .unwrap_err();
         assert_eq!(e.status, StatusCode::BAD_REQUEST, "{name}");
-        assert!(!blobs.exists(&sha(&data)).await.unwrap(), "{name}");
-        assert_eq!(leftovers(&guard), 0, "{name}");
-        if let Guard::Schema(schema) = &guard {
-            assert_eq!(count(schema, "blob_parts").await, 0);
-            assert_eq!(count(schema, "blobs").await, 0);
-        }
+        assert_nothing_stored(name, &blobs, &data, &guard).await;
     }
 }
 

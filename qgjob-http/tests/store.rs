@@ -3,8 +3,11 @@
 //! answers). Jobs come from a real scheduler so the
 //! records are the ones the server writes.
 
+mod common;
+
 use std::sync::Arc;
 
+use common::{pg_url, Guard};
 use qgjob_core::{
     AppVersionId, DeviceId, DeviceInfo, GroupedScheduler, Job, JobFilter, JobSpec, JobState,
     LeaseId, OrgId, RunId, RunReport, Scheduler, SchedulerConfig, Target, Time,
@@ -22,65 +25,11 @@ fn spec(org: &str, app: &str, test: &str) -> JobSpec {
     )
 }
 
-/// The PostgreSQL server the tests use (a fresh schema per test):
-/// `QGJOB_TEST_PG_URL`, by default the local server with trust auth.
-fn pg_url() -> String {
-    std::env::var("QGJOB_TEST_PG_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_string())
-}
-
-/// Keeps a store's backing alive during a test and removes it afterwards.
-enum Guard {
-    None,
-    Dir(#[allow(dead_code)] tempfile::TempDir),
-    Schema(String),
-}
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        if let Guard::Schema(schema) = self {
-            let schema = schema.clone();
-            // Drop runs inside the test's runtime: use a thread with its own.
-            let _ = std::thread::spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .unwrap();
-                rt.block_on(async {
-                    if let Ok(pool) = sqlx::PgPool::connect(&pg_url()).await {
-                        let _ = sqlx::query(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
-                            .execute(&pool)
-                            .await;
-                        pool.close().await;
-                    }
-                });
-            })
-            .join();
-        }
-    }
-}
-
 /// A fresh PostgreSQL store in its own schema. No server answering is a failure (CI starts
 /// one), unless `QGJOB_SKIP_PG=1` asks explicitly to leave PostgreSQL out.
 async fn pg_store() -> Option<(PgStore, Guard)> {
-    let mut rnd = [0u8; 8];
-    getrandom::fill(&mut rnd).unwrap();
-    let schema = format!("qgjob_test_{}", hex::encode(rnd));
-    match PgStore::connect(&pg_url(), Some(&schema)).await {
-        Ok(s) => Some((s, Guard::Schema(schema))),
-        Err(e) if std::env::var("QGJOB_SKIP_PG").is_ok_and(|v| v == "1") => {
-            eprintln!(
-                "QGJOB_SKIP_PG=1: skipping the PostgreSQL store tests ({} : {e})",
-                pg_url()
-            );
-            None
-        }
-        Err(e) => panic!(
-            "PostgreSQL not reachable at {} ({e}); start it, point QGJOB_TEST_PG_URL at one, \
-             or set QGJOB_SKIP_PG=1 to leave it out",
-            pg_url()
-        ),
-    }
+    let (store, guard, _) = common::fresh_pg_store("store tests").await?;
+    Some((store, guard))
 }
 
 /// Every store under test, each fresh, with what keeps its backing alive.

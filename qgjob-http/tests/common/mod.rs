@@ -329,3 +329,68 @@ pub fn eventually<T>(secs: u64, mut f: impl FnMut() -> Option<T>) -> T {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// The PostgreSQL server the tests use (a fresh schema per test):
+/// `QGJOB_TEST_PG_URL`, by default the local server with trust auth.
+pub fn pg_url() -> String {
+    std::env::var("QGJOB_TEST_PG_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_string())
+}
+
+/// Keeps a store's backing alive during a test and removes it afterwards.
+pub enum Guard {
+    /// Nothing to keep (memory).
+    None,
+    /// A temporary directory.
+    Dir(#[allow(dead_code)] tempfile::TempDir),
+    /// A PostgreSQL schema, dropped with the guard.
+    Schema(String),
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if let Guard::Schema(schema) = self {
+            let schema = schema.clone();
+            // Drop runs inside the test's runtime: use a thread with its own.
+            let _ = std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                rt.block_on(async {
+                    if let Ok(pool) = sqlx::PgPool::connect(&pg_url()).await {
+                        let _ = sqlx::query(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+                            .execute(&pool)
+                            .await;
+                        pool.close().await;
+                    }
+                });
+            })
+            .join();
+        }
+    }
+}
+
+/// A PostgreSQL store in a fresh schema, with its guard and the schema's name. No server
+/// answering is a failure (CI starts one), unless `QGJOB_SKIP_PG=1` asks to leave
+/// PostgreSQL out: then `None`, with a notice naming `what`.
+pub async fn fresh_pg_store(what: &str) -> Option<(qgjob_http::store::PgStore, Guard, String)> {
+    let mut rnd = [0u8; 8];
+    getrandom::fill(&mut rnd).unwrap();
+    let schema = format!("qgjob_test_{}", hex::encode(rnd));
+    match qgjob_http::store::PgStore::connect(&pg_url(), Some(&schema)).await {
+        Ok(s) => Some((s, Guard::Schema(schema.clone()), schema)),
+        Err(e) if std::env::var("QGJOB_SKIP_PG").is_ok_and(|v| v == "1") => {
+            eprintln!(
+                "QGJOB_SKIP_PG=1: skipping the PostgreSQL {what} ({} : {e})",
+                pg_url()
+            );
+            None
+        }
+        Err(e) => panic!(
+            "PostgreSQL not reachable at {} ({e}); start it, point QGJOB_TEST_PG_URL at one, \
+             or set QGJOB_SKIP_PG=1 to leave it out",
+            pg_url()
+        ),
+    }
+}
