@@ -1229,6 +1229,21 @@ fn a_write_in_flight_when_the_store_changes_hands_is_not_acknowledged() {
             )
         });
         std::thread::sleep(std::time::Duration::from_millis(500));
+        // The stalled write holds the write fence, shared.
+        let schema = pg_url.rsplit('=').next().unwrap().to_string();
+        let fenced: i64 = rt.block_on(async {
+            let mut c = sqlx::PgConnection::connect(pg_url).await.unwrap();
+            sqlx::query_scalar(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted \
+                 AND mode = 'ShareLock' AND objsubid = 1 \
+                 AND objid::bigint = (hashtext('qgjob:write:' || $1)::bigint & 4294967295)",
+            )
+            .bind(&schema)
+            .fetch_one(&mut c)
+            .await
+            .unwrap()
+        });
+        assert_eq!(fenced, 1, "the stalled write holds the fence");
         // The first server's lock session ends (as when its machine drops off the network).
         assert_eq!(end_lock_session(pg_url), 1);
         eventually(30, || (sc.get("/readyz").0 == 200).then_some(()));

@@ -320,16 +320,26 @@ impl PgStore {
         Ok(ended)
     }
 
+    /// A transaction that, once this store holds the lock, holds the write fence shared
+    /// until it ends: a server taking the store over waits for it before it restores (see
+    /// [`PgStore::take_over`]). Taken with `BEGIN`, in the same round trip.
+    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, Postgres>, StoreError> {
+        Ok(if self.lock.get().is_some() {
+            self.pool
+                .begin_with(format!(
+                    "BEGIN; SELECT pg_advisory_xact_lock_shared({WRITE_FENCE_KEY})"
+                ))
+                .await?
+        } else {
+            self.pool.begin().await?
+        })
+    }
+
     /// A transaction for a write: it holds the write fence shared and, once this store
     /// holds the lock, fails with [`StoreError::Fenced`] unless it still does.
     async fn fenced(&self) -> Result<sqlx::Transaction<'static, Postgres>, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         if let Some((pid, key)) = self.lock.get() {
-            sqlx::query(&format!(
-                "SELECT pg_advisory_xact_lock_shared({WRITE_FENCE_KEY})"
-            ))
-            .execute(&mut *tx)
-            .await?;
             if !lock_held(&mut tx, *pid, *key).await? {
                 tx.rollback().await?;
                 return Err(StoreError::Fenced(format!(
@@ -513,16 +523,7 @@ fn jobs_from_rows(rows: Vec<PgRow>) -> Result<Vec<Job>, StoreError> {
 impl Store for PgStore {
     async fn write(&self, batch: &WriteBatch) -> Result<(), StoreError> {
         let (rows, runs) = encode_batch(batch)?;
-        let mut tx = self.pool.begin().await?;
-        if self.lock.get().is_some() {
-            // Held until commit: a server taking the store over waits for this transaction
-            // to end before it restores (see `PgStore::take_over`).
-            sqlx::query(&format!(
-                "SELECT pg_advisory_xact_lock_shared({WRITE_FENCE_KEY})"
-            ))
-            .execute(&mut *tx)
-            .await?;
-        }
+        let mut tx = self.begin_write().await?;
         for chunk in rows.chunks(CHUNK) {
             let mut qb: QueryBuilder<Postgres> = QueryBuilder::new(
                 "INSERT INTO jobs (seq, id, org, state, run, app, target, finished_at, idem, body) \
