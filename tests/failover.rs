@@ -256,6 +256,26 @@ fn clients_given_both_servers_follow_the_takeover() {
             .expect("agent starts"),
     );
     let ids = pair.submit(&both, 8);
+    // A list that names the standby first: an upload passes it over for the serving
+    // server, though the standby answers before reading the body.
+    let build = pair.work.path().join("build.apk");
+    std::fs::write(&build, vec![7u8; 3_000_000]).expect("a build file");
+    let standby_first = format!("{},{}", pair.standby_url, pair.primary_url);
+    let o = qgjob(Some(&standby_first), pair.work.path())
+        .args([
+            "app",
+            "upload",
+            "--org-id=qualgent",
+            "--app-version-id=big",
+            "build.apk",
+        ])
+        .output()
+        .expect("upload runs");
+    assert!(
+        o.status.success(),
+        "upload through the standby first: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     // Kill the primary while its agent is running jobs.
     let job_url = format!("{}/v1/jobs/{}", pair.primary_url, ids[0]);
     let t0 = Instant::now();

@@ -211,6 +211,21 @@ fn not_sent(e: &ureq::Error) -> bool {
     }
 }
 
+/// Bodies from this size on are sent only once the server asks for them
+/// (`Expect: 100-continue`): a standby, which reads no body, answers 503 at once, and the
+/// client moves on without the server closing the connection under a half-sent body
+/// (which would fail the request as a broken pipe).
+const EXPECT_CONTINUE_BYTES: usize = 64 * 1024;
+
+/// `req`, asking the server before it sends a body of `len` bytes when that is large.
+fn expect_continue<B>(req: ureq::RequestBuilder<B>, len: usize) -> ureq::RequestBuilder<B> {
+    if len >= EXPECT_CONTINUE_BYTES {
+        req.header("expect", "100-continue")
+    } else {
+        req
+    }
+}
+
 /// A standby's answer: it did nothing with the request.
 fn is_standby(e: &CliError) -> bool {
     matches!(e, CliError::Api { status: 503, code, .. } if code == "standby")
@@ -334,9 +349,13 @@ impl Client {
     /// the next (nothing of the request reached it); after any other sign of a server
     /// away (see [`CliError::is_server_away`]) the error is returned, since the request
     /// may have been carried out, and the next request starts with the next server.
+    ///
+    /// An `idempotent` request (a GET, a content-addressed upload, a DELETE) is passed on
+    /// after any sign of a server away: sending it twice changes nothing.
     fn send(
         &self,
         path: &str,
+        idempotent: bool,
         call: impl Fn(String) -> std::result::Result<ureq::http::Response<ureq::Body>, ureq::Error>,
     ) -> Result<ureq::http::Response<ureq::Body>> {
         let urls = &self.servers.urls;
@@ -352,7 +371,11 @@ impl Client {
                     self.servers.current.store(i, Ordering::Relaxed);
                     return Ok(r);
                 }
-                Err(e) if n > 1 && (unsent || is_standby(&e)) => last = Some(e),
+                Err(e)
+                    if n > 1 && (unsent || is_standby(&e) || idempotent && e.is_server_away()) =>
+                {
+                    last = Some(e)
+                }
                 Err(e) => {
                     if n > 1 && e.is_server_away() {
                         self.servers.current.store((i + 1) % n, Ordering::Relaxed);
@@ -466,7 +489,7 @@ impl Client {
     }
 
     fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
-        let res = self.send(path, |url| {
+        let res = self.send(path, true, |url| {
             self.auth(self.agent.get(url))
                 .config()
                 .timeout_global(Some(CALL_TIMEOUT))
@@ -477,18 +500,24 @@ impl Client {
     }
 
     fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T> {
-        let res = self.send(path, |url| {
-            self.auth(self.agent.post(url))
-                .config()
-                .timeout_global(Some(CALL_TIMEOUT))
-                .build()
-                .send_json(body)
+        let bytes = serde_json::to_vec(body)
+            .map_err(|e| CliError::Protocol(format!("cannot encode the request: {e}")))?;
+        let res = self.send(path, false, |url| {
+            expect_continue(
+                self.auth(self.agent.post(url))
+                    .header("content-type", "application/json"),
+                bytes.len(),
+            )
+            .config()
+            .timeout_global(Some(CALL_TIMEOUT))
+            .build()
+            .send(&bytes[..])
         })?;
         self.json(res)
     }
 
     fn post_empty<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
-        let res = self.send(path, |url| {
+        let res = self.send(path, false, |url| {
             self.auth(self.agent.post(url))
                 .config()
                 .timeout_global(Some(CALL_TIMEOUT))
@@ -499,13 +528,16 @@ impl Client {
     }
 
     fn put_bytes<T: DeserializeOwned>(&self, path: &str, bytes: &[u8]) -> Result<T> {
-        let res = self.send(path, |url| {
-            self.auth(self.agent.put(url))
-                .header("content-type", "application/octet-stream")
-                .config()
-                .timeout_global(Some(Duration::from_secs(600)))
-                .build()
-                .send(bytes)
+        let res = self.send(path, true, |url| {
+            expect_continue(
+                self.auth(self.agent.put(url))
+                    .header("content-type", "application/octet-stream"),
+                bytes.len(),
+            )
+            .config()
+            .timeout_global(Some(Duration::from_secs(600)))
+            .build()
+            .send(bytes)
         })?;
         self.json(res)
     }
@@ -548,7 +580,7 @@ impl Client {
             ("cursor", q.cursor.clone()),
             ("limit", q.limit.map(|l| l.to_string())),
         ];
-        let res = self.send("/v1/jobs", |url| {
+        let res = self.send("/v1/jobs", true, |url| {
             let mut req = self.auth(self.agent.get(url));
             for (k, v) in &pairs {
                 if let Some(v) = v {
@@ -580,7 +612,7 @@ impl Client {
 
     /// A job's log bytes from `offset`; returns them and the log's total size.
     pub fn logs(&self, id: &str, offset: u64) -> Result<(Vec<u8>, u64)> {
-        let mut res = self.send(&format!("/v1/jobs/{}/logs", enc(id)), |url| {
+        let mut res = self.send(&format!("/v1/jobs/{}/logs", enc(id)), true, |url| {
             self.auth(self.agent.get(url).query("offset", offset.to_string()))
                 .config()
                 .timeout_global(Some(CALL_TIMEOUT))
@@ -620,7 +652,7 @@ impl Client {
         } else {
             format!("/v1/jobs/{}/events", enc(id))
         };
-        let res = self.send(&path, |url| {
+        let res = self.send(&path, true, |url| {
             self.auth(self.agent.get(url))
                 .header("accept", "text/event-stream")
                 .config()
@@ -648,7 +680,7 @@ impl Client {
         if let Some(s) = session {
             path.push_str(&format!("?session={}", enc(s)));
         }
-        self.send(&path, |url| {
+        self.send(&path, true, |url| {
             self.auth(self.agent.delete(url))
                 .config()
                 .timeout_global(Some(CALL_TIMEOUT))
@@ -672,7 +704,7 @@ impl Client {
             "max_batch": max_batch,
             "wait_ms": wait.as_millis() as u64,
         });
-        let res = self.send("/v1/agent/lease", |url| {
+        let res = self.send("/v1/agent/lease", false, |url| {
             self.auth(self.agent.post(url))
                 .config()
                 .timeout_global(Some(wait + Duration::from_secs(15)))
@@ -712,6 +744,7 @@ impl Client {
     pub fn append_log(&self, lease: LeaseId, job: JobId, text: &str) -> Result<()> {
         self.send(
             &format!("/v1/agent/leases/{lease}/jobs/{job}/logs"),
+            false,
             |url| {
                 self.auth(self.agent.post(url))
                     .header("content-type", "text/plain; charset=utf-8")
@@ -726,7 +759,7 @@ impl Client {
 
     /// Downloads a build or bundle by hash (`kind` is `builds` or `bundles`).
     pub fn download(&self, kind: &str, sha256: &str) -> Result<Vec<u8>> {
-        let mut res = self.send(&format!("/v1/agent/{kind}/{}", enc(sha256)), |url| {
+        let mut res = self.send(&format!("/v1/agent/{kind}/{}", enc(sha256)), true, |url| {
             self.auth(self.agent.get(url))
                 .config()
                 .timeout_global(Some(Duration::from_secs(600)))
@@ -934,6 +967,62 @@ mod server_list_tests {
         c.health().unwrap();
         assert_eq!(standby_seen.load(Ordering::SeqCst), 1);
         assert_eq!(serving_seen.load(Ordering::SeqCst), 2);
+    }
+
+    /// A server that reads a whole request (answering `100 Continue` when asked) before
+    /// it answers 200 with `body`; returns its URL and how many bytes of bodies it read.
+    fn reading_stand_in(body: &'static str) -> (String, Arc<AtomicUsize>) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", l.local_addr().unwrap());
+        let read = Arc::new(AtomicUsize::new(0));
+        let count = Arc::clone(&read);
+        std::thread::spawn(move || {
+            for s in l.incoming() {
+                let Ok(mut s) = s else { continue };
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && s.read(&mut byte).unwrap_or(0) == 1 {
+                    head.push(byte[0]);
+                }
+                let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or(0);
+                if head.contains("expect: 100-continue") {
+                    let _ = s.write_all(b"HTTP/1.1 100 Continue\r\n\r\n");
+                }
+                let mut got = vec![0u8; len];
+                if s.read_exact(&mut got).is_ok() {
+                    count.fetch_add(len, Ordering::SeqCst);
+                }
+                let _ = write!(
+                    s,
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
+                     content-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        });
+        (url, read)
+    }
+
+    #[test]
+    fn a_big_upload_passes_a_standby_over() {
+        // The standby answers as soon as it has the request head, as a real one does, and
+        // closes the connection: a client still sending the body would see a broken pipe.
+        let (standby, _) = stand_in(
+            503,
+            r#"{"error":{"code":"standby","message":"standing by"}}"#,
+        );
+        let (serving, read) = reading_stand_in(r#"{"sha256":"ab","size":3000000}"#);
+        let c = Client::new(format!("{standby},{serving}"), None);
+        let build = vec![7u8; 3_000_000];
+        let up = c.upload_app("acme", "v1", &build).unwrap();
+        assert_eq!(up.size, 3_000_000);
+        assert_eq!(read.load(Ordering::SeqCst), build.len());
+        assert_eq!(c.base(), serving);
     }
 
     #[test]

@@ -512,9 +512,9 @@ async fn stand_by(
         got
     };
     let (draining, got) = tokio::join!(accepting, waiting);
-    draining
-        .finish(std::time::Duration::from_millis(limits.drain_ms))
-        .await;
+    // Its answers are instant 503s: a client that holds a connection open (half a request
+    // head, say) must not delay the takeover by the serving drain limit.
+    draining.finish(std::time::Duration::from_secs(1)).await;
     if got.is_some() {
         tracing::info!(store = what, "the store is free: taking over");
     }

@@ -82,7 +82,8 @@ impl Fatal {
     /// Records the failure (the first one wins) and wakes [`Fatal::wait`].
     pub(crate) fn set(&self, message: String) {
         if self.message.set(message).is_ok() {
-            self.notify.notify_one();
+            // Every waiter: the shutdown and a writer retrying may both wait.
+            self.notify.notify_waiters();
         }
     }
 
@@ -94,10 +95,14 @@ impl Fatal {
     /// Resolves once there is a failure, with its message.
     pub async fn wait(&self) -> String {
         loop {
+            // Registered before the check, so a failure recorded in between still wakes it.
+            let notified = self.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
             if let Some(m) = self.get() {
                 return m.to_string();
             }
-            self.notify.notified().await;
+            notified.await;
         }
     }
 
@@ -456,7 +461,7 @@ async fn writer_task(
         let res = if batch.jobs.is_empty() && batch.runs.is_empty() {
             Ok(())
         } else {
-            write_retrying(store.as_ref(), &batch).await
+            write_retrying(store.as_ref(), &batch, &fatal).await
         };
         match res {
             Ok(()) => {
@@ -494,16 +499,26 @@ async fn writer_task(
 
 /// Writes `batch`, trying again after each of [`WRITE_RETRY_DELAYS_MS`] while it fails,
 /// except when the store was taken over (trying again cannot help).
-async fn write_retrying(store: &dyn Store, batch: &WriteBatch) -> Result<(), StoreError> {
+/// Stops early once the server is stopping on a failure (`fatal`), such as a lost store
+/// lock: a write retried past that moment could land after another server took the store.
+async fn write_retrying(
+    store: &dyn Store,
+    batch: &WriteBatch,
+    fatal: &Fatal,
+) -> Result<(), StoreError> {
     let mut delays = WRITE_RETRY_DELAYS_MS.iter();
     loop {
         match store.write(batch).await {
             Ok(()) => return Ok(()),
             Err(e @ StoreError::Fenced(_)) => return Err(e),
             Err(e) => match delays.next() {
+                Some(_) | None if fatal.get().is_some() => return Err(e),
                 Some(ms) => {
                     tracing::warn!(error = %e, retry_in_ms = ms, "store write failed; trying again");
-                    tokio::time::sleep(Duration::from_millis(*ms)).await;
+                    tokio::select! {
+                        () = tokio::time::sleep(Duration::from_millis(*ms)) => {}
+                        _ = fatal.wait() => return Err(e),
+                    }
                 }
                 None => return Err(e),
             },

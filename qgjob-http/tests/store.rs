@@ -697,3 +697,27 @@ async fn opening_a_current_store_does_not_wait_on_its_writers() {
     opened.close().await;
     first.close().await;
 }
+
+/// A release does not open a database that a newer release wrote: it would run on a
+/// schema it does not know.
+#[tokio::test]
+async fn a_database_of_a_newer_release_is_refused() {
+    let Some((first, guard)) = pg_store().await else {
+        return;
+    };
+    let Guard::Schema(schema) = &guard else {
+        unreachable!("pg_store guards a schema")
+    };
+    first.close().await;
+    let url = format!("{}?options[search_path]={schema}", pg_url());
+    let admin = sqlx::PgPool::connect(&url).await.unwrap();
+    sqlx::query("UPDATE meta SET v = v + 1 WHERE k = 'schema_version'")
+        .execute(&admin)
+        .await
+        .unwrap();
+    admin.close().await;
+    let err = PgStore::connect(&url, None)
+        .await
+        .expect_err("a newer schema is refused");
+    assert!(err.to_string().contains("newer qgjob release"), "{err}");
+}

@@ -91,7 +91,7 @@ pub struct PgStore {
     blob_pool: PgPool,
     /// The session holding [`PgLock`] (backend pid, lock key), once taken: every write
     /// checks it still holds it.
-    lock: Arc<OnceLock<(i32, i64)>>,
+    lock: Arc<OnceLock<Holder>>,
     /// This server's name among the sessions of the database (see [`app_name_sql`]).
     instance: Arc<str>,
 }
@@ -129,12 +129,13 @@ impl PgLock {
             // Generous: a database pausing for a checkpoint must not stop a server that
             // still holds its lock (writes are fenced meanwhile, see `PgStore::take_over`).
             let check = tokio::time::timeout(every.max(LOCK_CHECK_TIMEOUT), async {
-                let (pid, key): (i32, i64) = sqlx::query_as(
-                    "SELECT pg_backend_pid(), hashtext('qgjob:' || current_schema())::bigint",
+                let (pid, key, name): (i32, i64, String) = sqlx::query_as(
+                    "SELECT pg_backend_pid(), hashtext('qgjob:' || current_schema())::bigint, \
+                     current_setting('application_name')",
                 )
                 .fetch_one(&mut self.conn)
                 .await?;
-                lock_held(&mut self.conn, pid, key).await
+                lock_held(&mut self.conn, &Holder { pid, key, name }).await
             })
             .await;
             let why = match check {
@@ -259,12 +260,12 @@ impl PgStore {
         .await?;
         if got {
             // The holder is not a standby any more: a later server may end its session.
-            sqlx::query(&app_name_sql(false))
+            let name: String = sqlx::query_scalar(&app_name_sql(false))
                 .bind(&*self.instance)
-                .execute(&mut *conn)
+                .fetch_one(&mut *conn)
                 .await?;
             // A store locks once: a standby's store has no lock until it takes one.
-            let _ = self.lock.set((pid, key));
+            let _ = self.lock.set(Holder { pid, key, name });
         }
         Ok(got)
     }
@@ -339,11 +340,12 @@ impl PgStore {
     /// holds the lock, fails with [`StoreError::Fenced`] unless it still does.
     async fn fenced(&self) -> Result<sqlx::Transaction<'static, Postgres>, StoreError> {
         let mut tx = self.begin_write().await?;
-        if let Some((pid, key)) = self.lock.get() {
-            if !lock_held(&mut tx, *pid, *key).await? {
+        if let Some(holder) = self.lock.get() {
+            if !lock_held(&mut tx, holder).await? {
                 tx.rollback().await?;
                 return Err(StoreError::Fenced(format!(
-                    "its lock on the PostgreSQL store (session {pid}) was lost"
+                    "its lock on the PostgreSQL store (session {}) was lost",
+                    holder.pid
                 )));
             }
         }
@@ -415,7 +417,14 @@ impl PgStore {
             sqlx::Error::Database(d) if d.code().as_deref() == Some("42P01") => Ok(None),
             _ => Err(e),
         })?;
-        if current.is_some_and(|v| v >= SCHEMA_VERSION) {
+        if let Some(v) = current.filter(|v| *v > SCHEMA_VERSION) {
+            pool.close().await;
+            return Err(StoreError::Corrupt(format!(
+                "the database was written by a newer qgjob release (schema {v}; this one \
+                 knows {SCHEMA_VERSION}): run that release, or a newer one"
+            )));
+        }
+        if current == Some(SCHEMA_VERSION) {
             return Ok(PgStore {
                 pool,
                 blob_pool,
@@ -483,25 +492,38 @@ impl PgStore {
     }
 }
 
-/// Pushes a condition true while session `pid` holds the advisory lock `key` (a bigint
-/// key shows in `pg_locks` as its high and low 32 bits, `objsubid` 1).
-fn push_lock_held(qb: &mut QueryBuilder<'_, Postgres>, pid: i32, key: i64) {
+/// The session holding a store's lock. A backend pid alone does not name a session: after
+/// the database restarts (a fresh pid namespace, a reboot) another server's session may get
+/// the same pid, and its lock would pass for this one's. The session's `application_name`
+/// carries this server's random instance name, which no other server has.
+#[derive(Debug, Clone)]
+struct Holder {
+    pid: i32,
+    key: i64,
+    name: String,
+}
+
+/// Pushes a condition true while session `holder` holds its advisory lock (a bigint key
+/// shows in `pg_locks` as its high and low 32 bits, `objsubid` 1).
+fn push_lock_held(qb: &mut QueryBuilder<'_, Postgres>, holder: &Holder) {
     qb.push(
-        "EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted \
-         AND objsubid = 1 AND pid = ",
+        "EXISTS (SELECT 1 FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
+         WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 AND l.pid = ",
     )
-    .push_bind(pid)
-    .push(" AND classid::bigint = (")
-    .push_bind(key)
-    .push(" >> 32) & 4294967295 AND objid::bigint = ")
-    .push_bind(key)
+    .push_bind(holder.pid)
+    .push(" AND a.application_name = ")
+    .push_bind(holder.name.clone())
+    .push(" AND l.classid::bigint = (")
+    .push_bind(holder.key)
+    .push(" >> 32) & 4294967295 AND l.objid::bigint = ")
+    .push_bind(holder.key)
     .push(" & 4294967295)");
 }
 
-/// Whether session `pid` still holds the advisory lock `key`.
-async fn lock_held(conn: &mut sqlx::PgConnection, pid: i32, key: i64) -> Result<bool, StoreError> {
+/// Whether session `holder` still holds its advisory lock.
+async fn lock_held(conn: &mut sqlx::PgConnection, holder: &Holder) -> Result<bool, StoreError> {
     let mut qb: QueryBuilder<Postgres> = QueryBuilder::new("SELECT ");
-    push_lock_held(&mut qb, pid, key);
+    push_lock_held(&mut qb, holder);
     Ok(qb.build_query_scalar().fetch_one(conn).await?)
 }
 
@@ -546,9 +568,9 @@ impl Store for PgStore {
             // failover, a killed connection), and another server may then take the store:
             // rows are written only while this server's session still holds the lock.
             // Checked in the statement itself, so it costs no extra round trip.
-            if let Some((pid, key)) = self.lock.get() {
+            if let Some(holder) = self.lock.get() {
                 qb.push(" WHERE ");
-                push_lock_held(&mut qb, *pid, *key);
+                push_lock_held(&mut qb, holder);
             }
             qb.push(
                 " ON CONFLICT (seq) DO UPDATE SET state = excluded.state, \
@@ -559,9 +581,10 @@ impl Store for PgStore {
             if let Err(e) = check_all_written(written.rows_affected(), chunk) {
                 // Say which guard it was: the lock, or rows of another server's jobs.
                 let e = match self.lock.get() {
-                    Some((pid, key)) if !lock_held(&mut tx, *pid, *key).await? => {
+                    Some(holder) if !lock_held(&mut tx, holder).await? => {
                         StoreError::Fenced(format!(
-                            "its lock on the PostgreSQL store (session {pid}) was lost"
+                            "its lock on the PostgreSQL store (session {}) was lost",
+                            holder.pid
                         ))
                     }
                     _ => e,
