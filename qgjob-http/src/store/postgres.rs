@@ -129,9 +129,9 @@ impl PgLock {
             // Generous: a database pausing for a checkpoint must not stop a server that
             // still holds its lock (writes are fenced meanwhile, see `PgStore::take_over`).
             let check = tokio::time::timeout(every.max(LOCK_CHECK_TIMEOUT), async {
-                let (pid, key, started): (i32, i64, String) = sqlx::query_as(
+                let (pid, key, started): (i32, i64, f64) = sqlx::query_as(
                     "SELECT pg_backend_pid(), hashtext('qgjob:' || current_schema())::bigint, \
-                     pg_postmaster_start_time()::text",
+                     extract(epoch FROM pg_postmaster_start_time())::float8",
                 )
                 .fetch_one(&mut self.conn)
                 .await?;
@@ -252,9 +252,9 @@ impl PgStore {
     /// Tries the lock on `conn` once; on success, every later write checks this session
     /// still holds it.
     async fn try_lock_on(&self, conn: &mut sqlx::PgConnection) -> Result<bool, StoreError> {
-        let (got, key, pid, started): (bool, i64, i32, String) = sqlx::query_as(
+        let (got, key, pid, started): (bool, i64, i32, f64) = sqlx::query_as(
             "SELECT pg_try_advisory_lock(k), k, pg_backend_pid(), \
-             pg_postmaster_start_time()::text \
+             extract(epoch FROM pg_postmaster_start_time())::float8 \
              FROM (SELECT hashtext('qgjob:' || current_schema())::bigint AS k) q",
         )
         .fetch_one(&mut *conn)
@@ -503,14 +503,16 @@ impl PgStore {
 struct Holder {
     pid: i32,
     key: i64,
-    started: String,
+    /// `pg_postmaster_start_time()` in seconds: a number, so that no session setting
+    /// (time zone, date style) changes how it compares.
+    started: f64,
 }
 
 /// Pushes a condition true while session `holder` holds its advisory lock (a bigint key
 /// shows in `pg_locks` as its high and low 32 bits, `objsubid` 1).
 fn push_lock_held(qb: &mut QueryBuilder<'_, Postgres>, holder: &Holder) {
-    qb.push("pg_postmaster_start_time()::text = ")
-        .push_bind(holder.started.clone())
+    qb.push("extract(epoch FROM pg_postmaster_start_time())::float8 = ")
+        .push_bind(holder.started)
         .push(
             " AND EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted \
              AND objsubid = 1 AND pid = ",
