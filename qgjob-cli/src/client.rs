@@ -211,11 +211,12 @@ fn not_sent(e: &ureq::Error) -> bool {
     }
 }
 
-/// Bodies from this size on are sent only once the server asks for them
+/// Bodies from this size on (about what a socket takes before the sender must wait) are
+/// sent only once the server asks for them
 /// (`Expect: 100-continue`): a standby, which reads no body, answers 503 at once, and the
 /// client moves on without the server closing the connection under a half-sent body
 /// (which would fail the request as a broken pipe).
-const EXPECT_CONTINUE_BYTES: usize = 64 * 1024;
+const EXPECT_CONTINUE_BYTES: usize = 16 * 1024;
 
 /// `req`, asking the server before it sends a body of `len` bytes when that is large.
 fn expect_continue<B>(req: ureq::RequestBuilder<B>, len: usize) -> ureq::RequestBuilder<B> {
@@ -374,7 +375,10 @@ impl Client {
                 Err(e)
                     if n > 1 && (unsent || is_standby(&e) || idempotent && e.is_server_away()) =>
                 {
-                    last = Some(e)
+                    // A standby's answer says less than the failure of the server before it.
+                    if last.is_none() || !is_standby(&e) {
+                        last = Some(e);
+                    }
                 }
                 Err(e) => {
                     if n > 1 && e.is_server_away() {

@@ -89,8 +89,8 @@ pub struct PgStore {
     pool: PgPool,
     /// See [`PgStore::blob_pool`].
     blob_pool: PgPool,
-    /// The session holding [`PgLock`] (backend pid, lock key), once taken: every write
-    /// checks it still holds it.
+    /// The session holding [`PgLock`] (backend pid, lock key, the database's start time),
+    /// once taken: every write checks it still holds it.
     lock: Arc<OnceLock<Holder>>,
     /// This server's name among the sessions of the database (see [`app_name_sql`]).
     instance: Arc<str>,
