@@ -71,12 +71,13 @@ pub fn sim_devices(spec: &SimSpec) -> Result<Vec<Arc<dyn Device>>> {
 /// server (both at boot), and must outlive the server anyway, so an unreachable server, or a
 /// proxy in front of it answering 5xx, 408 or 429 while it is down, is retried with a
 /// warning now and then (ctrl-c stops the agent meanwhile); anything else (a certificate the
-/// agent does not trust, a URL that is not a qgjob server's) ends it.
-fn wait_for_server(client: &Client) -> Result<()> {
+/// agent does not trust, a URL that is not a qgjob server's) ends it. Returns the health
+/// answer.
+fn wait_for_server(client: &Client) -> Result<serde_json::Value> {
     let mut warned: Option<Instant> = None;
     loop {
         match client.health() {
-            Ok(_) => return Ok(()),
+            Ok(health) => return Ok(health),
             Err(
                 e @ (CliError::Unreachable { .. }
                 | CliError::Api {
@@ -93,6 +94,17 @@ fn wait_for_server(client: &Client) -> Result<()> {
             Err(e) => return Err(e),
         }
     }
+}
+
+/// How long a refused registration (`device_held`) is retried: a device's previous agent
+/// counts as in touch for one lease TTL after it was last heard from, so twice the
+/// server's TTL (from its health answer), and never less than the default. A server that
+/// does not say (a standby, an older release) gets the default.
+fn held_patience(health: &serde_json::Value) -> Duration {
+    let default = AgentConfig::default().held_patience;
+    health["lease_ttl_ms"].as_u64().map_or(default, |ttl| {
+        default.max(Duration::from_millis(ttl.saturating_mul(2)))
+    })
 }
 
 /// A device-id-safe name for this machine.
@@ -381,13 +393,14 @@ pub fn agent(client: Client, a: &AgentArgs) -> Result<u8> {
         ));
     }
     let devices = sim_devices(&spec)?;
-    wait_for_server(&client)?;
+    let health = wait_for_server(&client)?;
     let rt = runtime()?;
     let base = client.servers();
     let link = Arc::new(HttpLink::new(client));
     let cfg = AgentConfig {
         max_batch: a.max_batch,
         lease_wait: Duration::from_secs(20),
+        held_patience: held_patience(&health),
         ..AgentConfig::default()
     };
     let mut agent = Agent::new(link, cfg);
@@ -459,13 +472,14 @@ fn real_agent(client: Client, a: &AgentArgs) -> Result<u8> {
         .parse()
         .map_err(|e: qgjob_core::InvalidSpec| CliError::Usage(e.message))?;
     let name = a.name.clone().unwrap_or_else(default_agent_name);
-    wait_for_server(&client)?;
+    let health = wait_for_server(&client)?;
     let base = client.servers();
     let token = client.token().map(String::from);
     let link: Arc<dyn qgjob_core::agent::AgentLink> = Arc::new(HttpLink::new(client));
     let cfg = AgentConfig {
         max_batch: a.max_batch,
         lease_wait: Duration::from_secs(20),
+        held_patience: held_patience(&health),
         ..AgentConfig::default()
     };
     let rt = runtime()?;
@@ -537,6 +551,22 @@ fn real_agent(client: Client, a: &AgentArgs) -> Result<u8> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn patience_with_a_held_device_follows_the_servers_lease_ttl() {
+        use serde_json::json;
+        let default = AgentConfig::default().held_patience;
+        assert_eq!(super::held_patience(&json!({"status": "standby"})), default);
+        assert_eq!(
+            super::held_patience(&json!({"lease_ttl_ms": 30_000})),
+            default
+        );
+        assert_eq!(
+            super::held_patience(&json!({"lease_ttl_ms": 120_000})),
+            Duration::from_secs(240)
+        );
+    }
+
     use super::*;
 
     #[test]

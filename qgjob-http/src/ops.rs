@@ -17,7 +17,9 @@ pub async fn healthz(State(app): State<AppState>) -> Json<Value> {
     } else {
         "ok"
     };
-    Json(json!({"status": status}))
+    // Agents size their patience with a device another agent holds from the TTL.
+    let ttl = app.lock().lease_ttl_ms();
+    Json(json!({"status": status, "lease_ttl_ms": ttl}))
 }
 
 /// `GET /readyz`: 200 while the server serves; 503 while it stops, and on a standby (which
@@ -336,7 +338,7 @@ fn answer_schema(method: &str, path: &str) -> Option<&'static str> {
         ("post", "/v1/agent/lease") => "Lease",
         ("post", p) if p.ends_with("/heartbeat") => "HeartbeatAck",
         ("post", p) if p.ends_with("/complete") || p.ends_with("/fail") => "StateAnswer",
-        ("get", "/healthz") => "Health",
+        ("get", "/healthz") | ("get", "/readyz") => "Health",
         ("get", "/metrics") => "text",
         _ => return None,
     })
@@ -580,7 +582,16 @@ fn schemas() -> Value {
         "DeviceAnswer": object(&[("device_id", string())], 1),
         "HeartbeatAck": object(&[("deadline", int()), ("cancel", array_of(string()))], 2),
         "StateAnswer": object(&[("state", state)], 1),
-        "Health": object(&[("status", json!({"enum": ["ok", "shutting_down"]}))], 1)
+        "Health": object(
+            &[
+                ("status", json!({"enum": ["ok", "shutting_down", "standby"]})),
+                (
+                    "lease_ttl_ms",
+                    json!({"type": "integer", "description": "how long a lease lasts without a heartbeat (absent on a standby)"}),
+                ),
+            ],
+            1
+        )
     })
 }
 

@@ -193,6 +193,8 @@ fn short_ttl_opts() -> ServerOptions {
 fn lease_expiry_requeues_and_old_lease_is_stale() {
     let s = TestServer::start(short_ttl_opts());
     let c = s.client(None);
+    // Agents learn the TTL from the health answer (see `held_patience` in the CLI).
+    assert_eq!(c.get("/healthz").1["lease_ttl_ms"], 300);
     let id = submit(&c, "qualgent", "v1", "tests/a.spec.js");
     assert_eq!(c.post("/v1/agent/devices", &device("emu-1")).0, 200);
     let (_, l) = lease(&c, "emu-1", 1000);
