@@ -474,7 +474,7 @@ fn real_agent(client: Client, a: &AgentArgs) -> Result<u8> {
     let name = a.name.clone().unwrap_or_else(default_agent_name);
     let health = wait_for_server(&client)?;
     let base = client.servers();
-    let token = client.token().map(String::from);
+    let artifacts = client.clone();
     let link: Arc<dyn qgjob_core::agent::AgentLink> = Arc::new(HttpLink::new(client));
     let cfg = AgentConfig {
         max_batch: a.max_batch,
@@ -491,8 +491,7 @@ fn real_agent(client: Client, a: &AgentArgs) -> Result<u8> {
         let shutdown = Shutdown::new();
         let run = run_real_agent(
             link,
-            &base,
-            token,
+            artifacts,
             &target,
             &name,
             &a.real,

@@ -3,7 +3,7 @@
 //! Blocking keeps `qgjob status` cheap: no async runtime is built for user commands. Every
 //! failure becomes one [`CliError`] line with the right exit code.
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -398,11 +398,7 @@ impl Client {
         }
     }
 
-    fn transport(&self, e: ureq::Error) -> CliError {
-        self.transport_at(self.base(), e)
-    }
-
-    /// [`Client::transport`] for the server at `base`.
+    /// A transport failure talking to the server at `base`, as the error the commands show.
     fn transport_at(&self, base: &str, e: ureq::Error) -> CliError {
         let tls = match &e {
             ureq::Error::Rustls(r) => Some(r.to_string()),
@@ -761,20 +757,33 @@ impl Client {
         Ok(())
     }
 
-    /// Downloads a build or bundle by hash (`kind` is `builds` or `bundles`).
-    pub fn download(&self, kind: &str, sha256: &str) -> Result<Vec<u8>> {
-        let mut res = self.send(&format!("/v1/agent/{kind}/{}", enc(sha256)), true, |url| {
+    /// The sha256 of the build an org registered for an app version (agent protocol).
+    pub fn agent_build_sha(&self, org: &str, app_version: &str) -> Result<String> {
+        #[derive(Deserialize)]
+        struct AppInfo {
+            sha256: String,
+        }
+        let info: AppInfo =
+            self.get(&format!("/v1/agent/apps/{}/{}", enc(org), enc(app_version)))?;
+        Ok(info.sha256)
+    }
+
+    /// Streams a build or bundle by hash (`kind` is `builds` or `bundles`) into `out`;
+    /// returns its size. A server that stops answering must not hang a job for ever, while
+    /// a big build still has half an hour to arrive.
+    pub fn download(&self, kind: &str, sha256: &str, out: &mut impl Write) -> Result<u64> {
+        let res = self.send(&format!("/v1/agent/{kind}/{}", enc(sha256)), true, |url| {
             self.auth(self.agent.get(url))
                 .config()
-                .timeout_global(Some(Duration::from_secs(600)))
+                .timeout_recv_response(Some(Duration::from_secs(60)))
+                .timeout_recv_body(Some(Duration::from_secs(1800)))
                 .build()
                 .call()
         })?;
-        res.body_mut()
-            .with_config()
-            .limit(4 * 1024 * 1024 * 1024)
-            .read_to_vec()
-            .map_err(|e| self.transport(e))
+        std::io::copy(&mut res.into_body().into_reader(), out).map_err(|e| CliError::Io {
+            context: format!("downloading {kind}/{sha256}"),
+            source: e,
+        })
     }
 }
 

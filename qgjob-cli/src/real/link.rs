@@ -8,13 +8,13 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::client::Client;
 use async_trait::async_trait;
 use qgjob_core::agent::{AgentLink, LinkError};
 use qgjob_core::{
     BuildRef, DeviceId, DeviceInfo, HeartbeatAck, InfraFailure, JobId, JobState, Lease, LeaseId,
     RunReport,
 };
-use serde::Deserialize;
 use tokio::sync::{mpsc, oneshot};
 
 use super::cache::{ArtifactError, ArtifactSource};
@@ -158,124 +158,27 @@ impl AgentLink for LoggingLink {
 
 /// Downloads builds and bundles from `qgjob server` (agent protocol routes
 /// `GET /v1/agent/apps/{org}/{app_version_id}`, `/v1/agent/builds/{sha256}`,
-/// `/v1/agent/bundles/{sha256}`), streaming them to disk.
+/// `/v1/agent/bundles/{sha256}`), streaming them to disk, through the agent's [`Client`]
+/// (so they go to the server its other requests go to, and move on past one that is down
+/// or standing by like them).
 pub struct HttpArtifacts {
-    /// The servers (a server and its standbys), tried in turn from the last that answered.
-    bases: Vec<String>,
-    current: std::sync::atomic::AtomicUsize,
-    token: Option<String>,
-    agent: ureq::Agent,
-}
-
-#[derive(Deserialize)]
-struct AppInfo {
-    sha256: String,
-}
-
-fn enc(s: &str) -> String {
-    // Ids are `[A-Za-z0-9._:@/-]`; only `/` and `:`/`@` need escaping in a path segment.
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'.' | b'_' | b'-' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
+    client: Client,
 }
 
 impl HttpArtifacts {
-    /// A source for the server at `base` (e.g. `http://127.0.0.1:7878`, or a
-    /// comma-separated list of a server and its standbys) with an agent token.
-    pub fn new(base: &str, token: Option<String>) -> Self {
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .tls_config(crate::client::server_tls())
-            .http_status_as_error(false)
-            .timeout_connect(Some(Duration::from_secs(10)))
-            // A server that stops answering must not hang the job forever; a big build
-            // still has half an hour to arrive.
-            .timeout_recv_response(Some(Duration::from_secs(60)))
-            .timeout_recv_body(Some(Duration::from_secs(1800)))
-            .build()
-            .into();
-        HttpArtifacts {
-            bases: base
-                .split(',')
-                .map(|b| b.trim().trim_end_matches('/').to_string())
-                .filter(|b| !b.is_empty())
-                .collect(),
-            current: std::sync::atomic::AtomicUsize::new(0),
-            token,
-            agent,
-        }
-    }
-
-    /// GETs `path` from the server that answered last; a download changes nothing, so when
-    /// that server is down or away (502-504, a standby) the others are asked in turn.
-    fn get(&self, path: &str) -> Result<ureq::http::Response<ureq::Body>, String> {
-        use std::sync::atomic::Ordering;
-        let n = self.bases.len();
-        if n == 0 {
-            return Err("no server address given".into());
-        }
-        let first = self.current.load(Ordering::Relaxed) % n;
-        let mut last = String::new();
-        for k in 0..n {
-            let i = (first + k) % n;
-            match self.get_from(&self.bases[i], path) {
-                Ok(r) => {
-                    self.current.store(i, Ordering::Relaxed);
-                    return Ok(r);
-                }
-                Err((away, e)) if away => last = e,
-                Err((_, e)) => return Err(e),
-            }
-        }
-        Err(last)
-    }
-
-    /// One GET from the server at `base`; on failure, whether the server was away and why.
-    fn get_from(
-        &self,
-        base: &str,
-        path: &str,
-    ) -> Result<ureq::http::Response<ureq::Body>, (bool, String)> {
-        let mut req = self.agent.get(format!("{base}{path}"));
-        if let Some(t) = &self.token {
-            req = req.header("Authorization", &format!("Bearer {t}"));
-        }
-        let resp = req.call().map_err(|e| (true, e.to_string()))?;
-        let status = resp.status().as_u16();
-        if (200..300).contains(&status) {
-            Ok(resp)
-        } else {
-            let mut resp = resp;
-            let body = resp.body_mut().read_to_string().unwrap_or_default();
-            // The server's JSON error says what is wrong in words; show those.
-            let message = serde_json::from_str::<serde_json::Value>(&body)
-                .ok()
-                .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
-                .unwrap_or(body);
-            Err((
-                (502..=504).contains(&status),
-                format!(
-                    "HTTP {status}: {}",
-                    message.chars().take(300).collect::<String>()
-                ),
-            ))
-        }
+    /// A source that downloads through `client` (the agent's, with its agent token).
+    pub fn new(client: Client) -> Self {
+        HttpArtifacts { client }
     }
 
     fn download(&self, kind: &str, sha: &str, dest: &Path) -> Result<(), ArtifactError> {
-        let what = format!("{kind}/{sha}");
-        let fetch = |m: String| ArtifactError::Fetch {
-            what: what.clone(),
-            message: m,
-        };
-        let resp = self
-            .get(&format!("/v1/agent/{kind}/{}", enc(sha)))
-            .map_err(fetch)?;
-        let mut reader = resp.into_body().into_reader();
         let mut file = std::fs::File::create(dest)?;
-        std::io::copy(&mut reader, &mut file).map_err(|e| fetch(e.to_string()))?;
+        self.client
+            .download(kind, sha, &mut file)
+            .map_err(|e| ArtifactError::Fetch {
+                what: format!("{kind}/{sha}"),
+                message: e.to_string(),
+            })?;
         file.flush()?;
         Ok(())
     }
@@ -295,22 +198,12 @@ impl ArtifactSource for Arc<HttpArtifacts> {
         let me = Arc::clone(self);
         let build = build.clone();
         blocking(move || {
-            let fetch = |m: String| ArtifactError::Fetch {
-                what: format!("build {build}"),
-                message: m,
-            };
-            let mut resp = me
-                .get(&format!(
-                    "/v1/agent/apps/{}/{}",
-                    enc(build.org_id.as_str()),
-                    enc(build.app_version_id.as_str())
-                ))
-                .map_err(fetch)?;
-            let info: AppInfo = resp
-                .body_mut()
-                .read_json()
-                .map_err(|e| fetch(e.to_string()))?;
-            Ok(info.sha256)
+            me.client
+                .agent_build_sha(build.org_id.as_str(), build.app_version_id.as_str())
+                .map_err(|e| ArtifactError::Fetch {
+                    what: format!("build {build}"),
+                    message: e.to_string(),
+                })
         })
         .await
     }

@@ -327,8 +327,7 @@ pub async fn build_devices(
 #[allow(clippy::too_many_arguments)]
 pub async fn run_real_agent(
     link: Arc<dyn AgentLink>,
-    server: &str,
-    token: Option<String>,
+    client: crate::client::Client,
     target: &Target,
     agent_name: &str,
     args: &RealArgs,
@@ -337,8 +336,7 @@ pub async fn run_real_agent(
     started: &std::sync::OnceLock<(Arc<qgjob_core::agent::AgentStats>, u64)>,
 ) -> Result<AgentCounters, RealError> {
     let logging = link::LoggingLink::new(link);
-    let source: Arc<dyn ArtifactSource> =
-        Arc::new(Arc::new(link::HttpArtifacts::new(server, token)));
+    let source: Arc<dyn ArtifactSource> = Arc::new(Arc::new(link::HttpArtifacts::new(client)));
     let built = build_devices(
         target,
         agent_name,
