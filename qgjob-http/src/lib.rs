@@ -487,7 +487,7 @@ async fn stand_by(
                         axum::http::header::CONTENT_TYPE,
                         "text/plain; version=0.0.4; charset=utf-8",
                     )],
-                    ops::STANDBY_METRICS,
+                    ops::standby_metric(true),
                 )
             }),
         )

@@ -32,9 +32,14 @@ pub async fn readyz(State(app): State<AppState>) -> Response {
     }
 }
 
-/// `qgjob_standby` as a standby reports it (its only metric).
-pub const STANDBY_METRICS: &str = "# HELP qgjob_standby 1 while this server stands by for \
-another on the same store, 0 while it serves.\n# TYPE qgjob_standby gauge\nqgjob_standby 1\n";
+/// The `qgjob_standby` gauge: 1 on a standby (its only metric), 0 on a serving server.
+pub fn standby_metric(standing_by: bool) -> String {
+    format!(
+        "# HELP qgjob_standby 1 while this server stands by for another on the same store, \
+         0 while it serves.\n# TYPE qgjob_standby gauge\nqgjob_standby {}\n",
+        u8::from(standing_by)
+    )
+}
 
 /// The `target` label of `qgjob_jobs`: the built-in pools and those a device serves keep
 /// their names; jobs of every other target (a name any org may invent when it submits)
@@ -76,7 +81,7 @@ pub async fn metrics(State(app): State<AppState>) -> Response {
     if !body.ends_with('\n') {
         body.push('\n');
     }
-    body.push_str(&STANDBY_METRICS.replace("qgjob_standby 1", "qgjob_standby 0"));
+    body.push_str(&standby_metric(false));
     let mut resp = body.into_response();
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
