@@ -13,7 +13,7 @@
 //!   never sees a partial artifact. Parts no `blobs` row names are leftovers: a failed or
 //!   cancelled upload removes its own, and [`Blobs::sweep_unfinished`] removes those a crash
 //!   left. Reads fetch one part at a time, so neither side ever holds a whole artifact in
-//!   memory.
+//!   memory; uploads share [`UPLOAD_BUFFERS`] part buffers, so many at once do not either.
 //!
 //!   A request can be dropped at any await (its client went away), even while its COMMIT is
 //!   on the wire, so whether the upload was stored is unknown when its cleanup starts. The
@@ -43,6 +43,7 @@ use futures_util::{Stream, StreamExt};
 use sha2::{Digest, Sha256};
 use sqlx::PgPool;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::error::ApiError;
 use crate::store::{PgStore, StoreError};
@@ -54,8 +55,9 @@ pub enum Blobs {
     Dir(PathBuf),
     /// In memory (for `--store memory`).
     Memory(Arc<Mutex<HashMap<String, Bytes>>>),
-    /// In the PostgreSQL database of a [`PgStore`] (tables `blobs` and `blob_parts`).
-    Postgres(PgPool),
+    /// In the PostgreSQL database of a [`PgStore`] (tables `blobs` and `blob_parts`), with
+    /// the permits for uploads' part buffers (see [`UPLOAD_BUFFERS`]).
+    Postgres(PgPool, Arc<Semaphore>),
 }
 
 /// The result of storing an upload.
@@ -75,6 +77,13 @@ pub const HEAD_BYTES: usize = 16;
 /// The size of one stored part on PostgreSQL (the last part of an upload may be shorter):
 /// what an upload buffers before it writes, and what a read fetches at a time.
 pub const PART_BYTES: usize = 1024 * 1024;
+
+/// Most part buffers PostgreSQL uploads hold at once; an upload waits for one before it
+/// buffers a part. Each holds up to [`PART_BYTES`] (and as much again while its INSERT is
+/// encoded), so uploads in flight hold at most about 128 MiB, however many there are: a
+/// thousand clients each sending a megabyte and going silent would otherwise hold 2 GB
+/// until the stall limit cut them off.
+pub const UPLOAD_BUFFERS: usize = 64;
 
 /// How much of a file one read takes (serving from a directory, importing).
 const FILE_READ_BYTES: usize = 256 * 1024;
@@ -101,7 +110,15 @@ impl Blobs {
     /// Storage in the database of `store` (its tables exist once the store is connected),
     /// on the store's pool for artifact transfers, so that they never hold back job writes.
     pub fn postgres(store: &PgStore) -> Self {
-        Blobs::Postgres(store.blob_pool().clone())
+        Self::postgres_with_buffers(store, UPLOAD_BUFFERS)
+    }
+
+    /// [`Blobs::postgres`] with at most `buffers` part buffers held at once (at least one).
+    pub fn postgres_with_buffers(store: &PgStore, buffers: usize) -> Self {
+        Blobs::Postgres(
+            store.blob_pool().clone(),
+            Arc::new(Semaphore::new(buffers.max(1))),
+        )
     }
 
     /// Streams `body` into storage, hashing as it goes; refuses more than `limit` bytes
@@ -117,7 +134,13 @@ impl Blobs {
         check_head: impl Fn(&[u8]) -> Result<(), ApiError>,
     ) -> Result<Stored, ApiError> {
         let stream = body.into_data_stream().map(|c| {
-            c.map_err(|e| Failure::Refused(ApiError::bad_request(format!("upload: {e}"))))
+            c.map_err(|e| {
+                // A body the intake guard cut off (stalled) says so with its own status.
+                Failure::Refused(
+                    crate::intake::refused_body(&e)
+                        .unwrap_or_else(|| ApiError::bad_request(format!("upload: {e}"))),
+                )
+            })
         });
         self.put_stream(stream, limit, expect, check_head)
             .await
@@ -151,7 +174,9 @@ impl Blobs {
                 buf: Vec::new(),
                 map: m.clone(),
             },
-            Blobs::Postgres(pool) => Sink::Pg(PgUpload::new(pool.clone())?),
+            Blobs::Postgres(pool, buffers) => {
+                Sink::Pg(PgUpload::new(pool.clone(), Arc::clone(buffers))?)
+            }
         };
         let res: Result<(), Failure> = async {
             while let Some(chunk) = stream.next().await {
@@ -208,7 +233,7 @@ impl Blobs {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .contains_key(sha256)),
-            Blobs::Postgres(pool) => Ok(match stored_row(pool, sha256).await? {
+            Blobs::Postgres(pool, _) => Ok(match stored_row(pool, sha256).await? {
                 None => false,
                 Some(row) if row.whole() => true,
                 Some(row) => {
@@ -240,7 +265,7 @@ impl Blobs {
                 Ok(g.get(sha256)
                     .map(|b| (Body::from(b.clone()), b.len() as u64)))
             }
-            Blobs::Postgres(pool) => {
+            Blobs::Postgres(pool, _) => {
                 let Some(row) = stored_row(pool, sha256).await.map_err(ApiError::internal)? else {
                     return Ok(None);
                 };
@@ -295,7 +320,7 @@ impl Blobs {
                 Ok(removed)
             }
             Blobs::Memory(_) => Ok(0),
-            Blobs::Postgres(pool) => {
+            Blobs::Postgres(pool, _) => {
                 let mut tx = pool.begin().await?;
                 // Waits for uploads being finished, so the delete below (its own statement,
                 // hence its own snapshot) sees their `blobs` rows.
@@ -508,6 +533,10 @@ struct PgUpload {
     key: String,
     /// Bytes not yet written (less than [`PART_BYTES`]).
     buf: Vec<u8>,
+    /// Where `permit` comes from.
+    buffers: Arc<Semaphore>,
+    /// The permit `buf` holds while it is not empty; it goes with the part to its INSERT.
+    permit: Option<OwnedSemaphorePermit>,
     /// Parts written so far, which is the next part's number.
     parts: i32,
     /// The part INSERT under way, if any. It runs as a task of its own, so a dropped upload
@@ -519,11 +548,13 @@ struct PgUpload {
 }
 
 impl PgUpload {
-    fn new(pool: PgPool) -> Result<Self, Failure> {
+    fn new(pool: PgPool, buffers: Arc<Semaphore>) -> Result<Self, Failure> {
         Ok(PgUpload {
             pool,
             key: random_hex::<16>()?,
             buf: Vec::new(),
+            buffers,
+            permit: None,
             parts: 0,
             inflight: None,
             pending: true,
@@ -533,6 +564,14 @@ impl PgUpload {
     /// Buffers `data`, writing each full part as soon as it is full.
     async fn write(&mut self, mut data: &[u8]) -> Result<(), Failure> {
         while !data.is_empty() {
+            if self.permit.is_none() {
+                self.permit = Some(
+                    Arc::clone(&self.buffers)
+                        .acquire_owned()
+                        .await
+                        .map_err(|e| Failure::Lost(format!("upload buffers: {e}")))?,
+                );
+            }
             let take = (PART_BYTES - self.buf.len()).min(data.len());
             self.buf.extend_from_slice(&data[..take]);
             data = &data[take..];
@@ -552,20 +591,24 @@ impl PgUpload {
             .parts
             .checked_add(1)
             .ok_or_else(|| Failure::Lost("upload has too many parts".into()))?;
-        let (pool, key, n, data) = (
+        let (pool, key, n, data, permit) = (
             self.pool.clone(),
             self.key.clone(),
             self.parts,
             std::mem::take(&mut self.buf),
+            self.permit.take(),
         );
         self.inflight = Some(tokio::spawn(async move {
-            sqlx::query("INSERT INTO blob_parts (upload, n, data) VALUES ($1, $2, $3)")
+            let done = sqlx::query("INSERT INTO blob_parts (upload, n, data) VALUES ($1, $2, $3)")
                 .bind(key)
                 .bind(n)
                 .bind(data)
                 .execute(&pool)
                 .await
-                .map(drop)
+                .map(drop);
+            // The part's bytes are gone only now (also when its upload was dropped).
+            drop(permit);
+            done
         }));
         self.settle().await?;
         self.parts = next;

@@ -25,6 +25,31 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// once; more wait in the listen backlog until one closes.
 pub const MAX_CONNECTIONS: usize = 4096;
 
+/// How long a connection may stay silent before keepalive probes start, and how many
+/// probes (every [`PROBE_EVERY`]) go unanswered before it is closed; also how long sent
+/// data may stay unacknowledged ([`PEER_GONE`]). A client whose machine vanished (power
+/// off, a dropped VPN: no FIN, no RST) would otherwise hold its connection, and an upload's
+/// temp file or part buffer, or a download's part, until the server stopped.
+const PROBE_AFTER: Duration = Duration::from_secs(60);
+/// See [`PROBE_AFTER`].
+const PROBE_EVERY: Duration = Duration::from_secs(10);
+/// See [`PROBE_AFTER`].
+const PROBES: u32 = 6;
+/// See [`PROBE_AFTER`]: about two minutes, like the keepalives.
+const PEER_GONE: Duration = Duration::from_secs(120);
+
+/// Sets the keepalives and user timeout of [`PROBE_AFTER`] on an accepted connection.
+fn keep_alive(stream: &tokio::net::TcpStream) -> std::io::Result<()> {
+    let sock = socket2::SockRef::from(stream);
+    sock.set_tcp_keepalive(
+        &socket2::TcpKeepalive::new()
+            .with_time(PROBE_AFTER)
+            .with_interval(PROBE_EVERY)
+            .with_retries(PROBES),
+    )?;
+    sock.set_tcp_user_timeout(Some(PEER_GONE))
+}
+
 /// How long a stopping server waits for requests in flight before it closes their
 /// connections: a slow download must not keep the store's lock from a standby (nor a
 /// deploy waiting) for minutes. Long polls and event streams end at once on their own.
@@ -140,6 +165,9 @@ pub async fn accept(
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
+        // Best effort: without it the connection still works, only a vanished peer is
+        // noticed later.
+        let _ = keep_alive(&stream);
         let conn = builder.serve_connection(
             TokioIo::new(stream),
             TowerToHyperService::new(router.clone()),
@@ -160,4 +188,26 @@ pub async fn accept(
         });
     }
     Draining { graceful, force }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn accepted_connections_probe_a_silent_peer() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (stream, _) = listener.accept().await.unwrap();
+        let before = socket2::SockRef::from(&stream);
+        assert!(!before.keepalive().unwrap());
+        keep_alive(&stream).unwrap();
+        let sock = socket2::SockRef::from(&stream);
+        assert!(sock.keepalive().unwrap());
+        assert_eq!(sock.tcp_keepalive_time().unwrap(), PROBE_AFTER);
+        assert_eq!(sock.tcp_keepalive_interval().unwrap(), PROBE_EVERY);
+        assert_eq!(sock.tcp_keepalive_retries().unwrap(), PROBES);
+        assert_eq!(sock.tcp_user_timeout().unwrap(), Some(PEER_GONE));
+    }
 }

@@ -4,7 +4,10 @@
 //! A JSON body is buffered whole before it is parsed (up to 1 MiB, 64 MiB for a run). With
 //! neither bound, a client that sent most of a big body and then stalled held that memory
 //! for as long as it liked, once per connection: twenty such connections held 1.3 GB in an
-//! audit. Uploads (`PUT`) stream to disk and are left alone.
+//! audit. Uploads (`PUT`) stream to storage, so they take nothing from the budget and have
+//! no overall deadline (a big build on a slow link takes long); they are cut off instead
+//! once no byte has come for the stall limit, so that a client that vanished mid-upload
+//! does not hold its connection, temp file or database part buffer forever.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -25,20 +28,22 @@ use crate::error::ApiError;
 /// The budget is counted in KiB, so that it fits a semaphore's permits.
 const UNIT: usize = 1024;
 
-/// The shared budget and the deadline.
+/// The shared budget, the deadline and the uploads' stall limit.
 #[derive(Debug)]
 pub struct Intake {
     budget: Arc<Semaphore>,
     deadline: Duration,
+    stall: Duration,
 }
 
 impl Intake {
     /// At most `bytes` buffered across all bodies in flight; each body must arrive within
-    /// `deadline` of its request.
-    pub fn new(bytes: usize, deadline: Duration) -> Self {
+    /// `deadline` of its request; an upload may go at most `stall` without a byte.
+    pub fn new(bytes: usize, deadline: Duration, stall: Duration) -> Self {
         Intake {
             budget: Arc::new(Semaphore::new((bytes / UNIT).max(1))),
             deadline,
+            stall,
         }
     }
 }
@@ -60,12 +65,18 @@ impl std::fmt::Display for Refused {
 
 impl std::error::Error for Refused {}
 
-/// The middleware: wraps every request body but an upload's.
+/// The middleware: wraps every request body, an upload's with the stall limit only.
 pub async fn guard(State(intake): State<Arc<Intake>>, req: Request, next: Next) -> Response {
-    if req.method() == Method::PUT {
-        return next.run(req).await;
-    }
     let (parts, body) = req.into_parts();
+    if parts.method == Method::PUT {
+        let body = Body::new(Stalling {
+            inner: body,
+            stall: intake.stall,
+            idle: Box::pin(tokio::time::sleep(intake.stall)),
+            started: false,
+        });
+        return next.run(Request::from_parts(parts, body)).await;
+    }
     let body = Body::new(Budgeted {
         inner: body,
         budget: Arc::clone(&intake.budget),
@@ -134,6 +145,53 @@ impl http_body::Body for Budgeted {
             }
         }
         frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// An upload's body: fails with 408 once `stall` passes without a frame.
+struct Stalling {
+    inner: Body,
+    stall: Duration,
+    /// Fires `stall` after the last frame, or after the first read: a client that sent
+    /// `Expect: 100-continue` sends nothing until the handler reads.
+    idle: Pin<Box<tokio::time::Sleep>>,
+    started: bool,
+}
+
+impl http_body::Body for Stalling {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        let this = self.get_mut();
+        let frame = Pin::new(&mut this.inner).poll_frame(cx);
+        if frame.is_ready() || !this.started {
+            this.started = true;
+            let next = tokio::time::Instant::now() + this.stall;
+            this.idle.as_mut().reset(next);
+            if frame.is_ready() {
+                return frame;
+            }
+        }
+        if this.idle.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Some(Err(axum::Error::new(Refused {
+                status: StatusCode::REQUEST_TIMEOUT,
+                code: "request_timeout",
+                message: "the upload stalled: no data arrived for too long",
+            }))));
+        }
+        Poll::Pending
     }
 
     fn is_end_stream(&self) -> bool {

@@ -167,6 +167,7 @@ impl Default for Limits {
             header_read_timeout_ms: conn::HEADER_READ_TIMEOUT.as_millis() as u64,
             body_timeout_ms: 60_000,
             intake_bytes: 256 * 1024 * 1024,
+            upload_stall_ms: 60_000,
             max_connections: conn::MAX_CONNECTIONS,
             drain_ms: conn::DRAIN_LIMIT.as_millis() as u64,
         }
@@ -255,6 +256,7 @@ pub fn app(state: AppState) -> Router {
             Arc::new(intake::Intake::new(
                 limits.intake_bytes,
                 std::time::Duration::from_millis(limits.body_timeout_ms),
+                std::time::Duration::from_millis(limits.upload_stall_ms),
             )),
             intake::guard,
         ))

@@ -62,6 +62,10 @@ pub struct Limits {
     /// Most bytes all request bodies in flight (not uploads) may hold together; a body that
     /// would pass it is refused with 503.
     pub intake_bytes: usize,
+    /// How long an upload (`PUT`) may go without receiving a byte, in ms (408 after). An
+    /// upload has no overall deadline (a 2 GB build on a slow link takes long), but one
+    /// whose client went silent must not hold its connection and buffers forever.
+    pub upload_stall_ms: u64,
     /// How long a stopping server waits for requests in flight (ms) before it closes their
     /// connections (see [`crate::conn::DRAIN_LIMIT`]).
     pub drain_ms: u64,

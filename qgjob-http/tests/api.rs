@@ -2524,6 +2524,118 @@ fn a_stalled_request_body_is_cut_off_and_a_greedy_one_refused() {
     submit(&s.client(None), "qualgent", "v1", "tests/a.spec.js");
 }
 
+/// Starts an upload of a 2 MiB bundle, sends its first `sent` bytes and then nothing;
+/// returns the server's answer.
+fn stall_upload(s: &TestServer, sent: usize) -> String {
+    let addr = s.base.strip_prefix("http://").unwrap().to_string();
+    let mut body = vec![0x1f, 0x8b];
+    body.resize(sent, 7);
+    send_partial(
+        &addr,
+        &format!(
+            "PUT /v1/bundles HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/gzip\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n",
+            2 * 1024 * 1024
+        ),
+        &body,
+    )
+}
+
+#[test]
+fn a_stalled_upload_is_cut_off_and_leaves_nothing() {
+    let mut opts = memory_opts();
+    opts.limits.upload_stall_ms = 300;
+    let s = TestServer::start(opts);
+    let answer = stall_upload(&s, 1000);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("\"request_timeout\""), "{answer}");
+    assert!(answer.contains("upload stalled"), "{answer}");
+    // A slow upload that keeps sending is not cut off: a chunk every 100 ms for over a
+    // second, three times the stall limit.
+    let (tx, rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    std::thread::spawn(move || {
+        let _ = tx.send(vec![0x1f, 0x8b]);
+        for _ in 0..12 {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            if tx.send(vec![1; 100]).is_err() {
+                return;
+            }
+        }
+    });
+    let resp = ureq::put(format!("{}/v1/bundles", s.base))
+        .send(ureq::SendBody::from_reader(&mut ChunkReader {
+            rx,
+            left: Vec::new(),
+        }))
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+}
+
+/// A reader over chunks arriving on a channel (ends when the sender does).
+struct ChunkReader {
+    rx: std::sync::mpsc::Receiver<Vec<u8>>,
+    left: Vec<u8>,
+}
+
+impl std::io::Read for ChunkReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.left.is_empty() {
+            match self.rx.recv() {
+                Ok(c) => self.left = c,
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.left.len());
+        buf[..n].copy_from_slice(&self.left[..n]);
+        self.left.drain(..n);
+        Ok(n)
+    }
+}
+
+/// On PostgreSQL the part already written goes too.
+#[test]
+fn a_stalled_upload_to_postgres_leaves_no_parts() {
+    with_pg_schema("stalled upload test", |pg_url, dir| {
+        let mut opts = pg_opts(pg_url, dir);
+        opts.limits.upload_stall_ms = 3_000;
+        let s = TestServer::start(opts);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let parts = || {
+            rt.block_on(async {
+                let pool = sqlx::PgPool::connect(pg_url).await.unwrap();
+                let n: i64 = sqlx::query_scalar("SELECT count(*) FROM blob_parts")
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap();
+                pool.close().await;
+                n
+            })
+        };
+        let addr = s.base.strip_prefix("http://").unwrap().to_string();
+        let mut conn = std::net::TcpStream::connect(&addr).unwrap();
+        conn.write_all(
+            format!(
+                "PUT /v1/bundles HTTP/1.1\r\nHost: {addr}\r\n\
+                 Content-Length: {}\r\nConnection: close\r\n\r\n",
+                2 * 1024 * 1024
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+        // More than one part: the first is in the database while the upload stalls.
+        let mut body = vec![0x1f, 0x8b];
+        body.resize(1024 * 1024 + 10, 7);
+        conn.write_all(&body).unwrap();
+        eventually(20, || (parts() == 1).then_some(()));
+        let answer = String::from_utf8_lossy(&read_until_closed(&mut conn).unwrap()).into_owned();
+        assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+        eventually(20, || (parts() == 0).then_some(()));
+    });
+}
+
 #[test]
 fn metrics_name_only_the_targets_the_lab_serves() {
     let s = TestServer::start(memory_opts());

@@ -786,3 +786,71 @@ fn a_submit_naming_a_bundle_gets_a_5xx_when_the_database_fails() {
     s.stop().unwrap();
     drop(guard);
 }
+
+/// Part buffers are bounded: with one permit, a second upload waits for the first's part
+/// to be written, then both are stored whole, and every permit comes back, also from an
+/// upload dropped midway.
+#[tokio::test]
+async fn uploads_share_a_bounded_number_of_part_buffers() {
+    let Some((store, guard, _schema)) = common::fresh_pg_store("blob buffer tests").await else {
+        return;
+    };
+    let blobs = Blobs::postgres_with_buffers(&store, 1);
+    let Blobs::Postgres(_, permits) = &blobs else {
+        panic!("not PostgreSQL storage");
+    };
+    let permits = permits.clone();
+    let (a_data, b_data) = (content(PART_BYTES + 7, 1), content(PART_BYTES / 2, 2));
+    let (a_tx, a_body) = channel_body();
+    let (b_tx, b_body) = channel_body();
+    let (ba, bb) = (blobs.clone(), blobs.clone());
+    let a = tokio::spawn(async move { ba.put(a_body, u64::MAX, None, |_| Ok(())).await });
+    a_tx.send(Ok(Bytes::copy_from_slice(&a_data[..100])))
+        .await
+        .unwrap();
+    wait_until("the first upload holds the buffer", || async {
+        permits.available_permits() == 0
+    })
+    .await;
+    let b = tokio::spawn(async move { bb.put(b_body, u64::MAX, None, |_| Ok(())).await });
+    b_tx.send(Ok(Bytes::copy_from_slice(&b_data)))
+        .await
+        .unwrap();
+    drop(b_tx);
+    // The second cannot buffer while the first holds the only buffer.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!b.is_finished());
+    // The first fills its part (written, buffer back), then its short last part.
+    a_tx.send(Ok(Bytes::copy_from_slice(&a_data[100..])))
+        .await
+        .unwrap();
+    drop(a_tx);
+    let stored_a = a.await.unwrap().unwrap();
+    let stored_b = b.await.unwrap().unwrap();
+    assert_eq!(stored_a.sha256, sha(&a_data));
+    assert_eq!(stored_b.sha256, sha(&b_data));
+    for (s, data) in [(&stored_a, &a_data), (&stored_b, &b_data)] {
+        let (body, size) = blobs.get(&s.sha256).await.unwrap().unwrap();
+        assert_eq!(size, data.len() as u64);
+        assert_eq!(&read_all(body).await, data);
+    }
+    assert_eq!(permits.available_permits(), 1);
+
+    // Dropped while buffering: its permit comes back.
+    let (c_tx, c_body) = channel_body();
+    let bc = blobs.clone();
+    let c = tokio::spawn(async move { bc.put(c_body, u64::MAX, None, |_| Ok(())).await });
+    c_tx.send(Ok(Bytes::from_static(b"half a part")))
+        .await
+        .unwrap();
+    wait_until("the third upload holds the buffer", || async {
+        permits.available_permits() == 0
+    })
+    .await;
+    c.abort();
+    wait_until("the dropped upload's buffer is back", || async {
+        permits.available_permits() == 1
+    })
+    .await;
+    drop(guard);
+}
