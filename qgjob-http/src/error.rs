@@ -103,12 +103,46 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        let refusal = self.status.is_client_error().then(|| Refusal {
+            code: self.code,
+            message: self.message.clone(),
+        });
         let mut err = json!({"code": self.code, "message": self.message});
         if let Some(f) = self.field {
             err["field"] = json!(f);
         }
-        (self.status, axum::Json(json!({ "error": err }))).into_response()
+        let mut resp = (self.status, axum::Json(json!({ "error": err }))).into_response();
+        if let Some(r) = refusal {
+            resp.extensions_mut().insert(r);
+        }
+        resp
     }
+}
+
+/// What a 4xx answer said, kept on the response for [`log_refusals`].
+#[derive(Debug, Clone)]
+struct Refusal {
+    code: &'static str,
+    message: String,
+}
+
+/// Middleware: logs every 4xx answer with its method, path and reason; 401 and 403 as
+/// warnings (a misconfigured agent or CI job, or someone trying tokens), the rest at info.
+/// tower-http's trace layer logs them only at debug, so an operator whose agents were
+/// refused saw nothing. No message names a token.
+pub async fn log_refusals(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let resp = next.run(req).await;
+    let status = resp.status();
+    if let Some(r) = resp.extensions().get::<Refusal>() {
+        if matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) {
+            tracing::warn!(%method, %path, status = status.as_u16(), code = r.code, "refused: {}", r.message);
+        } else {
+            tracing::info!(%method, %path, status = status.as_u16(), code = r.code, "refused: {}", r.message);
+        }
+    }
+    resp
 }
 
 impl From<StoreError> for ApiError {
@@ -281,4 +315,96 @@ pub enum ServerError {
     /// its store, its database is unreachable, or a store write failed while serving.
     #[error("{0}")]
     Unavailable(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::sync::{Arc, Mutex};
+
+    /// A log sink the test can read.
+    #[derive(Clone, Default)]
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Sink {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn get(addr: std::net::SocketAddr, path: &str) -> String {
+        let mut c = std::net::TcpStream::connect(addr).unwrap();
+        write!(
+            c,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut out = String::new();
+        c.read_to_string(&mut out).unwrap();
+        out
+    }
+
+    #[test]
+    fn refusals_are_logged_with_their_reason() {
+        let sink = Sink::default();
+        let writer = sink.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .with_max_level(tracing::Level::INFO)
+            .finish();
+        let _default = tracing::subscriber::set_default(subscriber);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let app = axum::Router::new()
+                .route(
+                    "/secret",
+                    axum::routing::get(|| async {
+                        Err::<(), _>(ApiError::unauthorized("unknown token"))
+                    }),
+                )
+                .route(
+                    "/missing",
+                    axum::routing::get(|| async { Err::<(), _>(ApiError::not_found("no job j1")) }),
+                )
+                .route("/fine", axum::routing::get(|| async { "ok" }))
+                .layer(axum::middleware::from_fn(log_refusals));
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            tokio::spawn(async move { axum::serve(listener, app).await });
+            let answers = tokio::task::spawn_blocking(move || {
+                ["/secret", "/missing", "/fine"].map(|p| get(addr, p))
+            })
+            .await
+            .unwrap();
+            assert!(answers[0].starts_with("HTTP/1.1 401"), "{}", answers[0]);
+            assert!(answers[1].starts_with("HTTP/1.1 404"), "{}", answers[1]);
+            assert!(answers[2].starts_with("HTTP/1.1 200"), "{}", answers[2]);
+        });
+        let log = String::from_utf8(sink.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<&str> = log.lines().collect();
+        assert_eq!(lines.len(), 2, "{log}");
+        assert!(
+            lines[0].contains("WARN")
+                && lines[0].contains("refused: unknown token")
+                && lines[0].contains("path=/secret")
+                && lines[0].contains("status=401"),
+            "{log}"
+        );
+        assert!(
+            lines[1].contains("INFO")
+                && lines[1].contains("refused: no job j1")
+                && lines[1].contains("code=\"not_found\"")
+                && lines[1].contains("method=GET"),
+            "{log}"
+        );
+    }
 }

@@ -260,6 +260,7 @@ pub fn app(state: AppState) -> Router {
             )),
             intake::guard,
         ))
+        .layer(axum::middleware::from_fn(error::log_refusals))
         .layer(TraceLayer::new_for_http())
         .with_state(state)
 }
