@@ -899,3 +899,156 @@ impl Store for PgStore {
         Ok(out)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{TokenKind, TokenRecord};
+    use qgjob_core::{GroupedScheduler, JobSpec, Scheduler, SchedulerConfig};
+
+    /// The test database, as the integration tests name it (`QGJOB_TEST_PG_URL`).
+    fn pg_url() -> String {
+        std::env::var("QGJOB_TEST_PG_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_string())
+    }
+
+    /// A store in a fresh schema and the schema's name. No server answering is a failure
+    /// (CI starts one), unless `QGJOB_SKIP_PG=1` asks to leave PostgreSQL out: then `None`.
+    async fn fresh_store(what: &str) -> Option<(PgStore, Schema)> {
+        let mut rnd = [0u8; 8];
+        getrandom::fill(&mut rnd).unwrap();
+        let schema = format!("qgjob_test_{}", hex::encode(rnd));
+        match PgStore::connect(&pg_url(), Some(&schema)).await {
+            Ok(s) => Some((s, Schema(schema))),
+            Err(e) if std::env::var("QGJOB_SKIP_PG").is_ok_and(|v| v == "1") => {
+                eprintln!(
+                    "QGJOB_SKIP_PG=1: skipping the PostgreSQL {what} ({} : {e})",
+                    pg_url()
+                );
+                None
+            }
+            Err(e) => panic!(
+                "PostgreSQL not reachable at {} ({e}); start it, point QGJOB_TEST_PG_URL at \
+                 one, or set QGJOB_SKIP_PG=1 to leave it out",
+                pg_url()
+            ),
+        }
+    }
+
+    /// Drops its schema when dropped, the test passing or not.
+    struct Schema(String);
+
+    impl Drop for Schema {
+        fn drop(&mut self) {
+            let schema = self.0.clone();
+            // Dropped inside the test's runtime: a thread with its own.
+            let _ = std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                rt.block_on(async {
+                    if let Ok(pool) = PgPool::connect(&pg_url()).await {
+                        let _ = sqlx::query(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+                            .execute(&pool)
+                            .await;
+                        pool.close().await;
+                    }
+                });
+            })
+            .join();
+        }
+    }
+
+    /// A queued job, as a server writes it.
+    fn a_job() -> Job {
+        let mut s = GroupedScheduler::new(SchedulerConfig::default());
+        let spec = JobSpec::new(
+            OrgId::new("acme").unwrap(),
+            AppVersionId::new("v1").unwrap(),
+            vec!["t.spec.js".to_string()],
+        );
+        s.submit(Time(1000), spec).unwrap();
+        s.list(&JobFilter::default())
+            .into_iter()
+            .next()
+            .cloned()
+            .unwrap()
+    }
+
+    /// The lock's holder is its session in this run of the database: the same backend pid
+    /// and key recorded in another run (after a restart a new session, maybe another
+    /// server's, can get that pid and hold the same lock) are not this server's lock, and
+    /// a store that recorded them writes nothing. Neither is another session of this run,
+    /// nor another key.
+    #[tokio::test]
+    async fn the_lock_holder_is_checked_with_the_database_start_time() {
+        let Some((store, _schema)) = fresh_store("lock holder test").await else {
+            return;
+        };
+        let lock = store.lock_exclusive().await.unwrap().expect("a free store");
+        let holder = store
+            .lock
+            .get()
+            .cloned()
+            .expect("the store names its holder");
+        let mut conn = store.pool.acquire().await.unwrap();
+        assert!(lock_held(&mut conn, &holder).await.unwrap());
+
+        // The holder's pid and key, in the run of the database before a restart.
+        let earlier = Holder {
+            started: holder.started - 3600.0,
+            ..holder.clone()
+        };
+        assert!(!lock_held(&mut conn, &earlier).await.unwrap());
+        // A session of this run that holds no lock, and a key the holder does not hold.
+        let other: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap();
+        assert_ne!(other, holder.pid);
+        let not_holding = Holder {
+            pid: other,
+            ..holder.clone()
+        };
+        assert!(!lock_held(&mut conn, &not_holding).await.unwrap());
+        let other_key = Holder {
+            key: holder.key ^ 1,
+            ..holder.clone()
+        };
+        assert!(!lock_held(&mut conn, &other_key).await.unwrap());
+        drop(conn);
+
+        // Writes check the holder the store recorded: with the earlier run's, none lands
+        // (jobs are checked in their insert, the other tables when their transaction begins).
+        let job = a_job();
+        let batch = WriteBatch {
+            jobs: vec![job.clone()],
+            runs: vec![],
+        };
+        let token = TokenRecord {
+            hash: "ab".repeat(32),
+            kind: TokenKind::Admin,
+            org_id: None,
+        };
+        let stale = PgStore {
+            lock: Arc::new(OnceLock::from(earlier)),
+            ..store.clone()
+        };
+        let e = stale.write(&batch).await.expect_err("a stale holder");
+        assert!(matches!(e, StoreError::Fenced(_)), "{e}");
+        let e = stale.add_token(&token).await.expect_err("a stale holder");
+        assert!(matches!(e, StoreError::Fenced(_)), "{e}");
+        assert_eq!(store.get_job(job.id).await.unwrap(), None);
+        assert!(store.tokens().await.unwrap().is_empty());
+        // With the holder as it is, they do.
+        store.write(&batch).await.unwrap();
+        store.add_token(&token).await.unwrap();
+        assert_eq!(store.get_job(job.id).await.unwrap(), Some(job));
+        assert_eq!(store.tokens().await.unwrap().len(), 1);
+
+        // Closed while this runtime runs, before the schema is dropped under them.
+        drop(lock);
+        store.close().await;
+    }
+}
