@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write as _;
 
 use common::{device, eventually, memory_opts, spec, sqlite_opts, Client, TestServer};
@@ -1341,6 +1341,140 @@ fn a_server_that_loses_the_store_lock_stops_and_the_standby_takes_over() {
         eventually(30, || (sc.get("/readyz").0 == 200).then_some(()));
         assert_eq!(job_state(&sc, &id)["state"], "queued");
         standby.stop().unwrap();
+    });
+}
+
+/// The sessions on which standbys of the store `pg_url` names wait for its lock (their
+/// `application_name` says `standby`), each with the time its last query began, and the
+/// database's clock; with `end`, ends them (and returns those it ended).
+fn standby_sessions(pg_url: &str, end: bool) -> (f64, BTreeMap<i32, f64>) {
+    let schema = pg_url.rsplit('=').next().unwrap().to_string();
+    let base = pg_url.split('?').next().unwrap().to_string();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let pool = sqlx::PgPool::connect(&base).await.unwrap();
+        let now: f64 = sqlx::query_scalar("SELECT extract(epoch FROM clock_timestamp())::float8")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        let rows: Vec<(i32, f64, bool)> = sqlx::query_as(
+            "SELECT pid, extract(epoch FROM query_start)::float8, \
+             CASE WHEN $2 THEN pg_terminate_backend(pid) ELSE true END \
+             FROM pg_stat_activity \
+             WHERE application_name LIKE 'qgjob ' || left(md5($1), 8) || ' standby %'",
+        )
+        .bind(&schema)
+        .bind(end)
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        pool.close().await;
+        assert!(rows.iter().all(|(_, _, ok)| *ok), "{rows:?}");
+        (now, rows.into_iter().map(|(pid, q, _)| (pid, q)).collect())
+    })
+}
+
+/// The pids of [`standby_sessions`].
+fn pids(sessions: &BTreeMap<i32, f64>) -> BTreeSet<i32> {
+    sessions.keys().copied().collect()
+}
+
+/// Asserts that the server `c` talks to stands by.
+fn stands_by(c: &Client) {
+    let (st, v) = c.get("/readyz");
+    assert_eq!(
+        (st, v["error"]["code"].as_str()),
+        (503, Some("standby")),
+        "{v}"
+    );
+    let (st, v) = c.get("/healthz");
+    assert_eq!((st, v["status"].as_str()), (200, Some("standby")), "{v}");
+}
+
+/// One server and two standbys on one store. When the server stops, exactly one standby
+/// takes over. It ends the store's sessions that are not its own (the other standby's
+/// pooled connection among them) but not the other standby's lock session: that one goes
+/// on standing by, and gets over its lock session ending too. When the second server
+/// loses its lock, that standby takes over with every job either server acknowledged.
+#[test]
+fn two_standbys_take_over_one_after_the_other() {
+    with_pg_schema("two standbys test", |pg_url, dir| {
+        let first = TestServer::start(pg_opts(pg_url, dir));
+        let c = first.client(None);
+        let mut ids: Vec<String> = (0..3)
+            .map(|i| submit(&c, "qualgent", "v1", &format!("tests/first-{i}.spec.js")))
+            .collect();
+        let (s1, c1, _d1) = standby_on(pg_url);
+        let (s2, c2, _d2) = standby_on(pg_url);
+        // Their lock sessions: the two that ask for the lock from now on (the session
+        // each tried the lock on as it started may still be listed, ending).
+        let (since, _) = standby_sessions(pg_url, false);
+        let waiting = eventually(30, || {
+            let (_, s) = standby_sessions(pg_url, false);
+            (s.len() == 2 && s.values().all(|q| *q > since)).then(|| pids(&s))
+        });
+        stands_by(&c1);
+        stands_by(&c2);
+        // The first server still serves, alone.
+        ids.push(submit(&c, "qualgent", "v1", "tests/first-3.spec.js"));
+
+        first.stop().unwrap();
+        let one = eventually(30, || match (c1.get("/readyz").0, c2.get("/readyz").0) {
+            (200, 200) => panic!("two standbys serve one store"),
+            (200, _) => Some(true),
+            (_, 200) => Some(false),
+            _ => None,
+        });
+        let (second, sc, last, lc) = if one {
+            (s1, c1, s2, c2)
+        } else {
+            (s2, c2, s1, c1)
+        };
+        // The other still stands by, on the same lock session: the takeover did not end it.
+        stands_by(&lc);
+        let left = pids(&standby_sessions(pg_url, false).1);
+        assert_eq!(left.len(), 1, "{left:?} of {waiting:?}");
+        assert!(left.is_subset(&waiting), "{left:?} of {waiting:?}");
+        for id in &ids {
+            assert_eq!(job_state(&sc, id)["state"], "queued");
+        }
+        ids.extend(
+            (0..2).map(|i| submit(&sc, "qualgent", "v1", &format!("tests/second-{i}.spec.js"))),
+        );
+        stands_by(&lc);
+
+        // Its lock session ends (the database or an operator ended it): it asks again on
+        // a new one.
+        assert_eq!(pids(&standby_sessions(pg_url, true).1), left);
+        stands_by(&lc);
+        eventually(30, || {
+            let s = pids(&standby_sessions(pg_url, false).1);
+            (s.len() == 1 && s.is_disjoint(&left)).then_some(())
+        });
+        stands_by(&lc);
+        ids.push(submit(&sc, "qualgent", "v1", "tests/second-2.spec.js"));
+
+        // The second server loses its lock: it stops, and the last standby takes over.
+        assert_eq!(end_lock_session(pg_url), 1);
+        eventually(30, || {
+            sc.try_get("/readyz")
+                .is_none_or(|(st, _)| st != 200)
+                .then_some(())
+        });
+        let err = second.stop().expect_err("stops on losing the lock");
+        assert!(err.to_string().contains("lost the store's lock"), "{err}");
+        eventually(30, || (lc.get("/readyz").0 == 200).then_some(()));
+        for id in &ids {
+            assert_eq!(job_state(&lc, id)["state"], "queued");
+        }
+        let (_, page) = lc.get("/v1/jobs?limit=100");
+        assert_eq!(page["jobs"].as_array().unwrap().len(), ids.len(), "{page}");
+        let id = submit(&lc, "qualgent", "v1", "tests/last.spec.js");
+        assert_eq!(job_state(&lc, &id)["state"], "queued");
+        last.stop().unwrap();
     });
 }
 
