@@ -7,14 +7,15 @@
 //!   [`Notify`], so long-polling agents wake the moment work arrives, and
 //!   [`SharedScheduler::spawn_ticker`] expires leases and releases retries on time.
 //! * [`Agent`] runs one loop per device: lease, install if asked, run the batch while
-//!   heartbeating (cancels from the heartbeat reach the device), report every job, repeat;
+//!   heartbeating (cancels from the heartbeat reach the device), report every job (within
+//!   [`AgentConfig::report_patience`] when the scheduler answers but refuses one), repeat;
 //!   shutdown stops leasing, lets in-flight batches finish and report, then unregisters.
 //!   A device the scheduler refuses to register stops the whole agent with an error.
 //!
 //! The scheduler itself stays free of tokio and clocks: only this module reads time.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -586,9 +587,28 @@ pub struct AgentConfig {
     pub retry_max: Duration,
     /// Attempts at delivering one report once the agent is stopping (the lease then
     /// expires and the scheduler requeues the job; see [`AgentCounters::unreported`]). While
-    /// it runs, the agent keeps trying: a finished test's result outlives a server restart
-    /// (the server extends restored leases), and the device has nothing better to do.
+    /// it runs, the agent keeps trying while the scheduler is unreachable: a finished test's
+    /// result outlives a server restart (the server extends restored leases), and the device
+    /// has nothing better to do. Also the attempts at the infrastructure failure sent in
+    /// place of a verdict the scheduler kept refusing (see `report_patience`).
     pub report_attempts: u32,
+    /// How long one report may keep failing with transport errors (a 5xx, no answer) while
+    /// the scheduler answers the lease's heartbeats, before the agent stops retrying it.
+    /// Without a bound, a report the server keeps refusing (a bug on one job, a report it
+    /// cannot store) held the device and the job forever, since the heartbeats kept the
+    /// lease alive. Time while the heartbeats fail too does not count (roughly: from the
+    /// first failed heartbeat to the next answered one): the scheduler is then unreachable,
+    /// and a result should outlive an outage or a restart.
+    ///
+    /// When it runs out on a verdict, the agent reports an [`InfraErrorKind::Other`] failure
+    /// instead, saying the result could not be delivered and why (at most `report_attempts`
+    /// tries), so the scheduler retries the job by its usual rules and the job's error tells
+    /// the user; see [`AgentCounters::undelivered`]. If that fails too, or the refused
+    /// report was a failure already, the agent gives the job up
+    /// ([`AgentCounters::unreported`]) and goes on with the batch; once the batch is done, it
+    /// stops heartbeating the lease and registers the device idle, which makes the
+    /// scheduler requeue what the lease still holds at once rather than keep the device busy.
+    pub report_patience: Duration,
     /// On shutdown, how long a long poll that is not cancel-safe (see
     /// [`AgentLink::lease_is_cancel_safe`]) still gets to answer, so that a lease whose answer
     /// is already on its way is run rather than handed back. Keep it above the link's round
@@ -610,6 +630,7 @@ impl Default for AgentConfig {
             retry_min: Duration::from_millis(200),
             retry_max: Duration::from_secs(5),
             report_attempts: 10,
+            report_patience: Duration::from_secs(300),
             shutdown_grace: Duration::from_millis(500),
             held_patience: Duration::from_secs(60),
         }
@@ -645,6 +666,7 @@ pub struct AgentStats {
     canceled: AtomicU64,
     infra_failures: AtomicU64,
     unreported: AtomicU64,
+    undelivered: AtomicU64,
     stale_leases: AtomicU64,
     transport_errors: AtomicU64,
     unhealthy: AtomicU64,
@@ -677,10 +699,16 @@ pub struct AgentCounters {
     /// Infrastructure failures reported (the scheduler may have retried them); cancels are
     /// not counted here.
     pub infra_failures: u64,
-    /// Results that could not be delivered before the agent stopped (the scheduler was
-    /// unreachable): their jobs run again once their leases expire.
+    /// Results that could not be delivered: before the agent stopped (the scheduler was
+    /// unreachable), or at all while the scheduler kept refusing them (see
+    /// [`AgentConfig::report_patience`]). Their jobs run again once their leases end.
     #[serde(default)]
     pub unreported: u64,
+    /// Verdicts the scheduler kept refusing for [`AgentConfig::report_patience`], reported
+    /// instead as an infrastructure failure that says so, so that the scheduler retried the
+    /// job (also counted in `jobs_run`, and in `infra_failures` unless it was canceled).
+    #[serde(default)]
+    pub undelivered: u64,
     /// Leases abandoned because the scheduler no longer knew them.
     pub stale_leases: u64,
     /// Transport errors seen (each one retried).
@@ -711,6 +739,7 @@ impl AgentStats {
             canceled: g(&self.canceled),
             infra_failures: g(&self.infra_failures),
             unreported: g(&self.unreported),
+            undelivered: g(&self.undelivered),
             stale_leases: g(&self.stale_leases),
             transport_errors: g(&self.transport_errors),
             rejected: g(&self.rejected),
@@ -1005,13 +1034,23 @@ async fn device_loop(ctx: Ctx, mut shutdown: ShutdownSignal) -> Result<(), Agent
             Ok(None) => backoff.reset(),
             Ok(Some(lease)) => {
                 backoff.reset();
-                if run_lease(&ctx, lease).await && !ctx.device.healthy().await {
+                let ended = run_lease(&ctx, lease).await;
+                if ended.device_lost && !ctx.device.healthy().await {
                     // Gone: off the scheduler (so its jobs and its build's group go to other
                     // devices, or wait) until it is back.
                     let _ = ctx.link.unregister(&id, Some(&ctx.session)).await;
                     if !until_healthy(&ctx, &mut shutdown).await
                         || !register(&ctx, &mut shutdown).await?
                     {
+                        break;
+                    }
+                } else if ended.jobs_left && !shutdown.is_triggered() {
+                    // The lease still holds jobs we could not report, and nothing heartbeats
+                    // it any more. Registering the device idle hands them back now (to be
+                    // retried, by the scheduler's rules), rather than leaving the device
+                    // refused as busy until the lease expires. (A stopping agent unregisters
+                    // below, which does the same.)
+                    if !register(&ctx, &mut shutdown).await? {
                         break;
                     }
                 }
@@ -1060,7 +1099,9 @@ async fn device_loop(ctx: Ctx, mut shutdown: ShutdownSignal) -> Result<(), Agent
 
 /// Heartbeats `lease` every interval, passing cancels to the device; returns when the lease
 /// is stale. Transport errors are retried at the next interval (the TTL spans several).
-async fn heartbeat_loop(ctx: &Ctx, lease: LeaseId, cancel: &CancelSender) {
+/// `answering` says whether the last heartbeat was answered (see
+/// [`AgentConfig::report_patience`]).
+async fn heartbeat_loop(ctx: &Ctx, lease: LeaseId, cancel: &CancelSender, answering: &AtomicBool) {
     let every = ctx.cfg.heartbeat_interval.max(Duration::from_millis(1));
     let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -1068,19 +1109,30 @@ async fn heartbeat_loop(ctx: &Ctx, lease: LeaseId, cancel: &CancelSender) {
         ticks.tick().await;
         match ctx.link.heartbeat(lease).await {
             Ok(ack) => {
+                answering.store(true, Ordering::Relaxed);
                 if !ack.cancel.is_empty() {
                     cancel.cancel(&ack.cancel);
                 }
             }
             Err(LinkError::Stale) => return,
-            Err(e) => ctx.stats.note(&e),
+            Err(e) => {
+                answering.store(false, Ordering::Relaxed);
+                ctx.stats.note(&e);
+            }
         }
     }
 }
 
-/// Installs if asked, runs the batch while heartbeating, reports every job. Returns whether
-/// the device was reported lost.
-async fn run_lease(ctx: &Ctx, lease: Lease) -> bool {
+/// How a lease ended for the device loop.
+struct LeaseEnd {
+    /// A job reported the device lost.
+    device_lost: bool,
+    /// The lease still holds jobs whose reports were given up or refused.
+    jobs_left: bool,
+}
+
+/// Installs if asked, runs the batch while heartbeating, reports every job.
+async fn run_lease(ctx: &Ctx, lease: Lease) -> LeaseEnd {
     AgentStats::bump(&ctx.stats.leases);
     let (cancel_tx, cancel_rx) = CancelWatch::channel();
     let job_ids: Vec<JobId> = lease.jobs.iter().map(|j| j.id).collect();
@@ -1091,7 +1143,9 @@ async fn run_lease(ctx: &Ctx, lease: Lease) -> bool {
         }
         Ok::<Vec<JobRun>, InfraFailure>(ctx.device.run(&lease.build, &lease.jobs, cancel_rx).await)
     };
-    let heartbeat = heartbeat_loop(ctx, lease.id, &cancel_tx);
+    // The lease poll was just answered.
+    let answering = AtomicBool::new(true);
+    let heartbeat = heartbeat_loop(ctx, lease.id, &cancel_tx, &answering);
     tokio::pin!(work, heartbeat);
 
     let outcome = tokio::select! {
@@ -1104,7 +1158,10 @@ async fn run_lease(ctx: &Ctx, lease: Lease) -> bool {
         ctx.stats.note(&LinkError::Stale);
         cancel_tx.cancel(&job_ids);
         let _ = work.await;
-        return false;
+        return LeaseEnd {
+            device_lost: false,
+            jobs_left: false,
+        };
     };
     let results: Vec<(JobId, JobRun)> = match outcome {
         Err(install_failure) => job_ids
@@ -1127,16 +1184,24 @@ async fn run_lease(ctx: &Ctx, lease: Lease) -> bool {
                 .collect()
         }
     };
-    let lost = results
+    let device_lost = results
         .iter()
         .any(|(_, r)| matches!(r, Err(f) if f.kind == InfraErrorKind::DeviceLost));
-    let reports = report_all(ctx, lease.id, results);
+    let reports = report_all(ctx, lease.id, results, &answering);
     tokio::pin!(reports);
-    tokio::select! {
-        () = &mut reports => {}
-        () = &mut heartbeat => ctx.stats.note(&LinkError::Stale),
+    // The heartbeats go on while the reports are sent, and end with them.
+    let jobs_left = tokio::select! {
+        left = &mut reports => left,
+        () = &mut heartbeat => {
+            // The scheduler has moved the lease's jobs on: nothing is left to hand back.
+            ctx.stats.note(&LinkError::Stale);
+            false
+        }
+    };
+    LeaseEnd {
+        device_lost,
+        jobs_left,
     }
-    lost
 }
 
 /// Waits until the device is healthy, asking every `HEALTH_EVERY`; false when shutdown
@@ -1161,55 +1226,177 @@ async fn until_healthy(ctx: &Ctx, shutdown: &mut ShutdownSignal) -> bool {
 const HEALTH_EVERY: Duration = Duration::from_secs(3);
 
 /// Reports each job, retrying transport errors; a job the lease no longer holds is skipped.
-async fn report_all(ctx: &Ctx, lease: LeaseId, results: Vec<(JobId, JobRun)>) {
-    // Once a stopping agent gave up one report, the scheduler is unreachable: the rest of
-    // the batch gets one try each, so the agent does not wait out every job's retries.
-    let mut gave_up = false;
+/// Returns whether the lease still holds jobs whose reports were given up or refused.
+async fn report_all(
+    ctx: &Ctx,
+    lease: LeaseId,
+    results: Vec<(JobId, JobRun)>,
+    answering: &AtomicBool,
+) -> bool {
+    let mut batch = BatchReports {
+        answering,
+        stopping_gave_up: false,
+    };
+    let mut jobs_left = false;
     for (job, run) in results {
-        let mut backoff = Backoff::new(&ctx.cfg);
-        let mut attempts = 0;
-        loop {
-            attempts += 1;
-            let sent = match &run {
-                Ok(report) => ctx.link.complete(lease, job, report.clone()).await,
-                Err(failure) => ctx.link.fail(lease, job, failure.clone()).await,
-            };
-            match sent {
-                Ok(state) => {
-                    AgentStats::bump(&ctx.stats.jobs_run);
-                    match (&run, state) {
-                        (Err(_), JobState::Canceled) => AgentStats::bump(&ctx.stats.canceled),
-                        (Err(_), _) => AgentStats::bump(&ctx.stats.infra_failures),
-                        (Ok(_), JobState::Passed) => AgentStats::bump(&ctx.stats.passed),
-                        (Ok(_), JobState::Failed) => AgentStats::bump(&ctx.stats.failed),
-                        _ => {}
-                    }
-                    break;
+        let mut sent = deliver(ctx, lease, job, &run, Budget::Patience, &mut batch).await;
+        // Why the first report was given up, once the agent reports something else instead.
+        let mut instead = None;
+        if let (Ok(report), Sent::Undelivered(e)) = (&run, &sent) {
+            if !ctx.stopping.is_triggered() {
+                // The scheduler answers but keeps refusing this verdict: say so as an
+                // infrastructure failure, which the scheduler retries by its usual rules
+                // and which shows the user why the job ran again.
+                let failure = InfraFailure {
+                    kind: InfraErrorKind::Other,
+                    message: format!(
+                        "the tests' result ({}) could not be delivered: {}",
+                        if report.passed { "passed" } else { "failed" },
+                        refused(ctx.cfg.report_patience, e)
+                    ),
+                };
+                instead = Some(failure.message.clone());
+                sent = deliver(ctx, lease, job, &Err(failure), Budget::Attempts, &mut batch).await;
+            }
+        }
+        match sent {
+            Sent::Accepted(state) if instead.is_some() => {
+                AgentStats::bump(&ctx.stats.jobs_run);
+                AgentStats::bump(&ctx.stats.undelivered);
+                if state == JobState::Canceled {
+                    AgentStats::bump(&ctx.stats.canceled);
+                } else {
+                    AgentStats::bump(&ctx.stats.infra_failures);
                 }
-                Err(LinkError::Stale) => {
-                    // This job is no longer the lease's (the scheduler ended it, e.g. a
-                    // cancel's grace ran out); the others may still be: go on.
-                    ctx.stats.note(&LinkError::Stale);
-                    break;
+            }
+            Sent::Accepted(state) => {
+                AgentStats::bump(&ctx.stats.jobs_run);
+                match (&run, state) {
+                    (Err(_), JobState::Canceled) => AgentStats::bump(&ctx.stats.canceled),
+                    (Err(_), _) => AgentStats::bump(&ctx.stats.infra_failures),
+                    (Ok(_), JobState::Passed) => AgentStats::bump(&ctx.stats.passed),
+                    (Ok(_), JobState::Failed) => AgentStats::bump(&ctx.stats.failed),
+                    _ => {}
                 }
-                Err(e @ LinkError::Transport(_)) => {
-                    ctx.stats.note(&e);
-                    if ctx.stopping.is_triggered()
-                        && (gave_up || attempts >= ctx.cfg.report_attempts)
-                    {
-                        AgentStats::bump(&ctx.stats.unreported);
-                        gave_up = true;
-                        break;
-                    }
-                    tokio::time::sleep(backoff.next()).await;
+            }
+            // This job is no longer the lease's (the scheduler ended it, e.g. a cancel's
+            // grace ran out); the others may still be: go on.
+            Sent::Stale => {}
+            Sent::Rejected => {
+                jobs_left = true;
+                if instead.is_some() {
+                    AgentStats::bump(&ctx.stats.unreported);
                 }
-                Err(e) => {
-                    ctx.stats.note(&e);
-                    break;
+            }
+            Sent::Undelivered(e) => {
+                AgentStats::bump(&ctx.stats.unreported);
+                jobs_left = true;
+                if !ctx.stopping.is_triggered() {
+                    // Best effort, once: the job's log is where the user looks for why it
+                    // ran again, and the scheduler's note on requeueing it cannot know.
+                    let why = instead.unwrap_or_else(|| refused(ctx.cfg.report_patience, &e));
+                    let note = format!("qgjob agent: gave up reporting this attempt: {why}\n");
+                    let _ = ctx.link.log(lease, job, &note).await;
                 }
             }
         }
     }
+    jobs_left
+}
+
+/// What the reports of one batch share.
+struct BatchReports<'a> {
+    /// Whether the lease's last heartbeat was answered.
+    answering: &'a AtomicBool,
+    /// Once a stopping agent gave up one report, the scheduler is unreachable: the rest of
+    /// the batch gets one try each, so the agent does not wait out every job's retries.
+    stopping_gave_up: bool,
+}
+
+/// How long [`deliver`] retries transport errors while the agent runs.
+#[derive(Debug, Clone, Copy)]
+enum Budget {
+    /// Until refused for [`AgentConfig::report_patience`] while heartbeats were answered.
+    Patience,
+    /// [`AgentConfig::report_attempts`] tries.
+    Attempts,
+}
+
+/// How one report ended.
+enum Sent {
+    /// The scheduler took it; the job's state after it.
+    Accepted(JobState),
+    /// The lease no longer holds the job.
+    Stale,
+    /// Refused as invalid: sending it again cannot help.
+    Rejected,
+    /// Given up after transport errors (the last one).
+    Undelivered(LinkError),
+}
+
+/// Sends one report, retrying transport errors within `budget` (or, once the agent is
+/// stopping, [`AgentConfig::report_attempts`]).
+async fn deliver(
+    ctx: &Ctx,
+    lease: LeaseId,
+    job: JobId,
+    run: &JobRun,
+    budget: Budget,
+    batch: &mut BatchReports<'_>,
+) -> Sent {
+    let mut backoff = Backoff::new(&ctx.cfg);
+    let mut attempts: u32 = 0;
+    // How long the report has been refused while the heartbeats were answered: an
+    // unreachable scheduler (an outage, a restart) does not use up the patience.
+    let mut refused_for = Duration::ZERO;
+    let mut since = tokio::time::Instant::now();
+    loop {
+        attempts = attempts.saturating_add(1);
+        let sent = match run {
+            Ok(report) => ctx.link.complete(lease, job, report.clone()).await,
+            Err(failure) => ctx.link.fail(lease, job, failure.clone()).await,
+        };
+        match sent {
+            Ok(state) => return Sent::Accepted(state),
+            Err(LinkError::Stale) => {
+                ctx.stats.note(&LinkError::Stale);
+                return Sent::Stale;
+            }
+            Err(e @ LinkError::Transport(_)) => {
+                ctx.stats.note(&e);
+                let now = tokio::time::Instant::now();
+                if batch.answering.load(Ordering::Relaxed) {
+                    refused_for += now - since;
+                }
+                since = now;
+                let spent = if ctx.stopping.is_triggered() {
+                    batch.stopping_gave_up || attempts >= ctx.cfg.report_attempts
+                } else {
+                    match budget {
+                        Budget::Patience => refused_for >= ctx.cfg.report_patience,
+                        Budget::Attempts => attempts >= ctx.cfg.report_attempts,
+                    }
+                };
+                if spent {
+                    batch.stopping_gave_up |= ctx.stopping.is_triggered();
+                    return Sent::Undelivered(e);
+                }
+                tokio::time::sleep(backoff.next()).await;
+            }
+            Err(e) => {
+                ctx.stats.note(&e);
+                return Sent::Rejected;
+            }
+        }
+    }
+}
+
+/// Why a report was given up while the scheduler answered heartbeats, in words.
+fn refused(patience: Duration, last: &LinkError) -> String {
+    format!(
+        "the server refused it for {patience:?} while it answered the agent's heartbeats \
+         (last: {last})"
+    )
 }
 
 /// Runs `fut` with the scheduler's timers driven in the background, stopping the ticker

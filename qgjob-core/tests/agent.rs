@@ -634,8 +634,10 @@ async fn shutdown_lets_the_running_batch_finish_and_report() {
 
 /// A link over a pretend network. By default it passes every call to the scheduler; its
 /// knobs lose requests (a flaky network), delay lease answers (dropping the poll part-way
-/// would lose the lease), or refuse a device for good (as a server refuses a wrong token)
-/// after failing its first registrations with transport errors.
+/// would lose the lease), refuse a device for good (as a server refuses a wrong token)
+/// after failing its first registrations with transport errors, or answer some jobs'
+/// reports with a server error while every other call goes through (a server bug on one
+/// job). It keeps the log lines it is sent.
 struct TestNet {
     inner: LocalLink<GroupedScheduler>,
     /// Lose one request in three, and every job's first report.
@@ -650,6 +652,12 @@ struct TestNet {
     transport_failures: AtomicU64,
     /// The scheduler is unreachable: every call fails with a transport error.
     down: std::sync::atomic::AtomicBool,
+    /// Jobs whose `complete` reports fail with a server error.
+    refuse_complete: Mutex<BTreeSet<JobId>>,
+    /// Jobs whose `fail` reports fail with a server error.
+    refuse_fail: Mutex<BTreeSet<JobId>>,
+    /// Log lines sent, by job.
+    logs: Mutex<Vec<(JobId, String)>>,
 }
 
 impl TestNet {
@@ -663,6 +671,19 @@ impl TestNet {
             refuse: None,
             transport_failures: AtomicU64::new(0),
             down: std::sync::atomic::AtomicBool::new(false),
+            refuse_complete: Mutex::new(BTreeSet::new()),
+            refuse_fail: Mutex::new(BTreeSet::new()),
+            logs: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn server_error(refused: &Mutex<BTreeSet<JobId>>, job: JobId) -> Result<(), LinkError> {
+        if refused.lock().unwrap().contains(&job) {
+            Err(LinkError::Transport(
+                "500 internal: store write failed".into(),
+            ))
+        } else {
+            Ok(())
         }
     }
 
@@ -732,6 +753,7 @@ impl AgentLink for TestNet {
         if self.lossy && self.failed_once.lock().unwrap().insert(job) {
             return Err(LinkError::Transport("502 bad gateway".into()));
         }
+        Self::server_error(&self.refuse_complete, job)?;
         self.inner.complete(lease, job, report).await
     }
     async fn fail(
@@ -741,7 +763,13 @@ impl AgentLink for TestNet {
         failure: InfraFailure,
     ) -> Result<JobState, LinkError> {
         self.unreachable()?;
+        Self::server_error(&self.refuse_fail, job)?;
         self.inner.fail(lease, job, failure).await
+    }
+    async fn log(&self, lease: LeaseId, job: JobId, text: &str) -> Result<(), LinkError> {
+        self.unreachable()?;
+        self.logs.lock().unwrap().push((job, text.to_string()));
+        self.inner.log(lease, job, text).await
     }
 }
 
@@ -817,6 +845,190 @@ async fn an_agent_stopping_during_an_outage_gives_up_and_counts_what_it_could_no
         "took {:?}",
         stopping.elapsed()
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_verdict_the_server_keeps_refusing_ends_as_an_infra_failure_and_the_device_moves_on() {
+    let s = shared(SchedulerConfig::default());
+    let ticker = s.spawn_ticker();
+    let net = Arc::new(TestNet::new(s.link()));
+    let mut sp = spec("acme", "v1", "tests/a.spec.js");
+    sp.max_attempts = 2;
+    let stuck = s.submit(sp).unwrap().job_id;
+    let others: Vec<JobId> = ["tests/b.spec.js", "tests/c.spec.js"]
+        .iter()
+        .map(|t| s.submit(spec("acme", "v1", t)).unwrap().job_id)
+        .collect();
+    // A server bug on one job: its verdict is answered with a 500, every time, while the
+    // heartbeats (and everything else) go through.
+    net.refuse_complete.lock().unwrap().insert(stuck);
+    let dev = Arc::new(SimDevice::new(sim("emu-1", 1_000, 10_000)));
+    let cfg = AgentConfig {
+        max_batch: 1,
+        ..agent_cfg()
+    };
+    let patience = cfg.report_patience;
+    let (shutdown, handle) = spawn_agent(Arc::clone(&net) as Arc<dyn AgentLink>, &[dev], cfg);
+
+    wait(&s, "the refused job retried", |s| {
+        s.get(stuck).is_some_and(|j| j.attempt == 2)
+    })
+    .await;
+    let retried = s.get(stuck).unwrap();
+    // Retried by the usual rules, and the reason is the job's to show.
+    let why = retried.last_error.clone().unwrap_or_default();
+    assert!(
+        why.contains("could not be delivered") && why.contains("500 internal"),
+        "{why}"
+    );
+    // Not before the patience ran out (virtual time: the run took 11 s).
+    assert!(
+        retried.released_at.0 >= patience.as_millis() as u64,
+        "{retried:?}"
+    );
+
+    let mut all = others.clone();
+    all.push(stuck);
+    wait(&s, "all final", all_final(&all)).await;
+    // The device went on to the other jobs, and the stuck one ended within its attempts.
+    for id in &others {
+        let j = s.get(*id).unwrap();
+        assert_eq!((j.state, j.attempt), (JobState::Passed, 1), "{j:?}");
+    }
+    let j = s.get(stuck).unwrap();
+    assert_eq!((j.state, j.attempt), (JobState::Error, 2), "{j:?}");
+    let err = j.outcome.unwrap().error.unwrap();
+    assert!(
+        err.starts_with("infrastructure error: the tests' result (passed) could not be delivered"),
+        "{err}"
+    );
+    shutdown.trigger();
+    let c = handle.await.unwrap().unwrap();
+    ticker.abort();
+    assert_eq!(
+        (
+            c.jobs_run,
+            c.passed,
+            c.infra_failures,
+            c.undelivered,
+            c.unreported
+        ),
+        (4, 2, 2, 2, 0),
+        "{c:?}"
+    );
+    assert!(c.transport_errors >= 2, "{c:?}");
+    assert!(s.read(|s| s.devices().is_empty()));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_job_whose_every_report_is_refused_is_given_up_and_its_lease_handed_back() {
+    let s = shared(SchedulerConfig::default());
+    let ticker = s.spawn_ticker();
+    let net = Arc::new(TestNet::new(s.link()));
+    let ids: Vec<JobId> = ["tests/a.spec.js", "tests/b.spec.js"]
+        .iter()
+        .map(|t| s.submit(spec("acme", "v1", t)).unwrap().job_id)
+        .collect();
+    let stuck = ids[0];
+    // Neither its verdict nor the failure sent in its place gets through.
+    net.refuse_complete.lock().unwrap().insert(stuck);
+    net.refuse_fail.lock().unwrap().insert(stuck);
+    let dev = Arc::new(SimDevice::new(sim("emu-1", 1_000, 10_000)));
+    let (shutdown, handle) =
+        spawn_agent(Arc::clone(&net) as Arc<dyn AgentLink>, &[dev], agent_cfg());
+    wait(&s, "both running in one lease", |s| {
+        ids.iter()
+            .all(|id| s.get(*id).is_some_and(|j| j.state == JobState::Running))
+    })
+    .await;
+
+    // Its batch mate is still reported, after the stuck one is given up.
+    wait(&s, "the batch mate passed", |s| {
+        s.get(ids[1]).is_some_and(|j| j.state == JobState::Passed)
+    })
+    .await;
+    let reported = tokio::time::Instant::now();
+    // Then the device hands the lease back rather than keep it alive: the stuck job goes
+    // back to the queue at once (virtual time), not once the lease would have expired.
+    wait(&s, "the stuck job requeued", |s| {
+        s.get(stuck).is_some_and(|j| j.attempt == 2)
+    })
+    .await;
+    assert!(
+        reported.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        reported.elapsed()
+    );
+    let j = s.get(stuck).unwrap();
+    let why = j.last_error.unwrap_or_default();
+    assert!(why.contains("came back idle"), "{why}");
+    // Why is in the job's log.
+    let logs = net.logs.lock().unwrap().clone();
+    assert!(
+        logs.iter().any(|(job, text)| *job == stuck
+            && text.contains("gave up reporting this attempt")
+            && text.contains("could not be delivered")),
+        "{logs:?}"
+    );
+
+    // The server is fixed: the next attempt is reported as usual.
+    net.refuse_complete.lock().unwrap().clear();
+    net.refuse_fail.lock().unwrap().clear();
+    wait(&s, "all final", all_final(&ids)).await;
+    let j = s.get(stuck).unwrap();
+    assert_eq!((j.state, j.attempt), (JobState::Passed, 2), "{j:?}");
+    shutdown.trigger();
+    let c = handle.await.unwrap().unwrap();
+    ticker.abort();
+    assert_eq!(
+        (
+            c.jobs_run,
+            c.passed,
+            c.undelivered,
+            c.unreported,
+            c.registrations
+        ),
+        (2, 2, 0, 1, 2),
+        "{c:?}"
+    );
+    assert_eq!(c.stale_leases, 0, "{c:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_refused_verdict_that_gets_through_within_the_patience_counts_as_it_was() {
+    let s = shared(SchedulerConfig::default());
+    let ticker = s.spawn_ticker();
+    let net = Arc::new(TestNet::new(s.link()));
+    let id = s
+        .submit(spec("acme", "v1", "tests/a.spec.js"))
+        .unwrap()
+        .job_id;
+    net.refuse_complete.lock().unwrap().insert(id);
+    let dev = Arc::new(SimDevice::new(sim("emu-1", 1_000, 10_000)));
+    let cfg = agent_cfg();
+    let patience = cfg.report_patience;
+    let (shutdown, handle) = spawn_agent(Arc::clone(&net) as Arc<dyn AgentLink>, &[dev], cfg);
+    wait(&s, "running", |s| {
+        s.get(id).is_some_and(|j| j.state == JobState::Running)
+    })
+    .await;
+    // The refusals last most of the patience (the run takes 11 s of it), then stop.
+    tokio::time::sleep(patience - Duration::from_secs(30)).await;
+    assert_eq!(s.get(id).unwrap().state, JobState::Running);
+    net.refuse_complete.lock().unwrap().clear();
+    wait(&s, "job final", all_final(&[id])).await;
+    let job = s.get(id).unwrap();
+    assert_eq!((job.state, job.attempt), (JobState::Passed, 1), "{job:?}");
+    shutdown.trigger();
+    let c = handle.await.unwrap().unwrap();
+    ticker.abort();
+    assert_eq!(
+        (c.jobs_run, c.passed, c.undelivered, c.unreported),
+        (1, 1, 0, 0),
+        "{c:?}"
+    );
+    assert!(c.transport_errors > 10, "{c:?}");
+    assert!(net.logs.lock().unwrap().is_empty());
 }
 
 #[tokio::test(start_paused = true)]
