@@ -1139,7 +1139,7 @@ impl Scheduler for GroupedScheduler {
                     now,
                     lease,
                     &format!(
-                        "device {} came back idle while running it (its agent restarted)",
+                        "device {} came back idle while running it (its agent restarted or gave the job up)",
                         device.id
                     ),
                 );

@@ -31,8 +31,18 @@ enum LogMsg {
 /// result is reported.
 pub struct LoggingLink {
     inner: Arc<dyn AgentLink>,
-    leases: Mutex<HashMap<JobId, LeaseId>>,
+    leases: Mutex<Leases>,
     tx: mpsc::UnboundedSender<LogMsg>,
+}
+
+/// Which lease each running job is under, and which jobs each device's lease holds.
+#[derive(Default)]
+struct Leases {
+    of_job: HashMap<JobId, LeaseId>,
+    /// A device runs one lease at a time: when it asks for the next, the jobs of its last
+    /// one are forgotten, also those whose reports never got through (given up, or the
+    /// lease went stale) and that nothing else would remove.
+    of_device: HashMap<DeviceId, Vec<JobId>>,
 }
 
 impl LoggingLink {
@@ -63,7 +73,7 @@ impl LoggingLink {
         });
         Arc::new(LoggingLink {
             inner,
-            leases: Mutex::new(HashMap::new()),
+            leases: Mutex::new(Leases::default()),
             tx,
         })
     }
@@ -77,14 +87,24 @@ impl LoggingLink {
 
     fn forget(&self, job: JobId) {
         if let Ok(mut m) = self.leases.lock() {
-            m.remove(&job);
+            m.of_job.remove(&job);
         }
+    }
+
+    /// Jobs whose lease is remembered.
+    #[cfg(test)]
+    fn tracked(&self) -> usize {
+        self.leases.lock().map(|m| m.of_job.len()).unwrap_or(0)
     }
 }
 
 impl LogSink for LoggingLink {
     fn log(&self, job: JobId, _attempt: u32, text: &str) {
-        let lease = self.leases.lock().ok().and_then(|m| m.get(&job).copied());
+        let lease = self
+            .leases
+            .lock()
+            .ok()
+            .and_then(|m| m.of_job.get(&job).copied());
         if let Some(lease) = lease {
             let _ = self.tx.send(LogMsg::Text(lease, job, text.to_string()));
         }
@@ -108,12 +128,19 @@ impl AgentLink for LoggingLink {
         max_batch: usize,
         wait: Duration,
     ) -> Result<Option<Lease>, LinkError> {
+        if let Ok(mut m) = self.leases.lock() {
+            for job in m.of_device.remove(device).unwrap_or_default() {
+                m.of_job.remove(&job);
+            }
+        }
         let got = self.inner.lease(device, session, max_batch, wait).await?;
         if let Some(lease) = &got {
             if let Ok(mut m) = self.leases.lock() {
                 for j in &lease.jobs {
-                    m.insert(j.id, lease.id);
+                    m.of_job.insert(j.id, lease.id);
                 }
+                m.of_device
+                    .insert(device.clone(), lease.jobs.iter().map(|j| j.id).collect());
             }
         }
         Ok(got)
@@ -216,5 +243,98 @@ impl ArtifactSource for Arc<HttpArtifacts> {
     async fn fetch_bundle(&self, sha: &str, dest: &Path) -> Result<(), ArtifactError> {
         let (me, sha, dest) = (Arc::clone(self), sha.to_string(), dest.to_path_buf());
         blocking(move || me.download("bundles", &sha, &dest)).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use qgjob_core::{AppVersionId, JobSpec, OrgId};
+
+    /// A server stand-in: hands out one-job leases and refuses every report.
+    struct Refusing {
+        next: std::sync::atomic::AtomicU64,
+    }
+
+    #[async_trait]
+    impl AgentLink for Refusing {
+        async fn register(&self, _: DeviceInfo) -> Result<(), LinkError> {
+            Ok(())
+        }
+        async fn unregister(&self, _: &DeviceId, _: Option<&str>) -> Result<(), LinkError> {
+            Ok(())
+        }
+        async fn lease(
+            &self,
+            device: &DeviceId,
+            _: Option<&str>,
+            _: usize,
+            _: Duration,
+        ) -> Result<Option<Lease>, LinkError> {
+            let n = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let spec = JobSpec::new(
+                OrgId::new("acme").unwrap(),
+                AppVersionId::new("v1").unwrap(),
+                vec!["tests/a.spec.js".into()],
+            );
+            Ok(Some(Lease {
+                id: LeaseId(n),
+                device: device.clone(),
+                build: BuildRef {
+                    org_id: OrgId::new("acme").unwrap(),
+                    app_version_id: AppVersionId::new("v1").unwrap(),
+                },
+                install: false,
+                jobs: vec![qgjob_core::LeasedJob {
+                    id: JobId::from_parts(n, [n as u8; 10]),
+                    attempt: 1,
+                    spec,
+                }],
+                deadline: qgjob_core::Time(0),
+            }))
+        }
+        async fn heartbeat(&self, _: LeaseId) -> Result<HeartbeatAck, LinkError> {
+            Err(LinkError::Stale)
+        }
+        async fn complete(
+            &self,
+            _: LeaseId,
+            _: JobId,
+            _: RunReport,
+        ) -> Result<JobState, LinkError> {
+            Err(LinkError::Transport("503".into()))
+        }
+        async fn fail(&self, _: LeaseId, _: JobId, _: InfraFailure) -> Result<JobState, LinkError> {
+            Err(LinkError::Transport("503".into()))
+        }
+        async fn log(&self, _: LeaseId, _: JobId, _: &str) -> Result<(), LinkError> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn jobs_never_reported_are_forgotten_at_the_next_lease() {
+        let link = LoggingLink::new(Arc::new(Refusing {
+            next: std::sync::atomic::AtomicU64::new(1),
+        }));
+        let (a, b) = (DeviceId::new("a").unwrap(), DeviceId::new("b").unwrap());
+        for _ in 0..50 {
+            for d in [&a, &b] {
+                let lease = link
+                    .lease(d, None, 1, Duration::ZERO)
+                    .await
+                    .unwrap()
+                    .unwrap();
+                let job = lease.jobs[0].id;
+                // Its report never gets through, and it is not retried forever.
+                let failure = InfraFailure {
+                    kind: qgjob_core::InfraErrorKind::Other,
+                    message: "m".into(),
+                };
+                assert!(link.fail(lease.id, job, failure).await.is_err());
+            }
+        }
+        // Only the last lease of each device is remembered.
+        assert_eq!(link.tracked(), 2);
     }
 }
