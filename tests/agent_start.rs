@@ -225,7 +225,7 @@ fn an_idle_agent_stops_soon_after_sigterm_or_sigint_and_unregisters() {
             &["--target", "idlepool", "--devices", "2"],
         );
         // The banner comes once both devices are registered.
-        let before = wait_for_line(&rx, "serving", Duration::from_secs(20));
+        let before = wait_for_line(&rx, "serving", Duration::from_secs(60));
         assert_eq!(before.len(), 1, "{before:?}");
         assert_eq!(registered_devices(&url), 2);
         // Well into the devices' 20 s long polls.
@@ -279,7 +279,7 @@ fn a_busy_agent_finishes_its_job_then_a_second_signal_stops_at_once() {
             "3",
         ],
     );
-    wait_for_line(&rx, "serving", Duration::from_secs(20));
+    wait_for_line(&rx, "serving", Duration::from_secs(60));
     let id = submit_running(&url, dir.path(), "busypool");
     signal(&p, Signal::SIGTERM);
     let st = wait_exit(&mut p, Duration::from_secs(60)).expect("the agent stops");
@@ -300,7 +300,7 @@ fn a_busy_agent_finishes_its_job_then_a_second_signal_stops_at_once() {
         Some(AGENT_TOKEN),
         &["--target", "busypool", "--devices", "1", "--run-s", "600"],
     );
-    wait_for_line(&rx, "serving", Duration::from_secs(20));
+    wait_for_line(&rx, "serving", Duration::from_secs(60));
     submit_running(&url, dir.path(), "busypool");
     signal(&p, Signal::SIGINT);
     wait_for_line(&rx, "stopping", Duration::from_secs(10));
@@ -323,7 +323,7 @@ fn an_agent_whose_server_goes_away_warns_while_it_retries() {
         Some(AGENT_TOKEN),
         &["--target", "emulator", "--devices", "1"],
     );
-    wait_for_line(&rx, "serving", Duration::from_secs(20));
+    wait_for_line(&rx, "serving", Duration::from_secs(60));
     drop(server);
     let lines = wait_for_line(&rx, "warning:", Duration::from_secs(30));
     let warning = lines.last().expect("a line");
@@ -348,7 +348,7 @@ fn an_agent_started_before_its_server_waits_for_it() {
         Some(AGENT_TOKEN),
         &["--target", "emulator", "--devices", "1"],
     );
-    let lines = wait_for_line(&rx, "warning:", Duration::from_secs(20));
+    let lines = wait_for_line(&rx, "warning:", Duration::from_secs(60));
     let warning = lines.last().expect("a line");
     assert!(
         warning.contains("cannot reach qgjob server") && warning.contains("retrying"),
@@ -369,7 +369,7 @@ fn an_agent_started_before_its_server_waits_for_it() {
         ],
     );
     assert_eq!(url2, url);
-    wait_for_line(&rx, "serving", Duration::from_secs(20));
+    wait_for_line(&rx, "serving", Duration::from_secs(60));
     let id = submit(&url, dir.path(), "emulator");
     wait_passed(&url, dir.path(), &id);
     still_running_then_stop(&mut p, &rx);
@@ -383,10 +383,10 @@ fn a_second_agent_under_the_same_name_stops_with_one_clear_line() {
     let (_server, url) = server_with_tokens(dir.path());
     let args = ["--target", "emulator", "--devices", "1"];
     let (mut first, first_rx) = agent(&url, dir.path(), Some(AGENT_TOKEN), &args);
-    wait_for_line(&first_rx, "serving", Duration::from_secs(20));
+    wait_for_line(&first_rx, "serving", Duration::from_secs(60));
     let t0 = Instant::now();
     let (mut twin, rx) = agent(&url, dir.path(), Some(AGENT_TOKEN), &args);
-    let lines = wait_for_line(&rx, "warning:", Duration::from_secs(20));
+    let lines = wait_for_line(&rx, "warning:", Duration::from_secs(60));
     let warning = lines.last().expect("a line");
     assert!(
         warning.contains("vm/emulator-1 is registered by another agent"),
@@ -436,7 +436,7 @@ fn an_agent_behind_a_proxy_whose_server_is_down_waits() {
         Some(AGENT_TOKEN),
         &["--target", "emulator", "--devices", "1"],
     );
-    let lines = wait_for_line(&rx, "warning:", Duration::from_secs(20));
+    let lines = wait_for_line(&rx, "warning:", Duration::from_secs(60));
     let warning = lines.last().expect("a line");
     assert!(
         warning.contains("502") && warning.contains("retrying"),
