@@ -721,3 +721,169 @@ async fn a_database_of_a_newer_release_is_refused() {
         .expect_err("a newer schema is refused");
     assert!(err.to_string().contains("newer qgjob release"), "{err}");
 }
+
+/// A TCP relay to the test database that can go silent: once cut, it passes nothing on in
+/// either direction and closes nothing, like a network that vanished (no reset, no answer).
+/// Dropping it closes every connection.
+struct Relay {
+    addr: std::net::SocketAddr,
+    cut: Arc<std::sync::atomic::AtomicBool>,
+    tasks: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+}
+
+impl Relay {
+    /// Relays to `upstream` (`host:port`).
+    async fn start(upstream: String) -> Relay {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cut = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let tasks = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let accepting = tokio::spawn({
+            let (cut, tasks) = (Arc::clone(&cut), Arc::clone(&tasks));
+            async move {
+                while let Ok((client, _)) = listener.accept().await {
+                    let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
+                        continue;
+                    };
+                    let (cr, cw) = client.into_split();
+                    let (sr, sw) = server.into_split();
+                    let mut t = tasks.lock().unwrap();
+                    t.push(tokio::spawn(Self::pass(cr, sw, Arc::clone(&cut))));
+                    t.push(tokio::spawn(Self::pass(sr, cw, Arc::clone(&cut))));
+                }
+            }
+        });
+        tasks.lock().unwrap().push(accepting);
+        Relay { addr, cut, tasks }
+    }
+
+    async fn pass(
+        mut from: tokio::net::tcp::OwnedReadHalf,
+        mut to: tokio::net::tcp::OwnedWriteHalf,
+        cut: Arc<std::sync::atomic::AtomicBool>,
+    ) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let n = from.read(&mut buf).await.unwrap_or(0);
+            let silent = cut.load(std::sync::atomic::Ordering::SeqCst);
+            if n == 0 {
+                if silent {
+                    // Not even the close gets through.
+                    std::future::pending::<()>().await;
+                }
+                return;
+            }
+            if !silent && to.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    fn cut(&self) {
+        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// `url` (a PostgreSQL URL) through this relay.
+    fn url(&self, url: &str) -> String {
+        let (scheme, rest) = url.split_once("://").expect("a URL");
+        let end = rest.find(['/', '?']).unwrap_or(rest.len());
+        let user = rest[..end]
+            .rsplit_once('@')
+            .map(|(u, _)| format!("{u}@"))
+            .unwrap_or_default();
+        format!("{scheme}://{user}{}{}", self.addr, &rest[end..])
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        for t in self.tasks.lock().unwrap().drain(..) {
+            t.abort();
+        }
+    }
+}
+
+/// `host:port` of a PostgreSQL URL.
+fn host_port(url: &str) -> String {
+    let rest = url.split_once("://").expect("a URL").1;
+    let authority = &rest[..rest.find(['/', '?']).unwrap_or(rest.len())];
+    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    if host
+        .rsplit_once(':')
+        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+    {
+        host.to_string()
+    } else {
+        format!("{host}:5432")
+    }
+}
+
+/// A server cut off from its database while a write waits for its answer (its machine's
+/// network gone: no reset, nothing) abandons the write when it stops, and then closes its
+/// store. sqlx checks a connection given back with a query of its own, which is never
+/// answered either; closing the store must not wait for it (TCP gives up only after many
+/// minutes), or the cut-off server never exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closing_a_store_cut_off_mid_write_does_not_wait_for_the_database() {
+    use sqlx::Connection as _;
+    let Some((first, guard)) = pg_store().await else {
+        return;
+    };
+    let Guard::Schema(schema) = &guard else {
+        unreachable!("pg_store guards a schema")
+    };
+    first.close().await;
+    let direct = format!("{}?options[search_path]={schema}", pg_url());
+    let relay = Relay::start(host_port(&pg_url())).await;
+    let store = Arc::new(PgStore::connect(&relay.url(&direct), None).await.unwrap());
+
+    // A write held up in the database by a table lock, so that it is on the wire when the
+    // network goes silent; the lock then goes, and its answer is lost.
+    let mut blocker = sqlx::PgConnection::connect(&direct).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut blocker).await.unwrap();
+    sqlx::query("LOCK TABLE jobs IN EXCLUSIVE MODE")
+        .execute(&mut blocker)
+        .await
+        .unwrap();
+    let (_, jobs) = scheduler_with(1, None);
+    let writing = tokio::spawn({
+        let store = Arc::clone(&store);
+        async move { store.write(&WriteBatch { jobs, runs: vec![] }).await }
+    });
+    let mut waiting = false;
+    for _ in 0..200 {
+        waiting = sqlx::query_scalar::<_, bool>(
+            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE NOT granted AND relation = 'jobs'::regclass)",
+        )
+        .fetch_one(&mut blocker)
+        .await
+        .unwrap();
+        if waiting {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(waiting, "the write never reached the table lock");
+    relay.cut();
+    sqlx::query("ROLLBACK").execute(&mut blocker).await.unwrap();
+    blocker.close().await.unwrap();
+
+    // The server stops: its writer is abandoned (the connection goes back to the pool,
+    // which checks it), then the store closes.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(
+        !writing.is_finished(),
+        "the write's answer got through the cut"
+    );
+    writing.abort();
+    let _ = writing.await;
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let started = std::time::Instant::now();
+    tokio::time::timeout(std::time::Duration::from_secs(30), store.close())
+        .await
+        .expect("closing the store waited for a database that no longer answers");
+    assert!(started.elapsed() < std::time::Duration::from_secs(15));
+    // Ends the database's side of the relayed connections before the guard drops the schema.
+    drop(relay);
+}

@@ -486,12 +486,27 @@ impl PgStore {
         &self.blob_pool
     }
 
-    /// Closes the pools.
+    /// Closes the pools, leaving behind after [`CLOSE_LIMIT`] a connection that does not
+    /// answer. A connection given back mid-query (a write abandoned when its server stops)
+    /// is first checked with a query of its own, with no time limit; when the database's
+    /// answers no longer arrive (its network cut: no reset), that waits until TCP gives up,
+    /// a quarter of an hour later, and the pool's close with it. Exiting closes the socket.
     pub async fn close(&self) {
-        self.blob_pool.close().await;
-        self.pool.close().await;
+        let closing = async {
+            self.blob_pool.close().await;
+            self.pool.close().await;
+        };
+        if tokio::time::timeout(CLOSE_LIMIT, closing).await.is_err() {
+            tracing::warn!(
+                limit_s = CLOSE_LIMIT.as_secs(),
+                "PostgreSQL did not answer while its connections closed; leaving them"
+            );
+        }
     }
 }
+
+/// How long [`PgStore::close`] waits for the store's connections to close.
+const CLOSE_LIMIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The session holding a store's lock. A backend pid alone does not name a session: after
 /// the database restarts (a fresh pid namespace, a reboot) another server's session may get
