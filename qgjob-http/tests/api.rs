@@ -2223,7 +2223,10 @@ fn a_device_registered_idle_gives_back_the_lease_it_held() {
     let (_, _, body) = c.get_raw(&format!("/v1/jobs/{id}/logs"));
     let log = String::from_utf8_lossy(&body);
     assert!(
-        log.contains("device lost: device emu-1 came back idle while running it (its agent restarted); it will be retried"),
+        log.contains(
+            "device lost: device emu-1 came back idle while running it \
+             (its agent restarted or gave the job up); it will be retried"
+        ),
         "{log}"
     );
 }
