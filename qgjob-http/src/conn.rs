@@ -35,7 +35,8 @@ const PROBE_AFTER: Duration = Duration::from_secs(60);
 const PROBE_EVERY: Duration = Duration::from_secs(10);
 /// See [`PROBE_AFTER`].
 const PROBES: u32 = 6;
-/// See [`PROBE_AFTER`]: about two minutes, like the keepalives.
+/// See [`PROBE_AFTER`]: about two minutes, like the keepalives (Linux only).
+#[cfg(any(target_os = "linux", target_os = "android"))]
 const PEER_GONE: Duration = Duration::from_secs(120);
 
 /// Sets the keepalives and user timeout of [`PROBE_AFTER`] on an accepted connection.
@@ -47,7 +48,11 @@ fn keep_alive(stream: &tokio::net::TcpStream) -> std::io::Result<()> {
             .with_interval(PROBE_EVERY)
             .with_retries(PROBES),
     )?;
-    sock.set_tcp_user_timeout(Some(PEER_GONE))
+    // Other systems have no TCP_USER_TIMEOUT (socket2 offers it on Linux-like ones only);
+    // the keepalives still close a connection whose peer went silent.
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    sock.set_tcp_user_timeout(Some(PEER_GONE))?;
+    Ok(())
 }
 
 /// How long a stopping server waits for requests in flight before it closes their
@@ -208,6 +213,7 @@ mod tests {
         assert_eq!(sock.tcp_keepalive_time().unwrap(), PROBE_AFTER);
         assert_eq!(sock.tcp_keepalive_interval().unwrap(), PROBE_EVERY);
         assert_eq!(sock.tcp_keepalive_retries().unwrap(), PROBES);
+        #[cfg(any(target_os = "linux", target_os = "android"))]
         assert_eq!(sock.tcp_user_timeout().unwrap(), Some(PEER_GONE));
     }
 }
