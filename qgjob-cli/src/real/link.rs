@@ -42,7 +42,7 @@ struct Leases {
     /// A device runs one lease at a time: when it asks for the next, the jobs of its last
     /// one are forgotten, also those whose reports never got through (given up, or the
     /// lease went stale) and that nothing else would remove.
-    of_device: HashMap<DeviceId, Vec<JobId>>,
+    of_device: HashMap<DeviceId, (LeaseId, Vec<JobId>)>,
 }
 
 impl LoggingLink {
@@ -129,8 +129,14 @@ impl AgentLink for LoggingLink {
         wait: Duration,
     ) -> Result<Option<Lease>, LinkError> {
         if let Ok(mut m) = self.leases.lock() {
-            for job in m.of_device.remove(device).unwrap_or_default() {
-                m.of_job.remove(&job);
+            if let Some((last, jobs)) = m.of_device.remove(device) {
+                for job in jobs {
+                    // Only while it is still that lease's: a job requeued from it may be
+                    // running on another device of this agent already.
+                    if m.of_job.get(&job) == Some(&last) {
+                        m.of_job.remove(&job);
+                    }
+                }
             }
         }
         let got = self.inner.lease(device, session, max_batch, wait).await?;
@@ -139,8 +145,10 @@ impl AgentLink for LoggingLink {
                 for j in &lease.jobs {
                     m.of_job.insert(j.id, lease.id);
                 }
-                m.of_device
-                    .insert(device.clone(), lease.jobs.iter().map(|j| j.id).collect());
+                m.of_device.insert(
+                    device.clone(),
+                    (lease.id, lease.jobs.iter().map(|j| j.id).collect()),
+                );
             }
         }
         Ok(got)
@@ -250,14 +258,33 @@ impl ArtifactSource for Arc<HttpArtifacts> {
 mod tests {
     use super::*;
     use qgjob_core::{AppVersionId, JobSpec, OrgId};
+    use std::collections::VecDeque;
 
-    /// A server stand-in: hands out one-job leases and refuses every report.
-    struct Refusing {
-        next: std::sync::atomic::AtomicU64,
+    /// A server stand-in: each lease poll takes the next entry of `script` (a job number
+    /// for a one-job lease, or no lease), lease ids count up, every report is refused and
+    /// every log line is recorded.
+    struct Stub {
+        script: Mutex<VecDeque<Option<u64>>>,
+        next_lease: std::sync::atomic::AtomicU64,
+        logs: Mutex<Vec<(LeaseId, JobId)>>,
+    }
+
+    impl Stub {
+        fn new(script: impl IntoIterator<Item = Option<u64>>) -> Arc<Stub> {
+            Arc::new(Stub {
+                script: Mutex::new(script.into_iter().collect()),
+                next_lease: std::sync::atomic::AtomicU64::new(1),
+                logs: Mutex::new(Vec::new()),
+            })
+        }
+    }
+
+    fn job(n: u64) -> JobId {
+        JobId::from_parts(n, [n as u8; 10])
     }
 
     #[async_trait]
-    impl AgentLink for Refusing {
+    impl AgentLink for Stub {
         async fn register(&self, _: DeviceInfo) -> Result<(), LinkError> {
             Ok(())
         }
@@ -271,22 +298,28 @@ mod tests {
             _: usize,
             _: Duration,
         ) -> Result<Option<Lease>, LinkError> {
-            let n = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let Some(n) = self.script.lock().unwrap().pop_front().flatten() else {
+                return Ok(None);
+            };
+            let id = self
+                .next_lease
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let build = BuildRef {
+                org_id: OrgId::new("acme").unwrap(),
+                app_version_id: AppVersionId::new("v1").unwrap(),
+            };
             let spec = JobSpec::new(
-                OrgId::new("acme").unwrap(),
-                AppVersionId::new("v1").unwrap(),
+                build.org_id.clone(),
+                build.app_version_id.clone(),
                 vec!["tests/a.spec.js".into()],
             );
             Ok(Some(Lease {
-                id: LeaseId(n),
+                id: LeaseId(id),
                 device: device.clone(),
-                build: BuildRef {
-                    org_id: OrgId::new("acme").unwrap(),
-                    app_version_id: AppVersionId::new("v1").unwrap(),
-                },
+                build,
                 install: false,
                 jobs: vec![qgjob_core::LeasedJob {
-                    id: JobId::from_parts(n, [n as u8; 10]),
+                    id: job(n),
                     attempt: 1,
                     spec,
                 }],
@@ -307,17 +340,20 @@ mod tests {
         async fn fail(&self, _: LeaseId, _: JobId, _: InfraFailure) -> Result<JobState, LinkError> {
             Err(LinkError::Transport("503".into()))
         }
-        async fn log(&self, _: LeaseId, _: JobId, _: &str) -> Result<(), LinkError> {
+        async fn log(&self, lease: LeaseId, job: JobId, _: &str) -> Result<(), LinkError> {
+            self.logs.lock().unwrap().push((lease, job));
             Ok(())
         }
     }
 
+    fn device(name: &str) -> DeviceId {
+        DeviceId::new(name).unwrap()
+    }
+
     #[tokio::test]
     async fn jobs_never_reported_are_forgotten_at_the_next_lease() {
-        let link = LoggingLink::new(Arc::new(Refusing {
-            next: std::sync::atomic::AtomicU64::new(1),
-        }));
-        let (a, b) = (DeviceId::new("a").unwrap(), DeviceId::new("b").unwrap());
+        let link = LoggingLink::new(Stub::new((1..=100).map(Some)));
+        let (a, b) = (device("a"), device("b"));
         for _ in 0..50 {
             for d in [&a, &b] {
                 let lease = link
@@ -325,16 +361,38 @@ mod tests {
                     .await
                     .unwrap()
                     .unwrap();
-                let job = lease.jobs[0].id;
                 // Its report never gets through, and it is not retried forever.
                 let failure = InfraFailure {
                     kind: qgjob_core::InfraErrorKind::Other,
                     message: "m".into(),
                 };
-                assert!(link.fail(lease.id, job, failure).await.is_err());
+                assert!(link
+                    .fail(lease.id, lease.jobs[0].id, failure)
+                    .await
+                    .is_err());
             }
         }
         // Only the last lease of each device is remembered.
         assert_eq!(link.tracked(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_job_requeued_to_another_device_keeps_its_logs() {
+        // Device a's lease of job 7 expired and b got the job; then a polls again.
+        let stub = Stub::new([Some(7), Some(7), None]);
+        let link = LoggingLink::new(Arc::clone(&stub) as Arc<dyn AgentLink>);
+        let first = link.lease(&device("a"), None, 1, Duration::ZERO).await;
+        let second = link.lease(&device("b"), None, 1, Duration::ZERO).await;
+        let (first, second) = (first.unwrap().unwrap(), second.unwrap().unwrap());
+        assert!(link
+            .lease(&device("a"), None, 1, Duration::ZERO)
+            .await
+            .unwrap()
+            .is_none());
+        // The job's log, now from b, still reaches the server under b's lease.
+        LogSink::log(&*link, job(7), 2, "line");
+        link.flush().await;
+        assert_ne!(first.id, second.id);
+        assert_eq!(*stub.logs.lock().unwrap(), vec![(second.id, job(7))]);
     }
 }
