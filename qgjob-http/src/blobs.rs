@@ -13,7 +13,8 @@
 //!   never sees a partial artifact. Parts no `blobs` row names are leftovers: a failed or
 //!   cancelled upload removes its own, and [`Blobs::sweep_unfinished`] removes those a crash
 //!   left. Reads fetch one part at a time, so neither side ever holds a whole artifact in
-//!   memory; uploads share [`UPLOAD_BUFFERS`] part buffers, so many at once do not either.
+//!   memory; the part buffers of all uploads share [`UPLOAD_BUFFER_BYTES`], so many at once
+//!   do not either. Parts are usually [`PART_BYTES`], shorter when the budget ran short.
 //!
 //!   A request can be dropped at any await (its client went away), even while its COMMIT is
 //!   on the wire, so whether the upload was stored is unknown when its cleanup starts. The
@@ -56,7 +57,7 @@ pub enum Blobs {
     /// In memory (for `--store memory`).
     Memory(Arc<Mutex<HashMap<String, Bytes>>>),
     /// In the PostgreSQL database of a [`PgStore`] (tables `blobs` and `blob_parts`), with
-    /// the permits for uploads' part buffers (see [`UPLOAD_BUFFERS`]).
+    /// the budget of uploads' part buffers in KiB (see [`UPLOAD_BUFFER_BYTES`]).
     Postgres(PgPool, Arc<Semaphore>),
 }
 
@@ -78,12 +79,18 @@ pub const HEAD_BYTES: usize = 16;
 /// what an upload buffers before it writes, and what a read fetches at a time.
 pub const PART_BYTES: usize = 1024 * 1024;
 
-/// Most part buffers PostgreSQL uploads hold at once; an upload waits for one before it
-/// buffers a part. Each holds up to [`PART_BYTES`] (and as much again while its INSERT is
-/// encoded), so uploads in flight hold at most about 128 MiB, however many there are: a
-/// thousand clients each sending a megabyte and going silent would otherwise hold 2 GB
-/// until the stall limit cut them off.
-pub const UPLOAD_BUFFERS: usize = 64;
+/// Most bytes PostgreSQL uploads hold in their part buffers at once, until each part's
+/// INSERT is done (it holds about as much again while it is encoded). Counted by the bytes
+/// an upload has actually received, so slow uploads do not keep out others: a thousand
+/// clients each sending most of a megabyte and going silent would otherwise hold 2 GB until
+/// the stall limit cut them off, and a count of buffers instead let 64 clients trickling a
+/// byte at a time hold every buffer. An upload that finds the budget spent writes what it
+/// buffered as a short part and only then waits, holding nothing, so uploads never wait
+/// for each other in a circle.
+pub const UPLOAD_BUFFER_BYTES: usize = 128 * 1024 * 1024;
+
+/// The unit of [`UPLOAD_BUFFER_BYTES`]' semaphore (whose permits are `u32`).
+const BUFFER_UNIT: usize = 1024;
 
 /// How much of a file one read takes (serving from a directory, importing).
 const FILE_READ_BYTES: usize = 256 * 1024;
@@ -110,14 +117,14 @@ impl Blobs {
     /// Storage in the database of `store` (its tables exist once the store is connected),
     /// on the store's pool for artifact transfers, so that they never hold back job writes.
     pub fn postgres(store: &PgStore) -> Self {
-        Self::postgres_with_buffers(store, UPLOAD_BUFFERS)
+        Self::postgres_with_buffers(store, UPLOAD_BUFFER_BYTES)
     }
 
-    /// [`Blobs::postgres`] with at most `buffers` part buffers held at once (at least one).
-    pub fn postgres_with_buffers(store: &PgStore, buffers: usize) -> Self {
+    /// [`Blobs::postgres`] with at most `bytes` in part buffers (at least one part's).
+    pub fn postgres_with_buffers(store: &PgStore, bytes: usize) -> Self {
         Blobs::Postgres(
             store.blob_pool().clone(),
-            Arc::new(Semaphore::new(buffers.max(1))),
+            Arc::new(Semaphore::new(bytes.max(PART_BYTES) / BUFFER_UNIT)),
         )
     }
 
@@ -535,7 +542,7 @@ struct PgUpload {
     buf: Vec<u8>,
     /// Where `permit` comes from.
     buffers: Arc<Semaphore>,
-    /// The permit `buf` holds while it is not empty; it goes with the part to its INSERT.
+    /// What `buf` holds of the budget; it goes with the part to its INSERT.
     permit: Option<OwnedSemaphorePermit>,
     /// Parts written so far, which is the next part's number.
     parts: i32,
@@ -564,15 +571,8 @@ impl PgUpload {
     /// Buffers `data`, writing each full part as soon as it is full.
     async fn write(&mut self, mut data: &[u8]) -> Result<(), Failure> {
         while !data.is_empty() {
-            if self.permit.is_none() {
-                self.permit = Some(
-                    Arc::clone(&self.buffers)
-                        .acquire_owned()
-                        .await
-                        .map_err(|e| Failure::Lost(format!("upload buffers: {e}")))?,
-                );
-            }
             let take = (PART_BYTES - self.buf.len()).min(data.len());
+            self.reserve(take).await?;
             self.buf.extend_from_slice(&data[..take]);
             data = &data[take..];
             if self.buf.len() == PART_BYTES {
@@ -580,6 +580,39 @@ impl PgUpload {
             }
         }
         Ok(())
+    }
+
+    /// Makes the budget this upload holds cover `more` bytes on top of its buffer. When the
+    /// budget is short it first writes the buffer out as a part (which gives back what the
+    /// buffer held once written), so it waits only while holding nothing.
+    async fn reserve(&mut self, more: usize) -> Result<(), Failure> {
+        let closed = |e: &dyn std::fmt::Display| Failure::Lost(format!("upload buffers: {e}"));
+        loop {
+            let want = u32::try_from((self.buf.len() + more).div_ceil(BUFFER_UNIT))
+                .map_err(|e| closed(&e))?;
+            let held = self.permit.as_ref().map_or(0, |p| p.num_permits());
+            let need = want.saturating_sub(u32::try_from(held).map_err(|e| closed(&e))?);
+            if need == 0 {
+                return Ok(());
+            }
+            let got = match Arc::clone(&self.buffers).try_acquire_many_owned(need) {
+                Ok(p) => p,
+                Err(tokio::sync::TryAcquireError::NoPermits) if !self.buf.is_empty() => {
+                    self.flush().await?;
+                    continue;
+                }
+                Err(tokio::sync::TryAcquireError::NoPermits) => Arc::clone(&self.buffers)
+                    .acquire_many_owned(need)
+                    .await
+                    .map_err(|e| closed(&e))?,
+                Err(e) => return Err(closed(&e)),
+            };
+            match &mut self.permit {
+                Some(p) => p.merge(got),
+                None => self.permit = Some(got),
+            }
+            return Ok(());
+        }
     }
 
     /// Writes the buffered bytes as the next part.
@@ -696,6 +729,7 @@ impl PgUpload {
     /// more when the upload is dropped; the next start-up sweep removes whatever is left.
     async fn discard(&mut self) {
         self.buf = Vec::new();
+        self.permit = None;
         if let Err(e) = self.settle().await {
             tracing::warn!(error = %e, upload = %self.key, "a part of a failed upload may not be removed");
         }

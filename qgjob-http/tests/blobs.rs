@@ -787,69 +787,101 @@ fn a_submit_naming_a_bundle_gets_a_5xx_when_the_database_fails() {
     drop(guard);
 }
 
-/// Part buffers are bounded: with one permit, a second upload waits for the first's part
-/// to be written, then both are stored whole, and every permit comes back, also from an
-/// upload dropped midway.
+/// `fut`'s output, or a failure after 30 s (uploads waiting on each other would hang).
+async fn within<F: std::future::Future>(fut: F) -> F::Output {
+    tokio::time::timeout(Duration::from_secs(30), fut)
+        .await
+        .expect("finished within 30 s")
+}
+
+/// Part buffers share a budget of bytes: a trickling upload holds only what it sent, an
+/// upload that finds the budget spent waits without holding any of it, one that needs more
+/// while others wait writes a short part instead, and every byte of budget comes back, also
+/// from an upload dropped midway.
 #[tokio::test]
-async fn uploads_share_a_bounded_number_of_part_buffers() {
+async fn uploads_share_a_budget_of_buffered_bytes() {
     let Some((store, guard, _schema)) = common::fresh_pg_store("blob buffer tests").await else {
         return;
     };
-    let blobs = Blobs::postgres_with_buffers(&store, 1);
-    let Blobs::Postgres(_, permits) = &blobs else {
+    // The smallest budget: one part.
+    let blobs = Blobs::postgres_with_buffers(&store, 0);
+    let Blobs::Postgres(_, budget) = &blobs else {
         panic!("not PostgreSQL storage");
     };
-    let permits = permits.clone();
-    let (a_data, b_data) = (content(PART_BYTES + 7, 1), content(PART_BYTES / 2, 2));
+    let budget = budget.clone();
+    let all = budget.available_permits();
+    assert_eq!(all * 1024, PART_BYTES);
+    let put = |body: Body| {
+        let b = blobs.clone();
+        tokio::spawn(async move { b.put(body, u64::MAX, None, |_| Ok(())).await })
+    };
+
+    // A sends 100 bytes and goes quiet: a small upload still goes through at once.
+    let a_data = content(PART_BYTES + 40 * 1024, 1);
     let (a_tx, a_body) = channel_body();
-    let (b_tx, b_body) = channel_body();
-    let (ba, bb) = (blobs.clone(), blobs.clone());
-    let a = tokio::spawn(async move { ba.put(a_body, u64::MAX, None, |_| Ok(())).await });
+    let a = put(a_body);
     a_tx.send(Ok(Bytes::copy_from_slice(&a_data[..100])))
         .await
         .unwrap();
-    wait_until("the first upload holds the buffer", || async {
-        permits.available_permits() == 0
+    wait_until("the first upload holds its bytes", || async {
+        budget.available_permits() == all - 1
     })
     .await;
-    let b = tokio::spawn(async move { bb.put(b_body, u64::MAX, None, |_| Ok(())).await });
+    let small = content(PART_BYTES / 2, 2);
+    let stored = within(put(chunked(&small, &[65_536])))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(stored.sha256, sha(&small));
+
+    // A then holds all but 10 KiB: B, with 20 KiB to buffer, waits.
+    let upto = PART_BYTES - 10 * 1024;
+    a_tx.send(Ok(Bytes::copy_from_slice(&a_data[100..upto])))
+        .await
+        .unwrap();
+    wait_until("the first upload holds nearly all", || async {
+        budget.available_permits() == 10
+    })
+    .await;
+    let b_data = content(20 * 1024, 3);
+    let (b_tx, b_body) = channel_body();
+    let b = put(b_body);
     b_tx.send(Ok(Bytes::copy_from_slice(&b_data)))
         .await
         .unwrap();
     drop(b_tx);
-    // The second cannot buffer while the first holds the only buffer.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(!b.is_finished());
-    // The first fills its part (written, buffer back), then its short last part.
-    a_tx.send(Ok(Bytes::copy_from_slice(&a_data[100..])))
+    assert!(!b.is_finished(), "the second upload did not wait");
+    // A needs 20 KiB more with B waiting: it writes what it has as a short part, so both
+    // get through rather than wait for each other.
+    a_tx.send(Ok(Bytes::copy_from_slice(&a_data[upto..upto + 20 * 1024])))
+        .await
+        .unwrap();
+    let stored_b = within(b).await.unwrap().unwrap();
+    a_tx.send(Ok(Bytes::copy_from_slice(&a_data[upto + 20 * 1024..])))
         .await
         .unwrap();
     drop(a_tx);
-    let stored_a = a.await.unwrap().unwrap();
-    let stored_b = b.await.unwrap().unwrap();
-    assert_eq!(stored_a.sha256, sha(&a_data));
-    assert_eq!(stored_b.sha256, sha(&b_data));
+    let stored_a = within(a).await.unwrap().unwrap();
     for (s, data) in [(&stored_a, &a_data), (&stored_b, &b_data)] {
+        assert_eq!(s.sha256, sha(data));
         let (body, size) = blobs.get(&s.sha256).await.unwrap().unwrap();
         assert_eq!(size, data.len() as u64);
         assert_eq!(&read_all(body).await, data);
     }
-    assert_eq!(permits.available_permits(), 1);
+    assert_eq!(budget.available_permits(), all);
 
-    // Dropped while buffering: its permit comes back.
+    // Dropped while buffering: what it held comes back.
     let (c_tx, c_body) = channel_body();
-    let bc = blobs.clone();
-    let c = tokio::spawn(async move { bc.put(c_body, u64::MAX, None, |_| Ok(())).await });
-    c_tx.send(Ok(Bytes::from_static(b"half a part")))
-        .await
-        .unwrap();
-    wait_until("the third upload holds the buffer", || async {
-        permits.available_permits() == 0
+    let c = put(c_body);
+    c_tx.send(Ok(Bytes::from(vec![5; 3000]))).await.unwrap();
+    wait_until("the third upload holds its bytes", || async {
+        budget.available_permits() == all - 3
     })
     .await;
     c.abort();
-    wait_until("the dropped upload's buffer is back", || async {
-        permits.available_permits() == 1
+    wait_until("the dropped upload's bytes are back", || async {
+        budget.available_permits() == all
     })
     .await;
     drop(guard);
