@@ -595,8 +595,9 @@ pub struct AgentConfig {
     /// How long one report may keep failing with transport errors (a 5xx, no answer) while
     /// the scheduler answers the lease's heartbeats, before the agent stops retrying it.
     /// Without a bound, a report the server keeps refusing (a bug on one job, a report it
-    /// cannot store) held the device and the job forever, since the heartbeats kept the
-    /// lease alive. Time while the heartbeats fail too does not count (roughly: from the
+    /// cannot store) held the device and the job until the lease's hard deadline (the sum
+    /// of its jobs' timeouts, 30 min each by default), since the heartbeats kept the lease
+    /// alive. Time while the heartbeats fail too does not count (roughly: from the
     /// first failed heartbeat to the next answered one): the scheduler is then unreachable,
     /// and a result should outlive an outage or a restart.
     ///
