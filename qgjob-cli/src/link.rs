@@ -44,10 +44,16 @@ pub fn link_error(e: CliError) -> LinkError {
             code,
             message,
         } if code == "device_held" => LinkError::Held(message),
-        // A timeout or rate limit says "later", not "never": retry them like a 5xx.
+        // A timeout, a rate limit or a full intake says "later", not "never": retry them
+        // like a 5xx, without counting them against the report's patience.
         CliError::Api {
             status: 408 | 429, ..
-        } => LinkError::Transport(e.to_string()),
+        } => LinkError::Busy(e.to_string()),
+        CliError::Api {
+            status: 503,
+            ref code,
+            ..
+        } if code == "unavailable" => LinkError::Busy(e.to_string()),
         // Any other 4xx (a missing or wrong token, an unknown device, a bad request) comes
         // back the same however often it is sent.
         CliError::Api {
@@ -152,8 +158,16 @@ mod tests {
         );
         assert!(matches!(
             link_error(api(503, "unavailable")),
-            LinkError::Transport(_)
+            LinkError::Busy(_)
         ));
+        // A standby or a proxy in front of a server that is down: the server is away.
+        for away in [
+            api(503, "standby"),
+            api(502, "bad_gateway"),
+            api(500, "internal"),
+        ] {
+            assert!(matches!(link_error(away), LinkError::Transport(_)));
+        }
         assert_eq!(
             link_error(api(401, "unauthorized")),
             LinkError::Rejected("m".into())
@@ -165,7 +179,7 @@ mod tests {
         for retryable in [408, 429] {
             assert!(matches!(
                 link_error(api(retryable, "later")),
-                LinkError::Transport(_)
+                LinkError::Busy(_)
             ));
         }
         assert!(matches!(

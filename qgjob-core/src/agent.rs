@@ -45,6 +45,12 @@ pub enum LinkError {
     /// The scheduler could not be reached or answered with a server error: retry with backoff.
     #[error("transport error: {0}")]
     Transport(String),
+    /// The scheduler is overloaded and asked to be asked again later (HTTP 408, 429, 503
+    /// `unavailable`): retry with backoff, as for [`LinkError::Transport`]. It says nothing
+    /// about the request itself, so it does not count against
+    /// [`AgentConfig::report_patience`].
+    #[error("busy: {0}")]
+    Busy(String),
     /// The request was refused as invalid (unknown or lost device, job not in the lease, a
     /// missing or wrong token...): retrying the same request cannot help. Log it and move on;
     /// a refused registration stops the agent.
@@ -592,8 +598,9 @@ pub struct AgentConfig {
     /// has nothing better to do. Also the attempts at the infrastructure failure sent in
     /// place of a verdict the scheduler kept refusing (see `report_patience`).
     pub report_attempts: u32,
-    /// How long one report may keep failing with transport errors (a 5xx, no answer) while
-    /// the scheduler answers the lease's heartbeats, before the agent stops retrying it.
+    /// How long one report may keep failing with transport errors (a 5xx, no answer; not
+    /// [`LinkError::Busy`]) while the scheduler answers the lease's heartbeats, before the
+    /// agent stops retrying it.
     /// Without a bound, a report the server keeps refusing (a bug on one job, a report it
     /// cannot store) held the device and the job until the lease's hard deadline (the sum
     /// of its jobs' timeouts, 30 min each by default), since the heartbeats kept the lease
@@ -712,7 +719,7 @@ pub struct AgentCounters {
     pub undelivered: u64,
     /// Leases abandoned because the scheduler no longer knew them.
     pub stale_leases: u64,
-    /// Transport errors seen (each one retried).
+    /// Transport errors seen, busy answers included (each one retried).
     pub transport_errors: u64,
     /// Requests the scheduler rejected.
     pub rejected: u64,
@@ -763,7 +770,7 @@ impl AgentStats {
 
     fn note(&self, e: &LinkError) {
         match e {
-            LinkError::Transport(_) => Self::bump(&self.transport_errors),
+            LinkError::Transport(_) | LinkError::Busy(_) => Self::bump(&self.transport_errors),
             LinkError::Rejected(_) => Self::bump(&self.rejected),
             LinkError::Stale => Self::bump(&self.stale_leases),
             LinkError::Held(_) => Self::bump(&self.held),
@@ -956,7 +963,7 @@ async fn register(ctx: &Ctx, shutdown: &mut ShutdownSignal) -> Result<bool, Agen
                 AgentStats::bump(&ctx.stats.registrations);
                 return Ok(true);
             }
-            Err(e @ LinkError::Transport(_)) => {
+            Err(e @ (LinkError::Transport(_) | LinkError::Busy(_))) => {
                 ctx.stats.note(&e);
                 if !pause(backoff.next(), shutdown).await {
                     return Ok(false);
@@ -1056,7 +1063,7 @@ async fn device_loop(ctx: Ctx, mut shutdown: ShutdownSignal) -> Result<(), Agent
                     }
                 }
             }
-            Err(e @ LinkError::Transport(_)) => {
+            Err(e @ (LinkError::Transport(_) | LinkError::Busy(_))) => {
                 ctx.stats.note(&e);
                 if !pause(backoff.next(), &mut shutdown).await {
                     break;
@@ -1084,7 +1091,7 @@ async fn device_loop(ctx: Ctx, mut shutdown: ShutdownSignal) -> Result<(), Agent
     let mut backoff = Backoff::new(&ctx.cfg);
     for _ in 0..3 {
         match ctx.link.unregister(&id, Some(&ctx.session)).await {
-            Err(e @ LinkError::Transport(_)) => {
+            Err(e @ (LinkError::Transport(_) | LinkError::Busy(_))) => {
                 ctx.stats.note(&e);
                 tokio::time::sleep(backoff.next()).await;
             }
@@ -1363,10 +1370,10 @@ async fn deliver(
                 ctx.stats.note(&LinkError::Stale);
                 return Sent::Stale;
             }
-            Err(e @ LinkError::Transport(_)) => {
+            Err(e @ (LinkError::Transport(_) | LinkError::Busy(_))) => {
                 ctx.stats.note(&e);
                 let now = tokio::time::Instant::now();
-                if batch.answering.load(Ordering::Relaxed) {
+                if batch.answering.load(Ordering::Relaxed) && matches!(e, LinkError::Transport(_)) {
                     refused_for += now - since;
                 }
                 since = now;

@@ -656,6 +656,8 @@ struct TestNet {
     refuse_complete: Mutex<BTreeSet<JobId>>,
     /// Jobs whose `fail` reports fail with a server error.
     refuse_fail: Mutex<BTreeSet<JobId>>,
+    /// Jobs whose `complete` reports are answered "busy" (an overloaded server).
+    busy_complete: Mutex<BTreeSet<JobId>>,
     /// Log lines sent, by job.
     logs: Mutex<Vec<(JobId, String)>>,
 }
@@ -673,6 +675,7 @@ impl TestNet {
             down: std::sync::atomic::AtomicBool::new(false),
             refuse_complete: Mutex::new(BTreeSet::new()),
             refuse_fail: Mutex::new(BTreeSet::new()),
+            busy_complete: Mutex::new(BTreeSet::new()),
             logs: Mutex::new(Vec::new()),
         }
     }
@@ -754,6 +757,9 @@ impl AgentLink for TestNet {
             return Err(LinkError::Transport("502 bad gateway".into()));
         }
         Self::server_error(&self.refuse_complete, job)?;
+        if self.busy_complete.lock().unwrap().contains(&job) {
+            return Err(LinkError::Busy("503 unavailable: retry shortly".into()));
+        }
         self.inner.complete(lease, job, report).await
     }
     async fn fail(
@@ -881,9 +887,9 @@ async fn a_verdict_the_server_keeps_refusing_ends_as_an_infra_failure_and_the_de
         why.contains("could not be delivered") && why.contains("500 internal"),
         "{why}"
     );
-    // Not before the patience ran out (virtual time: the run took 11 s).
+    // Not before the patience ran out after the run (virtual time: install and run 11 s).
     assert!(
-        retried.released_at.0 >= patience.as_millis() as u64,
+        retried.released_at.0 >= 11_000 + patience.as_millis() as u64,
         "{retried:?}"
     );
 
@@ -994,8 +1000,12 @@ async fn a_job_whose_every_report_is_refused_is_given_up_and_its_lease_handed_ba
     assert_eq!(c.stale_leases, 0, "{c:?}");
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_refused_verdict_that_gets_through_within_the_patience_counts_as_it_was() {
+/// Runs one job whose verdict `refuse` keeps the server from taking for `refused` after
+/// the job started (while heartbeats are answered); returns its end and the agent's counts.
+async fn verdict_refused_for(
+    refuse: impl Fn(&TestNet) -> &Mutex<BTreeSet<JobId>>,
+    refused: Duration,
+) -> (qgjob_core::Job, AgentCounters, usize) {
     let s = shared(SchedulerConfig::default());
     let ticker = s.spawn_ticker();
     let net = Arc::new(TestNet::new(s.link()));
@@ -1003,32 +1013,54 @@ async fn a_refused_verdict_that_gets_through_within_the_patience_counts_as_it_wa
         .submit(spec("acme", "v1", "tests/a.spec.js"))
         .unwrap()
         .job_id;
-    net.refuse_complete.lock().unwrap().insert(id);
+    refuse(&net).lock().unwrap().insert(id);
     let dev = Arc::new(SimDevice::new(sim("emu-1", 1_000, 10_000)));
-    let cfg = agent_cfg();
-    let patience = cfg.report_patience;
-    let (shutdown, handle) = spawn_agent(Arc::clone(&net) as Arc<dyn AgentLink>, &[dev], cfg);
+    let (shutdown, handle) =
+        spawn_agent(Arc::clone(&net) as Arc<dyn AgentLink>, &[dev], agent_cfg());
     wait(&s, "running", |s| {
         s.get(id).is_some_and(|j| j.state == JobState::Running)
     })
     .await;
-    // The refusals last most of the patience (the run takes 11 s of it), then stop.
-    tokio::time::sleep(patience - Duration::from_secs(30)).await;
+    tokio::time::sleep(refused).await;
     assert_eq!(s.get(id).unwrap().state, JobState::Running);
-    net.refuse_complete.lock().unwrap().clear();
+    refuse(&net).lock().unwrap().clear();
     wait(&s, "job final", all_final(&[id])).await;
-    let job = s.get(id).unwrap();
-    assert_eq!((job.state, job.attempt), (JobState::Passed, 1), "{job:?}");
     shutdown.trigger();
     let c = handle.await.unwrap().unwrap();
     ticker.abort();
+    let logs = net.logs.lock().unwrap().len();
+    (s.get(id).unwrap(), c, logs)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_refused_verdict_that_gets_through_within_the_patience_counts_as_it_was() {
+    // The refusals last most of the patience (the run takes 11 s of it), then stop.
+    let patience = agent_cfg().report_patience;
+    let (job, c, logs) =
+        verdict_refused_for(|n| &n.refuse_complete, patience - Duration::from_secs(30)).await;
+    assert_eq!((job.state, job.attempt), (JobState::Passed, 1), "{job:?}");
     assert_eq!(
         (c.jobs_run, c.passed, c.undelivered, c.unreported),
         (1, 1, 0, 0),
         "{c:?}"
     );
     assert!(c.transport_errors > 10, "{c:?}");
-    assert!(net.logs.lock().unwrap().is_empty());
+    assert_eq!(logs, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_busy_server_does_not_use_up_the_patience() {
+    // Overloaded for twice the patience: the verdict still gets through as it was.
+    let patience = agent_cfg().report_patience;
+    let (job, c, logs) = verdict_refused_for(|n| &n.busy_complete, 2 * patience).await;
+    assert_eq!((job.state, job.attempt), (JobState::Passed, 1), "{job:?}");
+    assert_eq!(
+        (c.jobs_run, c.passed, c.undelivered, c.unreported),
+        (1, 1, 0, 0),
+        "{c:?}"
+    );
+    assert!(c.transport_errors > 10, "{c:?}");
+    assert_eq!(logs, 0);
 }
 
 #[tokio::test(start_paused = true)]

@@ -58,7 +58,9 @@ impl LoggingLink {
                         // hold up the job itself.
                         for attempt in 0..3u32 {
                             match sender.log(lease, job, &text).await {
-                                Err(LinkError::Transport(_)) if attempt < 2 => {
+                                Err(LinkError::Transport(_) | LinkError::Busy(_))
+                                    if attempt < 2 =>
+                                {
                                     tokio::time::sleep(Duration::from_millis(200)).await;
                                 }
                                 _ => break,
@@ -166,7 +168,7 @@ impl AgentLink for LoggingLink {
     ) -> Result<JobState, LinkError> {
         self.flush().await;
         let r = self.inner.complete(lease, job, report).await;
-        if !matches!(r, Err(LinkError::Transport(_))) {
+        if !matches!(r, Err(LinkError::Transport(_) | LinkError::Busy(_))) {
             self.forget(job);
         }
         r
@@ -180,7 +182,7 @@ impl AgentLink for LoggingLink {
     ) -> Result<JobState, LinkError> {
         self.flush().await;
         let r = self.inner.fail(lease, job, failure).await;
-        if !matches!(r, Err(LinkError::Transport(_))) {
+        if !matches!(r, Err(LinkError::Transport(_) | LinkError::Busy(_))) {
             self.forget(job);
         }
         r
