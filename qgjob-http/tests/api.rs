@@ -1082,17 +1082,24 @@ fn standby_on(pg_url: &str) -> (TestServer, Client, tempfile::TempDir) {
     (standby, c, dir)
 }
 
-/// Ends the session holding the store lock of the schema `pg_url` names; returns how many
-/// sessions that was.
-fn end_lock_session(pg_url: &str) -> i64 {
+/// The schema `pg_url` names, a runtime, and a pool on the database without that schema
+/// (to look at or end sessions of the servers on it).
+fn admin(pg_url: &str) -> (String, tokio::runtime::Runtime, sqlx::PgPool) {
     let schema = pg_url.rsplit('=').next().unwrap().to_string();
     let base = pg_url.split('?').next().unwrap().to_string();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
+    let pool = rt.block_on(sqlx::PgPool::connect(&base)).unwrap();
+    (schema, rt, pool)
+}
+
+/// Ends the session holding the store lock of the schema `pg_url` names; returns how many
+/// sessions that was.
+fn end_lock_session(pg_url: &str) -> i64 {
+    let (schema, rt, pool) = admin(pg_url);
     rt.block_on(async {
-        let pool = sqlx::PgPool::connect(&base).await.unwrap();
         let n: i64 = sqlx::query_scalar(
             "SELECT count(pg_terminate_backend(pid)) FROM pg_locks \
              WHERE locktype = 'advisory' AND granted AND objsubid = 1 \
@@ -1348,14 +1355,8 @@ fn a_server_that_loses_the_store_lock_stops_and_the_standby_takes_over() {
 /// `application_name` says `standby`), each with the time its last query began, and the
 /// database's clock; with `end`, ends them (and returns those it ended).
 fn standby_sessions(pg_url: &str, end: bool) -> (f64, BTreeMap<i32, f64>) {
-    let schema = pg_url.rsplit('=').next().unwrap().to_string();
-    let base = pg_url.split('?').next().unwrap().to_string();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let (schema, rt, pool) = admin(pg_url);
     rt.block_on(async {
-        let pool = sqlx::PgPool::connect(&base).await.unwrap();
         let now: f64 = sqlx::query_scalar("SELECT extract(epoch FROM clock_timestamp())::float8")
             .fetch_one(&pool)
             .await
