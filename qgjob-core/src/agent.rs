@@ -1268,22 +1268,18 @@ async fn report_all(
             }
         }
         match sent {
-            Sent::Accepted(state) if instead.is_some() => {
-                AgentStats::bump(&ctx.stats.jobs_run);
-                AgentStats::bump(&ctx.stats.undelivered);
-                if state == JobState::Canceled {
-                    AgentStats::bump(&ctx.stats.canceled);
-                } else {
-                    AgentStats::bump(&ctx.stats.infra_failures);
-                }
-            }
             Sent::Accepted(state) => {
                 AgentStats::bump(&ctx.stats.jobs_run);
-                match (&run, state) {
-                    (Err(_), JobState::Canceled) => AgentStats::bump(&ctx.stats.canceled),
-                    (Err(_), _) => AgentStats::bump(&ctx.stats.infra_failures),
-                    (Ok(_), JobState::Passed) => AgentStats::bump(&ctx.stats.passed),
-                    (Ok(_), JobState::Failed) => AgentStats::bump(&ctx.stats.failed),
+                if instead.is_some() {
+                    AgentStats::bump(&ctx.stats.undelivered);
+                }
+                // What was delivered: the verdict, or a failure (its own or one instead).
+                let verdict = run.is_ok() && instead.is_none();
+                match (verdict, state) {
+                    (false, JobState::Canceled) => AgentStats::bump(&ctx.stats.canceled),
+                    (false, _) => AgentStats::bump(&ctx.stats.infra_failures),
+                    (true, JobState::Passed) => AgentStats::bump(&ctx.stats.passed),
+                    (true, JobState::Failed) => AgentStats::bump(&ctx.stats.failed),
                     _ => {}
                 }
             }

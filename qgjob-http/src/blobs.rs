@@ -587,32 +587,37 @@ impl PgUpload {
     /// buffer held once written), so it waits only while holding nothing.
     async fn reserve(&mut self, more: usize) -> Result<(), Failure> {
         let closed = |e: &dyn std::fmt::Display| Failure::Lost(format!("upload buffers: {e}"));
-        loop {
-            let want = u32::try_from((self.buf.len() + more).div_ceil(BUFFER_UNIT))
-                .map_err(|e| closed(&e))?;
-            let held = self.permit.as_ref().map_or(0, |p| p.num_permits());
-            let need = want.saturating_sub(u32::try_from(held).map_err(|e| closed(&e))?);
-            if need == 0 {
-                return Ok(());
-            }
-            let got = match Arc::clone(&self.buffers).try_acquire_many_owned(need) {
-                Ok(p) => p,
-                Err(tokio::sync::TryAcquireError::NoPermits) if !self.buf.is_empty() => {
-                    self.flush().await?;
-                    continue;
-                }
-                Err(tokio::sync::TryAcquireError::NoPermits) => Arc::clone(&self.buffers)
-                    .acquire_many_owned(need)
-                    .await
-                    .map_err(|e| closed(&e))?,
-                Err(e) => return Err(closed(&e)),
-            };
-            match &mut self.permit {
-                Some(p) => p.merge(got),
-                None => self.permit = Some(got),
-            }
+        // Units still needed for the buffer plus `more` (at most a part's: 1024).
+        let need = |up: &Self| {
+            let held = up.permit.as_ref().map_or(0, |p| p.num_permits());
+            u32::try_from(
+                (up.buf.len() + more)
+                    .div_ceil(BUFFER_UNIT)
+                    .saturating_sub(held),
+            )
+        };
+        let n = need(self).map_err(|e| closed(&e))?;
+        if n == 0 {
             return Ok(());
         }
+        let got = match Arc::clone(&self.buffers).try_acquire_many_owned(n) {
+            Ok(p) => p,
+            Err(tokio::sync::TryAcquireError::NoPermits) => {
+                // Written out, the buffer holds nothing; then wait for `more` alone.
+                self.flush().await?;
+                let n = need(self).map_err(|e| closed(&e))?;
+                Arc::clone(&self.buffers)
+                    .acquire_many_owned(n)
+                    .await
+                    .map_err(|e| closed(&e))?
+            }
+            Err(e) => return Err(closed(&e)),
+        };
+        match &mut self.permit {
+            Some(p) => p.merge(got),
+            None => self.permit = Some(got),
+        }
+        Ok(())
     }
 
     /// Writes the buffered bytes as the next part.

@@ -131,11 +131,12 @@ struct Refusal {
 /// tower-http's trace layer logs them only at debug, so an operator whose agents were
 /// refused saw nothing. No message names a token.
 pub async fn log_refusals(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
-    let method = req.method().clone();
-    let path = req.uri().path().to_owned();
+    // Cheap clones (shared bytes): this runs for every request, refused or not.
+    let (method, uri) = (req.method().clone(), req.uri().clone());
     let resp = next.run(req).await;
     let status = resp.status();
     if let Some(r) = resp.extensions().get::<Refusal>() {
+        let path = uri.path();
         if matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) {
             tracing::warn!(%method, %path, status = status.as_u16(), code = r.code, "refused: {}", r.message);
         } else {

@@ -72,8 +72,7 @@ pub async fn guard(State(intake): State<Arc<Intake>>, req: Request, next: Next) 
         let body = Body::new(Stalling {
             inner: body,
             stall: intake.stall,
-            idle: Box::pin(tokio::time::sleep(intake.stall)),
-            started: false,
+            idle: None,
         });
         return next.run(Request::from_parts(parts, body)).await;
     }
@@ -160,10 +159,9 @@ impl http_body::Body for Budgeted {
 struct Stalling {
     inner: Body,
     stall: Duration,
-    /// Fires `stall` after the last frame, or after the first read: a client that sent
-    /// `Expect: 100-continue` sends nothing until the handler reads.
-    idle: Pin<Box<tokio::time::Sleep>>,
-    started: bool,
+    /// Fires `stall` after the last frame, or after the first read (set then): a client
+    /// that sent `Expect: 100-continue` sends nothing until the handler reads.
+    idle: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl http_body::Body for Stalling {
@@ -176,15 +174,19 @@ impl http_body::Body for Stalling {
     ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
         let this = self.get_mut();
         let frame = Pin::new(&mut this.inner).poll_frame(cx);
-        if frame.is_ready() || !this.started {
-            this.started = true;
-            let next = tokio::time::Instant::now() + this.stall;
-            this.idle.as_mut().reset(next);
-            if frame.is_ready() {
-                return frame;
+        let next = tokio::time::Instant::now() + this.stall;
+        let idle = match &mut this.idle {
+            Some(idle) if frame.is_ready() => {
+                idle.as_mut().reset(next);
+                idle
             }
+            Some(idle) => idle,
+            None => this.idle.insert(Box::pin(tokio::time::sleep_until(next))),
+        };
+        if frame.is_ready() {
+            return frame;
         }
-        if this.idle.as_mut().poll(cx).is_ready() {
+        if idle.as_mut().poll(cx).is_ready() {
             return Poll::Ready(Some(Err(axum::Error::new(Refused {
                 status: StatusCode::REQUEST_TIMEOUT,
                 code: "request_timeout",

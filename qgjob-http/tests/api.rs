@@ -2680,7 +2680,7 @@ fn stall_upload(s: &TestServer, sent: usize) -> String {
 }
 
 #[test]
-fn a_stalled_upload_is_cut_off_and_leaves_nothing() {
+fn a_stalled_upload_is_cut_off_and_a_slow_one_is_not() {
     let mut opts = memory_opts();
     opts.limits.upload_stall_ms = 300;
     let s = TestServer::start(opts);
