@@ -598,9 +598,13 @@ pub struct AgentConfig {
     /// has nothing better to do. Also the attempts at the infrastructure failure sent in
     /// place of a verdict the scheduler kept refusing (see `report_patience`).
     pub report_attempts: u32,
-    /// How long one report may keep failing with transport errors (a 5xx, no answer; not
-    /// [`LinkError::Busy`]) while the scheduler answers the lease's heartbeats, before the
-    /// agent stops retrying it.
+    /// How long a lease's reports may keep failing with transport errors (a 5xx, no answer;
+    /// not [`LinkError::Busy`]) while the scheduler answers the lease's heartbeats, before the
+    /// agent stops retrying the one it is sending. The clock is the batch's: it restarts when
+    /// the scheduler takes one of the batch's own reports, so once the server has refused for this long, each
+    /// later job of the batch gets one try (then its failure, as below) rather than a
+    /// patience of its own, and a batch whose every report is refused ends in about one
+    /// patience, not one per job.
     /// Without a bound, a report the server keeps refusing (a bug on one job, a report it
     /// cannot store) held the device and the job until the lease's hard deadline (the sum
     /// of its jobs' timeouts, 30 min each by default), since the heartbeats kept the lease
@@ -1244,6 +1248,7 @@ async fn report_all(
     let mut batch = BatchReports {
         answering,
         stopping_gave_up: false,
+        refused_for: Duration::ZERO,
     };
     let mut jobs_left = false;
     for (job, run) in results {
@@ -1315,12 +1320,18 @@ struct BatchReports<'a> {
     /// Once a stopping agent gave up one report, the scheduler is unreachable: the rest of
     /// the batch gets one try each, so the agent does not wait out every job's retries.
     stopping_gave_up: bool,
+    /// How long the scheduler has refused this batch's reports while the heartbeats were
+    /// answered, since it last took one (other than a failure sent in a verdict's place). The patience is the batch's, not each job's: a
+    /// server refusing every report would otherwise hold the device for the patience
+    /// times the batch size.
+    refused_for: Duration,
 }
 
 /// How long [`deliver`] retries transport errors while the agent runs.
 #[derive(Debug, Clone, Copy)]
 enum Budget {
-    /// Until refused for [`AgentConfig::report_patience`] while heartbeats were answered.
+    /// Until the batch's reports were refused for [`AgentConfig::report_patience`] while
+    /// heartbeats were answered.
     Patience,
     /// [`AgentConfig::report_attempts`] tries.
     Attempts,
@@ -1350,9 +1361,8 @@ async fn deliver(
 ) -> Sent {
     let mut backoff = Backoff::new(&ctx.cfg);
     let mut attempts: u32 = 0;
-    // How long the report has been refused while the heartbeats were answered: an
-    // unreachable scheduler (an outage, a restart) does not use up the patience.
-    let mut refused_for = Duration::ZERO;
+    // Only refusals while the heartbeats are answered count toward the patience: an
+    // unreachable scheduler (an outage, a restart) does not use it up.
     let mut since = tokio::time::Instant::now();
     loop {
         attempts = attempts.saturating_add(1);
@@ -1361,7 +1371,14 @@ async fn deliver(
             Err(failure) => ctx.link.fail(lease, job, failure.clone()).await,
         };
         match sent {
-            Ok(state) => return Sent::Accepted(state),
+            Ok(state) => {
+                // A failure sent in place of a refused verdict getting through says nothing
+                // about the next verdict.
+                if matches!(budget, Budget::Patience) {
+                    batch.refused_for = Duration::ZERO;
+                }
+                return Sent::Accepted(state);
+            }
             Err(LinkError::Stale) => {
                 ctx.stats.note(&LinkError::Stale);
                 return Sent::Stale;
@@ -1370,14 +1387,14 @@ async fn deliver(
                 ctx.stats.note(&e);
                 let now = tokio::time::Instant::now();
                 if batch.answering.load(Ordering::Relaxed) && matches!(e, LinkError::Transport(_)) {
-                    refused_for += now - since;
+                    batch.refused_for += now - since;
                 }
                 since = now;
                 let spent = if ctx.stopping.is_triggered() {
                     batch.stopping_gave_up || attempts >= ctx.cfg.report_attempts
                 } else {
                     match budget {
-                        Budget::Patience => refused_for >= ctx.cfg.report_patience,
+                        Budget::Patience => batch.refused_for >= ctx.cfg.report_patience,
                         Budget::Attempts => attempts >= ctx.cfg.report_attempts,
                     }
                 };

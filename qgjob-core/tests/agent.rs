@@ -1000,6 +1000,64 @@ async fn a_job_whose_every_report_is_refused_is_given_up_and_its_lease_handed_ba
     assert_eq!(c.stale_leases, 0, "{c:?}");
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_batch_whose_every_verdict_is_refused_waits_one_patience_not_one_per_job() {
+    let s = shared(SchedulerConfig::default());
+    let ticker = s.spawn_ticker();
+    let net = Arc::new(TestNet::new(s.link()));
+    let ids: Vec<JobId> = ["tests/a.spec.js", "tests/b.spec.js", "tests/c.spec.js"]
+        .iter()
+        .map(|t| s.submit(spec("acme", "v1", t)).unwrap().job_id)
+        .collect();
+    // The server takes failures but answers every verdict with a 500.
+    net.refuse_complete
+        .lock()
+        .unwrap()
+        .extend(ids.iter().copied());
+    let dev = Arc::new(SimDevice::new(sim("emu-1", 1_000, 10_000)));
+    let cfg = AgentConfig {
+        max_batch: 3,
+        ..agent_cfg()
+    };
+    let patience = cfg.report_patience;
+    let (shutdown, handle) = spawn_agent(Arc::clone(&net) as Arc<dyn AgentLink>, &[dev], cfg);
+    wait(&s, "all three retried", |s| {
+        ids.iter()
+            .all(|id| s.get(*id).is_some_and(|j| j.attempt == 2))
+    })
+    .await;
+    let last = ids
+        .iter()
+        .map(|id| s.get(*id).unwrap().released_at.0)
+        .max()
+        .unwrap();
+    // Virtual time: install and run (11 s), one patience, then a try of each later
+    // verdict and its failure; a patience per job would be 15 minutes and more.
+    assert!(
+        last < 11_000 + patience.as_millis() as u64 + 60_000,
+        "the last job went back at {last} ms"
+    );
+    for id in &ids {
+        let why = s.get(*id).unwrap().last_error.unwrap_or_default();
+        assert!(why.contains("could not be delivered"), "{why}");
+    }
+    // The server is fixed: the retries are reported as usual.
+    net.refuse_complete.lock().unwrap().clear();
+    wait(&s, "all final", all_final(&ids)).await;
+    for id in &ids {
+        let j = s.get(*id).unwrap();
+        assert_eq!((j.state, j.attempt), (JobState::Passed, 2), "{j:?}");
+    }
+    shutdown.trigger();
+    let c = handle.await.unwrap().unwrap();
+    ticker.abort();
+    assert_eq!(
+        (c.jobs_run, c.passed, c.undelivered, c.unreported),
+        (6, 3, 3, 0),
+        "{c:?}"
+    );
+}
+
 /// Runs one job whose verdict `refuse` keeps the server from taking for `refused` after
 /// the job started (while heartbeats are answered), and checks the verdict then got
 /// through as it was: passed on attempt 1, nothing given up or noted in its log.
