@@ -388,16 +388,13 @@ async fn open_store(
             let url = opts.postgres_url.as_deref().ok_or_else(|| {
                 ServerError::Config("the postgres store needs a database URL".into())
             })?;
-            let db = PgStore::connect(url, None).await.map_err(|e| {
-                ServerError::Unavailable(format!("PostgreSQL at {}: {e}", redact(url)))
-            })?;
-            let mut pg = match db.lock_exclusive().await? {
-                Some(pg) => pg,
-                None if opts.standby => {
+            let (db, started) = start_pg(url, opts.standby).await?;
+            let mut pg = match started {
+                PgStart::Locked(pg) => pg,
+                PgStart::Held { stored_tokens } if opts.standby => {
                     // What would stop it when it takes over is checked now: a standby
                     // that cannot serve is no standby.
-                    let stored = db.tokens().await?.len();
-                    open_mode(listener.local_addr()?, configured_tokens + stored)?;
+                    open_mode(listener.local_addr()?, configured_tokens + stored_tokens)?;
                     match stand_by(&db, listener, &opts.limits, &redact(url), shutdown).await {
                         Some(pg) => pg,
                         None => {
@@ -406,7 +403,7 @@ async fn open_store(
                         }
                     }
                 }
-                None => {
+                PgStart::Held { .. } => {
                     return Err(ServerError::Unavailable(format!(
                         "the PostgreSQL store at {} is in use by another qgjob server \
                          (start this one with --standby to take over when it stops)",
@@ -452,6 +449,72 @@ async fn open_store(
         }
     };
     Ok(Some(opened))
+}
+
+/// Where a server starting on PostgreSQL stands once it has tried the store's lock.
+enum PgStart {
+    /// It holds the lock.
+    Locked(store::PgLock),
+    /// Another server does. For a standby, how many tokens the store holds (its
+    /// configuration is checked before it stands by); 0 for a server that will not wait.
+    Held { stored_tokens: usize },
+}
+
+/// How many times a server starts on PostgreSQL when a takeover keeps ending its sessions
+/// (see [`start_pg`]).
+const START_TRIES: u32 = 5;
+
+/// Connects to the PostgreSQL store at `url` (creating its tables if needed) and tries its
+/// lock once; a `standby` that finds it held also counts the stored tokens.
+///
+/// Until it holds the lock or stands by, a server works on pooled connections named like
+/// a serving server's, and a server taking the store over meanwhile ends them with the
+/// rest (SQLSTATE 57P01). Renaming them instead would leave connections in the pool that a
+/// later takeover could not end once this server serves, and ending a serving server's
+/// writes is what fences it. These steps are reads, and the schema's DDL in one
+/// transaction, so on that error alone they start again on fresh connections, at most
+/// [`START_TRIES`] times; once the lock is held nothing is retried.
+async fn start_pg(url: &str, standby: bool) -> Result<(PgStore, PgStart), ServerError> {
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        // The error, and whether it came while connecting (the database is unavailable).
+        let (e, connecting) = match PgStore::connect(url, None).await {
+            Err(e) => (e, true),
+            Ok(db) => {
+                let first_steps = async {
+                    Ok::<_, store::StoreError>(match db.lock_exclusive().await? {
+                        Some(pg) => PgStart::Locked(pg),
+                        None if standby => PgStart::Held {
+                            stored_tokens: db.tokens().await?.len(),
+                        },
+                        None => PgStart::Held { stored_tokens: 0 },
+                    })
+                };
+                match first_steps.await {
+                    Ok(started) => return Ok((db, started)),
+                    Err(e) => {
+                        db.close().await;
+                        (e, false)
+                    }
+                }
+            }
+        };
+        if tries < START_TRIES && PgStore::session_ended(&e) {
+            tracing::warn!(
+                error = %e,
+                attempt = tries,
+                "the database ended a session of this starting server (another server taking \
+                 the store over does that); starting again"
+            );
+            continue;
+        }
+        return Err(if connecting {
+            ServerError::Unavailable(format!("PostgreSQL at {}: {e}", redact(url)))
+        } else {
+            e.into()
+        });
+    }
 }
 
 /// How often a standby asks for the store's lock.

@@ -1479,6 +1479,90 @@ fn two_standbys_take_over_one_after_the_other() {
     });
 }
 
+/// The sessions of servers of the store `pg_url` names (named like a serving server's,
+/// not a standby's lock session) that wait for a table lock.
+fn server_sessions_waiting_on_a_lock(pg_url: &str) -> BTreeSet<i32> {
+    let (schema, rt, pool) = admin(pg_url);
+    rt.block_on(async {
+        let pids: Vec<i32> = sqlx::query_scalar(
+            "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
+             AND application_name LIKE 'qgjob ' || left(md5($1), 8) || ' %' \
+             AND application_name NOT LIKE 'qgjob ' || left(md5($1), 8) || ' standby %'",
+        )
+        .bind(&schema)
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        pool.close().await;
+        pids.into_iter().collect()
+    })
+}
+
+/// A standby still starting when another server takes the store over works on pooled
+/// connections named like a serving server's, so the takeover ends them (here while the
+/// standby reads the schema version, held up by a lock on `meta`). It starts again and
+/// stands by rather than exit, and takes over in its turn.
+#[test]
+fn a_standby_starting_during_a_takeover_stands_by() {
+    with_pg_schema("starting standby test", |pg_url, dir| {
+        let first = TestServer::start(pg_opts(pg_url, dir));
+        let id = submit(&first.client(None), "qualgent", "v1", "tests/a.spec.js");
+        let (s1, c1, _d1) = standby_on(pg_url);
+
+        // Held open: a server starting now waits in its schema-version check.
+        let (schema, rt, pool) = admin(pg_url);
+        let mut meta = rt.block_on(pool.begin()).unwrap();
+        rt.block_on(
+            sqlx::query(&format!(
+                "LOCK TABLE {schema}.meta IN ACCESS EXCLUSIVE MODE"
+            ))
+            .execute(&mut *meta),
+        )
+        .unwrap();
+        let d2 = tempfile::tempdir().unwrap();
+        let s2 = TestServer::spawn(ServerOptions {
+            standby: true,
+            ..pg_opts(pg_url, d2.path())
+        });
+        let starting = eventually(30, || {
+            let s = server_sessions_waiting_on_a_lock(pg_url);
+            (s.len() == 1).then_some(s)
+        });
+
+        // The first server stops; the standby takes over and ends the starting one's
+        // session (then waits for `meta` itself, to restore).
+        first.stop().unwrap();
+        eventually(30, || {
+            server_sessions_waiting_on_a_lock(pg_url)
+                .is_disjoint(&starting)
+                .then_some(())
+        });
+        rt.block_on(meta.rollback()).unwrap();
+        rt.block_on(pool.close());
+
+        eventually(30, || (c1.get("/readyz").0 == 200).then_some(()));
+        assert_eq!(job_state(&c1, &id)["state"], "queued");
+        let c2 = s2.client(None);
+        eventually(30, || {
+            if s2.finished() {
+                return Some(());
+            }
+            c2.try_get("/readyz")
+                .is_some_and(|(st, _)| st == 503)
+                .then_some(())
+        });
+        if s2.finished() {
+            panic!("the starting standby stopped: {:?}", s2.stop());
+        }
+        stands_by(&c2);
+
+        s1.stop().unwrap();
+        eventually(30, || (c2.get("/readyz").0 == 200).then_some(()));
+        assert_eq!(job_state(&c2, &id)["state"], "queued");
+        s2.stop().unwrap();
+    });
+}
+
 /// The scheduler's id generator is seeded: a server seeds it afresh on every start, so
 /// the random part of job ids does not repeat from one run (or one server) to the next.
 #[test]

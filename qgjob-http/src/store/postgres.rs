@@ -266,9 +266,19 @@ impl PgStore {
                 .execute(&mut *conn)
                 .await?;
             // A store locks once: a standby's store has no lock until it takes one.
+            // Recorded after the renaming: had that failed, the caller drops this session
+            // (the lock with it) and may lock again on another, the one writes must check.
             let _ = self.lock.set(Holder { pid, key, started });
         }
         Ok(got)
+    }
+
+    /// Whether `e` is PostgreSQL ending the session on request (SQLSTATE 57P01,
+    /// `terminating connection due to administrator command`): `pg_terminate_backend`, as
+    /// a server taking the store over does to the sessions of the store's other servers
+    /// (see [`PgStore::take_over`]), or the database shutting down.
+    pub fn session_ended(e: &StoreError) -> bool {
+        matches!(e, StoreError::Db(sqlx::Error::Database(d)) if d.code().as_deref() == Some("57P01"))
     }
 
     /// Makes the store this server's alone, once it holds the lock and before it reads
@@ -280,6 +290,8 @@ impl PgStore {
     /// before this returns, and is restored, or fails its check. Returns how many sessions
     /// it ended. Ending them needs the same database role (or `pg_signal_backend`); without
     /// it this only waits, for at most the earlier server's idle-in-transaction timeout.
+    /// Servers still starting beside it work on connections named alike and lose them
+    /// too; they start again (`start_pg` in the crate root).
     pub async fn take_over(&self, lock: &mut PgLock) -> Result<u64, StoreError> {
         let ended = sqlx::query_scalar::<_, i64>(
             "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity \

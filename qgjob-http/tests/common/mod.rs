@@ -70,6 +70,11 @@ impl TestServer {
         Client::new(&self.base, token)
     }
 
+    /// Whether `serve` has returned (the server failed, or was stopped).
+    pub fn finished(&self) -> bool {
+        self.thread.as_ref().is_none_or(|t| t.is_finished())
+    }
+
     /// Stops the server gracefully and returns what `serve` returned.
     pub fn stop(mut self) -> Result<(), ServerError> {
         self.shutdown()
