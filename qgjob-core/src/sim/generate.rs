@@ -21,15 +21,20 @@ pub enum Shape {
     /// One org's huge low-priority run at the start, then bursts of small urgent runs from
     /// other orgs, with some medium runs of middling priority.
     Bursty,
+    /// A few builds of a few jobs each (2 to 24), each job about an install long, arriving
+    /// tens of seconds apart on small pools: a team's afternoon, like the sample workload
+    /// of the brief. Every other shape has hundreds of jobs or more.
+    Small,
 }
 
 impl Shape {
     /// Every shape.
-    pub const ALL: [Shape; 4] = [
+    pub const ALL: [Shape; 5] = [
         Shape::FewBigGroups,
         Shape::ManySmallGroups,
         Shape::Uniform,
         Shape::Bursty,
+        Shape::Small,
     ];
 
     /// The shape's name on the command line.
@@ -39,6 +44,7 @@ impl Shape {
             Shape::ManySmallGroups => "many-small-groups",
             Shape::Uniform => "uniform",
             Shape::Bursty => "bursty",
+            Shape::Small => "small",
         }
     }
 }
@@ -58,7 +64,7 @@ impl FromStr for Shape {
             .ok_or_else(|| {
                 InvalidSpec::new(
                     "shape",
-                    "must be few-big-groups, many-small-groups, uniform or bursty",
+                    "must be few-big-groups, many-small-groups, uniform, bursty or small",
                 )
             })
     }
@@ -70,7 +76,7 @@ const MAX_JOBS: usize = 3000;
 
 /// Generates a workload of `shape` from `seed`: 1–3 target pools of 2–16 devices with
 /// installs of 10–120 s, 100–3000 jobs of 5–300 s (most short, a long tail), about 4%
-/// `failed` and 3% `infra_error_once`.
+/// `failed` and 3% `infra_error_once`; [`Shape::Small`] differs (see [`small`]).
 pub fn generate(shape: Shape, seed: u64) -> Workload {
     // Mix the shape into the seed so seed 1 of two shapes are unrelated workloads.
     let salt = match shape {
@@ -78,15 +84,22 @@ pub fn generate(shape: Shape, seed: u64) -> Workload {
         Shape::ManySmallGroups => 0x2222,
         Shape::Uniform => 0x3333,
         Shape::Bursty => 0x4444,
+        Shape::Small => 0x5555,
     };
     let mut g = Gen(Rng::new(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ salt));
-    let pools = g.pools();
     let mut plan = Plan::default();
+    let pools = if shape == Shape::Small {
+        small(&mut g, &mut plan)
+    } else {
+        g.pools()
+    };
     match shape {
         Shape::FewBigGroups => few_big_groups(&mut g, &pools, &mut plan),
         Shape::ManySmallGroups => many_small_groups(&mut g, &pools, &mut plan),
         Shape::Uniform => uniform(&mut g, &pools, &mut plan),
         Shape::Bursty => bursty(&mut g, &pools, &mut plan),
+        // Planned with its pools.
+        Shape::Small => {}
     }
     plan.into_workload(format!("{shape}-{seed}"), pools)
 }
@@ -186,6 +199,8 @@ struct JobPlan {
     duration_s: f64,
     outcome: SimOutcome,
     submit_s: f64,
+    /// Its own priority, where not its group's.
+    priority: Option<i32>,
 }
 
 #[derive(Default)]
@@ -219,6 +234,7 @@ impl Plan {
                 duration_s,
                 outcome,
                 submit_s,
+                priority: None,
             });
         }
     }
@@ -254,7 +270,7 @@ impl Plan {
                     app_version_id: AppVersionId::new(format!("build-{}", j.group + 1))
                         .expect("valid version name"),
                     target: pools[gr.pool].target.clone(),
-                    priority: gr.priority,
+                    priority: j.priority.unwrap_or(gr.priority),
                     submit_s: j.submit_s,
                     duration_s: j.duration_s,
                     outcome: j.outcome,
@@ -387,6 +403,72 @@ fn bursty(g: &mut Gen, pools: &[WorkloadPool], plan: &mut Plan) {
     cap(plan);
 }
 
+/// Plans a small workload and returns its pools: at one of three sizes, 3–6, 3–12 or 3–18
+/// builds of 2–8, 2–16 or 2–24 jobs, each build's jobs submitted within 6 s, builds 3 to
+/// 85 s apart (a mean gap of 10–50 s). Jobs take 15–90 s, uniformly, whatever their build;
+/// priorities 1, 3 or 5; 85% pass, 8% `failed`, 7% `infra_error_once`. One to three pools:
+/// emulators and USB devices (2 to 5, 10 or 15 devices by size, installs of 20–60 s), or
+/// BrowserStack (2–4 sessions, installs of 60–120 s). Every pool gets a build.
+fn small(g: &mut Gen, plan: &mut Plan) -> Vec<WorkloadPool> {
+    let scale = g.usize(1, 3);
+    let n_pools = [1, 2, 2, 3][g.usize(0, 3)];
+    let all = [Target::Emulator, Target::Device, Target::Browserstack];
+    let first = g.usize(0, 2);
+    let pools: Vec<WorkloadPool> = (0..n_pools)
+        .map(|k| {
+            let target = all[(first + k) % 3].clone();
+            let (devices, installs) = if target == Target::Browserstack {
+                (g.int(2, 4), [60.0, 90.0, 120.0].as_slice())
+            } else {
+                (
+                    g.int(2, 5 * scale as u64),
+                    [20.0, 30.0, 45.0, 60.0].as_slice(),
+                )
+            };
+            let install_s = installs[g.usize(0, installs.len() - 1)];
+            WorkloadPool {
+                target,
+                devices: devices as u32,
+                install_s,
+            }
+        })
+        .collect();
+    let orgs = g.usize(1, 3);
+    let builds = g.usize(3, 6 * scale);
+    let mut at = g.float(0.0, 10.0);
+    let gap = g.float(10.0, 50.0);
+    for b in 0..builds {
+        // The first builds go one to each pool, so that none is left empty.
+        let pool = if b < pools.len() {
+            b
+        } else {
+            g.usize(0, pools.len() - 1)
+        };
+        let org = g.usize(0, orgs - 1);
+        // The group's own priority is not used: each job draws its own.
+        let gi = plan.group(g, org, pool, 0);
+        for _ in 0..g.usize(2, 8 * scale) {
+            let r = g.float(0.0, 1.0);
+            let outcome = if r < 0.85 {
+                SimOutcome::Passed
+            } else if r < 0.93 {
+                SimOutcome::Failed
+            } else {
+                SimOutcome::InfraErrorOnce
+            };
+            plan.jobs.push(JobPlan {
+                group: gi,
+                duration_s: round_to(g.float(15.0, 90.0), 0.1),
+                outcome,
+                submit_s: round_to(at + g.float(0.0, 6.0), 0.1),
+                priority: Some([1, 3, 5][g.usize(0, 2)]),
+            });
+        }
+        at += g.float(0.3, 1.7) * gap;
+    }
+    pools
+}
+
 /// Keeps a plan within [`MAX_JOBS`] by dropping its last-planned jobs.
 fn cap(plan: &mut Plan) {
     plan.jobs.truncate(MAX_JOBS);
@@ -418,8 +500,13 @@ mod tests {
             for seed in 0..20 {
                 let w = generate(s, seed);
                 w.validate().unwrap();
+                let jobs = if s == Shape::Small {
+                    6..=432
+                } else {
+                    MIN_JOBS..=MAX_JOBS
+                };
                 assert!(
-                    (MIN_JOBS..=MAX_JOBS).contains(&w.jobs.len()),
+                    jobs.contains(&w.jobs.len()),
                     "{s} seed {seed}: {} jobs",
                     w.jobs.len()
                 );
