@@ -1,4 +1,5 @@
-//! Named lab situations, built by hand, where the grouped policy must meet the acceptance
+//! Named lab situations, built by hand (and a few generated small workloads), where the
+//! grouped policy must meet the acceptance
 //! rules against both baselines, pool by pool: makespan ≤ 1.20 × the lower bound and
 //! ≤ 1.05 × the better baseline's, at most half of FIFO's installs, and a p95 wait of the
 //! highest priority no worse than per-group's. One more situation shows a rule that no
@@ -7,7 +8,9 @@
 
 use std::collections::BTreeSet;
 
-use qgjob_core::sim::{self, min_installs_by, PoolReport, SimOutcome, Workload, WorkloadJob};
+use qgjob_core::sim::{
+    self, min_installs_by, PoolReport, Shape, SimOutcome, Workload, WorkloadJob,
+};
 use qgjob_core::sim::{Report, WorkloadPool};
 use qgjob_core::{AppVersionId, OrgId, PolicyKind, Target};
 
@@ -76,14 +79,25 @@ fn pool(r: &Report) -> &PoolReport {
     &r.pools[0]
 }
 
-/// Runs the three policies and returns their pool reports: grouped, fifo, per-group.
-fn three(w: &Workload) -> [PoolReport; 3] {
-    PolicyKind::ALL.map(|p| pool(&sim::run(w, p).unwrap()).clone())
+/// Runs the three policies and returns their reports of pool `at`: grouped, fifo,
+/// per-group.
+fn three_at(w: &Workload, at: usize) -> [PoolReport; 3] {
+    PolicyKind::ALL.map(|p| sim::run(w, p).unwrap().pools[at].clone())
 }
 
-/// The rules grouped breaks on the pool (empty when it meets them all).
+/// [`three_at`] the first pool.
+fn three(w: &Workload) -> [PoolReport; 3] {
+    three_at(w, 0)
+}
+
+/// The rules grouped breaks on the first pool (empty when it meets them all).
 fn broken(w: &Workload) -> Vec<String> {
-    let [g, f, pg] = three(w);
+    broken_at(w, 0)
+}
+
+/// The rules grouped breaks on pool `at`.
+fn broken_at(w: &Workload, at: usize) -> Vec<String> {
+    let [g, f, pg] = three_at(w, at);
     let mut out = Vec::new();
     if g.makespan_s > 1.20 * g.lower_bound_s {
         out.push(format!(
@@ -284,4 +298,26 @@ fn one_huge_run_cannot_halve_fifos_installs_and_the_bound_proves_it() {
         .expect("the deadline can be met");
     assert!(need * 2 > f.installs, "need {need}, fifo {}", f.installs);
     assert!(g.installs >= need);
+}
+
+#[test]
+fn small_workloads_use_idle_devices_on_a_waiting_backlog() {
+    // Generated small workloads (a few builds of a few jobs, each about an install long)
+    // whose pool grouped passes only because an idle device joins a group whose short
+    // backlog has waited half an install, rather than watch it drain on one device.
+    for (seed, target) in [
+        (2, Target::Browserstack),
+        (10, Target::Browserstack),
+        (26, Target::Device),
+        (70, Target::Emulator),
+    ] {
+        let w = sim::generate(Shape::Small, seed);
+        let at = w.pools.iter().position(|p| p.target == target).unwrap();
+        assert_eq!(
+            broken_at(&w, at),
+            Vec::<String>::new(),
+            "{} {target}",
+            w.name
+        );
+    }
 }
