@@ -1,10 +1,10 @@
 //! Named lab situations, built by hand (and a few generated small workloads), where the
-//! grouped policy must meet the acceptance
-//! rules against both baselines, pool by pool: makespan ≤ 1.20 × the lower bound and
-//! ≤ 1.05 × the better baseline's, at most half of FIFO's installs, and a p95 wait of the
-//! highest priority no worse than per-group's. One more situation shows a rule that no
-//! policy can meet, and that `min_installs_by` proves it; another, how long an urgent run
-//! waits for a device that is the only one of its build.
+//! grouped policy must meet the acceptance rules against both baselines, pool by pool:
+//! makespan ≤ 1.20 × the lower bound and ≤ 1.05 × the better baseline's, at most half of
+//! FIFO's installs, and a p95 wait of the highest priority no worse than per-group's. One
+//! more situation shows a rule that no policy can meet, and that `min_installs_by` proves
+//! it; another, how long an urgent run waits for a device that is the only one of its
+//! build.
 
 use std::collections::BTreeSet;
 
