@@ -8,10 +8,10 @@
 
 use std::collections::BTreeSet;
 
+use qgjob_core::sim::WorkloadPool;
 use qgjob_core::sim::{
     self, min_installs_by, PoolReport, Shape, SimOutcome, Workload, WorkloadJob,
 };
-use qgjob_core::sim::{Report, WorkloadPool};
 use qgjob_core::{AppVersionId, OrgId, PolicyKind, Target};
 
 /// A run: `n` jobs of one build submitted together.
@@ -73,10 +73,6 @@ fn p95_top(p: &PoolReport) -> f64 {
         .iter()
         .next_back()
         .map_or(0.0, |(_, w)| w.p95)
-}
-
-fn pool(r: &Report) -> &PoolReport {
-    &r.pools[0]
 }
 
 /// Runs the three policies and returns their reports of pool `at`: grouped, fifo,
