@@ -1930,3 +1930,86 @@ fn logs_print_a_log_longer_than_one_answer() {
         want.len()
     );
 }
+
+/// Registers a device `name` for the emulator pool as an agent would, and takes a lease on
+/// it (waiting up to ten seconds for a job): the lease.
+fn lease_as_agent(url: &str, name: &str) -> Value {
+    let (st, v) = agent_post(
+        &format!("{url}/v1/agent/devices"),
+        &serde_json::json!({"id": name, "target": "emulator"}),
+    );
+    assert!((200..300).contains(&st), "{st} {v}");
+    let (st, lease) = agent_post(
+        &format!("{url}/v1/agent/lease"),
+        &serde_json::json!({"device_id": name, "max_batch": 1, "wait_ms": 10_000}),
+    );
+    assert_eq!(st, 200, "{lease}");
+    lease
+}
+
+/// A job that passed on its second attempt, after an install failure, shows no error: the
+/// first attempt's is shown as such, and the JSON keeps the server's fields.
+#[test]
+fn a_job_that_passed_on_a_retry_shows_no_error() {
+    let dir = project();
+    let (_server, url) = start_server(dir.path(), &[]);
+    let id = submit_cart(&url, dir.path());
+    // This test is the job's agent: the install fails once, then the job passes.
+    let lease = lease_as_agent(&url, "retry-emu");
+    assert_eq!(lease["jobs"][0]["id"], id.as_str(), "{lease}");
+    let (st, v) = agent_post(
+        &format!("{url}/v1/agent/leases/{}/jobs/{id}/fail", lease["id"]),
+        &serde_json::json!({"kind": "install_failed", "message": "adb: device offline"}),
+    );
+    assert_eq!(st, 200, "{v}");
+    // Queued for a retry: the reason is shown, as the earlier attempt's.
+    let o = run(
+        Some(&url),
+        dir.path(),
+        &["status", &format!("--job-id={id}")],
+    );
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(!out.lines().any(|l| l.starts_with("error")), "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l == "earlier   attempt 1: install failed: adb: device offline"),
+        "{out}"
+    );
+    // The retry (after its backoff) passes.
+    let lease = lease_as_agent(&url, "retry-emu");
+    assert_eq!(lease["jobs"][0]["id"], id.as_str(), "{lease}");
+    let (st, v) = agent_post(
+        &format!("{url}/v1/agent/leases/{}/jobs/{id}/complete", lease["id"]),
+        &serde_json::json!({"passed": true}),
+    );
+    assert_eq!(st, 200, "{v}");
+    let o = run(
+        Some(&url),
+        dir.path(),
+        &["status", &format!("--job-id={id}")],
+    );
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.contains("state     passed (attempt 2)"), "{out}");
+    assert!(!out.lines().any(|l| l.starts_with("error")), "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l == "earlier   attempt 1: install failed: adb: device offline"),
+        "{out}"
+    );
+    // The JSON is the server's job, unchanged.
+    let o = run(
+        Some(&url),
+        dir.path(),
+        &["status", &format!("--job-id={id}"), "--json"],
+    );
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let j = json(&o);
+    assert_eq!(j["state"], "passed", "{j}");
+    assert_eq!(
+        j["last_error"], "install failed: adb: device offline",
+        "{j}"
+    );
+    assert!(j["outcome"].get("error").is_none(), "{j}");
+}

@@ -625,13 +625,14 @@ pub fn status(client: &Client, a: &StatusArgs) -> Result<u8> {
         if let Some(r) = j.spec.run_id {
             out!("run       {r}");
         }
-        let err = j
-            .outcome
-            .as_ref()
-            .and_then(|o| o.error.clone())
-            .or(j.last_error.clone());
+        // `error` is the final attempt's: none for a job that passed. The server keeps the
+        // error that made it retry the job; shown, it says which attempt it was.
+        let err = j.outcome.as_ref().and_then(|o| o.error.as_deref());
         if let Some(e) = err {
             out!("error     {}", e.lines().next().unwrap_or(""));
+        }
+        if let Some((n, e)) = report::earlier_attempt_error(&j).filter(|(_, e)| Some(*e) != err) {
+            out!("earlier   attempt {n}: {}", e.lines().next().unwrap_or(""));
         }
     } else if let Some(id) = &a.which.run_id {
         let r = client.run(id)?;

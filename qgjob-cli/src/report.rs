@@ -207,20 +207,33 @@ fn case_of_result(t: &TestResult) -> Case {
     }
 }
 
+/// The error of an earlier attempt and that attempt's number: the server keeps the error
+/// that made it retry the job (`last_error`) after the job moves on, so it never describes
+/// the final attempt, and a job that passed on a retry still carries one.
+pub fn earlier_attempt_error(job: &Job) -> Option<(u32, &str)> {
+    let e = job.last_error.as_deref()?;
+    // Set when attempt N failed and N + 1 began: the attempt before the current one.
+    Some((job.attempt.saturating_sub(1).max(1), e))
+}
+
 fn case_of_job(job: &Job) -> Case {
-    let err = || {
-        job.outcome
-            .as_ref()
-            .and_then(|o| o.error.clone())
-            .or_else(|| job.last_error.clone())
-    };
+    let err = || job.outcome.as_ref().and_then(|o| o.error.clone());
+    // Only ever alongside the final attempt's own result, and labelled as earlier.
+    let earlier = || earlier_attempt_error(job).map(|(n, e)| format!("earlier attempt {n}: {e}"));
     match job.state {
         JobState::Passed => Case::Pass,
-        JobState::Failed => Case::Failure(err().unwrap_or_else(|| "a test failed".into())),
-        JobState::Error => Case::Error(err().unwrap_or_else(|| "infrastructure error".into())),
+        JobState::Failed => Case::Failure(err().unwrap_or_else(|| match earlier() {
+            Some(e) => format!("a test failed ({e})"),
+            None => "a test failed".into(),
+        })),
+        JobState::Error => Case::Error(
+            err()
+                .or_else(earlier)
+                .unwrap_or_else(|| "infrastructure error".into()),
+        ),
         // An error, not a skip: dashboards show skipped cases green, and a canceled run did
         // not pass.
-        JobState::Canceled => Case::Error(match err() {
+        JobState::Canceled => Case::Error(match err().or_else(earlier) {
             Some(e) if e.contains("cancel") => e,
             Some(e) => format!("canceled ({e})"),
             None => "canceled before it finished".into(),
@@ -651,6 +664,37 @@ mod tests {
         assert!(ann.iter().all(|a| !a.contains('\u{1b}')), "{ann:?}");
         let md = github_summary("run x", &jobs);
         assert!(md.contains("**login › works**"), "{md}");
+    }
+
+    /// The error that made the server retry a job belongs to that earlier attempt: it is
+    /// never reported as the final attempt's failure, and a job that passed on a retry
+    /// reports none.
+    #[test]
+    fn an_earlier_attempts_error_is_not_the_jobs_result() {
+        let mut passed = job(1, "tests/a.spec.js", JobState::Passed, vec![]);
+        passed.last_error = Some("install failed: adb: device offline".into());
+        let mut failed = job(2, "tests/b.spec.js", JobState::Failed, vec![]);
+        failed.last_error = Some("install failed: adb: device offline".into());
+        if let Some(o) = failed.outcome.as_mut() {
+            o.error = None;
+        }
+        let xml = junit_xml("run x", &[passed.clone(), failed.clone()]);
+        assert!(
+            xml.contains(
+                "<failure message=\"a test failed (earlier attempt 1: install failed: adb: \
+                 device offline)\""
+            ),
+            "{xml}"
+        );
+        assert!(xml.contains("failures=\"1\" errors=\"0\""), "{xml}");
+        let ann = github_annotations(&[passed, failed]);
+        assert_eq!(ann.len(), 1, "{ann:?}");
+        assert!(
+            ann[0].ends_with(
+                "::a test failed (earlier attempt 1: install failed: adb: device offline)"
+            ),
+            "{ann:?}"
+        );
     }
 
     #[test]
