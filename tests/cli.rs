@@ -2013,3 +2013,70 @@ fn a_job_that_passed_on_a_retry_shows_no_error() {
     );
     assert!(j["outcome"].get("error").is_none(), "{j}");
 }
+
+/// `submit --label` on several specs labels the run as well as each job, as the API shows
+/// it; a bad label names the flag the user typed.
+#[test]
+fn a_runs_labels_reach_the_run() {
+    let dir = project();
+    let (_server, url) = start_server(dir.path(), &[]);
+    let o = run(
+        Some(&url),
+        dir.path(),
+        &[
+            "submit",
+            "--org-id=acme",
+            "--app-version-id=v1",
+            "--test=tests/auth/*.spec.js",
+            "--label=branch=main",
+            "--label",
+            "pr=42",
+            "--json",
+        ],
+    );
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let run_id = json(&o)["run_id"].as_str().expect("run id").to_string();
+    let want = serde_json::json!({"branch": "main", "pr": "42"});
+    let o = run(
+        Some(&url),
+        dir.path(),
+        &["status", &format!("--run-id={run_id}"), "--json"],
+    );
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let v = json(&o);
+    assert_eq!(v["labels"], want, "{v}");
+    assert_eq!(v["jobs"][0]["spec"]["labels"], want, "{v}");
+    // The server's own view of the run, not only what the CLI prints.
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(30)))
+        .build()
+        .into();
+    let text = agent
+        .get(format!("{url}/v1/runs/{run_id}"))
+        .call()
+        .expect("GET run")
+        .body_mut()
+        .read_to_string()
+        .expect("body");
+    let v: Value = serde_json::from_str(&text).expect("JSON");
+    assert_eq!(v["labels"], want, "{v}");
+
+    let o = run(
+        Some(&url),
+        dir.path(),
+        &[
+            "submit",
+            "--org-id=acme",
+            "--app-version-id=v1",
+            "--test=tests/auth/*.spec.js",
+            "--label==main",
+        ],
+    );
+    assert_eq!(code(&o), 2, "{}", stderr(&o));
+    assert!(
+        stderr(&o).starts_with("error: invalid --label: "),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(stderr(&o).lines().count(), 1, "{}", stderr(&o));
+}

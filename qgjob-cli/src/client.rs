@@ -3,6 +3,7 @@
 //! Blocking keeps `qgjob status` cheap: no async runtime is built for user commands. Every
 //! failure becomes one [`CliError`] line with the right exit code.
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -75,6 +76,9 @@ pub struct RunView {
     pub counts: StateCounts,
     /// When it was submitted.
     pub created_at: Time,
+    /// Its labels (`submit --label`); a server that does not send them has none.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
     /// Its jobs.
     pub jobs: Vec<Job>,
 }
@@ -556,7 +560,19 @@ impl Client {
 
     /// Submits several jobs as one run.
     pub fn submit_run(&self, jobs: &[JobSpec]) -> Result<RunSubmitted> {
-        self.post("/v1/runs", &serde_json::json!({ "jobs": jobs }))
+        self.submit_run_labelled(jobs, &BTreeMap::new())
+    }
+
+    /// Submits several jobs as one run with these labels (the run's own, shown with it).
+    pub fn submit_run_labelled(
+        &self,
+        jobs: &[JobSpec],
+        labels: &BTreeMap<String, String>,
+    ) -> Result<RunSubmitted> {
+        self.post(
+            "/v1/runs",
+            &serde_json::json!({ "jobs": jobs, "labels": labels }),
+        )
     }
 
     /// One job.

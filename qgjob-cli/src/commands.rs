@@ -35,6 +35,8 @@ fn invalid(e: qgjob_core::InvalidSpec) -> CliError {
     let flag = match e.field {
         "timeout_ms" => "timeout".to_string(),
         "tests" => "test".to_string(),
+        // The flag is repeated once per label.
+        "labels" => "label".to_string(),
         other => other.replace('_', "-"),
     };
     CliError::Usage(format!("invalid --{flag}: {}", e.message))
@@ -137,7 +139,9 @@ pub fn submit(client: &Client, a: &SubmitArgs) -> Result<u8> {
             run_id: None,
         }
     } else {
-        let mut r = client.submit_run(&specs)?;
+        // Each job carries the labels, and so does the run, as `GET /v1/runs/{id}` shows it.
+        let labels = a.labels.iter().cloned().collect();
+        let mut r = client.submit_run_labelled(&specs, &labels)?;
         // On stderr, so that the JSON on stdout keeps its shape.
         if let Some(w) = r.warning.take() {
             eprintln!("note: {w}");
@@ -1043,6 +1047,9 @@ mod tests {
         // The flag's name, not the API field's (timeout_ms).
         let e = build_specs(&args(&["--timeout=0s"]), &["a".into()], None).unwrap_err();
         assert!(e.to_string().starts_with("invalid --timeout:"), "{e}");
+        // The flag is --label, though the API field is `labels`.
+        let e = build_specs(&args(&["--label==main"]), &["a".into()], None).unwrap_err();
+        assert!(e.to_string().starts_with("invalid --label:"), "{e}");
         // Out-of-range attempts never get this far: the flag's own parser refuses them.
         let e = Cli::try_parse_from([
             "qgjob",
