@@ -2080,3 +2080,51 @@ fn a_runs_labels_reach_the_run() {
     );
     assert_eq!(stderr(&o).lines().count(), 1, "{}", stderr(&o));
 }
+
+/// `logs --json`: one object for a plain read; with `--follow`, JSON lines whose texts,
+/// joined, are the log.
+#[test]
+fn logs_json_prints_objects_whose_texts_are_the_log() {
+    let dir = project();
+    let (_server, url) = start_server(dir.path(), &[]);
+    let id = submit_cart(&url, dir.path());
+    let lease = lease_as_agent(&url, "json-emu");
+    assert_eq!(lease["jobs"][0]["id"], id.as_str(), "{lease}");
+    let job_url = |what: &str| format!("{url}/v1/agent/leases/{}/jobs/{id}/{what}", lease["id"]);
+    let (st, v) = agent_post(&job_url("logs"), &Value::from("first line\ncafé \"ok\"\n"));
+    assert_eq!(st, 204, "{v}");
+
+    let o = run(
+        Some(&url),
+        dir.path(),
+        &["logs", &format!("--job-id={id}"), "--json"],
+    );
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let v = json(&o);
+    assert_eq!(keys(&v), vec!["job_id", "offset", "text"]);
+    assert_eq!(v["job_id"], id.as_str());
+    assert_eq!(v["offset"], 0);
+    assert_eq!(v["text"], "first line\ncafé \"ok\"\n");
+
+    let (st, v) = agent_post(&job_url("logs"), &Value::from("last line\n"));
+    assert_eq!(st, 204, "{v}");
+    let (st, v) = agent_post(&job_url("complete"), &serde_json::json!({"passed": true}));
+    assert_eq!(st, 200, "{v}");
+    let o = run(
+        Some(&url),
+        dir.path(),
+        &["logs", &format!("--job-id={id}"), "--follow", "--json"],
+    );
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let mut text = String::new();
+    for line in stdout(&o).lines() {
+        let v: Value = serde_json::from_str(line).expect("a JSON line");
+        assert_eq!(keys(&v), vec!["job_id", "offset", "text"]);
+        assert_eq!(v["offset"].as_u64(), Some(text.len() as u64), "{v}");
+        text.push_str(v["text"].as_str().expect("text"));
+    }
+    assert_eq!(text, "first line\ncafé \"ok\"\nlast line\n");
+
+    let help = run(None, dir.path(), &["logs", "--help"]);
+    assert!(stdout(&help).contains("--json"), "{}", stdout(&help));
+}

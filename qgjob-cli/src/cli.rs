@@ -332,6 +332,12 @@ pub struct LogsArgs {
     /// Keep printing new output until the job is final.
     #[arg(long, short)]
     pub follow: bool,
+    /// Print JSON: one object {"job_id", "offset", "text"} holding the whole log; with
+    /// --follow, one such object per piece of output as it arrives (one per line of
+    /// stdout). `offset` is where `text` starts in the log, in bytes; the texts, joined,
+    /// are the log (bytes that are not UTF-8 become U+FFFD).
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `qgjob app …`.

@@ -904,36 +904,132 @@ pub fn cancel(client: &Client, a: &CancelArgs) -> Result<u8> {
     Ok(EXIT_OK)
 }
 
+/// Where `qgjob logs` puts what it reads: the bytes as they are, or with `--json` objects
+/// `{"job_id", "offset", "text"}` (`offset`: where `text` starts in the log, in bytes)
+/// whose texts, joined, are the log. Without `--follow` that is one object for the whole
+/// log; with it, one per piece of output as it arrives.
+struct LogSink<'a, W: Write> {
+    out: W,
+    job_id: &'a str,
+    json: bool,
+    /// `--follow`: write as output arrives rather than once at the end.
+    follow: bool,
+    /// With `--json`: bytes not written yet (the whole log without `--follow`; else the
+    /// start of a character an answer cut in two, kept until the rest arrives).
+    held: Vec<u8>,
+    /// With `--json`: where `held` starts in the log.
+    held_at: u64,
+}
+
+impl<'a, W: Write> LogSink<'a, W> {
+    fn new(out: W, job_id: &'a str, json: bool, follow: bool) -> Self {
+        LogSink {
+            out,
+            job_id,
+            json,
+            follow,
+            held: Vec::new(),
+            held_at: 0,
+        }
+    }
+
+    /// Takes the next bytes of the log.
+    fn write(&mut self, bytes: &[u8]) -> Result<()> {
+        if !self.json {
+            // A closed pipe (`qgjob logs | head`) is not an error.
+            let _ = self.out.write_all(bytes);
+            let _ = self.out.flush();
+            return Ok(());
+        }
+        self.held.extend_from_slice(bytes);
+        if self.follow {
+            let keep = unfinished_utf8(&self.held);
+            let ready = self.held.len() - keep;
+            self.emit(ready)?;
+        }
+        Ok(())
+    }
+
+    /// Writes what is held: the log's end has been read.
+    fn finish(&mut self) -> Result<()> {
+        if !self.json {
+            return Ok(());
+        }
+        // Without --follow the object is written even for an empty log: one read, one object.
+        if self.follow && self.held.is_empty() {
+            return Ok(());
+        }
+        self.emit(self.held.len())
+    }
+
+    /// Writes the first `n` held bytes as one object.
+    fn emit(&mut self, n: usize) -> Result<()> {
+        if n == 0 && self.follow {
+            return Ok(());
+        }
+        let rest = self.held.split_off(n);
+        // A log is whatever the test printed: bytes that are not UTF-8 become U+FFFD.
+        let v = serde_json::json!({
+            "job_id": self.job_id,
+            "offset": self.held_at,
+            "text": String::from_utf8_lossy(&self.held),
+        });
+        let line = serde_json::to_string(&v)
+            .map_err(|e| CliError::Other(format!("encoding JSON: {e}")))?;
+        let _ = writeln!(self.out, "{line}");
+        let _ = self.out.flush();
+        self.held_at += n as u64;
+        self.held = rest;
+        Ok(())
+    }
+}
+
+/// How many bytes at the end of `b` begin a UTF-8 character that is not complete yet (0
+/// when `b` ends on a whole character, or on bytes that are no UTF-8 at all).
+fn unfinished_utf8(b: &[u8]) -> usize {
+    for back in 1..=b.len().min(3) {
+        let c = b[b.len() - back];
+        if c & 0xC0 == 0x80 {
+            // A continuation byte: its character starts further back.
+            continue;
+        }
+        let len = match c {
+            0xF0..=0xF7 => 4,
+            0xE0..=0xEF => 3,
+            0xC0..=0xDF => 2,
+            _ => 1,
+        };
+        return if len > back { back } else { 0 };
+    }
+    0
+}
+
 /// `qgjob logs`.
 pub fn logs(client: &Client, a: &LogsArgs) -> Result<u8> {
-    // What has been printed: after a reconnect, `--follow` goes on from here, so no byte is
+    // What has been read: after a reconnect, `--follow` goes on from here, so no byte is
     // printed twice or skipped.
     let mut offset = 0u64;
     // Like `wait`, `--follow` rides out a server restart (a single read has nothing to
     // ride out: it fails at once).
     let mut link = Reconnect::default();
     let no_deadline = || CliError::Timeout(String::new());
-    let print = |bytes: &[u8]| {
-        let mut o = std::io::stdout().lock();
-        let _ = o.write_all(bytes);
-        let _ = o.flush();
-    };
+    let mut sink = LogSink::new(std::io::stdout(), &a.job_id, a.json, a.follow);
     loop {
         let Some((bytes, size)) =
             link.attempt(client.logs(&a.job_id, offset), None, no_deadline)?
         else {
             continue;
         };
-        print(&bytes);
+        sink.write(&bytes)?;
         offset += bytes.len() as u64;
         // An answer carries at most 1 MiB: ask again while the log goes further.
         if !bytes.is_empty() && offset < size {
             continue;
         }
         if !a.follow {
-            if offset == 0 {
+            if offset == 0 && !a.json {
                 // Simulated devices, for one, write no log: say so rather than nothing,
-                // and promise nothing of a job that is over.
+                // and promise nothing of a job that is over. (The JSON says it: "text": "".)
                 let yet = if client.job(&a.job_id)?.state.is_final() {
                     ""
                 } else {
@@ -941,6 +1037,7 @@ pub fn logs(client: &Client, a: &LogsArgs) -> Result<u8> {
                 };
                 eprintln!("(job {} has no log output{yet})", a.job_id);
             }
+            sink.finish()?;
             return Ok(EXIT_OK);
         }
         if !bytes.is_empty() {
@@ -957,9 +1054,10 @@ pub fn logs(client: &Client, a: &LogsArgs) -> Result<u8> {
                 else {
                     continue;
                 };
-                print(&rest);
+                sink.write(&rest)?;
                 offset += rest.len() as u64;
                 if rest.is_empty() || offset >= size {
+                    sink.finish()?;
                     return Ok(EXIT_OK);
                 }
             }
@@ -1002,6 +1100,76 @@ mod tests {
             Command::Submit(s) => s,
             _ => unreachable!("parsed a submit"),
         }
+    }
+
+    /// The JSON objects of `logs --json`, parsed.
+    fn log_objects(out: &[u8]) -> Vec<serde_json::Value> {
+        String::from_utf8_lossy(out)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn logs_json_is_one_object_or_one_per_piece_and_never_splits_a_character() {
+        // "é" is two bytes; the first answer ends between them.
+        let (a, b) = "caf\u{e9}\n".as_bytes().split_at(4);
+        let mut out = Vec::new();
+        let mut sink = LogSink::new(&mut out, "j1", true, true);
+        sink.write(a).unwrap();
+        sink.write(b).unwrap();
+        sink.write(b"").unwrap();
+        sink.write(b"next\n").unwrap();
+        sink.finish().unwrap();
+        let v = log_objects(&out);
+        assert_eq!(v.len(), 3, "{v:?}");
+        assert_eq!(
+            v[0],
+            serde_json::json!({"job_id": "j1", "offset": 0, "text": "caf"})
+        );
+        assert_eq!(v[1]["text"], "\u{e9}\n");
+        assert_eq!(v[1]["offset"], 3);
+        assert_eq!(
+            v[2],
+            serde_json::json!({"job_id": "j1", "offset": 6, "text": "next\n"})
+        );
+
+        // Without --follow: one object for the whole log, even an empty one.
+        let mut out = Vec::new();
+        let mut sink = LogSink::new(&mut out, "j1", true, false);
+        sink.write(a).unwrap();
+        sink.write(b).unwrap();
+        sink.finish().unwrap();
+        let v = log_objects(&out);
+        assert_eq!(
+            v,
+            vec![serde_json::json!({"job_id": "j1", "offset": 0, "text": "caf\u{e9}\n"})]
+        );
+        let mut out = Vec::new();
+        LogSink::new(&mut out, "j1", true, false).finish().unwrap();
+        assert_eq!(log_objects(&out)[0]["text"], "");
+
+        // A character cut off at the very end is still written, as U+FFFD.
+        let mut out = Vec::new();
+        let mut sink = LogSink::new(&mut out, "j1", true, true);
+        sink.write(a).unwrap();
+        sink.finish().unwrap();
+        let v = log_objects(&out);
+        assert_eq!(v.len(), 2, "{v:?}");
+        assert_eq!(v[1]["text"], "\u{fffd}");
+
+        // Plain output: the bytes as they are.
+        let mut out = Vec::new();
+        let mut sink = LogSink::new(&mut out, "j1", false, true);
+        sink.write(a).unwrap();
+        sink.write(b).unwrap();
+        sink.finish().unwrap();
+        assert_eq!(out, "caf\u{e9}\n".as_bytes());
+
+        assert_eq!(unfinished_utf8("€".as_bytes()), 0);
+        assert_eq!(unfinished_utf8(&"€".as_bytes()[..2]), 2);
+        assert_eq!(unfinished_utf8(&[b'a', 0xF0, 0x9F, 0x98]), 3);
+        assert_eq!(unfinished_utf8(&[0x80, 0x80, 0x80]), 0);
     }
 
     #[test]
