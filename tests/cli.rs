@@ -2128,3 +2128,57 @@ fn logs_json_prints_objects_whose_texts_are_the_log() {
     let help = run(None, dir.path(), &["logs", "--help"]);
     assert!(stdout(&help).contains("--json"), "{}", stdout(&help));
 }
+
+/// An empty or malformed id is a usage error naming its flag, and a server address with an
+/// API path says which URL was not found; one ending in `/v1` (copied from an API path)
+/// is taken as the base URL it contains.
+#[test]
+fn empty_ids_and_wrong_server_paths_say_what_is_wrong() {
+    let dir = project();
+    for args in [
+        vec!["status", "--job-id="],
+        vec!["status", "--run-id="],
+        vec!["wait", "--run-id=nope"],
+        vec!["cancel", "--job-id="],
+        vec!["logs", "--job-id="],
+        vec!["list", "--run-id="],
+    ] {
+        let o = run_bounded(dir.path(), &args);
+        assert_eq!(code(&o), 2, "{args:?}: {}", stderr(&o));
+        let err = stderr(&o);
+        let flag = args[1].split('=').next().expect("flag");
+        assert!(
+            err.starts_with("error: ") && err.contains(flag),
+            "{args:?}: {err}"
+        );
+        assert!(!err.contains("endpoint"), "{args:?}: {err}");
+    }
+
+    let (_server, url) = start_server(dir.path(), &[]);
+    let id = submit_cart(&url, dir.path());
+    for base in [format!("{url}/v1"), format!("{url}/v1/")] {
+        let o = run(
+            Some(&base),
+            dir.path(),
+            &["status", &format!("--job-id={id}")],
+        );
+        assert_eq!(code(&o), 0, "{base}: {}", stderr(&o));
+        assert!(stdout(&o).contains("state     queued"), "{}", stdout(&o));
+    }
+    let o = run(
+        Some(&format!("{url}/api")),
+        dir.path(),
+        &["status", &format!("--job-id={id}")],
+    );
+    assert_eq!(code(&o), 2, "{}", stderr(&o));
+    let err = stderr(&o);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with(&format!(
+            "error: no such endpoint: {url}/api/v1/jobs/{id} was not found (is {url}/api the \
+             qgjob server's base URL?"
+        )),
+        "{err}"
+    );
+    assert!(err.contains("without /v1"), "{err}");
+}

@@ -27,6 +27,29 @@ fn fraction(s: &str) -> Result<f64, String> {
     }
 }
 
+/// An id of the kind `what` (`job`, `run`): a UUID, given back in its canonical form. An
+/// empty or malformed one is a usage error naming the flag, not a request for a path the
+/// server does not have.
+fn uuid_of<T: std::str::FromStr + std::fmt::Display>(
+    what: &str,
+    s: &str,
+) -> Result<String, String> {
+    if s.is_empty() {
+        return Err(format!("a {what} id is needed, and this one is empty"));
+    }
+    s.parse::<T>().map(|id| id.to_string()).map_err(|_| {
+        format!("not a {what} id: ids are UUIDs, such as 0193a000-0000-7000-8000-000000000001, as `qgjob submit` prints them")
+    })
+}
+
+fn job_id(s: &str) -> Result<String, String> {
+    uuid_of::<qgjob_core::JobId>("job", s)
+}
+
+fn run_id(s: &str) -> Result<String, String> {
+    uuid_of::<qgjob_core::RunId>("run", s)
+}
+
 fn label(s: &str) -> Result<(String, String), String> {
     s.split_once('=')
         .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -224,11 +247,11 @@ pub struct SubmitArgs {
 #[derive(Debug, Clone, Args)]
 #[group(required = true, multiple = false)]
 pub struct Which {
-    /// A job id.
-    #[arg(long, value_name = "ID")]
+    /// A job id (a UUID, as `submit` prints it).
+    #[arg(long, value_name = "ID", value_parser = job_id)]
     pub job_id: Option<String>,
-    /// A run id.
-    #[arg(long, value_name = "ID")]
+    /// A run id (a UUID, as `submit` prints it).
+    #[arg(long, value_name = "ID", value_parser = run_id)]
     pub run_id: Option<String>,
 }
 
@@ -292,7 +315,7 @@ pub struct ListArgs {
     #[arg(long, value_parser = target)]
     pub target: Option<String>,
     /// Only this run.
-    #[arg(long, value_name = "ID")]
+    #[arg(long, value_name = "ID", value_parser = run_id)]
     pub run_id: Option<String>,
     /// At most this many jobs (1..1000).
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u16).range(1..=1000))]
@@ -326,8 +349,8 @@ pub struct LogsArgs {
     /// Where the server is.
     #[command(flatten)]
     pub conn: Conn,
-    /// The job.
-    #[arg(long, value_name = "ID")]
+    /// The job (a UUID, as `submit` prints it).
+    #[arg(long, value_name = "ID", value_parser = job_id)]
     pub job_id: String,
     /// Keep printing new output until the job is final.
     #[arg(long, short)]
@@ -574,6 +597,40 @@ mod tests {
         ] {
             let e = Cli::try_parse_from(&args).unwrap_err();
             assert_eq!(e.exit_code(), 2, "{args:?}");
+        }
+    }
+
+    #[test]
+    fn ids_are_uuids_and_an_empty_or_bad_one_names_its_flag() {
+        for (args, flag) in [
+            (vec!["qgjob", "status", "--job-id="], "--job-id"),
+            (vec!["qgjob", "wait", "--run-id="], "--run-id"),
+            (vec!["qgjob", "cancel", "--job-id=nope"], "--job-id"),
+            (vec!["qgjob", "logs", "--job-id="], "--job-id"),
+            (vec!["qgjob", "list", "--run-id=12"], "--run-id"),
+        ] {
+            let e = Cli::try_parse_from(&args).unwrap_err();
+            assert_eq!(e.exit_code(), 2, "{args:?}");
+            let text = e.to_string();
+            assert!(text.contains(flag), "{args:?}: {text}");
+            assert!(
+                text.contains("UUID") || text.contains("empty"),
+                "{args:?}: {text}"
+            );
+        }
+        // Any UUID spelling is taken, and given to the server in the canonical one.
+        let c = Cli::try_parse_from([
+            "qgjob",
+            "status",
+            "--job-id=0193A000-0000-7000-8000-000000000001",
+        ])
+        .unwrap();
+        match c.command {
+            Command::Status(s) => assert_eq!(
+                s.which.job_id.as_deref(),
+                Some("0193a000-0000-7000-8000-000000000001")
+            ),
+            other => panic!("parsed as {other:?}"),
         }
     }
 }

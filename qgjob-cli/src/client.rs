@@ -236,6 +236,32 @@ fn is_standby(e: &CliError) -> bool {
     matches!(e, CliError::Api { status: 503, code, .. } if code == "standby")
 }
 
+/// A 404 that is not about a job, run or build (the server has no such endpoint, or what
+/// answered is not a qgjob server) most likely means a wrong server address: say which URL
+/// was not found and what the address should be.
+fn no_endpoint(e: CliError, base: &str, path: &str) -> CliError {
+    match e {
+        CliError::Api {
+            status: 404,
+            code,
+            message,
+        } if code == "http" || message == "no such endpoint" => {
+            let path = path.split('?').next().unwrap_or(path);
+            let base = without_credentials(base);
+            CliError::Api {
+                status: 404,
+                message: format!(
+                    "no such endpoint: {base}{path} was not found (is {base} the qgjob \
+                     server's base URL? Give the server's address alone, e.g. \
+                     http://127.0.0.1:7878, without /v1 or another API path)"
+                ),
+                code,
+            }
+        }
+        other => other,
+    }
+}
+
 /// `url` without user info (`http://user:pass@host` → `http://host`), for messages.
 fn without_credentials(url: &str) -> String {
     match url.split_once("://") {
@@ -371,7 +397,10 @@ impl Client {
             let i = (first + k) % n;
             let res = call(format!("{}{path}", urls[i]));
             let unsent = matches!(&res, Err(e) if not_sent(e));
-            match self.check_at(&urls[i], res) {
+            match self
+                .check_at(&urls[i], res)
+                .map_err(|e| no_endpoint(e, &urls[i], path))
+            {
                 Ok(r) => {
                     self.servers.current.store(i, Ordering::Relaxed);
                     return Ok(r);

@@ -107,7 +107,7 @@ pub fn resolve(server: Option<String>, token: Option<String>) -> Result<Settings
 }
 
 /// Checks a server URL, or a comma-separated list of them (a server and its standbys),
-/// and strips trailing slashes; a bare `host:port` gets `http://`.
+/// and strips trailing slashes and a trailing `/v1`; a bare `host:port` gets `http://`.
 pub fn normalize_server(s: &str) -> Result<String> {
     if s.contains(',') {
         let each: Result<Vec<String>> = s.split(',').map(normalize_one).collect();
@@ -119,6 +119,9 @@ pub fn normalize_server(s: &str) -> Result<String> {
 /// [`normalize_server`] for one URL.
 fn normalize_one(s: &str) -> Result<String> {
     let s = s.trim().trim_end_matches('/');
+    // The API's paths all start with /v1, so an address copied from one of them (or from
+    // the HTTP API document) often ends with it; the server's base URL never does.
+    let s = s.strip_suffix("/v1").unwrap_or(s).trim_end_matches('/');
     if s.is_empty() {
         return Err(CliError::Usage("the server address is empty".into()));
     }
@@ -162,6 +165,16 @@ mod tests {
             "http://a:1,http://b:2"
         );
         assert!(normalize_server("http://a:1,").is_err());
+        // The base URL, not the API's: a trailing /v1 goes.
+        assert_eq!(normalize_server("http://a:1/v1/").unwrap(), "http://a:1");
+        assert_eq!(
+            normalize_server("https://h/qgjob/v1,b:2/v1").unwrap(),
+            "https://h/qgjob,http://b:2"
+        );
+        assert_eq!(
+            normalize_server("http://a:1/v10").unwrap(),
+            "http://a:1/v10"
+        );
         assert!(normalize_server("http://a:1,ftp://b").is_err());
     }
 }
