@@ -2182,3 +2182,57 @@ fn empty_ids_and_wrong_server_paths_say_what_is_wrong() {
     );
     assert!(err.contains("without /v1"), "{err}");
 }
+
+/// `simulate` refuses a flag that would do nothing in the form given, rather than ignoring
+/// it, and its help lists the shapes `--generate` takes.
+#[test]
+fn simulate_refuses_flags_it_would_ignore() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let o = run(None, dir.path(), &["simulate", "--generate", "small"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    std::fs::write(dir.path().join("w.json"), &o.stdout).expect("write");
+    for (args, flag) in [
+        (
+            vec![
+                "simulate",
+                "--generate",
+                "uniform",
+                "--policy",
+                "fifo",
+                "--json",
+            ],
+            "--policy",
+        ),
+        (
+            vec!["simulate", "--generate", "uniform", "--json"],
+            "--json",
+        ),
+        (
+            vec!["simulate", "--workload", "w.json", "--seed", "5"],
+            "--seed",
+        ),
+        (vec!["simulate", "--generate", "lumpy"], "few-big-groups"),
+    ] {
+        let o = run(None, dir.path(), &args);
+        assert_eq!(code(&o), 2, "{args:?}: {}", stderr(&o));
+        assert!(stdout(&o).is_empty(), "{args:?}: {}", stdout(&o));
+        let err = stderr(&o);
+        assert!(
+            err.starts_with("error: ") && err.contains(flag),
+            "{args:?}: {err}"
+        );
+    }
+    let o = run(
+        None,
+        dir.path(),
+        &["simulate", "--workload", "w.json", "--json"],
+    );
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let o = run(None, dir.path(), &["simulate", "--help"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("few-big-groups, many-small-groups, uniform, bursty, small"),
+        "{}",
+        stdout(&o)
+    );
+}

@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use clap::builder::TypedValueParser as _;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::util::parse_duration;
@@ -491,27 +492,35 @@ pub enum PolicyArg {
     PerGroup,
 }
 
-/// `qgjob simulate`.
+/// The workload shapes of `simulate --generate`, from [`Shape::ALL`] so that the list in
+/// `--help` and in errors is the generator's own.
+///
+/// [`Shape::ALL`]: qgjob_core::sim::Shape::ALL
+fn shape() -> impl clap::builder::TypedValueParser<Value = qgjob_core::sim::Shape> {
+    clap::builder::PossibleValuesParser::new(qgjob_core::sim::Shape::ALL.map(|s| s.as_str()))
+        .try_map(|s| s.parse::<qgjob_core::sim::Shape>())
+}
+
+/// `qgjob simulate`: runs a workload (`--workload`, with `--policy` and `--json`) or
+/// generates one (`--generate`, with `--seed`); a flag of the other mode is refused rather
+/// than ignored.
 #[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("mode").required(true).args(["workload", "generate"])))]
 pub struct SimulateArgs {
-    /// The workload (JSON, format v1).
-    #[arg(
-        long,
-        value_name = "FILE",
-        required_unless_present = "generate",
-        conflicts_with = "generate"
-    )]
+    /// The workload to run (JSON, format v1).
+    #[arg(long, value_name = "FILE", conflicts_with = "generate")]
     pub workload: Option<PathBuf>,
-    /// Print a generated workload of this shape instead.
-    #[arg(long, value_name = "SHAPE")]
-    pub generate: Option<String>,
-    /// Seed for --generate.
-    #[arg(long, default_value_t = 1)]
+    /// Print a generated workload (JSON, format v1) of this shape instead of running one.
+    #[arg(long, value_name = "SHAPE", value_parser = shape(),
+          conflicts_with_all = ["policy", "json"])]
+    pub generate: Option<qgjob_core::sim::Shape>,
+    /// Seed for --generate (the same shape and seed give the same workload).
+    #[arg(long, default_value_t = 1, conflicts_with = "workload")]
     pub seed: u64,
-    /// Dispatch policy.
+    /// Dispatch policy for --workload.
     #[arg(long, value_enum, default_value_t = PolicyArg::Grouped)]
     pub policy: PolicyArg,
-    /// Print the report as JSON.
+    /// Print the --workload report as JSON.
     #[arg(long)]
     pub json: bool,
 }
@@ -597,6 +606,70 @@ mod tests {
         ] {
             let e = Cli::try_parse_from(&args).unwrap_err();
             assert_eq!(e.exit_code(), 2, "{args:?}");
+        }
+    }
+
+    #[test]
+    fn simulate_refuses_flags_of_the_other_mode() {
+        for (args, named) in [
+            (
+                vec![
+                    "qgjob",
+                    "simulate",
+                    "--generate",
+                    "uniform",
+                    "--policy",
+                    "fifo",
+                ],
+                "--policy",
+            ),
+            (
+                vec!["qgjob", "simulate", "--generate", "uniform", "--json"],
+                "--json",
+            ),
+            (
+                vec!["qgjob", "simulate", "--workload", "w.json", "--seed", "5"],
+                "--seed",
+            ),
+            (
+                vec!["qgjob", "simulate", "--generate", "lumpy"],
+                "few-big-groups",
+            ),
+        ] {
+            let e = Cli::try_parse_from(&args).unwrap_err();
+            assert_eq!(e.exit_code(), 2, "{args:?}");
+            assert!(e.to_string().contains(named), "{args:?}: {e}");
+        }
+        // Each mode with its own flags, and the defaults, still parse.
+        for args in [
+            vec!["qgjob", "simulate", "--generate", "small", "--seed", "5"],
+            vec!["qgjob", "simulate", "--generate", "bursty"],
+            vec![
+                "qgjob",
+                "simulate",
+                "--workload",
+                "w.json",
+                "--policy",
+                "fifo",
+                "--json",
+            ],
+            vec!["qgjob", "simulate", "--workload", "w.json"],
+        ] {
+            Cli::try_parse_from(&args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+        }
+        // Every shape the generator has is listed, and taken.
+        let mut cmd = Cli::command();
+        let help = cmd
+            .find_subcommand_mut("simulate")
+            .map(|c| c.render_long_help().to_string())
+            .unwrap_or_default();
+        for s in qgjob_core::sim::Shape::ALL {
+            assert!(help.contains(s.as_str()), "{s} missing from {help}");
+            let c = Cli::try_parse_from(["qgjob", "simulate", "--generate", s.as_str()]).unwrap();
+            match c.command {
+                Command::Simulate(a) => assert_eq!(a.generate, Some(s)),
+                other => panic!("parsed as {other:?}"),
+            }
         }
     }
 

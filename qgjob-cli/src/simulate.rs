@@ -3,7 +3,7 @@
 
 use std::io::Write;
 
-use qgjob_core::sim::{self, Report, Shape, Workload};
+use qgjob_core::sim::{self, Report, Workload};
 use qgjob_core::PolicyKind;
 
 use crate::cli::{PolicyArg, SimulateArgs};
@@ -71,10 +71,7 @@ pub fn render(r: &Report) -> String {
 /// `qgjob simulate`.
 pub fn simulate(a: &SimulateArgs) -> Result<u8> {
     let mut out = std::io::stdout().lock();
-    if let Some(shape) = &a.generate {
-        let shape: Shape = shape.parse().map_err(|e: qgjob_core::InvalidSpec| {
-            CliError::Usage(format!("--generate: {}", e.message))
-        })?;
+    if let Some(shape) = a.generate {
         let w = sim::generate(shape, a.seed);
         let _ = writeln!(out, "{}", w.to_json());
         return Ok(EXIT_OK);
