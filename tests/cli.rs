@@ -1416,6 +1416,44 @@ fn tokens_scope_users_and_agents() {
     assert_eq!(code(&o), 2, "{}", stderr(&o));
 }
 
+/// `up` takes the simulated durations `agent --simulate` takes and refuses the others the
+/// same way (one line, exit 2) before it starts anything: it used to show them, then run
+/// with other values (0 s for a negative or NaN, 3600 s for anything larger).
+#[test]
+fn up_refuses_the_simulated_durations_an_agent_refuses() {
+    let dir = project();
+    let data = dir.path().join("data");
+    let data_arg = data.to_str().expect("utf-8 path");
+    for (flag, value) in [
+        ("--install-s", "-1"),
+        ("--run-s", "NaN"),
+        ("--run-s", "1e300"),
+        ("--install-s", "inf"),
+        ("--run-s", "86401"),
+    ] {
+        let arg = format!("{flag}={value}");
+        let up = run_bounded(
+            dir.path(),
+            &["up", "--addr", "127.0.0.1:0", "--data-dir", data_arg, &arg],
+        );
+        assert_eq!(code(&up), 2, "{arg}: {}{}", stdout(&up), stderr(&up));
+        assert_eq!(
+            stderr(&up),
+            format!("error: {flag} must be between 0 and 86400 seconds\n"),
+            "{arg}"
+        );
+        assert!(stdout(&up).is_empty(), "{arg}: {}", stdout(&up));
+        assert!(!data.exists(), "{arg}: nothing was started");
+        let agent = run(
+            Some("http://127.0.0.1:1"),
+            dir.path(),
+            &["agent", "--target", "emulator", "--simulate", &arg],
+        );
+        assert_eq!(code(&agent), 2, "{arg}: {}", stderr(&agent));
+        assert_eq!(stderr(&agent), stderr(&up), "{arg}: the same refusal");
+    }
+}
+
 /// `up` stops, and says why, when its embedded server stops because the store refused a
 /// write (rather than running on with agents and no server).
 #[test]

@@ -130,7 +130,10 @@ pub fn default_agent_name() -> String {
     }
 }
 
-fn secs_to_ms(s: f64, what: &str) -> Result<u64> {
+/// A simulated duration flag (`--install-s`, `--run-s`) in milliseconds; refuses what is not
+/// a number of seconds from 0 to a day (NaN, infinities, negatives), so a typo is not run
+/// as something else. `agent --simulate` and `up` share it, and so the same limits.
+pub(crate) fn secs_to_ms(s: f64, what: &str) -> Result<u64> {
     if !s.is_finite() || !(0.0..=86_400.0).contains(&s) {
         return Err(CliError::Usage(format!(
             "{what} must be between 0 and 86400 seconds"

@@ -19,7 +19,7 @@ use qgjob_core::{
 use qgjob_http::{ServerOptions, StoreKind as HttpStore};
 use serde::Serialize;
 
-use crate::agent::{drop_runtime, forced, run_until_stopped, runtime, Ended};
+use crate::agent::{drop_runtime, forced, run_until_stopped, runtime, secs_to_ms, Ended};
 use crate::cli::{DemoArgs, ServerArgs, StoreKind, UpArgs};
 use crate::client::Client;
 use crate::error::{CliError, Result, EXIT_OK};
@@ -357,10 +357,11 @@ pub fn up(a: &UpArgs) -> Result<u8> {
         store: HttpStore::Sqlite,
         ..ServerOptions::default()
     };
+    // Checked before anything starts, with `agent --simulate`'s limits.
     let devs = LabDevices {
         per_target: a.devices.clamp(1, 64),
-        install_ms: (a.install_s.clamp(0.0, 3600.0) * 1000.0) as u64,
-        run_ms: (a.run_s.clamp(0.0, 3600.0) * 1000.0) as u64,
+        install_ms: secs_to_ms(a.install_s, "--install-s")?,
+        run_ms: secs_to_ms(a.run_s, "--run-s")?,
         run_jitter: 0.3,
         scripted: Vec::new(),
     };
@@ -373,8 +374,8 @@ pub fn up(a: &UpArgs) -> Result<u8> {
          qgjob submit --org-id=qualgent --app-version-id=xyz123 --test=tests/onboarding.spec.js --wait\n\
          ctrl-c stops everything",
         a.data_dir.display(),
-        a.install_s,
-        a.run_s,
+        devs.install_ms as f64 / 1000.0,
+        devs.run_ms as f64 / 1000.0,
         base = lab.base,
         n = devs.per_target
     ));
