@@ -1028,6 +1028,60 @@ fn unreachable_server_and_bad_input_give_clean_errors() {
     assert_eq!(stderr(&o).lines().count(), 1);
 }
 
+/// A job's test path is a UTF-8 string, so a spec file whose name is not UTF-8 cannot be
+/// submitted: a folder or glob that takes it in is refused with one line naming it (exit 2),
+/// rather than making a run without it. Arguments that do not take it in still work.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_spec_file_whose_name_is_not_utf8_is_refused_not_dropped() {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = project();
+    let odd = std::ffi::OsStr::from_bytes(b"\xfe.spec.js");
+    std::fs::write(dir.path().join("tests").join(odd), "").expect("write");
+    // Nothing listens there: an argument that expands gets as far as the upload (exit 3).
+    let server = Some("http://127.0.0.1:1");
+    for test in [
+        "tests",
+        ".",
+        "tests/*.spec.js",
+        "tests/**/*.spec.js",
+        "tests/?.spec.js",
+        "**/*.{js,ts}",
+    ] {
+        let o = run(
+            server,
+            dir.path(),
+            &[
+                "submit",
+                "--org-id=acme",
+                "--app-version-id=v1",
+                &format!("--test={test}"),
+            ],
+        );
+        assert_eq!(code(&o), 2, "{test}: {}", stderr(&o));
+        assert_eq!(stderr(&o).lines().count(), 1, "{test}: {}", stderr(&o));
+        assert!(
+            stderr(&o).starts_with(r#"error: cannot submit "tests/\xFE.spec.js": "#)
+                && stderr(&o).contains("UTF-8"),
+            "{test}: {}",
+            stderr(&o)
+        );
+    }
+    for test in ["tests/auth", "tests/c*.spec.js"] {
+        let o = run(
+            server,
+            dir.path(),
+            &[
+                "submit",
+                "--org-id=acme",
+                "--app-version-id=v1",
+                &format!("--test={test}"),
+            ],
+        );
+        assert_eq!(code(&o), 3, "{test}: {}", stderr(&o));
+    }
+}
+
 /// A server announces itself only once its store is open and its configuration checked,
 /// and each start error is one line with the right exit code: a missing tokens file is a
 /// usage error (2); a data dir another server holds is refused (3), because two servers on

@@ -106,7 +106,16 @@ pub fn relative_to_root(root: &Path, path: &Path) -> Result<String> {
     let mut parts: Vec<String> = Vec::new();
     for c in rel.components() {
         match c {
-            Component::Normal(p) => parts.push(p.to_string_lossy().into_owned()),
+            Component::Normal(p) => match p.to_str() {
+                Some(p) => parts.push(p.to_string()),
+                // A job's test path is a UTF-8 string: a lossy copy would name no file.
+                None => {
+                    return Err(CliError::Usage(format!(
+                        "cannot submit {rel:?}: its name is not valid UTF-8, and a job's test \
+                         path must be (rename the file)"
+                    )))
+                }
+            },
             Component::CurDir => {}
             _ => {
                 return Err(CliError::Usage(format!(
@@ -120,6 +129,101 @@ pub fn relative_to_root(root: &Path, path: &Path) -> Result<String> {
         return Err(CliError::Usage(format!("{} is not a file", path.display())));
     }
     Ok(parts.join("/"))
+}
+
+/// One path component of a `--test` glob.
+enum Part {
+    /// `**`: any number of folders, none included.
+    AnyFolders,
+    /// A name without glob characters, taken as it is.
+    Literal(String),
+    /// A pattern for one name (`*.spec.js`).
+    Pattern(glob::Pattern),
+}
+
+/// The path components of `pattern` (one brace alternative of a `--test` glob) from where
+/// the walk starts: `root` for a relative pattern, the file-system root for an absolute one.
+fn glob_parts(root: &Path, pattern: &str) -> std::result::Result<(PathBuf, Vec<Part>), String> {
+    // Refuses what the glob crate refuses (`a**`, an unclosed `[`), with its words.
+    glob::Pattern::new(pattern).map_err(|e| e.to_string())?;
+    let mut start = root.to_path_buf();
+    let mut parts = Vec::new();
+    for c in Path::new(pattern).components() {
+        match c {
+            Component::Prefix(_) | Component::RootDir => start.push(c.as_os_str()),
+            Component::CurDir => {}
+            Component::ParentDir => parts.push(Part::Literal("..".into())),
+            Component::Normal(name) => {
+                // `pattern` is a `str`, and so each of its components.
+                let name = name.to_string_lossy();
+                parts.push(if name == "**" {
+                    Part::AnyFolders
+                } else if name.contains(['*', '?', '[']) {
+                    Part::Pattern(glob::Pattern::new(&name).map_err(|e| e.to_string())?)
+                } else {
+                    Part::Literal(name.into_owned())
+                });
+            }
+        }
+    }
+    Ok((start, parts))
+}
+
+/// The entries of `dir`, none when it is not a folder. A folder that cannot be read is an
+/// error: taking it as empty would leave its specs out of the run without a word.
+fn entries(dir: &Path) -> Result<Vec<(PathBuf, std::ffi::OsString)>> {
+    if !dir.is_dir() {
+        return Ok(Vec::new());
+    }
+    let read_error = |e| CliError::input(format!("reading {}", dir.display()), e);
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).map_err(read_error)? {
+        let e = e.map_err(read_error)?;
+        out.push((e.path(), e.file_name()));
+    }
+    Ok(out)
+}
+
+/// Adds to `out` the files under `path` that `parts` match, as the glob crate would, except
+/// that names that are not UTF-8 are matched too (by their lossy form), where the glob crate
+/// skips them without a word: [`relative_to_root`] then refuses them by name instead of the
+/// run silently lacking them. Folders that cannot be read are errors, as in [`entries`].
+/// Symbolic links are followed, as the glob crate does.
+fn walk(path: &Path, parts: &[Part], out: &mut Vec<PathBuf>) -> Result<()> {
+    let Some((first, rest)) = parts.split_first() else {
+        if path.is_file() {
+            out.push(path.to_path_buf());
+        }
+        return Ok(());
+    };
+    match first {
+        Part::Literal(name) => {
+            let next = path.join(name);
+            if next.symlink_metadata().is_ok() {
+                walk(&next, rest, out)?;
+            }
+        }
+        Part::AnyFolders => {
+            // `**` at the end matches folders only, which hold no test.
+            if rest.iter().all(|p| matches!(p, Part::AnyFolders)) {
+                return Ok(());
+            }
+            walk(path, rest, out)?;
+            for (child, _) in entries(path)? {
+                if child.is_dir() {
+                    walk(&child, parts, out)?;
+                }
+            }
+        }
+        Part::Pattern(pattern) => {
+            for (child, name) in entries(path)? {
+                if pattern.matches(&name.to_string_lossy()) {
+                    walk(&child, rest, out)?;
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Whether a relative path (`/` separators) lies under a `node_modules` folder.
@@ -143,22 +247,15 @@ pub fn expand_tests(root: &Path, args: &[String]) -> Result<Vec<String>> {
         // glob characters (`tests/[smoke] login.spec.js`).
         let literal = root.join(arg).exists();
         if has_glob(arg) && !literal {
-            let pattern = if Path::new(arg).is_absolute() {
-                arg.clone()
-            } else {
-                root.join(arg).to_string_lossy().into_owned()
-            };
-            for pattern in expand_braces(&pattern) {
-                let paths = glob::glob(&pattern)
+            for pattern in expand_braces(arg) {
+                let (start, parts) = glob_parts(root, &pattern)
                     .map_err(|e| CliError::Usage(format!("invalid glob {arg:?}: {e}")))?;
+                let mut paths = Vec::new();
+                walk(&start, &parts, &mut paths)?;
                 for p in paths {
-                    let p = p.map_err(|e| CliError::Usage(format!("reading {arg:?}: {e}")))?;
-                    if p.is_file() {
-                        let abs = if p.is_absolute() { p } else { root.join(p) };
-                        let rel = relative_to_root(root, &abs)?;
-                        if keep(&rel) {
-                            found.push(rel);
-                        }
+                    let rel = relative_to_root(root, &p)?;
+                    if keep(&rel) {
+                        found.push(rel);
                     }
                 }
             }
@@ -175,20 +272,16 @@ pub fn expand_tests(root: &Path, args: &[String]) -> Result<Vec<String>> {
                 root.join(p)
             };
             if full.is_dir() {
-                // A folder means every spec file under it, as the test runner would take it.
-                let pattern = full
-                    .join("**")
-                    .join("*.spec.*")
-                    .to_string_lossy()
-                    .into_owned();
-                let paths = glob::glob(&pattern)
-                    .map_err(|e| CliError::Usage(format!("invalid folder {arg:?}: {e}")))?;
-                for p in paths.flatten() {
-                    if p.is_file() {
-                        let rel = relative_to_root(root, &p)?;
-                        if keep(&rel) {
-                            found.push(rel);
-                        }
+                // A folder means every spec file under it, as the test runner would take it;
+                // its own name is a name, not a pattern (`tests/[smoke]`).
+                let spec = glob::Pattern::new("*.spec.*")
+                    .map_err(|e| CliError::Other(format!("the spec file pattern: {e}")))?;
+                let mut paths = Vec::new();
+                walk(&full, &[Part::AnyFolders, Part::Pattern(spec)], &mut paths)?;
+                for p in paths {
+                    let rel = relative_to_root(root, &p)?;
+                    if keep(&rel) {
+                        found.push(rel);
                     }
                 }
                 if found.is_empty() {
@@ -358,6 +451,98 @@ mod tests {
             expand_tests(d.path(), &["node_modules/**/*.spec.js".into()]).unwrap(),
             vec!["node_modules/dep/test/lib.spec.js"]
         );
+    }
+
+    /// A job's test path is a UTF-8 string: a spec whose name is not UTF-8 is refused by
+    /// name wherever a folder or glob takes it in (the glob crate skips such names without
+    /// a word, which made a run without it).
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn names_that_are_not_utf8_are_refused_not_skipped() {
+        use std::os::unix::ffi::OsStrExt;
+        let d = project();
+        let odd = std::ffi::OsStr::from_bytes(b"\xfe.spec.js");
+        std::fs::write(d.path().join("tests/auth").join(odd), "").unwrap();
+        for arg in [
+            "tests",
+            "tests/auth",
+            "tests/**/*.spec.js",
+            "tests/auth/*",
+            "tests/*/?.spec.js",
+        ] {
+            let e = expand_tests(d.path(), &[arg.into()]).unwrap_err();
+            assert!(matches!(e, CliError::Usage(_)), "{arg}: {e:?}");
+            assert_eq!(
+                e.to_string(),
+                r#"cannot submit "tests/auth/\xFE.spec.js": its name is not valid UTF-8, and a job's test path must be (rename the file)"#,
+                "{arg}"
+            );
+        }
+        // Arguments that do not take it in are unaffected.
+        assert_eq!(
+            expand_tests(d.path(), &["tests/*.spec.js".into()]).unwrap(),
+            vec!["tests/onboarding.spec.js"]
+        );
+        // A folder whose own name is not UTF-8 too.
+        let d = project();
+        let dir = d
+            .path()
+            .join("tests")
+            .join(std::ffi::OsStr::from_bytes(b"\xfe"));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("a.spec.js"), "").unwrap();
+        let e = expand_tests(d.path(), &["tests".into()]).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with(r#"cannot submit "tests/\xFE/a.spec.js": "#),
+            "{e}"
+        );
+    }
+
+    /// A folder is its spec files, whatever characters its name holds: `tests/[smoke]` is
+    /// not a pattern matching `tests/s`.
+    #[test]
+    fn a_folder_named_with_glob_characters_is_that_folder() {
+        let d = project();
+        std::fs::create_dir_all(d.path().join("tests/[smoke]")).unwrap();
+        std::fs::create_dir_all(d.path().join("tests/s")).unwrap();
+        std::fs::write(d.path().join("tests/[smoke]/a.spec.js"), "").unwrap();
+        std::fs::write(d.path().join("tests/s/b.spec.js"), "").unwrap();
+        assert_eq!(
+            expand_tests(d.path(), &["tests/[smoke]".into()]).unwrap(),
+            vec!["tests/[smoke]/a.spec.js"]
+        );
+    }
+
+    /// A folder that cannot be read is reported, not taken as empty: the run would lack its
+    /// specs. (Skipped where permissions do not stop reading, as for root.)
+    #[cfg(unix)]
+    #[test]
+    fn a_folder_that_cannot_be_read_is_reported() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = project();
+        let locked = d.path().join("tests/locked");
+        std::fs::create_dir_all(&locked).unwrap();
+        std::fs::write(locked.join("c.spec.js"), "").unwrap();
+        std::fs::set_permissions(&locked, std::fs::Permissions::from_mode(0o000)).unwrap();
+        let readable = std::fs::read_dir(&locked).is_ok();
+        let results: Vec<_> = ["tests", "tests/**/*.spec.js"]
+            .iter()
+            .map(|a| (a, expand_tests(d.path(), &[a.to_string()])))
+            .collect();
+        std::fs::set_permissions(&locked, std::fs::Permissions::from_mode(0o755)).unwrap();
+        if readable {
+            eprintln!("skipped: this user reads folders whatever their permissions");
+            return;
+        }
+        for (arg, r) in results {
+            let e = r.unwrap_err();
+            assert!(matches!(e, CliError::Usage(_)), "{arg}: {e:?}");
+            assert!(
+                e.to_string().starts_with("reading ") && e.to_string().contains("locked"),
+                "{arg}: {e}"
+            );
+        }
     }
 
     #[test]
