@@ -2,7 +2,8 @@
 //! token ends it at once with one line (exit 2), an idle agent stops within about a second
 //! of SIGTERM or SIGINT (and unregisters its devices), a busy one finishes its job first
 //! unless a second signal says otherwise, an agent whose server goes away (or is not there
-//! yet) says so and waits for it, and a second agent under the same name stops.
+//! yet) says so and waits for it, and a second agent under the same name stops. An agent
+//! whose adb cannot run stops at once with one line.
 //!
 //! Bounds on time are generous on purpose (the machines running these are shared); each test
 //! prints what it measured.
@@ -49,9 +50,13 @@ fn agent(url: &str, dir: &Path, token: Option<&str>, extra: &[&str]) -> (Proc, R
     if let Some(t) = token {
         c.args(["--token", t]);
     }
+    c.args(["agent", "--simulate", "--name", "vm"]).args(extra);
+    spawn_with_lines(&mut c)
+}
+
+/// Starts `c`; its stderr lines arrive on the receiver as they are printed.
+fn spawn_with_lines(c: &mut std::process::Command) -> (Proc, Receiver<String>) {
     let mut child = c
-        .args(["agent", "--simulate", "--name", "vm"])
-        .args(extra)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -446,4 +451,61 @@ fn an_agent_behind_a_proxy_whose_server_is_down_waits() {
     assert!(p.0.try_wait().expect("try_wait").is_none(), "it waits");
     signal(&p, Signal::SIGTERM);
     wait_exit(&mut p, Duration::from_secs(30)).expect("the agent stops");
+}
+
+/// A real-device agent (`--target device`, cache under `dir`) whose `adb` is whatever PATH
+/// `bin` holds, plus `extra` flags.
+fn adb_agent(url: &str, dir: &Path, bin: &Path, extra: &[&str]) -> (Proc, Receiver<String>) {
+    let mut c = qgjob(Some(url), dir);
+    c.env("PATH", bin)
+        .env_remove("QGJOB_ADB")
+        .args(["agent", "--target", "device", "--name", "lab"])
+        .arg("--cache-dir")
+        .arg(dir.join("agent-cache"))
+        .args(extra);
+    spawn_with_lines(&mut c)
+}
+
+/// An agent whose adb cannot run at all stops at once with one line (exit 3), with
+/// `--serial` as without: a missing adb is not a device that is not ready yet. One whose
+/// adb runs but does not list the serial warns and waits for the device.
+#[test]
+fn an_agent_whose_adb_cannot_run_stops_with_one_line_even_with_serial() {
+    let dir = project();
+    let (_server, url) = start_server(dir.path(), &[]);
+    let empty = dir.path().join("no-adb");
+    std::fs::create_dir_all(&empty).expect("mkdir");
+    for extra in [&[][..], &["--serial", "R58M1234"][..]] {
+        let (mut p, rx) = adb_agent(&url, dir.path(), &empty, extra);
+        // It used to warn that the device was not ready, and wait for ever.
+        let st = wait_exit(&mut p, Duration::from_secs(30))
+            .unwrap_or_else(|| panic!("{extra:?}: still running: {:?}", drain(&rx)));
+        let lines = drain(&rx);
+        assert_eq!(st.code(), Some(3), "{extra:?}: {lines:?}");
+        assert_eq!(lines.len(), 1, "{extra:?}: {lines:?}");
+        assert!(
+            lines[0].starts_with("error: adb: cannot run adb: No such file or directory"),
+            "{extra:?}: {lines:?}"
+        );
+    }
+
+    // A fake adb (a script, not a device) that runs and lists no device.
+    let bin = dir.path().join("bin");
+    std::fs::create_dir_all(&bin).expect("mkdir");
+    let adb = bin.join("adb");
+    std::fs::write(
+        &adb,
+        "#!/bin/sh\n\
+         case \"$*\" in\n\
+           devices) printf 'List of devices attached\\n' ;;\n\
+           version) echo 'Android Debug Bridge version 1.0.41' ;;\n\
+           *) echo \"error: device 'R58M1234' not found\" >&2; exit 1 ;;\n\
+         esac\n",
+    )
+    .expect("write fake adb");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&adb, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let (mut p, rx) = adb_agent(&url, dir.path(), &bin, &["--serial", "R58M1234"]);
+    wait_for_line(&rx, "a device is not ready", Duration::from_secs(60));
+    still_running_then_stop(&mut p, &rx);
 }

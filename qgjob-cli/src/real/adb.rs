@@ -99,6 +99,25 @@ pub async fn discover(adb: &Path, target: &Target) -> Result<Vec<String>, AdbErr
         .collect())
 }
 
+/// Makes sure `adb` can be run at all (`adb version`), for devices named with `--serial`,
+/// which are otherwise only asked after in the background. A missing or unrunnable adb is
+/// the machine's problem, not a device that is not ready yet: the agent would wait for
+/// ever. What adb answers is not checked: a device that is absent or offline may still
+/// come, and the agent warns about it then. Never waits more than 10 s.
+pub async fn check_runs(adb: &Path) -> Result<(), AdbError> {
+    let run = Command::new(adb)
+        .arg("version")
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    match tokio::time::timeout(Duration::from_secs(10), run).await {
+        Ok(Err(e)) => Err(AdbError(format!("cannot run {}: {e}", adb.display()))),
+        // It ran (whatever it said), or it started and hangs: a slow adb is not a missing
+        // one, and the devices' own checks will say if it never answers.
+        Ok(Ok(_)) | Err(_) => Ok(()),
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct Installed {
     build: BuildRef,

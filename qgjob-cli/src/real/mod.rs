@@ -259,6 +259,8 @@ pub async fn build_devices(
             let serials = if args.serials.is_empty() {
                 adb::discover(&args.adb, target).await?
             } else {
+                // Not listing them lets a device come later, but adb itself must run.
+                adb::check_runs(&args.adb).await?;
                 args.serials.clone()
             };
             if serials.is_empty() {
