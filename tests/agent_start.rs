@@ -3,7 +3,7 @@
 //! of SIGTERM or SIGINT (and unregisters its devices), a busy one finishes its job first
 //! unless a second signal says otherwise, an agent whose server goes away (or is not there
 //! yet) says so and waits for it, and a second agent under the same name stops. An agent
-//! whose adb cannot run stops at once with one line.
+//! whose adb cannot run, or whose `--name` is invalid, stops at once with one line.
 //!
 //! Bounds on time are generous on purpose (the machines running these are shared); each test
 //! prints what it measured.
@@ -508,4 +508,40 @@ fn an_agent_whose_adb_cannot_run_stops_with_one_line_even_with_serial() {
     let (mut p, rx) = adb_agent(&url, dir.path(), &bin, &["--serial", "R58M1234"]);
     wait_for_line(&rx, "a device is not ready", Duration::from_secs(60));
     still_running_then_stop(&mut p, &rx);
+}
+
+/// An agent name is the first part of its device ids, so it must make valid ones on its
+/// own: an empty name (devices `/emulator-1`), one with a `/`, a space or too many
+/// characters is refused at once with one line saying what a name may be (exit 2), for
+/// simulated and real devices alike, before the agent waits for its server.
+#[test]
+fn an_invalid_agent_name_is_refused_with_one_line() {
+    let dir = project();
+    let (_server, url) = start_server(dir.path(), &[]);
+    let long = "x".repeat(65);
+    for name in ["", "lab/1", "my lab", long.as_str()] {
+        for real in [false, true] {
+            let mut c = qgjob(Some(&url), dir.path());
+            c.args(["agent", "--target", "device", "--name", name]);
+            if real {
+                c.args(["--serial", "R58M1234"])
+                    .arg("--cache-dir")
+                    .arg(dir.path().join("agent-cache"));
+            } else {
+                c.arg("--simulate");
+            }
+            let (mut p, rx) = spawn_with_lines(&mut c);
+            let st = wait_exit(&mut p, Duration::from_secs(30))
+                .unwrap_or_else(|| panic!("{name:?} (real: {real}): still running"));
+            let lines = drain(&rx);
+            assert_eq!(st.code(), Some(2), "{name:?} (real: {real}): {lines:?}");
+            assert_eq!(lines.len(), 1, "{name:?} (real: {real}): {lines:?}");
+            assert!(
+                lines[0].starts_with(&format!("error: invalid agent name {name:?}: "))
+                    && lines[0].contains("1 to 64"),
+                "{name:?} (real: {real}): {lines:?}"
+            );
+        }
+    }
+    assert_eq!(registered_devices(&url), 0, "no device registered");
 }

@@ -107,7 +107,28 @@ fn held_patience(health: &serde_json::Value) -> Duration {
     })
 }
 
-/// A device-id-safe name for this machine.
+/// The longest agent name: a device id (at most 128 characters) is the agent's name, `/`
+/// and the device's own part (an adb serial, `emulator-12`), which needs room too.
+const AGENT_NAME_MAX: usize = 64;
+
+/// The agent's name: `--name`, else the host's ([`default_agent_name`]). A name given is
+/// checked on its own, not only inside the device ids it starts (where an empty one made
+/// devices `/emulator-1`): 1 to 64 of the characters a device id may hold, except `/`, which
+/// separates the agent's name from the device's part.
+fn agent_name(given: Option<&str>) -> Result<String> {
+    let Some(name) = given else {
+        return Ok(default_agent_name());
+    };
+    if name.len() > AGENT_NAME_MAX || name.contains('/') || DeviceId::new(name).is_err() {
+        return Err(CliError::Usage(format!(
+            "invalid agent name {name:?}: --name must be 1 to {AGENT_NAME_MAX} letters, digits \
+             and . _ - : @"
+        )));
+    }
+    Ok(name.to_string())
+}
+
+/// A device-id-safe name for this machine (a valid [`agent_name`]).
 pub fn default_agent_name() -> String {
     let raw = std::env::var("HOSTNAME")
         .ok()
@@ -375,7 +396,7 @@ pub fn agent(client: Client, a: &AgentArgs) -> Result<u8> {
         ));
     }
     let spec = SimSpec {
-        name: a.name.clone().unwrap_or_else(default_agent_name),
+        name: agent_name(a.name.as_deref())?,
         target: a
             .target
             .parse()
@@ -474,7 +495,7 @@ fn real_agent(client: Client, a: &AgentArgs) -> Result<u8> {
         .target
         .parse()
         .map_err(|e: qgjob_core::InvalidSpec| CliError::Usage(e.message))?;
-    let name = a.name.clone().unwrap_or_else(default_agent_name);
+    let name = agent_name(a.name.as_deref())?;
     let health = wait_for_server(&client)?;
     let base = client.servers();
     let artifacts = client.clone();
@@ -570,6 +591,33 @@ mod tests {
     }
 
     use super::*;
+
+    #[test]
+    fn an_agent_name_must_start_device_ids_on_its_own() {
+        for ok in [
+            "lab1",
+            "ci-runner_2.local",
+            "a",
+            "user@host:1",
+            &"x".repeat(64),
+        ] {
+            assert_eq!(agent_name(Some(ok)).unwrap(), ok);
+        }
+        for bad in ["", "lab/1", "/", "my lab", "caf\u{e9}", &"x".repeat(65)] {
+            let e = agent_name(Some(bad)).unwrap_err();
+            assert_eq!(e.exit_code(), crate::error::EXIT_USAGE, "{bad:?}");
+            assert_eq!(
+                e.to_string(),
+                format!(
+                    "invalid agent name {bad:?}: --name must be 1 to 64 letters, digits and \
+                     . _ - : @"
+                )
+            );
+        }
+        // The host's name, when none is given, is always a valid one.
+        let host = agent_name(None).unwrap();
+        assert_eq!(agent_name(Some(&host)).unwrap(), host);
+    }
 
     #[test]
     fn the_closing_line_names_cancels_and_undelivered_results_only_when_there_are_some() {
