@@ -2328,3 +2328,56 @@ fn simulate_refuses_flags_it_would_ignore() {
         stdout(&o)
     );
 }
+
+#[test]
+fn a_folder_that_cannot_be_read_is_reported_not_skipped() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = project();
+    let locked = dir.path().join("tests/locked");
+    std::fs::create_dir_all(&locked).expect("mkdir");
+    std::fs::write(locked.join("c.spec.js"), "").expect("write");
+    std::fs::set_permissions(&locked, std::fs::Permissions::from_mode(0o000)).expect("chmod");
+    // Root reads any folder: run qgjob as `nobody` then, from a copy it may execute, in a
+    // project it may enter (all but the locked folder).
+    let root = String::from_utf8_lossy(
+        &Command::new("id")
+            .arg("-u")
+            .output()
+            .expect("id runs")
+            .stdout,
+    )
+    .trim()
+        == "0";
+    let bin = dir.path().join("qgjob-copy");
+    if root {
+        std::fs::copy(BIN, &bin).expect("copy qgjob");
+        for p in [dir.path(), &dir.path().join("tests")] {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        }
+    }
+    for test in ["tests", "tests/**/*.spec.js"] {
+        let args = [
+            "submit",
+            "--org-id=acme",
+            "--app-version-id=v1",
+            &format!("--test={test}"),
+        ];
+        let cmd = if root {
+            let mut c = Command::new("setpriv");
+            c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+                .arg(&bin);
+            common::qgjob_via(c, Some("http://127.0.0.1:1"), dir.path())
+        } else {
+            qgjob(Some("http://127.0.0.1:1"), dir.path())
+        };
+        let o = { cmd }.args(args).output().expect("qgjob runs");
+        assert_eq!(code(&o), 2, "{test}: {}", stderr(&o));
+        assert_eq!(stderr(&o).lines().count(), 1, "{test}: {}", stderr(&o));
+        assert!(
+            stderr(&o).starts_with("error: reading ") && stderr(&o).contains("locked"),
+            "{test}: {}",
+            stderr(&o)
+        );
+    }
+    std::fs::set_permissions(&locked, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+}

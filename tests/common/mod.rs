@@ -44,7 +44,12 @@ impl Drop for Proc {
 /// A `qgjob` command run in `cwd` with a clean environment (no inherited server, token,
 /// config, database, GitHub or colour settings), talking to `server` when given.
 pub fn qgjob(server: Option<&str>, cwd: &Path) -> Command {
-    let mut c = Command::new(BIN);
+    qgjob_via(Command::new(BIN), server, cwd)
+}
+
+/// [`qgjob`] run through another command: `wrapper` already names the program (and its
+/// own arguments) that runs `qgjob`, e.g. `setpriv … -- /path/to/qgjob`.
+pub fn qgjob_via(mut c: Command, server: Option<&str>, cwd: &Path) -> Command {
     c.current_dir(cwd)
         .env_remove("QGJOB_SERVER")
         .env_remove("QGJOB_TOKEN")
