@@ -224,6 +224,55 @@ fn original_readme_flow_submit_then_watch_queued_running_passed() {
 }
 
 #[test]
+fn a_job_past_its_timeout_is_stopped_and_ends_in_error() {
+    let dir = project();
+    let (_server, url) = start_server(dir.path(), &[]);
+    // Simulated jobs take 30 s; the job allows 2.
+    let _agent = Proc(
+        qgjob(Some(&url), dir.path())
+            .args(["agent", "--target", "emulator", "--simulate"])
+            .args(["--devices", "1", "--install-s", "0.1", "--run-s", "30"])
+            .args(["--name", "test-slow"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("agent starts"),
+    );
+    let o = run(
+        Some(&url),
+        dir.path(),
+        &[
+            "submit",
+            "--org-id=acme",
+            "--app-version-id=v1",
+            "--test=tests/onboarding.spec.js",
+            "--target=emulator",
+            "--timeout=2s",
+            "--max-attempts=1",
+            "--wait",
+            "--wait-timeout=120s",
+            "--json",
+        ],
+    );
+    assert_eq!(code(&o), 3, "{}{}", stdout(&o), stderr(&o));
+    let last = stdout(&o).lines().last().unwrap_or_default().to_string();
+    let v: Value = serde_json::from_str(&last).unwrap_or_else(|e| panic!("{e}: {last:?}"));
+    let id = v["jobs"][0]["id"].as_str().expect("job id").to_string();
+    let o = run(
+        Some(&url),
+        dir.path(),
+        &["status", &format!("--job-id={id}"), "--json"],
+    );
+    let job = json(&o);
+    assert_eq!(job["state"], "error", "{job}");
+    let err = job["outcome"]["error"].as_str().unwrap_or_default();
+    assert!(
+        err.starts_with("timed out: the tests ran past the job's timeout of 2 s"),
+        "{job}"
+    );
+}
+
+#[test]
 fn a_retried_ci_step_waits_on_the_run_it_submitted_before() {
     let dir = project();
     let (_server, url) = start_server(dir.path(), &[]);

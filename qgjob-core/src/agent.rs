@@ -7,7 +7,9 @@
 //!   [`Notify`], so long-polling agents wake the moment work arrives, and
 //!   [`SharedScheduler::spawn_ticker`] expires leases and releases retries on time.
 //! * [`Agent`] runs one loop per device: lease, install if asked, run the batch while
-//!   heartbeating (cancels from the heartbeat reach the device), report every job (within
+//!   heartbeating (cancels from the heartbeat reach the device) and, unless the device
+//!   does it itself, stopping jobs that run past their timeouts (see
+//!   [`Device::enforces_timeouts`]), report every job (within
 //!   [`AgentConfig::report_patience`] when the scheduler answers but refuses one), repeat;
 //!   shutdown stops leasing, lets in-flight batches finish and report, then unregisters.
 //!   A device the scheduler refuses to register stops the whole agent with an error.
@@ -29,7 +31,7 @@ use crate::device::{CancelSender, CancelWatch, Device, JobRun};
 use crate::error::{CancelError, DeviceError, ReportError, SubmitError};
 use crate::model::{
     DeviceId, DeviceInfo, HeartbeatAck, InfraErrorKind, InfraFailure, Job, JobEvent, JobId,
-    JobSpec, JobState, Lease, LeaseId, RunReport, Time,
+    JobSpec, JobState, Lease, LeaseId, LeasedJob, RunReport, Time,
 };
 use crate::scheduler::{CancelOutcome, Scheduler, Submitted};
 
@@ -1153,7 +1155,13 @@ async fn run_lease(ctx: &Ctx, lease: Lease) -> LeaseEnd {
             ctx.device.install(&lease.build).await?;
             AgentStats::bump(&ctx.stats.installs);
         }
-        Ok::<Vec<JobRun>, InfraFailure>(ctx.device.run(&lease.build, &lease.jobs, cancel_rx).await)
+        let run = ctx.device.run(&lease.build, &lease.jobs, cancel_rx);
+        let runs = if ctx.device.enforces_timeouts() {
+            run.await
+        } else {
+            hold_to_timeouts(run, &lease.jobs, &cancel_tx).await
+        };
+        Ok::<Vec<JobRun>, InfraFailure>(runs)
     };
     // The lease poll was just answered.
     let answering = AtomicBool::new(true);
@@ -1182,16 +1190,17 @@ async fn run_lease(ctx: &Ctx, lease: Lease) -> LeaseEnd {
             .collect(),
         Ok(runs) => {
             let mut runs = runs.into_iter();
-            job_ids
+            lease
+                .jobs
                 .iter()
-                .map(|id| {
+                .map(|job| {
                     let run = runs.next().unwrap_or_else(|| {
                         Err(InfraFailure {
                             kind: InfraErrorKind::RunnerCrashed,
                             message: "the device returned no result for this job".into(),
                         })
                     });
-                    (*id, run)
+                    (job.id, timed_out_as_such(job, run, &cancel_tx))
                 })
                 .collect()
         }
@@ -1213,6 +1222,49 @@ async fn run_lease(ctx: &Ctx, lease: Lease) -> LeaseEnd {
     LeaseEnd {
         device_lost,
         jobs_left,
+    }
+}
+
+/// Runs `run`, a device's batch of `jobs`, holding the jobs to their timeouts for a device
+/// that does not (see [`Device::enforces_timeouts`]): counting from now, each job gets its
+/// own timeout plus those of the jobs ahead of it, and one not done by then is told to stop
+/// through `stop`. The budgets add up because a device runs a batch's jobs one after
+/// another and the agent cannot see when each starts; a job stopped at its budget has had
+/// at least its own timeout, since the ones ahead of it were stopped at theirs.
+async fn hold_to_timeouts<F>(run: F, jobs: &[LeasedJob], stop: &CancelSender) -> Vec<JobRun>
+where
+    F: Future<Output = Vec<JobRun>>,
+{
+    let start = tokio::time::Instant::now();
+    let mut budget = Duration::ZERO;
+    tokio::pin!(run);
+    for job in jobs {
+        budget = budget.saturating_add(Duration::from_millis(job.spec.timeout_ms));
+        // Past what the clock can express (timeouts are at most a day each): no deadline.
+        let Some(at) = start.checked_add(budget) else {
+            break;
+        };
+        tokio::select! {
+            runs = &mut run => return runs,
+            () = tokio::time::sleep_until(at) => stop.time_out(&[job.id]),
+        }
+    }
+    run.await
+}
+
+/// `run`, or, when the agent stopped `job` for its timeout and the device reported it
+/// stopped (an `Other` failure, as for a cancel), the timeout failure the real executor
+/// reports too. A verdict stands (the job may have finished before the stop reached it), and
+/// so does a failure the device named itself (its own timeout, a lost device).
+fn timed_out_as_such(job: &LeasedJob, run: JobRun, stop: &CancelSender) -> JobRun {
+    match run {
+        Err(f) if f.kind == InfraErrorKind::Other && stop.timed_out(job.id) => {
+            Err(InfraFailure::timed_out(
+                Duration::from_millis(job.spec.timeout_ms),
+                "the agent stopped them",
+            ))
+        }
+        other => other,
     }
 }
 

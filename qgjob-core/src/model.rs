@@ -730,6 +730,21 @@ pub struct InfraFailure {
     pub message: String,
 }
 
+impl InfraFailure {
+    /// A job that ran past `timeout` and was stopped; `then` says how (`the process group
+    /// was killed`). Every path that stops a job at its timeout (the agent, the real
+    /// executor, a simulated device) reports it in these words, so users read one thing.
+    pub fn timed_out(timeout: std::time::Duration, then: &str) -> Self {
+        InfraFailure {
+            kind: InfraErrorKind::Timeout,
+            message: format!(
+                "the tests ran past the job's timeout of {} s; {then}",
+                timeout.as_secs_f64()
+            ),
+        }
+    }
+}
+
 /// How a job ended.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Outcome {

@@ -101,6 +101,10 @@ pub struct SimDeviceStats {
     pub infra_errors: u64,
     /// Jobs stopped because they were canceled.
     pub canceled: u64,
+    /// Jobs stopped because they ran past their timeout (the agent enforces it for a
+    /// simulated device).
+    #[serde(default)]
+    pub timed_out: u64,
 }
 
 #[derive(Debug)]
@@ -117,10 +121,20 @@ pub struct SimDevice {
     state: Mutex<SimState>,
 }
 
-fn canceled() -> InfraFailure {
-    InfraFailure {
-        kind: InfraErrorKind::Other,
-        message: "canceled".into(),
+/// How a job the watch told to stop ends, counted in `stats`: a cancel, or its timeout.
+fn stopped(job: &LeasedJob, cancel: &CancelWatch, stats: &mut SimDeviceStats) -> InfraFailure {
+    if cancel.timed_out(job.id) {
+        stats.timed_out += 1;
+        InfraFailure::timed_out(
+            Duration::from_millis(job.spec.timeout_ms),
+            "the simulated run was stopped",
+        )
+    } else {
+        stats.canceled += 1;
+        InfraFailure {
+            kind: InfraErrorKind::Other,
+            message: "canceled".into(),
+        }
     }
 }
 
@@ -198,7 +212,8 @@ impl SimDevice {
         (outcome, ms, (pick % n as u64) as usize)
     }
 
-    /// Runs one job: sleeps its duration unless canceled first.
+    /// Runs one job: sleeps its duration unless told to stop first (canceled, or past its
+    /// timeout: the agent says when), which ends it at once.
     async fn run_one(&self, job: &LeasedJob, cancel: &mut CancelWatch) -> JobRun {
         self.lock().stats.jobs += 1;
         let (outcome, ms, hit) = self.plan(job);
@@ -215,8 +230,7 @@ impl SimDevice {
         };
         let mut st = self.lock();
         if !finished {
-            st.stats.canceled += 1;
-            return Err(canceled());
+            return Err(stopped(job, cancel, &mut st.stats));
         }
         if outcome == SimOutcome::InfraError {
             st.stats.infra_errors += 1;
@@ -312,8 +326,7 @@ impl Device for SimDevice {
                 continue;
             }
             if cancel.is_canceled(job.id) {
-                self.lock().stats.canceled += 1;
-                out.push(Err(canceled()));
+                out.push(Err(stopped(job, &cancel, &mut self.lock().stats)));
                 continue;
             }
             out.push(self.run_one(job, &mut cancel).await);

@@ -1871,3 +1871,257 @@ async fn a_job_the_scheduler_ended_does_not_lose_its_batch_mates_reports() {
     handle.await.unwrap().unwrap();
     ticker.abort();
 }
+
+// ----- per-job timeouts -----
+
+/// A spec for `test` with a `timeout_s` timeout and a single attempt.
+fn timed(test: &str, timeout_s: u64) -> JobSpec {
+    let mut sp = spec("acme", "v1", test);
+    sp.timeout_ms = timeout_s * 1_000;
+    sp.max_attempts = 1;
+    sp
+}
+
+/// How long a job of the test devices below runs: the seconds its test's name ends with
+/// (`tests/b-30.spec.js` runs 30 s).
+fn secs_of(job: &LeasedJob) -> u64 {
+    let name = job.spec.tests[0].trim_end_matches(".spec.js");
+    name.rsplit('-')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(1)
+}
+
+/// What a test device saw of a job: its test, whether the watch said it timed out, and
+/// when the job ended (ms into the batch's run).
+type Seen = Arc<Mutex<Vec<(String, bool, u128)>>>;
+
+/// A device of a user's own that knows nothing of timeouts (no real hardware involved): it
+/// runs a batch's jobs one after another, each for [`secs_of`] it, and stops a job the watch
+/// says must stop, reporting it the way the trait asks for a cancel.
+struct Plain {
+    seen: Seen,
+}
+
+#[async_trait]
+impl Device for Plain {
+    fn info(&self) -> DeviceInfo {
+        emulator_info("plain-1")
+    }
+    async fn install(&self, _build: &BuildRef) -> Result<(), InfraFailure> {
+        Ok(())
+    }
+    async fn run(
+        &self,
+        _build: &BuildRef,
+        jobs: &[LeasedJob],
+        mut cancel: CancelWatch,
+    ) -> Vec<qgjob_core::device::JobRun> {
+        let start = tokio::time::Instant::now();
+        let mut out = Vec::new();
+        for job in jobs {
+            let secs = secs_of(job);
+            let finished = tokio::select! {
+                () = cancel.canceled(job.id) => false,
+                () = tokio::time::sleep(Duration::from_secs(secs)) => true,
+            };
+            self.seen.lock().unwrap().push((
+                job.spec.tests[0].clone(),
+                cancel.timed_out(job.id),
+                start.elapsed().as_millis(),
+            ));
+            out.push(if finished {
+                Ok(passed_after(secs * 1_000))
+            } else {
+                Err(InfraFailure {
+                    kind: InfraErrorKind::Other,
+                    message: "canceled".into(),
+                })
+            });
+        }
+        out
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_job_past_its_timeout_is_stopped_at_it_retried_and_then_errors() {
+    let s = shared(SchedulerConfig::default());
+    let ticker = s.spawn_ticker();
+    // Jobs take 30 s on this device, which leaves timeouts to the agent.
+    let dev = Arc::new(SimDevice::new(sim("emu-1", 1_000, 30_000)));
+    let mut sp = timed("tests/slow.spec.js", 2);
+    sp.max_attempts = 2;
+    let id = s.submit(sp).unwrap().job_id;
+    let (shutdown, handle) = spawn_agent(Arc::new(s.link()), &[Arc::clone(&dev)], agent_cfg());
+
+    wait(&s, "first attempt running", |s| {
+        s.get(id).is_some_and(|j| j.state == JobState::Running)
+    })
+    .await;
+    let leased = s.get(id).unwrap().started_at.unwrap();
+    wait(&s, "a second attempt", |s| {
+        s.get(id).is_some_and(|j| j.attempt == 2)
+    })
+    .await;
+    let job = s.get(id).unwrap();
+    // Stopped 2 s into its run (after the 1 s install), as a timeout, and retried.
+    let ended = s.now().since(leased);
+    assert!(
+        (3_000..3_010).contains(&ended),
+        "ended {ended} ms after the lease"
+    );
+    let why = job.last_error.unwrap();
+    assert!(
+        why.starts_with("timed out: the tests ran past the job's timeout of 2 s"),
+        "{why}"
+    );
+
+    wait(&s, "job final", all_final(&[id])).await;
+    let job = s.get(id).unwrap();
+    assert_eq!((job.state, job.attempt), (JobState::Error, 2));
+    // The build stayed installed: the second attempt ran 2 s, not 30.
+    let ran = job.finished_at.unwrap().since(job.started_at.unwrap());
+    assert!((2_000..2_010).contains(&ran), "ran {ran} ms");
+    let err = job.outcome.unwrap().error.unwrap();
+    assert!(err.starts_with("timed out: "), "{err}");
+    let st = dev.stats();
+    assert_eq!((st.timed_out, st.canceled, st.passed), (2, 0, 0), "{st:?}");
+
+    shutdown.trigger();
+    let c = handle.await.unwrap().unwrap();
+    ticker.abort();
+    assert_eq!((c.infra_failures, c.canceled, c.passed), (2, 0, 0), "{c:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn in_a_batch_only_the_job_past_its_timeout_is_stopped() {
+    let s = shared(SchedulerConfig::default());
+    let ticker = s.spawn_ticker();
+    // One after another in one lease: 1 s of a 5 s timeout, 30 s of a 2 s one, 1 s of 5 s.
+    let ids: Vec<JobId> = [
+        ("tests/a-1.spec.js", 5),
+        ("tests/b-30.spec.js", 2),
+        ("tests/c-1.spec.js", 5),
+    ]
+    .iter()
+    .map(|(t, timeout)| s.submit(timed(t, *timeout)).unwrap().job_id)
+    .collect();
+    let seen = Seen::default();
+    let mut cfg = agent_cfg();
+    cfg.max_batch = 3;
+    let agent = Agent::new(Arc::new(s.link()), cfg).with_device(Arc::new(Plain {
+        seen: Arc::clone(&seen),
+    }));
+    let (shutdown, handle) = spawn_built(agent);
+    wait(&s, "all final", all_final(&ids)).await;
+
+    let jobs: Vec<Job> = ids.iter().map(|id| s.get(*id).unwrap()).collect();
+    assert_eq!(
+        *seen.lock().unwrap(),
+        vec![
+            ("tests/a-1.spec.js".to_string(), false, 1_000),
+            ("tests/b-30.spec.js".to_string(), true, 7_000),
+            ("tests/c-1.spec.js".to_string(), false, 8_000),
+        ],
+        "one batch, in order; only b was told it timed out: once the batch had used a's \
+         timeout and its own (so at least its own 2 s after a ended), and c still had its \
+         own 5 s after that"
+    );
+    let leased = jobs[0].started_at.unwrap();
+    assert!(
+        jobs.iter().all(|j| j.started_at == Some(leased)),
+        "one lease"
+    );
+    assert_eq!(jobs[0].state, JobState::Passed);
+    assert_eq!(jobs[2].state, JobState::Passed);
+    assert_eq!(jobs[1].state, JobState::Error);
+    let err = jobs[1].outcome.clone().unwrap().error.unwrap();
+    assert_eq!(
+        err,
+        "timed out: the tests ran past the job's timeout of 2 s; the agent stopped them"
+    );
+    shutdown.trigger();
+    let c = handle.await.unwrap().unwrap();
+    ticker.abort();
+    assert_eq!((c.passed, c.infra_failures), (2, 1), "{c:?}");
+}
+
+/// A device that holds jobs to their timeouts itself, on a clock of its own that starts
+/// after 5 s of set-up (as the real executor's starts with the test command): it reports
+/// its own timeout failure (no real hardware involved).
+struct OwnClock {
+    told_timed_out: Arc<AtomicU64>,
+}
+
+#[async_trait]
+impl Device for OwnClock {
+    fn info(&self) -> DeviceInfo {
+        emulator_info("own-clock-1")
+    }
+    async fn install(&self, _build: &BuildRef) -> Result<(), InfraFailure> {
+        Ok(())
+    }
+    async fn run(
+        &self,
+        _build: &BuildRef,
+        jobs: &[LeasedJob],
+        mut cancel: CancelWatch,
+    ) -> Vec<qgjob_core::device::JobRun> {
+        let mut out = Vec::new();
+        for job in jobs {
+            let secs = secs_of(job);
+            let timeout = Duration::from_millis(job.spec.timeout_ms);
+            let run = async {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                tokio::time::timeout(timeout, tokio::time::sleep(Duration::from_secs(secs))).await
+            };
+            let r = tokio::select! {
+                () = cancel.canceled(job.id) => Err(InfraFailure {
+                    kind: InfraErrorKind::Other,
+                    message: "canceled".into(),
+                }),
+                r = run => match r {
+                    Ok(()) => Ok(passed_after(secs * 1_000)),
+                    Err(_) => Err(InfraFailure {
+                        kind: InfraErrorKind::Timeout,
+                        message: "own clock: killed at the job's timeout".into(),
+                    }),
+                },
+            };
+            if cancel.timed_out(job.id) {
+                self.told_timed_out.fetch_add(1, Ordering::SeqCst);
+            }
+            out.push(r);
+        }
+        out
+    }
+    fn enforces_timeouts(&self) -> bool {
+        true
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_device_that_enforces_timeouts_itself_reports_its_own_failure() {
+    let s = shared(SchedulerConfig::default());
+    let ticker = s.spawn_ticker();
+    let id = s.submit(timed("tests/slow-30.spec.js", 2)).unwrap().job_id;
+    let told = Arc::new(AtomicU64::new(0));
+    let agent = Agent::new(Arc::new(s.link()), agent_cfg()).with_device(Arc::new(OwnClock {
+        told_timed_out: Arc::clone(&told),
+    }));
+    let (shutdown, handle) = spawn_built(agent);
+    wait(&s, "job final", all_final(&[id])).await;
+
+    let job = s.get(id).unwrap();
+    assert_eq!(job.state, JobState::Error);
+    let err = job.outcome.clone().unwrap().error.unwrap();
+    assert_eq!(err, "timed out: own clock: killed at the job's timeout");
+    // At its own 2 s after its 5 s of set-up: the agent did not stop it at 2 s.
+    let ran = job.finished_at.unwrap().since(job.started_at.unwrap());
+    assert_eq!(ran, 7_000);
+    assert_eq!(told.load(Ordering::SeqCst), 0);
+
+    shutdown.trigger();
+    handle.await.unwrap().unwrap();
+    ticker.abort();
+}

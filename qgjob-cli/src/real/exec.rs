@@ -6,8 +6,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use qgjob_core::device::{CancelWatch, JobRun};
-use qgjob_core::{InfraErrorKind, InfraFailure, JobId, LeasedJob, RunReport, Target, TestResult};
+use async_trait::async_trait;
+use qgjob_core::device::{CancelWatch, Device, JobRun};
+use qgjob_core::{
+    BuildRef, DeviceInfo, InfraErrorKind, InfraFailure, JobId, LeasedJob, RunReport, Target,
+    TestResult,
+};
 
 use super::cache::{ArtifactCache, Pinned, WorkDir};
 use super::playwright::{parse_report, ParsedReport};
@@ -444,6 +448,36 @@ impl JobRunner {
             ("CI".into(), "1".into()),
             self.cache.process_mark(),
         ]
+    }
+}
+
+/// A real device, whose jobs run through a [`JobRunner`]: the runner holds each job to its
+/// timeout itself (from the start of the test command, so a bundle's download and npm
+/// install do not count, and a batch sharing one runner process gets the sum of its jobs'
+/// timeouts), so the agent is told not to (see [`Device::enforces_timeouts`]). Declared
+/// here, for every kind of real device at once, because it is the runner's doing.
+pub struct SelfTimed<D>(pub D);
+
+#[async_trait]
+impl<D: Device> Device for SelfTimed<D> {
+    fn info(&self) -> DeviceInfo {
+        self.0.info()
+    }
+
+    async fn install(&self, build: &BuildRef) -> Result<(), InfraFailure> {
+        self.0.install(build).await
+    }
+
+    async fn run(&self, build: &BuildRef, jobs: &[LeasedJob], cancel: CancelWatch) -> Vec<JobRun> {
+        self.0.run(build, jobs, cancel).await
+    }
+
+    async fn healthy(&self) -> bool {
+        self.0.healthy().await
+    }
+
+    fn enforces_timeouts(&self) -> bool {
+        true
     }
 }
 

@@ -56,7 +56,7 @@ use qgjob_core::Target;
 use thiserror::Error;
 
 use cache::{ArtifactCache, ArtifactSource, NpmConfig};
-use exec::{JobRunner, LogSink};
+use exec::{JobRunner, LogSink, SelfTimed};
 use runner::{CommandTemplate, TemplateError};
 
 /// Flags of `qgjob agent` for real devices (flatten them into the agent's arguments).
@@ -275,7 +275,7 @@ pub async fn build_devices(
                     Arc::clone(&runner),
                     Arc::clone(&installs),
                 )?;
-                devices.push(Arc::new(dev.probe().await));
+                devices.push(Arc::new(SelfTimed(dev.probe().await)));
             }
         }
         Target::Browserstack => {
@@ -299,7 +299,7 @@ pub async fn build_devices(
             .with_markers(&args.browserstack_expired_markers);
             let shared = browserstack::Shared::new(apps, args.parallel);
             for n in 1..=args.parallel {
-                devices.push(Arc::new(
+                devices.push(Arc::new(SelfTimed(
                     browserstack::BrowserStackDevice::new(
                         agent_name,
                         n,
@@ -307,7 +307,7 @@ pub async fn build_devices(
                         Arc::clone(&shared),
                     )
                     .map_err(RealError::Invalid)?,
-                ));
+                )));
             }
             bs = Some(shared);
         }

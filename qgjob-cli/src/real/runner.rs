@@ -654,13 +654,10 @@ pub fn judge(out: &RunOutcome, timeout: Duration) -> Result<RunReport, InfraFail
     };
     match out.ended {
         Ended::TimedOut => {
-            return Err(InfraFailure {
-                kind: InfraErrorKind::Timeout,
-                message: format!(
-                    "the tests ran past the job's timeout of {} s; the process group was killed",
-                    timeout.as_secs_f64()
-                ),
-            })
+            return Err(InfraFailure::timed_out(
+                timeout,
+                "the process group was killed",
+            ))
         }
         Ended::Canceled => {
             return Err(InfraFailure {
