@@ -128,7 +128,7 @@ fn agent_name(given: Option<&str>) -> Result<String> {
     Ok(name.to_string())
 }
 
-/// A device-id-safe name for this machine (a valid [`agent_name`]).
+/// A device-id-safe name for this machine (a valid `agent_name`).
 pub fn default_agent_name() -> String {
     let raw = std::env::var("HOSTNAME")
         .ok()

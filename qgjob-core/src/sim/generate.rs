@@ -76,7 +76,7 @@ const MAX_JOBS: usize = 3000;
 
 /// Generates a workload of `shape` from `seed`: 1–3 target pools of 2–16 devices with
 /// installs of 10–120 s, 100–3000 jobs of 5–300 s (most short, a long tail), about 4%
-/// `failed` and 3% `infra_error_once`; [`Shape::Small`] differs (see [`small`]).
+/// `failed` and 3% `infra_error_once`; [`Shape::Small`] differs (see `small`).
 pub fn generate(shape: Shape, seed: u64) -> Workload {
     // Mix the shape into the seed so seed 1 of two shapes are unrelated workloads.
     let salt = match shape {

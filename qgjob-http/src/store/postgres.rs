@@ -285,7 +285,7 @@ impl PgStore {
     /// anything: ends every session an earlier server of this store left (a server cut
     /// off from the database may still have a write in flight, and its transactions may
     /// hold locks this server would wait on), then waits until no write transaction that
-    /// began before is still open. Every write holds [`WRITE_FENCE_KEY`] shared and checks
+    /// began before is still open. Every write holds `WRITE_FENCE_KEY` shared and checks
     /// the lock inside its transaction, so a write of an earlier server either committed
     /// before this returns, and is restored, or fails its check. Returns how many sessions
     /// it ended. Ending them needs the same database role (or `pg_signal_backend`); without
@@ -498,7 +498,7 @@ impl PgStore {
         &self.blob_pool
     }
 
-    /// Closes the pools, leaving behind after [`CLOSE_LIMIT`] a connection that does not
+    /// Closes the pools, leaving behind after `CLOSE_LIMIT` a connection that does not
     /// answer. A connection given back mid-query (a write abandoned when its server stops)
     /// is first checked with a query of its own, with no time limit; when the database's
     /// answers no longer arrive (its network cut: no reset), that waits until TCP gives up,
