@@ -618,7 +618,11 @@ pub struct LogQuery {
 /// header `x-qgjob-log-size` says how far the log goes), so a slow reader holds at most this.
 pub const MAX_LOG_ANSWER: usize = 1024 * 1024;
 
-/// `GET /v1/jobs/{job_id}/logs`.
+/// `GET /v1/jobs/{job_id}/logs`. An agent may write any bytes to a log; the answer says
+/// `text/plain; charset=utf-8` only for a piece that is UTF-8 (a character split by the
+/// piece's bounds does not count against it) and `application/octet-stream` otherwise, so a
+/// client decoding by the header is never told a charset the bytes do not have. The bytes
+/// themselves are served as they are.
 pub async fn job_logs(
     State(app): State<AppState>,
     caller: Caller,
@@ -629,14 +633,42 @@ pub async fn job_logs(
     let job = visible_job(&app, &caller, &id).await?;
     let offset: u64 = opt_parse(&q.offset, "offset")?.unwrap_or(0);
     let (bytes, size) = app.store.read_log(job.id, offset, MAX_LOG_ANSWER).await?;
+    let content_type = if is_utf8_piece(&bytes, offset > 0) {
+        "text/plain; charset=utf-8"
+    } else {
+        "application/octet-stream"
+    };
     let mut resp = Response::new(Body::from(bytes));
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     resp.headers_mut()
         .insert("x-qgjob-log-size", HeaderValue::from(size));
     Ok(resp)
+}
+
+/// Whether `piece`, cut from a log at any byte offset, is UTF-8 text: valid UTF-8 once the
+/// end of a character split by the cut at its start (when it starts past the log's first
+/// byte) and the beginning of one split at its end are set aside. Every piece of a UTF-8 log
+/// is then text, however a reader cuts it, and a log still being written may end mid-character.
+/// Judged on the piece alone, so a few stray continuation bytes at its start pass for the end
+/// of a split character.
+fn is_utf8_piece(piece: &[u8], starts_past_0: bool) -> bool {
+    let body = if starts_past_0 {
+        // A character is at most 4 bytes: at most 3 continuation bytes (0b10xx_xxxx) end it.
+        let split = piece
+            .iter()
+            .take(3)
+            .take_while(|b| **b & 0xC0 == 0x80)
+            .count();
+        piece.get(split..).unwrap_or_default()
+    } else {
+        piece
+    };
+    match std::str::from_utf8(body) {
+        Ok(_) => true,
+        // No `error_len` means a character cut short by the end of the piece, not a bad byte.
+        Err(e) => e.error_len().is_none(),
+    }
 }
 
 /// `GET /v1/jobs/{job_id}/results`.
@@ -1029,4 +1061,27 @@ pub async fn create_token(
         StatusCode::CREATED,
         Json(json!({"token": token, "kind": req.kind, "org_id": req.org_id})),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_utf8_piece;
+
+    #[test]
+    fn a_piece_is_text_when_utf8_but_for_characters_split_at_its_bounds() {
+        let emoji = "😀".as_bytes(); // 4 bytes
+        for cut in 0..=emoji.len() {
+            assert!(is_utf8_piece(&emoji[..cut], false), "head {cut}");
+            assert!(is_utf8_piece(&emoji[cut..], cut > 0), "tail {cut}");
+        }
+        assert!(is_utf8_piece(b"", false));
+        // Continuation bytes at the very start of a log split nothing.
+        assert!(!is_utf8_piece(&emoji[1..], false));
+        // Four continuation bytes end no character.
+        assert!(!is_utf8_piece(b"\x80\x80\x80\x80", true));
+        // A bad byte, or a sequence cut short before the end, is not UTF-8.
+        assert!(!is_utf8_piece(b"caf\xe9 au lait", false));
+        assert!(!is_utf8_piece(b"\xc3x", true));
+        assert!(!is_utf8_piece(b"\xff", true));
+    }
 }

@@ -321,7 +321,8 @@ pub const ROUTES: &[(&str, &str, &str, &str, &str, &str)] = &[
     ("get", "/openapi.json", "none", "This document", "", "200"),
 ];
 
-/// The schema of a route's success answer: a component name, or `text`, `binary`, `sse`.
+/// The schema of a route's success answer: a component name, or `text`, `binary`, `sse`,
+/// `log` (UTF-8 text or, when the bytes are not UTF-8, binary).
 fn answer_schema(method: &str, path: &str) -> Option<&'static str> {
     Some(match (method, path) {
         ("post", "/v1/jobs") => "Submitted",
@@ -331,7 +332,7 @@ fn answer_schema(method: &str, path: &str) -> Option<&'static str> {
         ("get", "/v1/runs/{run_id}") => "RunView",
         ("post", "/v1/jobs/{job_id}/cancel") => "CancelAnswer",
         ("post", "/v1/runs/{run_id}/cancel") => "RunCancelAnswer",
-        ("get", "/v1/jobs/{job_id}/logs") => "text",
+        ("get", "/v1/jobs/{job_id}/logs") => "log",
         ("get", "/v1/jobs/{job_id}/results") => "Results",
         (_, p) if p.ends_with("/events") => "sse",
         ("put", _) => "Stored",
@@ -622,6 +623,15 @@ pub fn openapi_doc() -> Value {
             Some("text") => {
                 op["responses"][*ok]["content"] =
                     json!({"text/plain": {"schema": {"type": "string"}}});
+            }
+            Some("log") => {
+                op["responses"][*ok]["content"] = json!({
+                    "text/plain; charset=utf-8": {"schema": {"type": "string",
+                        "description": "the log's bytes when they are UTF-8 (a character split \
+                                        by the answer's bounds aside)"}},
+                    "application/octet-stream": {"schema": {"type": "string", "format": "binary",
+                        "description": "the log's bytes as the agent wrote them, when they are \
+                                        not UTF-8"}}});
             }
             Some("binary") => {
                 op["responses"][*ok]["content"] = json!({"application/octet-stream":

@@ -1597,6 +1597,86 @@ fn first_job_running_with_log(c: &Client, n: usize, log: &[u8]) -> (Vec<String>,
     (ids, lid)
 }
 
+/// The content type of a log answer.
+fn content_type(h: &ureq::http::HeaderMap) -> &str {
+    h.get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("(none)")
+}
+
+/// A log answer says UTF-8 only when its bytes are: an agent may write any bytes (a device
+/// printing Latin-1, a binary dump), and those are served as they are, as
+/// `application/octet-stream`. A UTF-8 log stays text however it is cut into pieces, by an
+/// `offset` or by the answer's size limit, even mid-character.
+#[test]
+fn logs_are_labelled_utf8_only_when_they_are() {
+    const TEXT: &str = "utf-8";
+    const BYTES: &str = "application/octet-stream";
+    let s = TestServer::start(memory_opts());
+    let c = s.client(None);
+    let utf8 = "héllo wörld ✓ 😀\n".as_bytes();
+    let (ids, lid) = first_job_running_with_log(&c, 1, utf8);
+    let logs = format!("/v1/jobs/{}/logs", ids[0]);
+    // Every offset, including those inside a character.
+    for off in 0..=utf8.len() {
+        let (st, h, body) = c.get_raw(&format!("{logs}?offset={off}"));
+        assert_eq!((st, body.as_slice()), (200, &utf8[off..]), "offset {off}");
+        assert_eq!(
+            content_type(&h),
+            "text/plain; charset=utf-8",
+            "offset {off}"
+        );
+    }
+    // A log still being written may end mid-character: `é` is 0xC3 0xA9.
+    let upload = format!("/v1/agent/leases/{lid}/jobs/{}/logs", ids[0]);
+    assert_eq!(c.post_raw(&upload, b"caf\xc3").0, 204);
+    let (_, h, _) = c.get_raw(&logs);
+    assert!(content_type(&h).ends_with(TEXT), "{h:?}");
+    assert_eq!(c.post_raw(&upload, b"\xa9\n").0, 204);
+
+    // Latin-1 (`è` is 0xE8 there), then valid text again.
+    let latin1 = b"cr\xe8me br\xfbl\xe9e\n";
+    assert_eq!(c.post_raw(&upload, latin1).0, 204);
+    assert_eq!(c.post_raw(&upload, b"done\n").0, 204);
+    let mut whole = utf8.to_vec();
+    whole.extend_from_slice("café\n".as_bytes());
+    whole.extend_from_slice(latin1);
+    whole.extend_from_slice(b"done\n");
+    let (st, h, body) = c.get_raw(&logs);
+    assert_eq!((st, &body), (200, &whole));
+    assert_eq!(content_type(&h), BYTES);
+    let at_latin1 = whole.len() - latin1.len() - 5;
+    let (_, h, body) = c.get_raw(&format!("{logs}?offset={at_latin1}"));
+    assert_eq!(body, [&latin1[..], b"done\n"].concat());
+    assert_eq!(content_type(&h), BYTES);
+    // Each answer is judged on its own bytes: the piece after the Latin-1 is text.
+    let (_, h, body) = c.get_raw(&format!("{logs}?offset={}", whole.len() - 5));
+    assert_eq!(body, b"done\n");
+    assert!(content_type(&h).ends_with(TEXT), "{h:?}");
+
+    // A UTF-8 log longer than one answer, split inside `é` by the answer's size limit:
+    // both pieces are text.
+    let max = qgjob_http::api::MAX_LOG_ANSWER;
+    let s = TestServer::start(memory_opts());
+    let c = s.client(None);
+    let (ids, lid) = first_job_running_with_log(&c, 1, &vec![b'a'; max - 1]);
+    let upload = format!("/v1/agent/leases/{lid}/jobs/{}/logs", ids[0]);
+    assert_eq!(c.post_raw(&upload, "éé\n".as_bytes()).0, 204);
+    let logs = format!("/v1/jobs/{}/logs", ids[0]);
+    let (_, h, first) = c.get_raw(&logs);
+    assert_eq!((first.len(), first.last()), (max, Some(&0xC3)));
+    assert!(content_type(&h).ends_with(TEXT), "{h:?}");
+    let (_, h, rest) = c.get_raw(&format!("{logs}?offset={max}"));
+    assert_eq!(rest, b"\xa9\xc3\xa9\n");
+    assert!(content_type(&h).ends_with(TEXT), "{h:?}");
+
+    // The OpenAPI document names both answers.
+    let (_, doc) = c.get("/openapi.json");
+    let answer = &doc["paths"]["/v1/jobs/{job_id}/logs"]["get"]["responses"]["200"]["content"];
+    assert!(answer["text/plain; charset=utf-8"].is_object(), "{answer}");
+    assert!(answer[BYTES].is_object(), "{answer}");
+}
+
 fn restart_check(opts: ServerOptions) {
     let s = TestServer::start(opts.clone());
     let c = s.client(None);
