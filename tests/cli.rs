@@ -26,7 +26,12 @@ fn run(server: Option<&str>, cwd: &Path, args: &[&str]) -> Output {
 /// [`run`] without a server, for a command expected to end by itself: fails the test
 /// instead of waiting for ever if it does not end within a minute.
 fn run_bounded(cwd: &Path, args: &[&str]) -> Output {
-    let child = qgjob(None, cwd)
+    run_bounded_on(None, cwd, args)
+}
+
+/// [`run_bounded`] against `server`.
+fn run_bounded_on(server: Option<&str>, cwd: &Path, args: &[&str]) -> Output {
+    let child = qgjob(server, cwd)
         .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -2376,6 +2381,49 @@ fn simulate_refuses_flags_it_would_ignore() {
         "{}",
         stdout(&o)
     );
+}
+
+/// A link back to a folder being walked (`tests/loop -> ..`, here two of them) adds nothing
+/// to a folder or `**` glob: the submit ends at once with one job per spec, where the walk
+/// used to go round the links practically for ever.
+#[test]
+fn links_back_to_a_walked_folder_end_the_walk() {
+    let dir = project();
+    std::os::unix::fs::symlink("..", dir.path().join("tests/loop")).expect("symlink");
+    std::os::unix::fs::symlink("../..", dir.path().join("tests/auth/up")).expect("symlink");
+    let (_server, url) = start_server(dir.path(), &[]);
+    for test in ["tests", "tests/**/*.spec.js"] {
+        let started = Instant::now();
+        let o = run_bounded_on(
+            Some(&url),
+            dir.path(),
+            &[
+                "submit",
+                "--org-id=acme",
+                "--app-version-id=v1",
+                &format!("--test={test}"),
+            ],
+        );
+        assert_eq!(code(&o), 0, "{test}: {}", stderr(&o));
+        assert!(started.elapsed() < Duration::from_secs(20), "{test}");
+        let out = stdout(&o);
+        let mut tests: Vec<&str> = out
+            .lines()
+            .skip(1)
+            .map(|l| l.split_whitespace().last().expect("test"))
+            .collect();
+        tests.sort();
+        assert_eq!(
+            tests,
+            vec![
+                "tests/auth/login.spec.js",
+                "tests/auth/logout.spec.js",
+                "tests/cart.spec.js",
+                "tests/onboarding.spec.js"
+            ],
+            "{test}: {out}"
+        );
+    }
 }
 
 #[test]

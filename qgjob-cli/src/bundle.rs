@@ -188,8 +188,14 @@ fn entries(dir: &Path) -> Result<Vec<(PathBuf, std::ffi::OsString)>> {
 /// that names that are not UTF-8 are matched too (by their lossy form), where the glob crate
 /// skips them without a word: [`relative_to_root`] then refuses them by name instead of the
 /// run silently lacking them. Folders that cannot be read are errors, as in [`entries`].
-/// Symbolic links are followed, as the glob crate does.
-fn walk(path: &Path, parts: &[Part], out: &mut Vec<PathBuf>) -> Result<()> {
+/// Symbolic links are followed, as the glob crate does, but `**` does not walk a folder again
+/// beneath itself: `on_path` holds the folders `**` is walking on the way to `path`.
+fn walk(
+    path: &Path,
+    parts: &[Part],
+    out: &mut Vec<PathBuf>,
+    on_path: &mut Vec<(FolderId, usize)>,
+) -> Result<()> {
     let Some((first, rest)) = parts.split_first() else {
         if path.is_file() {
             out.push(path.to_path_buf());
@@ -200,7 +206,7 @@ fn walk(path: &Path, parts: &[Part], out: &mut Vec<PathBuf>) -> Result<()> {
         Part::Literal(name) => {
             let next = path.join(name);
             if next.symlink_metadata().is_ok() {
-                walk(&next, rest, out)?;
+                walk(&next, rest, out, on_path)?;
             }
         }
         Part::AnyFolders => {
@@ -208,22 +214,63 @@ fn walk(path: &Path, parts: &[Part], out: &mut Vec<PathBuf>) -> Result<()> {
             if rest.iter().all(|p| matches!(p, Part::AnyFolders)) {
                 return Ok(());
             }
-            walk(path, rest, out)?;
+            // A folder reached again beneath itself with the same rest of the pattern (a
+            // link to an ancestor, `tests/loop -> ..`) would list the same files again under
+            // a longer path, over and over until the path is too long to resolve, and with
+            // two such links exponentially: it is being walked already, so it adds nothing.
+            let pushed = match folder_id(path).map(|id| (id, parts.len())) {
+                Some(here) if on_path.contains(&here) => return Ok(()),
+                Some(here) => {
+                    on_path.push(here);
+                    true
+                }
+                None => false,
+            };
+            walk(path, rest, out, on_path)?;
             for (child, _) in entries(path)? {
                 if child.is_dir() {
-                    walk(&child, parts, out)?;
+                    walk(&child, parts, out, on_path)?;
                 }
+            }
+            if pushed {
+                on_path.pop();
             }
         }
         Part::Pattern(pattern) => {
             for (child, name) in entries(path)? {
                 if pattern.matches(&name.to_string_lossy()) {
-                    walk(&child, rest, out)?;
+                    walk(&child, rest, out, on_path)?;
                 }
             }
         }
     }
     Ok(())
+}
+
+/// What a folder is, however it is reached (through links or not): its device and inode.
+#[cfg(unix)]
+type FolderId = (u64, u64);
+
+/// What a folder is, however it is reached (through links or not): its canonical path.
+#[cfg(not(unix))]
+type FolderId = PathBuf;
+
+/// The identity of the folder `dir` (following links); none when it is not a folder.
+#[cfg(unix)]
+fn folder_id(dir: &Path) -> Option<FolderId> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(dir).ok()?;
+    m.is_dir().then(|| (m.dev(), m.ino()))
+}
+
+/// The identity of the folder `dir` (following links); none when it is not a folder.
+#[cfg(not(unix))]
+fn folder_id(dir: &Path) -> Option<FolderId> {
+    if dir.is_dir() {
+        dir.canonicalize().ok()
+    } else {
+        None
+    }
 }
 
 /// Whether a relative path (`/` separators) lies under a `node_modules` folder.
@@ -251,7 +298,7 @@ pub fn expand_tests(root: &Path, args: &[String]) -> Result<Vec<String>> {
                 let (start, parts) = glob_parts(root, &pattern)
                     .map_err(|e| CliError::Usage(format!("invalid glob {arg:?}: {e}")))?;
                 let mut paths = Vec::new();
-                walk(&start, &parts, &mut paths)?;
+                walk(&start, &parts, &mut paths, &mut Vec::new())?;
                 for p in paths {
                     let rel = relative_to_root(root, &p)?;
                     if keep(&rel) {
@@ -277,7 +324,8 @@ pub fn expand_tests(root: &Path, args: &[String]) -> Result<Vec<String>> {
                 let spec = glob::Pattern::new("*.spec.*")
                     .map_err(|e| CliError::Other(format!("the spec file pattern: {e}")))?;
                 let mut paths = Vec::new();
-                walk(&full, &[Part::AnyFolders, Part::Pattern(spec)], &mut paths)?;
+                let parts = [Part::AnyFolders, Part::Pattern(spec)];
+                walk(&full, &parts, &mut paths, &mut Vec::new())?;
                 for p in paths {
                     let rel = relative_to_root(root, &p)?;
                     if keep(&rel) {
@@ -512,6 +560,56 @@ mod tests {
             expand_tests(d.path(), &["tests/[smoke]".into()]).unwrap(),
             vec!["tests/[smoke]/a.spec.js"]
         );
+    }
+
+    /// Links to folders are followed, but a link back to a folder being walked
+    /// (`tests/loop -> ..`) adds nothing: the walk ends at once and finds each spec once,
+    /// where it used to walk the folder again under ever longer paths (`tests/loop/tests/…`)
+    /// until they were too long to resolve, and with two such links, practically for ever.
+    #[cfg(unix)]
+    #[test]
+    fn links_back_to_a_folder_being_walked_add_nothing() {
+        use std::os::unix::fs::symlink;
+        let d = project();
+        symlink("..", d.path().join("tests/loop")).unwrap();
+        let spec = glob::Pattern::new("*.spec.*").unwrap();
+        let mut paths = Vec::new();
+        let parts = [Part::AnyFolders, Part::Pattern(spec)];
+        walk(&d.path().join("tests"), &parts, &mut paths, &mut Vec::new()).unwrap();
+        paths.sort();
+        assert_eq!(
+            paths,
+            vec![
+                d.path().join("tests/auth/login.spec.js"),
+                d.path().join("tests/onboarding.spec.js"),
+            ]
+        );
+
+        // Two links to ancestors, and a linked folder that is no ancestor (walked as any).
+        symlink("../..", d.path().join("tests/auth/up")).unwrap();
+        std::fs::create_dir_all(d.path().join("shared")).unwrap();
+        std::fs::write(d.path().join("shared/common.spec.js"), "").unwrap();
+        symlink("../shared", d.path().join("tests/shared")).unwrap();
+        let root = d.path().to_path_buf();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let got: Vec<_> = ["tests", "tests/**/*.spec.js"]
+                .into_iter()
+                .map(|arg| expand_tests(&root, &[arg.into()]).map_err(|e| e.to_string()))
+                .collect();
+            let _ = tx.send(got);
+        });
+        let got = rx
+            .recv_timeout(std::time::Duration::from_secs(20))
+            .expect("the walk ends");
+        let specs: Vec<String> = [
+            "shared/common.spec.js",
+            "tests/auth/login.spec.js",
+            "tests/onboarding.spec.js",
+        ]
+        .map(String::from)
+        .into();
+        assert_eq!(got, vec![Ok(specs.clone()), Ok(specs)]);
     }
 
     /// A folder that cannot be read is reported, not taken as empty: the run would lack its
