@@ -612,9 +612,6 @@ mod tests {
         assert_eq!(got, vec![Ok(specs.clone()), Ok(specs)]);
     }
 
-    /// A folder that cannot be read is reported, not taken as empty: the run would lack its
-    /// specs. (Skipped where permissions do not stop reading, as for root.)
-    #[cfg(unix)]
     #[test]
     fn bundles_are_deterministic_and_hold_the_project_files() {
         let d = project();
