@@ -249,9 +249,9 @@ const SPREAD_GAIN: u64 = 2;
 /// only stand by while the group drains on fewer devices than it could use. Mostly a
 /// matter of small workloads, where a build's few jobs each take about an install: on the
 /// sample workload shipped with the brief, the last build's jobs ran one after the other
-/// on one device while the two others stood idle for the last two and a half minutes. Measured with
-/// `compare`: the `small` shape (written after this was tuned, so never tuned on), seeds
-/// 0..300 and 300..600: 173 → 202 of 617 pool rows and 153 → 169 of 601; the four other
+/// on one device while the two others stood idle for the last two and a half minutes.
+/// Measured with `compare`: the `small` shape (written after this was tuned, so never tuned on), seeds
+/// 0..300 and 300..600: 177 → 198 of 617 pool rows and 156 → 175 of 601; the four other
 /// shapes over seeds 0..60, 60..120 and 120..180: 245, 262, 254 → 249, 259, 255. Waiting a
 /// quarter or a whole install instead passed fewer rows of the sets it was tuned on.
 const LATE_SPREAD_WAIT_DIV: u64 = 2;

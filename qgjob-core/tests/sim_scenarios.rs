@@ -304,8 +304,8 @@ fn small_workloads_use_idle_devices_on_a_waiting_backlog() {
     for (seed, target) in [
         (2, Target::Browserstack),
         (10, Target::Browserstack),
-        (26, Target::Device),
-        (70, Target::Emulator),
+        (20, Target::Emulator),
+        (30, Target::Device),
     ] {
         let w = sim::generate(Shape::Small, seed);
         let at = w.pools.iter().position(|p| p.target == target).unwrap();

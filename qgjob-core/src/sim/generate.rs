@@ -168,10 +168,15 @@ impl Gen {
     }
 
     fn outcome(&mut self) -> SimOutcome {
+        self.outcome_at(0.04, 0.03)
+    }
+
+    /// `failed` with probability `failed`, `infra_error_once` with `infra`, else `passed`.
+    fn outcome_at(&mut self, failed: f64, infra: f64) -> SimOutcome {
         let r = self.0.next_f64();
-        if r < 0.04 {
+        if r < failed {
             SimOutcome::Failed
-        } else if r < 0.07 {
+        } else if r < failed + infra {
             SimOutcome::InfraErrorOnce
         } else {
             SimOutcome::Passed
@@ -448,14 +453,7 @@ fn small(g: &mut Gen, plan: &mut Plan) -> Vec<WorkloadPool> {
         // The group's own priority is not used: each job draws its own.
         let gi = plan.group(g, org, pool, 0);
         for _ in 0..g.usize(2, 8 * scale) {
-            let r = g.float(0.0, 1.0);
-            let outcome = if r < 0.85 {
-                SimOutcome::Passed
-            } else if r < 0.93 {
-                SimOutcome::Failed
-            } else {
-                SimOutcome::InfraErrorOnce
-            };
+            let outcome = g.outcome_at(0.08, 0.07);
             plan.jobs.push(JobPlan {
                 group: gi,
                 duration_s: round_to(g.float(15.0, 90.0), 0.1),
