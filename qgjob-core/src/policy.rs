@@ -6,7 +6,8 @@
 //! * [`PolicyKind::Grouped`] (the default): install-aware. A device keeps running jobs of the
 //!   build it has installed (affinity). It leaves them only (a) for a group that outranks
 //!   its own by three base priority levels (an unserved one, taken at once from a group that
-//!   keeps another device and from a sole server once it has waited three aging levels; or
+//!   keeps another device and from a sole server once it has waited three aging levels, or
+//!   five installs if it still outranks that server's group by a level once both are aged; or
 //!   a served one with two or more jobs waiting that has fewer than two devices, taken only
 //!   from a group that keeps another device; the more urgent of the two first), (b) for
 //!   a waiting unserved group when its own group has another device and the waiting group
@@ -212,6 +213,17 @@ const PREEMPT_LEVELS: i32 = 3;
 /// then waited hours behind the sole device of a nightly run on a two-device pool), this
 /// bound 734.
 const PREEMPT_SOLE_WAIT_LEVELS: u64 = 3;
+/// …or sooner, once it has waited this many installs, if it also outranks that group by
+/// `PREEMPT_SOLE_AGED_LEVELS` of aged priority. Thirty minutes is longer than a whole
+/// small workload: on two- and three-device pools a priority-5 run otherwise waited behind
+/// the sole devices of priority-1 builds until both drained, longer than even the
+/// per-group baseline lets it wait (the most common `urgent-wait` failure of the `small`
+/// shape). The aged test keeps the old bound where the device's own jobs have waited far
+/// longer than the urgent ones (a nightly run's, hours old): taking their only device there
+/// cost installs for little (bursty pools failed the installs rule without it).
+const PREEMPT_SOLE_WAIT_INSTALLS: u64 = 5;
+/// See `PREEMPT_SOLE_WAIT_INSTALLS`.
+const PREEMPT_SOLE_AGED_LEVELS: f64 = 1.0;
 /// An urgent group pulls devices from other groups only until it has this many.
 const PREEMPT_MAX_SERVING: u32 = 2;
 /// A group too small to be worth an install still gets a device from a shared group once
@@ -318,14 +330,16 @@ fn choose_grouped(view: &impl PoolView) -> Choice {
         // served one is more urgent still: at once when our group keeps another device. A
         // sole server pays two installs to leave and come back and leaves its group
         // unserved, so it waits for a device that frees up first, but only up to a bound
-        // on the urgent group's wait.
+        // on the urgent group's wait: three aging levels, or five installs unless our jobs
+        // have waited so much longer that aged they nearly match the urgent ones.
         if let Some(u) = unserved.filter(outranks) {
             let waited = now.saturating_sub(u.created_ms);
             let outranked = served_urgent.is_some_and(|g| g.priority > u.priority);
-            if !outranked
-                && (own.group.serving >= 2
-                    || waited >= PREEMPT_SOLE_WAIT_LEVELS.saturating_mul(level))
-            {
+            let sole_may_leave = waited >= PREEMPT_SOLE_WAIT_LEVELS.saturating_mul(level)
+                || (waited >= PREEMPT_SOLE_WAIT_INSTALLS.saturating_mul(install)
+                    && aged_priority(&u, now, level)
+                        >= aged_priority(&own.group, now, level) + PREEMPT_SOLE_AGED_LEVELS);
+            if !outranked && (own.group.serving >= 2 || sole_may_leave) {
                 return Choice::Group(u.idx);
             }
         }
@@ -433,6 +447,8 @@ mod tests {
         now: u64,
         idle: Option<(u32, u64)>,
         spare: bool,
+        /// One aging level, ms; 0 means 60 s.
+        level: u64,
     }
 
     impl PoolView for FakeView {
@@ -461,7 +477,11 @@ mod tests {
             45_000
         }
         fn level_ms(&self) -> u64 {
-            60_000
+            if self.level == 0 {
+                60_000
+            } else {
+                self.level
+            }
         }
         fn now_ms(&self) -> u64 {
             self.now
@@ -570,6 +590,70 @@ mod tests {
         assert_eq!(
             choose(PolicyKind::Grouped, &view(180_000, 2, 1_000, 180_000)),
             Choice::Group(1)
+        );
+    }
+
+    #[test]
+    fn a_sole_server_leaves_for_an_urgent_group_after_five_installs_unless_its_jobs_are_older() {
+        // Aging levels of 10 minutes, install 45 s: five installs is 225 s, far short of the
+        // three levels (30 minutes) after which a sole server always goes.
+        let view = |own_created, urgent_created, now| {
+            let mut own = g(1, 0, 10, 30_000, 1);
+            own.priority = 1;
+            own.created_ms = own_created;
+            let mut u = g(2, 0, 2, 30_000, 0);
+            u.priority = 5;
+            u.created_ms = urgent_created;
+            FakeView {
+                own: Some(OrgCandidate {
+                    busy: 0,
+                    group: own,
+                }),
+                unserved: one(0, u),
+                now,
+                level: 600_000,
+                ..Default::default()
+            }
+        };
+        let urgent_at = 100_000;
+        assert_eq!(
+            choose(
+                PolicyKind::Grouped,
+                &view(50_000, urgent_at, urgent_at + 224_999)
+            ),
+            Choice::Group(1)
+        );
+        assert_eq!(
+            choose(
+                PolicyKind::Grouped,
+                &view(50_000, urgent_at, urgent_at + 225_000)
+            ),
+            Choice::Group(2)
+        );
+        // Our oldest job has waited 3⅓ levels longer than the urgent one: aged, it outranks
+        // the urgent group by less than one level, so the device stays until the urgent job
+        // has waited the three levels.
+        let urgent_at = 2_000_000;
+        assert_eq!(
+            choose(
+                PolicyKind::Grouped,
+                &view(0, urgent_at, urgent_at + 225_000)
+            ),
+            Choice::Group(1)
+        );
+        assert_eq!(
+            choose(
+                PolicyKind::Grouped,
+                &view(0, urgent_at, urgent_at + 1_799_999)
+            ),
+            Choice::Group(1)
+        );
+        assert_eq!(
+            choose(
+                PolicyKind::Grouped,
+                &view(0, urgent_at, urgent_at + 1_800_000)
+            ),
+            Choice::Group(2)
         );
     }
 

@@ -201,10 +201,13 @@ fn a_smoke_test_during_a_nightly_run_is_not_held_back() {
 
 #[test]
 fn an_urgent_run_waits_a_bounded_time_for_the_sole_device_of_a_long_run() {
-    // Two devices, each the only one of a five-hour run; a priority-5 smoke run arrives at
-    // 10 min. Taking a sole device costs an install there and one back, so grouped leaves
-    // it alone while the smoke run has waited less than three aging levels (30 min), and
-    // takes it at the first job boundary after.
+    // Two devices, each the only one of a five-hour run; a priority-5 smoke run arrives.
+    // Taking a sole device costs an install there and one back. Once both have aged (ten
+    // minutes a level), a smoke run that came an hour after the long runs' jobs no longer
+    // outranks them by a level: grouped leaves their devices alone while it has waited
+    // less than three aging levels (30 min), and takes one at the first job boundary
+    // after. One that came ten minutes after them still does: it takes a device after
+    // five installs (225 s) of waiting.
     let long = |build| Run {
         org: "acme",
         build,
@@ -213,30 +216,32 @@ fn an_urgent_run_waits_a_bounded_time_for_the_sole_device_of_a_long_run() {
         job_s: 60.0,
         at_s: 0.0,
     };
-    let runs = [long("nightly-a"), long("nightly-b"), smoke(600.0)];
-    let w = lab("smoke-behind-two-sole-devices", 2, 45.0, &runs, false);
-    let longest_job_ms = w
-        .jobs
-        .iter()
-        .map(|j| (j.duration_s * 1000.0) as u64)
-        .max()
-        .unwrap();
-    let (_, trace) = sim::run_traced(&w, PolicyKind::Grouped).unwrap();
-    let first_smoke = trace
-        .iter()
-        .filter(|a| w.jobs[a.job].app_version_id.as_str() == "smoke")
-        .map(|a| a.start_ms)
-        .min()
-        .unwrap();
-    let bound_ms = 600_000 + 30 * 60_000;
-    assert!(
-        first_smoke >= bound_ms,
-        "took a sole device at {first_smoke} ms"
-    );
-    assert!(
-        first_smoke <= bound_ms + longest_job_ms,
-        "smoke run first started at {first_smoke} ms"
-    );
+    for (smoke_at_s, wait_ms) in [(3_600.0, 30 * 60_000), (600.0, 5 * 45_000)] {
+        let runs = [long("nightly-a"), long("nightly-b"), smoke(smoke_at_s)];
+        let w = lab("smoke-behind-two-sole-devices", 2, 45.0, &runs, false);
+        let longest_job_ms = w
+            .jobs
+            .iter()
+            .map(|j| (j.duration_s * 1000.0) as u64)
+            .max()
+            .unwrap();
+        let (_, trace) = sim::run_traced(&w, PolicyKind::Grouped).unwrap();
+        let first_smoke = trace
+            .iter()
+            .filter(|a| w.jobs[a.job].app_version_id.as_str() == "smoke")
+            .map(|a| a.start_ms)
+            .min()
+            .unwrap();
+        let bound_ms = (smoke_at_s * 1000.0) as u64 + wait_ms;
+        assert!(
+            first_smoke >= bound_ms,
+            "smoke at {smoke_at_s} s took a sole device at {first_smoke} ms"
+        );
+        assert!(
+            first_smoke <= bound_ms + longest_job_ms,
+            "smoke run at {smoke_at_s} s first started at {first_smoke} ms"
+        );
+    }
 }
 
 #[test]
@@ -306,6 +311,30 @@ fn small_workloads_use_idle_devices_on_a_waiting_backlog() {
         (10, Target::Browserstack),
         (20, Target::Emulator),
         (30, Target::Device),
+    ] {
+        let w = sim::generate(Shape::Small, seed);
+        let at = w.pools.iter().position(|p| p.target == target).unwrap();
+        assert_eq!(
+            broken_at(&w, at),
+            Vec::<String>::new(),
+            "{} {target}",
+            w.name
+        );
+    }
+}
+
+#[test]
+fn small_busy_pools_move_a_sole_device_to_an_urgent_run_after_five_installs() {
+    // Generated small workloads on two- and three-device pools where every device serves
+    // a build of its own when a priority-5 run arrives. Waiting the full three aging levels
+    // (30 minutes) for one of them to drain left the urgent run waiting longer than under
+    // the per-group baseline; each pool now meets every rule.
+    for (seed, target) in [
+        (1, Target::Emulator),
+        (12, Target::Device),
+        (32, Target::Browserstack),
+        (39, Target::Browserstack),
+        (42, Target::Device),
     ] {
         let w = sim::generate(Shape::Small, seed);
         let at = w.pools.iter().position(|p| p.target == target).unwrap();
