@@ -980,6 +980,19 @@ impl PoolView for View<'_> {
         })
     }
 
+    fn idle_peer(&self) -> bool {
+        // One look per device, as above; asked once per decision, and only by an idle device
+        // with nothing of its own to do and no waiting group to take.
+        let me = &self.dev.info;
+        self.s.devices.values().any(|d| {
+            d.info.id != me.id
+                && d.info.target == me.target
+                && d.lease.is_none()
+                && !d.lost
+                && d.info.capabilities == me.capabilities
+        })
+    }
+
     fn own_idle(&self) -> Option<(u32, u64)> {
         self.installed_activity(&self.dev.info)
             .map(|(_, serving, since)| (serving, since))

@@ -346,3 +346,25 @@ fn small_busy_pools_move_a_sole_device_to_an_urgent_run_after_five_installs() {
         );
     }
 }
+
+#[test]
+fn small_workloads_spread_a_short_backlog_at_once_beside_a_standby_device() {
+    // Generated small workloads whose pool grouped passes only because an idle device
+    // joins a short backlog at once when another idle device stands by for the next
+    // build, instead of waiting half an install for a build that the other one can take.
+    for (seed, target) in [
+        (28, Target::Device),
+        (33, Target::Browserstack),
+        (67, Target::Browserstack),
+        (98, Target::Emulator),
+    ] {
+        let w = sim::generate(Shape::Small, seed);
+        let at = w.pools.iter().position(|p| p.target == target).unwrap();
+        assert_eq!(
+            broken_at(&w, at),
+            Vec::<String>::new(),
+            "{} {target}",
+            w.name
+        );
+    }
+}
