@@ -769,7 +769,10 @@ pub struct Outcome {
 pub struct Job {
     /// The job's id.
     pub id: JobId,
-    /// Submission order within this scheduler (stable tiebreak, cursor for listing).
+    /// Submission order within this scheduler (stable tiebreak, listing order). One
+    /// counter for every org, so the HTTP API keeps it to itself (it would tell an org how
+    /// many jobs the others submit); 0 when read back from such an answer.
+    #[serde(default)]
     pub seq: u64,
     /// What was asked for.
     pub spec: JobSpec,

@@ -404,13 +404,27 @@ pub async fn submit_run(
     }
 }
 
+/// A job as users see it: without `seq`, the server-wide submission counter, whose gaps
+/// would tell one org how many jobs the others submitted.
+fn user_job(job: &Job) -> Value {
+    let mut v = serde_json::to_value(job).unwrap_or(Value::Null);
+    if let Some(o) = v.as_object_mut() {
+        o.remove("seq");
+    }
+    v
+}
+
+fn user_jobs(jobs: &[Job]) -> Vec<Value> {
+    jobs.iter().map(user_job).collect()
+}
+
 /// `GET /v1/jobs/{job_id}`.
 pub async fn get_job(
     State(app): State<AppState>,
     caller: Caller,
     ApiPath(id): ApiPath<String>,
-) -> Result<Json<Job>, ApiError> {
-    Ok(Json(visible_job(&app, &caller, &id).await?))
+) -> Result<Json<Value>, ApiError> {
+    Ok(Json(user_job(&visible_job(&app, &caller, &id).await?)))
 }
 
 /// A run's aggregate status from its jobs' states.
@@ -466,7 +480,7 @@ pub async fn get_run(
         "counts": counts,
         "created_at": run.created_at,
         "labels": run.labels,
-        "jobs": jobs,
+        "jobs": user_jobs(&jobs),
     })))
 }
 
@@ -532,7 +546,7 @@ pub async fn list_jobs(
         app_version_id: opt_parse::<AppVersionId>(&q.app_version_id, "app_version_id")?,
         target: opt_parse::<Target>(&q.target, "target")?,
         run_id: opt_parse::<RunId>(&q.run_id, "run_id")?,
-        after_seq: opt_parse::<u64>(&q.cursor, "cursor")?,
+        after_seq: after_cursor(&app, &caller, q.cursor.as_deref()).await?,
         // One more than asked: whether it exists says whether there is a next page, so
         // the last page never points at an empty one.
         limit: Some(limit + 1),
@@ -540,10 +554,33 @@ pub async fn list_jobs(
     let mut jobs = app.store.list_jobs(&filter).await?;
     let more = jobs.len() > limit;
     jobs.truncate(limit);
+    // The cursor is the last job's id, not its `seq` (see `user_job`).
     let next = more
-        .then(|| jobs.last().map(|j| j.seq.to_string()))
+        .then(|| jobs.last().map(|j| j.id.to_string()))
         .flatten();
-    Ok(Json(json!({"jobs": jobs, "next_cursor": next})))
+    Ok(Json(json!({"jobs": user_jobs(&jobs), "next_cursor": next})))
+}
+
+/// Where a page starts: after the job a cursor names, which the caller must be able to see.
+async fn after_cursor(
+    app: &AppState,
+    caller: &Caller,
+    cursor: Option<&str>,
+) -> Result<Option<u64>, ApiError> {
+    let Some(cursor) = cursor else {
+        return Ok(None);
+    };
+    let bad = || {
+        ApiError::invalid(
+            "cursor",
+            "invalid cursor: pass the next_cursor of the previous page",
+        )
+    };
+    let id: JobId = cursor.parse().map_err(|_| bad())?;
+    match app.job(id).await? {
+        Some(j) if caller.sees(&j.spec.org_id) => Ok(Some(j.seq)),
+        _ => Err(bad()),
+    }
 }
 
 /// `POST /v1/jobs/{job_id}/cancel`.

@@ -465,7 +465,6 @@ fn schemas() -> Value {
     let job = object(
         &[
             ("id", string()),
-            ("seq", int()),
             ("spec", reference("JobSpec")),
             ("state", state.clone()),
             ("attempt", int()),
@@ -483,7 +482,7 @@ fn schemas() -> Value {
             ("last_error", string()),
             ("outcome", outcome),
         ],
-        7,
+        6,
     );
     let build_ref = object(&[("org_id", string()), ("app_version_id", string())], 2);
     let device_info = object(
