@@ -968,6 +968,15 @@ fn unreachable_server_and_bad_input_give_clean_errors() {
             "--database-url",
             "postgres://qgjob@127.0.0.1:1/qgjob",
         ],
+        // fsync for a store whose durability is not ours to set: refused, not ignored.
+        vec![
+            "server",
+            "--addr",
+            "127.0.0.1:0",
+            "--store",
+            "memory",
+            "--fsync",
+        ],
         // A data dir for a store that keeps nothing on disk: refused, not ignored.
         vec![
             "server",
@@ -1134,6 +1143,47 @@ fn a_spec_file_whose_name_is_not_utf8_is_refused_not_dropped() {
         );
         assert_eq!(code(&o), 3, "{test}: {}", stderr(&o));
     }
+}
+
+/// `server --fsync` runs the embedded store with every commit fsynced: a job it acknowledged
+/// is there after the server is killed with SIGKILL and started again on the same data dir.
+#[test]
+fn an_fsync_server_keeps_what_it_acknowledged_across_a_kill() {
+    let dir = project();
+    let data = dir.path().join("data");
+    let data = data.to_str().expect("utf-8 path");
+    let (mut server, url) = spawn_server(
+        dir.path(),
+        &["--addr", "127.0.0.1:0", "--data-dir", data, "--fsync"],
+    );
+    let o = run(
+        Some(&url),
+        dir.path(),
+        &[
+            "submit",
+            "--org-id=qualgent",
+            "--app-version-id=xyz123",
+            "--test=tests/onboarding.spec.js",
+        ],
+    );
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let id = stdout(&o)
+        .split_whitespace()
+        .nth(1)
+        .expect("job id")
+        .to_string();
+    server.0.kill().expect("SIGKILL");
+    server.0.wait().expect("reaped");
+    let (_again, url) = spawn_server(dir.path(), &["--addr", "127.0.0.1:0", "--data-dir", data]);
+    let o = run(
+        Some(&url),
+        dir.path(),
+        &["status", &format!("--job-id={id}"), "--json"],
+    );
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let job: serde_json::Value = serde_json::from_str(&stdout(&o)).expect("json");
+    assert_eq!(job["id"], id.as_str());
+    assert_eq!(job["state"], "queued");
 }
 
 /// A server announces itself only once its store is open and its configuration checked,

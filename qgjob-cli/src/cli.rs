@@ -435,6 +435,11 @@ pub struct ServerArgs {
     /// 503) and take over when it stops, instead of exiting.
     #[arg(long)]
     pub standby: bool,
+    /// Embedded store only: fsync every commit (SQLite synchronous=FULL), so acknowledged
+    /// jobs survive a power loss, not only a crash of the server; about half the
+    /// single-submission rate.
+    #[arg(long)]
+    pub fsync: bool,
 }
 
 /// `qgjob agent`.

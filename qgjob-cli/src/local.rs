@@ -88,6 +88,14 @@ pub fn server(a: &ServerArgs) -> Result<u8> {
                 .into(),
         ));
     }
+    if a.fsync && kind != StoreKind::Embedded {
+        // PostgreSQL's durability is its own setting, and memory has nothing to sync.
+        return Err(CliError::Usage(
+            "--fsync applies to the embedded store only (PostgreSQL's durability is set in \
+             PostgreSQL)"
+                .into(),
+        ));
+    }
     if kind == StoreKind::Memory && a.data_dir.is_some() {
         // It would be ignored: nothing of a memory store touches the disk.
         return Err(CliError::Usage(
@@ -110,6 +118,11 @@ pub fn server(a: &ServerArgs) -> Result<u8> {
         postgres_url: a.database_url.clone(),
         tokens_file: a.tokens_file.clone(),
         standby: a.standby,
+        synchronous: if a.fsync {
+            qgjob_http::Synchronous::Full
+        } else {
+            qgjob_http::Synchronous::Normal
+        },
         ..ServerOptions::default()
     };
     // Installed first, so the server's own default subscriber is not used.
