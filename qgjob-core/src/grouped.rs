@@ -934,6 +934,20 @@ impl View<'_> {
         latest.map(|(serving, since)| (ready, serving, since))
     }
 
+    /// The other idle devices of the asking device's pool with the same capabilities, so
+    /// that every group it could take, they can take too. One look per device: pools hold
+    /// tens of devices, and only the rarer paths of a decision ask.
+    fn idle_peers(&self) -> impl Iterator<Item = &Dev> + '_ {
+        let me = &self.dev.info;
+        self.s.devices.values().filter(move |d| {
+            d.info.id != me.id
+                && d.info.target == me.target
+                && d.lease.is_none()
+                && !d.lost
+                && d.info.capabilities == me.capabilities
+        })
+    }
+
     fn fits(&self, gi: GroupIdx) -> bool {
         self.s.groups[gi]
             .key
@@ -962,35 +976,19 @@ impl PoolView for View<'_> {
     }
 
     fn spare_device(&self, warm_ms: u64) -> bool {
-        // One look per device: pools hold tens of devices, and this runs only for a device
-        // keeping a warm build while a new group waits. Same capabilities, so that every
-        // group this device could take, the spare one can take too.
-        let me = &self.dev.info;
-        self.s.devices.values().any(|d| {
-            d.info.id != me.id
-                && d.info.target == me.target
-                && d.lease.is_none()
-                && !d.lost
-                && d.info.capabilities == me.capabilities
-                && match self.installed_activity(&d.info) {
-                    None => true,
-                    Some((true, _, _)) => false,
-                    Some((false, serving, since)) => serving >= 2 || since >= warm_ms,
-                }
-        })
+        // Only for a device keeping a warm build while a new group waits.
+        self.idle_peers()
+            .any(|d| match self.installed_activity(&d.info) {
+                None => true,
+                Some((true, _, _)) => false,
+                Some((false, serving, since)) => serving >= 2 || since >= warm_ms,
+            })
     }
 
     fn idle_peer(&self) -> bool {
-        // One look per device, as above; asked once per decision, and only by an idle device
-        // with nothing of its own to do and no waiting group to take.
-        let me = &self.dev.info;
-        self.s.devices.values().any(|d| {
-            d.info.id != me.id
-                && d.info.target == me.target
-                && d.lease.is_none()
-                && !d.lost
-                && d.info.capabilities == me.capabilities
-        })
+        // Asked once per decision, and only by an idle device with nothing of its own to
+        // do and no waiting group to take.
+        self.idle_peers().next().is_some()
     }
 
     fn own_idle(&self) -> Option<(u32, u64)> {

@@ -124,6 +124,21 @@ fn broken_at(w: &Workload, at: usize) -> Vec<String> {
     out
 }
 
+/// Asserts that grouped meets every rule on the pool of `target` of each generated `small`
+/// workload `seed`.
+fn small_pools_meet_every_rule(cases: &[(u64, Target)]) {
+    for (seed, target) in cases {
+        let w = sim::generate(Shape::Small, *seed);
+        let at = w.pools.iter().position(|p| &p.target == target).unwrap();
+        assert_eq!(
+            broken_at(&w, at),
+            Vec::<String>::new(),
+            "{} {target}",
+            w.name
+        );
+    }
+}
+
 /// A priority-5 smoke run of five short jobs submitted at `at_s`.
 fn smoke(at_s: f64) -> Run {
     Run {
@@ -306,21 +321,12 @@ fn small_workloads_use_idle_devices_on_a_waiting_backlog() {
     // Generated small workloads (a few builds of a few jobs, each about an install long)
     // whose pool grouped passes only because an idle device joins a group whose short
     // backlog has waited half an install, rather than watch it drain on one device.
-    for (seed, target) in [
+    small_pools_meet_every_rule(&[
         (2, Target::Browserstack),
         (10, Target::Browserstack),
         (20, Target::Emulator),
         (30, Target::Device),
-    ] {
-        let w = sim::generate(Shape::Small, seed);
-        let at = w.pools.iter().position(|p| p.target == target).unwrap();
-        assert_eq!(
-            broken_at(&w, at),
-            Vec::<String>::new(),
-            "{} {target}",
-            w.name
-        );
-    }
+    ]);
 }
 
 #[test]
@@ -329,22 +335,13 @@ fn small_busy_pools_move_a_sole_device_to_an_urgent_run_after_five_installs() {
     // a build of its own when a priority-5 run arrives. Waiting the full three aging levels
     // (30 minutes) for one of them to drain left the urgent run waiting longer than under
     // the per-group baseline; each pool now meets every rule.
-    for (seed, target) in [
+    small_pools_meet_every_rule(&[
         (1, Target::Emulator),
         (12, Target::Device),
         (32, Target::Browserstack),
         (39, Target::Browserstack),
         (42, Target::Device),
-    ] {
-        let w = sim::generate(Shape::Small, seed);
-        let at = w.pools.iter().position(|p| p.target == target).unwrap();
-        assert_eq!(
-            broken_at(&w, at),
-            Vec::<String>::new(),
-            "{} {target}",
-            w.name
-        );
-    }
+    ]);
 }
 
 #[test]
@@ -352,19 +349,10 @@ fn small_workloads_spread_a_short_backlog_at_once_beside_a_standby_device() {
     // Generated small workloads whose pool grouped passes only because an idle device
     // joins a short backlog at once when another idle device stands by for the next
     // build, instead of waiting half an install for a build that the other one can take.
-    for (seed, target) in [
+    small_pools_meet_every_rule(&[
         (28, Target::Device),
         (33, Target::Browserstack),
         (67, Target::Browserstack),
         (98, Target::Emulator),
-    ] {
-        let w = sim::generate(Shape::Small, seed);
-        let at = w.pools.iter().position(|p| p.target == target).unwrap();
-        assert_eq!(
-            broken_at(&w, at),
-            Vec::<String>::new(),
-            "{} {target}",
-            w.name
-        );
-    }
+    ]);
 }
