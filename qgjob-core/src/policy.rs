@@ -23,9 +23,10 @@
 //!   the work left is a few times the install it costs (see `SPREAD_INSTALLS`) and it
 //!   shortens the group's drain by half an install or more (see `SPREAD_GAIN`), and to at
 //!   most three devices while none of the group's jobs has finished (see `PROBE_DEVICES`);
-//!   failing that, it joins one whose waiting job has waited half an install, or any when
-//!   another idle device stands by, on the gain condition alone (see
-//!   `LATE_SPREAD_WAIT_DIV`); a served group that outranks that choice
+//!   failing that, it joins one whose waiting job has waited an install on the gain
+//!   condition alone, or any for a quarter install of gain when another idle device stands
+//!   by (see `LATE_SPREAD_WAIT_INSTALLS`, `STANDBY_SPREAD_GAIN`); a served group that
+//!   outranks that choice
 //!   by three levels and has jobs waiting for a second device goes first.
 //! * [`PolicyKind::Fifo`] baseline: the most urgent job in the pool, ignoring what is installed.
 //! * [`PolicyKind::PerGroup`] baseline (the original tool's): one device per build group,
@@ -257,9 +258,9 @@ const SPREAD_INSTALLS: u64 = 4;
 /// pools, by fewer installs; mean makespan / bound on `compare` within 0.2 points (a
 /// quarter, three quarters or a whole install: 1,014 / 380, 1,011 / 395, 1,005 / 400).
 const SPREAD_GAIN: u64 = 2;
-/// Late spreading: a served group whose most urgent ready job has waited an install
-/// divided by this (half an install) gets an idle device on the probe and gain conditions
-/// alone, without `SPREAD_INSTALLS`' share of work. That share keeps an idle device for
+/// Late spreading: a served group whose most urgent ready job has waited this many installs
+/// gets an idle device on the probe and gain conditions alone, without `SPREAD_INSTALLS`'
+/// share of work. That share keeps an idle device for
 /// the next build rather than spend an install on a short backlog, which pays where
 /// builds keep arriving; once the work has waited and no new build came, the device would
 /// only stand by while the group drains on fewer devices than it could use. Mostly a
@@ -268,15 +269,31 @@ const SPREAD_GAIN: u64 = 2;
 /// on one device while the two others stood idle for the last two and a half minutes.
 /// Measured with `compare`: the `small` shape (written after this was tuned, so never tuned on), seeds
 /// 0..300 and 300..600: 177 → 198 of 617 pool rows and 156 → 175 of 601; the four other
-/// shapes over seeds 0..60, 60..120 and 120..180: 245, 262, 254 → 249, 259, 255. Waiting a
-/// quarter or a whole install instead passed fewer rows of the sets it was tuned on.
+/// shapes over seeds 0..60, 60..120 and 120..180: 245, 262, 254 → 249, 259, 255 (with a
+/// wait of half an install; a quarter or a whole one passed fewer rows then).
 ///
 /// The wait is skipped when another idle device of the same kind stands by: that one can
 /// take the next build, so keeping this one free too buys nothing. `compare` pool rows
 /// passing, `small` seeds 0..300, 300..600, 600..900: 218, 196, 178 → 224, 200, 182; the
 /// four other shapes over seeds 0..60, 60..120, 120..180: 249, 259, 254 → 248, 262, 254;
 /// `small`'s mean makespan / bound over seeds 0..120 1.234 → 1.222.
-const LATE_SPREAD_WAIT_DIV: u64 = 2;
+///
+/// With the standby rule in place, the device that waits is the pool's only idle one, its
+/// only reserve for the next build, and waiting a whole install instead of half passed more
+/// rows (see `STANDBY_SPREAD_GAIN` for the figures of the two together).
+const LATE_SPREAD_WAIT_INSTALLS: u64 = 1;
+/// Beside an idle peer, late spreading asks the newcomer to shorten the group's drain by an
+/// install divided by this (a quarter install) rather than by `SPREAD_GAIN`'s half: the
+/// peer keeps the pool's reserve, so the install costs no waiting build its device, only an
+/// install. With a whole-install wait (`LATE_SPREAD_WAIT_INSTALLS`), `compare` pool rows
+/// passing, `small` seeds 0..300, 300..600, 600..900 and, held out until the choice was
+/// made, 900..1500: 224, 200, 182, 426 → 227, 206, 191, 443; the four big shapes over
+/// seeds 0..60, 60..120, 120..180 and (held out) 180..240: 248, 262, 254, 253 → 250, 260,
+/// 258, 250. Mean makespan / bound over seeds 0..300 fell for every shape (`small` 1.232 →
+/// 1.218), for 1–5% more installs. Alone, the quarter gain gave `small`
+/// 223, 206, 187, 440 and the whole-install wait 226, 201, 186, 428; an eighth of an
+/// install, or a wait of one and a half, were within a few rows of these.
+const STANDBY_SPREAD_GAIN: u64 = 4;
 /// Spreading a group whose run time is not measured yet (none of its jobs has finished):
 /// at most this many devices until one has, since its estimate is the pool's recent run
 /// time, which for a new build can be off by ten times either way…
@@ -309,19 +326,28 @@ fn choose_grouped(view: &impl PoolView) -> Choice {
     // which can be off by ten times: it spreads to `PROBE_DEVICES` devices until its first
     // job reports, unless its job count alone is worth more.
     // `late`: `Some(standby)` once the usual rule found nothing; then a group whose waiting
-    // job has waited half an install, or any group when another idle device stands by
-    // (`standby`), needs only the probe and the gain (see `LATE_SPREAD_WAIT_DIV`).
+    // job has waited an install, or any group when another idle device stands by
+    // (`standby`, which also asks less gain), needs only the probe and the gain (see
+    // `LATE_SPREAD_WAIT_INSTALLS`, `STANDBY_SPREAD_GAIN`).
     let worth_spreading = |g: &GroupView, late: Option<bool>| {
         let n = u64::from(g.serving.max(1));
         let probed =
             g.measured || g.serving < PROBE_DEVICES || g.ready >= PROBE_JOBS_PER_DEVICE * (n + 1);
-        // B/n − (B + I)/(n + 1) ≥ I/k  ⟺  B ≥ n·I + n(n + 1)·I/k, k = SPREAD_GAIN.
+        // B/n − (B + I)/(n + 1) ≥ I/k  ⟺  B ≥ n·I + n(n + 1)·I/k, k = SPREAD_GAIN (or
+        // STANDBY_SPREAD_GAIN late beside an idle peer).
+        let k = if late == Some(true) {
+            STANDBY_SPREAD_GAIN
+        } else {
+            SPREAD_GAIN
+        };
         let gain_need = n
             .saturating_mul(install)
-            .saturating_add(n.saturating_mul(n + 1).saturating_mul(install) / SPREAD_GAIN);
+            .saturating_add(n.saturating_mul(n + 1).saturating_mul(install) / k);
         let worth = match late {
             Some(standby) => {
-                standby || now.saturating_sub(g.created_ms) >= install / LATE_SPREAD_WAIT_DIV
+                standby
+                    || now.saturating_sub(g.created_ms)
+                        >= LATE_SPREAD_WAIT_INSTALLS.saturating_mul(install)
             }
             None => g.ready_work_ms >= (SPREAD_INSTALLS * n + 1).saturating_mul(install),
         };
@@ -725,18 +751,18 @@ mod tests {
     }
 
     #[test]
-    fn a_short_backlog_gets_an_idle_device_after_half_an_install_or_beside_a_standby() {
+    fn a_short_backlog_gets_an_idle_device_after_an_install_or_beside_a_standby() {
         // One device serves three waiting 60 s jobs; install 45 s. 180 s is short of the
         // (4·1 + 1) × 45 s = 225 s that spreading at once needs, but a second device saves
-        // 180 − 225/2 = 67.5 s ≥ 22.5 s: it joins once the job has waited 22.5 s.
+        // 180 − 225/2 = 67.5 s ≥ 22.5 s: it joins once the job has waited an install.
         let view = |ready, now| FakeView {
             served: vec![g(3, 0, ready, 60_000, 1)],
             now,
             ..Default::default()
         };
-        assert_eq!(choose(PolicyKind::Grouped, &view(3, 22_499)), Choice::Idle);
+        assert_eq!(choose(PolicyKind::Grouped, &view(3, 44_999)), Choice::Idle);
         assert_eq!(
-            choose(PolicyKind::Grouped, &view(3, 22_500)),
+            choose(PolicyKind::Grouped, &view(3, 45_000)),
             Choice::Group(3)
         );
         // With another idle device standing by for the next build, at once…
@@ -745,13 +771,21 @@ mod tests {
             ..view(3, 0)
         };
         assert_eq!(choose(PolicyKind::Grouped, &standby), Choice::Group(3));
-        // …but still only for half an install of gain.
-        let standby_short = FakeView {
-            served: vec![g(3, 0, 2, 44_000, 1)],
+        // …for a quarter install of gain (B − 45 s)/2 ≥ 11.25 s: two jobs of 34 s, not of
+        // 33 s.
+        let standby_short = |job_ms| FakeView {
+            served: vec![g(3, 0, 2, job_ms, 1)],
             peer: true,
             ..Default::default()
         };
-        assert_eq!(choose(PolicyKind::Grouped, &standby_short), Choice::Idle);
+        assert_eq!(
+            choose(PolicyKind::Grouped, &standby_short(34_000)),
+            Choice::Group(3)
+        );
+        assert_eq!(
+            choose(PolicyKind::Grouped, &standby_short(33_000)),
+            Choice::Idle
+        );
         // Not for a gain under half an install (90 s of work saves 22.5 s only from 2 jobs
         // of 45 s; one job is never spread)…
         let short = FakeView {

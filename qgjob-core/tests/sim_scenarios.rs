@@ -319,8 +319,9 @@ fn one_huge_run_cannot_halve_fifos_installs_and_the_bound_proves_it() {
 #[test]
 fn small_workloads_use_idle_devices_on_a_waiting_backlog() {
     // Generated small workloads (a few builds of a few jobs, each about an install long)
-    // whose pool grouped passes only because an idle device joins a group whose short
-    // backlog has waited half an install, rather than watch it drain on one device.
+    // whose pool grouped passes only because of late spreading: an idle device joins a
+    // group whose short backlog has waited an install (or at once beside an idle peer),
+    // rather than watch it drain on one device.
     small_pools_meet_every_rule(&[
         (2, Target::Browserstack),
         (10, Target::Browserstack),
@@ -348,7 +349,7 @@ fn small_busy_pools_move_a_sole_device_to_an_urgent_run_after_five_installs() {
 fn small_workloads_spread_a_short_backlog_at_once_beside_a_standby_device() {
     // Generated small workloads whose pool grouped passes only because an idle device
     // joins a short backlog at once when another idle device stands by for the next
-    // build, instead of waiting half an install for a build that the other one can take.
+    // build, instead of waiting an install for a build that the other one can take.
     small_pools_meet_every_rule(&[
         (28, Target::Device),
         (33, Target::Browserstack),
