@@ -25,7 +25,8 @@
 //!   most three devices while none of the group's jobs has finished (see `PROBE_DEVICES`);
 //!   failing that, it joins one whose waiting job has waited an install on the gain
 //!   condition alone, or any for a quarter install of gain when another idle device stands
-//!   by (see `LATE_SPREAD_WAIT_INSTALLS`, `STANDBY_SPREAD_GAIN`); a served group that
+//!   by, probing an unmeasured group on four devices then (see `LATE_SPREAD_WAIT_INSTALLS`,
+//!   `STANDBY_SPREAD_GAIN`, `STANDBY_PROBE_DEVICES`); a served group that
 //!   outranks that choice
 //!   by three levels and has jobs waiting for a second device goes first.
 //! * [`PolicyKind::Fifo`] baseline: the most urgent job in the pool, ignoring what is installed.
@@ -298,6 +299,15 @@ const STANDBY_SPREAD_GAIN: u64 = 4;
 /// at most this many devices until one has, since its estimate is the pool's recent run
 /// time, which for a new build can be off by ten times either way…
 const PROBE_DEVICES: u32 = 3;
+/// …or this many when spreading late beside an idle peer (see `STANDBY_SPREAD_GAIN`): a
+/// device spent on a build whose run time was guessed wrong costs an install, not the
+/// next build its device. `compare` pool rows passing, `small` seeds 0..300, 300..600,
+/// 600..900, 900..1500 and (never run before the choice) 1500..2100: 227, 206, 191, 443,
+/// 407 → 233, 212, 196, 445, 417; the four big shapes over seeds 0..60 to 240..300: 250,
+/// 260, 258, 250, 253 → 251, 261, 255, 251, 253; `small`'s mean makespan / bound over seeds
+/// 0..300 1.218 → 1.205. Five devices: `small` 230, 209, 192, 452, but many-small-groups
+/// lost six rows of seeds 0..300.
+const STANDBY_PROBE_DEVICES: u32 = 4;
 /// …unless it has at least this many ready jobs per device after the newcomer joins (a
 /// group that big is worth the installs whatever its jobs take).
 const PROBE_JOBS_PER_DEVICE: u64 = 10;
@@ -331,8 +341,13 @@ fn choose_grouped(view: &impl PoolView) -> Choice {
     // `LATE_SPREAD_WAIT_INSTALLS`, `STANDBY_SPREAD_GAIN`).
     let worth_spreading = |g: &GroupView, late: Option<bool>| {
         let n = u64::from(g.serving.max(1));
+        let probe_devices = if late == Some(true) {
+            STANDBY_PROBE_DEVICES
+        } else {
+            PROBE_DEVICES
+        };
         let probed =
-            g.measured || g.serving < PROBE_DEVICES || g.ready >= PROBE_JOBS_PER_DEVICE * (n + 1);
+            g.measured || g.serving < probe_devices || g.ready >= PROBE_JOBS_PER_DEVICE * (n + 1);
         // B/n − (B + I)/(n + 1) ≥ I/k  ⟺  B ≥ n·I + n(n + 1)·I/k, k = SPREAD_GAIN (or
         // STANDBY_SPREAD_GAIN late beside an idle peer).
         let k = if late == Some(true) {
@@ -847,6 +862,36 @@ mod tests {
                 "serving {serving}, ready {ready}, measured {measured}"
             );
         }
+    }
+
+    #[test]
+    fn beside_an_idle_peer_an_unmeasured_group_is_probed_on_a_fourth_device() {
+        // Seven waiting 60 s jobs of a group none of whose jobs has finished, install 45 s:
+        // 420 s is short of what spreading at once needs at three devices ((4·3 + 1) ×
+        // 45 s), but a fourth device saves half an install (420 s ≥ 3 × 45 s + 12 × 45 s /
+        // 2) and the job has waited an install.
+        let view = |serving, peer| {
+            let mut g = g(3, 0, 7, 60_000, serving);
+            g.measured = false;
+            FakeView {
+                served: vec![g],
+                now: 600_000,
+                peer,
+                ..Default::default()
+            }
+        };
+        assert_eq!(
+            choose(PolicyKind::Grouped, &view(3, true)),
+            Choice::Group(3)
+        );
+        // Without the peer, three devices is where a guess stops, however long it waited;
+        // with it, four.
+        assert_eq!(choose(PolicyKind::Grouped, &view(3, false)), Choice::Idle);
+        assert_eq!(choose(PolicyKind::Grouped, &view(4, true)), Choice::Idle);
+        // (Measured, it would get the device either way.)
+        let mut measured = view(3, false);
+        measured.served[0].measured = true;
+        assert_eq!(choose(PolicyKind::Grouped, &measured), Choice::Group(3));
     }
 
     #[test]

@@ -351,7 +351,7 @@ fn small_workloads_spread_a_short_backlog_at_once_beside_a_standby_device() {
     // joins a short backlog at once when another idle device stands by for the next
     // build, instead of waiting an install for a build that the other one can take.
     small_pools_meet_every_rule(&[
-        (28, Target::Device),
+        (7, Target::Emulator),
         (33, Target::Browserstack),
         (67, Target::Browserstack),
         (98, Target::Emulator),
