@@ -26,9 +26,8 @@
 //!   failing that, it joins one whose waiting job has waited an install on the gain
 //!   condition alone, or any for a quarter install of gain when another idle device stands
 //!   by, probing an unmeasured group on four devices then (see `LATE_SPREAD_WAIT_INSTALLS`,
-//!   `STANDBY_SPREAD_GAIN`, `STANDBY_PROBE_DEVICES`); a served group that
-//!   outranks that choice
-//!   by three levels and has jobs waiting for a second device goes first.
+//!   `STANDBY_SPREAD_GAIN`, `STANDBY_PROBE_DEVICES`); a served group that outranks that
+//!   choice by three levels and has jobs waiting for a second device goes first.
 //! * [`PolicyKind::Fifo`] baseline: the most urgent job in the pool, ignoring what is installed.
 //! * [`PolicyKind::PerGroup`] baseline (the original tool's): one device per build group,
 //!   groups in arrival order, a device stays with its group until it is empty.
