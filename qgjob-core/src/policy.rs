@@ -340,20 +340,16 @@ fn choose_grouped(view: &impl PoolView) -> Choice {
     // `LATE_SPREAD_WAIT_INSTALLS`, `STANDBY_SPREAD_GAIN`).
     let worth_spreading = |g: &GroupView, late: Option<bool>| {
         let n = u64::from(g.serving.max(1));
-        let probe_devices = if late == Some(true) {
-            STANDBY_PROBE_DEVICES
+        // Beside an idle peer, late spreading probes wider and asks less gain.
+        let (probe_devices, k) = if late == Some(true) {
+            (STANDBY_PROBE_DEVICES, STANDBY_SPREAD_GAIN)
         } else {
-            PROBE_DEVICES
+            (PROBE_DEVICES, SPREAD_GAIN)
         };
         let probed =
             g.measured || g.serving < probe_devices || g.ready >= PROBE_JOBS_PER_DEVICE * (n + 1);
         // B/n − (B + I)/(n + 1) ≥ I/k  ⟺  B ≥ n·I + n(n + 1)·I/k, k = SPREAD_GAIN (or
         // STANDBY_SPREAD_GAIN late beside an idle peer).
-        let k = if late == Some(true) {
-            STANDBY_SPREAD_GAIN
-        } else {
-            SPREAD_GAIN
-        };
         let gain_need = n
             .saturating_mul(install)
             .saturating_add(n.saturating_mul(n + 1).saturating_mul(install) / k);
