@@ -1156,22 +1156,7 @@ fn an_fsync_server_keeps_what_it_acknowledged_across_a_kill() {
         dir.path(),
         &["--addr", "127.0.0.1:0", "--data-dir", data, "--fsync"],
     );
-    let o = run(
-        Some(&url),
-        dir.path(),
-        &[
-            "submit",
-            "--org-id=qualgent",
-            "--app-version-id=xyz123",
-            "--test=tests/onboarding.spec.js",
-        ],
-    );
-    assert_eq!(code(&o), 0, "{}", stderr(&o));
-    let id = stdout(&o)
-        .split_whitespace()
-        .nth(1)
-        .expect("job id")
-        .to_string();
+    let id = submit_cart(&url, dir.path());
     server.0.kill().expect("SIGKILL");
     server.0.wait().expect("reaped");
     let (_again, url) = spawn_server(dir.path(), &["--addr", "127.0.0.1:0", "--data-dir", data]);

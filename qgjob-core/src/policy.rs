@@ -667,46 +667,27 @@ mod tests {
                 ..Default::default()
             }
         };
-        let urgent_at = 100_000;
-        assert_eq!(
-            choose(
+        // (our oldest job, the urgent group's, how long it has waited, where the device goes)
+        let cases = [
+            (50_000, 100_000, 224_999, Choice::Group(1)),
+            (50_000, 100_000, 225_000, Choice::Group(2)),
+            // Our oldest job has waited 3⅓ levels longer than the urgent one: aged, it
+            // outranks the urgent group by less than one level, so the device stays until
+            // the urgent job has waited the three levels.
+            (0, 2_000_000, 225_000, Choice::Group(1)),
+            (0, 2_000_000, 1_799_999, Choice::Group(1)),
+            (0, 2_000_000, 1_800_000, Choice::Group(2)),
+        ];
+        for (own_created, urgent_at, waited, want) in cases {
+            let got = choose(
                 PolicyKind::Grouped,
-                &view(50_000, urgent_at, urgent_at + 224_999)
-            ),
-            Choice::Group(1)
-        );
-        assert_eq!(
-            choose(
-                PolicyKind::Grouped,
-                &view(50_000, urgent_at, urgent_at + 225_000)
-            ),
-            Choice::Group(2)
-        );
-        // Our oldest job has waited 3⅓ levels longer than the urgent one: aged, it outranks
-        // the urgent group by less than one level, so the device stays until the urgent job
-        // has waited the three levels.
-        let urgent_at = 2_000_000;
-        assert_eq!(
-            choose(
-                PolicyKind::Grouped,
-                &view(0, urgent_at, urgent_at + 225_000)
-            ),
-            Choice::Group(1)
-        );
-        assert_eq!(
-            choose(
-                PolicyKind::Grouped,
-                &view(0, urgent_at, urgent_at + 1_799_999)
-            ),
-            Choice::Group(1)
-        );
-        assert_eq!(
-            choose(
-                PolicyKind::Grouped,
-                &view(0, urgent_at, urgent_at + 1_800_000)
-            ),
-            Choice::Group(2)
-        );
+                &view(own_created, urgent_at, urgent_at + waited),
+            );
+            assert_eq!(
+                got, want,
+                "ours {own_created}, urgent {urgent_at} + {waited}"
+            );
+        }
     }
 
     #[test]
