@@ -357,3 +357,16 @@ fn small_workloads_spread_a_short_backlog_at_once_beside_a_standby_device() {
         (98, Target::Emulator),
     ]);
 }
+
+#[test]
+fn small_workloads_spread_a_waited_backlog_for_a_sixth_of_an_install() {
+    // Generated small workloads whose pool grouped passes only because, once a backlog has
+    // waited an install and no build came, an idle device joins it for a sixth of an
+    // install of gain rather than half (with half they ended 1.22, 1.21 times the bound,
+    // or kept the urgent run waiting longer than per-group does).
+    small_pools_meet_every_rule(&[
+        (4, Target::Emulator),
+        (85, Target::Emulator),
+        (152, Target::Device),
+    ]);
+}
