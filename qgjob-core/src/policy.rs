@@ -286,8 +286,9 @@ const LATE_SPREAD_WAIT_INSTALLS: u64 = 1;
 /// Late spreading after that wait asks the newcomer to shorten the group's drain by an
 /// install divided by this (a sixth of an install), not `SPREAD_GAIN`'s half: no build came
 /// for an install, so the device would only stand idle, and a smaller gain still ends the
-/// group sooner. Mean makespan / bound fell on every shape and every seed set measured, for
-/// about 2% more installs; `compare` pool rows passing, `small` seeds 0..300, 300..600,
+/// group sooner. Mean makespan / bound fell on every shape of the seed sets never run
+/// before the choice and on `small` everywhere (on the big shapes' seeds 0..60 it fell or
+/// stayed level), for about 2% more installs; `compare` pool rows passing, `small` seeds 0..300, 300..600,
 /// 600..900: 233, 212, 196 → 237, 211, 202, the four big shapes over seeds 0..60: 251 →
 /// 249; on sets never run before the choice, `small` 2700..3300 446 → 451 and 3300..3900
 /// 466 → 476, the big shapes over 360..420 259 → 260 and 420..480 257 → 256. A third, a
