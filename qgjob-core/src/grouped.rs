@@ -1319,13 +1319,11 @@ impl Scheduler for GroupedScheduler {
         }
         let hard_deadline = now.plus_ms(total_timeout);
         let org = build.org_id.clone();
-        let busy = &mut self.pool_mut(&target).busy_by_org;
-        match busy.get_mut(&org) {
-            Some(n) => *n += 1,
-            None => {
-                busy.insert(org.clone(), 1);
-            }
-        }
+        *self
+            .pool_mut(&target)
+            .busy_by_org
+            .entry(org.clone())
+            .or_default() += 1;
         self.leases.insert(
             id,
             LeaseRec {

@@ -288,11 +288,12 @@ const LATE_SPREAD_WAIT_INSTALLS: u64 = 1;
 /// for an install, so the device would only stand idle, and a smaller gain still ends the
 /// group sooner. Mean makespan / bound fell on every shape of the seed sets never run
 /// before the choice and on `small` everywhere (on the big shapes' seeds 0..60 it fell or
-/// stayed level), for about 2% more installs; `compare` pool rows passing, `small` seeds 0..300, 300..600,
-/// 600..900: 233, 212, 196 → 237, 211, 202, the four big shapes over seeds 0..60: 251 →
-/// 249; on sets never run before the choice, `small` 2700..3300 446 → 451 and 3300..3900
-/// 466 → 476, the big shapes over 360..420 259 → 260 and 420..480 257 → 256. A third, a
-/// quarter, an eighth, a twelfth or any gain at all passed fewer rows (ARCHITECTURE.md).
+/// stayed level), for about 2% more installs. `compare` pool rows passing, `small` seeds
+/// 0..300, 300..600, 600..900: 233, 212, 196 → 237, 211, 202, the four big shapes over
+/// seeds 0..60: 251 → 249; on sets never run before the choice, `small` 2700..3300 446 →
+/// 451 and 3300..3900 466 → 476, the big shapes over 360..420 259 → 260 and 420..480 257
+/// → 256. A third, a quarter, an eighth, a twelfth or any gain at all passed fewer rows
+/// (ARCHITECTURE.md).
 const LATE_SPREAD_GAIN: u64 = 6;
 /// Beside an idle peer, late spreading asks the newcomer to shorten the group's drain by an
 /// install divided by this (a quarter install) rather than by `SPREAD_GAIN`'s half: the
@@ -354,12 +355,10 @@ fn choose_grouped(view: &impl PoolView) -> Choice {
         let n = u64::from(g.serving.max(1));
         // Late, after the wait, a sixth of an install of gain is enough; beside an idle
         // peer, without the wait, a quarter (a sixth there lost rows), with a wider probe.
-        let (probe_devices, k) = if late == Some(true) {
-            (STANDBY_PROBE_DEVICES, STANDBY_SPREAD_GAIN)
-        } else if late == Some(false) {
-            (PROBE_DEVICES, LATE_SPREAD_GAIN)
-        } else {
-            (PROBE_DEVICES, SPREAD_GAIN)
+        let (probe_devices, k) = match late {
+            Some(true) => (STANDBY_PROBE_DEVICES, STANDBY_SPREAD_GAIN),
+            Some(false) => (PROBE_DEVICES, LATE_SPREAD_GAIN),
+            None => (PROBE_DEVICES, SPREAD_GAIN),
         };
         let probed =
             g.measured || g.serving < probe_devices || g.ready >= PROBE_JOBS_PER_DEVICE * (n + 1);
