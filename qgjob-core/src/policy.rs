@@ -309,17 +309,19 @@ const PROBE_DEVICES: u32 = 3;
 /// the installs rule. `compare` pool rows passing, quarter → half: that generator's
 /// `--seed 1` set 234 → 250 of 641, `small` seeds 0..900 650 → 646, the four big shapes over
 /// seeds 0..60 249 → 246; never run before the choice, its `--seed 2` set 222 → 242 of
-/// 633, `small` seeds 4500..5400 656 → 660, the big shapes over 540..600 240 → 243. A
-/// whole install: 265, 645, 245 and 249, 640, 243; no spreading beside a peer at all:
-/// 270, 613, 245 and 265, 637, 243.)
+/// 633, `small` seeds 4500..5400 656 → 660, the big shapes over 540..600 240 → 243; run
+/// once after the choice, its `--seed 3` set 224 → 245 of 640. A whole install: 265, 645,
+/// 245 and 249, 640, 243; no spreading beside a peer at all: 270, 613, 245 and 265, 637,
+/// 243.)
 ///
 /// The wider probe: a device spent on a build whose run time was guessed wrong costs an
-/// install, not the next build its device. `compare` pool rows passing, `small` seeds 0..300, 300..600,
-/// 600..900, 900..1500 and (never run before the choice) 1500..2100: 227, 206, 191, 443,
-/// 407 → 233, 212, 196, 445, 417; the four big shapes over seeds 0..60 to 240..300: 250,
-/// 260, 258, 250, 253 → 251, 261, 255, 251, 253; `small`'s mean makespan / bound over seeds
-/// 0..300 1.218 → 1.205. Five devices: `small` 230, 209, 192, 452, but many-small-groups
-/// lost six rows of seeds 0..300.
+/// install, not the next build its device. `compare` pool rows passing, `small` seeds
+/// 0..300, 300..600, 600..900, 900..1500 and (never run before the choice) 1500..2100:
+/// 227, 206, 191, 443, 407 → 233, 212, 196, 445, 417; the four big shapes over seeds
+/// 0..60 to 240..300: 250, 260, 258, 250, 253 → 251, 261, 255, 251, 253; `small`'s mean
+/// makespan / bound over seeds 0..300 1.218 → 1.205. Five devices: `small` 230, 209, 192,
+/// 452, but many-small-groups lost six rows of seeds 0..300 (all measured with a quarter
+/// install of gain beside the peer).
 const STANDBY_PROBE_DEVICES: u32 = 4;
 /// …unless it has at least this many ready jobs per device after the newcomer joins (a
 /// group that big is worth the installs whatever its jobs take).
