@@ -25,7 +25,8 @@
 //! grouped broke.
 //!
 //! It ends with a summary per shape (with `open`, the failing rows nothing is proved
-//! about) and the count of passing rows. The exit code is 0 even
+//! about), the count of passing rows, and the share of them among the rows no proof rules
+//! out: the pass rate a policy can be held to. The exit code is 0 even
 //! when rows fail: this is a measuring tool, not a gate.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -551,6 +552,14 @@ fn main() -> ExitCode {
         all.infeasible,
         all.infeasible_online,
         all.unproved
+    );
+    // The rate that a policy can be held to: rows a proof rules out are lost to any policy.
+    let possible = all.rows - all.infeasible - all.infeasible_online;
+    println!(
+        "{} of the {} rows no proof rules out PASS ({:.1}%)",
+        all.pass,
+        possible,
+        100.0 * all.pass as f64 / possible.max(1) as f64
     );
     println!(
         "infeasible: provably no schedule with at most half of FIFO's installs meets the \
